@@ -1,0 +1,10 @@
+//! `rae-cache decode` (being written).
+
+use std::process::ExitCode;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`decode` is not available in this build yet")
+}

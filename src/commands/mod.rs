@@ -1,0 +1,10 @@
+//! One file per subcommand: parse arguments, call the library, report.
+//! Each exposes `Args` (clap) and `run(Args) -> anyhow::Result<ExitCode>`.
+
+pub mod build;
+pub mod decode;
+pub mod inspect;
+pub mod merge;
+pub mod sample;
+pub mod train;
+pub mod verify;

@@ -1,0 +1,10 @@
+//! `rae-cache verify` (being written).
+
+use std::process::ExitCode;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`verify` is not available in this build yet")
+}

@@ -1,0 +1,72 @@
+//! Device selection shared by every subcommand (`--device cpu|cuda:N|auto`).
+
+use candle_core::Device;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("unknown device {0:?}: expected `cpu`, `cuda`, `cuda:N` or `auto`")]
+    Unknown(String),
+    #[error("device {spec:?} is not available: {reason}")]
+    Unavailable { spec: String, reason: String },
+}
+
+/// Parse a device string. `auto` picks CUDA device 0 when this binary was
+/// built with the `cuda` feature and a GPU answers, else the CPU.
+pub fn parse_device(spec: &str) -> Result<Device, DeviceError> {
+    let s = spec.trim().to_ascii_lowercase();
+    match s.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(cuda(0).unwrap_or(Device::Cpu)),
+        "cuda" | "gpu" => cuda(0),
+        _ => {
+            if let Some(n) = s.strip_prefix("cuda:") {
+                let n: usize = n.parse().map_err(|_| DeviceError::Unknown(spec.to_string()))?;
+                cuda(n)
+            } else {
+                Err(DeviceError::Unknown(spec.to_string()))
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(n: usize) -> Result<Device, DeviceError> {
+    // Device::new_cuda may panic without a driver; contain it.
+    match std::panic::catch_unwind(|| Device::new_cuda(n)) {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => Err(DeviceError::Unavailable { spec: format!("cuda:{n}"), reason: e.to_string() }),
+        Err(_) => Err(DeviceError::Unavailable {
+            spec: format!("cuda:{n}"),
+            reason: "the CUDA driver could not be loaded".into(),
+        }),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(n: usize) -> Result<Device, DeviceError> {
+    Err(DeviceError::Unavailable {
+        spec: format!("cuda:{n}"),
+        reason: "this binary was built without the `cuda` feature (see README, GPU build)".into(),
+    })
+}
+
+/// A short stable name for logs and metadata.
+pub fn device_name(d: &Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => "cuda".into(),
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn parses() {
+        assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
+        assert!(matches!(parse_device("auto"), Ok(_)));
+        assert!(matches!(parse_device("tpu"), Err(DeviceError::Unknown(_))));
+        assert!(matches!(parse_device("cuda:x"), Err(DeviceError::Unknown(_))));
+    }
+}

@@ -1,0 +1,15 @@
+//! rae-cache: pre-encode image datasets through a frozen representation
+//! encoder into Parquet latent shards, train DiT-DH from them, sample and
+//! decode. See README.md and DESIGN (shared) for the data flow.
+
+pub mod device;
+pub mod diffusion;
+pub mod encoders;
+pub mod eval;
+pub mod fsutil;
+pub mod images;
+pub mod models;
+pub mod pipeline;
+pub mod shards;
+pub mod train;
+pub mod weights;

@@ -1,0 +1,57 @@
+//! `rae-cache` command line: a thin layer over the library.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "rae-cache", version, about = "Latent caches for Representation Autoencoder diffusion research")]
+struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `info`, `rae_cache=debug`.
+    #[arg(long, global = true, env = "RAE_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Encode an image folder into Parquet latent shards.
+    Build(commands::build::Args),
+    /// Summarise a cache directory or one shard.
+    Inspect(commands::inspect::Args),
+    /// Re-hash and decode every shard of a cache against its manifest.
+    Verify(commands::verify::Args),
+    /// Combine the parts of a multi-machine build.
+    Merge(commands::merge::Args),
+    /// Train DiT / DiT-DH from cached latents.
+    Train(commands::train::Args),
+    /// Sample latents with a trained DiT / DiT-DH.
+    Sample(commands::sample::Args),
+    /// Decode latent shards to images with an RAE decoder.
+    Decode(commands::decode::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let res = match cli.cmd {
+        Cmd::Build(a) => commands::build::run(a),
+        Cmd::Inspect(a) => commands::inspect::run(a),
+        Cmd::Verify(a) => commands::verify::run(a),
+        Cmd::Merge(a) => commands::merge::run(a),
+        Cmd::Train(a) => commands::train::run(a),
+        Cmd::Sample(a) => commands::sample::run(a),
+        Cmd::Decode(a) => commands::decode::run(a),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
