@@ -136,4 +136,26 @@ fn pyarrow_polars_duckdb_read_our_shards() {
         script.display()
     );
     assert!(stdout.trim_end().ends_with("OK"), "{stdout}");
+
+    // The user-facing example scripts run on every dtype.
+    for case in &cases {
+        let shard = dir.path().join(case["file"].as_str().unwrap());
+        for name in ["read_pyarrow.py", "read_polars.py", "read_duckdb.py"] {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("scripts")
+                .join(name);
+            let out = Command::new("python3")
+                .arg(&script)
+                .arg(&shard)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{name} on {}:\n{}\n{}",
+                shard.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
 }

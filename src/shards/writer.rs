@@ -98,9 +98,14 @@ impl ShardWriter {
             ));
         }
         let zstd = ZstdLevel::try_new(opts.zstd_level).map_err(|e| ShardError::parquet(path, e))?;
-        let schema = Arc::new(schema::arrow_schema(opts.dtype, opts.tokens, opts.channels));
         let footer =
             schema::footer_metadata(opts.dtype, opts.tokens, opts.channels, &opts.metadata);
+        // In the Parquet key-value metadata (DuckDB, parquet-rs) and in the
+        // stored Arrow schema (pyarrow's schema.metadata comes from there).
+        let schema = Arc::new(
+            schema::arrow_schema(opts.dtype, opts.tokens, opts.channels)
+                .with_metadata(footer.clone()),
+        );
 
         let mut props = WriterProperties::builder()
             .set_created_by(created_by())
