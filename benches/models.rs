@@ -14,11 +14,14 @@ fn decoder(c: &mut Criterion) {
     let dev = Device::Cpu;
     let cfg = DecoderConfig::preset("ViT-B", 16).expect("preset");
     let vm = VarMap::new();
-    let mut m = RaeDecoder::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).expect("build");
+    let mut m =
+        RaeDecoder::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).expect("build");
     let b = 16;
     let z = Tensor::randn(0f32, 1.0, (b, cfg.num_patches, cfg.latent_dim), &dev).expect("z");
     let mut g = c.benchmark_group("decoder_vitb_b16");
-    g.sample_size(10).measurement_time(Duration::from_secs(20)).throughput(Throughput::Elements(b as u64));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(20))
+        .throughput(Throughput::Elements(b as u64));
     for fused in [true, false] {
         m.set_fused(fused);
         g.bench_function(if fused { "fused" } else { "differentiable" }, |bch| {
@@ -39,7 +42,9 @@ fn ditdh(c: &mut Criterion) {
     let t = Tensor::full(0.5f32, b, &dev).expect("t");
     let y = Tensor::zeros(b, DType::U32, &dev).expect("y");
     let mut g = c.benchmark_group("ditdh_s_b8");
-    g.sample_size(10).measurement_time(Duration::from_secs(15)).throughput(Throughput::Elements(b as u64));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(15))
+        .throughput(Throughput::Elements(b as u64));
     for fused in [true, false] {
         m.set_fused(fused);
         g.bench_function(if fused { "fused" } else { "differentiable" }, |bch| {

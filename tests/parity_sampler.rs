@@ -50,7 +50,8 @@ fn config(with_cfg: bool) -> SamplerConfig {
 
 #[test]
 fn euler_ode_matches_reference_with_and_without_cfg() {
-    let io = candle_core::safetensors::load(fixture("sampler-io.safetensors"), &Device::Cpu).unwrap();
+    let io =
+        candle_core::safetensors::load(fixture("sampler-io.safetensors"), &Device::Cpu).unwrap();
     for fused in [false, true] {
         let m = model(fused);
         for (with_cfg, key) in [(false, "sample"), (true, "sample_cfg")] {
@@ -66,10 +67,15 @@ fn euler_ode_matches_reference_with_and_without_cfg() {
 
 #[test]
 fn autoguidance_with_itself_is_plain_sampling_and_sde_is_seeded() {
-    let io = candle_core::safetensors::load(fixture("sampler-io.safetensors"), &Device::Cpu).unwrap();
+    let io =
+        candle_core::safetensors::load(fixture("sampler-io.safetensors"), &Device::Cpu).unwrap();
     let m = model(true);
     let mut cfg = config(false);
-    cfg.guidance = Guidance::Auto { scale: 3.0, t_min: 0.0, t_max: 1.0 };
+    cfg.guidance = Guidance::Auto {
+        scale: 3.0,
+        t_min: 0.0,
+        t_max: 1.0,
+    };
     // v_g + s (v - v_g) with the guide = the model itself is v
     let out = sample(&m, Some(&m), &io["z0"], &io["y"], &cfg).unwrap();
     assert!(max_abs_diff(&out, &io["sample"]) <= TOL);
@@ -82,7 +88,13 @@ fn autoguidance_with_itself_is_plain_sampling_and_sde_is_seeded() {
     let a = sample(&m, None, &io["z0"], &io["y"], &sde).unwrap();
     let b = sample(&m, None, &io["z0"], &io["y"], &sde).unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
-    let finite = a.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite());
+    let finite = a
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_finite());
     assert!(finite, "SDE sample has non-finite values");
     sde.seed = 8;
     let c = sample(&m, None, &io["z0"], &io["y"], &sde).unwrap();

@@ -6,4 +6,6 @@ pub mod sampler;
 pub mod schedule;
 
 pub use sampler::{Guidance, SamplerConfig, SamplerMethod, SdeConfig, sample};
-pub use schedule::{NoiseRng, TimeDist, default_shift, interpolate, shift_time, time_grid, velocity_target};
+pub use schedule::{
+    NoiseRng, TimeDist, default_shift, interpolate, shift_time, time_grid, velocity_target,
+};

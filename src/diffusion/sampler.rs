@@ -33,7 +33,11 @@ pub struct SdeConfig {
 
 impl Default for SdeConfig {
     fn default() -> Self {
-        Self { diffusion_norm: 1.0, t0: 1e-3, last_step_size: 0.04 }
+        Self {
+            diffusion_norm: 1.0,
+            t0: 1e-3,
+            last_step_size: 0.04,
+        }
     }
 }
 
@@ -43,9 +47,18 @@ impl Default for SdeConfig {
 pub enum Guidance {
     None,
     /// v = v_uncond + scale (v_cond - v_uncond), unconditional = `null_class`.
-    Cfg { scale: f64, t_min: f64, t_max: f64, null_class: u32 },
+    Cfg {
+        scale: f64,
+        t_min: f64,
+        t_max: f64,
+        null_class: u32,
+    },
     /// v = v_guide + scale (v_model - v_guide), guide = a second (weaker) model.
-    Auto { scale: f64, t_min: f64, t_max: f64 },
+    Auto {
+        scale: f64,
+        t_min: f64,
+        t_max: f64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -91,7 +104,12 @@ pub fn guided_velocity(
     let inside = |lo: f64, hi: f64| (t as f64) >= lo && (t as f64) <= hi;
     match *guidance {
         Guidance::None => model.forward(x, &tt, y),
-        Guidance::Cfg { scale, t_min, t_max, null_class } => {
+        Guidance::Cfg {
+            scale,
+            t_min,
+            t_max,
+            null_class,
+        } => {
             if !inside(t_min, t_max) {
                 return model.forward(x, &tt, y);
             }
@@ -105,7 +123,11 @@ pub fn guided_velocity(
             let uncond = v.narrow(0, b, b)?;
             &uncond + ((cond - &uncond)? * scale)?
         }
-        Guidance::Auto { scale, t_min, t_max } => {
+        Guidance::Auto {
+            scale,
+            t_min,
+            t_max,
+        } => {
             let v = model.forward(x, &tt, y)?;
             if !inside(t_min, t_max) {
                 return Ok(v);
@@ -154,7 +176,12 @@ pub fn sample(
         }
         SamplerMethod::EulerMaruyama => {
             let sde = cfg.sde;
-            let ts = time_grid(cfg.num_steps, sde.t0, 1.0 - sde.last_step_size, cfg.time_shift);
+            let ts = time_grid(
+                cfg.num_steps,
+                sde.t0,
+                1.0 - sde.last_step_size,
+                cfg.time_shift,
+            );
             let mut rng = NoiseRng::new(cfg.seed);
             let dims = x.dims().to_vec();
             for k in 0..ts.len() - 1 {

@@ -34,7 +34,11 @@ pub fn time_grid(n: usize, t0: f64, t1: f64, shift: f64) -> Vec<f32> {
                 t0
             } else {
                 let step = (t1 - t0) / (n - 1) as f32;
-                if i < n / 2 { t0 + step * i as f32 } else { t1 - step * (n - 1 - i) as f32 }
+                if i < n / 2 {
+                    t0 + step * i as f32
+                } else {
+                    t1 - step * (n - 1 - i) as f32
+                }
             };
             let t = 1.0 - lin;
             a * t / (1.0 + (a - 1.0) * t)
@@ -52,7 +56,8 @@ pub fn expand_t_like(t: &Tensor, x: &Tensor) -> Result<Tensor> {
 /// x_t = (1-t) x0 + t eps.
 pub fn interpolate(x0: &Tensor, eps: &Tensor, t: &Tensor) -> Result<Tensor> {
     let t = expand_t_like(t, x0)?;
-    x0.broadcast_mul(&(1.0 - &t)?)?.broadcast_add(&eps.broadcast_mul(&t)?)
+    x0.broadcast_mul(&(1.0 - &t)?)?
+        .broadcast_add(&eps.broadcast_mul(&t)?)
 }
 
 /// The velocity target eps - x0.
@@ -65,7 +70,10 @@ pub fn velocity_target(x0: &Tensor, eps: &Tensor) -> Result<Tensor> {
 pub enum TimeDist {
     Uniform,
     /// sigmoid(N(mean, std)) (reference `logit-normal_0_1`).
-    LogitNormal { mean: f64, std: f64 },
+    LogitNormal {
+        mean: f64,
+        std: f64,
+    },
 }
 
 impl TimeDist {
@@ -74,8 +82,14 @@ impl TimeDist {
         let parts: Vec<&str> = s.split('_').collect();
         match parts.as_slice() {
             ["uniform"] => Some(Self::Uniform),
-            ["logit-normal"] => Some(Self::LogitNormal { mean: 0.0, std: 1.0 }),
-            ["logit-normal", m, s] => Some(Self::LogitNormal { mean: m.parse().ok()?, std: s.parse().ok()? }),
+            ["logit-normal"] => Some(Self::LogitNormal {
+                mean: 0.0,
+                std: 1.0,
+            }),
+            ["logit-normal", m, s] => Some(Self::LogitNormal {
+                mean: m.parse().ok()?,
+                std: s.parse().ok()?,
+            }),
             _ => None,
         }
     }
@@ -90,7 +104,10 @@ pub struct NoiseRng {
 
 impl NoiseRng {
     pub fn new(seed: u64) -> Self {
-        Self { rng: ChaCha8Rng::seed_from_u64(seed), spare: None }
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            spare: None,
+        }
     }
 
     pub fn uniform(&mut self) -> f64 {
@@ -153,6 +170,9 @@ impl NoiseRng {
     /// Replace each label by `null_class` with probability `p` (CFG
     /// training dropout).
     pub fn drop_labels(&mut self, labels: &[u32], p: f64, null_class: u32) -> Vec<u32> {
-        labels.iter().map(|&l| if self.uniform() < p { null_class } else { l }).collect()
+        labels
+            .iter()
+            .map(|&l| if self.uniform() < p { null_class } else { l })
+            .collect()
     }
 }

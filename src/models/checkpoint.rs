@@ -35,7 +35,10 @@ impl WeightsKey {
 const AUTO_KEYS: [&str; 3] = ["ema", "model", "state_dict"];
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
-    ModelError::Weights { path: path.to_path_buf(), reason: e.to_string() }
+    ModelError::Weights {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
 }
 
 /// Drop wrapper prefixes left by DDP / torch.compile.
@@ -54,13 +57,20 @@ fn clean_name(name: &str) -> String {
 
 fn is_pickle(path: &Path) -> bool {
     matches!(
-        path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(),
+        path.extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref(),
         Some("pt" | "pth" | "bin" | "ckpt")
     )
 }
 
 /// Read every tensor of a checkpoint (on `device`, dtype as stored).
-pub fn load_state_dict(path: &Path, key: &WeightsKey, device: &Device) -> Result<HashMap<String, Tensor>, ModelError> {
+pub fn load_state_dict(
+    path: &Path,
+    key: &WeightsKey,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, ModelError> {
     if !path.exists() {
         return Err(io_err(path, "file not found"));
     }
@@ -76,7 +86,10 @@ pub fn load_state_dict(path: &Path, key: &WeightsKey, device: &Device) -> Result
     }
     let mut out = HashMap::with_capacity(raw.len());
     for (k, t) in raw {
-        out.insert(clean_name(&k), t.to_device(device).map_err(|e| io_err(path, e))?);
+        out.insert(
+            clean_name(&k),
+            t.to_device(device).map_err(|e| io_err(path, e))?,
+        );
     }
     Ok(out)
 }
@@ -108,13 +121,19 @@ fn select_prefixed(
 ) -> Result<Vec<(String, Tensor)>, ModelError> {
     let take = |prefix: &str, all: &[(String, Tensor)]| -> Vec<(String, Tensor)> {
         let p = format!("{prefix}.");
-        all.iter().filter_map(|(k, t)| k.strip_prefix(&p).map(|r| (r.to_string(), t.clone()))).collect()
+        all.iter()
+            .filter_map(|(k, t)| k.strip_prefix(&p).map(|r| (r.to_string(), t.clone())))
+            .collect()
     };
     match key {
         WeightsKey::Root => Ok(all),
         WeightsKey::Key(k) => {
             let v = take(k, &all);
-            if v.is_empty() { Err(io_err(path, format!("no tensors under {k:?}"))) } else { Ok(v) }
+            if v.is_empty() {
+                Err(io_err(path, format!("no tensors under {k:?}")))
+            } else {
+                Ok(v)
+            }
         }
         WeightsKey::Auto => {
             for k in AUTO_KEYS {
@@ -139,8 +158,15 @@ pub fn var_builder(
 
 /// Put loaded tensors into a VarMap (trainable `Var`s; frozen names are
 /// detached by the models). Existing entries are replaced.
-pub fn fill_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>, dtype: DType) -> candle_core::Result<()> {
-    let mut data = varmap.data().lock().map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
+pub fn fill_varmap(
+    varmap: &VarMap,
+    tensors: &HashMap<String, Tensor>,
+    dtype: DType,
+) -> candle_core::Result<()> {
+    let mut data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
     for (k, t) in tensors {
         data.insert(k.clone(), Var::from_tensor(&t.to_dtype(dtype)?)?);
     }
@@ -163,8 +189,11 @@ pub fn trainable_vars(varmap: &VarMap) -> Vec<(String, Var)> {
         Ok(d) => d,
         Err(p) => p.into_inner(),
     };
-    let mut v: Vec<(String, Var)> =
-        data.iter().filter(|(k, _)| !is_frozen(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut v: Vec<(String, Var)> = data
+        .iter()
+        .filter(|(k, _)| !is_frozen(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -172,5 +201,8 @@ pub fn trainable_vars(varmap: &VarMap) -> Vec<(String, Var)> {
 /// Add the file name to a candle error raised while building a model
 /// (candle names the missing key / the expected and found shapes).
 pub fn with_file(path: &Path, e: candle_core::Error) -> ModelError {
-    ModelError::Weights { path: PathBuf::from(path), reason: e.to_string() }
+    ModelError::Weights {
+        path: PathBuf::from(path),
+        reason: e.to_string(),
+    }
 }

@@ -175,11 +175,19 @@ pub enum DitConfig {
 
 impl DitConfig {
     pub fn from_value(v: serde_json::Value, origin: &str) -> Result<Self, ModelError> {
-        let bad = |e: serde_json::Error| ModelError::Config { path: origin.to_string(), reason: e.to_string() };
+        let bad = |e: serde_json::Error| ModelError::Config {
+            path: origin.to_string(),
+            reason: e.to_string(),
+        };
         match v.get("hidden_size") {
-            Some(serde_json::Value::Array(_)) => Ok(Self::DitDh(serde_json::from_value(v).map_err(bad)?)),
+            Some(serde_json::Value::Array(_)) => {
+                Ok(Self::DitDh(serde_json::from_value(v).map_err(bad)?))
+            }
             Some(_) => Ok(Self::Lightning(serde_json::from_value(v).map_err(bad)?)),
-            None => Err(ModelError::Config { path: origin.to_string(), reason: "missing key `hidden_size`".into() }),
+            None => Err(ModelError::Config {
+                path: origin.to_string(),
+                reason: "missing key `hidden_size`".into(),
+            }),
         }
     }
 
@@ -227,18 +235,35 @@ impl DitConfig {
 /// JSON) into a JSON value.
 pub fn read_config_value(path: &Path) -> Result<serde_json::Value, ModelError> {
     let p = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Config { path: p.clone(), reason: e.to_string() })?;
-    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml")) {
-        let t: toml::Value = toml::from_str(&text).map_err(|e| ModelError::Config { path: p.clone(), reason: e.to_string() })?;
-        serde_json::to_value(t).map_err(|e| ModelError::Config { path: p, reason: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Config {
+        path: p.clone(),
+        reason: e.to_string(),
+    })?;
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("toml"))
+    {
+        let t: toml::Value = toml::from_str(&text).map_err(|e| ModelError::Config {
+            path: p.clone(),
+            reason: e.to_string(),
+        })?;
+        serde_json::to_value(t).map_err(|e| ModelError::Config {
+            path: p,
+            reason: e.to_string(),
+        })
     } else {
-        serde_json::from_str(&text).map_err(|e| ModelError::Config { path: p, reason: e.to_string() })
+        serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: p,
+            reason: e.to_string(),
+        })
     }
 }
 
 /// Parse a typed config from a JSON/TOML file.
 pub fn load_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
     let v = read_config_value(path)?;
-    serde_json::from_value(v)
-        .map_err(|e| ModelError::Config { path: path.display().to_string(), reason: e.to_string() })
+    serde_json::from_value(v).map_err(|e| ModelError::Config {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
 }

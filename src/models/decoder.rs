@@ -128,10 +128,16 @@ impl VitLayer {
         let q = split_heads(&self.query.forward(&h)?, self.heads)?;
         let k = split_heads(&self.key.forward(&h)?, self.heads)?;
         let v = split_heads(&self.value.forward(&h)?, self.heads)?;
-        let a = self.out.forward(&merge_heads(&attention(&q, &k, &v, fused)?)?)?;
+        let a = self
+            .out
+            .forward(&merge_heads(&attention(&q, &k, &v, fused)?)?)?;
         let x = (x + a)?;
         let h = self.fc1.forward(&self.ln_after.forward(&x, fused)?)?;
-        let h = if self.exact_gelu { h.gelu_erf()? } else { h.gelu()? };
+        let h = if self.exact_gelu {
+            h.gelu_erf()?
+        } else {
+            h.gelu()?
+        };
         x + self.fc2.forward(&h)?
     }
 }
@@ -160,16 +166,33 @@ impl RaeDecoder {
             candle_core::bail!("decoder: num_patches {n} is not a square");
         }
         let dev = vb.device().clone();
-        let pos = frozen_or(&vb, "decoder_pos_embed", &[1, n + 1, d], sincos_2d(d, grid, true, &dev)?)?;
+        let pos = frozen_or(
+            &vb,
+            "decoder_pos_embed",
+            &[1, n + 1, d],
+            sincos_2d(d, grid, true, &dev)?,
+        )?;
         Ok(Self {
-            embed: Linear::new(cfg.latent_dim, d, true, LinearInit::Xavier, vb.pp("decoder_embed"))?,
+            embed: Linear::new(
+                cfg.latent_dim,
+                d,
+                true,
+                LinearInit::Xavier,
+                vb.pp("decoder_embed"),
+            )?,
             cls: vb.get_with_hints((1, 1, d), "trainable_cls_token", Init::Const(0.0))?,
             pos,
             layers: (0..cfg.decoder_num_hidden_layers)
                 .map(|i| VitLayer::new(cfg, vb.pp(format!("decoder_layers.{i}"))))
                 .collect::<Result<_>>()?,
             norm: Norm::layer(d, cfg.layer_norm_eps, vb.pp("decoder_norm"))?,
-            pred: Linear::new(d, cfg.patch_size * cfg.patch_size * 3, true, LinearInit::Xavier, vb.pp("decoder_pred"))?,
+            pred: Linear::new(
+                d,
+                cfg.patch_size * cfg.patch_size * 3,
+                true,
+                LinearInit::Xavier,
+                vb.pp("decoder_pred"),
+            )?,
             mean: Tensor::from_slice(&cfg.image_mean, (1, 3, 1, 1), &dev)?.to_dtype(vb.dtype())?,
             std: Tensor::from_slice(&cfg.image_std, (1, 3, 1, 1), &dev)?.to_dtype(vb.dtype())?,
             cfg: cfg.clone(),
@@ -194,7 +217,9 @@ impl RaeDecoder {
             candle_core::bail!("decoder expects {} tokens, got {t}", self.cfg.num_patches);
         }
         let x = self.embed.forward(z)?;
-        let cls = self.cls.broadcast_as((b, 1, self.cfg.decoder_hidden_size))?;
+        let cls = self
+            .cls
+            .broadcast_as((b, 1, self.cfg.decoder_hidden_size))?;
         let mut h = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos)?;
         for l in &self.layers {
             h = l.forward(&h, self.fused)?;

@@ -37,7 +37,11 @@ impl NormAttention {
         let dh = d / spec.heads;
         let (q_norm, k_norm) = if spec.use_qknorm {
             let mk = |name: &str| -> Result<Norm> {
-                if spec.use_rmsnorm { Norm::rms(dh, 1e-6, vb.pp(name)) } else { Norm::layer(dh, 1e-5, vb.pp(name)) }
+                if spec.use_rmsnorm {
+                    Norm::rms(dh, 1e-6, vb.pp(name))
+                } else {
+                    Norm::layer(dh, 1e-5, vb.pp(name))
+                }
             };
             (Some(mk("q_norm")?), Some(mk("k_norm")?))
         } else {
@@ -56,7 +60,11 @@ impl NormAttention {
         let (b, n, c) = x.dims3()?;
         let dh = c / self.heads;
         // [B,N,3,H,Dh] -> [3,B,H,N,Dh]
-        let qkv = self.qkv.forward(x)?.reshape((b, n, 3, self.heads, dh))?.permute((2, 0, 3, 1, 4))?;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, n, 3, self.heads, dh))?
+            .permute((2, 0, 3, 1, 4))?;
         let mut q = qkv.get(0)?;
         let mut k = qkv.get(1)?;
         let v = qkv.get(2)?;
@@ -102,18 +110,37 @@ impl DitBlock {
             norm2: Norm::dit(d, spec.use_rmsnorm, vb.pp("norm2"))?,
             attn: NormAttention::new(spec, vb.pp("attn"))?,
             mlp: FeedForward::new(d, spec.mlp_ratio, spec.use_swiglu, vb.pp("mlp"))?,
-            ada: Linear::new(d, n_mod * d, true, LinearInit::Zero, vb.pp("adaLN_modulation.1"))?,
+            ada: Linear::new(
+                d,
+                n_mod * d,
+                true,
+                LinearInit::Zero,
+                vb.pp("adaLN_modulation.1"),
+            )?,
             wo_shift: spec.wo_shift,
         })
     }
 
     /// x: `[B,N,D]`, c: `[B,1,D]` or `[B,N,D]` (SiLU is applied here, as the
     /// reference's `adaLN_modulation = Sequential(SiLU, Linear)`).
-    pub fn forward(&self, x: &Tensor, c: &Tensor, rope: Option<&Rope2d>, fused: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        c: &Tensor,
+        rope: Option<&Rope2d>,
+        fused: bool,
+    ) -> Result<Tensor> {
         let m = self.ada.forward(&candle_nn::ops::silu(c)?)?;
         let (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = if self.wo_shift {
             let m = chunks(&m, 4)?;
-            (None, m[0].clone(), m[1].clone(), None, m[2].clone(), m[3].clone())
+            (
+                None,
+                m[0].clone(),
+                m[1].clone(),
+                None,
+                m[2].clone(),
+                m[3].clone(),
+            )
         } else {
             let m = chunks(&m, 6)?;
             (
@@ -125,9 +152,20 @@ impl DitBlock {
                 m[5].clone(),
             )
         };
-        let h = modulate(&self.norm1.forward(x, fused)?, shift_msa.as_ref(), &scale_msa)?;
-        let x = (x + self.attn.forward(&h, rope, fused)?.broadcast_mul(&gate_msa)?)?;
-        let h = modulate(&self.norm2.forward(&x, fused)?, shift_mlp.as_ref(), &scale_mlp)?;
+        let h = modulate(
+            &self.norm1.forward(x, fused)?,
+            shift_msa.as_ref(),
+            &scale_msa,
+        )?;
+        let x = (x + self
+            .attn
+            .forward(&h, rope, fused)?
+            .broadcast_mul(&gate_msa)?)?;
+        let h = modulate(
+            &self.norm2.forward(&x, fused)?,
+            shift_mlp.as_ref(),
+            &scale_mlp,
+        )?;
         x + self.mlp.forward(&h)?.broadcast_mul(&gate_mlp)?
     }
 }
@@ -145,7 +183,13 @@ impl FinalLayer {
     pub fn new(hidden: usize, out: usize, use_rmsnorm: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             norm: Norm::dit(hidden, use_rmsnorm, vb.pp("norm_final"))?,
-            ada: Linear::new(hidden, 2 * hidden, true, LinearInit::Zero, vb.pp("adaLN_modulation.1"))?,
+            ada: Linear::new(
+                hidden,
+                2 * hidden,
+                true,
+                LinearInit::Zero,
+                vb.pp("adaLN_modulation.1"),
+            )?,
             linear: Linear::new(hidden, out, true, LinearInit::Zero, vb.pp("linear"))?,
         })
     }

@@ -8,7 +8,9 @@ use candle_nn::VarBuilder;
 use super::VelocityModel;
 use super::config::DitDhConfig;
 use super::dit_block::{BlockSpec, DitBlock, FinalLayer};
-use super::embed::{LabelEmbedder, PatchEmbed, Rope2d, TimestepEmbedder, frozen_or, sincos_2d, unpatchify};
+use super::embed::{
+    LabelEmbedder, PatchEmbed, Rope2d, TimestepEmbedder, frozen_or, sincos_2d, unpatchify,
+};
 use super::layers::{Linear, LinearInit};
 use candle_core::Module;
 
@@ -48,7 +50,12 @@ impl DitDh {
         };
         let (se, sd) = (spec(de, he), spec(dd, hd));
         let pos_embed = if cfg.use_pos_embed {
-            Some(frozen_or(&vb, "pos_embed", &[1, grid * grid, de], sincos_2d(de, grid, false, vb.device())?)?)
+            Some(frozen_or(
+                &vb,
+                "pos_embed",
+                &[1, grid * grid, de],
+                sincos_2d(de, grid, false, vb.device())?,
+            )?)
         } else {
             None
         };
@@ -65,7 +72,13 @@ impl DitDh {
             s_embedder: PatchEmbed::new(cfg.in_channels, de, p, vb.pp("s_embedder"))?,
             x_embedder: PatchEmbed::new(cfg.in_channels, dd, p, vb.pp("x_embedder"))?,
             s_projector: if de != dd {
-                Some(Linear::new(de, dd, true, LinearInit::Xavier, vb.pp("s_projector"))?)
+                Some(Linear::new(
+                    de,
+                    dd,
+                    true,
+                    LinearInit::Xavier,
+                    vb.pp("s_projector"),
+                )?)
             } else {
                 None
             },
@@ -74,7 +87,9 @@ impl DitDh {
             pos_embed,
             enc_rope,
             dec_rope,
-            enc_blocks: (0..ne).map(|i| DitBlock::new(&se, vb.pp(format!("blocks.{i}")))).collect::<Result<_>>()?,
+            enc_blocks: (0..ne)
+                .map(|i| DitBlock::new(&se, vb.pp(format!("blocks.{i}"))))
+                .collect::<Result<_>>()?,
             dec_blocks: (ne..ne + nd)
                 .map(|i| DitBlock::new(&sd, vb.pp(format!("blocks.{i}"))))
                 .collect::<Result<_>>()?,

@@ -13,7 +13,9 @@ use super::layers::{Linear, LinearInit};
 /// omega_i = 10000^(-i/(dim/4)).
 pub fn sincos_2d_table(dim: usize, grid: usize) -> Vec<f32> {
     let quarter = dim / 4;
-    let omega: Vec<f64> = (0..quarter).map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64)).collect();
+    let omega: Vec<f64> = (0..quarter)
+        .map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64))
+        .collect();
     let mut out = Vec::with_capacity(grid * grid * dim);
     for h in 0..grid {
         for w in 0..grid {
@@ -92,9 +94,17 @@ impl Rope2d {
         let cos = Tensor::from_vec(cos, (n, head_dim), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (n, head_dim), device)?.to_dtype(dtype)?;
         let pick_even = |t: &Tensor| -> Result<Tensor> {
-            t.reshape((n, head_dim / 2, 2))?.narrow(2, 0, 1)?.squeeze(2)?.contiguous()
+            t.reshape((n, head_dim / 2, 2))?
+                .narrow(2, 0, 1)?
+                .squeeze(2)?
+                .contiguous()
         };
-        Ok(Self { cos_half: pick_even(&cos)?, sin_half: pick_even(&sin)?, cos, sin })
+        Ok(Self {
+            cos_half: pick_even(&cos)?,
+            sin_half: pick_even(&sin)?,
+            cos,
+            sin,
+        })
     }
 
     /// `[N, dh]` cos and sin tables (compare with the stored buffers).
@@ -112,7 +122,8 @@ impl Rope2d {
         let x0 = pairs.narrow(4, 0, 1)?;
         let x1 = pairs.narrow(4, 1, 1)?;
         let rot = Tensor::cat(&[&x1.neg()?, &x0], 4)?.reshape((b, h, n, d))?;
-        x.broadcast_mul(&self.cos)?.broadcast_add(&rot.broadcast_mul(&self.sin)?)
+        x.broadcast_mul(&self.cos)?
+            .broadcast_add(&rot.broadcast_mul(&self.sin)?)
     }
 }
 
@@ -130,17 +141,40 @@ impl TimestepEmbedder {
 
     pub fn new(hidden: usize, vb: VarBuilder) -> Result<Self> {
         let e = Self::EMBEDDING_SIZE;
-        let w = vb.get_with_hints(e, "W", Init::Randn { mean: 0.0, stdev: 1.0 })?.detach();
-        let fc1 = Linear::new(2 * e, hidden, true, LinearInit::Normal(0.02), vb.pp("mlp.0"))?;
-        let fc2 = Linear::new(hidden, hidden, true, LinearInit::Normal(0.02), vb.pp("mlp.2"))?;
+        let w = vb
+            .get_with_hints(
+                e,
+                "W",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )?
+            .detach();
+        let fc1 = Linear::new(
+            2 * e,
+            hidden,
+            true,
+            LinearInit::Normal(0.02),
+            vb.pp("mlp.0"),
+        )?;
+        let fc2 = Linear::new(
+            hidden,
+            hidden,
+            true,
+            LinearInit::Normal(0.02),
+            vb.pp("mlp.2"),
+        )?;
         Ok(Self { w, fc1, fc2 })
     }
 
     /// t: `[B]` -> `[B, hidden]`.
     pub fn forward(&self, t: &Tensor) -> Result<Tensor> {
-        let arg = (t.unsqueeze(1)?.broadcast_mul(&self.w.unsqueeze(0)?)? * (2.0 * std::f64::consts::PI))?;
+        let arg =
+            (t.unsqueeze(1)?.broadcast_mul(&self.w.unsqueeze(0)?)? * (2.0 * std::f64::consts::PI))?;
         let emb = Tensor::cat(&[arg.sin()?, arg.cos()?], D::Minus1)?;
-        self.fc2.forward(&candle_nn::ops::silu(&self.fc1.forward(&emb)?)?)
+        self.fc2
+            .forward(&candle_nn::ops::silu(&self.fc1.forward(&emb)?)?)
     }
 }
 
@@ -157,13 +191,17 @@ impl LabelEmbedder {
         let table = vb.get_with_hints(
             (num_classes + 1, hidden),
             "embedding_table.weight",
-            Init::Randn { mean: 0.0, stdev: 0.02 },
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
         )?;
         Ok(Self { table })
     }
 
     pub fn forward(&self, y: &Tensor) -> Result<Tensor> {
-        self.table.index_select(&y.to_dtype(DType::U32)?.flatten_all()?, 0)
+        self.table
+            .index_select(&y.to_dtype(DType::U32)?.flatten_all()?, 0)
     }
 }
 
@@ -173,7 +211,7 @@ pub fn patchify(x: &Tensor, p: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (gh, gw) = (h / p, w / p);
     if p == 1 {
-        return x.reshape((b, c, h * w))?.transpose(1, 2);
+        return x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous();
     }
     x.reshape((b, c, gh, p, gw, p))?
         .permute((0, 2, 4, 1, 3, 5))?
@@ -204,7 +242,10 @@ pub struct PatchEmbed {
 
 impl PatchEmbed {
     pub fn new(in_ch: usize, hidden: usize, patch: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { proj: Linear::from_conv(in_ch, hidden, patch, vb.pp("proj"))?, patch })
+        Ok(Self {
+            proj: Linear::from_conv(in_ch, hidden, patch, vb.pp("proj"))?,
+            patch,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -25,18 +25,33 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(in_dim: usize, out_dim: usize, bias: bool, init: LinearInit, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        init: LinearInit,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let w_init = match init {
             LinearInit::Xavier => {
                 let bound = (6.0 / (in_dim + out_dim) as f64).sqrt();
-                Init::Uniform { lo: -bound, up: bound }
+                Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                }
             }
             LinearInit::Normal(stdev) => Init::Randn { mean: 0.0, stdev },
             LinearInit::Zero => Init::Const(0.0),
         };
         let w = vb.get_with_hints((out_dim, in_dim), "weight", w_init)?;
-        let b = if bias { Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?) } else { None };
-        Ok(Self { inner: candle_nn::Linear::new(w, b) })
+        let b = if bias {
+            Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            inner: candle_nn::Linear::new(w, b),
+        })
     }
 
     /// A linear layer stored as a 1x1.. conv weight `[out, in, p, p]` (timm
@@ -44,10 +59,19 @@ impl Linear {
     pub fn from_conv(in_ch: usize, out_dim: usize, patch: usize, vb: VarBuilder) -> Result<Self> {
         let fan_in = in_ch * patch * patch;
         let bound = (6.0 / (fan_in + out_dim) as f64).sqrt();
-        let w = vb.get_with_hints((out_dim, in_ch, patch, patch), "weight", Init::Uniform { lo: -bound, up: bound })?;
+        let w = vb.get_with_hints(
+            (out_dim, in_ch, patch, patch),
+            "weight",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
         let w = w.reshape((out_dim, fan_in))?;
         let b = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
-        Ok(Self { inner: candle_nn::Linear::new(w, Some(b)) })
+        Ok(Self {
+            inner: candle_nn::Linear::new(w, Some(b)),
+        })
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -57,7 +81,13 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.inner.forward(x)
+        // candle 0.11's batched matmul returns wrong values for some
+        // transposed (non-contiguous) inputs, e.g. [B,C,T]->[B,T,C]: copy first.
+        if x.is_contiguous() {
+            self.inner.forward(x)
+        } else {
+            self.inner.forward(&x.contiguous()?)
+        }
     }
 }
 
@@ -67,18 +97,27 @@ pub enum Norm {
     /// RMSNorm with a learned scale (reference `RMSNorm`, no bias).
     Rms { weight: Tensor, eps: f64 },
     /// LayerNorm; `affine` is None for `elementwise_affine=False`.
-    Layer { affine: Option<(Tensor, Tensor)>, eps: f64 },
+    Layer {
+        affine: Option<(Tensor, Tensor)>,
+        eps: f64,
+    },
 }
 
 impl Norm {
     pub fn rms(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self::Rms { weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?, eps })
+        Ok(Self::Rms {
+            weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
+            eps,
+        })
     }
 
     pub fn layer(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         let w = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
         let b = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
-        Ok(Self::Layer { affine: Some((w, b)), eps })
+        Ok(Self::Layer {
+            affine: Some((w, b)),
+            eps,
+        })
     }
 
     pub fn layer_no_affine(eps: f64) -> Self {
@@ -88,7 +127,11 @@ impl Norm {
     /// RMSNorm (learned scale) or LayerNorm without affine, as the DiT
     /// blocks choose with `use_rmsnorm`.
     pub fn dit(dim: usize, use_rms: bool, vb: VarBuilder) -> Result<Self> {
-        if use_rms { Self::rms(dim, 1e-6, vb) } else { Ok(Self::layer_no_affine(1e-6)) }
+        if use_rms {
+            Self::rms(dim, 1e-6, vb)
+        } else {
+            Ok(Self::layer_no_affine(1e-6))
+        }
     }
 
     pub fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {

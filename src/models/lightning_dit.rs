@@ -7,7 +7,9 @@ use candle_nn::VarBuilder;
 use super::VelocityModel;
 use super::config::LightningDitConfig;
 use super::dit_block::{BlockSpec, DitBlock, FinalLayer};
-use super::embed::{LabelEmbedder, PatchEmbed, Rope2d, TimestepEmbedder, frozen_or, sincos_2d, unpatchify};
+use super::embed::{
+    LabelEmbedder, PatchEmbed, Rope2d, TimestepEmbedder, frozen_or, sincos_2d, unpatchify,
+};
 
 #[derive(Debug, Clone)]
 pub struct LightningDit {
@@ -26,7 +28,11 @@ impl LightningDit {
     pub fn new(cfg: &LightningDitConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let grid = cfg.input_size / cfg.patch_size;
-        let out_ch = if cfg.learn_sigma { 2 * cfg.in_channels } else { cfg.in_channels };
+        let out_ch = if cfg.learn_sigma {
+            2 * cfg.in_channels
+        } else {
+            cfg.in_channels
+        };
         let spec = BlockSpec {
             hidden: d,
             heads: cfg.num_heads,
@@ -37,15 +43,31 @@ impl LightningDit {
             wo_shift: cfg.wo_shift,
         };
         let pos = sincos_2d(d, grid, false, vb.device())?;
-        let rope = if cfg.use_rope { Some(Rope2d::new(d / cfg.num_heads, grid, vb.device(), vb.dtype())?) } else { None };
+        let rope = if cfg.use_rope {
+            Some(Rope2d::new(
+                d / cfg.num_heads,
+                grid,
+                vb.device(),
+                vb.dtype(),
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             x_embedder: PatchEmbed::new(cfg.in_channels, d, cfg.patch_size, vb.pp("x_embedder"))?,
             t_embedder: TimestepEmbedder::new(d, vb.pp("t_embedder"))?,
             y_embedder: LabelEmbedder::new(cfg.num_classes, d, vb.pp("y_embedder"))?,
             pos_embed: frozen_or(&vb, "pos_embed", &[1, grid * grid, d], pos)?,
             rope,
-            blocks: (0..cfg.depth).map(|i| DitBlock::new(&spec, vb.pp(format!("blocks.{i}")))).collect::<Result<_>>()?,
-            final_layer: FinalLayer::new(d, cfg.patch_size * cfg.patch_size * out_ch, cfg.use_rmsnorm, vb.pp("final_layer"))?,
+            blocks: (0..cfg.depth)
+                .map(|i| DitBlock::new(&spec, vb.pp(format!("blocks.{i}"))))
+                .collect::<Result<_>>()?,
+            final_layer: FinalLayer::new(
+                d,
+                cfg.patch_size * cfg.patch_size * out_ch,
+                cfg.use_rmsnorm,
+                vb.pp("final_layer"),
+            )?,
             cfg: cfg.clone(),
             fused: false,
         })
@@ -74,9 +96,17 @@ impl LightningDit {
             h = b.forward(&h, &c, self.rope.as_ref(), f)?;
         }
         let out = self.final_layer.forward(&h, &c, f)?;
-        let out_ch = if self.cfg.learn_sigma { 2 * self.cfg.in_channels } else { self.cfg.in_channels };
+        let out_ch = if self.cfg.learn_sigma {
+            2 * self.cfg.in_channels
+        } else {
+            self.cfg.in_channels
+        };
         let img = unpatchify(&out, self.cfg.patch_size, out_ch)?;
-        if self.cfg.learn_sigma { img.narrow(1, 0, self.cfg.in_channels) } else { Ok(img) }
+        if self.cfg.learn_sigma {
+            img.narrow(1, 0, self.cfg.in_channels)
+        } else {
+            Ok(img)
+        }
     }
 }
 
