@@ -12,8 +12,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rand::{Rng, SeedableRng};
 use rae_cache::encoders::load_encoder;
+use rand::{Rng, SeedableRng};
 
 const HIDDEN: usize = 768;
 const LAYERS: usize = 12;
@@ -26,7 +26,11 @@ const BATCH: usize = 16;
 fn randn(rng: &mut rand_chacha::ChaCha8Rng, shape: &[usize], std: f32) -> Tensor {
     let n: usize = shape.iter().product();
     // Sum of uniforms: cheap, deterministic, roughly normal; no denormals.
-    let v: Vec<f32> = (0..n).map(|_| (rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5) * 2.0 * std).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            (rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5) * 2.0 * std
+        })
+        .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
@@ -41,12 +45,27 @@ fn write_model(dir: &Path) {
     let c = HIDDEN;
     let grid = IMAGE / PATCH;
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    t.insert("embeddings.cls_token".into(), randn(&mut rng, &[1, 1, c], 0.02));
+    t.insert(
+        "embeddings.cls_token".into(),
+        randn(&mut rng, &[1, 1, c], 0.02),
+    );
     t.insert("embeddings.mask_token".into(), filled(&[1, c], 0.0));
-    t.insert("embeddings.register_tokens".into(), randn(&mut rng, &[1, REGISTERS, c], 0.02));
-    t.insert("embeddings.position_embeddings".into(), randn(&mut rng, &[1, 1 + grid * grid, c], 0.02));
-    t.insert("embeddings.patch_embeddings.projection.weight".into(), randn(&mut rng, &[c, 3, PATCH, PATCH], 0.02));
-    t.insert("embeddings.patch_embeddings.projection.bias".into(), filled(&[c], 0.0));
+    t.insert(
+        "embeddings.register_tokens".into(),
+        randn(&mut rng, &[1, REGISTERS, c], 0.02),
+    );
+    t.insert(
+        "embeddings.position_embeddings".into(),
+        randn(&mut rng, &[1, 1 + grid * grid, c], 0.02),
+    );
+    t.insert(
+        "embeddings.patch_embeddings.projection.weight".into(),
+        randn(&mut rng, &[c, 3, PATCH, PATCH], 0.02),
+    );
+    t.insert(
+        "embeddings.patch_embeddings.projection.bias".into(),
+        filled(&[c], 0.0),
+    );
     for i in 0..LAYERS {
         let p = format!("encoder.layer.{i}");
         for n in ["norm1", "norm2"] {
@@ -54,16 +73,34 @@ fn write_model(dir: &Path) {
             t.insert(format!("{p}.{n}.bias"), filled(&[c], 0.0));
         }
         for n in ["query", "key", "value"] {
-            t.insert(format!("{p}.attention.attention.{n}.weight"), randn(&mut rng, &[c, c], 0.02));
-            t.insert(format!("{p}.attention.attention.{n}.bias"), filled(&[c], 0.0));
+            t.insert(
+                format!("{p}.attention.attention.{n}.weight"),
+                randn(&mut rng, &[c, c], 0.02),
+            );
+            t.insert(
+                format!("{p}.attention.attention.{n}.bias"),
+                filled(&[c], 0.0),
+            );
         }
-        t.insert(format!("{p}.attention.output.dense.weight"), randn(&mut rng, &[c, c], 0.02));
-        t.insert(format!("{p}.attention.output.dense.bias"), filled(&[c], 0.0));
+        t.insert(
+            format!("{p}.attention.output.dense.weight"),
+            randn(&mut rng, &[c, c], 0.02),
+        );
+        t.insert(
+            format!("{p}.attention.output.dense.bias"),
+            filled(&[c], 0.0),
+        );
         t.insert(format!("{p}.layer_scale1.lambda1"), filled(&[c], 0.1));
         t.insert(format!("{p}.layer_scale2.lambda1"), filled(&[c], 0.1));
-        t.insert(format!("{p}.mlp.fc1.weight"), randn(&mut rng, &[4 * c, c], 0.02));
+        t.insert(
+            format!("{p}.mlp.fc1.weight"),
+            randn(&mut rng, &[4 * c, c], 0.02),
+        );
         t.insert(format!("{p}.mlp.fc1.bias"), filled(&[4 * c], 0.0));
-        t.insert(format!("{p}.mlp.fc2.weight"), randn(&mut rng, &[c, 4 * c], 0.02));
+        t.insert(
+            format!("{p}.mlp.fc2.weight"),
+            randn(&mut rng, &[c, 4 * c], 0.02),
+        );
         t.insert(format!("{p}.mlp.fc2.bias"), filled(&[c], 0.0));
     }
     t.insert("layernorm.weight".into(), filled(&[c], 1.0));
@@ -77,9 +114,17 @@ fn write_model(dir: &Path) {
         "num_register_tokens": REGISTERS, "layer_norm_eps": 1e-6, "hidden_act": "gelu",
         "qkv_bias": true, "use_swiglu_ffn": false, "layerscale_value": 1.0
     });
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
     let pre = serde_json::json!({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]});
-    std::fs::write(dir.join("preprocessor_config.json"), serde_json::to_vec(&pre).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("preprocessor_config.json"),
+        serde_json::to_vec(&pre).unwrap(),
+    )
+    .unwrap();
 }
 
 fn crops(rng: &mut rand_chacha::ChaCha8Rng) -> Tensor {
@@ -96,7 +141,9 @@ fn bench_encoder(c: &mut Criterion) {
     let mut g = c.benchmark_group("encoder");
     g.sample_size(10);
     g.throughput(Throughput::Elements(BATCH as u64));
-    g.bench_function("dinov2b_reg_f32_b16", |b| b.iter(|| enc.encode(&x).unwrap()));
+    g.bench_function("dinov2b_reg_f32_b16", |b| {
+        b.iter(|| enc.encode(&x).unwrap())
+    });
     g.finish();
 }
 
@@ -118,9 +165,15 @@ fn bench_parts(c: &mut Criterion) {
     let zeros = filled(&[HIDDEN], 0.0);
     let mut g = c.benchmark_group("encoder_parts");
     g.sample_size(10);
-    g.bench_function("qkv_matmul", |b| b.iter(|| x.matmul(&w_qkv.t().unwrap()).unwrap()));
-    g.bench_function("fc1_matmul", |b| b.iter(|| x.matmul(&w_fc1.t().unwrap()).unwrap()));
-    g.bench_function("fc2_matmul", |b| b.iter(|| h.matmul(&w_fc2.t().unwrap()).unwrap()));
+    g.bench_function("qkv_matmul", |b| {
+        b.iter(|| x.matmul(&w_qkv.t().unwrap()).unwrap())
+    });
+    g.bench_function("fc1_matmul", |b| {
+        b.iter(|| x.matmul(&w_fc1.t().unwrap()).unwrap())
+    });
+    g.bench_function("fc2_matmul", |b| {
+        b.iter(|| h.matmul(&w_fc2.t().unwrap()).unwrap())
+    });
     g.bench_function("gelu_erf", |b| b.iter(|| h.gelu_erf().unwrap()));
     g.bench_function("attention_core", |b| {
         b.iter(|| {
@@ -129,7 +182,9 @@ fn bench_parts(c: &mut Criterion) {
             p.matmul(&v).unwrap()
         })
     });
-    g.bench_function("layernorm", |b| b.iter(|| candle_nn::ops::layer_norm(&x, &ones, &zeros, 1e-6).unwrap()));
+    g.bench_function("layernorm", |b| {
+        b.iter(|| candle_nn::ops::layer_norm(&x, &ones, &zeros, 1e-6).unwrap())
+    });
     g.finish();
 }
 
