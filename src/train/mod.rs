@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod ema;
+pub mod init;
 pub mod loader;
 pub mod lr;
 pub mod optim;
