@@ -33,8 +33,10 @@ pub enum TrainError {
     Shard(#[from] crate::shards::ShardError),
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("optimizer state: {0}")]
+    #[error("{0}")]
     State(String),
+    #[error("non-finite {what} at step {step}; last good checkpoint: {last_good}")]
+    NonFinite { step: u64, what: String, last_good: String },
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;
