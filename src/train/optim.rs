@@ -190,7 +190,8 @@ impl GradAccumulator {
         for (name, g) in grads.iter() {
             let sum = match self.sums.remove(name) {
                 Some(s) => (s + g)?,
-                None => g.to_dtype(DType::F32)?.copy()?,
+                // gradient tensors are immutable: sharing the first one is safe
+                None => g.to_dtype(DType::F32)?,
             };
             self.sums.insert(name.clone(), sum);
         }
