@@ -163,3 +163,53 @@ fn run_writes_log_and_final_checkpoint() {
     let mut again = Trainer::new(cfg, &Device::Cpu, Some(&latest)).unwrap();
     assert!(again.run(|_| {}).unwrap().is_none());
 }
+
+#[test]
+fn cli_trains_resumes_and_refuses_to_clobber() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path());
+    let run = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rae-cache"));
+        cmd.arg("train")
+            .arg("--data")
+            .arg(&cfg.data[0])
+            .arg("--out")
+            .arg(&cfg.out);
+        cmd.args([
+            "--model-config",
+            &cfg.model,
+            "--batch-size",
+            "8",
+            "--seed",
+            "5",
+            "--device",
+            "cpu",
+            "--json",
+        ]);
+        cmd.args(extra);
+        cmd.output().unwrap()
+    };
+    let out = run(&["--steps", "3", "--ckpt-every", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["steps"], 3);
+    let refused = run(&["--steps", "5"]);
+    assert!(
+        !refused.status.success(),
+        "an existing run dir needs --resume"
+    );
+    let out = run(&["--steps", "5", "--resume"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["steps"], 5);
+    let log = std::fs::read_to_string(cfg.out.join("log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 5);
+}
