@@ -1,15 +1,28 @@
 //! Resolve model weights: a local directory, or a Hugging Face repo id
 //! through the HF cache (offline unless a download is asked for).
-//! (Interface fixed here; bodies being written.)
+//!
+//! Cache layout (huggingface_hub's): `<root>/models--org--name/refs/<rev>`
+//! holds a commit hash, `<root>/models--org--name/snapshots/<hash>/<file>`
+//! the files. `<root>` is `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+//! `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`
+//! (hf-hub's `Cache::from_env` knows only `HF_HOME` and the home default).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
     #[error("model {id:?} not found; looked in: {looked}. {hint}")]
-    NotFound { id: String, looked: String, hint: String },
+    NotFound {
+        id: String,
+        looked: String,
+        hint: String,
+    },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    /// `--allow-download` given to a build without the `download` feature,
+    /// or the download itself failed.
+    #[error("cannot download {id:?}: {reason}")]
+    Download { id: String, reason: String },
 }
 
 /// A resolved model directory (local or inside the HF cache snapshot).
@@ -20,7 +33,196 @@ pub struct ResolvedModel {
     pub revision: Option<String>,
 }
 
+/// The files an encoder directory must hold.
+pub const MODEL_FILES: [&str; 3] = [
+    "config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+];
+
 pub fn resolve_model(id_or_dir: &str, allow_download: bool) -> Result<ResolvedModel, WeightsError> {
-    let _ = (id_or_dir, allow_download);
-    unimplemented!("being written")
+    let local = Path::new(id_or_dir);
+    if local.is_dir() {
+        return Ok(local_model(local, id_or_dir));
+    }
+    match hf_cache_root() {
+        Some(root) => resolve_model_in(id_or_dir, allow_download, &root),
+        None => Err(WeightsError::NotFound {
+            id: id_or_dir.to_string(),
+            looked: format!(
+                "{id_or_dir} (not a directory); no Hugging Face cache (HF_HUB_CACHE, HF_HOME and HOME are unset)"
+            ),
+            hint: hint(id_or_dir),
+        }),
+    }
+}
+
+/// The HF hub cache root from the environment (see the module docs).
+pub fn hf_cache_root() -> Option<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(p) = var("HF_HUB_CACHE").or_else(|| var("HUGGINGFACE_HUB_CACHE")) {
+        return Some(p);
+    }
+    if let Some(home) = var("HF_HOME") {
+        return Some(home.join("hub"));
+    }
+    if let Some(xdg) = var("XDG_CACHE_HOME") {
+        return Some(xdg.join("huggingface").join("hub"));
+    }
+    var("HOME").map(|h| h.join(".cache").join("huggingface").join("hub"))
+}
+
+fn local_model(dir: &Path, id: &str) -> ResolvedModel {
+    ResolvedModel {
+        dir: dir.to_path_buf(),
+        id: id.to_string(),
+        revision: None,
+    }
+}
+
+fn hint(id: &str) -> String {
+    let repo = id.split('@').next().unwrap_or(id);
+    if cfg!(feature = "download") {
+        format!("Run `huggingface-cli download {repo}` or pass --allow-download.")
+    } else {
+        format!(
+            "Run `huggingface-cli download {repo}` (or use a build with `--features download` and pass --allow-download)."
+        )
+    }
+}
+
+/// `org/name` or `org/name@revision`.
+fn split_id(id: &str) -> (&str, &str) {
+    match id.split_once('@') {
+        Some((repo, rev)) if !rev.is_empty() => (repo, rev),
+        Some((repo, _)) => (repo, "main"),
+        None => (id, "main"),
+    }
+}
+
+/// `resolve_model` against an explicit cache root (`cache_root` plays the
+/// part of `$HF_HUB_CACHE`); a local directory still wins.
+pub fn resolve_model_in(
+    id_or_dir: &str,
+    allow_download: bool,
+    cache_root: &Path,
+) -> Result<ResolvedModel, WeightsError> {
+    let local = Path::new(id_or_dir);
+    if local.is_dir() {
+        return Ok(local_model(local, id_or_dir));
+    }
+    let (repo, rev) = split_id(id_or_dir);
+    let mut looked = vec![format!("{id_or_dir} (not a directory)")];
+    if !repo.contains('/') || repo.starts_with('/') || repo.starts_with('.') {
+        looked.push("(not a Hugging Face repo id of the form org/name)".to_string());
+        return Err(WeightsError::NotFound {
+            id: id_or_dir.into(),
+            looked: looked.join("; "),
+            hint: hint(id_or_dir),
+        });
+    }
+    match lookup_cache(repo, rev, cache_root, &mut looked) {
+        Some(found) => return Ok(found),
+        None if allow_download => return download(repo, rev, cache_root),
+        None => {}
+    }
+    Err(WeightsError::NotFound {
+        id: id_or_dir.to_string(),
+        looked: looked.join("; "),
+        hint: hint(id_or_dir),
+    })
+}
+
+/// Find `repo` at `rev` (a branch/tag under refs/, or a commit hash) in the
+/// cache; notes every path tried in `looked`.
+fn lookup_cache(
+    repo: &str,
+    rev: &str,
+    root: &Path,
+    looked: &mut Vec<String>,
+) -> Option<ResolvedModel> {
+    let folder = hf_hub::Repo::model(repo.to_string()).folder_name();
+    let repo_dir = root.join(folder);
+    let ref_path = repo_dir.join("refs").join(rev);
+    let commit = match std::fs::read_to_string(&ref_path) {
+        Ok(s) => s.trim().to_string(),
+        Err(_) => {
+            looked.push(format!("{} (missing)", ref_path.display()));
+            // The revision may itself be a commit hash with no ref.
+            rev.to_string()
+        }
+    };
+    if commit.is_empty() || commit.contains(['/', '\\']) || commit.starts_with('.') {
+        return None;
+    }
+    let snapshot = repo_dir.join("snapshots").join(&commit);
+    let missing: Vec<&str> = MODEL_FILES
+        .iter()
+        .copied()
+        .filter(|f| !snapshot.join(f).is_file())
+        .collect();
+    if !snapshot.is_dir() {
+        looked.push(format!("{} (missing)", snapshot.display()));
+        return None;
+    }
+    if !missing.is_empty() {
+        looked.push(format!(
+            "{} (lacks {})",
+            snapshot.display(),
+            missing.join(", ")
+        ));
+        return None;
+    }
+    tracing::debug!(repo, rev, commit = %commit, "found in HF cache");
+    Some(ResolvedModel {
+        dir: snapshot,
+        id: repo.to_string(),
+        revision: Some(commit),
+    })
+}
+
+#[cfg(feature = "download")]
+fn download(repo: &str, rev: &str, cache_root: &Path) -> Result<ResolvedModel, WeightsError> {
+    use hf_hub::api::sync::ApiBuilder;
+    let err = |reason: String| WeightsError::Download {
+        id: repo.to_string(),
+        reason,
+    };
+    let api = ApiBuilder::from_cache(hf_hub::Cache::new(cache_root.to_path_buf()))
+        .with_progress(true)
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    let hub_repo = api.repo(hf_hub::Repo::with_revision(
+        repo.to_string(),
+        hf_hub::RepoType::Model,
+        rev.to_string(),
+    ));
+    let mut dir = None;
+    for f in MODEL_FILES {
+        tracing::info!(repo, file = f, "downloading");
+        let path = hub_repo.get(f).map_err(|e| err(format!("{f}: {e}")))?;
+        dir = path.parent().map(Path::to_path_buf);
+    }
+    let dir = dir.ok_or_else(|| err("no files downloaded".into()))?;
+    let revision = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+    Ok(ResolvedModel {
+        dir,
+        id: repo.to_string(),
+        revision,
+    })
+}
+
+#[cfg(not(feature = "download"))]
+fn download(repo: &str, _rev: &str, _cache_root: &Path) -> Result<ResolvedModel, WeightsError> {
+    Err(WeightsError::Download {
+        id: repo.to_string(),
+        reason: format!(
+            "not in the local Hugging Face cache, and this build has no download support (rebuild with \
+             `--features download`, or run `huggingface-cli download {repo}`)"
+        ),
+    })
 }

@@ -1,10 +1,29 @@
 //! Frozen representation encoders (DINOv2 with/without registers, SigLIP2,
 //! MAE) loaded from Hugging Face directories with HF key names.
-//! (Interface fixed here; bodies being written.)
+//!
+//! All three are pre-LN ViTs (`vit_layers`); each family module maps its
+//! config and parameter names onto the shared `vit::VitEncoder`.
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+
+mod config;
+mod dinov2;
+mod mae;
+pub mod preprocess;
+pub mod resample;
+mod siglip2;
+mod vit;
+pub mod vit_layers;
+
+pub use preprocess::Preprocessor;
+
+/// RAE's crop side: images are ADM-cropped to this before encoding.
+pub const CROP_SIZE: usize = 256;
+/// RAE's latent grid side: every encoder yields 16x16 = 256 tokens, so its
+/// input size is `LATENT_GRID * patch_size` (224 for p14, 256 for p16).
+pub const LATENT_GRID: usize = 16;
 
 /// What a loaded encoder produces and needs.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -29,11 +48,17 @@ pub struct EncoderSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum EncoderError {
     #[error("{path}: {reason}")]
-    Config { path: std::path::PathBuf, reason: String },
+    Config {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
     Weights(#[from] crate::weights::WeightsError),
+    /// Crops of the wrong shape or an empty batch.
+    #[error("invalid encoder input: {0}")]
+    Input(String),
 }
 
 pub trait Encoder: Send + Sync {
@@ -44,14 +69,89 @@ pub trait Encoder: Send + Sync {
     fn encode(&self, crops: &Tensor) -> Result<Tensor, EncoderError>;
 }
 
+/// The encoder families `load_encoder` knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Dinov2 { registers: bool },
+    Siglip,
+    Mae,
+}
+
+fn family_of(probe: &config::ModelTypeProbe, path: &Path) -> Result<Family, EncoderError> {
+    let by_type = match probe.model_type.as_deref() {
+        Some("dinov2_with_registers") => Some(Family::Dinov2 { registers: true }),
+        Some("dinov2") => Some(Family::Dinov2 { registers: false }),
+        Some("siglip") | Some("siglip_vision_model") => Some(Family::Siglip),
+        Some("vit_mae") => Some(Family::Mae),
+        _ => None,
+    };
+    let by_arch = || {
+        probe.architectures.iter().find_map(|a| match a.as_str() {
+            "Dinov2WithRegistersModel" | "Dinov2WithRegistersBackbone" => {
+                Some(Family::Dinov2 { registers: true })
+            }
+            "Dinov2Model" | "Dinov2Backbone" => Some(Family::Dinov2 { registers: false }),
+            "SiglipModel" | "SiglipVisionModel" => Some(Family::Siglip),
+            "ViTMAEForPreTraining" | "ViTMAEModel" => Some(Family::Mae),
+            _ => None,
+        })
+    };
+    by_type.or_else(by_arch).ok_or_else(|| {
+        config::config_err(
+            path,
+            format!(
+                "unsupported encoder (model_type {:?}, architectures {:?}); supported: dinov2_with_registers, \
+                 dinov2, siglip (SigLIP2 fixed-resolution checkpoints), vit_mae",
+                probe.model_type, probe.architectures
+            ),
+        )
+    })
+}
+
 /// Load any supported encoder from a Hugging Face model directory.
-pub fn load_encoder(dir: &Path, device: &Device, dtype: DType) -> Result<Box<dyn Encoder>, EncoderError> {
-    let _ = (dir, device, dtype);
-    unimplemented!("being written")
+pub fn load_encoder(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<Box<dyn Encoder>, EncoderError> {
+    load_encoder_as(dir, &dir.display().to_string(), None, device, dtype)
+}
+
+/// `load_encoder` for a model found by `weights::resolve_model`, recording
+/// its id and revision in the spec.
+pub fn load_resolved(
+    model: &crate::weights::ResolvedModel,
+    device: &Device,
+    dtype: DType,
+) -> Result<Box<dyn Encoder>, EncoderError> {
+    load_encoder_as(&model.dir, &model.id, model.revision.clone(), device, dtype)
+}
+
+fn load_encoder_as(
+    dir: &Path,
+    id: &str,
+    revision: Option<String>,
+    device: &Device,
+    dtype: DType,
+) -> Result<Box<dyn Encoder>, EncoderError> {
+    let files = config::ModelFiles::open(dir)?;
+    let probe = files.probe()?;
+    let family = family_of(&probe, &files.config_path)?;
+    let mut enc = match family {
+        Family::Dinov2 { registers } => dinov2::load(&files, registers, device, dtype)?,
+        Family::Siglip => siglip2::load(&files, &probe, device, dtype)?,
+        Family::Mae => mae::load(&files, device, dtype)?,
+    };
+    enc.set_origin(id, revision);
+    tracing::info!(kind = %enc.spec().kind, id, dtype = ?dtype, "encoder loaded");
+    Ok(Box::new(enc))
 }
 
 /// RGB8 crops -> [B, 3, H, W] f32 in [0, 1] (optionally flipped left-right).
-pub fn crops_to_tensor(crops: &[&image::RgbImage], flip: bool, device: &Device) -> Result<Tensor, EncoderError> {
-    let _ = (crops, flip, device);
-    unimplemented!("being written")
+pub fn crops_to_tensor(
+    crops: &[&image::RgbImage],
+    flip: bool,
+    device: &Device,
+) -> Result<Tensor, EncoderError> {
+    preprocess::crops_to_tensor(crops, flip, device)
 }

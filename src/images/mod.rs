@@ -1,7 +1,23 @@
 //! Image side of the pipeline: folder discovery, decoding to RGB8, and the
-//! ADM center crop. (Interface fixed here; bodies being written.)
+//! ADM center crop, each bit-compatible with what the reference (PIL) does.
+//!
+//! * [`discover`]: ImageNet layout or flat folder, deterministic order.
+//! * [`decode_rgb8`] / [`decode_rgb8_bytes`]: JPEG/PNG/WebP to RGB8 with
+//!   PIL's `convert("RGB")` semantics, a decompression-bomb guard and typed
+//!   errors (never a panic).
+//! * [`adm_center_crop`] / [`load_crop`]: ADM `center_crop_arr` with a
+//!   Pillow-exact resampler ([`resample`]).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+mod crop;
+mod decode;
+mod discover;
+pub mod resample;
+
+pub use crop::{adm_center_crop, load_crop};
+pub use decode::{decode_rgb8, decode_rgb8_bytes, is_image_extension};
+pub use discover::discover;
 
 /// One image found under the dataset root.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,15 +50,50 @@ pub struct Discovery {
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a supported image ({reason})")]
     Unsupported { path: PathBuf, reason: String },
     #[error("{path}: corrupt or truncated image: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("{path}: {width}x{height} = {pixels} pixels exceeds the limit of {limit} (decompression-bomb guard, see --max-pixels)")]
-    TooLarge { path: PathBuf, width: u32, height: u32, pixels: u64, limit: u64 },
+    #[error(
+        "{path}: {width}x{height} = {pixels} pixels exceeds the limit of {limit} (decompression-bomb guard, see --max-pixels)"
+    )]
+    TooLarge {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+        pixels: u64,
+        limit: u64,
+    },
     #[error("{path}: empty file")]
     Empty { path: PathBuf },
+}
+
+impl ImageError {
+    /// The file the error is about.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            ImageError::Io { path, .. }
+            | ImageError::Unsupported { path, .. }
+            | ImageError::Corrupt { path, .. }
+            | ImageError::TooLarge { path, .. }
+            | ImageError::Empty { path } => path,
+        }
+    }
+
+    /// Short machine-readable kind, for manifests and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ImageError::Io { .. } => "io",
+            ImageError::Unsupported { .. } => "unsupported",
+            ImageError::Corrupt { .. } => "corrupt",
+            ImageError::TooLarge { .. } => "too_large",
+            ImageError::Empty { .. } => "empty",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -54,25 +105,8 @@ pub struct DecodeOptions {
 impl Default for DecodeOptions {
     fn default() -> Self {
         // Pillow's own bomb limit is ~89 M pixels; stay there.
-        Self { max_pixels: 89_478_485 }
+        Self {
+            max_pixels: 89_478_485,
+        }
     }
-}
-
-/// List images under `root` (ImageNet layout or flat), deterministic order.
-pub fn discover(root: &Path) -> Result<Discovery, ImageError> {
-    let _ = root;
-    unimplemented!("being written")
-}
-
-/// Decode a file to RGB8 (alpha dropped as PIL's `convert("RGB")`).
-pub fn decode_rgb8(path: &Path, opts: &DecodeOptions) -> Result<image::RgbImage, ImageError> {
-    let _ = (path, opts);
-    unimplemented!("being written")
-}
-
-/// ADM `center_crop_arr`: box-halve while short side >= 2*size, PIL bicubic
-/// to short side `size`, center crop to `size` x `size`.
-pub fn adm_center_crop(img: &image::RgbImage, size: u32) -> image::RgbImage {
-    let _ = (img, size);
-    unimplemented!("being written")
 }

@@ -1,1 +1,110 @@
-//! (being written)
+//! Diffusion transformers (LightningDiT, DiT-DH) and the RAE pixel decoder,
+//! with reference (bytetriper/RAE) state-dict names.
+//!
+//! Models are built from a `VarBuilder`: from loaded tensors for inference
+//! (`checkpoint::var_builder`) or from a `VarMap` for training
+//! (`VarBuilder::from_varmap`; missing entries are initialised as the
+//! reference does). Frozen tensors (`checkpoint::is_frozen`) are detached.
+
+pub mod checkpoint;
+pub mod config;
+pub mod decoder;
+pub mod dit_block;
+pub mod dit_dh;
+pub mod embed;
+pub mod layers;
+pub mod lightning_dit;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+pub use checkpoint::{WeightsKey, is_frozen, load_state_dict};
+pub use config::{DitConfig, DitDhConfig, LightningDitConfig};
+pub use decoder::{DecoderConfig, RaeDecoder};
+pub use dit_dh::DitDh;
+pub use lightning_dit::LightningDit;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {reason}")]
+    Weights { path: PathBuf, reason: String },
+    #[error("config {path}: {reason}")]
+    Config { path: String, reason: String },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// A model that predicts the flow-matching velocity (noise - data).
+pub trait VelocityModel {
+    /// x: `[B,C,H,W]`, t: `[B]` (1 = noise), y: `[B]` integer labels.
+    fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// Either diffusion transformer, chosen by its config.
+#[derive(Debug, Clone)]
+pub enum DitModel {
+    DitDh(DitDh),
+    Lightning(LightningDit),
+}
+
+impl DitModel {
+    pub fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(match cfg {
+            DitConfig::DitDh(c) => Self::DitDh(DitDh::new(c, vb)?),
+            DitConfig::Lightning(c) => Self::Lightning(LightningDit::new(c, vb)?),
+        })
+    }
+
+    pub fn set_fused(&mut self, fused: bool) {
+        match self {
+            Self::DitDh(m) => m.set_fused(fused),
+            Self::Lightning(m) => m.set_fused(fused),
+        }
+    }
+
+    pub fn num_classes(&self) -> usize {
+        match self {
+            Self::DitDh(m) => m.config().num_classes,
+            Self::Lightning(m) => m.config().num_classes,
+        }
+    }
+}
+
+impl VelocityModel for DitModel {
+    fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::DitDh(m) => m.forward(x, t, y),
+            Self::Lightning(m) => m.forward(x, t, y),
+        }
+    }
+}
+
+/// Load a DiT from a weights file and a config (preset name or JSON/TOML
+/// path) for inference.
+pub fn load_dit(
+    weights: &Path,
+    config: &str,
+    key: &WeightsKey,
+    dtype: DType,
+    device: &Device,
+) -> Result<DitModel, ModelError> {
+    let cfg = DitConfig::load(config)?;
+    let sd = load_state_dict(weights, key, device)?;
+    let vb = checkpoint::var_builder(sd, dtype, device);
+    DitModel::new(&cfg, vb).map_err(|e| checkpoint::with_file(weights, e))
+}
+
+/// Load the RAE decoder from a weights file and its config.
+pub fn load_decoder(
+    weights: &Path,
+    cfg: &DecoderConfig,
+    key: &WeightsKey,
+    dtype: DType,
+    device: &Device,
+) -> Result<RaeDecoder, ModelError> {
+    let sd = load_state_dict(weights, key, device)?;
+    let vb = checkpoint::var_builder(sd, dtype, device);
+    RaeDecoder::new(cfg, vb).map_err(|e| checkpoint::with_file(weights, e))
+}

@@ -1,9 +1,28 @@
 //! The shard contract (schemas/ holds the normative copy): Parquet files of
 //! (key, label, flip, latent[, scale]) rows, plus manifest.json and
-//! stats.safetensors. (Interface fixed here; bodies being written.)
+//! stats.safetensors.
+//!
+//! * [`schema`]: the Arrow schema and footer metadata keys.
+//! * [`quant`]: f32 <-> f16 / bf16 / int8 conversions of latent buffers.
+//! * [`writer`]: [`ShardWriter`] (temp file, fsync, rename, sha256).
+//! * [`reader`]: [`ShardReader`] (validated, row-group reads, projections).
+//! * [`stats`]: exact, mergeable per-element mean/variance.
+//! * [`manifest`]: manifest.json.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+pub mod manifest;
+pub mod quant;
+pub mod reader;
+pub mod schema;
+pub mod stats;
+pub mod writer;
+
+pub use manifest::{EncoderInfo, Manifest, PartInfo, RejectedInput, Totals};
+pub use reader::{RowIndex, ShardReader};
+pub use stats::{LatentStats, StatsAccumulator};
+pub use writer::ShardWriter;
 
 /// Bumped on any incompatible change to the shard layout.
 pub const SCHEMA_VERSION: &str = "1";
@@ -17,14 +36,86 @@ pub enum LatentDType {
     Int8,
 }
 
+impl LatentDType {
+    /// The name used in metadata, manifests and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LatentDType::F16 => "f16",
+            LatentDType::Bf16 => "bf16",
+            LatentDType::F32 => "f32",
+            LatentDType::Int8 => "int8",
+        }
+    }
+
+    /// Stored bytes per latent element (before compression).
+    pub fn item_bytes(self) -> usize {
+        match self {
+            LatentDType::F16 | LatentDType::Bf16 => 2,
+            LatentDType::F32 => 4,
+            LatentDType::Int8 => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for LatentDType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for LatentDType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" | "float16" => Ok(LatentDType::F16),
+            "bf16" | "bfloat16" => Ok(LatentDType::Bf16),
+            "f32" | "float32" => Ok(LatentDType::F32),
+            "int8" | "i8" => Ok(LatentDType::Int8),
+            other => Err(format!(
+                "unknown latent dtype {other:?} (expected f16, bf16, f32 or int8)"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {reason}")]
     Format { path: PathBuf, reason: String },
     #[error("{path}: parquet: {source}")]
-    Parquet { path: PathBuf, source: parquet::errors::ParquetError },
+    Parquet {
+        path: PathBuf,
+        source: parquet::errors::ParquetError,
+    },
+    /// Bad in-memory input not tied to a file (e.g. stats of the wrong shape).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ShardError {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        ShardError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+    pub(crate) fn format(path: &std::path::Path, reason: impl Into<String>) -> Self {
+        ShardError::Format {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+    pub(crate) fn parquet(path: &std::path::Path, source: parquet::errors::ParquetError) -> Self {
+        ShardError::Parquet {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -36,6 +127,27 @@ pub struct WriterOptions {
     pub rows_per_row_group: usize,
     /// Extra footer key-value metadata (encoder id, preprocessing, ...).
     pub metadata: BTreeMap<String, String>,
+}
+
+impl WriterOptions {
+    /// Defaults (zstd 3, 32 rows per row group, no extra metadata).
+    pub fn new(dtype: LatentDType, tokens: usize, channels: usize) -> Self {
+        WriterOptions {
+            dtype,
+            tokens,
+            channels,
+            zstd_level: writer::DEFAULT_ZSTD_LEVEL,
+            rows_per_row_group: writer::DEFAULT_ROWS_PER_ROW_GROUP,
+            metadata: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for WriterOptions {
+    /// f16, DINOv2-B shape (256 tokens x 768 channels).
+    fn default() -> Self {
+        WriterOptions::new(LatentDType::F16, 256, 768)
+    }
 }
 
 /// One row to write; `latent` is tokens*C raw f32 values, token-major.
@@ -55,25 +167,6 @@ pub struct ShardInfo {
     pub sha256: String,
 }
 
-/// Writes one shard to a temp name; `finish` fsyncs and renames it.
-pub struct ShardWriter {
-    _private: (),
-}
-
-impl ShardWriter {
-    pub fn create(path: &Path, opts: WriterOptions) -> Result<Self, ShardError> {
-        let _ = (path, opts);
-        unimplemented!("being written")
-    }
-    pub fn write_rows(&mut self, rows: &[LatentRow<'_>]) -> Result<(), ShardError> {
-        let _ = rows;
-        unimplemented!("being written")
-    }
-    pub fn finish(self) -> Result<ShardInfo, ShardError> {
-        unimplemented!("being written")
-    }
-}
-
 /// A decoded row group: `latents` holds rows*tokens*C f32 (dequantised).
 #[derive(Debug, Clone)]
 pub struct LatentBatch {
@@ -85,34 +178,16 @@ pub struct LatentBatch {
     pub channels: usize,
 }
 
-pub struct ShardReader {
-    _private: (),
-}
-
-impl ShardReader {
-    pub fn open(path: &Path) -> Result<Self, ShardError> {
-        let _ = path;
-        unimplemented!("being written")
+impl LatentBatch {
+    pub fn len(&self) -> usize {
+        self.keys.len()
     }
-    pub fn num_rows(&self) -> u64 {
-        unimplemented!("being written")
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
-    pub fn num_row_groups(&self) -> usize {
-        unimplemented!("being written")
+    /// Row `i`'s latent, tokens*C values, token-major.
+    pub fn latent(&self, i: usize) -> &[f32] {
+        let n = self.tokens * self.channels;
+        &self.latents[i * n..(i + 1) * n]
     }
-    pub fn metadata(&self) -> &BTreeMap<String, String> {
-        unimplemented!("being written")
-    }
-    pub fn read_row_group(&self, i: usize) -> Result<LatentBatch, ShardError> {
-        let _ = i;
-        unimplemented!("being written")
-    }
-}
-
-/// Exact per-element mean/variance, f64 accumulation, mergeable (Chan et al.).
-#[derive(Debug, Clone)]
-pub struct StatsAccumulator {
-    pub count: u64,
-    pub mean: Vec<f64>,
-    pub m2: Vec<f64>,
 }

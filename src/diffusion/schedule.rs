@@ -1,0 +1,178 @@
+//! Flow-matching schedule of RAE: time shift, the sampling grid, the linear
+//! interpolant and training-time sampling (seeded).
+//!
+//! Convention: t = 1 is pure noise, t = 0 is data; x_t = (1-t) x + t eps,
+//! velocity target eps - x.
+
+use candle_core::{Device, Result, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// t' = a t / (1 + (a-1) t).
+pub fn shift_time(t: f64, a: f64) -> f64 {
+    a * t / (1.0 + (a - 1.0) * t)
+}
+
+/// Shift applied elementwise to a tensor of times.
+pub fn shift_time_tensor(t: &Tensor, a: f64) -> Result<Tensor> {
+    (t * a)? / ((t * (a - 1.0))? + 1.0)?
+}
+
+/// sqrt(tokens * channels / 4096), the reference `time_dist_shift`.
+pub fn default_shift(tokens: usize, channels: usize) -> f64 {
+    ((tokens * channels) as f64 / 4096.0).sqrt()
+}
+
+/// The reference sampling grid: shift(1 - linspace(t0, t1, n)) computed in
+/// f32 like torch (t0 = 0, t1 = 0.999 for the ODE samplers).
+pub fn time_grid(n: usize, t0: f64, t1: f64, shift: f64) -> Vec<f32> {
+    let (t0, t1, a) = (t0 as f32, t1 as f32, shift as f32);
+    (0..n)
+        .map(|i| {
+            // torch.linspace: start + i*step for the first half, end - (n-1-i)*step after
+            let lin = if n == 1 {
+                t0
+            } else {
+                let step = (t1 - t0) / (n - 1) as f32;
+                if i < n / 2 {
+                    t0 + step * i as f32
+                } else {
+                    t1 - step * (n - 1 - i) as f32
+                }
+            };
+            let t = 1.0 - lin;
+            a * t / (1.0 + (a - 1.0) * t)
+        })
+        .collect()
+}
+
+/// t broadcast to x: `[B]` -> `[B,1,1,...]`.
+pub fn expand_t_like(t: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let mut shape = vec![t.dim(0)?];
+    shape.extend(std::iter::repeat_n(1, x.rank() - 1));
+    t.reshape(shape)
+}
+
+/// x_t = (1-t) x0 + t eps.
+pub fn interpolate(x0: &Tensor, eps: &Tensor, t: &Tensor) -> Result<Tensor> {
+    let t = expand_t_like(t, x0)?;
+    x0.broadcast_mul(&(1.0 - &t)?)?
+        .broadcast_add(&eps.broadcast_mul(&t)?)
+}
+
+/// The velocity target eps - x0.
+pub fn velocity_target(x0: &Tensor, eps: &Tensor) -> Result<Tensor> {
+    eps - x0
+}
+
+/// How training times are drawn (before the shift).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TimeDist {
+    Uniform,
+    /// sigmoid(N(mean, std)) (reference `logit-normal_0_1`).
+    LogitNormal {
+        mean: f64,
+        std: f64,
+    },
+}
+
+impl TimeDist {
+    /// Parse the reference names: `uniform`, `logit-normal_<mu>_<sigma>`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let parts: Vec<&str> = s.split('_').collect();
+        match parts.as_slice() {
+            ["uniform"] => Some(Self::Uniform),
+            ["logit-normal"] => Some(Self::LogitNormal {
+                mean: 0.0,
+                std: 1.0,
+            }),
+            ["logit-normal", m, s] => Some(Self::LogitNormal {
+                mean: m.parse().ok()?,
+                std: s.parse().ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A seeded source of training randomness (times and Gaussian noise).
+#[derive(Debug, Clone)]
+pub struct NoiseRng {
+    rng: ChaCha8Rng,
+    spare: Option<f64>,
+}
+
+impl NoiseRng {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            spare: None,
+        }
+    }
+
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        if let Some(s) = self.spare.take() {
+            return s;
+        }
+        let u1 = loop {
+            let u = self.rng.random::<f64>();
+            if u > 0.0 {
+                break u;
+            }
+        };
+        let u2 = self.rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let th = 2.0 * std::f64::consts::PI * u2;
+        self.spare = Some(r * th.sin());
+        r * th.cos()
+    }
+
+    /// A standard normal tensor (f32) of the given shape.
+    pub fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| self.normal() as f32).collect();
+        Tensor::from_vec(v, shape, device)
+    }
+
+    /// `n` training times from `dist` restricted to [0, t_max] (the
+    /// reference uses t_max = 1 - 1/1000, truncating the logit-normal), then
+    /// shifted by `shift`. Returns an f32 tensor `[n]`.
+    pub fn sample_times(
+        &mut self,
+        n: usize,
+        dist: TimeDist,
+        t_max: f64,
+        shift: f64,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                let t = match dist {
+                    TimeDist::Uniform => self.uniform() * t_max,
+                    TimeDist::LogitNormal { mean, std } => loop {
+                        let t = 1.0 / (1.0 + (-(mean + std * self.normal())).exp());
+                        if t <= t_max {
+                            break t;
+                        }
+                    },
+                };
+                shift_time(t, shift) as f32
+            })
+            .collect();
+        Tensor::from_vec(v, n, device)
+    }
+
+    /// Replace each label by `null_class` with probability `p` (CFG
+    /// training dropout).
+    pub fn drop_labels(&mut self, labels: &[u32], p: f64, null_class: u32) -> Vec<u32> {
+        labels
+            .iter()
+            .map(|&l| if self.uniform() < p { null_class } else { l })
+            .collect()
+    }
+}

@@ -1,0 +1,106 @@
+//! DINOv2 (`Dinov2Model`) and DINOv2 with registers
+//! (`Dinov2WithRegistersModel`), HF key names.
+//!
+//! Positions: the stored table (37x37 for image_size 518, p14) is resized
+//! once at load to the 16x16 grid of a 224 input, as transformers'
+//! `interpolate_pos_encoding` does: bicubic with `size=` given, in f32,
+//! antialiased for the registers model, plain for DINOv2.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::EncoderError;
+use super::config::{ModelFiles, VitConfig, parse_json};
+use super::resample::{bicubic_aa_matrix, bicubic_matrix, resize_grid, widen};
+use super::vit::{Loader, VitEncoder, common, square_side};
+use super::vit_layers::{BlockNames, PatchEmbed};
+
+const NAMES: BlockNames = BlockNames {
+    norm1: "norm1",
+    norm2: "norm2",
+    query: "attention.attention.query",
+    key: "attention.attention.key",
+    value: "attention.attention.value",
+    out: "attention.output.dense",
+    fc1: "mlp.fc1",
+    fc2: "mlp.fc2",
+    swiglu_in: "mlp.weights_in",
+    swiglu_out: "mlp.weights_out",
+    scale1: Some("layer_scale1"),
+    scale2: Some("layer_scale2"),
+};
+
+/// MLP width as `Dinov2MLP` / `Dinov2SwiGLUFFN` compute it.
+fn mlp_hidden(cfg: &VitConfig) -> usize {
+    let h = (cfg.hidden_size as f64 * cfg.mlp_ratio.unwrap_or(4.0)) as usize;
+    if cfg.use_swiglu_ffn {
+        ((h as f64 * 2.0 / 3.0) as usize + 7) / 8 * 8
+    } else {
+        h
+    }
+}
+
+pub(super) fn load(
+    files: &ModelFiles,
+    registers: bool,
+    device: &Device,
+    dtype: DType,
+) -> Result<VitEncoder, EncoderError> {
+    let cfg: VitConfig = parse_json(&files.config_path, &files.config_bytes)?;
+    let kind = if registers { "dinov2-reg" } else { "dinov2" };
+    let c = common(kind, &cfg, mlp_hidden(&cfg), files, device)?;
+    let ld = Loader::open(files, device, dtype)?;
+    let hid = cfg.hidden_size;
+
+    // Position table: [1, 1 + G*G, C] -> CLS row + G x G grid.
+    let (dims, table) = ld.host_f32("embeddings.position_embeddings")?;
+    if dims.len() != 3 || dims[0] != 1 || dims[2] != hid || dims[1] < 2 {
+        return Err(ld.err(format!(
+            "embeddings.position_embeddings has shape {dims:?}, want [1, 1+G*G, {hid}]"
+        )));
+    }
+    let side = square_side(dims[1] - 1, &files.weights_path)?;
+    let (cls_pos, grid_pos) = table.split_at(hid);
+    let g = c.grid;
+    let grid_pos = if side == g {
+        grid_pos.to_vec()
+    } else {
+        let m = if registers {
+            bicubic_aa_matrix(side, g)
+        } else {
+            widen(&bicubic_matrix(side, g))
+        };
+        resize_grid(grid_pos, (side, side), hid, (g, g), &m, &m)
+    };
+    let pos = ld.upload(grid_pos, g * g, hid)?;
+
+    // Prefix: [CLS + its position, registers...] (registers get no position).
+    let cls = ld.vb.get((1, 1, hid), "embeddings.cls_token")?;
+    let cls = (cls + ld.upload(cls_pos.to_vec(), 1, hid)?)?;
+    let prefix = if registers && cfg.num_register_tokens > 0 {
+        let regs = ld.vb.get(
+            (1, cfg.num_register_tokens, hid),
+            "embeddings.register_tokens",
+        )?;
+        Tensor::cat(&[&cls, &regs], 1)?
+    } else {
+        cls
+    };
+
+    let patch = PatchEmbed::load(
+        ld.vb.pp("embeddings.patch_embeddings.projection"),
+        cfg.num_channels,
+        hid,
+        cfg.patch_size,
+    )?;
+    let blocks = ld.blocks("encoder.layer", &c.block, &NAMES, cfg.num_hidden_layers)?;
+    Ok(VitEncoder {
+        spec: c.spec,
+        pre: c.pre,
+        patch,
+        pos,
+        prefix: Some(prefix),
+        blocks,
+        norm: c.norm,
+        dtype,
+    })
+}

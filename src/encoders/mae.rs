@@ -1,0 +1,101 @@
+//! ViT-MAE encoder (`ViTMAEForPreTraining` / `ViTMAEModel`, keys `vit.*`)
+//! with masking off: every patch kept, in natural order.
+//!
+//! Positions: the stored (sin-cos) table for `image_size` is resized to the
+//! 16x16 grid of a 256 input as transformers' ViTMAE
+//! `interpolate_pos_encoding` does: bicubic, `size=` given, no antialias;
+//! the CLS row is kept as stored.
+
+use candle_core::{DType, Device};
+
+use super::EncoderError;
+use super::config::{ModelFiles, VitConfig, parse_json};
+use super::resample::{bicubic_matrix, resize_grid, widen};
+use super::vit::{Loader, VitEncoder, common, square_side};
+use super::vit_layers::{BlockNames, PatchEmbed};
+
+const NAMES: BlockNames = BlockNames {
+    norm1: "layernorm_before",
+    norm2: "layernorm_after",
+    query: "attention.attention.query",
+    key: "attention.attention.key",
+    value: "attention.attention.value",
+    out: "attention.output.dense",
+    fc1: "intermediate.dense",
+    fc2: "output.dense",
+    swiglu_in: "",
+    swiglu_out: "",
+    scale1: None,
+    scale2: None,
+};
+
+pub(super) fn load(
+    files: &ModelFiles,
+    device: &Device,
+    dtype: DType,
+) -> Result<VitEncoder, EncoderError> {
+    let cfg: VitConfig = parse_json(&files.config_path, &files.config_bytes)?;
+    let mlp = cfg.intermediate_size.ok_or_else(|| {
+        super::config::config_err(&files.config_path, "intermediate_size missing")
+    })?;
+    if cfg.use_swiglu_ffn {
+        return Err(super::config::config_err(
+            &files.config_path,
+            "ViT-MAE has no SwiGLU variant",
+        ));
+    }
+    let c = common("mae", &cfg, mlp, files, device)?;
+    let ld = Loader::open(files, device, dtype)?;
+    // ViTMAEForPreTraining nests the encoder under `vit.`; ViTMAEModel does not.
+    let root = if ld.vb.contains_tensor("vit.embeddings.cls_token") {
+        "vit."
+    } else {
+        ""
+    };
+    let hid = cfg.hidden_size;
+
+    let (dims, table) = ld.host_f32(&format!("{root}embeddings.position_embeddings"))?;
+    if dims.len() != 3 || dims[0] != 1 || dims[2] != hid || dims[1] < 2 {
+        return Err(ld.err(format!(
+            "{root}embeddings.position_embeddings has shape {dims:?}, want [1, 1+G*G, {hid}]"
+        )));
+    }
+    let side = square_side(dims[1] - 1, &files.weights_path)?;
+    let (cls_pos, grid_pos) = table.split_at(hid);
+    let g = c.grid;
+    let grid_pos = if side == g {
+        grid_pos.to_vec()
+    } else {
+        let m = widen(&bicubic_matrix(side, g));
+        resize_grid(grid_pos, (side, side), hid, (g, g), &m, &m)
+    };
+    let pos = ld.upload(grid_pos, g * g, hid)?;
+    let cls = ld
+        .vb
+        .get((1, 1, hid), &format!("{root}embeddings.cls_token"))?;
+    let prefix = (cls + ld.upload(cls_pos.to_vec(), 1, hid)?)?;
+
+    let patch = PatchEmbed::load(
+        ld.vb
+            .pp(format!("{root}embeddings.patch_embeddings.projection")),
+        cfg.num_channels,
+        hid,
+        cfg.patch_size,
+    )?;
+    let blocks = ld.blocks(
+        &format!("{root}encoder.layer"),
+        &c.block,
+        &NAMES,
+        cfg.num_hidden_layers,
+    )?;
+    Ok(VitEncoder {
+        spec: c.spec,
+        pre: c.pre,
+        patch,
+        pos,
+        prefix: Some(prefix),
+        blocks,
+        norm: c.norm,
+        dtype,
+    })
+}

@@ -1,0 +1,193 @@
+//! The encoder every family loads into: patch embedding + positions,
+//! optional prefix tokens (CLS, registers), pre-LN blocks, final LayerNorm
+//! without affine, prefix dropped.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::config::{ModelFiles, VitConfig, config_err};
+use super::preprocess::Preprocessor;
+use super::vit_layers::{Activation, Block, BlockConfig, BlockNames, PatchEmbed, PlainLayerNorm};
+use super::{CROP_SIZE, Encoder, EncoderError, EncoderSpec, LATENT_GRID};
+
+pub struct VitEncoder {
+    pub(super) spec: EncoderSpec,
+    pub(super) pre: Preprocessor,
+    pub(super) patch: PatchEmbed,
+    /// `[1, tokens, C]` in the compute dtype: positions of the patch tokens.
+    pub(super) pos: Tensor,
+    /// `[1, P, C]`: tokens put before the patches (with their positions).
+    pub(super) prefix: Option<Tensor>,
+    pub(super) blocks: Vec<Block>,
+    pub(super) norm: PlainLayerNorm,
+    pub(super) dtype: DType,
+}
+
+impl VitEncoder {
+    pub(super) fn set_origin(&mut self, id: &str, revision: Option<String>) {
+        self.spec.id = id.to_string();
+        self.spec.revision = revision;
+    }
+}
+
+impl Encoder for VitEncoder {
+    fn spec(&self) -> &EncoderSpec {
+        &self.spec
+    }
+
+    fn encode(&self, crops: &Tensor) -> Result<Tensor, EncoderError> {
+        let x = self.pre.apply(crops)?.to_dtype(self.dtype)?;
+        let b = x.dim(0)?;
+        let mut h = self.patch.forward(&x)?.broadcast_add(&self.pos)?;
+        let n_prefix = match &self.prefix {
+            Some(p) => {
+                let (_, n, c) = p.dims3()?;
+                h = Tensor::cat(&[&p.broadcast_as((b, n, c))?, &h], 1)?;
+                n
+            }
+            None => 0,
+        };
+        for block in &self.blocks {
+            h = block.forward(&h)?;
+        }
+        let h = h.narrow(1, n_prefix, self.spec.tokens)?;
+        Ok(self.norm.forward(&h)?)
+    }
+}
+
+/// The loader's view of one model directory.
+pub(super) struct Loader<'a> {
+    pub files: &'a ModelFiles,
+    pub vb: VarBuilder<'static>,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl<'a> Loader<'a> {
+    pub fn open(
+        files: &'a ModelFiles,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, EncoderError> {
+        let bytes = super::config::read_bytes(&files.weights_path)?;
+        let vb = VarBuilder::from_buffered_safetensors(bytes, dtype, device)
+            .map_err(|e| config_err(&files.weights_path, e.to_string()))?;
+        Ok(Self {
+            files,
+            vb,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// A tensor as f32 on the host (for load-time position-table work).
+    pub fn host_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), EncoderError> {
+        let t = self
+            .vb
+            .clone()
+            .set_device(Device::Cpu)
+            .set_dtype(DType::F32)
+            .get_unchecked(name)?;
+        Ok((t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?))
+    }
+
+    pub fn err(&self, reason: impl Into<String>) -> EncoderError {
+        config_err(&self.files.config_path, reason)
+    }
+
+    /// Blocks `prefix.{i}` for `i < num_hidden_layers`.
+    pub fn blocks(
+        &self,
+        prefix: &str,
+        cfg: &BlockConfig,
+        names: &BlockNames,
+        n: usize,
+    ) -> Result<Vec<Block>, EncoderError> {
+        (0..n)
+            .map(|i| {
+                Ok(Block::load(
+                    self.vb.pp(format!("{prefix}.{i}")),
+                    cfg,
+                    names,
+                )?)
+            })
+            .collect()
+    }
+
+    /// A host f32 buffer as a `[1, n, c]` tensor in the compute dtype.
+    pub fn upload(&self, data: Vec<f32>, n: usize, c: usize) -> Result<Tensor, EncoderError> {
+        Ok(Tensor::from_vec(data, (1, n, c), &self.device)?.to_dtype(self.dtype)?)
+    }
+}
+
+/// Geometry and spec shared by the families.
+pub(super) struct Common {
+    pub block: BlockConfig,
+    pub grid: usize,
+    pub input_size: usize,
+    pub spec: EncoderSpec,
+    pub pre: Preprocessor,
+    pub norm: PlainLayerNorm,
+}
+
+pub(super) fn common(
+    kind: &str,
+    cfg: &VitConfig,
+    mlp_hidden: usize,
+    files: &ModelFiles,
+    device: &Device,
+) -> Result<Common, EncoderError> {
+    cfg.validate(&files.config_path)?;
+    let act = Activation::from_hf(&cfg.hidden_act).ok_or_else(|| {
+        config_err(
+            &files.config_path,
+            format!("unsupported hidden_act {:?}", cfg.hidden_act),
+        )
+    })?;
+    let (mean, std) = files.preprocessor.mean_std(&files.preprocessor_path)?;
+    let grid = LATENT_GRID;
+    let input_size = grid * cfg.patch_size;
+    let spec = EncoderSpec {
+        kind: kind.to_string(),
+        id: files.dir.display().to_string(),
+        revision: None,
+        config_hash: files.config_hash(),
+        crop_size: CROP_SIZE,
+        input_size,
+        patch_size: cfg.patch_size,
+        tokens: grid * grid,
+        channels: cfg.hidden_size,
+        image_mean: mean,
+        image_std: std,
+    };
+    Ok(Common {
+        block: BlockConfig {
+            hidden: cfg.hidden_size,
+            heads: cfg.num_attention_heads,
+            mlp_hidden,
+            eps: cfg.layer_norm_eps,
+            act,
+            qkv_bias: cfg.qkv_bias,
+            swiglu: cfg.use_swiglu_ffn,
+        },
+        grid,
+        input_size,
+        pre: Preprocessor::new(CROP_SIZE, input_size, mean, std, device)?,
+        norm: PlainLayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, device)?,
+        spec,
+    })
+}
+
+/// Side of a square position grid with `n` entries.
+pub(super) fn square_side(n: usize, path: &Path) -> Result<usize, EncoderError> {
+    let s = (n as f64).sqrt().round() as usize;
+    if s * s != n {
+        return Err(config_err(
+            path,
+            format!("position table with {n} patch entries is not a square grid"),
+        ));
+    }
+    Ok(s)
+}

@@ -1,0 +1,269 @@
+//! Model configurations with the reference constructor keys (the fixture
+//! JSONs and `configs/stage2/*.yaml` `params`), presets, and file loading.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::ModelError;
+
+fn one() -> usize {
+    1
+}
+fn four() -> f64 {
+    4.0
+}
+fn yes() -> bool {
+    true
+}
+fn no() -> bool {
+    false
+}
+fn dropout() -> f64 {
+    0.1
+}
+fn classes() -> usize {
+    1000
+}
+
+/// LightningDiT (`stage2.models.lightningDiT.LightningDiT`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LightningDitConfig {
+    pub input_size: usize,
+    #[serde(default = "one")]
+    pub patch_size: usize,
+    pub in_channels: usize,
+    pub hidden_size: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    #[serde(default = "classes")]
+    pub num_classes: usize,
+    #[serde(default = "four")]
+    pub mlp_ratio: f64,
+    #[serde(default = "dropout")]
+    pub class_dropout_prob: f64,
+    #[serde(default = "no")]
+    pub learn_sigma: bool,
+    #[serde(default = "no")]
+    pub use_qknorm: bool,
+    #[serde(default = "yes")]
+    pub use_swiglu: bool,
+    #[serde(default = "yes")]
+    pub use_rope: bool,
+    #[serde(default = "yes")]
+    pub use_rmsnorm: bool,
+    #[serde(default = "no")]
+    pub wo_shift: bool,
+}
+
+/// `num_heads` may be one number for both stacks or a `[backbone, head]` pair.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrPair {
+    One(usize),
+    Pair([usize; 2]),
+}
+
+impl OneOrPair {
+    pub fn pair(&self) -> [usize; 2] {
+        match *self {
+            Self::One(v) => [v, v],
+            Self::Pair(p) => p,
+        }
+    }
+}
+
+/// DiT-DH (`stage2.models.DDT.DiTwDDTHead`): `[backbone, head]` pairs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DitDhConfig {
+    pub input_size: usize,
+    #[serde(default = "one")]
+    pub patch_size: usize,
+    pub in_channels: usize,
+    pub hidden_size: [usize; 2],
+    pub depth: [usize; 2],
+    pub num_heads: OneOrPair,
+    #[serde(default = "classes")]
+    pub num_classes: usize,
+    #[serde(default = "four")]
+    pub mlp_ratio: f64,
+    #[serde(default = "dropout")]
+    pub class_dropout_prob: f64,
+    #[serde(default = "no")]
+    pub use_qknorm: bool,
+    #[serde(default = "yes")]
+    pub use_swiglu: bool,
+    #[serde(default = "yes")]
+    pub use_rope: bool,
+    #[serde(default = "yes")]
+    pub use_rmsnorm: bool,
+    #[serde(default = "no")]
+    pub wo_shift: bool,
+    #[serde(default = "yes")]
+    pub use_pos_embed: bool,
+}
+
+impl DitDhConfig {
+    /// DiT-DH with a DiT-S/B/L/XL backbone and the reference's 2048-wide,
+    /// 2-deep, 16-head head on 16x16x768 latents, 1000 classes.
+    pub fn preset(name: &str) -> Option<Self> {
+        let (w, d, h) = match name.to_ascii_uppercase().replace('_', "-").as_str() {
+            "DIT-DH-S" | "DITDH-S" => (384, 12, 6),
+            "DIT-DH-B" | "DITDH-B" => (768, 12, 12),
+            "DIT-DH-L" | "DITDH-L" => (1024, 24, 16),
+            "DIT-DH-XL" | "DITDH-XL" => (1152, 28, 16),
+            _ => return None,
+        };
+        Some(Self {
+            input_size: 16,
+            patch_size: 1,
+            in_channels: 768,
+            hidden_size: [w, 2048],
+            depth: [d, 2],
+            num_heads: OneOrPair::Pair([h, 16]),
+            num_classes: 1000,
+            mlp_ratio: 4.0,
+            class_dropout_prob: 0.1,
+            use_qknorm: false,
+            use_swiglu: true,
+            use_rope: true,
+            use_rmsnorm: true,
+            wo_shift: false,
+            use_pos_embed: true,
+        })
+    }
+}
+
+impl LightningDitConfig {
+    /// LightningDiT-S/B/L/XL on 16x16x768 latents (patch 1, 1000 classes).
+    pub fn preset(name: &str) -> Option<Self> {
+        let (w, d, h) = match name.to_ascii_uppercase().replace('_', "-").as_str() {
+            "LIGHTNINGDIT-S" | "DIT-S" => (384, 12, 6),
+            "LIGHTNINGDIT-B" | "DIT-B" => (768, 12, 12),
+            "LIGHTNINGDIT-L" | "DIT-L" => (1024, 24, 16),
+            "LIGHTNINGDIT-XL" | "DIT-XL" => (1152, 28, 16),
+            _ => return None,
+        };
+        Some(Self {
+            input_size: 16,
+            patch_size: 1,
+            in_channels: 768,
+            hidden_size: w,
+            depth: d,
+            num_heads: h,
+            num_classes: 1000,
+            mlp_ratio: 4.0,
+            class_dropout_prob: 0.1,
+            learn_sigma: false,
+            use_qknorm: false,
+            use_swiglu: true,
+            use_rope: true,
+            use_rmsnorm: true,
+            wo_shift: false,
+        })
+    }
+}
+
+/// Either model; which one is decided by `hidden_size` being a pair (DiT-DH)
+/// or a number (LightningDiT).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DitConfig {
+    DitDh(DitDhConfig),
+    Lightning(LightningDitConfig),
+}
+
+impl DitConfig {
+    pub fn from_value(v: serde_json::Value, origin: &str) -> Result<Self, ModelError> {
+        let bad = |e: serde_json::Error| ModelError::Config {
+            path: origin.to_string(),
+            reason: e.to_string(),
+        };
+        match v.get("hidden_size") {
+            Some(serde_json::Value::Array(_)) => {
+                Ok(Self::DitDh(serde_json::from_value(v).map_err(bad)?))
+            }
+            Some(_) => Ok(Self::Lightning(serde_json::from_value(v).map_err(bad)?)),
+            None => Err(ModelError::Config {
+                path: origin.to_string(),
+                reason: "missing key `hidden_size`".into(),
+            }),
+        }
+    }
+
+    /// A preset name (DiT-DH-S/B/L/XL, LightningDiT-S/B/L/XL) or a JSON /
+    /// TOML file with the constructor keys (a YAML-style `params` table
+    /// nested one level is accepted too).
+    pub fn load(name_or_path: &str) -> Result<Self, ModelError> {
+        if let Some(c) = DitDhConfig::preset(name_or_path) {
+            return Ok(Self::DitDh(c));
+        }
+        if let Some(c) = LightningDitConfig::preset(name_or_path) {
+            return Ok(Self::Lightning(c));
+        }
+        let v = read_config_value(Path::new(name_or_path))?;
+        let v = match v.get("params") {
+            Some(p) if p.is_object() => p.clone(),
+            _ => v,
+        };
+        Self::from_value(v, name_or_path)
+    }
+
+    pub fn num_classes(&self) -> usize {
+        match self {
+            Self::DitDh(c) => c.num_classes,
+            Self::Lightning(c) => c.num_classes,
+        }
+    }
+
+    pub fn in_channels(&self) -> usize {
+        match self {
+            Self::DitDh(c) => c.in_channels,
+            Self::Lightning(c) => c.in_channels,
+        }
+    }
+
+    pub fn input_size(&self) -> usize {
+        match self {
+            Self::DitDh(c) => c.input_size,
+            Self::Lightning(c) => c.input_size,
+        }
+    }
+}
+
+/// Read a JSON or TOML file (by extension; `.toml` is TOML, anything else
+/// JSON) into a JSON value.
+pub fn read_config_value(path: &Path) -> Result<serde_json::Value, ModelError> {
+    let p = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Config {
+        path: p.clone(),
+        reason: e.to_string(),
+    })?;
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("toml"))
+    {
+        let t: toml::Value = toml::from_str(&text).map_err(|e| ModelError::Config {
+            path: p.clone(),
+            reason: e.to_string(),
+        })?;
+        serde_json::to_value(t).map_err(|e| ModelError::Config {
+            path: p,
+            reason: e.to_string(),
+        })
+    } else {
+        serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: p,
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Parse a typed config from a JSON/TOML file.
+pub fn load_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
+    let v = read_config_value(path)?;
+    serde_json::from_value(v).map_err(|e| ModelError::Config {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}

@@ -1,0 +1,238 @@
+//! The RAE ViT decoder (reference `stage1.decoders.GeneralDecoder`, HF
+//! ViTMAE decoder key names): linear embed of the latent tokens, a learned
+//! CLS token prepended, fixed 2D sin-cos positions, pre-LN ViT layers with
+//! GELU, final LayerNorm, linear to p*p*3 per token, unpatchify, then
+//! de-normalisation with the encoder's image mean/std (no clamp, as the
+//! reference `RAE.decode`).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::embed::{frozen_or, sincos_2d, unpatchify};
+use super::layers::{Linear, LinearInit, Norm, attention, merge_heads, split_heads};
+
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+fn ln_eps() -> f64 {
+    1e-12
+}
+fn gelu() -> String {
+    "gelu".into()
+}
+fn imagenet_mean() -> [f32; 3] {
+    IMAGENET_MEAN
+}
+fn imagenet_std() -> [f32; 3] {
+    IMAGENET_STD
+}
+
+/// Keys as the fixture `decoder.json` (`latent_dim` is the reference's
+/// `hidden_size`, the encoder width).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecoderConfig {
+    pub latent_dim: usize,
+    pub decoder_hidden_size: usize,
+    pub decoder_num_hidden_layers: usize,
+    pub decoder_num_attention_heads: usize,
+    pub decoder_intermediate_size: usize,
+    pub patch_size: usize,
+    pub num_patches: usize,
+    #[serde(default = "ln_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "gelu")]
+    pub hidden_act: String,
+    #[serde(default = "imagenet_mean")]
+    pub image_mean: [f32; 3],
+    #[serde(default = "imagenet_std")]
+    pub image_std: [f32; 3],
+}
+
+impl DecoderConfig {
+    /// Reference `configs/decoder/ViT{B,L,XL}` for `latent_dim` 768 and 256
+    /// latent tokens; `patch_size` 16 gives 256 px, 32 gives 512 px.
+    /// ImageNet mean/std (DINOv2, MAE); set `image_mean/std` to 0.5 for SigLIP2.
+    pub fn preset(name: &str, patch_size: usize) -> Option<Self> {
+        let (w, d, h, m) = match name.to_ascii_uppercase().replace(['-', '_'], "").as_str() {
+            "VITB" => (768, 12, 12, 3072),
+            "VITL" => (1024, 24, 16, 4096),
+            "VITXL" => (1152, 28, 16, 4096),
+            _ => return None,
+        };
+        Some(Self {
+            latent_dim: 768,
+            decoder_hidden_size: w,
+            decoder_num_hidden_layers: d,
+            decoder_num_attention_heads: h,
+            decoder_intermediate_size: m,
+            patch_size,
+            num_patches: 256,
+            layer_norm_eps: 1e-12,
+            hidden_act: "gelu".into(),
+            image_mean: IMAGENET_MEAN,
+            image_std: IMAGENET_STD,
+        })
+    }
+
+    pub fn image_size(&self) -> usize {
+        self.grid() * self.patch_size
+    }
+
+    pub fn grid(&self) -> usize {
+        (self.num_patches as f64).sqrt().round() as usize
+    }
+}
+
+#[derive(Debug, Clone)]
+struct VitLayer {
+    ln_before: Norm,
+    ln_after: Norm,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    out: Linear,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+    exact_gelu: bool,
+}
+
+impl VitLayer {
+    fn new(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.decoder_hidden_size;
+        let m = cfg.decoder_intermediate_size;
+        let a = vb.pp("attention");
+        let lin = |i, o, vb| Linear::new(i, o, true, LinearInit::Xavier, vb);
+        let exact_gelu = match cfg.hidden_act.as_str() {
+            "gelu" => true,
+            "gelu_new" | "gelu_pytorch_tanh" => false,
+            other => candle_core::bail!("decoder: unsupported hidden_act {other:?}"),
+        };
+        Ok(Self {
+            ln_before: Norm::layer(d, cfg.layer_norm_eps, vb.pp("layernorm_before"))?,
+            ln_after: Norm::layer(d, cfg.layer_norm_eps, vb.pp("layernorm_after"))?,
+            query: lin(d, d, a.pp("attention.query"))?,
+            key: lin(d, d, a.pp("attention.key"))?,
+            value: lin(d, d, a.pp("attention.value"))?,
+            out: lin(d, d, a.pp("output.dense"))?,
+            fc1: lin(d, m, vb.pp("intermediate.dense"))?,
+            fc2: lin(m, d, vb.pp("output.dense"))?,
+            heads: cfg.decoder_num_attention_heads,
+            exact_gelu,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+        let h = self.ln_before.forward(x, fused)?;
+        let q = split_heads(&self.query.forward(&h)?, self.heads)?;
+        let k = split_heads(&self.key.forward(&h)?, self.heads)?;
+        let v = split_heads(&self.value.forward(&h)?, self.heads)?;
+        let a = self
+            .out
+            .forward(&merge_heads(&attention(&q, &k, &v, fused)?)?)?;
+        let x = (x + a)?;
+        let h = self.fc1.forward(&self.ln_after.forward(&x, fused)?)?;
+        let h = if self.exact_gelu {
+            h.gelu_erf()?
+        } else {
+            h.gelu()?
+        };
+        x + self.fc2.forward(&h)?
+    }
+}
+
+/// The RAE pixel decoder.
+#[derive(Debug, Clone)]
+pub struct RaeDecoder {
+    cfg: DecoderConfig,
+    embed: Linear,
+    cls: Tensor,
+    pos: Tensor,
+    layers: Vec<VitLayer>,
+    norm: Norm,
+    pred: Linear,
+    mean: Tensor,
+    std: Tensor,
+    fused: bool,
+}
+
+impl RaeDecoder {
+    pub fn new(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.decoder_hidden_size;
+        let n = cfg.num_patches;
+        let grid = cfg.grid();
+        if grid * grid != n {
+            candle_core::bail!("decoder: num_patches {n} is not a square");
+        }
+        let dev = vb.device().clone();
+        let pos = frozen_or(
+            &vb,
+            "decoder_pos_embed",
+            &[1, n + 1, d],
+            sincos_2d(d, grid, true, &dev)?,
+        )?;
+        Ok(Self {
+            embed: Linear::new(
+                cfg.latent_dim,
+                d,
+                true,
+                LinearInit::Xavier,
+                vb.pp("decoder_embed"),
+            )?,
+            cls: vb.get_with_hints((1, 1, d), "trainable_cls_token", Init::Const(0.0))?,
+            pos,
+            layers: (0..cfg.decoder_num_hidden_layers)
+                .map(|i| VitLayer::new(cfg, vb.pp(format!("decoder_layers.{i}"))))
+                .collect::<Result<_>>()?,
+            norm: Norm::layer(d, cfg.layer_norm_eps, vb.pp("decoder_norm"))?,
+            pred: Linear::new(
+                d,
+                cfg.patch_size * cfg.patch_size * 3,
+                true,
+                LinearInit::Xavier,
+                vb.pp("decoder_pred"),
+            )?,
+            mean: Tensor::from_slice(&cfg.image_mean, (1, 3, 1, 1), &dev)?.to_dtype(vb.dtype())?,
+            std: Tensor::from_slice(&cfg.image_std, (1, 3, 1, 1), &dev)?.to_dtype(vb.dtype())?,
+            cfg: cfg.clone(),
+            fused: false,
+        })
+    }
+
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    /// Use fused kernels (inference only: no gradients through them).
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
+    }
+
+    /// Raw latent tokens `[B, T, C]` (no latent statistics applied) ->
+    /// pixel logits `[B, T, p*p*3]` before unpatchify / de-normalisation.
+    pub fn forward_logits(&self, z: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = z.dims3()?;
+        if t != self.cfg.num_patches {
+            candle_core::bail!("decoder expects {} tokens, got {t}", self.cfg.num_patches);
+        }
+        let x = self.embed.forward(z)?;
+        let cls = self
+            .cls
+            .broadcast_as((b, 1, self.cfg.decoder_hidden_size))?;
+        let mut h = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos)?;
+        for l in &self.layers {
+            h = l.forward(&h, self.fused)?;
+        }
+        let h = self.norm.forward(&h, self.fused)?;
+        self.pred.forward(&h.narrow(1, 1, t)?)
+    }
+
+    /// Raw latent tokens `[B, T, C]` -> de-normalised pixels `[B, 3, H, W]`
+    /// (about [0,1]; not clamped).
+    pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let logits = self.forward_logits(z)?;
+        let img = unpatchify(&logits, self.cfg.patch_size, 3)?;
+        img.broadcast_mul(&self.std)?.broadcast_add(&self.mean)
+    }
+}

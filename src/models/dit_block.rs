@@ -1,0 +1,202 @@
+//! The LightningDiT block (used by LightningDiT and both stacks of DiT-DH)
+//! and the final adaLN layer. Conditioning `c` is `[B, 1, D]` (one vector
+//! per sample) or `[B, N, D]` (per token, the DiT-DH head).
+
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::embed::Rope2d;
+use super::layers::{FeedForward, Linear, LinearInit, Norm, attention, merge_heads, modulate};
+
+/// Hyper-parameters of one block.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockSpec {
+    pub hidden: usize,
+    pub heads: usize,
+    pub mlp_ratio: f64,
+    pub use_qknorm: bool,
+    pub use_swiglu: bool,
+    pub use_rmsnorm: bool,
+    pub wo_shift: bool,
+}
+
+/// Self-attention with a fused qkv projection (`qkv`, `proj`), optional
+/// q/k norm, optional 2D rope.
+#[derive(Debug, Clone)]
+pub struct NormAttention {
+    qkv: Linear,
+    proj: Linear,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    heads: usize,
+}
+
+impl NormAttention {
+    pub fn new(spec: &BlockSpec, vb: VarBuilder) -> Result<Self> {
+        let d = spec.hidden;
+        let dh = d / spec.heads;
+        let (q_norm, k_norm) = if spec.use_qknorm {
+            let mk = |name: &str| -> Result<Norm> {
+                if spec.use_rmsnorm {
+                    Norm::rms(dh, 1e-6, vb.pp(name))
+                } else {
+                    Norm::layer(dh, 1e-5, vb.pp(name))
+                }
+            };
+            (Some(mk("q_norm")?), Some(mk("k_norm")?))
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            qkv: Linear::new(d, 3 * d, true, LinearInit::Xavier, vb.pp("qkv"))?,
+            proj: Linear::new(d, d, true, LinearInit::Xavier, vb.pp("proj"))?,
+            q_norm,
+            k_norm,
+            heads: spec.heads,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, rope: Option<&Rope2d>, fused: bool) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let dh = c / self.heads;
+        // [B,N,3,H,Dh] -> [3,B,H,N,Dh]
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, n, 3, self.heads, dh))?
+            .permute((2, 0, 3, 1, 4))?;
+        let mut q = qkv.get(0)?;
+        let mut k = qkv.get(1)?;
+        let v = qkv.get(2)?;
+        if let Some(nq) = &self.q_norm {
+            q = nq.forward(&q, fused)?;
+        }
+        if let Some(nk) = &self.k_norm {
+            k = nk.forward(&k, fused)?;
+        }
+        if let Some(r) = rope {
+            q = r.apply(&q, fused)?;
+            k = r.apply(&k, fused)?;
+        }
+        let o = attention(&q, &k, &v, fused)?;
+        self.proj.forward(&merge_heads(&o)?)
+    }
+}
+
+/// Split the last dim into `n` equal chunks.
+fn chunks(x: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+    let d = x.dim(D::Minus1)? / n;
+    (0..n).map(|i| x.narrow(D::Minus1, i * d, d)).collect()
+}
+
+/// adaLN-modulated pre-norm transformer block (`norm1`, `attn`, `norm2`,
+/// `mlp`, `adaLN_modulation.1`).
+#[derive(Debug, Clone)]
+pub struct DitBlock {
+    norm1: Norm,
+    norm2: Norm,
+    attn: NormAttention,
+    mlp: FeedForward,
+    ada: Linear,
+    wo_shift: bool,
+}
+
+impl DitBlock {
+    pub fn new(spec: &BlockSpec, vb: VarBuilder) -> Result<Self> {
+        let d = spec.hidden;
+        let n_mod = if spec.wo_shift { 4 } else { 6 };
+        Ok(Self {
+            norm1: Norm::dit(d, spec.use_rmsnorm, vb.pp("norm1"))?,
+            norm2: Norm::dit(d, spec.use_rmsnorm, vb.pp("norm2"))?,
+            attn: NormAttention::new(spec, vb.pp("attn"))?,
+            mlp: FeedForward::new(d, spec.mlp_ratio, spec.use_swiglu, vb.pp("mlp"))?,
+            ada: Linear::new(
+                d,
+                n_mod * d,
+                true,
+                LinearInit::Zero,
+                vb.pp("adaLN_modulation.1"),
+            )?,
+            wo_shift: spec.wo_shift,
+        })
+    }
+
+    /// x: `[B,N,D]`, c: `[B,1,D]` or `[B,N,D]` (SiLU is applied here, as the
+    /// reference's `adaLN_modulation = Sequential(SiLU, Linear)`).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        c: &Tensor,
+        rope: Option<&Rope2d>,
+        fused: bool,
+    ) -> Result<Tensor> {
+        let m = self.ada.forward(&candle_nn::ops::silu(c)?)?;
+        let (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = if self.wo_shift {
+            let m = chunks(&m, 4)?;
+            (
+                None,
+                m[0].clone(),
+                m[1].clone(),
+                None,
+                m[2].clone(),
+                m[3].clone(),
+            )
+        } else {
+            let m = chunks(&m, 6)?;
+            (
+                Some(m[0].clone()),
+                m[1].clone(),
+                m[2].clone(),
+                Some(m[3].clone()),
+                m[4].clone(),
+                m[5].clone(),
+            )
+        };
+        let h = modulate(
+            &self.norm1.forward(x, fused)?,
+            shift_msa.as_ref(),
+            &scale_msa,
+        )?;
+        let x = (x + self
+            .attn
+            .forward(&h, rope, fused)?
+            .broadcast_mul(&gate_msa)?)?;
+        let h = modulate(
+            &self.norm2.forward(&x, fused)?,
+            shift_mlp.as_ref(),
+            &scale_mlp,
+        )?;
+        x + self.mlp.forward(&h)?.broadcast_mul(&gate_mlp)?
+    }
+}
+
+/// Final adaLN layer (`norm_final`, `adaLN_modulation.1`, `linear`): shift
+/// and scale, no gate.
+#[derive(Debug, Clone)]
+pub struct FinalLayer {
+    norm: Norm,
+    ada: Linear,
+    linear: Linear,
+}
+
+impl FinalLayer {
+    pub fn new(hidden: usize, out: usize, use_rmsnorm: bool, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm: Norm::dit(hidden, use_rmsnorm, vb.pp("norm_final"))?,
+            ada: Linear::new(
+                hidden,
+                2 * hidden,
+                true,
+                LinearInit::Zero,
+                vb.pp("adaLN_modulation.1"),
+            )?,
+            linear: Linear::new(hidden, out, true, LinearInit::Zero, vb.pp("linear"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, c: &Tensor, fused: bool) -> Result<Tensor> {
+        let m = chunks(&self.ada.forward(&candle_nn::ops::silu(c)?)?, 2)?;
+        let h = modulate(&self.norm.forward(x, fused)?, Some(&m[0]), &m[1])?;
+        self.linear.forward(&h)
+    }
+}

@@ -1,0 +1,254 @@
+//! Position, time and label embeddings: the fixed 2D sin-cos table, the 2D
+//! rotary embedding (reference `VisionRotaryEmbeddingFast`), the
+//! Gaussian-Fourier time embedding and the label table with a null class.
+
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use super::layers::{Linear, LinearInit};
+
+/// The MAE/DiT 2D sin-cos table `[grid*grid, dim]` (f64 math, like numpy):
+/// the first half of the channels encodes the column (w), the second half
+/// the row (h); each half is [sin(pos*omega), cos(pos*omega)],
+/// omega_i = 10000^(-i/(dim/4)).
+pub fn sincos_2d_table(dim: usize, grid: usize) -> Vec<f32> {
+    let quarter = dim / 4;
+    let omega: Vec<f64> = (0..quarter)
+        .map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64))
+        .collect();
+    let mut out = Vec::with_capacity(grid * grid * dim);
+    for h in 0..grid {
+        for w in 0..grid {
+            // reference meshgrid puts w first: emb_h (first half) uses w
+            for pos in [w as f64, h as f64] {
+                out.extend(omega.iter().map(|o| (pos * o).sin() as f32));
+                out.extend(omega.iter().map(|o| (pos * o).cos() as f32));
+            }
+        }
+    }
+    out
+}
+
+/// `[1, grid*grid (+1 if cls), dim]` sin-cos table, zeros for the CLS row.
+pub fn sincos_2d(dim: usize, grid: usize, cls: bool, device: &Device) -> Result<Tensor> {
+    let mut v = if cls { vec![0f32; dim] } else { Vec::new() };
+    v.extend(sincos_2d_table(dim, grid));
+    let n = v.len() / dim;
+    Tensor::from_vec(v, (1, n, dim), device)
+}
+
+/// Frozen tensor: the stored value when the VarBuilder has it (a released
+/// checkpoint), else computed; detached so no gradient reaches it.
+pub fn frozen_or(vb: &VarBuilder, name: &str, shape: &[usize], computed: Tensor) -> Result<Tensor> {
+    if vb.contains_tensor(name) {
+        Ok(vb.get(shape, name)?.detach())
+    } else {
+        Ok(computed.to_dtype(vb.dtype())?.detach())
+    }
+}
+
+/// 2D rotary embedding in the reference's `VisionRotaryEmbeddingFast`
+/// layout for head dim `dh` on a `grid x grid` token grid (theta 10000):
+/// per token the `dh` channels are [rows half | columns half], each half
+/// holding `dh/4` frequencies, each repeated twice (interleaved pairs).
+/// Applied as x*cos + rotate_pairs(x)*sin where rotate_pairs maps
+/// (x0, x1) -> (-x1, x0).
+#[derive(Debug, Clone)]
+pub struct Rope2d {
+    /// `[N, dh]`
+    cos: Tensor,
+    sin: Tensor,
+    /// `[N, dh/2]` (one entry per pair) for the fused kernel.
+    cos_half: Tensor,
+    sin_half: Tensor,
+}
+
+impl Rope2d {
+    pub fn new(head_dim: usize, grid: usize, device: &Device, dtype: DType) -> Result<Self> {
+        let dim = head_dim / 2; // the reference's `dim` = half head dim
+        let freqs: Vec<f64> = (0..dim / 2)
+            .map(|i| {
+                // torch computes this in f32: 1 / 10000^(2i/dim)
+                let e = (2 * i) as f32 / dim as f32;
+                (1.0f32 / 10000f32.powf(e)) as f64
+            })
+            .collect();
+        let n = grid * grid;
+        let mut angles = Vec::with_capacity(n * head_dim);
+        // reference positions: arange(n) / n * n, in f32
+        let pos_of = |k: usize| (k as f32 / grid as f32) * grid as f32;
+        for h in 0..grid {
+            for w in 0..grid {
+                for pos in [pos_of(h), pos_of(w)] {
+                    for f in &freqs {
+                        // torch multiplies in f32
+                        let a = (pos * *f as f32) as f64;
+                        angles.push(a);
+                        angles.push(a);
+                    }
+                }
+            }
+        }
+        let cos: Vec<f32> = angles.iter().map(|a| (*a as f32).cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| (*a as f32).sin()).collect();
+        let cos = Tensor::from_vec(cos, (n, head_dim), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (n, head_dim), device)?.to_dtype(dtype)?;
+        let pick_even = |t: &Tensor| -> Result<Tensor> {
+            t.reshape((n, head_dim / 2, 2))?
+                .narrow(2, 0, 1)?
+                .squeeze(2)?
+                .contiguous()
+        };
+        Ok(Self {
+            cos_half: pick_even(&cos)?,
+            sin_half: pick_even(&sin)?,
+            cos,
+            sin,
+        })
+    }
+
+    /// `[N, dh]` cos and sin tables (compare with the stored buffers).
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
+    /// x: `[B, H, N, dh]`.
+    pub fn apply(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+        if fused {
+            return candle_nn::rotary_emb::rope_i(&x.contiguous()?, &self.cos_half, &self.sin_half);
+        }
+        let (b, h, n, d) = x.dims4()?;
+        let pairs = x.reshape((b, h, n, d / 2, 2))?;
+        let x0 = pairs.narrow(4, 0, 1)?;
+        let x1 = pairs.narrow(4, 1, 1)?;
+        let rot = Tensor::cat(&[&x1.neg()?, &x0], 4)?.reshape((b, h, n, d))?;
+        x.broadcast_mul(&self.cos)?
+            .broadcast_add(&rot.broadcast_mul(&self.sin)?)
+    }
+}
+
+/// Gaussian-Fourier time embedding: fixed frequencies `W` (frozen), then
+/// [sin(2πtW), cos(2πtW)] -> Linear -> SiLU -> Linear.
+#[derive(Debug, Clone)]
+pub struct TimestepEmbedder {
+    w: Tensor,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl TimestepEmbedder {
+    pub const EMBEDDING_SIZE: usize = 256;
+
+    pub fn new(hidden: usize, vb: VarBuilder) -> Result<Self> {
+        let e = Self::EMBEDDING_SIZE;
+        let w = vb
+            .get_with_hints(
+                e,
+                "W",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )?
+            .detach();
+        let fc1 = Linear::new(
+            2 * e,
+            hidden,
+            true,
+            LinearInit::Normal(0.02),
+            vb.pp("mlp.0"),
+        )?;
+        let fc2 = Linear::new(
+            hidden,
+            hidden,
+            true,
+            LinearInit::Normal(0.02),
+            vb.pp("mlp.2"),
+        )?;
+        Ok(Self { w, fc1, fc2 })
+    }
+
+    /// t: `[B]` -> `[B, hidden]`.
+    pub fn forward(&self, t: &Tensor) -> Result<Tensor> {
+        let arg =
+            (t.unsqueeze(1)?.broadcast_mul(&self.w.unsqueeze(0)?)? * (2.0 * std::f64::consts::PI))?;
+        let emb = Tensor::cat(&[arg.sin()?, arg.cos()?], D::Minus1)?;
+        self.fc2
+            .forward(&candle_nn::ops::silu(&self.fc1.forward(&emb)?)?)
+    }
+}
+
+/// Class label table with `num_classes + 1` rows; row `num_classes` is the
+/// null (unconditional) class. Label dropout is the caller's business
+/// (replace labels by `num_classes`).
+#[derive(Debug, Clone)]
+pub struct LabelEmbedder {
+    table: Tensor,
+}
+
+impl LabelEmbedder {
+    pub fn new(num_classes: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        let table = vb.get_with_hints(
+            (num_classes + 1, hidden),
+            "embedding_table.weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
+        Ok(Self { table })
+    }
+
+    pub fn forward(&self, y: &Tensor) -> Result<Tensor> {
+        self.table
+            .index_select(&y.to_dtype(DType::U32)?.flatten_all()?, 0)
+    }
+}
+
+/// `[B, C, H, W]` -> `[B, (H/p)*(W/p), C*p*p]`, channel order (c, ph, pw) as
+/// a conv weight flattens.
+pub fn patchify(x: &Tensor, p: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (gh, gw) = (h / p, w / p);
+    if p == 1 {
+        return x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous();
+    }
+    x.reshape((b, c, gh, p, gw, p))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .reshape((b, gh * gw, c * p * p))
+}
+
+/// `[B, T, p*p*c]` (per token (p, q, c)) -> `[B, c, g*p, g*p]`, g = sqrt(T).
+pub fn unpatchify(x: &Tensor, p: usize, c: usize) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    let g = (t as f64).sqrt().round() as usize;
+    if g * g != t {
+        candle_core::bail!("unpatchify: {t} tokens is not a square grid");
+    }
+    if p == 1 {
+        return x.transpose(1, 2)?.reshape((b, c, g, g));
+    }
+    x.reshape((b, g, g, p, p, c))?
+        .permute((0, 5, 1, 3, 2, 4))?
+        .reshape((b, c, g * p, g * p))
+}
+
+/// A patch embedding (timm `PatchEmbed`, key `proj`) as a linear map.
+#[derive(Debug, Clone)]
+pub struct PatchEmbed {
+    proj: Linear,
+    patch: usize,
+}
+
+impl PatchEmbed {
+    pub fn new(in_ch: usize, hidden: usize, patch: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            proj: Linear::from_conv(in_ch, hidden, patch, vb.pp("proj"))?,
+            patch,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.proj.forward(&patchify(x, self.patch)?)
+    }
+}

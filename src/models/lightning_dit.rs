@@ -1,0 +1,117 @@
+//! LightningDiT: patch embed + fixed sin-cos positions, adaLN blocks with 2D
+//! rope conditioned on c = t_emb + y_emb, final adaLN layer, unpatchify.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::VelocityModel;
+use super::config::LightningDitConfig;
+use super::dit_block::{BlockSpec, DitBlock, FinalLayer};
+use super::embed::{
+    LabelEmbedder, PatchEmbed, Rope2d, TimestepEmbedder, frozen_or, sincos_2d, unpatchify,
+};
+
+#[derive(Debug, Clone)]
+pub struct LightningDit {
+    cfg: LightningDitConfig,
+    x_embedder: PatchEmbed,
+    t_embedder: TimestepEmbedder,
+    y_embedder: LabelEmbedder,
+    pos_embed: Tensor,
+    rope: Option<Rope2d>,
+    blocks: Vec<DitBlock>,
+    final_layer: FinalLayer,
+    fused: bool,
+}
+
+impl LightningDit {
+    pub fn new(cfg: &LightningDitConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let grid = cfg.input_size / cfg.patch_size;
+        let out_ch = if cfg.learn_sigma {
+            2 * cfg.in_channels
+        } else {
+            cfg.in_channels
+        };
+        let spec = BlockSpec {
+            hidden: d,
+            heads: cfg.num_heads,
+            mlp_ratio: cfg.mlp_ratio,
+            use_qknorm: cfg.use_qknorm,
+            use_swiglu: cfg.use_swiglu,
+            use_rmsnorm: cfg.use_rmsnorm,
+            wo_shift: cfg.wo_shift,
+        };
+        let pos = sincos_2d(d, grid, false, vb.device())?;
+        let rope = if cfg.use_rope {
+            Some(Rope2d::new(
+                d / cfg.num_heads,
+                grid,
+                vb.device(),
+                vb.dtype(),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            x_embedder: PatchEmbed::new(cfg.in_channels, d, cfg.patch_size, vb.pp("x_embedder"))?,
+            t_embedder: TimestepEmbedder::new(d, vb.pp("t_embedder"))?,
+            y_embedder: LabelEmbedder::new(cfg.num_classes, d, vb.pp("y_embedder"))?,
+            pos_embed: frozen_or(&vb, "pos_embed", &[1, grid * grid, d], pos)?,
+            rope,
+            blocks: (0..cfg.depth)
+                .map(|i| DitBlock::new(&spec, vb.pp(format!("blocks.{i}"))))
+                .collect::<Result<_>>()?,
+            final_layer: FinalLayer::new(
+                d,
+                cfg.patch_size * cfg.patch_size * out_ch,
+                cfg.use_rmsnorm,
+                vb.pp("final_layer"),
+            )?,
+            cfg: cfg.clone(),
+            fused: false,
+        })
+    }
+
+    pub fn config(&self) -> &LightningDitConfig {
+        &self.cfg
+    }
+
+    /// Use fused kernels (inference only: no gradients through them).
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
+    }
+
+    /// The rotary tables (to compare with a checkpoint's `feat_rope` buffers).
+    pub fn rope(&self) -> Option<&Rope2d> {
+        self.rope.as_ref()
+    }
+
+    /// x: `[B,C,H,W]`, t: `[B]` (1 = noise), y: `[B]` integer labels.
+    pub fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let f = self.fused;
+        let mut h = self.x_embedder.forward(x)?.broadcast_add(&self.pos_embed)?;
+        let c = (self.t_embedder.forward(t)? + self.y_embedder.forward(y)?)?.unsqueeze(1)?;
+        for b in &self.blocks {
+            h = b.forward(&h, &c, self.rope.as_ref(), f)?;
+        }
+        let out = self.final_layer.forward(&h, &c, f)?;
+        let out_ch = if self.cfg.learn_sigma {
+            2 * self.cfg.in_channels
+        } else {
+            self.cfg.in_channels
+        };
+        let img = unpatchify(&out, self.cfg.patch_size, out_ch)?;
+        if self.cfg.learn_sigma {
+            img.narrow(1, 0, self.cfg.in_channels)
+        } else {
+            Ok(img)
+        }
+    }
+}
+
+impl VelocityModel for LightningDit {
+    fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        LightningDit::forward(self, x, t, y)
+    }
+}

@@ -1,0 +1,195 @@
+//! manifest.json: what a cache directory holds and how it was made
+//! (schemas/manifest.schema.json is its JSON Schema).
+
+use std::path::Path;
+
+use super::{LatentDType, SCHEMA_VERSION, ShardError, ShardInfo};
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const STATS_FILE: &str = "stats.safetensors";
+/// Accumulator state next to the stats, for exact resume (see stats.rs).
+pub const STATS_STATE_FILE: &str = "stats-state.safetensors";
+/// `format` field value: identifies the file type.
+pub const MANIFEST_FORMAT: &str = "rae-cache-manifest";
+
+/// `part-NNNNN.parquet`.
+pub fn shard_file_name(index: usize) -> String {
+    format!("part-{index:05}.parquet")
+}
+
+pub const HFLIP_NOTE: &str = "Both the center crop and its left-right mirror are encoded and stored \
+(flip = false / true rows). The reference trains with random horizontal flips of the image, and the \
+encoder's latent of a flipped image is not the flipped latent (ViT features are not mirror-equivariant), \
+so the flipped latent must be computed from the flipped crop, not derived from the stored one.";
+
+/// The encoder that produced the latents (mirrors encoders::EncoderSpec).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EncoderInfo {
+    /// `dinov2-reg`, `dinov2`, `siglip2`, `mae`.
+    pub kind: String,
+    /// HF repo id or local directory.
+    pub id: String,
+    pub revision: Option<String>,
+    /// sha256 of the encoder's config.json.
+    pub config_hash: String,
+    pub tokens: usize,
+    pub channels: usize,
+    /// Crop size fed to the encoder pipeline and the encoder's own input size.
+    pub crop_size: usize,
+    pub input_size: usize,
+    pub patch_size: usize,
+}
+
+impl From<&crate::encoders::EncoderSpec> for EncoderInfo {
+    fn from(s: &crate::encoders::EncoderSpec) -> Self {
+        EncoderInfo {
+            kind: s.kind.clone(),
+            id: s.id.clone(),
+            revision: s.revision.clone(),
+            config_hash: s.config_hash.clone(),
+            tokens: s.tokens,
+            channels: s.channels,
+            crop_size: s.crop_size,
+            input_size: s.input_size,
+            patch_size: s.patch_size,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HflipMode {
+    /// Only the unflipped crop.
+    None,
+    /// The crop and its mirror, as two rows.
+    Both,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Totals {
+    pub images: u64,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// An input file left out of the cache, and why.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RejectedInput {
+    pub key: String,
+    pub reason: String,
+}
+
+/// Which slice of the dataset this cache holds (`--num-parts/--part`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartInfo {
+    pub num_parts: usize,
+    pub part: usize,
+}
+
+impl Default for PartInfo {
+    fn default() -> Self {
+        PartInfo {
+            num_parts: 1,
+            part: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    /// Always [`MANIFEST_FORMAT`].
+    pub format: String,
+    /// The shard schema version ([`SCHEMA_VERSION`]).
+    pub schema_version: String,
+    pub tool_version: String,
+    pub dataset_root: String,
+    /// Sorted class folder names; label i is classes[i].
+    pub classes: Vec<String>,
+    pub encoder: EncoderInfo,
+    /// Free-form description of the crop/resize/normalisation steps.
+    pub preprocessing: serde_json::Value,
+    pub dtype: LatentDType,
+    pub hflip: HflipMode,
+    pub hflip_note: String,
+    pub shards: Vec<ShardInfo>,
+    pub totals: Totals,
+    pub rejected: Vec<RejectedInput>,
+    /// The build's arguments, as a JSON object.
+    pub build_args: serde_json::Value,
+    pub part: PartInfo,
+}
+
+impl Manifest {
+    /// A manifest with no shards yet; fills format, versions and the note.
+    pub fn new(
+        dataset_root: impl Into<String>,
+        classes: Vec<String>,
+        encoder: EncoderInfo,
+        dtype: LatentDType,
+        hflip: HflipMode,
+    ) -> Self {
+        Manifest {
+            format: MANIFEST_FORMAT.into(),
+            schema_version: SCHEMA_VERSION.into(),
+            tool_version: super::schema::TOOL_VERSION.into(),
+            dataset_root: dataset_root.into(),
+            classes,
+            encoder,
+            preprocessing: serde_json::Value::Object(Default::default()),
+            dtype,
+            hflip,
+            hflip_note: HFLIP_NOTE.into(),
+            shards: Vec::new(),
+            totals: Totals::default(),
+            rejected: Vec::new(),
+            build_args: serde_json::Value::Object(Default::default()),
+            part: PartInfo::default(),
+        }
+    }
+
+    /// Recompute `totals.rows` and `totals.bytes` from the shard list
+    /// (`totals.images` is the caller's: it depends on the flip mode).
+    pub fn update_totals(&mut self) {
+        self.totals.rows = self.shards.iter().map(|s| s.rows).sum();
+        self.totals.bytes = self.shards.iter().map(|s| s.bytes).sum();
+    }
+
+    /// Pretty JSON, written atomically.
+    pub fn save(&self, path: &Path) -> Result<(), ShardError> {
+        let mut json = serde_json::to_string_pretty(self)
+            .map_err(|e| ShardError::format(path, format!("serialising manifest: {e}")))?;
+        json.push('\n');
+        crate::fsutil::write_atomic(path, json.as_bytes()).map_err(|e| ShardError::io(path, e))
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ShardError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ShardError::io(path, e))?;
+        // Check the identity first so a wrong file gets a clear message.
+        let raw: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ShardError::format(path, format!("manifest is not valid JSON: {e}")))?;
+        match raw.get("format").and_then(|v| v.as_str()) {
+            Some(MANIFEST_FORMAT) => {}
+            other => {
+                return Err(ShardError::format(
+                    path,
+                    format!(
+                        "not a rae-cache manifest (format = {other:?}, expected {MANIFEST_FORMAT:?})"
+                    ),
+                ));
+            }
+        }
+        match raw.get("schema_version").and_then(|v| v.as_str()) {
+            Some(SCHEMA_VERSION) => {}
+            other => {
+                return Err(ShardError::format(
+                    path,
+                    format!(
+                        "manifest schema_version {other:?}, this build reads {SCHEMA_VERSION:?}"
+                    ),
+                ));
+            }
+        }
+        serde_json::from_value(raw)
+            .map_err(|e| ShardError::format(path, format!("invalid manifest: {e}")))
+    }
+}

@@ -1,0 +1,315 @@
+//! [`ShardReader`]: a validated shard, read one row group at a time with
+//! latents dequantised to f32. The footer is parsed once; every read opens
+//! its own file handle, so one reader serves many threads.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::array::{Array, AsArray, FixedSizeListArray};
+use arrow::datatypes::{Float16Type, Float32Type, Int8Type, Int32Type, UInt16Type};
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
+
+use super::schema::{self, COL_FLIP, COL_KEY, COL_LABEL, COL_LATENT, COL_SCALE, Layout};
+use super::{LatentBatch, LatentDType, ShardError, quant};
+
+/// Keys, labels and flips of a shard, without latents (cheap to read).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RowIndex {
+    pub keys: Vec<String>,
+    pub labels: Vec<i32>,
+    pub flips: Vec<bool>,
+}
+
+pub struct ShardReader {
+    path: PathBuf,
+    meta: ArrowReaderMetadata,
+    metadata: BTreeMap<String, String>,
+    layout: Layout,
+}
+
+impl ShardReader {
+    pub fn open(path: &Path) -> Result<Self, ShardError> {
+        let file = File::open(path).map_err(|e| ShardError::io(path, e))?;
+        let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
+            .map_err(|e| ShardError::parquet(path, e))?;
+        let metadata: BTreeMap<String, String> = meta
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .into_iter()
+            .flatten()
+            // The encoded Arrow schema is an implementation detail.
+            .filter(|kv| kv.key != "ARROW:schema")
+            .map(|kv| (kv.key.clone(), kv.value.clone().unwrap_or_default()))
+            .collect();
+        let layout = schema::validate(path, &metadata, meta.schema())?;
+        Ok(ShardReader {
+            path: path.to_path_buf(),
+            meta,
+            metadata,
+            layout,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+    pub fn dtype(&self) -> LatentDType {
+        self.layout.dtype
+    }
+    pub fn tokens(&self) -> usize {
+        self.layout.tokens
+    }
+    pub fn channels(&self) -> usize {
+        self.layout.channels
+    }
+    pub fn num_rows(&self) -> u64 {
+        self.meta.metadata().file_metadata().num_rows().max(0) as u64
+    }
+    pub fn num_row_groups(&self) -> usize {
+        self.meta.metadata().num_row_groups()
+    }
+    /// Rows in row group `i` (0 if out of range).
+    pub fn row_group_rows(&self, i: usize) -> u64 {
+        self.meta
+            .metadata()
+            .row_groups()
+            .get(i)
+            .map(|rg| rg.num_rows().max(0) as u64)
+            .unwrap_or(0)
+    }
+    /// Footer key-value metadata (without the encoded Arrow schema).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+    /// The parquet footer, e.g. to inspect encodings and sizes.
+    pub fn parquet_metadata(&self) -> &parquet::file::metadata::ParquetMetaData {
+        self.meta.metadata()
+    }
+
+    pub fn read_row_group(&self, i: usize) -> Result<LatentBatch, ShardError> {
+        if i >= self.num_row_groups() {
+            return Err(ShardError::format(
+                &self.path,
+                format!(
+                    "row group {i} out of range ({} row groups)",
+                    self.num_row_groups()
+                ),
+            ));
+        }
+        let mut out = self.empty_batch(self.row_group_rows(i) as usize);
+        for batch in self.batches(vec![i], ProjectionMask::all())? {
+            self.append(&batch?, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Every row of the shard, in order.
+    pub fn read_all(&self) -> Result<LatentBatch, ShardError> {
+        let mut out = self.empty_batch(self.num_rows() as usize);
+        let groups = (0..self.num_row_groups()).collect();
+        for batch in self.batches(groups, ProjectionMask::all())? {
+            self.append(&batch?, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Keys, labels and flips of every row; the latent column is not read.
+    pub fn read_index(&self) -> Result<RowIndex, ShardError> {
+        let schema = self.meta.schema();
+        let roots = [COL_KEY, COL_LABEL, COL_FLIP]
+            .iter()
+            .map(|c| {
+                schema
+                    .index_of(c)
+                    .map_err(|_| ShardError::format(&self.path, format!("missing column {c}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mask = ProjectionMask::roots(self.meta.parquet_schema(), roots);
+        let mut out = RowIndex::default();
+        let groups = (0..self.num_row_groups()).collect();
+        for batch in self.batches(groups, mask)? {
+            let batch = batch?;
+            self.append_index(&batch, &mut out.keys, &mut out.labels, &mut out.flips)?;
+        }
+        Ok(out)
+    }
+
+    fn empty_batch(&self, rows: usize) -> LatentBatch {
+        LatentBatch {
+            keys: Vec::with_capacity(rows),
+            labels: Vec::with_capacity(rows),
+            flips: Vec::with_capacity(rows),
+            latents: Vec::with_capacity(rows * self.layout.tokens * self.layout.channels),
+            tokens: self.layout.tokens,
+            channels: self.layout.channels,
+        }
+    }
+
+    fn batches(
+        &self,
+        groups: Vec<usize>,
+        mask: ProjectionMask,
+    ) -> Result<impl Iterator<Item = Result<RecordBatch, ShardError>> + '_, ShardError> {
+        let file = File::open(&self.path).map_err(|e| ShardError::io(&self.path, e))?;
+        let largest = (0..self.num_row_groups())
+            .map(|g| self.row_group_rows(g))
+            .max()
+            .unwrap_or(1);
+        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.meta.clone())
+            .with_row_groups(groups)
+            .with_projection(mask)
+            .with_batch_size(largest.clamp(1, 1 << 16) as usize)
+            .build()
+            .map_err(|e| ShardError::parquet(&self.path, e))?;
+        Ok(reader.map(move |b| {
+            b.map_err(|e| ShardError::Format {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })
+        }))
+    }
+
+    fn column<'a>(&self, batch: &'a RecordBatch, name: &str) -> Result<&'a dyn Array, ShardError> {
+        let col = batch
+            .column_by_name(name)
+            .ok_or_else(|| ShardError::format(&self.path, format!("missing column {name}")))?;
+        if col.null_count() > 0 {
+            return Err(ShardError::format(
+                &self.path,
+                format!("column {name} has null rows"),
+            ));
+        }
+        Ok(col.as_ref())
+    }
+
+    fn append_index(
+        &self,
+        batch: &RecordBatch,
+        keys: &mut Vec<String>,
+        labels: &mut Vec<i32>,
+        flips: &mut Vec<bool>,
+    ) -> Result<(), ShardError> {
+        let bad =
+            |c: &str| ShardError::format(&self.path, format!("column {c} has an unexpected type"));
+        let k = self
+            .column(batch, COL_KEY)?
+            .as_string_opt::<i32>()
+            .ok_or_else(|| bad(COL_KEY))?;
+        keys.extend(k.iter().map(|s| s.unwrap_or_default().to_owned()));
+        let l = self
+            .column(batch, COL_LABEL)?
+            .as_primitive_opt::<Int32Type>()
+            .ok_or_else(|| bad(COL_LABEL))?;
+        labels.extend_from_slice(l.values());
+        let f = self
+            .column(batch, COL_FLIP)?
+            .as_boolean_opt()
+            .ok_or_else(|| bad(COL_FLIP))?;
+        flips.extend(f.values().iter());
+        Ok(())
+    }
+
+    /// Values of a fixed-size list column as one flat child array slice,
+    /// rejecting null items (this writer never produces them).
+    fn list_values(
+        &self,
+        batch: &RecordBatch,
+        name: &str,
+        len: usize,
+    ) -> Result<arrow::array::ArrayRef, ShardError> {
+        let list: &FixedSizeListArray = self
+            .column(batch, name)?
+            .as_fixed_size_list_opt()
+            .ok_or_else(|| {
+                ShardError::format(
+                    &self.path,
+                    format!("column {name} is not a fixed-size list"),
+                )
+            })?;
+        if list.value_length() as usize != len {
+            return Err(ShardError::format(
+                &self.path,
+                format!(
+                    "column {name} has lists of {} values, expected {len}",
+                    list.value_length()
+                ),
+            ));
+        }
+        let start = if list.is_empty() {
+            0
+        } else {
+            list.value_offset_at(0)
+        };
+        let values = list.values().slice(start, list.len() * len);
+        if values.null_count() > 0 {
+            return Err(ShardError::format(
+                &self.path,
+                format!("column {name} has null elements"),
+            ));
+        }
+        Ok(values)
+    }
+
+    fn append(&self, batch: &RecordBatch, out: &mut LatentBatch) -> Result<(), ShardError> {
+        self.append_index(batch, &mut out.keys, &mut out.labels, &mut out.flips)?;
+        let (tokens, channels) = (self.layout.tokens, self.layout.channels);
+        let n = tokens * channels;
+        let values = self.list_values(batch, COL_LATENT, n)?;
+        let start = out.latents.len();
+        out.latents.resize(start + batch.num_rows() * n, 0.0);
+        let dst = &mut out.latents[start..];
+        let bad = || {
+            ShardError::format(
+                &self.path,
+                format!("latent items do not match dtype {}", self.layout.dtype),
+            )
+        };
+        match self.layout.dtype {
+            LatentDType::F16 => quant::f16_to_f32(
+                values
+                    .as_primitive_opt::<Float16Type>()
+                    .ok_or_else(bad)?
+                    .values(),
+                dst,
+            ),
+            LatentDType::Bf16 => quant::bf16_bits_to_f32(
+                values
+                    .as_primitive_opt::<UInt16Type>()
+                    .ok_or_else(bad)?
+                    .values(),
+                dst,
+            ),
+            LatentDType::F32 => dst.copy_from_slice(
+                values
+                    .as_primitive_opt::<Float32Type>()
+                    .ok_or_else(bad)?
+                    .values(),
+            ),
+            LatentDType::Int8 => {
+                let q = values.as_primitive_opt::<Int8Type>().ok_or_else(bad)?;
+                let scales = self.list_values(batch, COL_SCALE, tokens)?;
+                let scales = scales.as_primitive_opt::<Float32Type>().ok_or_else(bad)?;
+                quant::int8_to_f32(q.values(), scales.values(), channels, dst);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    fn assert_send_sync<T: Send + Sync>() {}
+    #[test]
+    fn reader_is_send_sync() {
+        assert_send_sync::<super::ShardReader>();
+    }
+}

@@ -1,0 +1,336 @@
+//! [`ShardWriter`]: rows -> one Parquet shard, written under a temporary
+//! name and renamed into place by `finish`, so readers never see half a shard.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanArray, FixedSizeListArray, Int32Array, PrimitiveArray, StringArray,
+};
+use arrow::buffer::ScalarBuffer;
+use arrow::datatypes::{
+    ArrowPrimitiveType, Float16Type, Float32Type, Int8Type, SchemaRef, UInt16Type,
+};
+use arrow::record_batch::RecordBatch;
+use half::f16;
+use parquet::arrow::{ArrowSchemaConverter, ArrowWriter};
+use parquet::basic::{Compression, Encoding, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::{DEFAULT_CREATED_BY, EnabledStatistics, WriterProperties};
+use sha2::{Digest, Sha256};
+
+use super::schema::{self, COL_LATENT, COL_SCALE, TOOL_VERSION};
+use super::{LatentDType, LatentRow, ShardError, ShardInfo, WriterOptions, quant};
+
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+/// Tens of rows: a few MB per row group for 256x768 latents, small enough
+/// for a shuffling loader to hold many groups at once.
+pub const DEFAULT_ROWS_PER_ROW_GROUP: usize = 32;
+
+/// Fixed `created_by` (no build-specific ids), for byte-identical output.
+pub fn created_by() -> String {
+    format!("rae-cache version {TOOL_VERSION} ({DEFAULT_CREATED_BY})")
+}
+
+/// Hashes and counts bytes on their way to the file, so the shard's sha256
+/// needs no second read.
+struct HashingWriter {
+    inner: BufWriter<File>,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Rows accumulated for the row group in progress, already converted.
+enum Pending {
+    F16(Vec<f16>),
+    Bf16(Vec<u16>),
+    F32(Vec<f32>),
+    Int8 { q: Vec<i8>, scales: Vec<f32> },
+}
+
+/// Writes one shard to a temp name; `finish` fsyncs and renames it.
+/// Dropping an unfinished writer deletes the temp file.
+pub struct ShardWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    opts: WriterOptions,
+    schema: SchemaRef,
+    writer: Option<ArrowWriter<HashingWriter>>,
+    keys: Vec<String>,
+    labels: Vec<i32>,
+    flips: Vec<bool>,
+    pending: Pending,
+    rows: u64,
+}
+
+impl ShardWriter {
+    pub fn create(path: &Path, opts: WriterOptions) -> Result<Self, ShardError> {
+        if opts.tokens == 0 || opts.channels == 0 {
+            return Err(ShardError::format(
+                path,
+                "tokens and channels must be positive",
+            ));
+        }
+        if opts.tokens * opts.channels > i32::MAX as usize {
+            return Err(ShardError::format(
+                path,
+                "tokens*channels does not fit a FixedSizeList",
+            ));
+        }
+        if opts.rows_per_row_group == 0 {
+            return Err(ShardError::format(
+                path,
+                "rows_per_row_group must be positive",
+            ));
+        }
+        let zstd = ZstdLevel::try_new(opts.zstd_level).map_err(|e| ShardError::parquet(path, e))?;
+        let footer =
+            schema::footer_metadata(opts.dtype, opts.tokens, opts.channels, &opts.metadata);
+        // In the Parquet key-value metadata (DuckDB, parquet-rs) and in the
+        // stored Arrow schema (pyarrow's schema.metadata comes from there).
+        let schema = Arc::new(
+            schema::arrow_schema(opts.dtype, opts.tokens, opts.channels)
+                .with_metadata(footer.clone()),
+        );
+
+        let mut props = WriterProperties::builder()
+            .set_created_by(created_by())
+            .set_compression(Compression::ZSTD(zstd))
+            .set_max_row_group_row_count(Some(opts.rows_per_row_group))
+            .set_key_value_metadata(Some(
+                footer
+                    .into_iter()
+                    .map(|(k, v)| KeyValue::new(k, v))
+                    .collect(),
+            ));
+        // Latent leaves (and int8 scales): byte-stream-split groups the
+        // exponent/high bytes so zstd finds them; no dictionary and no
+        // min/max statistics, both useless on dense floats and costly.
+        let descr = ArrowSchemaConverter::new()
+            .convert(&schema)
+            .map_err(|e| ShardError::parquet(path, e))?;
+        for col in descr.columns() {
+            let top = col.path().parts().first().map(String::as_str);
+            if top == Some(COL_LATENT) || top == Some(COL_SCALE) {
+                props = props
+                    .set_column_encoding(col.path().clone(), Encoding::BYTE_STREAM_SPLIT)
+                    .set_column_dictionary_enabled(col.path().clone(), false)
+                    .set_column_statistics_enabled(col.path().clone(), EnabledStatistics::None);
+            }
+        }
+
+        let tmp = crate::fsutil::temp_path(path);
+        let file = File::create(&tmp).map_err(|e| ShardError::io(&tmp, e))?;
+        let sink = HashingWriter {
+            inner: BufWriter::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+            bytes: 0,
+        };
+        let writer =
+            ArrowWriter::try_new(sink, schema.clone(), Some(props.build())).map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                ShardError::parquet(path, e)
+            })?;
+        let pending = match opts.dtype {
+            LatentDType::F16 => Pending::F16(Vec::new()),
+            LatentDType::Bf16 => Pending::Bf16(Vec::new()),
+            LatentDType::F32 => Pending::F32(Vec::new()),
+            LatentDType::Int8 => Pending::Int8 {
+                q: Vec::new(),
+                scales: Vec::new(),
+            },
+        };
+        Ok(ShardWriter {
+            path: path.to_path_buf(),
+            tmp,
+            opts,
+            schema,
+            writer: Some(writer),
+            keys: Vec::new(),
+            labels: Vec::new(),
+            flips: Vec::new(),
+            pending,
+            rows: 0,
+        })
+    }
+
+    /// Rows written so far (including those not yet flushed).
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn write_rows(&mut self, rows: &[LatentRow<'_>]) -> Result<(), ShardError> {
+        let n = self.opts.tokens * self.opts.channels;
+        // Check everything first: a bad row leaves the writer untouched.
+        if let Some(bad) = rows.iter().find(|r| r.latent.len() != n) {
+            return Err(ShardError::format(
+                &self.path,
+                format!(
+                    "row {:?}: latent has {} values, expected tokens*channels = {}*{} = {n}",
+                    bad.key,
+                    bad.latent.len(),
+                    self.opts.tokens,
+                    self.opts.channels
+                ),
+            ));
+        }
+        for row in rows {
+            self.keys.push(row.key.to_owned());
+            self.labels.push(row.label);
+            self.flips.push(row.flip);
+            match &mut self.pending {
+                Pending::F16(v) => quant::push_f16(v, row.latent),
+                Pending::Bf16(v) => quant::push_bf16_bits(v, row.latent),
+                Pending::F32(v) => v.extend_from_slice(row.latent),
+                Pending::Int8 { q, scales } => {
+                    quant::push_int8(q, scales, row.latent, self.opts.channels)
+                }
+            }
+            self.rows += 1;
+            if self.keys.len() == self.opts.rows_per_row_group {
+                self.flush_group()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the pending rows as one row group.
+    fn flush_group(&mut self) -> Result<(), ShardError> {
+        if self.keys.is_empty() {
+            return Ok(());
+        }
+        let n = self.opts.tokens * self.opts.channels;
+        let path = self.path.clone();
+        let list_item = |name: &str| match self.schema.field_with_name(name).map(|f| f.data_type())
+        {
+            Ok(arrow::datatypes::DataType::FixedSizeList(f, _)) => Ok(f.clone()),
+            _ => Err(ShardError::format(
+                &path,
+                format!("internal: schema lacks list column {name}"),
+            )),
+        };
+        let list = |values: ArrayRef, item, len: usize| -> Result<ArrayRef, ShardError> {
+            let a = FixedSizeListArray::try_new(item, len as i32, values, None).map_err(|e| {
+                ShardError::format(&path, format!("internal: building list array: {e}"))
+            })?;
+            Ok(Arc::new(a))
+        };
+        let latent_item = list_item(COL_LATENT)?;
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(self.keys.drain(..))),
+            Arc::new(Int32Array::from(std::mem::take(&mut self.labels))),
+            Arc::new(BooleanArray::from(std::mem::take(&mut self.flips))),
+        ];
+        match &mut self.pending {
+            Pending::F16(v) => columns.push(list(
+                prim::<Float16Type>(std::mem::take(v)),
+                latent_item,
+                n,
+            )?),
+            Pending::Bf16(v) => {
+                columns.push(list(prim::<UInt16Type>(std::mem::take(v)), latent_item, n)?)
+            }
+            Pending::F32(v) => columns.push(list(
+                prim::<Float32Type>(std::mem::take(v)),
+                latent_item,
+                n,
+            )?),
+            Pending::Int8 { q, scales } => {
+                let (q, scales) = (std::mem::take(q), std::mem::take(scales));
+                columns.push(list(prim::<Int8Type>(q), latent_item, n)?);
+                columns.push(list(
+                    prim::<Float32Type>(scales),
+                    list_item(COL_SCALE)?,
+                    self.opts.tokens,
+                )?);
+            }
+        }
+        let batch = RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| {
+            ShardError::format(&self.path, format!("internal: building record batch: {e}"))
+        })?;
+        let writer = self
+            .writer
+            .as_mut()
+            .ok_or_else(|| ShardError::format(&self.path, "writer already closed"))?;
+        writer
+            .write(&batch)
+            .map_err(|e| ShardError::parquet(&self.path, e))?;
+        writer
+            .flush()
+            .map_err(|e| ShardError::parquet(&self.path, e))?;
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<ShardInfo, ShardError> {
+        self.flush_group()?;
+        let writer = self
+            .writer
+            .take()
+            .ok_or_else(|| ShardError::format(&self.path, "writer already closed"))?;
+        let sink = writer
+            .into_inner()
+            .map_err(|e| ShardError::parquet(&self.path, e))?;
+        let HashingWriter {
+            inner,
+            hasher,
+            bytes,
+        } = sink;
+        let file = inner
+            .into_inner()
+            .map_err(|e| ShardError::io(&self.tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| ShardError::io(&self.tmp, e))?;
+        drop(file);
+        crate::fsutil::commit_temp(&self.tmp, &self.path)
+            .map_err(|e| ShardError::io(&self.path, e))?;
+        let sha256 = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        let file = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // Mark as committed so Drop leaves the (renamed) file alone.
+        self.tmp = PathBuf::new();
+        Ok(ShardInfo {
+            file,
+            rows: self.rows,
+            bytes,
+            sha256,
+        })
+    }
+}
+
+impl Drop for ShardWriter {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            self.writer.take();
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// A primitive array over a Vec without copying it.
+fn prim<T: ArrowPrimitiveType>(v: Vec<T::Native>) -> ArrayRef {
+    Arc::new(PrimitiveArray::<T>::new(ScalarBuffer::from(v), None))
+}

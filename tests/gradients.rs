@@ -1,0 +1,117 @@
+//! One DiT-DH training step's gradients against the reference
+//! (trainstep.json, trainstep-theta0/-io/-grads). Catches any op on the
+//! training path that drops gradients (a fused kernel without backward).
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use common::{fixture, read_json};
+use rae_cache::diffusion::{interpolate, velocity_target};
+use rae_cache::models::checkpoint::{fill_varmap, is_frozen, load_state_dict, trainable_vars};
+use rae_cache::models::{DitConfig, DitDh, WeightsKey};
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn trainstep_gradients_match_reference() {
+    let spec = read_json("trainstep.json");
+    assert_eq!(spec["x_t"], "(1-t)*x0 + t*eps");
+    assert_eq!(spec["target"], "eps - x0");
+    let dev = Device::Cpu;
+    let DitConfig::DitDh(cfg) = DitConfig::load(fixture("ditdh.json").to_str().unwrap()).unwrap()
+    else {
+        panic!("ditdh.json is not a DiT-DH config")
+    };
+    let theta0 = load_state_dict(
+        &fixture("trainstep-theta0.safetensors"),
+        &WeightsKey::Root,
+        &dev,
+    )
+    .unwrap();
+    let varmap = VarMap::new();
+    fill_varmap(&varmap, &theta0, DType::F32).unwrap();
+    let model = DitDh::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
+
+    let io: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fixture("trainstep-io.safetensors"), &dev).unwrap();
+    let (x0, eps, t, y) = (&io["x0"], &io["eps"], &io["t"], &io["y"]);
+    let xt = interpolate(x0, eps, t).unwrap();
+    let target = velocity_target(x0, eps).unwrap();
+    let pred = model.forward(&xt, t, y).unwrap();
+    let loss = (pred - target).unwrap().sqr().unwrap().mean_all().unwrap();
+    let loss_v = loss.to_scalar::<f32>().unwrap();
+    let loss_ref = io["loss"].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+    assert!(
+        (loss_v - loss_ref).abs() <= 1e-4 * loss_ref.abs().max(1.0),
+        "loss {loss_v} vs {loss_ref}"
+    );
+
+    let grads = loss.backward().unwrap();
+    let reference: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fixture("trainstep-grads.safetensors"), &dev).unwrap();
+
+    // the trainable set is exactly the reference's gradient set
+    let ours: BTreeSet<String> = trainable_vars(&varmap)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let theirs: BTreeSet<String> = reference.keys().cloned().collect();
+    assert_eq!(ours, theirs, "trainable names differ from trainstep-grads");
+
+    let vars = varmap.data().lock().unwrap();
+    let mut sq = 0f64;
+    for (name, g_ref) in &reference {
+        let var = &vars[name];
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let scale = max_abs(g_ref);
+        let err = common::max_abs_diff(g, g_ref);
+        assert!(
+            scale == 0.0 || max_abs(g) > 0.0,
+            "{name}: zero gradient, reference max {scale}"
+        );
+        assert!(
+            err <= 1e-4 * scale.max(1e-6),
+            "{name}: grad max abs err {err} vs ref max {scale}"
+        );
+        sq += g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+    }
+    // frozen tensors receive no gradient
+    for (name, var) in vars.iter() {
+        if is_frozen(name) {
+            assert!(
+                grads.get(var.as_tensor()).is_none(),
+                "frozen {name} got a gradient"
+            );
+        }
+    }
+    let norm = sq.sqrt() as f32;
+    let norm_ref = io["grad_norm"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0];
+    assert!(
+        (norm - norm_ref).abs() <= 1e-4 * norm_ref,
+        "grad norm {norm} vs {norm_ref}"
+    );
+}

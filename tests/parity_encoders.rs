@@ -1,0 +1,194 @@
+//! Encoder parity with the reference fixtures (transformers 5.x, f32):
+//! DINOv2 with registers, SigLIP2's vision tower and MAE on the 256x256
+//! fixture crops (plain and flipped), from our own loaders and pipeline.
+
+mod common;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use common::{fixture, fixtures_dir, max_abs_diff, read_json};
+use rae_cache::encoders::{Encoder, crops_to_tensor, load_encoder};
+
+const TOL: f32 = 2e-4;
+
+struct Case {
+    path: String,
+    resized_by_reference: bool,
+}
+
+fn cases() -> Vec<Case> {
+    let meta = read_json("encoder-expected.json");
+    meta["images"]
+        .as_array()
+        .expect("images array")
+        .iter()
+        .map(|e| Case {
+            path: e["path"].as_str().expect("path").to_string(),
+            resized_by_reference: e["resized_by_reference"]
+                .as_bool()
+                .expect("resized_by_reference"),
+        })
+        .collect()
+}
+
+fn latent_shape() -> (usize, usize) {
+    let meta = read_json("encoder-expected.json");
+    let s: Vec<usize> = meta["latent_shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    (s[0], s[1])
+}
+
+fn expected(file: &str) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(file), &Device::Cpu).unwrap()
+}
+
+/// The crops to encode, in fixture order: the 256x256 images decoded from
+/// disk; for the photos the reference resized, its stored ADM crop.
+fn crops() -> Vec<image::RgbImage> {
+    let adm = expected("encoder-expected.safetensors")
+        .remove("adm_crop_u8")
+        .unwrap();
+    let (_, h, w, _) = adm.dims4().unwrap();
+    cases()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            if c.resized_by_reference {
+                let raw = adm
+                    .i(i)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<u8>()
+                    .unwrap();
+                image::RgbImage::from_raw(w as u32, h as u32, raw).unwrap()
+            } else {
+                let img = image::open(fixtures_dir().join("images").join(&c.path))
+                    .unwrap()
+                    .to_rgb8();
+                assert_eq!(
+                    img.dimensions(),
+                    (w as u32, h as u32),
+                    "{} is not a ready crop",
+                    c.path
+                );
+                img
+            }
+        })
+        .collect()
+}
+
+fn cosine(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let dot: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    (dot / (na * nb)) as f32
+}
+
+fn check(encoder: &dyn Encoder, flip: bool, want: &Tensor, what: &str) {
+    let imgs = crops();
+    let refs: Vec<&image::RgbImage> = imgs.iter().collect();
+    let x = crops_to_tensor(&refs, flip, &Device::Cpu).unwrap();
+    let got = encoder.encode(&x).unwrap();
+    let (tokens, c) = latent_shape();
+    assert_eq!(got.dims(), &[imgs.len(), tokens, c], "{what}");
+    assert_eq!(got.dtype(), DType::F32);
+    for (i, case) in cases().iter().enumerate() {
+        let (g, w) = (got.i(i).unwrap(), want.i(i).unwrap());
+        let err = max_abs_diff(&g, &w);
+        let cos = cosine(&g, &w);
+        eprintln!(
+            "{what} {} flip {flip}: max abs {err:.2e}, cosine {cos:.7}",
+            case.path
+        );
+        assert!(
+            err <= TOL,
+            "{what} {} (flip {flip}): max abs {err}",
+            case.path
+        );
+        if case.resized_by_reference {
+            assert!(
+                cos >= 0.999,
+                "{what} {} (flip {flip}): cosine {cos}",
+                case.path
+            );
+        }
+    }
+}
+
+fn load(dir: &str) -> Box<dyn Encoder> {
+    load_encoder(&fixture(dir), &Device::Cpu, DType::F32).unwrap()
+}
+
+#[test]
+fn dinov2_with_registers_matches_reference() {
+    let enc = load("encoder-dinov2reg");
+    let spec = enc.spec();
+    assert_eq!(spec.kind, "dinov2-reg");
+    assert_eq!((spec.tokens, spec.channels), latent_shape());
+    let pre: serde_json::Value = read_json("encoder-dinov2reg/preprocessor_config.json");
+    let cfg: serde_json::Value = read_json("encoder-dinov2reg/config.json");
+    assert_eq!(spec.patch_size as u64, cfg["patch_size"].as_u64().unwrap());
+    assert_eq!(
+        spec.image_mean[0],
+        pre["image_mean"][0].as_f64().unwrap() as f32
+    );
+    // 256 crops -> 16x16 tokens of patch 14 -> 224 input.
+    assert_eq!(spec.input_size, 16 * spec.patch_size);
+    let exp = expected("encoder-expected.safetensors");
+    check(enc.as_ref(), false, &exp["latents"], "dinov2reg");
+    check(enc.as_ref(), true, &exp["latents_hflip"], "dinov2reg");
+}
+
+#[test]
+fn siglip2_matches_reference() {
+    let enc = load("encoder-siglip2");
+    assert_eq!(enc.spec().kind, "siglip2");
+    assert_eq!(enc.spec().image_std, [0.5, 0.5, 0.5]);
+    let exp = expected("encoder-expected-siglip2-mae.safetensors");
+    check(enc.as_ref(), false, &exp["latents_siglip2"], "siglip2");
+}
+
+#[test]
+fn mae_matches_reference() {
+    let enc = load("encoder-mae");
+    assert_eq!(enc.spec().kind, "mae");
+    let exp = expected("encoder-expected-siglip2-mae.safetensors");
+    check(enc.as_ref(), false, &exp["latents_mae"], "mae");
+}
+
+#[test]
+fn batch_rows_are_independent() {
+    // One image alone gives the same latent as inside the batch.
+    let enc = load("encoder-dinov2reg");
+    let imgs = crops();
+    let one = crops_to_tensor(&[&imgs[1]], false, &Device::Cpu).unwrap();
+    let got = enc.encode(&one).unwrap();
+    let exp = expected("encoder-expected.safetensors");
+    let want = exp["latents"].i(1..2).unwrap();
+    assert!(max_abs_diff(&got, &want) <= TOL);
+}
+
+#[test]
+fn config_hash_is_sha256_of_config_json() {
+    use sha2::Digest;
+    let enc = load("encoder-mae");
+    let bytes = std::fs::read(fixture("encoder-mae/config.json")).unwrap();
+    let want: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(enc.spec().config_hash, want);
+}
+
+#[test]
+fn wrong_crop_size_is_an_error() {
+    let enc = load("encoder-siglip2");
+    let x = Tensor::zeros((1, 3, 224, 224), DType::F32, &Device::Cpu).unwrap();
+    assert!(enc.encode(&x).is_err());
+}
