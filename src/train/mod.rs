@@ -9,6 +9,7 @@ pub mod init;
 pub mod loader;
 pub mod lr;
 pub mod optim;
+pub mod trainer;
 
 pub use config::TrainConfig;
 pub use ema::Ema;
@@ -36,7 +37,11 @@ pub enum TrainError {
     #[error("{0}")]
     State(String),
     #[error("non-finite {what} at step {step}; last good checkpoint: {last_good}")]
-    NonFinite { step: u64, what: String, last_good: String },
+    NonFinite {
+        step: u64,
+        what: String,
+        last_good: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;

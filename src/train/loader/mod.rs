@@ -6,7 +6,7 @@
 
 pub mod pipeline;
 pub mod plan;
-// pub mod source; // until the shard reader is merged
+pub mod source;
 
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use pipeline::{HostBatch, RowGroupSource};
 pub use plan::{DataIndex, Loc, SampleRows, Sharding};
-// pub use source::CacheSet;
+pub use source::CacheSet;
 
 use super::checkpoint::LoaderCursor;
 use super::{Result, TrainError};
@@ -90,10 +90,22 @@ pub struct Loader {
 }
 
 impl Loader {
-    // /// Open a stream over a cache set, starting at `start`.
-    // pub fn new(set: &CacheSet, cfg: &LoaderConfig, start: LoaderCursor, device: &Device) -> Result<Self> {
-    //     Self::from_parts(set.index(), set.source(), set.normalizer().clone(), cfg, start, device)
-    // }
+    /// Open a stream over a cache set, starting at `start`.
+    pub fn new(
+        set: &CacheSet,
+        cfg: &LoaderConfig,
+        start: LoaderCursor,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::from_parts(
+            set.index(),
+            set.source(),
+            set.normalizer().clone(),
+            cfg,
+            start,
+            device,
+        )
+    }
 
     /// The same over any row-group source (tests, other storage).
     pub fn from_parts(

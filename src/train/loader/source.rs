@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::Normalizer;
 use super::pipeline::RowGroupSource;
 use super::plan::{DataIndex, Loc, SampleRows};
-use super::Normalizer;
 use crate::shards::manifest::{MANIFEST_FILE, STATS_FILE};
 use crate::shards::{LatentBatch, LatentStats, Manifest, ShardReader};
 use crate::train::{Result, TrainError};
@@ -49,7 +49,10 @@ pub struct CacheSet {
 }
 
 fn fmt_err(path: &Path, reason: impl Into<String>) -> TrainError {
-    TrainError::Format { path: path.to_path_buf(), reason: reason.into() }
+    TrainError::Format {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
 }
 
 impl CacheSet {
@@ -69,11 +72,21 @@ impl CacheSet {
         for (d, m) in dirs.iter().zip(&manifests).skip(1) {
             let (a, b) = (&m0.encoder, &m.encoder);
             let mut diffs = Vec::new();
-            if a.kind != b.kind || a.id != b.id || a.config_hash != b.config_hash || a.revision != b.revision {
-                diffs.push(format!("encoder {}@{} vs {}@{}", b.id, b.config_hash, a.id, a.config_hash));
+            if a.kind != b.kind
+                || a.id != b.id
+                || a.config_hash != b.config_hash
+                || a.revision != b.revision
+            {
+                diffs.push(format!(
+                    "encoder {}@{} vs {}@{}",
+                    b.id, b.config_hash, a.id, a.config_hash
+                ));
             }
             if (a.tokens, a.channels) != (b.tokens, b.channels) {
-                diffs.push(format!("latent {}x{} vs {}x{}", b.tokens, b.channels, a.tokens, a.channels));
+                diffs.push(format!(
+                    "latent {}x{} vs {}x{}",
+                    b.tokens, b.channels, a.tokens, a.channels
+                ));
             }
             if m.dtype != m0.dtype {
                 diffs.push(format!("dtype {:?} vs {:?}", m.dtype, m0.dtype));
@@ -84,7 +97,11 @@ impl CacheSet {
             if !diffs.is_empty() {
                 return Err(fmt_err(
                     d,
-                    format!("does not match {}: {}", first_dir.display(), diffs.join("; ")),
+                    format!(
+                        "does not match {}: {}",
+                        first_dir.display(),
+                        diffs.join("; ")
+                    ),
                 ));
             }
         }
@@ -118,23 +135,36 @@ impl CacheSet {
                 let mut row = 0usize;
                 for local in 0..reader.num_row_groups() {
                     let rg = groups.len() as u32;
-                    groups.push(RgRef { shard: shard_no, local });
+                    groups.push(RgRef {
+                        shard: shard_no,
+                        local,
+                    });
                     for r in 0..reader.row_group_rows(local) as usize {
                         let (Some(key), Some(&flip), Some(&label)) =
                             (idx.keys.get(row), idx.flips.get(row), idx.labels.get(row))
                         else {
-                            return Err(fmt_err(&path, "row groups hold more rows than the key column"));
+                            return Err(fmt_err(
+                                &path,
+                                "row groups hold more rows than the key column",
+                            ));
                         };
                         row += 1;
                         let loc = Loc { rg, row: r as u32 };
                         let si = *by_key.entry(key.clone()).or_insert_with(|| {
-                            samples.push(SampleRows { plain: None, flipped: None });
+                            samples.push(SampleRows {
+                                plain: None,
+                                flipped: None,
+                            });
                             if label >= 0 {
                                 labelled += 1;
                             }
                             samples.len() - 1
                         });
-                        let slot = if flip { &mut samples[si].flipped } else { &mut samples[si].plain };
+                        let slot = if flip {
+                            &mut samples[si].flipped
+                        } else {
+                            &mut samples[si].plain
+                        };
                         if slot.is_some() {
                             duplicates += 1;
                         } else {
@@ -143,16 +173,28 @@ impl CacheSet {
                     }
                 }
                 if row != idx.keys.len() {
-                    return Err(fmt_err(&path, "row-group row counts disagree with the key column"));
+                    return Err(fmt_err(
+                        &path,
+                        "row-group row counts disagree with the key column",
+                    ));
                 }
                 readers.push(reader);
             }
-            tracing::debug!("cache {di}: {} shards, {} images so far", m.shards.len(), samples.len());
+            tracing::debug!(
+                "cache {di}: {} shards, {} images so far",
+                m.shards.len(),
+                samples.len()
+            );
         }
         if duplicates > 0 {
-            tracing::warn!("{duplicates} rows repeat a (key, flip) already seen in the same cache; ignored");
+            tracing::warn!(
+                "{duplicates} rows repeat a (key, flip) already seen in the same cache; ignored"
+            );
         }
-        let index = DataIndex { samples, num_row_groups: groups.len() };
+        let index = DataIndex {
+            samples,
+            num_row_groups: groups.len(),
+        };
         Ok(Self {
             dirs: dirs.to_vec(),
             manifests,
@@ -208,18 +250,33 @@ impl CacheSet {
 /// `dir/<file>` if it exists, else `dir/shards/<file>`.
 fn shard_path(dir: &Path, file: &str) -> PathBuf {
     let direct = dir.join(file);
-    if direct.is_file() { direct } else { dir.join("shards").join(file) }
+    if direct.is_file() {
+        direct
+    } else {
+        dir.join("shards").join(file)
+    }
 }
 
 /// Pool per-directory statistics by image count (population variance of
 /// the union); a single directory's statistics are used as they are.
-fn pool_stats(dirs: &[PathBuf], stats: &[LatentStats], tokens: usize, channels: usize) -> Result<Normalizer> {
+fn pool_stats(
+    dirs: &[PathBuf],
+    stats: &[LatentStats],
+    tokens: usize,
+    channels: usize,
+) -> Result<Normalizer> {
     let s0 = &stats[0];
     for (d, s) in dirs.iter().zip(stats) {
-        if s.channels != channels || s.height * s.width != tokens || (s.channels, s.height, s.width) != (s0.channels, s0.height, s0.width) {
+        if s.channels != channels
+            || s.height * s.width != tokens
+            || (s.channels, s.height, s.width) != (s0.channels, s0.height, s0.width)
+        {
             return Err(fmt_err(
                 d,
-                format!("statistics are [{}, {}, {}], latents {tokens}x{channels}", s.channels, s.height, s.width),
+                format!(
+                    "statistics are [{}, {}, {}], latents {tokens}x{channels}",
+                    s.channels, s.height, s.width
+                ),
             ));
         }
     }
@@ -234,7 +291,10 @@ fn pool_stats(dirs: &[PathBuf], stats: &[LatentStats], tokens: usize, channels: 
     }
     let total: f64 = stats.iter().map(|s| s.count as f64).sum();
     if total <= 0.0 {
-        return Err(fmt_err(&dirs[0], "statistics without counts cannot be pooled across directories"));
+        return Err(fmt_err(
+            &dirs[0],
+            "statistics without counts cannot be pooled across directories",
+        ));
     }
     let n = s0.mean.len();
     let mut mean = vec![0f64; n];
