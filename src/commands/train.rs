@@ -145,9 +145,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         (true, Some(p)) => {
             // The stored config defines the run; flags given now override it
             // (e.g. more --steps).
-            let ck = checkpoint::load(&p, &candle_core::Device::Cpu)
-                .with_context(|| format!("reading {}", p.display()))?;
-            let mut stored = TrainConfig::from_json(&ck.config)?;
+            let stored =
+                checkpoint::read_config(&p).with_context(|| format!("reading {}", p.display()))?;
+            let mut stored = TrainConfig::from_json(&stored)?;
             args.apply(&mut stored)?;
             cfg = stored;
             Some(p)

@@ -237,6 +237,31 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     Ok(list_checkpoints(run_dir)?.pop().map(|(_, p)| p))
 }
 
+/// The run config stored in a checkpoint, reading only the file's header
+/// (a checkpoint of a large model is many GB).
+pub fn read_config(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(io_err(path))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100_000_000 {
+        return Err(fmt_err(path, format!("safetensors header of {n} bytes")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(io_err(path))?;
+    let v: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| fmt_err(path, format!("safetensors header: {e}")))?;
+    let meta = &v["__metadata__"];
+    if meta["format"].as_str() != Some(FORMAT) {
+        return Err(fmt_err(path, "not a rae-cache training checkpoint"));
+    }
+    meta["config"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| fmt_err(path, "metadata lacks \"config\""))
+}
+
 /// Read a checkpoint back, tensors on `device`.
 pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
     let buf = fs::read(path).map_err(io_err(path))?;
@@ -392,6 +417,7 @@ mod tests {
         let ck = sample(5, &rng);
         let p = save(dir.path(), &ck, 3).unwrap();
         assert_eq!(latest(dir.path()).unwrap().unwrap(), p);
+        assert_eq!(read_config(&p).unwrap(), ck.config);
         let back = load(&p, &Device::Cpu).unwrap();
         assert_eq!(back.step, 5);
         assert_eq!(back.cursor, ck.cursor);
@@ -440,6 +466,7 @@ mod tests {
         candle_core::safetensors::save(&HashMap::from([("a".to_string(), tensor(&[1.0]))]), &p)
             .unwrap();
         assert!(load(&p, &Device::Cpu).is_err());
+        assert!(read_config(&p).is_err());
         assert!(latest(dir.path()).unwrap().is_none());
     }
 }

@@ -281,6 +281,20 @@ impl Trainer {
         let loss = (v - target)?.sqr()?.mean_all()?;
         let store = loss.backward()?;
         let grads = Gradients::from_store(&store, &self.trainable)?;
+        if self.step == 0 && micro == 0 && grads.len() < self.trainable.len() {
+            // A parameter without gradient is silently never trained: say so.
+            let missing: Vec<&str> = self
+                .trainable
+                .iter()
+                .filter(|(k, _)| grads.get(k).is_none())
+                .map(|(k, _)| k.as_str())
+                .collect();
+            tracing::warn!(
+                "{} trainable tensors receive no gradient: {}",
+                missing.len(),
+                missing.join(", ")
+            );
+        }
         let loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         Ok((loss, grads, batch.cursor.epoch))
     }

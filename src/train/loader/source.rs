@@ -11,8 +11,9 @@ use super::Normalizer;
 use super::pipeline::RowGroupSource;
 use super::plan::{DataIndex, Loc, SampleRows};
 use crate::shards::manifest::{MANIFEST_FILE, STATS_FILE};
-use crate::shards::{LatentBatch, LatentStats, Manifest, ShardReader};
+use crate::shards::{LatentBatch, LatentStats, Manifest, RowIndex, ShardReader};
 use crate::train::{Result, TrainError};
+use rayon::prelude::*;
 
 /// Global row group `i` = row group `local` of shard `shard`.
 #[derive(Debug, Clone, Copy)]
@@ -115,9 +116,19 @@ impl CacheSet {
         let mut duplicates = 0usize;
         for (di, (d, m)) in dirs.iter().zip(&manifests).enumerate() {
             let mut by_key: HashMap<String, usize> = HashMap::new();
-            for info in &m.shards {
-                let path = shard_path(d, &info.file);
-                let reader = ShardReader::open(&path)?;
+            // Footers and key columns of all shards, read in parallel.
+            let opened: Vec<Result<(PathBuf, ShardReader, RowIndex)>> = m
+                .shards
+                .par_iter()
+                .map(|info| {
+                    let path = shard_path(d, &info.file);
+                    let reader = ShardReader::open(&path)?;
+                    let idx = reader.read_index()?;
+                    Ok((path, reader, idx))
+                })
+                .collect();
+            for opened in opened {
+                let (path, reader, idx) = opened?;
                 if (reader.tokens(), reader.channels()) != (m.encoder.tokens, m.encoder.channels) {
                     return Err(fmt_err(
                         &path,
@@ -130,7 +141,6 @@ impl CacheSet {
                         ),
                     ));
                 }
-                let idx = reader.read_index()?;
                 let shard_no = readers.len();
                 let mut row = 0usize;
                 for local in 0..reader.num_row_groups() {
