@@ -4,6 +4,14 @@
 
 mod common;
 
+/// The binary under test; `RAE_CACHE_BIN` overrides it (e.g. a copy, when a
+/// shared target directory may be rebuilt by another checkout meanwhile).
+fn exe() -> std::path::PathBuf {
+    std::env::var_os("RAE_CACHE_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_rae-cache").into())
+}
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -87,7 +95,7 @@ fn dataset(root: &Path) -> (Vec<&'static str>, Vec<&'static str>, Vec<&'static s
 
 fn build(images: &Path, out: &Path, strict: bool) -> std::process::Output {
     let encoder = common::fixture("encoder-dinov2reg");
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_rae-cache"));
+    let mut c = std::process::Command::new(exe());
     c.env("RAE_LOG", "error").args([
         "build",
         images.to_str().unwrap(),
@@ -184,7 +192,7 @@ fn bad_inputs_are_recorded_and_skipped() {
     );
 
     // The cache verifies; --strict turns the rejections into a failure.
-    let v = std::process::Command::new(env!("CARGO_BIN_EXE_rae-cache"))
+    let v = std::process::Command::new(exe())
         .args(["verify", out.to_str().unwrap()])
         .output()
         .unwrap();

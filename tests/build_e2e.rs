@@ -4,16 +4,24 @@
 
 mod common;
 
+/// The binary under test; `RAE_CACHE_BIN` overrides it (e.g. a copy, when a
+/// shared target directory may be rebuilt by another checkout meanwhile).
+fn exe() -> std::path::PathBuf {
+    std::env::var_os("RAE_CACHE_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_rae-cache").into())
+}
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
-use rae_cache::pipeline::{BuildManifest, manifest, stats};
-use rae_cache::shards::ShardReader;
+use rae_cache::pipeline::manifest;
+use rae_cache::shards::{LatentStats, Manifest, ShardReader};
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rae-cache"));
+    let mut c = Command::new(exe());
     c.env("RAE_LOG", "warn");
     c
 }
@@ -59,12 +67,11 @@ fn build(out: &Path, dtype: &str) -> serde_json::Value {
 /// key -> (label, [unflipped latent, flipped latent])
 type Rows = BTreeMap<String, (i32, [Vec<f32>; 2])>;
 
-fn read_rows(cache: &Path) -> (BuildManifest, Rows) {
-    let m = BuildManifest::load(&cache.join(manifest::MANIFEST_FILE)).unwrap();
+fn read_rows(cache: &Path) -> (Manifest, Rows) {
+    let m = Manifest::load(&cache.join(manifest::MANIFEST_FILE)).unwrap();
     let mut rows: Rows = BTreeMap::new();
     for s in &m.shards {
-        let Some(f) = &s.file else { continue };
-        let r = ShardReader::open(&cache.join(f)).unwrap();
+        let r = ShardReader::open(&cache.join(&s.file)).unwrap();
         assert_eq!(r.num_rows(), s.rows);
         for g in 0..r.num_row_groups() {
             let b = r.read_row_group(g).unwrap();
@@ -136,9 +143,9 @@ fn f32_build_reproduces_the_reference_and_verifies() {
     assert_eq!(summary["images_rejected"].as_u64(), Some(0));
 
     let (m, rows) = read_rows(&cache);
-    assert!(m.complete);
-    assert_eq!(m.latent_shape, [tokens, channels]);
-    assert_eq!(m.dataset.classes, classes);
+    assert_eq!((m.encoder.tokens, m.encoder.channels), (tokens, channels));
+    assert_eq!(m.classes, classes);
+    assert_eq!(m.totals.images, images.len() as u64);
     assert_eq!(rows.len(), images.len());
     for (i, img) in images.iter().enumerate() {
         let key = img["path"].as_str().unwrap();
@@ -172,11 +179,11 @@ fn f32_build_reproduces_the_reference_and_verifies() {
     }
 
     // Statistics equal a direct two-pass computation over the stored rows.
-    let st = stats::load_final(&cache.join(manifest::STATS_FILE)).unwrap();
+    let st = LatentStats::load(&cache.join(manifest::STATS_FILE)).unwrap();
     let n = rows.len() * 2;
     assert_eq!(st.count as usize, n);
     let side = (tokens as f64).sqrt() as usize;
-    assert_eq!(st.shape, [channels, side, side]);
+    assert_eq!([st.channels, st.height, st.width], [channels, side, side]);
     let all: Vec<&Vec<f32>> = rows.values().flat_map(|(_, l)| l.iter()).collect();
     let mut worst = 0f64;
     for t in 0..tokens {
@@ -205,7 +212,7 @@ fn f32_build_reproduces_the_reference_and_verifies() {
     assert_eq!(v["dtype"], "f32");
     assert!(v["compression_ratio"].as_f64().unwrap() > 0.5);
     assert!(v["bytes_per_image"].as_f64().unwrap() > 0.0);
-    let shard0 = cache.join(m.shards[0].file.as_ref().unwrap());
+    let shard0 = cache.join(&m.shards[0].file);
     let o = run_ok(&["inspect", shard0.to_str().unwrap(), "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["rows"].as_u64(), Some(m.shards[0].rows));
@@ -216,7 +223,7 @@ fn f32_build_reproduces_the_reference_and_verifies() {
     assert_eq!(v["rows_checked"].as_u64(), Some(n as u64));
 
     // One flipped byte in a shard: verify fails and names the file.
-    let target: PathBuf = cache.join(m.shards[1].file.as_ref().unwrap());
+    let target: PathBuf = cache.join(&m.shards[1].file);
     let mut bytes = std::fs::read(&target).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x5a;
@@ -227,10 +234,7 @@ fn f32_build_reproduces_the_reference_and_verifies() {
         .unwrap();
     assert!(!o.status.success(), "verify accepted a corrupted shard");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains(m.shards[1].file.as_ref().unwrap().as_str()),
-        "{err}"
-    );
+    assert!(err.contains(m.shards[1].file.as_str()), "{err}");
 }
 
 #[test]

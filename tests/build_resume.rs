@@ -4,13 +4,21 @@
 
 mod common;
 
+/// The binary under test; `RAE_CACHE_BIN` overrides it (e.g. a copy, when a
+/// shared target directory may be rebuilt by another checkout meanwhile).
+fn exe() -> std::path::PathBuf {
+    std::env::var_os("RAE_CACHE_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_rae-cache").into())
+}
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rae-cache"));
+    let mut c = Command::new(exe());
     c.env("RAE_LOG", "warn");
     c
 }
@@ -35,27 +43,32 @@ fn dataset(dir: &Path) -> PathBuf {
     root
 }
 
+/// Build arguments: small shards and batches by default; `extra` adds to
+/// or overrides them.
 fn args(images: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let encoder = common::fixture("encoder-dinov2reg");
     let mut v: Vec<String> = [
         "build",
         images.to_str().unwrap(),
-        "--encoder",
-        encoder.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--batch-size",
-        "2",
-        "--rows-per-shard",
-        "4",
-        "--rows-per-group",
-        "2",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
+    let defaults = [
+        ("--encoder", encoder.to_str().unwrap()),
+        ("--device", "cpu"),
+        ("--batch-size", "2"),
+        ("--rows-per-shard", "4"),
+        ("--rows-per-group", "2"),
+    ];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            v.push(flag.into());
+            v.push(value.into());
+        }
+    }
     v.extend(extra.iter().map(|s| s.to_string()));
     v
 }
@@ -87,12 +100,15 @@ fn shard_bytes(cache: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-fn manifest_without_log(cache: &Path) -> serde_json::Value {
+/// The public manifest (no timings in it) and the builder's state minus
+/// its clock/machine section.
+fn manifest_without_log(cache: &Path) -> (String, serde_json::Value) {
+    let manifest = std::fs::read_to_string(cache.join("manifest.json")).unwrap();
     let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(cache.join("manifest.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(cache.join("build-state.json")).unwrap())
             .unwrap();
     v.as_object_mut().unwrap().remove("build_log");
-    v
+    (manifest, v)
 }
 
 fn assert_same_cache(a: &Path, b: &Path, what: &str) {
@@ -137,9 +153,9 @@ fn killed_build_resumes_to_the_same_bytes() {
     }
     let _ = child.kill();
     let status = child.wait().unwrap();
+    let state = killed.join("build-state.json");
     let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(killed.join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
     if m["complete"] == true {
         // The build beat the kill: emulate a crash after shard 0 instead
         // (later shards and the final stats left behind, a stray temp file).
@@ -148,11 +164,7 @@ fn killed_build_resumes_to_the_same_bytes() {
         let shards = m["shards"].as_array().unwrap()[..1].to_vec();
         m["shards"] = serde_json::Value::Array(shards);
         m["complete"] = false.into();
-        std::fs::write(
-            killed.join("manifest.json"),
-            serde_json::to_string_pretty(&m).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(&state, serde_json::to_string_pretty(&m).unwrap()).unwrap();
         std::fs::write(
             killed.join("shards").join(".part-00001.parquet.tmp-1"),
             b"half a shard",
@@ -255,9 +267,17 @@ fn parts_and_merge_equal_a_single_build() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert_same_cache(&single, &parts, "2 parts + merge");
-    let (a, b) = (manifest_without_log(&single), manifest_without_log(&parts));
+    let (a, b) = (
+        manifest_without_log(&single).1,
+        manifest_without_log(&parts).1,
+    );
     assert_eq!(a["shards"], b["shards"]);
     assert_eq!(a["totals"], b["totals"]);
+    // The public manifest holds no timings: the merged one is the single build's, byte for byte.
+    assert_eq!(
+        manifest_without_log(&single).0,
+        manifest_without_log(&parts).0
+    );
     let o = bin()
         .args(["verify", parts.to_str().unwrap()])
         .output()

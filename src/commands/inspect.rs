@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use rae_cache::pipeline::{BuildManifest, manifest, stats};
-use rae_cache::shards::{LatentDType, ShardReader};
+use rae_cache::pipeline::{BuildManifest, manifest};
+use rae_cache::shards::{LatentDType, LatentStats, Manifest, ShardReader};
 use serde_json::json;
 
 #[derive(clap::Args, Debug)]
@@ -48,50 +48,52 @@ fn range(v: impl Iterator<Item = f64>) -> serde_json::Value {
 }
 
 fn inspect_cache(dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
-    let m = BuildManifest::load(&dir.join(manifest::MANIFEST_FILE))?;
-    let [tokens, channels] = m.latent_shape;
+    let m = Manifest::load(&dir.join(manifest::MANIFEST_FILE))?;
+    // The builder's own record, when this cache was built (not sampled).
+    let state = BuildManifest::load(dir).ok();
+    let (tokens, channels) = (m.encoder.tokens, m.encoder.channels);
     let t = &m.totals;
-    let stats_v = match &m.stats {
-        Some(f) => {
-            let st = stats::load_final(&dir.join(f)).with_context(|| format!("reading {f}"))?;
-            json!({
-                "file": f,
-                "count": st.count,
-                "shape": st.shape,
-                "mean_range": range(st.mean.iter().map(|&x| x as f64)),
-                "std_range": range(st.var.iter().map(|&x| (x.max(0.0) as f64).sqrt())),
-                "mean_of_means": st.mean.iter().map(|&x| x as f64).sum::<f64>() / st.mean.len().max(1) as f64,
-            })
-        }
-        None => serde_json::Value::Null,
+    let raw = t.rows * (tokens * channels * 4) as u64;
+    let stats_path = dir.join(manifest::STATS_FILE);
+    let stats_v = if stats_path.exists() {
+        let st = LatentStats::load(&stats_path)
+            .with_context(|| format!("reading {}", stats_path.display()))?;
+        json!({
+            "file": manifest::STATS_FILE,
+            "count": st.count,
+            "shape": [st.channels, st.height, st.width],
+            "mean_range": range(st.mean.iter().map(|&x| x as f64)),
+            "std_range": range(st.var.iter().map(|&x| (x.max(0.0) as f64).sqrt())),
+            "mean_of_means": st.mean.iter().map(|&x| x as f64).sum::<f64>() / st.mean.len().max(1) as f64,
+        })
+    } else {
+        serde_json::Value::Null
     };
     Ok(json!({
         "kind": "cache",
         "path": dir,
-        "complete": m.complete,
+        "complete": state.as_ref().map(|s| s.complete),
         "part": m.part,
         "schema": schema(m.dtype, tokens, channels),
         "dtype": m.dtype,
-        "latent_shape": m.latent_shape,
-        "encoder": {"id": m.encoder.id, "kind": m.encoder.kind, "revision": m.encoder.revision,
-                    "config_sha256": m.encoder.config_hash, "input_size": m.encoder.input_size,
-                    "patch_size": m.encoder.patch_size},
+        "latent_shape": [tokens, channels],
+        "hflip": m.hflip,
+        "encoder": m.encoder,
         "preprocessing": m.preprocessing,
-        "dataset_root": m.dataset.root,
-        "classes": m.dataset.classes.len(),
-        "class_names": m.dataset.classes,
-        "images": m.dataset.images,
-        "images_encoded": t.images_encoded,
-        "images_rejected": t.images_rejected,
+        "dataset_root": m.dataset_root,
+        "classes": m.classes.len(),
+        "class_names": m.classes,
+        "images_encoded": t.images,
+        "images_rejected": m.rejected.len(),
         "rows": t.rows,
-        "shards": m.shards.iter().filter(|s| s.file.is_some()).count(),
+        "shards": m.shards.len(),
         "stored_bytes": t.bytes,
-        "raw_f32_bytes": t.raw_f32_bytes,
-        "compression_ratio": if t.bytes > 0 { t.raw_f32_bytes as f64 / t.bytes as f64 } else { 0.0 },
-        "bytes_per_image": if t.images_encoded > 0 { t.bytes as f64 / t.images_encoded as f64 } else { 0.0 },
+        "raw_f32_bytes": raw,
+        "compression_ratio": if t.bytes > 0 { raw as f64 / t.bytes as f64 } else { 0.0 },
+        "bytes_per_image": if t.images > 0 { t.bytes as f64 / t.images as f64 } else { 0.0 },
         "stats": stats_v,
         "rejected": m.rejected,
-        "skipped": m.skipped,
+        "skipped": state.as_ref().map(|s| s.skipped.clone()).unwrap_or_default(),
     }))
 }
 

@@ -1,11 +1,14 @@
-//! `manifest.json` of a build (or of one part of a multi-machine build):
-//! what was encoded, how, and which shards are complete. Rewritten
-//! atomically after every shard, so it always describes a consistent prefix
-//! of the build; `--resume` continues from it.
+//! `build-state.json`: the builder's own record of a build (or of one part
+//! of a multi-machine build): what was encoded, how, which planned shards are
+//! complete (with their rejected inputs), and whether the build finished.
+//! `--resume` continues from it. After every shard it is rewritten
+//! atomically, followed by the public `manifest.json` (the shards module's
+//! [`crate::shards::Manifest`], schemas/manifest.schema.json) derived from it.
 //!
 //! Everything that depends on the clock or on the machine (timings, threads,
-//! device) lives in `build_log`, so two builds with the same inputs and
-//! arguments write the same manifest apart from that section.
+//! device) lives in `build_log`, which only `build-state.json` carries, so
+//! `manifest.json` is byte-identical between builds with the same inputs and
+//! arguments.
 
 use std::path::Path;
 
@@ -15,8 +18,8 @@ use crate::shards::LatentDType;
 
 use super::plan::PartSpec;
 
-pub const MANIFEST_FILE: &str = "manifest.json";
-pub const STATS_FILE: &str = "stats.safetensors";
+pub use crate::shards::manifest::{MANIFEST_FILE, STATS_FILE};
+pub const BUILD_STATE_FILE: &str = "build-state.json";
 pub const SHARDS_DIR: &str = "shards";
 pub const PARTS_DIR: &str = "parts";
 pub const STATE_DIR: &str = "state";
@@ -178,15 +181,19 @@ pub enum ManifestError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: not a rae-cache manifest: {reason}")]
+    #[error("{path}: not a rae-cache build state: {reason}")]
     Format {
         path: std::path::PathBuf,
         reason: String,
     },
+    #[error(transparent)]
+    Shard(#[from] crate::shards::ShardError),
 }
 
 impl BuildManifest {
-    pub fn load(path: &Path) -> Result<Self, ManifestError> {
+    /// Read `build-state.json` from a build root.
+    pub fn load(root: &Path) -> Result<Self, ManifestError> {
+        let path = &root.join(BUILD_STATE_FILE);
         let s = std::fs::read_to_string(path).map_err(|source| ManifestError::Io {
             path: path.into(),
             source,
@@ -197,16 +204,78 @@ impl BuildManifest {
         })
     }
 
-    pub fn save(&self, path: &Path) -> Result<(), ManifestError> {
+    /// Write `build-state.json` into `root`, then `manifest.json` next to it
+    /// (both atomically; the state first, since `--resume` trusts it).
+    pub fn save(&self, root: &Path) -> Result<(), ManifestError> {
+        let path = root.join(BUILD_STATE_FILE);
         let mut s = serde_json::to_string_pretty(self).map_err(|e| ManifestError::Format {
-            path: path.into(),
+            path: path.clone(),
             reason: e.to_string(),
         })?;
         s.push('\n');
-        crate::fsutil::write_atomic(path, s.as_bytes()).map_err(|source| ManifestError::Io {
-            path: path.into(),
-            source,
-        })
+        crate::fsutil::write_atomic(&path, s.as_bytes())
+            .map_err(|source| ManifestError::Io { path, source })?;
+        self.to_public()
+            .save(&root.join(MANIFEST_FILE))
+            .map_err(ManifestError::Shard)
+    }
+
+    /// The public manifest (schemas/manifest.schema.json). Shard files are
+    /// named relative to the cache directory: `shards/part-NNNNN.parquet`.
+    pub fn to_public(&self) -> crate::shards::Manifest {
+        use crate::shards::manifest::{
+            EncoderInfo, HflipMode, PartInfo, RejectedInput, Totals as PubTotals,
+        };
+        let mut m = crate::shards::Manifest::new(
+            self.dataset.root.clone(),
+            self.dataset.classes.clone(),
+            EncoderInfo::from(&self.encoder),
+            self.dtype,
+            match self.settings.hflip {
+                HFlip::Both => HflipMode::Both,
+                HFlip::None => HflipMode::None,
+            },
+        );
+        m.preprocessing = serde_json::to_value(&self.preprocessing).unwrap_or_default();
+        m.shards = self
+            .shards
+            .iter()
+            .filter_map(|s| {
+                Some(crate::shards::ShardInfo {
+                    file: s.file.clone()?,
+                    rows: s.rows,
+                    bytes: s.bytes,
+                    sha256: s.sha256.clone()?,
+                })
+            })
+            .collect();
+        m.totals = PubTotals {
+            images: self.totals.images_encoded,
+            rows: self.totals.rows,
+            bytes: self.totals.bytes,
+        };
+        m.rejected = self
+            .rejected
+            .iter()
+            .map(|r| RejectedInput {
+                key: r.key.clone(),
+                reason: r.reason.clone(),
+            })
+            .collect();
+        m.build_args = serde_json::json!({
+            "settings": self.settings,
+            "layout": self.layout,
+            "complete": self.complete,
+            "skipped": self.skipped,
+        });
+        m.part = match self.part {
+            Some(p) => PartInfo {
+                num_parts: p.count,
+                part: p.index,
+            },
+            None => PartInfo::default(),
+        };
+        m
     }
 
     /// Recompute totals and the flat rejected list from the shard entries.

@@ -5,27 +5,24 @@ use std::path::{Path, PathBuf};
 
 use crate::shards::StatsAccumulator;
 
+use super::PipelineError;
 use super::manifest::{self, BuildManifest};
-use super::{PipelineError, stats};
 
 /// Left fold, in shard order, of the per-shard accumulators of the given
 /// (build root, manifest) pairs: the same operations a whole build does.
 pub fn fold_states(parts: &[(&Path, &BuildManifest)]) -> Result<StatsAccumulator, PipelineError> {
-    let len = parts
-        .first()
-        .map(|(_, m)| m.latent_shape[0] * m.latent_shape[1])
-        .unwrap_or(0);
-    let mut acc = stats::empty(len);
+    let [tokens, channels] = parts.first().map(|(_, m)| m.latent_shape).unwrap_or([0, 0]);
+    let mut acc = StatsAccumulator::new(tokens, channels);
     for (root, m) in parts {
         for s in m.shards.iter().filter(|s| s.file.is_some()) {
-            let st = stats::load_state(&super::state_file(root, s.index), len)?;
-            if st.count != s.rows {
+            let st = StatsAccumulator::load_state(&super::state_file(root, s.index))?;
+            if st.count != s.rows || (st.tokens, st.channels) != (tokens, channels) {
                 return Err(PipelineError::Invalid(format!(
                     "statistics state of shard {} counts {} rows, the manifest lists {}",
                     s.index, st.count, s.rows
                 )));
             }
-            stats::merge_into(&mut acc, &st);
+            acc.merge(&st)?;
         }
     }
     Ok(acc)
@@ -153,9 +150,9 @@ pub fn merge_parts(out: &Path) -> Result<MergeSummary, PipelineError> {
         .zip(manifests.iter())
         .collect();
     let acc = fold_states(&pairs)?;
-    let [tokens, channels] = manifests[0].latent_shape;
-    let fin = stats::finalize(&acc, tokens, channels).map_err(PipelineError::Invalid)?;
-    stats::save_final(&fin, &out.join(manifest::STATS_FILE))?;
+    if acc.count > 0 {
+        acc.save_stats(&out.join(manifest::STATS_FILE))?;
+    }
 
     // Per-shard states move next to the merged manifest so the cache is
     // self-contained (and a later merge of merges would work the same way).
@@ -185,13 +182,13 @@ pub fn merge_parts(out: &Path) -> Result<MergeSummary, PipelineError> {
         .iter()
         .flat_map(|m| m.shards.iter().cloned())
         .collect();
-    merged.stats = Some(manifest::STATS_FILE.into());
+    merged.stats = (acc.count > 0).then(|| manifest::STATS_FILE.into());
     merged.complete = true;
     merged.build_log.seconds = manifests.iter().map(|m| m.build_log.seconds).sum();
     merged.build_log.runs = manifests.iter().map(|m| m.build_log.runs).sum();
     merged.build_log.updated_unix = manifest::unix_now();
     merged.refresh_totals();
-    merged.save(&out.join(manifest::MANIFEST_FILE))?;
+    merged.save(out)?;
     Ok(MergeSummary {
         cache_dir: out.to_path_buf(),
         parts: count,
@@ -204,12 +201,13 @@ pub fn merge_parts(out: &Path) -> Result<MergeSummary, PipelineError> {
 }
 
 fn load_part(parts_dir: &Path, i: usize) -> Result<BuildManifest, PipelineError> {
-    let p = parts_dir.join(i.to_string()).join(manifest::MANIFEST_FILE);
+    let root = parts_dir.join(i.to_string());
+    let p = root.join(manifest::BUILD_STATE_FILE);
     if !p.is_file() {
         return Err(PipelineError::Invalid(format!(
             "part {i} is missing ({} not found): run its build (`--part {i}`) before merging",
             p.display()
         )));
     }
-    Ok(BuildManifest::load(&p)?)
+    Ok(BuildManifest::load(&root)?)
 }

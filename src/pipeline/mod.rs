@@ -4,11 +4,19 @@
 //!
 //! Directory layout of a cache:
 //! ```text
-//! CACHE/manifest.json            the build (or, after `merge`, all parts)
+//! CACHE/manifest.json            public manifest (schemas/manifest.schema.json)
+//! CACHE/build-state.json         the builder's record: plan, settings, progress, timings
 //! CACHE/stats.safetensors        mean, var f32 [C,16,16], count
 //! CACHE/shards/part-NNNNN.parquet  NNNNN = global shard index
 //! CACHE/state/stats-NNNNN.safetensors  exact f64 per-shard accumulators
-//! CACHE/parts/I/{manifest.json,state/}  part I of `--num-parts N --part I`
+//! CACHE/parts/I/{manifest.json,build-state.json,state/}  part I of `--num-parts N --part I`
+//! ```
+//! Statistics: each shard's rows (read back after writing, so quantisation
+//! included) are accumulated in f64 in row order into their own accumulator;
+//! the cache's statistics are the left fold of those in shard order. A whole
+//! build, a resumed build and a merge of parts perform the same operations in
+//! the same order, so their `stats.safetensors` are byte-identical.
+//! ```text
 //! ```
 //! Parts write their shards straight into `CACHE/shards/` (global shard
 //! numbers never collide), so `merge` moves no data.
@@ -18,7 +26,6 @@ pub mod manifest;
 pub mod merge;
 pub mod plan;
 mod stages;
-pub mod stats;
 pub mod verify;
 
 use std::collections::BTreeMap;
@@ -31,7 +38,9 @@ use sha2::Digest;
 
 use crate::encoders::{EncoderError, EncoderSpec};
 use crate::images::{DecodeOptions, ImageEntry, ImageError, Skipped};
-use crate::shards::{LatentDType, LatentRow, ShardError, ShardReader, ShardWriter, WriterOptions};
+use crate::shards::{
+    LatentDType, LatentRow, ShardError, ShardReader, ShardWriter, StatsAccumulator, WriterOptions,
+};
 
 pub use manifest::{BuildManifest, HFlip};
 pub use plan::{PartSpec, ShardPlan};
@@ -57,8 +66,6 @@ pub enum PipelineError {
     Lock(#[from] lock::LockError),
     #[error(transparent)]
     Manifest(#[from] manifest::ManifestError),
-    #[error(transparent)]
-    Stats(#[from] stats::StatsError),
     #[error("{0}")]
     Invalid(String),
     #[error(
@@ -261,13 +268,14 @@ pub fn run_build(cfg: &BuildConfig) -> Result<BuildSummary, PipelineError> {
     std::fs::create_dir_all(&root).map_err(io_err(&root))?;
     let _lock = lock::lock_dir(&root, manifest::LOCK_FILE)?;
     let manifest_path = root.join(manifest::MANIFEST_FILE);
+    let state_path = root.join(manifest::BUILD_STATE_FILE);
     if cfg.part.is_some() && cfg.out.join(manifest::MANIFEST_FILE).exists() {
         return Err(PipelineError::Invalid(format!(
             "{} already holds a whole (or merged) build; parts must go to a fresh directory",
             cfg.out.display()
         )));
     }
-    let resuming = cfg.resume && manifest_path.exists();
+    let resuming = cfg.resume && state_path.exists();
     if !resuming && has_content(&root)? {
         return Err(if cfg.resume {
             PipelineError::NoManifest { path: root.clone() }
@@ -340,7 +348,7 @@ pub fn run_build(cfg: &BuildConfig) -> Result<BuildSummary, PipelineError> {
     std::fs::create_dir_all(root.join(manifest::STATE_DIR)).map_err(io_err(&root))?;
 
     let mut m = if resuming {
-        let m = BuildManifest::load(&manifest_path)?;
+        let m = BuildManifest::load(&root)?;
         let diffs = m.settings.differences(&settings);
         if !diffs.is_empty() {
             return Err(PipelineError::ResumeMismatch {
@@ -397,7 +405,7 @@ pub fn run_build(cfg: &BuildConfig) -> Result<BuildSummary, PipelineError> {
     m.build_log.batch_size = cfg.batch_size;
     m.build_log.device = crate::device::device_name(&device);
     m.refresh_totals();
-    m.save(&manifest_path)?;
+    m.save(&root)?;
 
     let todo = plan.images_from_shard(m.next_shard());
     let images_this_run = todo.len() as u64;
@@ -438,7 +446,6 @@ pub fn run_build(cfg: &BuildConfig) -> Result<BuildSummary, PipelineError> {
         shards_dir: &shards_dir,
         root: &root,
         manifest: &mut m,
-        manifest_path: &manifest_path,
         current: None,
         seconds_before,
         run_start,
@@ -467,21 +474,24 @@ pub fn run_build(cfg: &BuildConfig) -> Result<BuildSummary, PipelineError> {
     let stats_path = cfg.out.join(manifest::STATS_FILE);
     if cfg.part.is_none() {
         let acc = merge::fold_states(&[(&root, &m)])?;
-        let fin = stats::finalize(&acc, tokens, channels).map_err(PipelineError::Invalid)?;
-        stats::save_final(&fin, &stats_path)?;
-        m.stats = Some(manifest::STATS_FILE.into());
+        if acc.count > 0 {
+            acc.save_stats(&stats_path)?;
+            m.stats = Some(manifest::STATS_FILE.into());
+        } else {
+            tracing::warn!("no image could be encoded: no statistics written");
+        }
     }
     m.complete = true;
     m.build_log.updated_unix = manifest::unix_now();
     m.build_log.seconds = seconds_before + run_start.elapsed().as_secs_f64();
-    m.save(&manifest_path)?;
+    m.save(&root)?;
 
     let secs = t0.elapsed().as_secs_f64();
     let t = &m.totals;
     Ok(BuildSummary {
         cache_dir: cfg.out.clone(),
         manifest: manifest_path,
-        stats: cfg.part.is_none().then_some(stats_path),
+        stats: m.stats.is_some().then_some(stats_path),
         complete: true,
         part: cfg.part,
         resumed_from_shard,
@@ -583,7 +593,6 @@ struct ShardSink<'a> {
     shards_dir: &'a Path,
     root: &'a Path,
     manifest: &'a mut BuildManifest,
-    manifest_path: &'a Path,
     current: Option<OpenShard>,
     seconds_before: f64,
     run_start: Instant,
@@ -675,7 +684,7 @@ impl ShardSink<'_> {
                 let path = self.shards_dir.join(&name);
                 let info = w.finish()?;
                 let acc = read_back_stats(&path, &open.keys, self.flips, open.rows, &self.opts)?;
-                stats::save_state(&acc, &state_file(self.root, open.index))?;
+                acc.save_state(&state_file(self.root, open.index))?;
                 let sha = sha256_file(&path)?;
                 if !info.sha256.is_empty() && !info.sha256.eq_ignore_ascii_case(&sha) {
                     return Err(PipelineError::DamagedShard {
@@ -710,7 +719,7 @@ impl ShardSink<'_> {
         m.refresh_totals();
         m.build_log.updated_unix = manifest::unix_now();
         m.build_log.seconds = self.seconds_before + self.run_start.elapsed().as_secs_f64();
-        m.save(self.manifest_path)?;
+        m.save(self.root)?;
         tracing::debug!(shard = open.index, rows = open.rows, "shard complete");
         Ok(())
     }
@@ -724,7 +733,7 @@ fn read_back_stats(
     flips: &[bool],
     rows: u64,
     opts: &WriterOptions,
-) -> Result<crate::shards::StatsAccumulator, PipelineError> {
+) -> Result<StatsAccumulator, PipelineError> {
     let reader = ShardReader::open(path)?;
     let bad = |reason: String| PipelineError::DamagedShard {
         path: path.to_path_buf(),
@@ -737,7 +746,7 @@ fn read_back_stats(
         )));
     }
     let per = opts.tokens * opts.channels;
-    let mut acc = stats::empty(per);
+    let mut acc = StatsAccumulator::new(opts.tokens, opts.channels);
     let mut row = 0usize;
     for g in 0..reader.num_row_groups() {
         let b = reader.read_row_group(g)?;
@@ -759,7 +768,7 @@ fn read_back_stats(
                     b.flips.get(i)
                 )));
             }
-            stats::push_row(&mut acc, &b.latents[i * per..(i + 1) * per]);
+            acc.push_rows(&b.latents[i * per..(i + 1) * per], 1)?;
             row += 1;
         }
     }

@@ -1,12 +1,14 @@
-//! Check a cache against its manifest: every shard re-hashed and fully
-//! decoded, row counts, keys, flips and shapes, and the statistics file.
+//! Check a cache against its `manifest.json`: every shard re-hashed and
+//! fully decoded, row counts, keys, flips and shapes, and the statistics.
+//! Works on any cache with the public manifest (built, merged or sampled).
 
 use std::path::{Path, PathBuf};
 
-use crate::shards::ShardReader;
+use crate::shards::manifest::HflipMode;
+use crate::shards::{LatentStats, Manifest, ShardInfo, ShardReader};
 
+use super::PipelineError;
 use super::manifest::{self, BuildManifest};
-use super::{PipelineError, plan, stats};
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct VerifyReport {
@@ -22,71 +24,74 @@ impl VerifyReport {
     }
 }
 
-/// Verify `dir` (a whole or merged cache, or a part's directory). Problems
-/// with the data are collected in the report; only an unreadable manifest
-/// is an error.
+/// Shard files are named relative to the cache directory; a part's
+/// manifest lives two levels down, in CACHE/parts/I.
+pub fn data_root(dir: &Path, m: &Manifest) -> PathBuf {
+    if m.part.num_parts > 1 && dir.join(manifest::BUILD_STATE_FILE).exists() {
+        dir.join("../..")
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// Verify `dir`. Problems with the data are collected in the report; only
+/// an unreadable manifest is an error.
 pub fn verify_cache(
     dir: &Path,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<VerifyReport, PipelineError> {
-    let m = BuildManifest::load(&dir.join(manifest::MANIFEST_FILE))?;
-    // A part's manifest lives in CACHE/parts/I; its shards in CACHE/shards.
-    let data_root = if m.part.is_some() {
-        dir.join("../..")
-    } else {
-        dir.to_path_buf()
-    };
+    let m = Manifest::load(&dir.join(manifest::MANIFEST_FILE))?;
+    let root = data_root(dir, &m);
     let mut r = VerifyReport {
         cache_dir: dir.to_path_buf(),
         ..Default::default()
     };
-    let [tokens, channels] = m.latent_shape;
-    let flips = m.settings.hflip.flips();
-    if !m.complete {
-        r.problems.push(format!(
-            "the build is incomplete: {} of {} shards done (resume it with `rae-cache build ... --resume`)",
-            m.shards.len(),
-            m.layout.end_shard - m.layout.first_shard
-        ));
-    }
-    for (i, s) in m.shards.iter().enumerate() {
-        progress(i, m.shards.len());
-        if s.index != m.layout.first_shard + i {
-            r.problems
-                .push(format!("manifest lists shard {} at position {i}", s.index));
-        }
-        let Some(file) = &s.file else {
-            if s.rows != 0 {
-                r.problems
-                    .push(format!("shard {} has {} rows but no file", s.index, s.rows));
-            }
-            continue;
-        };
-        let path = data_root.join(file);
-        let name = file.rsplit('/').next().unwrap_or(file);
-        if plan::parse_shard_file_name(name) != Some((s.index, false)) {
+    let (tokens, channels) = (m.encoder.tokens, m.encoder.channels);
+    let flips: &[bool] = match m.hflip {
+        HflipMode::Both => &[false, true],
+        HflipMode::None => &[false],
+    };
+    let state = BuildManifest::load(dir).ok();
+    if let Some(st) = &state {
+        if !st.complete {
             r.problems.push(format!(
-                "{file}: file name does not match shard index {}",
-                s.index
+                "the build is incomplete: {} of {} shards done (resume it with `rae-cache build ... --resume`)",
+                st.shards.len(),
+                st.layout.end_shard - st.layout.first_shard
             ));
         }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, s) in m.shards.iter().enumerate() {
+        progress(i, m.shards.len());
+        if !seen.insert(s.file.clone()) {
+            r.problems.push(format!("{}: listed twice", s.file));
+        }
         r.shards_checked += 1;
+        let path = root.join(&s.file);
         match super::sha256_file(&path) {
-            Ok(h) if Some(&h) == s.sha256.as_ref() => {}
-            Ok(h) => {
-                r.problems.push(format!(
-                    "{file}: sha256 {h} does not match the manifest's {}",
-                    s.sha256.clone().unwrap_or_default()
-                ));
-            }
+            Ok(h) if h == s.sha256 => {}
+            Ok(h) => r.problems.push(format!(
+                "{}: sha256 {h} does not match the manifest's {}",
+                s.file, s.sha256
+            )),
             Err(e) => {
-                r.problems.push(format!("{file}: {e}"));
+                r.problems.push(format!("{}: {e}", s.file));
                 continue;
             }
         }
-        match check_rows(&path, s, tokens, channels, flips) {
+        match std::fs::metadata(&path) {
+            Ok(md) if md.len() != s.bytes => r.problems.push(format!(
+                "{}: {} bytes, the manifest lists {}",
+                s.file,
+                md.len(),
+                s.bytes
+            )),
+            _ => {}
+        }
+        match check_rows(&path, s, tokens, channels, flips, m.classes.len()) {
             Ok(rows) => r.rows_checked += rows,
-            Err(e) => r.problems.push(format!("{file}: {e}")),
+            Err(e) => r.problems.push(format!("{}: {e}", s.file)),
         }
     }
     let rows: u64 = m.shards.iter().map(|s| s.rows).sum();
@@ -96,24 +101,31 @@ pub fn verify_cache(
             m.totals.rows
         ));
     }
-    if let Some(stats_file) = &m.stats {
-        match stats::load_final(&dir.join(stats_file)) {
+    if rows != m.totals.images * flips.len() as u64 {
+        r.problems.push(format!(
+            "{rows} rows for {} images with {} flip(s) per image",
+            m.totals.images,
+            flips.len()
+        ));
+    }
+    let stats_path = dir.join(manifest::STATS_FILE);
+    if stats_path.exists() {
+        match LatentStats::load(&stats_path) {
             Ok(st) => {
                 let side = (tokens as f64).sqrt().round() as usize;
-                let want = if side * side == tokens {
-                    [channels, side, side]
-                } else {
-                    [channels, 1, tokens]
-                };
-                if st.shape != want {
+                if [st.channels, st.height, st.width] != [channels, side, side] {
                     r.problems.push(format!(
-                        "{stats_file}: shape {:?}, expected {want:?}",
-                        st.shape
+                        "{}: shape [{}, {}, {}], expected [{channels}, {side}, {side}]",
+                        manifest::STATS_FILE,
+                        st.channels,
+                        st.height,
+                        st.width
                     ));
                 }
                 if st.count != rows {
                     r.problems.push(format!(
-                        "{stats_file}: count {} but the shards hold {rows} rows",
+                        "{}: count {} but the shards hold {rows} rows",
+                        manifest::STATS_FILE,
                         st.count
                     ));
                 }
@@ -121,25 +133,27 @@ pub fn verify_cache(
                     || st.var.iter().any(|v| *v < 0.0)
                 {
                     r.problems.push(format!(
-                        "{stats_file}: non-finite mean or negative variance"
+                        "{}: non-finite mean or negative variance",
+                        manifest::STATS_FILE
                     ));
                 }
             }
-            Err(e) => r.problems.push(format!("{stats_file}: {e}")),
+            Err(e) => r.problems.push(format!("{}: {e}", manifest::STATS_FILE)),
         }
-    } else if m.part.is_none() && m.complete {
+    } else if m.part.num_parts <= 1 && rows > 0 {
         r.problems
-            .push("the manifest names no statistics file".into());
+            .push(format!("{} is missing", manifest::STATS_FILE));
     }
     Ok(r)
 }
 
 fn check_rows(
     path: &Path,
-    s: &manifest::ShardEntry,
+    s: &ShardInfo,
     tokens: usize,
     channels: usize,
     flips: &[bool],
+    classes: usize,
 ) -> Result<u64, String> {
     let reader = ShardReader::open(path).map_err(|e| e.to_string())?;
     if reader.num_rows() != s.rows {
@@ -172,6 +186,12 @@ fn check_rows(
             return Err(format!("row group {g}: non-finite latent values"));
         }
         for (i, key) in b.keys.iter().enumerate() {
+            let label = b.labels[i];
+            if label < -1 || (classes > 0 && label >= classes as i32) {
+                return Err(format!(
+                    "row {n} ({key}): label {label} outside the {classes} classes"
+                ));
+            }
             let want_flip = flips[(n as usize) % flips.len()];
             if b.flips[i] != want_flip {
                 return Err(format!(
@@ -196,14 +216,6 @@ fn check_rows(
     }
     if n != s.rows {
         return Err(format!("decoded {n} rows, the manifest lists {}", s.rows));
-    }
-    let images = if flips.is_empty() {
-        0
-    } else {
-        n / flips.len() as u64
-    };
-    if images != s.images {
-        return Err(format!("{images} images, the manifest lists {}", s.images));
     }
     Ok(n)
 }
