@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 pub mod manifest;
+mod pages;
 pub mod quant;
 pub mod reader;
 pub mod schema;

@@ -15,7 +15,7 @@ use parquet::arrow::arrow_reader::{
 };
 
 use super::schema::{self, COL_FLIP, COL_KEY, COL_LABEL, COL_LATENT, COL_SCALE, Layout};
-use super::{LatentBatch, LatentDType, ShardError, quant};
+use super::{LatentBatch, LatentDType, ShardError, pages, quant};
 
 /// Keys, labels and flips of a shard, without latents (cheap to read).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -96,6 +96,46 @@ impl ShardReader {
     }
 
     pub fn read_row_group(&self, i: usize) -> Result<LatentBatch, ShardError> {
+        self.check_group(i)?;
+        let rows = self.row_group_rows(i) as usize;
+        let index = self.read_index_of(vec![i])?;
+        if index.keys.len() != rows {
+            return Err(ShardError::format(
+                &self.path,
+                format!("row group {i}: {} keys for {rows} rows", index.keys.len()),
+            ));
+        }
+        let mut latents = vec![0f32; rows * self.layout.tokens * self.layout.channels];
+        match self.latents_from_pages(i, &mut latents) {
+            Ok(()) => Ok(LatentBatch {
+                keys: index.keys,
+                labels: index.labels,
+                flips: index.flips,
+                latents,
+                tokens: self.layout.tokens,
+                channels: self.layout.channels,
+            }),
+            Err(why) => {
+                tracing::debug!(path = %self.path.display(), group = i, %why, "generic Arrow read");
+                self.read_row_group_arrow(i)
+            }
+        }
+    }
+
+    /// The same as [`read_row_group`](Self::read_row_group) through the
+    /// generic Arrow reader (kept for files the page fast path declines,
+    /// and to test the fast path against).
+    #[doc(hidden)]
+    pub fn read_row_group_arrow(&self, i: usize) -> Result<LatentBatch, ShardError> {
+        self.check_group(i)?;
+        let mut out = self.empty_batch(self.row_group_rows(i) as usize);
+        for batch in self.batches(vec![i], ProjectionMask::all())? {
+            self.append(&batch?, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn check_group(&self, i: usize) -> Result<(), ShardError> {
         if i >= self.num_row_groups() {
             return Err(ShardError::format(
                 &self.path,
@@ -105,25 +145,83 @@ impl ShardReader {
                 ),
             ));
         }
-        let mut out = self.empty_batch(self.row_group_rows(i) as usize);
-        for batch in self.batches(vec![i], ProjectionMask::all())? {
-            self.append(&batch?, &mut out)?;
+        Ok(())
+    }
+
+    /// Latents of row group `i` decoded from the pages (see pages.rs);
+    /// `Err` says why the fast path declined.
+    #[doc(hidden)]
+    pub fn latents_from_pages(&self, i: usize, dst: &mut [f32]) -> Result<(), String> {
+        use parquet::basic::Type as Phys;
+        let descr = self.meta.parquet_schema();
+        let leaf = |name: &str| {
+            descr
+                .columns()
+                .iter()
+                .position(|c| c.path().parts().first().map(String::as_str) == Some(name))
+                .ok_or_else(|| format!("no leaf column for {name}"))
+        };
+        let rg = self.meta.metadata().row_group(i);
+        let rows = rg.num_rows().max(0) as usize;
+        let file = std::sync::Arc::new(File::open(&self.path).map_err(|e| e.to_string())?);
+        let read = |name: &str, kind: pages::Kind, dst: &mut [f32]| -> Result<(), String> {
+            let li = leaf(name)?;
+            let c = descr.column(li);
+            let ok = match kind {
+                pages::Kind::F16 => {
+                    c.physical_type() == Phys::FIXED_LEN_BYTE_ARRAY && c.type_length() == 2
+                }
+                pages::Kind::F32 => c.physical_type() == Phys::FLOAT,
+                _ => c.physical_type() == Phys::INT32,
+            };
+            if !ok {
+                return Err(format!("{name}: physical type {}", c.physical_type()));
+            }
+            pages::read_column(
+                file.clone(),
+                rg.column(li),
+                rows,
+                c.max_def_level(),
+                c.max_rep_level(),
+                kind,
+                dst,
+            )
+        };
+        match self.layout.dtype {
+            LatentDType::F16 => read(COL_LATENT, pages::Kind::F16, dst),
+            LatentDType::F32 => read(COL_LATENT, pages::Kind::F32, dst),
+            LatentDType::Bf16 => read(COL_LATENT, pages::Kind::Bf16InI32, dst),
+            LatentDType::Int8 => {
+                let mut scales = vec![0f32; rows * self.layout.tokens];
+                read(COL_SCALE, pages::Kind::F32, &mut scales)?;
+                read(COL_LATENT, pages::Kind::I8InI32, dst)?;
+                for (token, &s) in dst.chunks_exact_mut(self.layout.channels).zip(&scales) {
+                    token.iter_mut().for_each(|q| *q *= s);
+                }
+                Ok(())
+            }
         }
-        Ok(out)
     }
 
     /// Every row of the shard, in order.
     pub fn read_all(&self) -> Result<LatentBatch, ShardError> {
         let mut out = self.empty_batch(self.num_rows() as usize);
-        let groups = (0..self.num_row_groups()).collect();
-        for batch in self.batches(groups, ProjectionMask::all())? {
-            self.append(&batch?, &mut out)?;
+        for g in 0..self.num_row_groups() {
+            let b = self.read_row_group(g)?;
+            out.keys.extend(b.keys);
+            out.labels.extend(b.labels);
+            out.flips.extend(b.flips);
+            out.latents.extend_from_slice(&b.latents);
         }
         Ok(out)
     }
 
     /// Keys, labels and flips of every row; the latent column is not read.
     pub fn read_index(&self) -> Result<RowIndex, ShardError> {
+        self.read_index_of((0..self.num_row_groups()).collect())
+    }
+
+    fn read_index_of(&self, groups: Vec<usize>) -> Result<RowIndex, ShardError> {
         let schema = self.meta.schema();
         let roots = [COL_KEY, COL_LABEL, COL_FLIP]
             .iter()
@@ -135,7 +233,6 @@ impl ShardReader {
             .collect::<Result<Vec<_>, _>>()?;
         let mask = ProjectionMask::roots(self.meta.parquet_schema(), roots);
         let mut out = RowIndex::default();
-        let groups = (0..self.num_row_groups()).collect();
         for batch in self.batches(groups, mask)? {
             let batch = batch?;
             self.append_index(&batch, &mut out.keys, &mut out.labels, &mut out.flips)?;
