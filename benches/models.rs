@@ -1,6 +1,7 @@
 //! Model throughput on CPU, f32, random weights from the presets:
 //! RAE decoder ViT-B (batch 16, 256 px) and DiT-DH-S (batch 8, 16x16x768).
-//! Run: RAYON_NUM_THREADS=2 cargo bench --bench models
+//! Run: RAYON_NUM_THREADS=2 cargo bench --bench models [-- --quick fused]
+//! (`--profile dev` also works: the math lives in dependencies built at opt-level 3.)
 
 use std::hint::black_box;
 use std::time::Duration;

@@ -192,10 +192,19 @@ fn download(repo: &str, rev: &str, cache_root: &Path) -> Result<ResolvedModel, W
         id: repo.to_string(),
         reason,
     };
-    let api = ApiBuilder::from_cache(hf_hub::Cache::new(cache_root.to_path_buf()))
+    let cache = hf_hub::Cache::new(cache_root.to_path_buf());
+    // `from_cache` reads neither HF_ENDPOINT nor HF_TOKEN; honour both.
+    let token = std::env::var("HF_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| cache.token());
+    let mut builder = ApiBuilder::from_cache(cache)
         .with_progress(true)
-        .build()
-        .map_err(|e| err(e.to_string()))?;
+        .with_token(token);
+    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+        builder = builder.with_endpoint(endpoint);
+    }
+    let api = builder.build().map_err(|e| err(e.to_string()))?;
     let hub_repo = api.repo(hf_hub::Repo::with_revision(
         repo.to_string(),
         hf_hub::RepoType::Model,

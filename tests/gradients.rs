@@ -115,3 +115,31 @@ fn trainstep_gradients_match_reference() {
         "grad norm {norm} vs {norm_ref}"
     );
 }
+
+#[test]
+fn fresh_varmap_model_has_reference_trainables_and_zero_output() {
+    // training from scratch: every trainable tensor is created in the VarMap
+    // under its reference name, frozen ones are kept out of training
+    let dev = Device::Cpu;
+    let DitConfig::DitDh(cfg) = DitConfig::load(fixture("ditdh.json").to_str().unwrap()).unwrap()
+    else {
+        panic!("ditdh.json is not a DiT-DH config")
+    };
+    let varmap = VarMap::new();
+    let model = DitDh::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
+    let reference =
+        candle_core::safetensors::load(fixture("trainstep-grads.safetensors"), &dev).unwrap();
+    let ours: BTreeSet<String> = trainable_vars(&varmap)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let theirs: BTreeSet<String> = reference.keys().cloned().collect();
+    assert_eq!(ours, theirs);
+    for (name, var) in trainable_vars(&varmap) {
+        assert_eq!(var.dims(), reference[&name].dims(), "{name}");
+    }
+    // the reference zero-initialises the output layer: v = 0 at init
+    let io = candle_core::safetensors::load(fixture("trainstep-io.safetensors"), &dev).unwrap();
+    let v = model.forward(&io["x0"], &io["t"], &io["y"]).unwrap();
+    assert_eq!(max_abs(&v), 0.0);
+}

@@ -303,6 +303,23 @@ fn png_gray16_clips_and_gray_alpha16_keeps_the_high_byte() {
         .step_by(3)
         .collect();
     assert_eq!(got, vec![0, 255, 255, 255, 255, 255]);
+    // With a tRNS chunk it is still "I;16" for PIL: clipped too.
+    let bytes = png_bytes_with(
+        6,
+        1,
+        png::ColorType::Grayscale,
+        png::BitDepth::Sixteen,
+        &be16(&V16),
+        None,
+        Some(&[0, 0]),
+    );
+    let got: Vec<u8> = decode(&bytes)
+        .unwrap()
+        .into_raw()
+        .into_iter()
+        .step_by(3)
+        .collect();
+    assert_eq!(got, vec![0, 255, 255, 255, 255, 255]);
     // 16-bit gray+alpha opens as RGBA via "LA;16B": high byte.
     let la: Vec<u16> = V16.iter().flat_map(|&v| [v, 0x4000]).collect();
     let bytes = png_bytes(

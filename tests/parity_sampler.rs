@@ -100,3 +100,22 @@ fn autoguidance_with_itself_is_plain_sampling_and_sde_is_seeded() {
     let c = sample(&m, None, &io["z0"], &io["y"], &sde).unwrap();
     assert!(max_abs_diff(&a, &c) > 0.0);
 }
+
+#[test]
+fn heun_is_second_order_on_the_reference_grid() {
+    // against a fine Euler solution of the same ODE, Heun with few steps is
+    // much closer than Euler with the same number of grid points
+    let io =
+        candle_core::safetensors::load(fixture("sampler-io.safetensors"), &Device::Cpu).unwrap();
+    let m = model(true);
+    let mut cfg = config(false);
+    cfg.num_steps = 400;
+    let fine = sample(&m, None, &io["z0"], &io["y"], &cfg).unwrap();
+    cfg.num_steps = 12;
+    let euler = sample(&m, None, &io["z0"], &io["y"], &cfg).unwrap();
+    cfg.method = SamplerMethod::HeunOde;
+    let heun = sample(&m, None, &io["z0"], &io["y"], &cfg).unwrap();
+    let (ee, eh) = (max_abs_diff(&euler, &fine), max_abs_diff(&heun, &fine));
+    eprintln!("euler err {ee:e}, heun err {eh:e}");
+    assert!(eh * 3.0 < ee, "heun {eh} vs euler {ee}");
+}

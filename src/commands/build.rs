@@ -1,10 +1,167 @@
-//! `rae-cache build` (being written).
+//! `rae-cache build`: encode an image folder into Parquet latent shards.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-#[derive(clap::Args, Debug)]
-pub struct Args {}
+use rae_cache::pipeline::{self, BuildConfig, HFlip, PartSpec};
+use rae_cache::shards::LatentDType;
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`build` is not available in this build yet")
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum DTypeArg {
+    F16,
+    Bf16,
+    F32,
+    Int8,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum HFlipArg {
+    Both,
+    None,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Image folder: ImageNet layout (one sub-folder per class) or flat.
+    pub images: PathBuf,
+    /// Cache directory to create (manifest.json, stats.safetensors, shards/).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Encoder: a Hugging Face model directory or repo id (looked up in the
+    /// local HF cache; no download unless --allow-download).
+    #[arg(long, default_value = "facebook/dinov2-with-registers-base")]
+    pub encoder: String,
+    /// Fetch the encoder from the Hugging Face Hub if it is not cached.
+    #[arg(long)]
+    pub allow_download: bool,
+    /// Storage type of the latents.
+    #[arg(long, value_enum, default_value = "f16")]
+    pub dtype: DTypeArg,
+    /// `both`: store the crop and its left-right flip (the reference trains
+    /// with random flips); `none`: the crop only.
+    #[arg(long, value_enum, default_value = "both")]
+    pub hflip: HFlipArg,
+    /// Images per encoder batch (each gives one crop per flip).
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Rows per shard (one row per image and flip); default 1024 images' rows.
+    #[arg(long)]
+    pub rows_per_shard: Option<usize>,
+    /// Rows per Parquet row group.
+    #[arg(long, default_value_t = 32)]
+    pub rows_per_group: usize,
+    /// zstd compression level.
+    #[arg(long, default_value_t = 3)]
+    pub zstd_level: i32,
+    /// Decode threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// `cpu`, `cuda:N` or `auto` (CUDA when built with it and present).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Split the build into N parts (for N machines); see --part.
+    #[arg(long, requires = "part")]
+    pub num_parts: Option<usize>,
+    /// Which part (0-based) of --num-parts this run builds.
+    #[arg(long, requires = "num_parts")]
+    pub part: Option<usize>,
+    /// Only the first N images (sorted by key).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Refuse images with more pixels than this (decompression-bomb guard).
+    #[arg(long, default_value_t = rae_cache::images::DecodeOptions::default().max_pixels)]
+    pub max_pixels: u64,
+    /// Continue an interrupted build in --out (same arguments required).
+    #[arg(long)]
+    pub resume: bool,
+    /// Exit non-zero if any input image was rejected.
+    #[arg(long)]
+    pub strict: bool,
+    /// Print a machine-readable summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Args {
+    pub fn to_config(&self) -> BuildConfig {
+        let mut c = BuildConfig::new(&self.images, &self.out);
+        c.encoder = self.encoder.clone();
+        c.allow_download = self.allow_download;
+        c.dtype = match self.dtype {
+            DTypeArg::F16 => LatentDType::F16,
+            DTypeArg::Bf16 => LatentDType::Bf16,
+            DTypeArg::F32 => LatentDType::F32,
+            DTypeArg::Int8 => LatentDType::Int8,
+        };
+        c.hflip = match self.hflip {
+            HFlipArg::Both => HFlip::Both,
+            HFlipArg::None => HFlip::None,
+        };
+        c.batch_size = self.batch_size;
+        c.rows_per_shard = self.rows_per_shard;
+        c.rows_per_group = self.rows_per_group;
+        c.zstd_level = self.zstd_level;
+        c.threads = self.threads;
+        c.device = self.device.clone();
+        c.part = match (self.num_parts, self.part) {
+            (Some(count), Some(index)) => Some(PartSpec { index, count }),
+            _ => None,
+        };
+        c.limit = self.limit;
+        c.max_pixels = self.max_pixels;
+        c.resume = self.resume;
+        c.progress = true;
+        c
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let cfg = args.to_config();
+    let s = pipeline::run_build(&cfg)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        let what = match s.part {
+            Some(p) => format!("part {} of {}", p.index, p.count),
+            None => "cache".into(),
+        };
+        eprintln!(
+            "built {what} {}: {} images, {} rows in {} shards, {:.1} MB ({:.2}x smaller than raw f32), {:.1} images/s",
+            s.cache_dir.display(),
+            s.images_encoded,
+            s.rows,
+            s.shards,
+            s.bytes as f64 / 1e6,
+            s.compression_ratio,
+            s.images_per_second
+        );
+        if let Some(p) = s.part {
+            if p.index + 1 == p.count {
+                eprintln!(
+                    "when every part is built: rae-cache merge {}",
+                    s.cache_dir.display()
+                );
+            }
+        }
+    }
+    if s.images_rejected > 0 {
+        eprintln!(
+            "warning: {} input(s) rejected (listed in the manifest's `rejected`):",
+            s.images_rejected
+        );
+        for r in s.rejected.iter().take(20) {
+            eprintln!("  {}: {}", r.key, r.reason);
+        }
+        if s.rejected.len() > 20 {
+            eprintln!("  ... and {} more", s.rejected.len() - 20);
+        }
+        if args.strict {
+            eprintln!(
+                "error: --strict: {} input(s) could not be encoded",
+                s.images_rejected
+            );
+            return Ok(ExitCode::from(2));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,10 +1,214 @@
-//! `rae-cache train` (being written).
+//! `rae-cache train`: flags (or a TOML `--config` with the same keys, flags
+//! winning) -> TrainConfig -> Trainer, with a progress bar and a summary.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-#[derive(clap::Args, Debug)]
-pub struct Args {}
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use rae_cache::train::checkpoint::{self, latest};
+use rae_cache::train::trainer::Trainer;
+use rae_cache::train::{ScheduleKind, TrainConfig};
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`train` is not available in this build yet")
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Cache directories to train on (manifest.json + shards + stats).
+    #[arg(long, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Run directory: checkpoints/, log.jsonl, config.json.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Model preset: ditdh-s, ditdh-b, ditdh-l, ditdh-xl, dit-s ... dit-xl.
+    #[arg(long, conflicts_with = "model_config")]
+    preset: Option<String>,
+    /// Model constructor arguments as JSON or TOML (reference keys).
+    #[arg(long)]
+    model_config: Option<PathBuf>,
+    /// Micro-batch size (per process).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    accum: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// constant | linear | cosine (decay to --final-lr after --warmup-steps).
+    #[arg(long)]
+    lr_schedule: Option<String>,
+    #[arg(long)]
+    final_lr: Option<f64>,
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// Total optimizer steps.
+    #[arg(long, conflicts_with = "epochs")]
+    steps: Option<u64>,
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// EMA decay.
+    #[arg(long)]
+    ema: Option<f64>,
+    /// logit-normal | logit-normal_<mu>_<sigma> | uniform.
+    #[arg(long)]
+    time_dist: Option<String>,
+    /// Time shift a (default sqrt(tokens * C / 4096)).
+    #[arg(long)]
+    shift: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Checkpoint every N optimizer steps (and always at the end).
+    #[arg(long)]
+    ckpt_every: Option<u64>,
+    /// Checkpoints to keep (0 = all).
+    #[arg(long)]
+    keep_checkpoints: Option<usize>,
+    /// Continue from the run directory's latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// cpu | cuda | cuda:N | auto.
+    #[arg(long)]
+    device: Option<String>,
+    /// TOML file with the same keys as these flags (snake_case).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the final summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Args {
+    /// Flags given on the command line override `c`.
+    fn apply(&self, c: &mut TrainConfig) -> anyhow::Result<()> {
+        if !self.data.is_empty() {
+            c.data = self.data.clone();
+        }
+        if let Some(v) = &self.out {
+            c.out = v.clone();
+        }
+        if let Some(v) = &self.preset {
+            c.model = v.clone();
+        }
+        if let Some(v) = &self.model_config {
+            c.model = v.display().to_string();
+        }
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone().into(); } )* };
+        }
+        set!(
+            batch_size,
+            accum,
+            lr,
+            warmup_steps,
+            ema,
+            time_dist,
+            seed,
+            ckpt_every,
+            keep_checkpoints,
+            device
+        );
+        if let Some(s) = &self.lr_schedule {
+            c.lr_schedule = match s.as_str() {
+                "constant" => ScheduleKind::Constant,
+                "linear" => ScheduleKind::Linear,
+                "cosine" => ScheduleKind::Cosine,
+                _ => bail!("--lr-schedule {s:?}: expected constant, linear or cosine"),
+            };
+        }
+        if self.final_lr.is_some() {
+            c.final_lr = self.final_lr;
+        }
+        if self.shift.is_some() {
+            c.shift = self.shift;
+        }
+        if self.steps.is_some() {
+            c.steps = self.steps;
+            c.epochs = None;
+        }
+        if self.epochs.is_some() {
+            c.epochs = self.epochs;
+            c.steps = None;
+        }
+        Ok(())
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let mut cfg = match &args.config {
+        Some(p) => TrainConfig::from_toml_file(p)?,
+        None => TrainConfig::default(),
+    };
+    args.apply(&mut cfg)?;
+    if cfg.out.as_os_str().is_empty() {
+        bail!("give --out RUN_DIR (or `out` in --config)");
+    }
+    let existing = latest(&cfg.out)?;
+    let resume_from = match (args.resume, existing) {
+        (true, Some(p)) => {
+            // The stored config defines the run; flags given now override it
+            // (e.g. more --steps).
+            let stored =
+                checkpoint::read_config(&p).with_context(|| format!("reading {}", p.display()))?;
+            let mut stored = TrainConfig::from_json(&stored)?;
+            args.apply(&mut stored)?;
+            cfg = stored;
+            Some(p)
+        }
+        (true, None) => {
+            tracing::info!("no checkpoint in {}: starting a new run", cfg.out.display());
+            None
+        }
+        (false, Some(p)) => bail!(
+            "{} already holds checkpoints ({}); pass --resume to continue or choose another --out",
+            cfg.out.display(),
+            p.display()
+        ),
+        (false, None) => None,
+    };
+    let device = rae_cache::device::parse_device(&cfg.device)?;
+    let mut trainer = Trainer::new(cfg, &device, resume_from.as_deref())?;
+
+    let total = trainer.total_steps();
+    let bar = if args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(trainer.step());
+    let last = trainer.run(|s| {
+        bar.set_position(s.step);
+        bar.set_message(format!(
+            "loss {:.4} gn {:.3} lr {:.2e} {:.1} img/s {:.0} tok/s",
+            s.loss, s.grad_norm, s.lr, s.images_per_s, s.tokens_per_s
+        ));
+    })?;
+    bar.finish();
+    let out = &trainer.config().out;
+    let ck = latest(out)?;
+    if args.json {
+        let summary = serde_json::json!({
+            "run_dir": out,
+            "steps": trainer.step(),
+            "last": last,
+            "checkpoint": ck,
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else if let Some(s) = last {
+        eprintln!(
+            "trained to step {} (loss {:.4}); checkpoint {}",
+            s.step,
+            s.loss,
+            ck.map(|p| p.display().to_string()).unwrap_or_default()
+        );
+    } else {
+        eprintln!(
+            "nothing to do: already at step {} of {total}",
+            trainer.step()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,10 +1,46 @@
-//! `rae-cache verify` (being written).
+//! `rae-cache verify`: re-hash and decode every shard against the manifest.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Cache directory (or a part's directory, CACHE/parts/I).
+    pub cache_dir: PathBuf,
+    /// Print a machine-readable report on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`verify` is not available in this build yet")
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let bar = indicatif::ProgressBar::new(0);
+    let report = rae_cache::pipeline::verify::verify_cache(&args.cache_dir, |i, n| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+    })?;
+    bar.finish_and_clear();
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["ok"] = serde_json::Value::Bool(report.ok());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if report.ok() {
+        eprintln!(
+            "ok: {} shards, {} rows match the manifest",
+            report.shards_checked, report.rows_checked
+        );
+    } else {
+        eprintln!(
+            "{} problem(s) in {}:",
+            report.problems.len(),
+            args.cache_dir.display()
+        );
+        for p in &report.problems {
+            eprintln!("  {p}");
+        }
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

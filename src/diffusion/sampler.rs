@@ -163,6 +163,7 @@ pub fn sample(
             let ts = time_grid(cfg.num_steps, 0.0, ODE_T1, cfg.time_shift);
             for k in 0..ts.len() - 1 {
                 let (tc, tn) = (ts[k], ts[k + 1]);
+                tracing::trace!(step = k, t = tc, "ode step");
                 let h = (tn - tc) as f64;
                 let v = v_at(&x, tc)?;
                 x = if cfg.method == SamplerMethod::EulerOde {

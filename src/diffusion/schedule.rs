@@ -176,3 +176,132 @@ impl NoiseRng {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shift_and_default_shift() {
+        assert!((shift_time(0.5, 2.0) - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(shift_time(1.0, 6.9), 1.0);
+        assert_eq!(shift_time(0.0, 6.9), 0.0);
+        assert!((default_shift(256, 768) - 48f64.sqrt()).abs() < 1e-12);
+        let t = Tensor::new(&[0.25f32, 0.5], &Device::Cpu).unwrap();
+        let s = shift_time_tensor(&t, 2.0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!((s[0] - shift_time(0.25, 2.0) as f32).abs() < 1e-7);
+    }
+
+    #[test]
+    fn grid_runs_from_noise_to_near_data() {
+        let g = time_grid(50, 0.0, 0.999, 1.0);
+        assert_eq!(g.len(), 50);
+        assert_eq!(g[0], 1.0);
+        assert!((g[49] - 0.001).abs() < 1e-6);
+        assert!(g.windows(2).all(|w| w[1] < w[0]));
+        let gs = time_grid(50, 0.0, 0.999, 4.0);
+        assert!((gs[49] as f64 - shift_time(0.001, 4.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn interpolant_and_target() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &dev).unwrap();
+        let e = Tensor::new(&[[0f32, 0.0], [1.0, 1.0]], &dev).unwrap();
+        let t = Tensor::new(&[0.25f32, 1.0], &dev).unwrap();
+        let xt = interpolate(&x, &e, &t).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(xt, vec![vec![0.75, 1.5], vec![1.0, 1.0]]);
+        let v = velocity_target(&x, &e).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(v, vec![vec![-1.0, -2.0], vec![-2.0, -3.0]]);
+    }
+
+    #[test]
+    fn rng_is_seeded_and_distributions_are_sane() {
+        let dev = Device::Cpu;
+        let mut a = NoiseRng::new(3);
+        let mut b = NoiseRng::new(3);
+        let ta = a
+            .sample_times(
+                64,
+                TimeDist::LogitNormal {
+                    mean: 0.0,
+                    std: 1.0,
+                },
+                0.999,
+                1.0,
+                &dev,
+            )
+            .unwrap();
+        let tb = b
+            .sample_times(
+                64,
+                TimeDist::LogitNormal {
+                    mean: 0.0,
+                    std: 1.0,
+                },
+                0.999,
+                1.0,
+                &dev,
+            )
+            .unwrap();
+        assert_eq!(ta.to_vec1::<f32>().unwrap(), tb.to_vec1::<f32>().unwrap());
+        assert!(
+            ta.to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .all(|t| (0.0..=0.999).contains(t))
+        );
+
+        let mut r = NoiseRng::new(11);
+        let n = 20000;
+        let v: Vec<f64> = (0..n).map(|_| r.normal()).collect();
+        let mean = v.iter().sum::<f64>() / n as f64;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "mean {mean} var {var}"
+        );
+        // logit-normal(0,1) has median 0.5; shift moves mass towards noise
+        let t = r
+            .sample_times(
+                4000,
+                TimeDist::LogitNormal {
+                    mean: 0.0,
+                    std: 1.0,
+                },
+                0.999,
+                1.0,
+                &dev,
+            )
+            .unwrap();
+        let med_frac = t
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .filter(|x| **x < 0.5)
+            .count() as f64
+            / 4000.0;
+        assert!((med_frac - 0.5).abs() < 0.05, "{med_frac}");
+        let u = r
+            .sample_times(4000, TimeDist::Uniform, 0.999, 3.0, &dev)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let below = u.iter().filter(|x| **x < 0.5).count() as f64 / 4000.0;
+        // P(shift(U) < 0.5) = P(U < 1/(a+1)) = 0.25 for a = 3
+        assert!((below - 0.25).abs() < 0.05, "{below}");
+        assert_eq!(
+            TimeDist::parse("logit-normal_0_1"),
+            Some(TimeDist::LogitNormal {
+                mean: 0.0,
+                std: 1.0
+            })
+        );
+        assert_eq!(TimeDist::parse("uniform"), Some(TimeDist::Uniform));
+        assert_eq!(r.drop_labels(&[1, 2, 3], 0.0, 10), vec![1, 2, 3]);
+        assert_eq!(r.drop_labels(&[1, 2, 3], 1.0, 10), vec![10, 10, 10]);
+    }
+}

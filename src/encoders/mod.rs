@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 mod config;
 mod dinov2;
+mod fused;
 mod mae;
 pub mod preprocess;
 pub mod resample;

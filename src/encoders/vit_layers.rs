@@ -30,13 +30,19 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, None)
+    }
+
+    /// `act(x W^T + b)`, bias and activation fused on CPU.
+    pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
         let in_dim = x.dim(D::Minus1)?;
         let dims = x.dims();
         let rows = x.elem_count() / in_dim.max(1);
         let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+        let y = match (&self.bias, act) {
+            (Some(b), _) => super::fused::bias_act(&y, b, act)?,
+            (None, Some(a)) => a.apply(&y)?,
+            (None, None) => y,
         };
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
@@ -64,7 +70,7 @@ impl Activation {
         }
     }
 
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::GeluErf => x.gelu_erf(),
             Self::GeluTanh => x.gelu(),
@@ -198,7 +204,7 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Plain { fc1, fc2, act } => fc2.forward(&act.apply(&fc1.forward(x)?)?),
+            Self::Plain { fc1, fc2, act } => fc2.forward(&fc1.forward_act(x, Some(*act))?),
             Self::SwiGlu {
                 w_in,
                 w_out,

@@ -80,12 +80,14 @@ fn decode_inner(bytes: &[u8], path: &Path, opts: &DecodeOptions) -> Result<RgbIm
         ImageFormat::Png => {
             let dec = image::codecs::png::PngDecoder::with_limits(Cursor::new(bytes), limits(opts))
                 .map_err(|e| map_image_error(path, e))?;
-            decode_with(dec, path, opts)
+            // IHDR is always the first chunk: bit depth at 24, colour type at 25.
+            let gray16 = bytes.get(24) == Some(&16) && bytes.get(25) == Some(&0);
+            decode_with(dec, path, opts, gray16)
         }
         ImageFormat::WebP => {
             let dec = image::codecs::webp::WebPDecoder::new(Cursor::new(bytes))
                 .map_err(|e| map_image_error(path, e))?;
-            decode_with(dec, path, opts)
+            decode_with(dec, path, opts, false)
         }
         other => Err(ImageError::Unsupported {
             path: path.to_path_buf(),
@@ -149,21 +151,24 @@ fn map_image_error(path: &Path, e: image::ImageError) -> ImageError {
     }
 }
 
+/// `gray16`: the file is a 16-bit grayscale PNG (PIL mode `I;16`), which
+/// `image` turns into gray+alpha when it has a tRNS chunk.
 fn decode_with(
     mut dec: impl ImageDecoder,
     path: &Path,
     opts: &DecodeOptions,
+    gray16: bool,
 ) -> Result<RgbImage, ImageError> {
     let (w, h) = dec.dimensions();
     check_size(path, w, h, opts)?;
     dec.set_limits(limits(opts))
         .map_err(|e| map_image_error(path, e))?;
     let img = DynamicImage::from_decoder(dec).map_err(|e| map_image_error(path, e))?;
-    Ok(to_rgb8_like_pil(img))
+    Ok(to_rgb8_like_pil(img, gray16))
 }
 
 /// `convert("RGB")` as PIL does it for what its PNG/WebP plugins produce.
-fn to_rgb8_like_pil(img: DynamicImage) -> RgbImage {
+fn to_rgb8_like_pil(img: DynamicImage, gray16: bool) -> RgbImage {
     let (w, h) = (img.width(), img.height());
     let from_fn =
         |f: &dyn Fn(u32, u32) -> [u8; 3]| RgbImage::from_fn(w, h, |x, y| image::Rgb(f(x, y)));
@@ -182,6 +187,9 @@ fn to_rgb8_like_pil(img: DynamicImage) -> RgbImage {
             let p = i.get_pixel(x, y).0;
             [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8]
         }),
+        DynamicImage::ImageLumaA16(i) if gray16 => {
+            from_fn(&|x, y| [i.get_pixel(x, y).0[0].min(255) as u8; 3])
+        }
         DynamicImage::ImageLumaA16(i) => from_fn(&|x, y| [(i.get_pixel(x, y).0[0] >> 8) as u8; 3]),
         // 16-bit gray opens as "I;16"; its RGB conversion clips to 255.
         DynamicImage::ImageLuma16(i) => from_fn(&|x, y| [i.get_pixel(x, y).0[0].min(255) as u8; 3]),

@@ -161,25 +161,72 @@ fn horizontal(src: &[u8], src_w: usize, rows: Range<usize>, cx: &Coeffs) -> Vec<
     let out_w = cx.len();
     let mut out = vec![0u8; rows.len() * out_w * 3];
     let stride = src_w * 3;
+    #[cfg(target_arch = "x86_64")]
+    let sse41 = std::arch::is_x86_feature_detected!("sse4.1");
     for (orow, y) in out.chunks_exact_mut(out_w * 3).zip(rows) {
-        let srow = &src[y * stride..(y + 1) * stride];
-        for (xx, opx) in orow.chunks_exact_mut(3).enumerate() {
-            let (start, k) = cx.taps(xx);
-            let px = &srow[start * 3..(start + k.len()) * 3];
-            let (mut s0, mut s1, mut s2) = (ROUND, ROUND, ROUND);
-            for (p, &w) in px.chunks_exact(3).zip(k) {
-                // Wrapping: Pillow's int arithmetic; bounded weights never
-                // actually overflow, and this keeps debug builds panic-free.
-                s0 = s0.wrapping_add(i32::from(p[0]).wrapping_mul(w));
-                s1 = s1.wrapping_add(i32::from(p[1]).wrapping_mul(w));
-                s2 = s2.wrapping_add(i32::from(p[2]).wrapping_mul(w));
-            }
-            opx[0] = clip8(s0);
-            opx[1] = clip8(s1);
-            opx[2] = clip8(s2);
+        #[cfg(target_arch = "x86_64")]
+        if sse41 {
+            // SAFETY: the CPU supports SSE4.1 (checked above).
+            unsafe { horizontal_row_sse41(src, y * stride, orow, cx) };
+            continue;
         }
+        horizontal_row(&src[y * stride..(y + 1) * stride], orow, cx);
     }
     out
+}
+
+fn horizontal_row(srow: &[u8], orow: &mut [u8], cx: &Coeffs) {
+    for (xx, opx) in orow.chunks_exact_mut(3).enumerate() {
+        horizontal_px(srow, opx, cx, xx);
+    }
+}
+
+#[inline(always)]
+fn horizontal_px(srow: &[u8], opx: &mut [u8], cx: &Coeffs, xx: usize) {
+    let (start, k) = cx.taps(xx);
+    let px = &srow[start * 3..(start + k.len()) * 3];
+    let (mut s0, mut s1, mut s2) = (ROUND, ROUND, ROUND);
+    for (p, &w) in px.chunks_exact(3).zip(k) {
+        // Wrapping: Pillow's int arithmetic; bounded weights never
+        // actually overflow, and this keeps debug builds panic-free.
+        s0 = s0.wrapping_add(i32::from(p[0]).wrapping_mul(w));
+        s1 = s1.wrapping_add(i32::from(p[1]).wrapping_mul(w));
+        s2 = s2.wrapping_add(i32::from(p[2]).wrapping_mul(w));
+    }
+    opx[0] = clip8(s0);
+    opx[1] = clip8(s1);
+    opx[2] = clip8(s2);
+}
+
+/// One output row of the horizontal pass with the three channels of a tap
+/// in one 4-lane vector (the 4th lane reads the next pixel and is ignored).
+/// `src` is the whole image so that the 1-byte over-read stays in bounds
+/// except at the very end, where the scalar code takes over.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.1")]
+unsafe fn horizontal_row_sse41(src: &[u8], row_start: usize, orow: &mut [u8], cx: &Coeffs) {
+    use std::arch::x86_64::*;
+    for (xx, opx) in orow.chunks_exact_mut(3).enumerate() {
+        let (start, k) = cx.taps(xx);
+        let base = row_start + start * 3;
+        if base + k.len() * 3 + 1 > src.len() {
+            horizontal_px(&src[row_start..], opx, cx, xx);
+            continue;
+        }
+        let mut acc = _mm_set1_epi32(ROUND);
+        for (t, &w) in k.iter().enumerate() {
+            // SAFETY: base + 3*t + 4 <= base + 3*len + 1 <= src.len() (checked above).
+            let raw =
+                unsafe { std::ptr::read_unaligned(src.as_ptr().add(base + 3 * t) as *const i32) };
+            let px = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(raw));
+            acc = _mm_add_epi32(acc, _mm_mullo_epi32(px, _mm_set1_epi32(w)));
+        }
+        // >> 22 then saturate to [0, 255]: Pillow's clip8.
+        let v = _mm_srai_epi32::<{ PRECISION_BITS as i32 }>(acc);
+        let v = _mm_packus_epi16(_mm_packs_epi32(v, v), v);
+        let bytes = (_mm_cvtsi128_si32(v) as u32).to_le_bytes();
+        opx.copy_from_slice(&bytes[..3]);
+    }
 }
 
 /// Vertical pass: `src` holds rows `row_offset..` of an RGB8 image `w` pixels
@@ -252,6 +299,9 @@ pub fn resize_rgb8_window(
     if xs.is_empty() || ys.is_empty() || src_w == 0 || src_h == 0 {
         return vec![0u8; xs.len() * ys.len() * 3];
     }
+    if filter == Filter::Box && src_w == 2 * dst_w && src_h == 2 * dst_h {
+        return halve_box_even(src, src_w, xs, ys);
+    }
     let need_h = dst_w != src_w;
     let need_v = dst_h != src_h;
     match (need_h, need_v) {
@@ -279,6 +329,34 @@ pub fn resize_rgb8_window(
             vertical(&tmp, xs.len(), rows.start, 0..xs.len(), &cy)
         }
     }
+}
+
+/// Exact 2:1 box reduction (both source sides even). Pillow's weights are
+/// then exactly 1/2 = 2^21 each, so the horizontal pass is `(a + b + 1) >> 1`
+/// and the vertical pass the same on its (already rounded) output.
+fn halve_box_even(src: &[u8], src_w: usize, xs: Range<usize>, ys: Range<usize>) -> Vec<u8> {
+    let stride = src_w * 3;
+    let mut out = Vec::with_capacity(xs.len() * ys.len() * 3);
+    let mut h0 = vec![0u8; xs.len() * 3];
+    let mut h1 = vec![0u8; xs.len() * 3];
+    let pair = |row: &[u8], dst: &mut [u8]| {
+        for (d, x) in dst.chunks_exact_mut(3).zip(xs.clone()) {
+            let a = &row[6 * x..6 * x + 6];
+            for c in 0..3 {
+                d[c] = ((u16::from(a[c]) + u16::from(a[c + 3]) + 1) >> 1) as u8;
+            }
+        }
+    };
+    for y in ys {
+        pair(&src[2 * y * stride..(2 * y + 1) * stride], &mut h0);
+        pair(&src[(2 * y + 1) * stride..(2 * y + 2) * stride], &mut h1);
+        out.extend(
+            h0.iter()
+                .zip(&h1)
+                .map(|(a, b)| ((u16::from(*a) + u16::from(*b) + 1) >> 1) as u8),
+        );
+    }
+    out
 }
 
 /// Full Pillow-exact resize of an RGB8 image.
@@ -311,6 +389,38 @@ mod tests {
             .collect();
         let out = resize_rgb8_window(&src, 4, 1, 2, 1, Filter::Box, 0..2, 0..1);
         assert_eq!(out, vec![11, 11, 11, 228, 228, 228]);
+    }
+
+    #[test]
+    fn even_box_halving_fast_path_equals_generic_path() {
+        let (w, h) = (38usize, 26usize);
+        let src: Vec<u8> = (0..w * h * 3)
+            .map(|i| ((i * 7919 + 13) % 256) as u8)
+            .collect();
+        let fast = resize_rgb8_window(&src, w, h, w / 2, h / 2, Filter::Box, 0..w / 2, 0..h / 2);
+        let cy = Coeffs::new(h, h / 2, Filter::Box, 0..h / 2);
+        let cx = Coeffs::new(w, w / 2, Filter::Box, 0..w / 2);
+        let rows = cy.source_span();
+        let tmp = horizontal(&src, w, rows.clone(), &cx);
+        let generic = vertical(&tmp, w / 2, rows.start, 0..w / 2, &cy);
+        assert_eq!(fast, generic);
+    }
+
+    #[test]
+    fn simd_and_scalar_horizontal_agree() {
+        let (w, h) = (53usize, 9usize);
+        let src: Vec<u8> = (0..w * h * 3)
+            .map(|i| ((i * 104729 + 7) % 256) as u8)
+            .collect();
+        for dw in [20, 31, 53 * 3] {
+            let cx = Coeffs::new(w, dw, Filter::Bicubic, 0..dw);
+            let fast = horizontal(&src, w, 0..h, &cx);
+            let mut scalar = vec![0u8; h * dw * 3];
+            for (y, orow) in scalar.chunks_exact_mut(dw * 3).enumerate() {
+                horizontal_row(&src[y * w * 3..(y + 1) * w * 3], orow, &cx);
+            }
+            assert_eq!(fast, scalar, "{w} -> {dw}");
+        }
     }
 
     #[test]

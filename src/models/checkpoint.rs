@@ -206,3 +206,38 @@ pub fn with_file(path: &Path, e: candle_core::Error) -> ModelError {
         reason: e.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_keys_and_frozen() {
+        assert_eq!(
+            clean_name("module._orig_mod.blocks.0.norm1.weight"),
+            "blocks.0.norm1.weight"
+        );
+        assert_eq!(WeightsKey::parse("ema"), WeightsKey::Key("ema".into()));
+        assert_eq!(WeightsKey::parse("auto"), WeightsKey::Auto);
+        assert!(
+            is_frozen("pos_embed")
+                && is_frozen("t_embedder.W")
+                && is_frozen("enc_feat_rope.freqs_cos")
+        );
+        assert!(
+            !is_frozen("t_embedder.mlp.0.weight")
+                && !is_frozen("y_embedder.embedding_table.weight")
+        );
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let e = load_state_dict(
+            Path::new("/nonexistent/x.pt"),
+            &WeightsKey::Auto,
+            &Device::Cpu,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/x.pt"), "{e}");
+    }
+}

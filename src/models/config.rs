@@ -267,3 +267,50 @@ pub fn load_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Mod
         reason: e.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_and_toml() {
+        let DitConfig::DitDh(xl) = DitConfig::load("DiT-DH-XL").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (xl.hidden_size, xl.depth, xl.num_heads.pair()),
+            ([1152, 2048], [28, 2], [16, 16])
+        );
+        let DitConfig::DitDh(s) = DitConfig::load("DiTDH-S").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (s.hidden_size, s.depth, s.num_heads.pair()),
+            ([384, 2048], [12, 2], [6, 16])
+        );
+        assert!(matches!(
+            DitConfig::load("LightningDiT-XL").unwrap(),
+            DitConfig::Lightning(_)
+        ));
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.toml");
+        std::fs::write(
+            &p,
+            "input_size = 4\nin_channels = 24\nhidden_size = [48, 64]\ndepth = [2, 1]\nnum_heads = 4\nnum_classes = 10\n",
+        )
+        .unwrap();
+        let DitConfig::DitDh(c) = DitConfig::load(p.to_str().unwrap()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.num_heads.pair(), [4, 4]);
+        assert!(c.use_rope && c.use_swiglu && c.use_pos_embed && !c.wo_shift);
+
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{\"input_size\": 4}").unwrap();
+        let e = DitConfig::load(bad.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad.json") && e.contains("hidden_size"), "{e}");
+    }
+}

@@ -204,6 +204,11 @@ impl RaeDecoder {
         &self.cfg
     }
 
+    /// The frozen position table under its reference name.
+    pub fn buffers(&self) -> Vec<(String, Tensor)> {
+        vec![("decoder_pos_embed".to_string(), self.pos.clone())]
+    }
+
     /// Use fused kernels (inference only: no gradients through them).
     pub fn set_fused(&mut self, fused: bool) {
         self.fused = fused;

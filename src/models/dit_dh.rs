@@ -108,6 +108,26 @@ impl DitDh {
         self.fused = fused;
     }
 
+    /// The frozen buffers under their reference names (pos_embed, rope
+    /// tables), to complete a saved state dict built from a fresh VarMap.
+    pub fn buffers(&self) -> Vec<(String, Tensor)> {
+        let mut v = Vec::new();
+        if let Some(pe) = &self.pos_embed {
+            v.push(("pos_embed".to_string(), pe.clone()));
+        }
+        for (name, r) in [
+            ("enc_feat_rope", &self.enc_rope),
+            ("dec_feat_rope", &self.dec_rope),
+        ] {
+            if let Some(r) = r {
+                let (c, s) = r.tables();
+                v.push((format!("{name}.freqs_cos"), c.clone()));
+                v.push((format!("{name}.freqs_sin"), s.clone()));
+            }
+        }
+        v
+    }
+
     /// Backbone and head rotary tables (compare with `enc_feat_rope` /
     /// `dec_feat_rope` buffers).
     pub fn ropes(&self) -> (Option<&Rope2d>, Option<&Rope2d>) {

@@ -252,3 +252,83 @@ impl PatchEmbed {
         self.proj.forward(&patchify(x, self.patch)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sincos_matches_reference_formula() {
+        // row 1 (h=0, w=1) of the reference get_2d_sincos_pos_embed(48, 4)
+        let t = sincos_2d_table(48, 4);
+        let row1 = &t[48..54];
+        let want = [
+            0.84147098, 0.44767083, 0.21378067, 0.09983342, 0.04639922, 0.02154268,
+        ];
+        for (a, b) in row1.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        // second half of row 1 encodes h = 0: sin 0 = 0, cos 0 = 1
+        assert!(t[72..84].iter().all(|v| v.abs() < 1e-7));
+        assert!(t[84..96].iter().all(|v| (v - 1.0).abs() < 1e-7));
+    }
+
+    #[test]
+    fn rope_fused_equals_differentiable_and_rotates_pairs() {
+        let dev = Device::Cpu;
+        let r = Rope2d::new(8, 3, &dev, DType::F32).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 2, 9, 8), &dev).unwrap();
+        let a = r.apply(&x, false).unwrap();
+        let b = r.apply(&x, true).unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6, "{d}");
+        // token 0 sits at (0,0): rotation by angle 0 is the identity
+        let y0 = r.apply(&x, false).unwrap().narrow(2, 0, 1).unwrap();
+        let d0 = (y0 - x.narrow(2, 0, 1).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(d0.to_scalar::<f32>().unwrap() < 1e-7);
+    }
+
+    #[test]
+    fn patchify_unpatchify_roundtrip() {
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f32, 2.0 * 3.0 * 8.0 * 8.0, &dev)
+            .unwrap()
+            .reshape((2, 3, 8, 8))
+            .unwrap();
+        for p in [1, 2, 4] {
+            let t = patchify(&x, p).unwrap();
+            assert_eq!(t.dims(), &[2, 64 / (p * p), 3 * p * p]);
+            // unpatchify expects (p, q, c) per token; patchify gives (c, p, q)
+            let (b, n, _) = t.dims3().unwrap();
+            let t = t
+                .reshape((b, n, 3, p, p))
+                .unwrap()
+                .permute((0, 1, 3, 4, 2))
+                .unwrap()
+                .reshape((b, n, 3 * p * p))
+                .unwrap();
+            let y = unpatchify(&t, p, 3).unwrap();
+            let d = (y - &x)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(d, 0.0, "p={p}");
+        }
+    }
+}

@@ -81,13 +81,23 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // candle 0.11's batched matmul returns wrong values for some
-        // transposed (non-contiguous) inputs, e.g. [B,C,T]->[B,T,C]: copy first.
-        if x.is_contiguous() {
-            self.inner.forward(x)
-        } else {
-            self.inner.forward(&x.contiguous()?)
+        // One 2D GEMM over all leading dims: faster than candle's batched
+        // broadcast matmul, and avoids its wrong results on some transposed
+        // (non-contiguous) inputs in candle 0.11 (e.g. [B,C,T]->[B,T,C]).
+        let dims = x.dims().to_vec();
+        let Some((&in_dim, lead)) = dims.split_last() else {
+            candle_core::bail!("linear: scalar input");
+        };
+        let rows: usize = lead.iter().product();
+        let x2 = x.contiguous()?.reshape((rows, in_dim))?;
+        let w = self.inner.weight();
+        let mut y = x2.matmul(&w.t()?)?;
+        if let Some(b) = self.inner.bias() {
+            y = y.broadcast_add(b)?;
         }
+        let mut out = lead.to_vec();
+        out.push(w.dim(0)?);
+        y.reshape(out)
     }
 }
 

@@ -82,6 +82,18 @@ impl LightningDit {
         self.fused = fused;
     }
 
+    /// The frozen buffers under their reference names (pos_embed, rope
+    /// tables), to complete a saved state dict built from a fresh VarMap.
+    pub fn buffers(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![("pos_embed".to_string(), self.pos_embed.clone())];
+        if let Some(r) = &self.rope {
+            let (c, s) = r.tables();
+            v.push(("feat_rope.freqs_cos".to_string(), c.clone()));
+            v.push(("feat_rope.freqs_sin".to_string(), s.clone()));
+        }
+        v
+    }
+
     /// The rotary tables (to compare with a checkpoint's `feat_rope` buffers).
     pub fn rope(&self) -> Option<&Rope2d> {
         self.rope.as_ref()

@@ -64,6 +64,14 @@ impl DitModel {
         }
     }
 
+    /// Frozen buffers (pos_embed, rope tables) under reference names.
+    pub fn buffers(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Self::DitDh(m) => m.buffers(),
+            Self::Lightning(m) => m.buffers(),
+        }
+    }
+
     pub fn num_classes(&self) -> usize {
         match self {
             Self::DitDh(m) => m.config().num_classes,

@@ -1,0 +1,208 @@
+//! Training-step cost of DiT-DH-S (backbone 384/12/6, head 2048/2/16,
+//! 768 channels, 16x16 tokens, 1000 classes), batch 8, f32: forward,
+//! backward, global-norm clipping, AdamW. Prints seconds per step, peak RSS
+//! (VmHWM) and the ratio to the reference PyTorch figures; then the loader's
+//! throughput alone on a cache written here.
+//!
+//! `cargo bench --bench train` (env: BENCH_STEPS, default 3; BENCH_DEVICE,
+//! default cpu; BENCH_LOADER_IMAGES, default 256; BENCH_SKIP_STEP=1).
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use rae_cache::models::{DitConfig, DitDhConfig, DitModel, VelocityModel, is_frozen};
+use rae_cache::shards::manifest::{HflipMode, MANIFEST_FILE, STATS_FILE};
+use rae_cache::shards::{
+    EncoderInfo, LatentDType, LatentRow, Manifest, ShardWriter, StatsAccumulator, WriterOptions,
+};
+use rae_cache::train::checkpoint::LoaderCursor;
+use rae_cache::train::init::SeededVarMap;
+use rae_cache::train::loader::{CacheSet, Loader, LoaderConfig};
+use rae_cache::train::{AdamW, AdamWConfig, Gradients, ParamGroup};
+
+const REF_S_PER_STEP: f64 = 11.2;
+const REF_PEAK_GB: f64 = 7.2;
+
+fn env_usize(k: &str, d: usize) -> usize {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+fn vm_hwm_kb() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn bench_step(device: &Device, steps: usize) -> candle_core::Result<()> {
+    let Some(cfg) = DitDhConfig::preset("ditdh-s") else {
+        panic!("no ditdh-s preset")
+    };
+    let varmap = VarMap::new();
+    let vb = SeededVarMap::var_builder(&varmap, 0, DType::F32, device);
+    let model = DitModel::new(&DitConfig::DitDh(cfg.clone()), vb)?;
+    let mut vars: Vec<_> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let trainable: Vec<_> = vars.into_iter().filter(|(k, _)| !is_frozen(k)).collect();
+    let n_params: usize = trainable.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut opt = AdamW::new(
+        vec![ParamGroup::new(trainable.clone())],
+        AdamWConfig::default(),
+    )
+    .unwrap();
+    let (b, c, s) = (8, cfg.in_channels, cfg.input_size);
+    let x = Tensor::randn(0f32, 1.0, (b, c, s, s), device)?;
+    let eps = Tensor::randn(0f32, 1.0, (b, c, s, s), device)?;
+    let t = Tensor::rand(0f32, 1.0, b, device)?;
+    let y = Tensor::from_vec((0..b as u32).collect::<Vec<_>>(), b, device)?;
+    let tb = t.reshape((b, 1, 1, 1))?;
+    let x_t = (x.broadcast_mul(&(1.0 - &tb)?)? + eps.broadcast_mul(&tb)?)?;
+    let target = (&eps - &x)?;
+    let mut one = || -> candle_core::Result<f64> {
+        let start = Instant::now();
+        let loss = (model.forward(&x_t, &t, &y)? - &target)?
+            .sqr()?
+            .mean_all()?;
+        let store = loss.backward()?;
+        let mut g = Gradients::from_store(&store, &trainable).unwrap();
+        g.clip_global_norm(1.0).unwrap();
+        opt.step(&g, 2e-4).unwrap();
+        device.synchronize()?;
+        Ok(start.elapsed().as_secs_f64())
+    };
+    let warm = one()?;
+    let times: Vec<f64> = (0..steps)
+        .map(|_| one())
+        .collect::<candle_core::Result<_>>()?;
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let peak_gb = vm_hwm_kb().unwrap_or(0) as f64 / 1024.0 / 1024.0;
+    println!(
+        "DiT-DH-S train step, batch {b}, f32, {device:?}: {:.2}M trainable params",
+        n_params as f64 / 1e6
+    );
+    println!(
+        "  warm-up step {warm:.2} s; {steps} steps: mean {mean:.2} s/step (min {:.2}, max {:.2})",
+        times.iter().cloned().fold(f64::INFINITY, f64::min),
+        times.iter().cloned().fold(0.0, f64::max)
+    );
+    println!("  peak RSS (VmHWM) {peak_gb:.2} GB");
+    println!(
+        "  vs reference PyTorch ({REF_S_PER_STEP} s/step, {REF_PEAK_GB} GB): time x{:.2}, memory x{:.2}",
+        mean / REF_S_PER_STEP,
+        peak_gb / REF_PEAK_GB
+    );
+    Ok(())
+}
+
+fn bench_loader(images: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let (tokens, channels) = (256, 768);
+    std::fs::create_dir_all(dir.path().join("shards")).unwrap();
+    let encoder = EncoderInfo {
+        kind: "dinov2-reg".into(),
+        id: "bench".into(),
+        revision: None,
+        config_hash: "00".repeat(32),
+        tokens,
+        channels,
+        crop_size: 256,
+        input_size: 224,
+        patch_size: 14,
+    };
+    let mut m = Manifest::new(
+        "/bench",
+        vec!["a".into(), "b".into()],
+        encoder,
+        LatentDType::F16,
+        HflipMode::Both,
+    );
+    let mut stats = StatsAccumulator::new(tokens, channels);
+    let per_shard = 64;
+    let start = Instant::now();
+    for s in 0..images.div_ceil(per_shard) {
+        let imgs: Vec<usize> = (s * per_shard..((s + 1) * per_shard).min(images)).collect();
+        let keys: Vec<String> = imgs.iter().map(|i| format!("x/{i:06}")).collect();
+        let lats: Vec<Vec<f32>> = imgs
+            .iter()
+            .flat_map(|&i| {
+                [0.0f32, 1.0].map(|f| {
+                    (0..tokens * channels)
+                        .map(|e| ((i * 31 + e * 7) % 97) as f32 / 50.0 - 1.0 + f)
+                        .collect()
+                })
+            })
+            .collect();
+        let rows: Vec<LatentRow> = (0..lats.len())
+            .map(|r| LatentRow {
+                key: &keys[r / 2],
+                label: (r / 2 % 2) as i32,
+                flip: r % 2 == 1,
+                latent: &lats[r],
+            })
+            .collect();
+        let mut o = WriterOptions::new(LatentDType::F16, tokens, channels);
+        o.rows_per_row_group = 32;
+        let name = format!("part-{s:05}.parquet");
+        let mut w = ShardWriter::create(&dir.path().join("shards").join(&name), o).unwrap();
+        w.write_rows(&rows).unwrap();
+        let mut info = w.finish().unwrap();
+        info.file = name;
+        m.shards.push(info);
+        for l in &lats {
+            stats.push_rows(l, 1).unwrap();
+        }
+    }
+    m.totals.images = images as u64;
+    m.update_totals();
+    stats.save_stats(&dir.path().join(STATS_FILE)).unwrap();
+    m.save(&dir.path().join(MANIFEST_FILE)).unwrap();
+    println!(
+        "loader: wrote {images} images x 2 flips (f16, 256x768) in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+
+    let set = CacheSet::open(&[dir.path().to_path_buf()]).unwrap();
+    let cfg = LoaderConfig {
+        batch_size: 32,
+        seed: 0,
+        shuffle_window: 16,
+        workers: env_usize("BENCH_LOADER_WORKERS", 2),
+        prefetch: 4,
+        rank: 0,
+        world_size: 1,
+    };
+    let mut l = Loader::new(&set, &cfg, LoaderCursor::default(), &Device::Cpu).unwrap();
+    let steps = l.steps_per_epoch() * 2;
+    let start = Instant::now();
+    for _ in 0..steps {
+        l.next_batch().unwrap();
+    }
+    let dt = start.elapsed().as_secs_f64();
+    let n = steps * cfg.batch_size;
+    println!(
+        "loader: {n} images (2 epochs, batch 32, {} workers) in {dt:.2} s = {:.0} images/s, {:.0} tokens/s",
+        cfg.workers,
+        n as f64 / dt,
+        (n * tokens) as f64 / dt
+    );
+}
+
+fn main() {
+    let device = rae_cache::device::parse_device(
+        &std::env::var("BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()),
+    )
+    .expect("BENCH_DEVICE");
+    if std::env::var("BENCH_SKIP_STEP").ok().as_deref() != Some("1") {
+        bench_step(&device, env_usize("BENCH_STEPS", 3)).expect("train step");
+    }
+    bench_loader(env_usize("BENCH_LOADER_IMAGES", 256));
+}

@@ -1,0 +1,213 @@
+//! Combine the parts of a multi-machine build (`--num-parts N --part I`)
+//! into one manifest and exact statistics.
+
+use std::path::{Path, PathBuf};
+
+use crate::shards::StatsAccumulator;
+
+use super::PipelineError;
+use super::manifest::{self, BuildManifest};
+
+/// Left fold, in shard order, of the per-shard accumulators of the given
+/// (build root, manifest) pairs: the same operations a whole build does.
+pub fn fold_states(parts: &[(&Path, &BuildManifest)]) -> Result<StatsAccumulator, PipelineError> {
+    let [tokens, channels] = parts.first().map(|(_, m)| m.latent_shape).unwrap_or([0, 0]);
+    let mut acc = StatsAccumulator::new(tokens, channels);
+    for (root, m) in parts {
+        for s in m.shards.iter().filter(|s| s.file.is_some()) {
+            let st = StatsAccumulator::load_state(&super::state_file(root, s.index))?;
+            if st.count != s.rows || (st.tokens, st.channels) != (tokens, channels) {
+                return Err(PipelineError::Invalid(format!(
+                    "statistics state of shard {} counts {} rows, the manifest lists {}",
+                    s.index, st.count, s.rows
+                )));
+            }
+            acc.merge(&st)?;
+        }
+    }
+    Ok(acc)
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MergeSummary {
+    pub cache_dir: PathBuf,
+    pub parts: usize,
+    pub shards: usize,
+    pub rows: u64,
+    pub images_encoded: u64,
+    pub images_rejected: u64,
+    pub bytes: u64,
+}
+
+/// Merge `out/parts/*` into `out/manifest.json` + `out/stats.safetensors`.
+/// Refuses, naming it, if a part is missing, incomplete or inconsistent.
+pub fn merge_parts(out: &Path) -> Result<MergeSummary, PipelineError> {
+    let _lock = super::lock::lock_dir(out, manifest::LOCK_FILE)?;
+    let parts_dir = out.join(manifest::PARTS_DIR);
+    if !parts_dir.is_dir() {
+        return Err(PipelineError::Invalid(format!(
+            "{} has no parts/ directory: nothing to merge (was it built with --num-parts?)",
+            out.display()
+        )));
+    }
+    let first = load_part(&parts_dir, 0)?;
+    let count = first.part.map(|p| p.count).unwrap_or(0);
+    if count == 0 {
+        return Err(PipelineError::Invalid(format!(
+            "{}: part 0 has no part number",
+            parts_dir.display()
+        )));
+    }
+    // A part still being built holds its own lock.
+    let _part_locks = (0..count)
+        .filter(|i| parts_dir.join(i.to_string()).is_dir())
+        .map(|i| super::lock::lock_dir(&parts_dir.join(i.to_string()), manifest::LOCK_FILE))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut manifests = vec![first];
+    for i in 1..count {
+        manifests.push(load_part(&parts_dir, i)?);
+    }
+    // Anything beyond the expected parts is a mistake (another build?).
+    for e in std::fs::read_dir(&parts_dir).map_err(|source| PipelineError::Io {
+        path: parts_dir.clone(),
+        source,
+    })? {
+        let name = e
+            .map_err(|source| PipelineError::Io {
+                path: parts_dir.clone(),
+                source,
+            })?
+            .file_name();
+        let name = name.to_string_lossy();
+        if name.parse::<usize>().map(|i| i >= count).unwrap_or(false) {
+            return Err(PipelineError::Invalid(format!(
+                "{}/{name} is not part of a {count}-part build",
+                parts_dir.display()
+            )));
+        }
+    }
+    let base = manifests[0].settings.clone();
+    let mut expected_shard = 0usize;
+    for (i, m) in manifests.iter().enumerate() {
+        let p = m.part.unwrap_or(super::PartSpec {
+            index: usize::MAX,
+            count: 0,
+        });
+        if p.index != i || p.count != count {
+            return Err(PipelineError::Invalid(format!(
+                "parts/{i}/manifest.json says part {} of {}, expected part {i} of {count}",
+                p.index, p.count
+            )));
+        }
+        if !m.complete {
+            return Err(PipelineError::Invalid(format!(
+                "part {i} is incomplete ({} of its {} shards done): finish it with `rae-cache build ... --num-parts {count} --part {i} --resume`",
+                m.shards.len(),
+                m.layout.end_shard - m.layout.first_shard
+            )));
+        }
+        let mut s = m.settings.clone();
+        s.part = base.part;
+        let diffs = base.differences(&s);
+        if !diffs.is_empty() {
+            return Err(PipelineError::Invalid(format!(
+                "part {i} was built with different arguments than part 0:\n  {}",
+                diffs.join("\n  ")
+            )));
+        }
+        if m.layout.first_shard != expected_shard || m.next_shard() != m.layout.end_shard {
+            return Err(PipelineError::Invalid(format!(
+                "part {i} covers shards {}..{}, expected to start at {expected_shard}",
+                m.layout.first_shard, m.layout.end_shard
+            )));
+        }
+        expected_shard = m.layout.end_shard;
+    }
+    let total = manifests[0].layout.total_shards;
+    if expected_shard != total {
+        return Err(PipelineError::Invalid(format!(
+            "parts cover {expected_shard} of {total} shards"
+        )));
+    }
+    // Every listed shard file must be there (not re-hashed here: `verify` does that).
+    for m in &manifests {
+        for s in &m.shards {
+            if let Some(f) = &s.file {
+                if !out.join(f).is_file() {
+                    return Err(PipelineError::Invalid(format!(
+                        "shard {} listed by part manifests is missing",
+                        out.join(f).display()
+                    )));
+                }
+            }
+        }
+    }
+
+    let roots: Vec<PathBuf> = (0..count).map(|i| parts_dir.join(i.to_string())).collect();
+    let pairs: Vec<(&Path, &BuildManifest)> = roots
+        .iter()
+        .map(|r| r.as_path())
+        .zip(manifests.iter())
+        .collect();
+    let acc = fold_states(&pairs)?;
+    if acc.count > 0 {
+        acc.save_stats(&out.join(manifest::STATS_FILE))?;
+    }
+
+    // Per-shard states move next to the merged manifest so the cache is
+    // self-contained (and a later merge of merges would work the same way).
+    let state_dir = out.join(manifest::STATE_DIR);
+    std::fs::create_dir_all(&state_dir).map_err(|source| PipelineError::Io {
+        path: state_dir.clone(),
+        source,
+    })?;
+    for (root, m) in &pairs {
+        for s in m.shards.iter().filter(|s| s.file.is_some()) {
+            let from = super::state_file(root, s.index);
+            let to = super::state_file(out, s.index);
+            std::fs::copy(&from, &to).map_err(|source| PipelineError::Io {
+                path: to.clone(),
+                source,
+            })?;
+        }
+    }
+
+    let mut merged = manifests[0].clone();
+    merged.part = None;
+    merged.settings.num_parts = None;
+    merged.settings.part = None;
+    merged.layout.first_shard = 0;
+    merged.layout.end_shard = total;
+    merged.shards = manifests
+        .iter()
+        .flat_map(|m| m.shards.iter().cloned())
+        .collect();
+    merged.stats = (acc.count > 0).then(|| manifest::STATS_FILE.into());
+    merged.complete = true;
+    merged.build_log.seconds = manifests.iter().map(|m| m.build_log.seconds).sum();
+    merged.build_log.runs = manifests.iter().map(|m| m.build_log.runs).sum();
+    merged.build_log.updated_unix = manifest::unix_now();
+    merged.refresh_totals();
+    merged.save(out)?;
+    Ok(MergeSummary {
+        cache_dir: out.to_path_buf(),
+        parts: count,
+        shards: merged.shards.iter().filter(|s| s.file.is_some()).count(),
+        rows: merged.totals.rows,
+        images_encoded: merged.totals.images_encoded,
+        images_rejected: merged.totals.images_rejected,
+        bytes: merged.totals.bytes,
+    })
+}
+
+fn load_part(parts_dir: &Path, i: usize) -> Result<BuildManifest, PipelineError> {
+    let root = parts_dir.join(i.to_string());
+    let p = root.join(manifest::BUILD_STATE_FILE);
+    if !p.is_file() {
+        return Err(PipelineError::Invalid(format!(
+            "part {i} is missing ({} not found): run its build (`--part {i}`) before merging",
+            p.display()
+        )));
+    }
+    Ok(BuildManifest::load(&root)?)
+}

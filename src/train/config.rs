@@ -1,0 +1,220 @@
+//! The run configuration: every knob of `rae-cache train`, with the same
+//! names in a TOML `--config` file and on the command line (flags override
+//! the file). Stored as JSON in every checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::lr::{LrSchedule, ScheduleKind};
+use super::optim::AdamWConfig;
+use super::{Result, TrainError};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Cache directories (manifest.json + shards + stats.safetensors).
+    pub data: Vec<PathBuf>,
+    /// Run directory (checkpoints, log.jsonl, config.json).
+    pub out: PathBuf,
+    /// Model: a preset name (`ditdh-s`, ..., `dit-xl`) or a config file.
+    pub model: String,
+    /// Per-rank micro-batch size.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub accum: usize,
+    pub lr: f64,
+    /// Learning-rate schedule after warmup: constant, linear, cosine.
+    pub lr_schedule: ScheduleKind,
+    /// Final lr of a linear / cosine decay (default: lr).
+    pub final_lr: Option<f64>,
+    pub warmup_steps: u64,
+    pub warmup_from_zero: bool,
+    /// Step at which the decay reaches final_lr (default: the last step).
+    pub decay_end_steps: Option<u64>,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 = off).
+    pub clip_grad: f64,
+    /// Total optimizer steps (takes precedence over epochs).
+    pub steps: Option<u64>,
+    pub epochs: Option<u64>,
+    pub ema: f64,
+    /// `logit-normal` (= logit-normal_0_1), `logit-normal_<mu>_<sigma>`, `uniform`.
+    pub time_dist: String,
+    /// Time shift a; default sqrt(tokens * C / 4096).
+    pub shift: Option<f64>,
+    /// Probability of replacing a label by the null class.
+    pub label_dropout: f64,
+    pub seed: u64,
+    /// Checkpoint every N optimizer steps (0 = only at the end).
+    pub ckpt_every: u64,
+    /// Checkpoints kept (0 = all).
+    pub keep_checkpoints: usize,
+    /// Log a line every N optimizer steps.
+    pub log_every: u64,
+    pub device: String,
+    /// Loader: row groups per shuffle window, reader threads, prefetch.
+    pub shuffle_window: usize,
+    pub workers: usize,
+    pub prefetch: usize,
+    /// Data parallel position (world_size 1 = single process).
+    pub rank: usize,
+    pub world_size: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            data: Vec::new(),
+            out: PathBuf::new(),
+            model: "ditdh-s".into(),
+            batch_size: 32,
+            accum: 1,
+            lr: 2e-4,
+            lr_schedule: ScheduleKind::Constant,
+            final_lr: None,
+            warmup_steps: 0,
+            warmup_from_zero: false,
+            decay_end_steps: None,
+            betas: [0.9, 0.95],
+            eps: 1e-8,
+            weight_decay: 0.0,
+            clip_grad: 1.0,
+            steps: None,
+            epochs: None,
+            ema: 0.9995,
+            time_dist: "logit-normal".into(),
+            shift: None,
+            label_dropout: 0.1,
+            seed: 0,
+            ckpt_every: 1000,
+            keep_checkpoints: 3,
+            log_every: 1,
+            device: "auto".into(),
+            shuffle_window: 64,
+            workers: 2,
+            prefetch: 4,
+            rank: 0,
+            world_size: 1,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Read a TOML file with the same keys (missing keys take defaults).
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(super::io_err(path))?;
+        toml::from_str(&text).map_err(|e| TrainError::Format {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serialising plain data with string keys cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_json(s: &str) -> Result<Self> {
+        serde_json::from_str(s).map_err(|e| TrainError::Config(format!("stored config: {e}")))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.data.is_empty() {
+            return bad("no --data cache directory".into());
+        }
+        if self.batch_size == 0 || self.accum == 0 {
+            return bad("batch size and accum must be >= 1".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(format!("lr {} must be positive", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.betas[0]) || !(0.0..1.0).contains(&self.betas[1]) {
+            return bad(format!("betas {:?} must lie in [0, 1)", self.betas));
+        }
+        if !(0.0..=1.0).contains(&self.ema) {
+            return bad(format!("ema {} must lie in [0, 1]", self.ema));
+        }
+        if !(0.0..=1.0).contains(&self.label_dropout) {
+            return bad(format!(
+                "label dropout {} must lie in [0, 1]",
+                self.label_dropout
+            ));
+        }
+        if let Some(a) = self.shift
+            && !(a > 0.0 && a.is_finite())
+        {
+            return bad(format!("shift {a} must be positive"));
+        }
+        if self.steps.is_none() && self.epochs.is_none() {
+            return bad("give --steps or --epochs".into());
+        }
+        if self.world_size == 0 || self.rank >= self.world_size {
+            return bad(format!(
+                "rank {} of world size {}",
+                self.rank, self.world_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// Total optimizer steps given the loader's batches per epoch.
+    pub fn total_steps(&self, batches_per_epoch: usize) -> u64 {
+        match (self.steps, self.epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => e * (batches_per_epoch / self.accum.max(1)) as u64,
+            (None, None) => 0,
+        }
+    }
+
+    pub fn optimizer(&self) -> AdamWConfig {
+        AdamWConfig {
+            lr: self.lr,
+            beta1: self.betas[0],
+            beta2: self.betas[1],
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+
+    pub fn schedule(&self, total_steps: u64) -> LrSchedule {
+        LrSchedule {
+            kind: self.lr_schedule,
+            base_lr: self.lr,
+            final_lr: self.final_lr.unwrap_or(self.lr),
+            warmup_steps: self.warmup_steps,
+            decay_end_steps: self.decay_end_steps.unwrap_or(total_steps),
+            warmup_from_zero: self.warmup_from_zero,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_keys_and_json_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run.toml");
+        std::fs::write(
+            &p,
+            "data = [\"/c\"]\nbatch_size = 8\nlr = 1e-3\nsteps = 10\nlr_schedule = \"cosine\"\nfinal_lr = 1e-5\n",
+        )
+        .unwrap();
+        let c = TrainConfig::from_toml_file(&p).unwrap();
+        assert_eq!(c.batch_size, 8);
+        assert_eq!(c.lr_schedule, ScheduleKind::Cosine);
+        assert_eq!(c.ema, 0.9995);
+        c.validate().unwrap();
+        assert_eq!(TrainConfig::from_json(&c.to_json()).unwrap(), c);
+        std::fs::write(&p, "batch_sise = 8\n").unwrap();
+        assert!(
+            TrainConfig::from_toml_file(&p).is_err(),
+            "unknown keys are rejected"
+        );
+    }
+}

@@ -1,0 +1,94 @@
+//! Exponential moving average of the weights, in f32, updated after every
+//! optimizer step: `ema = decay * ema + (1 - decay) * param` (the
+//! reference `update_ema`, default decay 0.9995).
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor, Var};
+
+use super::{Result, TrainError};
+
+#[derive(Debug, Clone)]
+pub struct Ema {
+    decay: f64,
+    shadow: BTreeMap<String, Tensor>,
+}
+
+impl Ema {
+    /// Start from a copy of `params`. Frozen tensors may be included: they
+    /// never change, and copying them keeps the EMA a complete state dict.
+    pub fn new<'a>(
+        params: impl IntoIterator<Item = (&'a String, &'a Var)>,
+        decay: f64,
+    ) -> Result<Self> {
+        if !(0.0..=1.0).contains(&decay) {
+            return Err(TrainError::Config(format!(
+                "EMA decay {decay} outside [0, 1]"
+            )));
+        }
+        let mut shadow = BTreeMap::new();
+        for (name, var) in params {
+            shadow.insert(name.clone(), var.as_tensor().to_dtype(DType::F32)?.copy()?);
+        }
+        Ok(Self { decay, shadow })
+    }
+
+    pub fn decay(&self) -> f64 {
+        self.decay
+    }
+
+    /// Move the named tensors towards the current weights. Only the given
+    /// parameters are updated (pass the trainable ones: frozen tensors stay
+    /// bit-identical instead of picking up rounding noise).
+    pub fn update<'a>(
+        &mut self,
+        params: impl IntoIterator<Item = (&'a String, &'a Var)>,
+    ) -> Result<()> {
+        let d = self.decay;
+        for (name, var) in params {
+            let p = var.as_tensor().to_dtype(DType::F32)?;
+            let s = self
+                .shadow
+                .get_mut(name)
+                .ok_or_else(|| TrainError::State(format!("EMA has no tensor {name}")))?;
+            *s = (s.affine(d, 0.0)? + p.affine(1.0 - d, 0.0)?)?;
+        }
+        Ok(())
+    }
+
+    pub fn tensors(&self) -> &BTreeMap<String, Tensor> {
+        &self.shadow
+    }
+
+    /// Rebuild from saved tensors (a checkpoint).
+    pub fn from_tensors(shadow: BTreeMap<String, Tensor>, decay: f64) -> Result<Self> {
+        let shadow = shadow
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        Ok(Self { decay, shadow })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn ema_moves_towards_weights() {
+        let p = Var::from_tensor(&Tensor::new(&[0.0f32, 10.0], &Device::Cpu).unwrap()).unwrap();
+        let name = "w".to_string();
+        let mut ema = Ema::new([(&name, &p)], 0.9).unwrap();
+        p.set(&Tensor::new(&[1.0f32, 0.0], &Device::Cpu).unwrap())
+            .unwrap();
+        ema.update([(&name, &p)]).unwrap();
+        let v = ema.tensors()["w"].to_vec1::<f32>().unwrap();
+        assert!(
+            (v[0] - 0.1).abs() < 1e-6 && (v[1] - 9.0).abs() < 1e-5,
+            "{v:?}"
+        );
+        let missing = "x".to_string();
+        assert!(ema.update([(&missing, &p)]).is_err());
+    }
+}

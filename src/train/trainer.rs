@@ -1,0 +1,407 @@
+//! The training loop: flow matching on cached latents (DESIGN.md),
+//! AdamW with global-norm clipping, gradient accumulation, EMA, periodic
+//! checkpoints, `log.jsonl`, and exact resume.
+//!
+//! All randomness of a micro-step (times, noise, label dropout) comes from a
+//! generator seeded by (seed, rank, optimizer step, micro-step), and the
+//! data order from (seed, epoch): a run resumed from a checkpoint computes
+//! exactly what the uninterrupted run would have.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use serde::Serialize;
+
+use super::checkpoint::{self, Checkpoint, LoaderCursor};
+use super::config::TrainConfig;
+use super::init::SeededVarMap;
+use super::loader::{CacheSet, Loader, LoaderConfig};
+use super::{
+    AdamW, Ema, GradAccumulator, Gradients, LrSchedule, ParamGroup, Result, TrainError, io_err,
+};
+use crate::diffusion::schedule::{NoiseRng, TimeDist, default_shift};
+use crate::models::{DitConfig, DitModel, VelocityModel, is_frozen};
+
+/// Upper end of the training time interval (reference `check_interval`).
+pub const T_MAX: f64 = 1.0 - 1.0 / 1000.0;
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepStats {
+    /// Optimizer steps done after this one.
+    pub step: u64,
+    pub epoch: u64,
+    /// Mean loss over the micro-batches.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub images_per_s: f64,
+    pub tokens_per_s: f64,
+    pub seconds: f64,
+}
+
+pub struct Trainer {
+    cfg: TrainConfig,
+    model: DitModel,
+    _varmap: VarMap,
+    /// Every tensor of the model (trainable and frozen), by name.
+    all_vars: Vec<(String, Var)>,
+    trainable: Vec<(String, Var)>,
+    opt: AdamW,
+    ema: Ema,
+    schedule: LrSchedule,
+    loader: Loader,
+    step: u64,
+    total_steps: u64,
+    time_dist: TimeDist,
+    shift: f64,
+    null_class: i64,
+    tokens_per_image: usize,
+    last_ckpt: Option<PathBuf>,
+    log: File,
+}
+
+/// Derive a micro-step seed; any change to any input changes it.
+fn micro_seed(seed: u64, rank: usize, step: u64, micro: usize) -> u64 {
+    let mut h = seed ^ 0x5851_F42D_4C95_7F2D;
+    for x in [rank as u64, step, micro as u64] {
+        h = (h ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^= h >> 29;
+    }
+    h
+}
+
+fn cfg_err(e: impl std::fmt::Display) -> TrainError {
+    TrainError::Config(e.to_string())
+}
+
+impl Trainer {
+    /// Build the model, optimizer, EMA and loader for `cfg`; with `resume`,
+    /// restore them from that checkpoint.
+    pub fn new(cfg: TrainConfig, device: &Device, resume: Option<&Path>) -> Result<Self> {
+        cfg.validate()?;
+        if cfg.world_size > 1 {
+            return Err(TrainError::Config(
+                "data-parallel training (world_size > 1) needs a gradient all-reduce, which this build lacks".into(),
+            ));
+        }
+        std::fs::create_dir_all(&cfg.out).map_err(io_err(&cfg.out))?;
+        let set = CacheSet::open(&cfg.data)?;
+        let mcfg = DitConfig::load(&cfg.model).map_err(cfg_err)?;
+        let (tokens, channels) = (set.tokens(), set.channels());
+        let side = mcfg.input_size();
+        if mcfg.in_channels() != channels || side * side != tokens {
+            return Err(TrainError::Config(format!(
+                "model {} takes {side}x{side}x{} latents, the cache holds {tokens} tokens x {channels}",
+                cfg.model,
+                mcfg.in_channels()
+            )));
+        }
+        let width = match &mcfg {
+            DitConfig::DitDh(c) => c.hidden_size[1],
+            DitConfig::Lightning(c) => c.hidden_size,
+        };
+        if width < channels {
+            tracing::warn!(
+                "!!! model width {width} is below the token dimension {channels}: RAE shows such a diffusion \
+                 transformer cannot fit the latents (use DiT-DH's wide head or a wider model) !!!"
+            );
+        }
+        let num_classes = mcfg.num_classes();
+        if set.num_classes() > num_classes {
+            return Err(TrainError::Config(format!(
+                "the cache has {} classes, the model {num_classes}",
+                set.num_classes()
+            )));
+        }
+
+        let varmap = VarMap::new();
+        let vb = SeededVarMap::var_builder(&varmap, cfg.seed, DType::F32, device);
+        let model = DitModel::new(&mcfg, vb)?;
+        let mut all_vars: Vec<(String, Var)> = match varmap.data().lock() {
+            Ok(d) => d.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => return Err(TrainError::State("varmap lock poisoned".into())),
+        };
+        all_vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let trainable: Vec<(String, Var)> = all_vars
+            .iter()
+            .filter(|(k, _)| !is_frozen(k))
+            .cloned()
+            .collect();
+        let n_params: usize = trainable.iter().map(|(_, v)| v.elem_count()).sum();
+        tracing::info!(
+            "model {}: {:.2}M trainable parameters",
+            cfg.model,
+            n_params as f64 / 1e6
+        );
+
+        let mut opt = AdamW::new(vec![ParamGroup::new(trainable.clone())], cfg.optimizer())?;
+        let mut ema = Ema::new(all_vars.iter().map(|(k, v)| (k, v)), cfg.ema)?;
+        let mut step = 0;
+        let mut cursor = LoaderCursor::default();
+        let mut last_ckpt = None;
+        if let Some(path) = resume {
+            let ck = checkpoint::load(path, device)?;
+            for (name, var) in &all_vars {
+                let t = ck.model.get(name).ok_or_else(|| {
+                    TrainError::State(format!("{}: no weights for {name}", path.display()))
+                })?;
+                if t.dims() != var.dims() {
+                    return Err(TrainError::State(format!(
+                        "{}: {name} is {:?}, the model wants {:?}",
+                        path.display(),
+                        t.dims(),
+                        var.dims()
+                    )));
+                }
+                var.set(&t.to_dtype(var.dtype())?)?;
+            }
+            opt.load_state(ck.optim)?;
+            ema = Ema::from_tensors(ck.ema, cfg.ema)?;
+            step = ck.step;
+            cursor = ck.cursor;
+            last_ckpt = Some(path.to_path_buf());
+            tracing::info!(
+                "resumed from {} at step {step} (epoch {}, batch {})",
+                path.display(),
+                cursor.epoch,
+                cursor.step_in_epoch
+            );
+        }
+
+        let lcfg = LoaderConfig {
+            batch_size: cfg.batch_size,
+            seed: cfg.seed,
+            shuffle_window: cfg.shuffle_window,
+            workers: cfg.workers,
+            prefetch: cfg.prefetch,
+            rank: cfg.rank,
+            world_size: cfg.world_size,
+        };
+        let loader = Loader::new(&set, &lcfg, cursor, device)?;
+        let total_steps = cfg.total_steps(loader.steps_per_epoch());
+        let schedule = cfg.schedule(total_steps);
+        let time_dist = TimeDist::parse(&cfg.time_dist).ok_or_else(|| {
+            TrainError::Config(format!("unknown time distribution {:?}", cfg.time_dist))
+        })?;
+        let shift = cfg.shift.unwrap_or_else(|| default_shift(tokens, channels));
+
+        let config_path = cfg.out.join("config.json");
+        crate::fsutil::write_atomic(&config_path, cfg.to_json().as_bytes())
+            .map_err(io_err(&config_path))?;
+        let log_path = cfg.out.join("log.jsonl");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err(&log_path))?;
+
+        Ok(Self {
+            cfg,
+            model,
+            _varmap: varmap,
+            all_vars,
+            trainable,
+            opt,
+            ema,
+            schedule,
+            loader,
+            step,
+            total_steps,
+            time_dist,
+            shift,
+            null_class: num_classes as i64,
+            tokens_per_image: tokens,
+            last_ckpt,
+            log,
+        })
+    }
+
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    pub fn shift(&self) -> f64 {
+        self.shift
+    }
+
+    /// Current weights, by name (frozen tensors included).
+    pub fn weights(&self) -> Vec<(String, Tensor)> {
+        self.all_vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+
+    pub fn ema(&self) -> &Ema {
+        &self.ema
+    }
+
+    /// Flow-matching loss of one micro-batch; returns (loss value, grads).
+    fn micro_step(&mut self, micro: usize) -> Result<(f64, Gradients, u64)> {
+        let batch = self.loader.next_batch()?;
+        let x = batch.x;
+        let b = x.dim(0)?;
+        let dev = x.device().clone();
+        let mut rng = NoiseRng::new(micro_seed(self.cfg.seed, self.cfg.rank, self.step, micro));
+        let t = rng.sample_times(b, self.time_dist, T_MAX, self.shift, &dev)?;
+        let eps = rng.randn(x.dims(), &dev)?;
+        let labels: Vec<u32> = batch
+            .y
+            .to_vec1::<i64>()?
+            .into_iter()
+            .map(|l| {
+                if l < 0 || l >= self.null_class {
+                    self.null_class as u32
+                } else {
+                    l as u32
+                }
+            })
+            .collect();
+        let labels = rng.drop_labels(&labels, self.cfg.label_dropout, self.null_class as u32);
+        let y = Tensor::from_vec(labels, b, &dev)?;
+
+        let tb = t.reshape((b, 1, 1, 1))?;
+        let x_t = (x.broadcast_mul(&(1.0 - &tb)?)? + eps.broadcast_mul(&tb)?)?;
+        let target = (&eps - &x)?;
+        let v = self.model.forward(&x_t, &t, &y)?;
+        let loss = (v - target)?.sqr()?.mean_all()?;
+        let store = loss.backward()?;
+        let grads = Gradients::from_store(&store, &self.trainable)?;
+        if self.step == 0 && micro == 0 && grads.len() < self.trainable.len() {
+            // A parameter without gradient is silently never trained: say so.
+            let missing: Vec<&str> = self
+                .trainable
+                .iter()
+                .filter(|(k, _)| grads.get(k).is_none())
+                .map(|(k, _)| k.as_str())
+                .collect();
+            tracing::warn!(
+                "{} trainable tensors receive no gradient: {}",
+                missing.len(),
+                missing.join(", ")
+            );
+        }
+        let loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        Ok((loss, grads, batch.cursor.epoch))
+    }
+
+    /// One optimizer step over `accum` micro-batches.
+    pub fn train_step(&mut self) -> Result<StepStats> {
+        let start = Instant::now();
+        let mut acc = GradAccumulator::new();
+        let mut loss_sum = 0.0;
+        let mut epoch = 0;
+        for micro in 0..self.cfg.accum {
+            let (loss, grads, ep) = self.micro_step(micro)?;
+            if !loss.is_finite() {
+                return Err(self.non_finite(format!("loss {loss}")));
+            }
+            loss_sum += loss;
+            epoch = ep;
+            acc.add(&grads)?;
+        }
+        let mut grads = acc.finish()?;
+        let grad_norm = if self.cfg.clip_grad > 0.0 {
+            grads.clip_global_norm(self.cfg.clip_grad)?
+        } else {
+            grads.global_norm()?
+        };
+        if !grad_norm.is_finite() {
+            return Err(self.non_finite(format!("gradient norm {grad_norm}")));
+        }
+        let lr = self.schedule.lr_at(self.step);
+        self.opt.step(&grads, lr)?;
+        self.ema
+            .update(self.trainable.iter().map(|(k, v)| (k, v)))?;
+        self.step += 1;
+        let seconds = start.elapsed().as_secs_f64();
+        let images = (self.cfg.batch_size * self.cfg.accum) as f64;
+        Ok(StepStats {
+            step: self.step,
+            epoch,
+            loss: loss_sum / self.cfg.accum as f64,
+            grad_norm,
+            lr,
+            images_per_s: images / seconds.max(1e-9),
+            tokens_per_s: images * self.tokens_per_image as f64 / seconds.max(1e-9),
+            seconds,
+        })
+    }
+
+    fn non_finite(&self, what: String) -> TrainError {
+        TrainError::NonFinite {
+            step: self.step,
+            what,
+            last_good: self
+                .last_ckpt
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "none (no checkpoint written yet)".into()),
+        }
+    }
+
+    /// Write a checkpoint of the current state into the run directory.
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let ck = Checkpoint {
+            step: self.step,
+            model: self.weights().into_iter().collect(),
+            ema: self.ema.tensors().clone(),
+            optim: self.opt.state().clone(),
+            cursor: self.loader.cursor(),
+            rng: None, // all randomness derives from (seed, step): nothing to save
+            config: self.cfg.to_json(),
+            extra: Default::default(),
+        };
+        let p = checkpoint::save(&self.cfg.out, &ck, self.cfg.keep_checkpoints)?;
+        self.last_ckpt = Some(p.clone());
+        Ok(p)
+    }
+
+    /// Append one JSON line to `log.jsonl`.
+    pub fn log(&mut self, stats: &StepStats) -> Result<()> {
+        let line =
+            serde_json::to_string(stats).map_err(|e| TrainError::State(format!("log: {e}")))?;
+        let path = self.cfg.out.join("log.jsonl");
+        writeln!(self.log, "{line}").map_err(io_err(&path))
+    }
+
+    /// Train until `total_steps`, checkpointing every `ckpt_every` steps and
+    /// at the end; `on_step` sees every step's stats (progress display).
+    pub fn run(&mut self, mut on_step: impl FnMut(&StepStats)) -> Result<Option<StepStats>> {
+        let mut last = None;
+        while self.step < self.total_steps {
+            let stats = self.train_step()?;
+            if self.cfg.log_every > 0
+                && (stats.step % self.cfg.log_every == 0 || stats.step == self.total_steps)
+            {
+                self.log(&stats)?;
+            }
+            on_step(&stats);
+            if self.cfg.ckpt_every > 0
+                && stats.step % self.cfg.ckpt_every == 0
+                && stats.step < self.total_steps
+            {
+                self.save_checkpoint()?;
+            }
+            last = Some(stats);
+        }
+        if last.is_some() {
+            self.save_checkpoint()?;
+        }
+        Ok(last)
+    }
+}

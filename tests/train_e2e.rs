@@ -1,0 +1,215 @@
+//! End to end on a tiny cache and a tiny DiT-DH (the fixture's ditdh.json
+//! shape): the loss falls, a run stopped at step k and resumed to n equals
+//! an uninterrupted run bit for bit, the EMA differs from the raw weights.
+
+mod common;
+mod tiny_cache;
+
+use std::path::Path;
+
+use candle_core::Device;
+use rae_cache::train::checkpoint;
+use rae_cache::train::trainer::Trainer;
+use rae_cache::train::{ScheduleKind, TrainConfig};
+
+/// The fixture's DiT-DH constructor arguments, the cache shaped to match.
+fn setup(dir: &Path) -> TrainConfig {
+    let model = common::read_json("ditdh.json");
+    let side = model["input_size"].as_u64().unwrap() as usize;
+    let channels = model["in_channels"].as_u64().unwrap() as usize;
+    let classes = model["num_classes"].as_u64().unwrap() as usize;
+    let spec = tiny_cache::Spec {
+        images: 40,
+        classes: classes.min(4),
+        tokens: side * side,
+        channels,
+        shards: 2,
+        rows_per_row_group: 6,
+        both_flips: true,
+        seed: 3,
+    };
+    let cache = dir.join("cache");
+    tiny_cache::write(&cache, &spec);
+    let model_path = dir.join("ditdh.json");
+    std::fs::write(&model_path, model.to_string()).unwrap();
+    TrainConfig {
+        data: vec![cache],
+        out: dir.join("run"),
+        model: model_path.display().to_string(),
+        batch_size: 8,
+        accum: 1,
+        lr: 1e-3,
+        lr_schedule: ScheduleKind::Linear,
+        final_lr: Some(1e-4),
+        steps: Some(30),
+        ema: 0.9,
+        seed: 17,
+        ckpt_every: 0,
+        device: "cpu".into(),
+        workers: 2,
+        shuffle_window: 2,
+        ..Default::default()
+    }
+}
+
+fn bits(t: &candle_core::Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
+#[test]
+fn loss_falls_and_ema_lags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path());
+    let mut tr = Trainer::new(cfg, &Device::Cpu, None).unwrap();
+    let losses: Vec<f64> = (0..30).map(|_| tr.train_step().unwrap().loss).collect();
+    let head: f64 = losses[..5].iter().sum::<f64>() / 5.0;
+    let tail: f64 = losses[25..].iter().sum::<f64>() / 5.0;
+    assert!(
+        tail < 0.8 * head,
+        "loss did not fall: first {head:.4}, last {tail:.4} ({losses:?})"
+    );
+    let ema = tr.ema().tensors();
+    let mut differ = 0;
+    for (name, w) in tr.weights() {
+        if bits(&w) != bits(&ema[&name]) {
+            differ += 1;
+        }
+    }
+    assert!(differ > 0, "EMA equals the raw weights");
+    // log.jsonl is written by run(), not by train_step()
+    tr.save_checkpoint().unwrap();
+    assert!(checkpoint::latest(&tr.config().out).unwrap().is_some());
+}
+
+#[test]
+fn resume_is_bit_exact() {
+    let (k, n) = (7u64, 12u64);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = setup(tmp.path());
+    cfg.steps = Some(n);
+    cfg.accum = 2; // accumulation and the loader cursor both in play
+    cfg.batch_size = 4;
+
+    // uninterrupted
+    let mut a_cfg = cfg.clone();
+    a_cfg.out = tmp.path().join("a");
+    let mut a = Trainer::new(a_cfg, &Device::Cpu, None).unwrap();
+    let a_losses: Vec<u64> = (0..n)
+        .map(|_| a.train_step().unwrap().loss.to_bits())
+        .collect();
+
+    // stopped at k, then resumed from its checkpoint
+    let mut b_cfg = cfg.clone();
+    b_cfg.out = tmp.path().join("b");
+    let mut b = Trainer::new(b_cfg.clone(), &Device::Cpu, None).unwrap();
+    let mut b_losses: Vec<u64> = (0..k)
+        .map(|_| b.train_step().unwrap().loss.to_bits())
+        .collect();
+    let ck = b.save_checkpoint().unwrap();
+    drop(b);
+    let mut b = Trainer::new(b_cfg, &Device::Cpu, Some(&ck)).unwrap();
+    assert_eq!(b.step(), k);
+    b_losses.extend((k..n).map(|_| b.train_step().unwrap().loss.to_bits()));
+
+    assert_eq!(a_losses, b_losses, "losses differ after resume");
+    let (wa, wb) = (a.weights(), b.weights());
+    assert_eq!(wa.len(), wb.len());
+    for ((na, ta), (nb, tb)) in wa.iter().zip(&wb) {
+        assert_eq!(na, nb);
+        assert_eq!(bits(ta), bits(tb), "{na} differs after resume");
+    }
+    for (name, t) in a.ema().tensors() {
+        assert_eq!(
+            bits(t),
+            bits(&b.ema().tensors()[name]),
+            "EMA {name} differs after resume"
+        );
+    }
+}
+
+#[test]
+fn run_writes_log_and_final_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = setup(tmp.path());
+    cfg.steps = Some(4);
+    cfg.ckpt_every = 2;
+    let mut tr = Trainer::new(cfg.clone(), &Device::Cpu, None).unwrap();
+    let mut seen = 0;
+    let last = tr.run(|_| seen += 1).unwrap().unwrap();
+    assert_eq!((seen, last.step), (4, 4));
+    let log = std::fs::read_to_string(cfg.out.join("log.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for key in ["loss", "grad_norm", "lr", "images_per_s", "tokens_per_s"] {
+        assert!(lines[3][key].is_number(), "log line lacks {key}");
+    }
+    let steps: Vec<u64> = checkpoint::list_checkpoints(&cfg.out)
+        .unwrap()
+        .iter()
+        .map(|x| x.0)
+        .collect();
+    assert_eq!(steps, vec![2, 4]);
+    // running again to the same step count does nothing more
+    let latest = checkpoint::latest(&cfg.out).unwrap().unwrap();
+    let mut again = Trainer::new(cfg, &Device::Cpu, Some(&latest)).unwrap();
+    assert!(again.run(|_| {}).unwrap().is_none());
+}
+
+#[test]
+fn cli_trains_resumes_and_refuses_to_clobber() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path());
+    let run = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rae-cache"));
+        cmd.arg("train")
+            .arg("--data")
+            .arg(&cfg.data[0])
+            .arg("--out")
+            .arg(&cfg.out);
+        cmd.args([
+            "--model-config",
+            &cfg.model,
+            "--batch-size",
+            "8",
+            "--seed",
+            "5",
+            "--device",
+            "cpu",
+            "--json",
+        ]);
+        cmd.args(extra);
+        cmd.output().unwrap()
+    };
+    let out = run(&["--steps", "3", "--ckpt-every", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["steps"], 3);
+    let refused = run(&["--steps", "5"]);
+    assert!(
+        !refused.status.success(),
+        "an existing run dir needs --resume"
+    );
+    let out = run(&["--steps", "5", "--resume"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["steps"], 5);
+    let log = std::fs::read_to_string(cfg.out.join("log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 5);
+}
