@@ -7,6 +7,7 @@ pub mod diffusion;
 pub mod encoders;
 pub mod eval;
 pub mod fsutil;
+pub mod generate;
 pub mod images;
 pub mod models;
 pub mod pipeline;

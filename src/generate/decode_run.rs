@@ -1,0 +1,468 @@
+//! Latent shards -> images with the RAE decoder, in three overlapping
+//! stages joined by bounded channels: a reader thread (Parquet row groups,
+//! dequantised), the caller's thread (decoder forward, in batches), and a
+//! writer thread (bytes conversion + PNG encoding on rayon, or streaming
+//! `.npz` / `.safetensors`).
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use crossbeam_channel::{Receiver, Sender, bounded};
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+
+use super::GenerateError;
+use super::npz::NpzWriter;
+use super::pixels::{Rounding, chw_to_hwc_u8, grid, image_stem};
+use crate::models::RaeDecoder;
+use crate::shards::{LatentBatch, ShardReader};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecodeFormat {
+    /// One PNG per row, named by key.
+    Png,
+    /// `images.npz`: uint8 `[N,H,W,3]` under `arr_0` (ADM evaluator).
+    Npz,
+    /// `pixels.safetensors`: f32 `[N,3,H,W]` (decoder output, unclamped)
+    /// and `labels` i32 `[N]`.
+    Safetensors,
+}
+
+impl DecodeFormat {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "png" => Some(Self::Png),
+            "npz" => Some(Self::Npz),
+            "safetensors" => Some(Self::Safetensors),
+            _ => None,
+        }
+    }
+}
+
+pub const NPZ_FILE: &str = "images.npz";
+pub const SAFETENSORS_FILE: &str = "pixels.safetensors";
+/// Row keys in output order (npz / safetensors), `_flip` marking flipped rows.
+pub const KEYS_FILE: &str = "keys.txt";
+pub const GRID_FILE: &str = "grid.png";
+
+#[derive(Debug, Clone)]
+pub struct DecodeOptions {
+    pub out_dir: PathBuf,
+    pub format: DecodeFormat,
+    pub batch_size: usize,
+    pub limit: Option<usize>,
+    /// Contact sheet of the first `grid` images (0: none).
+    pub grid: usize,
+    pub rounding: Rounding,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DecodeSummary {
+    pub out_dir: PathBuf,
+    pub format: DecodeFormat,
+    pub images: usize,
+    pub height: usize,
+    pub width: usize,
+    pub shards: usize,
+    pub grid: Option<PathBuf>,
+    pub seconds: f64,
+    pub images_per_second: f64,
+}
+
+/// The shard files of a shard file, a directory of shards, or a cache /
+/// sample directory (its manifest's shard list, else `shards/*.parquet`).
+pub fn resolve_shards(input: &Path) -> Result<Vec<PathBuf>, GenerateError> {
+    if input.is_file() {
+        return Ok(vec![input.to_path_buf()]);
+    }
+    if !input.is_dir() {
+        return Err(GenerateError::Invalid(format!(
+            "{}: no such file or directory",
+            input.display()
+        )));
+    }
+    let manifest = input.join("manifest.json");
+    if manifest.is_file() {
+        // Only `shards[].file` is read, so either manifest layout works.
+        let text =
+            std::fs::read_to_string(&manifest).map_err(|e| GenerateError::io(&manifest, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| GenerateError::Invalid(format!("{}: {e}", manifest.display())))?;
+        if let Some(list) = v.get("shards").and_then(|s| s.as_array()) {
+            let mut out = Vec::new();
+            for f in list
+                .iter()
+                .filter_map(|s| s.get("file").and_then(|f| f.as_str()))
+            {
+                let direct = input.join(f);
+                let nested = input.join("shards").join(f);
+                match (direct.is_file(), nested.is_file()) {
+                    (true, _) => out.push(direct),
+                    (false, true) => out.push(nested),
+                    _ => {
+                        return Err(GenerateError::Invalid(format!(
+                            "{}: lists shard {f:?}, which is missing",
+                            manifest.display()
+                        )));
+                    }
+                }
+            }
+            return Ok(out);
+        }
+    }
+    for dir in [input.join("shards"), input.to_path_buf()] {
+        if !dir.is_dir() {
+            continue;
+        }
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| GenerateError::io(&dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "parquet"))
+            .collect();
+        if !v.is_empty() {
+            v.sort();
+            return Ok(v);
+        }
+    }
+    Err(GenerateError::Invalid(format!(
+        "{}: no shards found",
+        input.display()
+    )))
+}
+
+/// Rows going from the reader to the decoder.
+type Chunk = Result<LatentBatch, GenerateError>;
+
+/// Decoded pixels going to the writer: `[b,3,H,W]` f32 in row order.
+struct Decoded {
+    keys: Vec<String>,
+    labels: Vec<i32>,
+    flips: Vec<bool>,
+    pixels: Vec<f32>,
+}
+
+fn reader_loop(readers: &[ShardReader], limit: usize, tx: Sender<Chunk>) {
+    let mut left = limit;
+    for r in readers {
+        for g in 0..r.num_row_groups() {
+            if left == 0 {
+                return;
+            }
+            let mut b = match r.read_row_group(g) {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            if b.len() > left {
+                let n = b.tokens * b.channels;
+                b.keys.truncate(left);
+                b.labels.truncate(left);
+                b.flips.truncate(left);
+                b.latents.truncate(left * n);
+            }
+            left -= b.len();
+            if tx.send(Ok(b)).is_err() {
+                return; // the consumer stopped (an error downstream)
+            }
+        }
+    }
+}
+
+/// The output side: owns the files, runs on its own thread.
+struct Sink {
+    opts: DecodeOptions,
+    h: usize,
+    w: usize,
+    npz: Option<NpzWriter>,
+    st: Option<(BufWriter<File>, PathBuf, PathBuf)>,
+    keys: Vec<String>,
+    labels: Vec<i32>,
+    grid: Vec<Vec<u8>>,
+}
+
+impl Sink {
+    fn new(opts: &DecodeOptions, n: usize, h: usize, w: usize) -> Result<Self, GenerateError> {
+        let dir = &opts.out_dir;
+        let mut sink = Sink {
+            opts: opts.clone(),
+            h,
+            w,
+            npz: None,
+            st: None,
+            keys: Vec::new(),
+            labels: Vec::new(),
+            grid: Vec::new(),
+        };
+        match opts.format {
+            DecodeFormat::Png => {}
+            DecodeFormat::Npz => sink.npz = Some(NpzWriter::create(&dir.join(NPZ_FILE), n, h, w)?),
+            DecodeFormat::Safetensors => {
+                let path = dir.join(SAFETENSORS_FILE);
+                let tmp = crate::fsutil::temp_path(&path);
+                let f = File::create(&tmp).map_err(|e| GenerateError::io(&tmp, e))?;
+                let mut bw = BufWriter::with_capacity(1 << 20, f);
+                bw.write_all(&safetensors_header(n, h, w))
+                    .map_err(|e| GenerateError::io(&tmp, e))?;
+                sink.st = Some((bw, tmp, path));
+            }
+        }
+        Ok(sink)
+    }
+
+    fn push(&mut self, d: Decoded) -> Result<(), GenerateError> {
+        let (h, w, r) = (self.h, self.w, self.opts.rounding);
+        let per = 3 * h * w;
+        let need_u8 =
+            self.opts.format != DecodeFormat::Safetensors || self.grid.len() < self.opts.grid;
+        let bytes: Vec<Vec<u8>> = if need_u8 {
+            d.pixels
+                .par_chunks(per)
+                .map(|chw| chw_to_hwc_u8(chw, h, w, r))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for img in &bytes {
+            if self.grid.len() < self.opts.grid {
+                self.grid.push(img.clone());
+            }
+        }
+        let names: Vec<String> = d
+            .keys
+            .iter()
+            .zip(&d.flips)
+            .map(|(k, &f)| if f { format!("{k}_flip") } else { k.clone() })
+            .collect();
+        match self.opts.format {
+            DecodeFormat::Png => {
+                let out = &self.opts.out_dir;
+                bytes
+                    .par_iter()
+                    .zip(d.keys.par_iter().zip(d.flips.par_iter()))
+                    .try_for_each(|(img, (k, &f))| {
+                        write_png(&image_stem(out, k, f).with_extension("png"), img, w, h)
+                    })?;
+            }
+            DecodeFormat::Npz => {
+                if let Some(z) = self.npz.as_mut() {
+                    for img in &bytes {
+                        z.push(img)?;
+                    }
+                }
+            }
+            DecodeFormat::Safetensors => {
+                if let Some((bw, tmp, _)) = self.st.as_mut() {
+                    bw.write_all(bytemuck::cast_slice(&d.pixels))
+                        .map_err(|e| GenerateError::io(tmp, e))?;
+                }
+            }
+        }
+        self.keys.extend(names);
+        self.labels.extend(d.labels);
+        Ok(())
+    }
+
+    /// Close the files; returns the grid path if one was written.
+    fn finish(self) -> Result<Option<PathBuf>, GenerateError> {
+        let dir = &self.opts.out_dir;
+        if let Some(z) = self.npz {
+            z.finish()?;
+        }
+        if let Some((mut bw, tmp, path)) = self.st {
+            let labels: Vec<u8> = self.labels.iter().flat_map(|l| l.to_le_bytes()).collect();
+            bw.write_all(&labels)
+                .map_err(|e| GenerateError::io(&tmp, e))?;
+            let f = bw
+                .into_inner()
+                .map_err(|e| GenerateError::io(&tmp, e.into_error()))?;
+            f.sync_all().map_err(|e| GenerateError::io(&tmp, e))?;
+            crate::fsutil::commit_temp(&tmp, &path).map_err(|e| GenerateError::io(&path, e))?;
+        }
+        if self.opts.format != DecodeFormat::Png {
+            let p = dir.join(KEYS_FILE);
+            let mut text = self.keys.join("\n");
+            text.push('\n');
+            crate::fsutil::write_atomic(&p, text.as_bytes())
+                .map_err(|e| GenerateError::io(&p, e))?;
+        }
+        if self.opts.grid > 0 && !self.grid.is_empty() {
+            let (g, gw, gh) = grid(&self.grid, self.h, self.w);
+            let p = dir.join(GRID_FILE);
+            write_png(&p, &g, gw, gh)?;
+            return Ok(Some(p));
+        }
+        Ok(None)
+    }
+}
+
+/// safetensors header: `pixels` f32 `[N,3,H,W]` then `labels` i32 `[N]`,
+/// JSON padded with spaces to 8 bytes.
+fn safetensors_header(n: usize, h: usize, w: usize) -> Vec<u8> {
+    let pix = n * 3 * h * w * 4;
+    let json = serde_json::json!({
+        "__metadata__": {"format": "pt", "producer": "rae-cache decode", "keys": KEYS_FILE},
+        "pixels": {"dtype": "F32", "shape": [n, 3, h, w], "data_offsets": [0, pix]},
+        "labels": {"dtype": "I32", "shape": [n], "data_offsets": [pix, pix + 4 * n]},
+    });
+    let mut s = json.to_string().into_bytes();
+    while s.len() % 8 != 0 {
+        s.push(b' ');
+    }
+    let mut out = (s.len() as u64).to_le_bytes().to_vec();
+    out.extend(s);
+    out
+}
+
+fn write_png(path: &Path, hwc: &[u8], w: usize, h: usize) -> Result<(), GenerateError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| GenerateError::io(dir, e))?;
+    }
+    image::save_buffer_with_format(
+        path,
+        hwc,
+        w as u32,
+        h as u32,
+        image::ColorType::Rgb8,
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| GenerateError::Invalid(format!("{}: {e}", path.display())))
+}
+
+fn writer_loop(mut sink: Sink, rx: Receiver<Decoded>) -> Result<Option<PathBuf>, GenerateError> {
+    for d in rx {
+        sink.push(d)?;
+    }
+    sink.finish()
+}
+
+/// Decode every row of `shards` (in order, up to `opts.limit`).
+pub fn decode_shards(
+    decoder: &RaeDecoder,
+    shards: &[PathBuf],
+    opts: &DecodeOptions,
+    device: &Device,
+) -> Result<DecodeSummary, GenerateError> {
+    let cfg = decoder.config();
+    let readers: Vec<ShardReader> = shards
+        .iter()
+        .map(|p| ShardReader::open(p))
+        .collect::<Result<_, _>>()?;
+    for r in &readers {
+        if r.tokens() != cfg.num_patches || r.channels() != cfg.latent_dim {
+            return Err(GenerateError::Invalid(format!(
+                "{}: latents are [{}, {}], the decoder takes [{}, {}] (num_patches, latent_dim)",
+                r.path().display(),
+                r.tokens(),
+                r.channels(),
+                cfg.num_patches,
+                cfg.latent_dim
+            )));
+        }
+        if r.metadata()
+            .get(super::sample_run::META_DENORMALISED)
+            .map(String::as_str)
+            == Some("false")
+        {
+            tracing::warn!(shard = %r.path().display(), "latents were sampled without --stats (normalised): images will be wrong");
+        }
+    }
+    if opts.batch_size == 0 {
+        return Err(GenerateError::Invalid("batch size must be positive".into()));
+    }
+    let total: usize = readers.iter().map(|r| r.num_rows() as usize).sum();
+    let n = opts.limit.map_or(total, |l| l.min(total));
+    let (h, w) = (cfg.image_size(), cfg.image_size());
+    std::fs::create_dir_all(&opts.out_dir).map_err(|e| GenerateError::io(&opts.out_dir, e))?;
+    let sink = Sink::new(opts, n, h, w)?;
+
+    let bar = if opts.progress {
+        ProgressBar::new(n as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "decode {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let start = Instant::now();
+    let (tx_in, rx_in) = bounded::<Chunk>(2);
+    let (tx_out, rx_out) = bounded::<Decoded>(2);
+    let (t, c) = (cfg.num_patches, cfg.latent_dim);
+
+    let (main_res, grid_res) = std::thread::scope(|s| {
+        let readers = &readers;
+        s.spawn(move || reader_loop(readers, n, tx_in));
+        let writer = s.spawn(move || writer_loop(sink, rx_out));
+        let main_res = (|| -> Result<(), GenerateError> {
+            let mut pend = Decoded {
+                keys: vec![],
+                labels: vec![],
+                flips: vec![],
+                pixels: vec![],
+            };
+            let mut lat: Vec<f32> = Vec::new();
+            let flush = |pend: &mut Decoded, lat: &mut Vec<f32>| -> Result<bool, GenerateError> {
+                let b = pend.keys.len();
+                if b == 0 {
+                    return Ok(true);
+                }
+                let z = Tensor::from_slice(lat.as_slice(), (b, t, c), device)?;
+                let px = decoder.forward(&z)?.to_dtype(candle_core::DType::F32)?;
+                let pixels: Vec<f32> = px.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?;
+                lat.clear();
+                let d = Decoded {
+                    keys: std::mem::take(&mut pend.keys),
+                    labels: std::mem::take(&mut pend.labels),
+                    flips: std::mem::take(&mut pend.flips),
+                    pixels,
+                };
+                bar.inc(b as u64);
+                Ok(tx_out.send(d).is_ok())
+            };
+            for chunk in rx_in {
+                let chunk = chunk?;
+                let per = chunk.tokens * chunk.channels;
+                for i in 0..chunk.len() {
+                    pend.keys.push(chunk.keys[i].clone());
+                    pend.labels.push(chunk.labels[i]);
+                    pend.flips.push(chunk.flips[i]);
+                    lat.extend_from_slice(&chunk.latents[i * per..(i + 1) * per]);
+                    if pend.keys.len() == opts.batch_size && !flush(&mut pend, &mut lat)? {
+                        return Ok(()); // the writer failed; its error is reported below
+                    }
+                }
+            }
+            flush(&mut pend, &mut lat)?;
+            Ok(())
+        })();
+        drop(tx_out);
+        let grid_res = writer
+            .join()
+            .unwrap_or_else(|_| Err(GenerateError::Invalid("writer thread panicked".into())));
+        (main_res, grid_res)
+    });
+    main_res?;
+    let grid_path = grid_res?;
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(DecodeSummary {
+        out_dir: opts.out_dir.clone(),
+        format: opts.format,
+        images: n,
+        height: h,
+        width: w,
+        shards: readers.len(),
+        grid: grid_path,
+        seconds,
+        images_per_second: n as f64 / seconds.max(1e-9),
+    })
+}

@@ -1,0 +1,49 @@
+//! Generation: sampling latents with a DiT into shards (`sample`) and
+//! decoding latent shards to images with the RAE decoder (`decode`).
+//!
+//! * [`labels`]: class labels for N samples (`all`, `equal`, a list).
+//! * [`noise`]: per-sample initial noise derived from (seed, index).
+//! * [`sample_run`]: the sampling loop -> shards + manifest.
+//! * [`pixels`]: decoder output -> u8 (reference truncation), file names.
+//! * [`npz`]: `.npy` headers and the ADM-evaluator `.npz` (stored zip).
+//! * [`decode_run`]: shards -> PNG / npz / safetensors, pipelined.
+
+pub mod decode_run;
+pub mod labels;
+pub mod noise;
+pub mod npz;
+pub mod pixels;
+pub mod sample_run;
+
+use std::path::PathBuf;
+
+pub use decode_run::{DecodeFormat, DecodeOptions, DecodeSummary, decode_shards, resolve_shards};
+pub use labels::LabelSpec;
+pub use pixels::Rounding;
+pub use sample_run::{SampleOptions, SampleSummary, run_sampling};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Shard(#[from] crate::shards::ShardError),
+    #[error(transparent)]
+    Model(#[from] crate::models::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl GenerateError {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        GenerateError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! Sample N latents with a DiT and write them as shards (same schema as
+//! `build`) plus a manifest.json under `<out>/`.
+//!
+//! The model works in normalised latent space; with dataset statistics the
+//! samples are de-normalised (z * sqrt(var + 1e-5) + mean, as the reference
+//! `RAE.decode`) so the shards hold raw encoder-space latents that `decode`
+//! and `inspect` treat like encoded ones. Layout: model `[B,C,H,W]` ->
+//! shard rows token-major `[H*W, C]`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::GenerateError;
+use super::labels::LabelSpec;
+use super::noise::noise_for;
+use crate::diffusion::{Guidance, SamplerConfig, SamplerMethod, sample};
+use crate::models::VelocityModel;
+use crate::shards::manifest::{HflipMode, MANIFEST_FILE, shard_file_name};
+use crate::shards::{
+    EncoderInfo, LatentDType, LatentRow, LatentStats, Manifest, ShardInfo, ShardWriter,
+    WriterOptions,
+};
+
+/// The reference `RAE` eps in sqrt(var + eps).
+pub const STATS_EPS: f64 = 1e-5;
+/// Sub-directory holding the shards.
+pub const SHARDS_DIR: &str = "shards";
+/// Footer keys specific to sampled shards.
+pub const META_SOURCE: &str = "rae_cache.source";
+pub const META_DENORMALISED: &str = "rae_cache.denormalised";
+pub const META_SAMPLE: &str = "rae_cache.sample";
+
+/// Everything `run_sampling` needs besides the models.
+#[derive(Debug, Clone)]
+pub struct SampleOptions {
+    pub out_dir: PathBuf,
+    /// Ignored when `noise` is given (N = its batch).
+    pub num: usize,
+    pub labels: LabelSpec,
+    pub sampler: SamplerConfig,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub dtype: LatentDType,
+    /// Exact initial noise `[N,C,H,W]`.
+    pub noise: Option<Tensor>,
+    pub stats: Option<LatentStats>,
+    /// Latent grid of the model: channels, height = width.
+    pub channels: usize,
+    pub size: usize,
+    pub num_classes: usize,
+    pub rows_per_shard: usize,
+    pub progress: bool,
+    /// Free-form description (model path, config, guide, ...) for the
+    /// manifest and footers.
+    pub provenance: serde_json::Value,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SampleSummary {
+    pub out_dir: PathBuf,
+    pub samples: usize,
+    pub shards: Vec<ShardInfo>,
+    pub denormalised: bool,
+    pub seconds: f64,
+    pub samples_per_second: f64,
+}
+
+/// Sampled row keys: `sample/000000`, wider when N needs it.
+pub fn sample_key(i: usize, n: usize) -> String {
+    let w = n.saturating_sub(1).to_string().len().max(6);
+    format!("sample/{i:0w$}")
+}
+
+fn method_name(m: SamplerMethod) -> &'static str {
+    match m {
+        SamplerMethod::EulerOde => "euler",
+        SamplerMethod::HeunOde => "heun",
+        SamplerMethod::EulerMaruyama => "sde",
+    }
+}
+
+/// The sampler settings as JSON (manifest / footer).
+pub fn sampler_json(cfg: &SamplerConfig) -> serde_json::Value {
+    let guidance = match cfg.guidance {
+        Guidance::None => serde_json::json!({"kind": "none"}),
+        Guidance::Cfg {
+            scale,
+            t_min,
+            t_max,
+            null_class,
+        } => serde_json::json!({
+            "kind": "cfg", "scale": scale, "interval": [t_min, t_max], "null_class": null_class}),
+        Guidance::Auto {
+            scale,
+            t_min,
+            t_max,
+        } => {
+            serde_json::json!({"kind": "autoguidance", "scale": scale, "interval": [t_min, t_max]})
+        }
+    };
+    serde_json::json!({
+        "method": method_name(cfg.method),
+        "num_steps": cfg.num_steps,
+        "time_shift": cfg.time_shift,
+        "guidance": guidance,
+        "sde": if cfg.method == SamplerMethod::EulerMaruyama {
+            serde_json::json!({"diffusion_norm": cfg.sde.diffusion_norm, "t0": cfg.sde.t0,
+                "last_step_size": cfg.sde.last_step_size, "seed": cfg.seed})
+        } else { serde_json::Value::Null },
+    })
+}
+
+/// `[C,H,W]` statistics as (sqrt(var + eps), mean) tensors `[1,C,H,W]`.
+fn stats_tensors(
+    s: &LatentStats,
+    c: usize,
+    h: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor), GenerateError> {
+    if s.channels != c || s.height != h || s.width != h {
+        return Err(GenerateError::Invalid(format!(
+            "stats are [{}, {}, {}], the model samples [{c}, {h}, {h}]",
+            s.channels, s.height, s.width
+        )));
+    }
+    let std: Vec<f32> = s
+        .var
+        .iter()
+        .map(|v| ((*v as f64) + STATS_EPS).sqrt() as f32)
+        .collect();
+    let std = Tensor::from_vec(std, (1, c, h, h), device)?;
+    let mean = Tensor::from_slice(&s.mean, (1, c, h, h), device)?;
+    Ok((std, mean))
+}
+
+/// Run the sampler over all N samples in batches and write the shards.
+pub fn run_sampling(
+    model: &dyn VelocityModel,
+    guide: Option<&dyn VelocityModel>,
+    opts: &SampleOptions,
+    device: &Device,
+) -> Result<SampleSummary, GenerateError> {
+    let (c, h) = (opts.channels, opts.size);
+    let n = match &opts.noise {
+        Some(z) => {
+            let d = z.dims();
+            if d.len() != 4 || d[1] != c || d[2] != h || d[3] != h {
+                return Err(GenerateError::Invalid(format!(
+                    "--noise z0 has shape {d:?}, the model samples [N, {c}, {h}, {h}]"
+                )));
+            }
+            d[0]
+        }
+        None => opts.num,
+    };
+    if n == 0 {
+        return Err(GenerateError::Invalid("nothing to sample (N = 0)".into()));
+    }
+    if opts.batch_size == 0 || opts.rows_per_shard == 0 {
+        return Err(GenerateError::Invalid(
+            "batch size and shard size must be positive".into(),
+        ));
+    }
+    let labels = opts.labels.labels(n, opts.num_classes, opts.seed)?;
+    let stats = opts
+        .stats
+        .as_ref()
+        .map(|s| stats_tensors(s, c, h, device))
+        .transpose()?;
+    if stats.is_none() {
+        tracing::warn!("no --stats: shards hold NORMALISED latents (decode needs raw ones)");
+    }
+
+    let shard_dir = opts.out_dir.join(SHARDS_DIR);
+    std::fs::create_dir_all(&shard_dir).map_err(|e| GenerateError::io(&shard_dir, e))?;
+    let mut meta = BTreeMap::new();
+    meta.insert(META_SOURCE.to_string(), "sample".to_string());
+    meta.insert(META_DENORMALISED.to_string(), stats.is_some().to_string());
+    let desc = serde_json::json!({
+        "provenance": opts.provenance, "sampler": sampler_json(&opts.sampler), "seed": opts.seed,
+    });
+    meta.insert(META_SAMPLE.to_string(), desc.to_string());
+    let mut wopts = WriterOptions::new(opts.dtype, h * h, c);
+    wopts.metadata = meta;
+
+    let bar = if opts.progress {
+        ProgressBar::new(n as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "sample {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let start = Instant::now();
+    let mut shards = Vec::new();
+    let mut writer: Option<ShardWriter> = None;
+    let mut written = 0usize;
+    let mut i0 = 0usize;
+    while i0 < n {
+        let b = opts.batch_size.min(n - i0);
+        let z0 = match &opts.noise {
+            Some(z) => z
+                .narrow(0, i0, b)?
+                .to_dtype(DType::F32)?
+                .to_device(device)?,
+            None => noise_for(opts.seed, i0 as u64..(i0 + b) as u64, &[c, h, h], device)?,
+        };
+        let y = Tensor::from_slice(&labels[i0..i0 + b], b, device)?;
+        let mut cfg = opts.sampler.clone();
+        // SDE noise: seeded per batch start (deterministic for a given batch size)
+        cfg.seed = opts.seed.wrapping_add(i0 as u64);
+        let mut x = sample(model, guide, &z0, &y, &cfg)?.to_dtype(DType::F32)?;
+        if let Some((std, mean)) = &stats {
+            x = x.broadcast_mul(std)?.broadcast_add(mean)?;
+        }
+        // [B,C,H,W] -> [B,H*W,C], token-major
+        let rows: Vec<f32> = x
+            .permute((0, 2, 3, 1))?
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1()?;
+        let per = h * h * c;
+        for j in 0..b {
+            let i = i0 + j;
+            if writer.is_none() {
+                let p = shard_dir.join(shard_file_name(shards.len()));
+                writer = Some(ShardWriter::create(&p, wopts.clone())?);
+            }
+            let key = sample_key(i, n);
+            if let Some(w) = writer.as_mut() {
+                w.write_rows(&[LatentRow {
+                    key: &key,
+                    label: labels[i] as i32,
+                    flip: false,
+                    latent: &rows[j * per..(j + 1) * per],
+                }])?;
+                if w.rows() as usize >= opts.rows_per_shard {
+                    if let Some(w) = writer.take() {
+                        shards.push(w.finish()?);
+                    }
+                }
+            }
+            written += 1;
+        }
+        bar.inc(b as u64);
+        i0 += b;
+    }
+    if let Some(w) = writer.take() {
+        shards.push(w.finish()?);
+    }
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+
+    // Shard paths in the manifest are relative to the output directory.
+    let mut listed = shards.clone();
+    for s in &mut listed {
+        s.file = format!(
+            "{SHARDS_DIR}/{}",
+            Path::new(&s.file)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_else(|| s.file.clone())
+        );
+    }
+    write_manifest(opts, &listed, n, stats.is_some())?;
+    Ok(SampleSummary {
+        out_dir: opts.out_dir.clone(),
+        samples: written,
+        shards: listed,
+        denormalised: stats.is_some(),
+        seconds,
+        samples_per_second: written as f64 / seconds.max(1e-9),
+    })
+}
+
+/// The manifest keeps the `build` schema: the "encoder" names the sampling
+/// model, and `build_args.source` / `preprocessing` say these are samples.
+fn write_manifest(
+    opts: &SampleOptions,
+    shards: &[ShardInfo],
+    n: usize,
+    denorm: bool,
+) -> Result<(), GenerateError> {
+    let (c, h) = (opts.channels, opts.size);
+    let model_id = opts
+        .provenance
+        .get("model")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string();
+    let encoder = EncoderInfo {
+        kind: "sample".into(),
+        id: model_id,
+        revision: None,
+        config_hash: opts
+            .provenance
+            .get("model_config_sha256")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string(),
+        tokens: h * h,
+        channels: c,
+        crop_size: 0,
+        input_size: h,
+        patch_size: 1,
+    };
+    let classes = (0..opts.num_classes).map(|i| i.to_string()).collect();
+    let mut m = Manifest::new("", classes, encoder, opts.dtype, HflipMode::None);
+    m.hflip_note = "sampled latents: no flipped rows".into();
+    m.preprocessing = serde_json::json!({
+        "source": "sample",
+        "denormalised": denorm,
+        "note": if denorm {
+            "model output de-normalised with the dataset statistics: z * sqrt(var + 1e-5) + mean (raw encoder-space latents)"
+        } else {
+            "WARNING: no statistics given; latents are in the model's NORMALISED space, not raw encoder space"
+        },
+    });
+    m.build_args = serde_json::json!({
+        "source": "sample",
+        "provenance": opts.provenance,
+        "sampler": sampler_json(&opts.sampler),
+        "seed": opts.seed,
+        "labels": match &opts.labels { LabelSpec::All => "all".to_string(), LabelSpec::Equal => "equal".into(), LabelSpec::List(_) => "list".into() },
+        "noise_file": opts.noise.is_some(),
+        "batch_size": opts.batch_size,
+    });
+    m.shards = shards.to_vec();
+    m.totals.images = n as u64;
+    m.update_totals();
+    let path = opts.out_dir.join(MANIFEST_FILE);
+    m.save(&path)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn keys_are_zero_padded() {
+        assert_eq!(super::sample_key(7, 10), "sample/000007");
+        assert_eq!(super::sample_key(7, 10_000_001), "sample/00000007");
+    }
+}
