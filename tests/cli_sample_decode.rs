@@ -492,14 +492,11 @@ fn decode_reads_sample_directories() {
 
 /// build -> decode round trip.
 ///
-/// DISABLED until the `build` command is merged into main (it lands with
-/// the pipeline branch); the lead enables it by removing `#[ignore]`.
 /// The fixture decoder (latent_dim 24, 16 tokens) does not fit the fixture
 /// DINOv2 cache (its channels, 256 tokens), so the test derives a decoder
 /// config from the cache's shards, saves random weights for it, and checks
 /// that every row decodes to an image of the right size.
 #[test]
-#[ignore = "needs the `build` command (pipeline branch) in main"]
 fn build_then_decode_round_trip() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
