@@ -666,6 +666,10 @@ fn validate(
                         .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
             }
             "^[^/]+\\.parquet$" => !s.contains('/') && s.len() > 8 && s.ends_with(".parquet"),
+            "^(shards/)?[^/]+\\.parquet$" => {
+                let name = s.strip_prefix("shards/").unwrap_or(s);
+                !name.contains('/') && name.len() > 8 && name.ends_with(".parquet")
+            }
             other => panic!("pattern {other} not supported by the test validator"),
         };
         if !ok {
