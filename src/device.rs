@@ -20,7 +20,9 @@ pub fn parse_device(spec: &str) -> Result<Device, DeviceError> {
         "cuda" | "gpu" => cuda(0),
         _ => {
             if let Some(n) = s.strip_prefix("cuda:") {
-                let n: usize = n.parse().map_err(|_| DeviceError::Unknown(spec.to_string()))?;
+                let n: usize = n
+                    .parse()
+                    .map_err(|_| DeviceError::Unknown(spec.to_string()))?;
                 cuda(n)
             } else {
                 Err(DeviceError::Unknown(spec.to_string()))
@@ -34,7 +36,10 @@ fn cuda(n: usize) -> Result<Device, DeviceError> {
     // Device::new_cuda may panic without a driver; contain it.
     match std::panic::catch_unwind(|| Device::new_cuda(n)) {
         Ok(Ok(d)) => Ok(d),
-        Ok(Err(e)) => Err(DeviceError::Unavailable { spec: format!("cuda:{n}"), reason: e.to_string() }),
+        Ok(Err(e)) => Err(DeviceError::Unavailable {
+            spec: format!("cuda:{n}"),
+            reason: e.to_string(),
+        }),
         Err(_) => Err(DeviceError::Unavailable {
             spec: format!("cuda:{n}"),
             reason: "the CUDA driver could not be loaded".into(),
@@ -67,6 +72,9 @@ mod tests {
         assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
         assert!(matches!(parse_device("auto"), Ok(_)));
         assert!(matches!(parse_device("tpu"), Err(DeviceError::Unknown(_))));
-        assert!(matches!(parse_device("cuda:x"), Err(DeviceError::Unknown(_))));
+        assert!(matches!(
+            parse_device("cuda:x"),
+            Err(DeviceError::Unknown(_))
+        ));
     }
 }

@@ -5,7 +5,11 @@ mod commands;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "rae-cache", version, about = "Latent caches for Representation Autoencoder diffusion research")]
+#[command(
+    name = "rae-cache",
+    version,
+    about = "Latent caches for Representation Autoencoder diffusion research"
+)]
 struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info`, `rae_cache=debug`.
     #[arg(long, global = true, env = "RAE_LOG", default_value = "info")]
@@ -35,7 +39,9 @@ enum Cmd {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let res = match cli.cmd {
