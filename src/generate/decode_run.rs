@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use crossbeam_channel::{Receiver, Sender, bounded};
-use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
 use super::GenerateError;
@@ -382,17 +381,7 @@ pub fn decode_shards(
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| GenerateError::io(&opts.out_dir, e))?;
     let sink = Sink::new(opts, n, h, w)?;
 
-    let bar = if opts.progress {
-        ProgressBar::new(n as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "decode {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = super::progress_bar("decode", n as u64, opts.progress);
     let start = Instant::now();
     let (tx_in, rx_in) = bounded::<Chunk>(2);
     let (tx_out, rx_out) = bounded::<Decoded>(2);

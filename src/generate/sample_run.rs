@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::GenerateError;
 use super::labels::LabelSpec;
@@ -187,17 +186,7 @@ pub fn run_sampling(
     let mut wopts = WriterOptions::new(opts.dtype, h * h, c);
     wopts.metadata = meta;
 
-    let bar = if opts.progress {
-        ProgressBar::new(n as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "sample {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = super::progress_bar("sample", n as u64, opts.progress);
     let start = Instant::now();
     let mut shards = Vec::new();
     let mut writer: Option<ShardWriter> = None;
