@@ -11,6 +11,7 @@ pub mod generate;
 pub mod images;
 pub mod models;
 pub mod pipeline;
+pub mod precision;
 pub mod shards;
 pub mod train;
 pub mod weights;

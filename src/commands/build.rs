@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use rae_cache::pipeline::{self, BuildConfig, HFlip, PartSpec};
+use rae_cache::precision::Precision;
 use rae_cache::shards::LatentDType;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -59,6 +60,14 @@ pub struct Args {
     /// `cpu`, `cuda:N` or `auto` (CUDA when built with it and present).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Encoder compute precision: auto (bf16 on CUDA, f32 on CPU), f32,
+    /// bf16 or f16. Norms, softmax and the stored latents stay f32.
+    #[arg(long, default_value = "auto")]
+    pub precision: Precision,
+    /// Allow TF32 tensor-core math in f32 matrix products (CUDA only; a
+    /// no-op on the CPU).
+    #[arg(long)]
+    pub tf32: bool,
     /// Split the build into N parts (for N machines); see --part.
     #[arg(long, requires = "part")]
     pub num_parts: Option<usize>,
@@ -103,6 +112,8 @@ impl Args {
         c.zstd_level = self.zstd_level;
         c.threads = self.threads;
         c.device = self.device.clone();
+        c.precision = self.precision;
+        c.tf32 = self.tf32;
         c.part = match (self.num_parts, self.part) {
             (Some(count), Some(index)) => Some(PartSpec { index, count }),
             _ => None,

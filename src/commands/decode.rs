@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use candle_core::DType;
 use rae_cache::generate::{DecodeFormat, DecodeOptions, Rounding, decode_shards, resolve_shards};
 use rae_cache::models::config::load_config;
 use rae_cache::models::{DecoderConfig, WeightsKey, load_decoder};
+use rae_cache::precision::Precision;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -46,6 +46,14 @@ pub struct Args {
     rounding: String,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Decoder compute precision: auto (bf16 on CUDA, f32 on CPU), f32,
+    /// bf16 or f16. Norms, softmax and the pixels stay f32.
+    #[arg(long, default_value = "auto")]
+    precision: Precision,
+    /// Allow TF32 tensor-core math in f32 matrix products (CUDA only; a
+    /// no-op on the CPU).
+    #[arg(long)]
+    tf32: bool,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -63,11 +71,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("--preset {name:?}: expected ViT-B, ViT-L or ViT-XL"))?,
         (None, None) => bail!("give --decoder-config FILE or --preset NAME"),
     };
+    if a.tf32 {
+        rae_cache::precision::set_tf32(true);
+    }
     let mut decoder = load_decoder(
         &a.decoder,
         &cfg,
         &WeightsKey::parse(&a.weights_key),
-        DType::F32,
+        a.precision.resolve(&device),
         &device,
     )
     .with_context(|| format!("loading {}", a.decoder.display()))?;

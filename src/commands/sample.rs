@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use candle_core::DType;
 use rae_cache::diffusion::{Guidance, SamplerConfig, SamplerMethod, default_shift};
 use rae_cache::generate::{LabelSpec, SampleOptions, run_sampling};
 use rae_cache::models::{DitConfig, VelocityModel, WeightsKey, load_dit};
+use rae_cache::precision::Precision;
 use rae_cache::shards::{LatentDType, LatentStats};
 
 #[derive(clap::Args, Debug)]
@@ -74,6 +74,14 @@ pub struct Args {
     shard_rows: usize,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Model compute precision: auto (bf16 on CUDA, f32 on CPU), f32, bf16
+    /// or f16. The sampler state, time embedding, norms and softmax stay f32.
+    #[arg(long, default_value = "auto")]
+    precision: Precision,
+    /// Allow TF32 tensor-core math in f32 matrix products (CUDA only; a
+    /// no-op on the CPU).
+    #[arg(long)]
+    tf32: bool,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -112,7 +120,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let key = WeightsKey::parse(&a.weights_key);
     let src = config_source(&a.model_config, &a.preset, "--model-config/--preset")?;
     let cfg = DitConfig::load(&src)?;
-    let mut model = load_dit(&a.model, &src, &key, DType::F32, &device)
+    let compute = a.precision.resolve(&device);
+    if a.tf32 {
+        rae_cache::precision::set_tf32(true);
+    }
+    let mut model = load_dit(&a.model, &src, &key, compute, &device)
         .with_context(|| format!("loading {}", a.model.display()))?;
     model.set_fused(true);
     let (c, h) = (cfg.in_channels(), cfg.input_size());
@@ -124,7 +136,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 &a.guide_preset,
                 "--guide-config/--guide-preset",
             )?;
-            let mut g = load_dit(p, &gsrc, &key, DType::F32, &device)
+            let mut g = load_dit(p, &gsrc, &key, compute, &device)
                 .with_context(|| format!("loading guide {}", p.display()))?;
             g.set_fused(true);
             Some((g, gsrc))
@@ -194,6 +206,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         "guide_config": guide.as_ref().map(|g| g.1.clone()),
         "stats": a.stats.as_ref().map(|p| p.display().to_string()),
         "noise": a.noise.as_ref().map(|p| p.display().to_string()),
+        "precision": compute.as_str(),
+        "tf32": rae_cache::precision::tf32_enabled(),
     });
     let opts = SampleOptions {
         out_dir: a.out.clone(),

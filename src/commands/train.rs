@@ -67,6 +67,10 @@ pub struct Args {
     /// cpu | cuda | cuda:N | auto.
     #[arg(long)]
     device: Option<String>,
+    /// Allow TF32 tensor-core math in f32 matrix products (CUDA only; a
+    /// no-op on the CPU). Also `tf32 = true` in --config.
+    #[arg(long)]
+    tf32: bool,
     /// TOML file with the same keys as these flags (snake_case).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -112,6 +116,9 @@ impl Args {
                 "cosine" => ScheduleKind::Cosine,
                 _ => bail!("--lr-schedule {s:?}: expected constant, linear or cosine"),
             };
+        }
+        if self.tf32 {
+            c.tf32 = true;
         }
         if self.final_lr.is_some() {
             c.final_lr = self.final_lr;

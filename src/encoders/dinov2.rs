@@ -74,8 +74,7 @@ pub(super) fn load(
     let pos = ld.upload(grid_pos, g * g, hid)?;
 
     // Prefix: [CLS + its position, registers...] (registers get no position).
-    let cls = ld.vb.get((1, 1, hid), "embeddings.cls_token")?;
-    let cls = (cls + ld.upload(cls_pos.to_vec(), 1, hid)?)?;
+    let cls = ld.token_with_position("embeddings.cls_token", hid, cls_pos)?;
     let prefix = if registers && cfg.num_register_tokens > 0 {
         let regs = ld.vb.get(
             (1, cfg.num_register_tokens, hid),

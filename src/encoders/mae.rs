@@ -70,10 +70,7 @@ pub(super) fn load(
         resize_grid(grid_pos, (side, side), hid, (g, g), &m, &m)
     };
     let pos = ld.upload(grid_pos, g * g, hid)?;
-    let cls = ld
-        .vb
-        .get((1, 1, hid), &format!("{root}embeddings.cls_token"))?;
-    let prefix = (cls + ld.upload(cls_pos.to_vec(), 1, hid)?)?;
+    let prefix = ld.token_with_position(&format!("{root}embeddings.cls_token"), hid, cls_pos)?;
 
     let patch = PatchEmbed::load(
         ld.vb

@@ -18,7 +18,7 @@ mod siglip2;
 mod vit;
 pub mod vit_layers;
 
-pub use preprocess::Preprocessor;
+pub use preprocess::{Preprocessor, crops_to_u8, u8_to_input};
 
 /// RAE's crop side: images are ADM-cropped to this before encoding.
 pub const CROP_SIZE: usize = 256;

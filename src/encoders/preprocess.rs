@@ -7,18 +7,15 @@ use candle_core::{DType, Device, Tensor};
 use super::EncoderError;
 use super::resample::bicubic_matrix;
 
-/// RGB8 crops -> `[B, 3, H, W]` f32 in [0, 1] (`x / 255` as torchvision's
-/// `to_tensor`), optionally flipped left-right. All crops must share a size.
-pub fn crops_to_tensor(
-    crops: &[&image::RgbImage],
-    flip: bool,
-    device: &Device,
-) -> Result<Tensor, EncoderError> {
+/// RGB8 crops -> one `[B, H, W, 3]` u8 tensor on `device`, the crops'
+/// bytes as they are. This is the only host -> device copy of a batch: a
+/// quarter of the bytes of f32 pixels, and shared by both flips (see
+/// [`u8_to_input`]). All crops must share a size.
+pub fn crops_to_u8(crops: &[&image::RgbImage], device: &Device) -> Result<Tensor, EncoderError> {
     let first = crops
         .first()
         .ok_or_else(|| EncoderError::Input("no crops given".into()))?;
     let (w, h) = first.dimensions();
-    let (w, h) = (w as usize, h as usize);
     if let Some(bad) = crops.iter().find(|c| c.dimensions() != first.dimensions()) {
         return Err(EncoderError::Input(format!(
             "crops differ in size: {}x{} and {}x{}",
@@ -28,21 +25,64 @@ pub fn crops_to_tensor(
             bad.height()
         )));
     }
-    let plane = h * w;
-    let mut data = vec![0f32; crops.len() * 3 * plane];
-    for (img, out) in crops.iter().zip(data.chunks_exact_mut(3 * plane)) {
-        let raw = img.as_raw();
-        for y in 0..h {
-            for x in 0..w {
-                let sx = if flip { w - 1 - x } else { x };
-                let px = &raw[(y * w + sx) * 3..(y * w + sx) * 3 + 3];
-                for c in 0..3 {
-                    out[c * plane + y * w + x] = px[c] as f32 / 255.0;
-                }
-            }
+    let (w, h) = (w as usize, h as usize);
+    let mut data = Vec::with_capacity(crops.len() * h * w * 3);
+    for img in crops {
+        data.extend_from_slice(img.as_raw());
+    }
+    Ok(Tensor::from_vec(data, (crops.len(), h, w, 3), device)?)
+}
+
+/// `[B, H, W, 3]` u8 (on any device) -> `[F*B, 3, H, W]` f32 in [0, 1] on
+/// the same device: for each entry of `flips` in order, the whole batch,
+/// left-right flipped when the entry is true. `x / 255` is an exact f32
+/// division, as torchvision's `to_tensor`, so the values are bit-identical
+/// to converting on the host.
+pub fn u8_to_input(pixels: &Tensor, flips: &[bool]) -> Result<Tensor, EncoderError> {
+    let dims = pixels.dims();
+    if pixels.dtype() != DType::U8 || dims.len() != 4 || dims[3] != 3 {
+        return Err(EncoderError::Input(format!(
+            "expected u8 crops [B, H, W, 3], got {:?} {dims:?}",
+            pixels.dtype()
+        )));
+    }
+    if flips.is_empty() {
+        return Err(EncoderError::Input("no flips requested".into()));
+    }
+    let device = pixels.device();
+    let w = dims[2];
+    // Multiplying by 1/255 (candle's `tensor / scalar`) would round
+    // differently from the division; divide by a 255 tensor instead.
+    let x = pixels
+        .permute((0, 3, 1, 2))?
+        .to_dtype(DType::F32)?
+        .broadcast_div(&Tensor::new(255f32, device)?)?;
+    let mut parts = Vec::with_capacity(flips.len());
+    for &flip in flips {
+        if flip {
+            // Reversed column indices: index_select exists on every backend.
+            let rev: Vec<u32> = (0..w as u32).rev().collect();
+            let rev = Tensor::from_vec(rev, w, device)?;
+            parts.push(x.index_select(&rev, 3)?);
+        } else {
+            parts.push(x.clone());
         }
     }
-    Ok(Tensor::from_vec(data, (crops.len(), 3, h, w), device)?)
+    Ok(if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        Tensor::cat(&parts, 0)?
+    })
+}
+
+/// RGB8 crops -> `[B, 3, H, W]` f32 in [0, 1] (`x / 255` as torchvision's
+/// `to_tensor`), optionally flipped left-right. All crops must share a size.
+pub fn crops_to_tensor(
+    crops: &[&image::RgbImage],
+    flip: bool,
+    device: &Device,
+) -> Result<Tensor, EncoderError> {
+    u8_to_input(&crops_to_u8(crops, device)?, &[flip])
 }
 
 /// Resize + normalise, fixed for one encoder.
@@ -133,6 +173,46 @@ mod tests {
         assert_eq!(&f[3..6], &[0.0, 0.0, 1.0]);
         // channel 2 (blue = 51/255 = 0.2)
         assert!((t[2 * 6 + 3] - 0.2).abs() < 1e-7);
+    }
+
+    #[test]
+    fn device_conversion_equals_host_reference() {
+        // The old host loop, kept here as the reference for bit-identity.
+        fn host(img: &image::RgbImage, flip: bool) -> Vec<f32> {
+            let (w, h) = (img.width() as usize, img.height() as usize);
+            let mut out = vec![0f32; 3 * h * w];
+            for y in 0..h {
+                for x in 0..w {
+                    let sx = if flip { w - 1 - x } else { x };
+                    let px = img.get_pixel(sx as u32, y as u32).0;
+                    for c in 0..3 {
+                        out[c * h * w + y * w + x] = px[c] as f32 / 255.0;
+                    }
+                }
+            }
+            out
+        }
+        let mk = |seed: u32| {
+            image::RgbImage::from_fn(7, 5, |x, y| {
+                let v = (x * 37 + y * 101 + seed * 53) as u8;
+                image::Rgb([v, v.wrapping_mul(3), v.wrapping_add(129)])
+            })
+        };
+        let (a, b) = (mk(1), mk(2));
+        let dev = Device::Cpu;
+        let raw = crops_to_u8(&[&a, &b], &dev).unwrap();
+        assert_eq!(raw.dims(), &[2, 5, 7, 3]);
+        let x = u8_to_input(&raw, &[false, true]).unwrap();
+        assert_eq!(x.dims(), &[4, 3, 5, 7]);
+        let got = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want: Vec<f32> = [host(&a, false), host(&b, false), host(&a, true), host(&b, true)]
+            .concat();
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(u8_to_input(&x, &[false]).is_err());
+        assert!(u8_to_input(&raw, &[]).is_err());
     }
 
     #[test]

@@ -116,6 +116,22 @@ impl<'a> Loader<'a> {
             .collect()
     }
 
+    /// The `[1, 1, c]` token `name` plus its position row `pos`, summed in
+    /// f32 and rounded to the compute dtype once.
+    pub fn token_with_position(
+        &self,
+        name: &str,
+        c: usize,
+        pos: &[f32],
+    ) -> Result<Tensor, EncoderError> {
+        let (dims, tok) = self.host_f32(name)?;
+        if dims != [1, 1, c] || pos.len() != c {
+            return Err(self.err(format!("{name} has shape {dims:?}, want [1, 1, {c}]")));
+        }
+        let sum = tok.iter().zip(pos).map(|(a, b)| a + b).collect();
+        self.upload(sum, 1, c)
+    }
+
     /// A host f32 buffer as a `[1, n, c]` tensor in the compute dtype.
     pub fn upload(&self, data: Vec<f32>, n: usize, c: usize) -> Result<Tensor, EncoderError> {
         Ok(Tensor::from_vec(data, (1, n, c), &self.device)?.to_dtype(self.dtype)?)

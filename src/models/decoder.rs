@@ -5,7 +5,7 @@
 //! de-normalisation with the encoder's image mean/std (no clamp, as the
 //! reference `RAE.decode`).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -152,9 +152,12 @@ pub struct RaeDecoder {
     layers: Vec<VitLayer>,
     norm: Norm,
     pred: Linear,
+    /// f32 `[1, 3, 1, 1]`.
     mean: Tensor,
     std: Tensor,
     fused: bool,
+    /// Weights and activations (`vb.dtype()`).
+    dtype: DType,
 }
 
 impl RaeDecoder {
@@ -193,8 +196,10 @@ impl RaeDecoder {
                 LinearInit::Xavier,
                 vb.pp("decoder_pred"),
             )?,
-            mean: Tensor::from_slice(&cfg.image_mean, (1, 3, 1, 1), &dev)?.to_dtype(vb.dtype())?,
-            std: Tensor::from_slice(&cfg.image_std, (1, 3, 1, 1), &dev)?.to_dtype(vb.dtype())?,
+            // Pixels are de-normalised in f32 whatever the compute dtype.
+            mean: Tensor::from_slice(&cfg.image_mean, (1, 3, 1, 1), &dev)?,
+            std: Tensor::from_slice(&cfg.image_std, (1, 3, 1, 1), &dev)?,
+            dtype: vb.dtype(),
             cfg: cfg.clone(),
             fused: false,
         })
@@ -214,14 +219,20 @@ impl RaeDecoder {
         self.fused = fused;
     }
 
-    /// Raw latent tokens `[B, T, C]` (no latent statistics applied) ->
-    /// pixel logits `[B, T, p*p*3]` before unpatchify / de-normalisation.
+    /// The compute dtype (weights and activations).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Raw latent tokens `[B, T, C]` (no latent statistics applied, any
+    /// float dtype) -> pixel logits `[B, T, p*p*3]` in the compute dtype,
+    /// before unpatchify / de-normalisation.
     pub fn forward_logits(&self, z: &Tensor) -> Result<Tensor> {
         let (b, t, _) = z.dims3()?;
         if t != self.cfg.num_patches {
             candle_core::bail!("decoder expects {} tokens, got {t}", self.cfg.num_patches);
         }
-        let x = self.embed.forward(z)?;
+        let x = self.embed.forward(&z.to_dtype(self.dtype)?)?;
         let cls = self
             .cls
             .broadcast_as((b, 1, self.cfg.decoder_hidden_size))?;
@@ -233,10 +244,10 @@ impl RaeDecoder {
         self.pred.forward(&h.narrow(1, 1, t)?)
     }
 
-    /// Raw latent tokens `[B, T, C]` -> de-normalised pixels `[B, 3, H, W]`
-    /// (about [0,1]; not clamped).
+    /// Raw latent tokens `[B, T, C]` -> de-normalised f32 pixels
+    /// `[B, 3, H, W]` (about [0,1]; not clamped).
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let logits = self.forward_logits(z)?;
+        let logits = self.forward_logits(z)?.to_dtype(DType::F32)?;
         let img = unpatchify(&logits, self.cfg.patch_size, 3)?;
         img.broadcast_mul(&self.std)?.broadcast_add(&self.mean)
     }

@@ -2,7 +2,7 @@
 //! tokens `s`, then a wide head that re-embeds x_t at head width and is
 //! modulated per token by proj(silu(t_emb + s)).
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::VelocityModel;
@@ -30,6 +30,8 @@ pub struct DitDh {
     dec_blocks: Vec<DitBlock>,
     final_layer: FinalLayer,
     fused: bool,
+    /// Weights and activations (`vb.dtype()`); see `forward`.
+    dtype: DType,
 }
 
 impl DitDh {
@@ -96,11 +98,17 @@ impl DitDh {
             final_layer: FinalLayer::new(dd, tok_ch, cfg.use_rmsnorm, vb.pp("final_layer"))?,
             cfg: cfg.clone(),
             fused: false,
+            dtype: vb.dtype(),
         })
     }
 
     pub fn config(&self) -> &DitDhConfig {
         &self.cfg
+    }
+
+    /// The compute dtype (weights and activations).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Use fused kernels (inference only: no gradients through them).
@@ -135,7 +143,12 @@ impl DitDh {
     }
 
     /// x: `[B,C,H,W]`, t: `[B]` (1 = noise), y: `[B]` labels -> velocity `[B,C,H,W]`.
+    /// x and t may be f32 with a half-precision model: x is cast to the
+    /// model dtype here, t feeds the f32 time embedding, and the velocity
+    /// comes back in x's dtype (the sampler's f32 state).
     pub fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let out_dtype = x.dtype();
+        let x = &x.to_dtype(self.dtype)?;
         let f = self.fused;
         let t_emb = self.t_embedder.forward(t)?;
         let c = candle_nn::ops::silu(&(&t_emb + self.y_embedder.forward(y)?)?)?.unsqueeze(1)?;
@@ -155,7 +168,7 @@ impl DitDh {
             h = b.forward(&h, &s, self.dec_rope.as_ref(), f)?;
         }
         let out = self.final_layer.forward(&h, &s, f)?;
-        unpatchify(&out, self.cfg.patch_size, self.cfg.in_channels)
+        unpatchify(&out, self.cfg.patch_size, self.cfg.in_channels)?.to_dtype(out_dtype)
     }
 }
 

@@ -141,7 +141,11 @@ impl TimestepEmbedder {
 
     pub fn new(hidden: usize, vb: VarBuilder) -> Result<Self> {
         let e = Self::EMBEDDING_SIZE;
+        // The frequencies stay f32 whatever the model dtype: 2*pi*t*W reaches
+        // tens of radians, where a bf16 argument is off by ~0.1 rad.
         let w = vb
+            .clone()
+            .set_dtype(DType::F32)
             .get_with_hints(
                 e,
                 "W",
@@ -168,11 +172,14 @@ impl TimestepEmbedder {
         Ok(Self { w, fc1, fc2 })
     }
 
-    /// t: `[B]` -> `[B, hidden]`.
+    /// t: `[B]` (any float dtype) -> `[B, hidden]` in the model dtype. The
+    /// sin/cos features are computed in f32 and rounded once.
     pub fn forward(&self, t: &Tensor) -> Result<Tensor> {
-        let arg =
-            (t.unsqueeze(1)?.broadcast_mul(&self.w.unsqueeze(0)?)? * (2.0 * std::f64::consts::PI))?;
-        let emb = Tensor::cat(&[arg.sin()?, arg.cos()?], D::Minus1)?;
+        let t = t.to_dtype(DType::F32)?;
+        let w = self.w.to_dtype(DType::F32)?;
+        let arg = (t.unsqueeze(1)?.broadcast_mul(&w.unsqueeze(0)?)? * (2.0 * std::f64::consts::PI))?;
+        let emb = Tensor::cat(&[arg.sin()?, arg.cos()?], D::Minus1)?
+            .to_dtype(self.fc1.weight().dtype())?;
         self.fc2
             .forward(&candle_nn::ops::silu(&self.fc1.forward(&emb)?)?)
     }

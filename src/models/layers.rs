@@ -3,7 +3,9 @@
 //! backward pass; `fused = true` switches to candle's fused kernels (faster,
 //! inference only: they silently drop gradients).
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{D, DType, Module, Result, Tensor};
+
+use crate::precision::is_half;
 use candle_nn::{Init, VarBuilder};
 
 /// How a linear layer is initialised when the VarBuilder has no stored value
@@ -145,6 +147,34 @@ impl Norm {
     }
 
     pub fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+        let dt = x.dtype();
+        // Half inputs: candle's fused LayerNorm keeps its statistics in f32
+        // (CPU and CUDA), and so does its CUDA RMSNorm; its CPU RMSNorm
+        // divides in the half type and the differentiable path would reduce
+        // in it, so those run in f32 and round once at the end.
+        let native = fused && (matches!(self, Self::Layer { .. }) || x.device().is_cuda());
+        if is_half(dt) && !native {
+            let up = |t: &Tensor| t.to_dtype(DType::F32);
+            let f32_norm = match self {
+                Self::Rms { weight, eps } => Self::Rms {
+                    weight: up(weight)?,
+                    eps: *eps,
+                },
+                Self::Layer { affine, eps } => Self::Layer {
+                    affine: match affine {
+                        Some((w, b)) => Some((up(w)?, up(b)?)),
+                        None => None,
+                    },
+                    eps: *eps,
+                },
+            };
+            return f32_norm.forward_native(&up(x)?, fused)?.to_dtype(dt);
+        }
+        self.forward_native(x, fused)
+    }
+
+    /// The norm in `x`'s own dtype.
+    fn forward_native(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
         match self {
             Self::Rms { weight, eps } => {
                 if fused {
@@ -248,12 +278,20 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, fused: bool) -> Result<Tens
     let dh = q.dim(D::Minus1)?;
     let q = (q * (1.0 / (dh as f64).sqrt()))?;
     let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    // Softmax in f32 whatever the compute dtype (as PyTorch's SDPA math
+    // path): candle's CPU half softmax sums the exponentials in the half type.
+    let dt = scores.dtype();
+    let scores = if is_half(dt) {
+        scores.to_dtype(DType::F32)?
+    } else {
+        scores
+    };
     let probs = if fused {
         candle_nn::ops::softmax_last_dim(&scores)?
     } else {
         candle_nn::ops::softmax(&scores, D::Minus1)?
     };
-    probs.matmul(&v.contiguous()?)
+    probs.to_dtype(dt)?.matmul(&v.contiguous()?)
 }
 
 /// [B,N,H*Dh] -> [B,H,N,Dh]

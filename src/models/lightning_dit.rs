@@ -1,7 +1,7 @@
 //! LightningDiT: patch embed + fixed sin-cos positions, adaLN blocks with 2D
 //! rope conditioned on c = t_emb + y_emb, final adaLN layer, unpatchify.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::VelocityModel;
@@ -22,6 +22,8 @@ pub struct LightningDit {
     blocks: Vec<DitBlock>,
     final_layer: FinalLayer,
     fused: bool,
+    /// Weights and activations (`vb.dtype()`); see `forward`.
+    dtype: DType,
 }
 
 impl LightningDit {
@@ -70,11 +72,17 @@ impl LightningDit {
             )?,
             cfg: cfg.clone(),
             fused: false,
+            dtype: vb.dtype(),
         })
     }
 
     pub fn config(&self) -> &LightningDitConfig {
         &self.cfg
+    }
+
+    /// The compute dtype (weights and activations).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Use fused kernels (inference only: no gradients through them).
@@ -99,8 +107,11 @@ impl LightningDit {
         self.rope.as_ref()
     }
 
-    /// x: `[B,C,H,W]`, t: `[B]` (1 = noise), y: `[B]` integer labels.
+    /// x: `[B,C,H,W]`, t: `[B]` (1 = noise), y: `[B]` integer labels. As
+    /// `DitDh::forward`: computed in the model dtype, returned in x's dtype.
     pub fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let out_dtype = x.dtype();
+        let x = &x.to_dtype(self.dtype)?;
         let f = self.fused;
         let mut h = self.x_embedder.forward(x)?.broadcast_add(&self.pos_embed)?;
         let c = (self.t_embedder.forward(t)? + self.y_embedder.forward(y)?)?.unsqueeze(1)?;
@@ -114,11 +125,12 @@ impl LightningDit {
             self.cfg.in_channels
         };
         let img = unpatchify(&out, self.cfg.patch_size, out_ch)?;
-        if self.cfg.learn_sigma {
-            img.narrow(1, 0, self.cfg.in_channels)
+        let img = if self.cfg.learn_sigma {
+            img.narrow(1, 0, self.cfg.in_channels)?
         } else {
-            Ok(img)
-        }
+            img
+        };
+        img.to_dtype(out_dtype)
     }
 }
 

@@ -39,6 +39,7 @@ pub enum ModelError {
 /// A model that predicts the flow-matching velocity (noise - data).
 pub trait VelocityModel {
     /// x: `[B,C,H,W]`, t: `[B]` (1 = noise), y: `[B]` integer labels.
+    /// The velocity has x's dtype, whatever the model computes in.
     fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> candle_core::Result<Tensor>;
 }
 
@@ -69,6 +70,14 @@ impl DitModel {
         match self {
             Self::DitDh(m) => m.buffers(),
             Self::Lightning(m) => m.buffers(),
+        }
+    }
+
+    /// The compute dtype (weights and activations).
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::DitDh(m) => m.dtype(),
+            Self::Lightning(m) => m.dtype(),
         }
     }
 

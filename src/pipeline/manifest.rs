@@ -148,6 +148,12 @@ pub struct BuildLog {
     pub threads: usize,
     pub batch_size: usize,
     pub device: String,
+    /// The encoder's compute dtype (`f32`, `bf16`, `f16`) of the last run.
+    #[serde(default)]
+    pub precision: String,
+    /// Whether TF32 f32 matrix products were allowed in the last run.
+    #[serde(default)]
+    pub tf32: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

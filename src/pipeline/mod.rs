@@ -33,7 +33,6 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::DType;
 use sha2::Digest;
 
 use crate::encoders::{EncoderError, EncoderSpec};
@@ -119,6 +118,11 @@ pub struct BuildConfig {
     /// Decode threads; 0 = all cores.
     pub threads: usize,
     pub device: String,
+    /// Encoder compute dtype (`auto`: bf16 on CUDA, f32 on the CPU). The
+    /// latents leave the encoder as f32 whatever it is.
+    pub precision: crate::precision::Precision,
+    /// Allow TF32 f32 matrix products on CUDA (process-wide; no-op on CPU).
+    pub tf32: bool,
     pub part: Option<PartSpec>,
     pub limit: Option<usize>,
     pub max_pixels: u64,
@@ -141,6 +145,8 @@ impl BuildConfig {
             zstd_level: 3,
             threads: 0,
             device: "auto".into(),
+            precision: crate::precision::Precision::Auto,
+            tf32: false,
             part: None,
             limit: None,
             max_pixels: DecodeOptions::default().max_pixels,
@@ -301,7 +307,11 @@ pub fn run_build(cfg: &BuildConfig) -> Result<BuildSummary, PipelineError> {
     // Encoder.
     let resolved = crate::weights::resolve_model(&cfg.encoder, cfg.allow_download)?;
     let device = crate::device::parse_device(&cfg.device)?;
-    let encoder = crate::encoders::load_encoder(&resolved.dir, &device, DType::F32)?;
+    let compute_dtype = cfg.precision.resolve(&device);
+    if cfg.tf32 {
+        crate::precision::set_tf32(true);
+    }
+    let encoder = crate::encoders::load_encoder(&resolved.dir, &device, compute_dtype)?;
     let mut spec = encoder.spec().clone();
     spec.id = resolved.id.clone();
     spec.revision = resolved.revision.clone();
@@ -404,6 +414,17 @@ pub fn run_build(cfg: &BuildConfig) -> Result<BuildSummary, PipelineError> {
     m.build_log.threads = threads;
     m.build_log.batch_size = cfg.batch_size;
     m.build_log.device = crate::device::device_name(&device);
+    let precision = compute_dtype.as_str().to_string();
+    if resuming && !m.build_log.precision.is_empty() && m.build_log.precision != precision {
+        // Not refused (like a device change), but the cache then mixes
+        // latents computed at two precisions.
+        tracing::warn!(
+            "resuming a build encoded in {} with precision {precision}: earlier shards differ in precision",
+            m.build_log.precision
+        );
+    }
+    m.build_log.precision = precision;
+    m.build_log.tf32 = crate::precision::tf32_enabled();
     m.refresh_totals();
     m.save(&root)?;
 
@@ -415,6 +436,7 @@ pub fn run_build(cfg: &BuildConfig) -> Result<BuildSummary, PipelineError> {
         shards = ?plan.shards,
         encoder = %spec.id,
         device = %m.build_log.device,
+        precision = %m.build_log.precision,
         "building {}",
         cfg.out.display()
     );

@@ -19,10 +19,10 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use crate::encoders::{Encoder, crops_to_tensor};
+use crate::encoders::{Encoder, crops_to_u8, u8_to_input};
 use crate::images::{DecodeOptions, ImageEntry, adm_center_crop, decode_rgb8};
 
 use super::PipelineError;
@@ -226,12 +226,9 @@ fn flush(
     let mut latents: Vec<Vec<Vec<f32>>> = Vec::new();
     if !crops.is_empty() {
         let b = crops.len();
-        let inputs: Vec<Tensor> = opts
-            .flips
-            .iter()
-            .map(|&f| crops_to_tensor(&crops, f, opts.device))
-            .collect::<Result<_, _>>()?;
-        let input = Tensor::cat(&inputs, 0)?;
+        // One u8 upload for the batch; the f32 conversion and the flips
+        // happen on the encoder's device (flip f of image i is row f*b + i).
+        let input = u8_to_input(&crops_to_u8(&crops, opts.device)?, opts.flips)?;
         let z = encoder.encode(&input)?.to_dtype(DType::F32)?;
         let dims = z.dims().to_vec();
         let spec = encoder.spec();

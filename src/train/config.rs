@@ -55,6 +55,10 @@ pub struct TrainConfig {
     /// Log a line every N optimizer steps.
     pub log_every: u64,
     pub device: String,
+    /// Allow TF32 tensor-core math in the f32 matrix products on CUDA
+    /// (process-wide; master weights, optimizer and loss stay f32; a no-op
+    /// on the CPU). Off by default, as in PyTorch.
+    pub tf32: bool,
     /// Loader: row groups per shuffle window, reader threads, prefetch.
     pub shuffle_window: usize,
     pub workers: usize,
@@ -93,6 +97,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 3,
             log_every: 1,
             device: "auto".into(),
+            tf32: false,
             shuffle_window: 64,
             workers: 2,
             prefetch: 4,

@@ -90,6 +90,9 @@ impl Trainer {
                 "data-parallel training (world_size > 1) needs a gradient all-reduce, which this build lacks".into(),
             ));
         }
+        if cfg.tf32 {
+            crate::precision::set_tf32(true);
+        }
         std::fs::create_dir_all(&cfg.out).map_err(io_err(&cfg.out))?;
         let set = CacheSet::open(&cfg.data)?;
         let mcfg = DitConfig::load(&cfg.model).map_err(cfg_err)?;
