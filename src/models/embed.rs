@@ -175,13 +175,19 @@ impl TimestepEmbedder {
     /// t: `[B]` (any float dtype) -> `[B, hidden]` in the model dtype. The
     /// sin/cos features are computed in f32 and rounded once.
     pub fn forward(&self, t: &Tensor) -> Result<Tensor> {
+        let emb = self.features(t)?.to_dtype(self.fc1.weight().dtype())?;
+        self.fc2
+            .forward(&candle_nn::ops::silu(&self.fc1.forward(&emb)?)?)
+    }
+}
+
+impl TimestepEmbedder {
+    /// The f32 Fourier features [sin(2πtW), cos(2πtW)] `[B, 2*256]`.
+    pub fn features(&self, t: &Tensor) -> Result<Tensor> {
         let t = t.to_dtype(DType::F32)?;
         let w = self.w.to_dtype(DType::F32)?;
         let arg = (t.unsqueeze(1)?.broadcast_mul(&w.unsqueeze(0)?)? * (2.0 * std::f64::consts::PI))?;
-        let emb = Tensor::cat(&[arg.sin()?, arg.cos()?], D::Minus1)?
-            .to_dtype(self.fc1.weight().dtype())?;
-        self.fc2
-            .forward(&candle_nn::ops::silu(&self.fc1.forward(&emb)?)?)
+        Tensor::cat(&[arg.sin()?, arg.cos()?], D::Minus1)
     }
 }
 
@@ -305,6 +311,39 @@ mod tests {
             .max_all()
             .unwrap();
         assert!(d0.to_scalar::<f32>().unwrap() < 1e-7);
+    }
+
+    #[test]
+    fn time_features_stay_f32_in_a_bf16_model() {
+        // Large frequencies: 2*pi*t*W reaches ~60 rad, where a bf16
+        // argument would be off by up to 0.125 rad.
+        let dev = Device::Cpu;
+        let e = TimestepEmbedder::EMBEDDING_SIZE;
+        let h = 8;
+        let w: Vec<f32> = (0..e).map(|i| 10.0 * (i as f32 * 0.37).sin()).collect();
+        let mut ts = std::collections::HashMap::new();
+        ts.insert("W".to_string(), Tensor::from_vec(w, e, &dev).unwrap());
+        for (name, shape) in [("mlp.0", (h, 2 * e)), ("mlp.2", (h, h))] {
+            ts.insert(
+                format!("{name}.weight"),
+                Tensor::randn(0f32, 0.02, shape, &dev).unwrap(),
+            );
+            ts.insert(
+                format!("{name}.bias"),
+                Tensor::zeros(h, DType::F32, &dev).unwrap(),
+            );
+        }
+        let t = Tensor::new(&[0.9137f32, 0.377, 0.0021], &dev).unwrap();
+        let mk = |dt| {
+            TimestepEmbedder::new(h, VarBuilder::from_tensors(ts.clone(), dt, &dev)).unwrap()
+        };
+        let (f32_emb, bf16_emb) = (mk(DType::F32), mk(DType::BF16));
+        let a = f32_emb.features(&t).unwrap();
+        let b = bf16_emb.features(&t).unwrap();
+        assert_eq!(b.dtype(), DType::F32);
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(bf16_emb.forward(&t).unwrap().dtype(), DType::BF16);
     }
 
     #[test]
