@@ -64,9 +64,12 @@ pub enum EncoderError {
 
 pub trait Encoder: Send + Sync {
     fn spec(&self) -> &EncoderSpec;
+    /// The compute dtype of weights and activations (the latent is f32).
+    fn dtype(&self) -> DType;
     /// `crops`: [B, 3, crop, crop] floats in [0, 1] on the encoder's device.
-    /// Resizes to the input size (torch bicubic), normalises, encodes.
-    /// Returns the raw latent [B, tokens, C] in f32.
+    /// Resizes to the input size (torch bicubic, f32), normalises, encodes
+    /// in the compute dtype. Returns the raw latent [B, tokens, C] in f32
+    /// (the final LayerNorm runs in f32).
     fn encode(&self, crops: &Tensor) -> Result<Tensor, EncoderError>;
 }
 

@@ -37,6 +37,10 @@ impl Encoder for VitEncoder {
         &self.spec
     }
 
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     fn encode(&self, crops: &Tensor) -> Result<Tensor, EncoderError> {
         let x = self.pre.apply(crops)?.to_dtype(self.dtype)?;
         let b = x.dim(0)?;
