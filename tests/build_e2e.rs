@@ -38,9 +38,13 @@ fn run_ok(args: &[&str]) -> Output {
 }
 
 fn build(out: &Path, dtype: &str) -> serde_json::Value {
+    build_with(out, dtype, &[])
+}
+
+fn build_with(out: &Path, dtype: &str, extra: &[&str]) -> serde_json::Value {
     let images = common::fixture("images");
     let encoder = common::fixture("encoder-dinov2reg");
-    let o = run_ok(&[
+    let mut args = vec![
         "build",
         images.to_str().unwrap(),
         "--encoder",
@@ -60,8 +64,43 @@ fn build(out: &Path, dtype: &str) -> serde_json::Value {
         "--threads",
         "2",
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let o = run_ok(&args);
     serde_json::from_slice(&o.stdout).expect("build --json prints JSON")
+}
+
+fn build_log(cache: &Path) -> serde_json::Value {
+    let p = cache.join(manifest::BUILD_STATE_FILE);
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&p).unwrap()).expect("build-state.json");
+    v["build_log"].clone()
+}
+
+#[test]
+fn bf16_encoder_build_stays_close_to_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    build(&tmp.path().join("f32"), "f32");
+    let (_, reference) = read_rows(&tmp.path().join("f32"));
+    // `auto` is f32 on the CPU
+    assert_eq!(build_log(&tmp.path().join("f32"))["precision"], "f32");
+    let dir = tmp.path().join("bf16");
+    build_with(&dir, "f32", &["--precision", "bf16", "--tf32"]);
+    let log = build_log(&dir);
+    assert_eq!(log["precision"], "bf16");
+    // --tf32 is a no-op without CUDA
+    if cfg!(not(feature = "cuda")) {
+        assert_eq!(log["tf32"], false);
+    }
+    let (_, rows) = read_rows(&dir);
+    assert_eq!(rows.len(), reference.len());
+    for (key, (_, lats)) in &rows {
+        for flip in 0..2 {
+            // bound as tests/parity_encoders.rs (bf16 encoders)
+            let c = cosine(&lats[flip], &reference[key].1[flip]);
+            assert!(c >= 0.9995, "{key} flip {flip}: cosine {c}");
+        }
+    }
 }
 
 /// key -> (label, [unflipped latent, flipped latent])
