@@ -562,3 +562,50 @@ fn build_then_decode_round_trip() {
     }
     assert_eq!(pngs as u64, rows);
 }
+
+#[test]
+fn sample_and_decode_in_bf16() {
+    // --precision bf16 (and the CPU no-op --tf32): the model computes in
+    // bf16, the stored samples and pixels stay within the bf16 bounds of
+    // tests/parity_sampler.rs and tests/parity_models.rs (cosine >= 0.9995).
+    let io = io("sampler-io.safetensors");
+    let tmp = tempfile::tempdir().unwrap();
+    let noise = write_noise(tmp.path(), &io["z0"]);
+    let labels = fixture_labels(&io["y"]);
+    let out = tmp.path().join("sample");
+    run_ok(&sample_args(
+        &out,
+        &noise,
+        &labels,
+        &["--precision", "bf16", "--tf32"],
+    ));
+    let (lat, _, _) = read_dir_shards(&out);
+    let cos = common::cosine(&lat, &to_tokens(&io["sample"]));
+    assert!(cos >= 0.9995, "bf16 samples: cosine {cos}");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["build_args"]["provenance"]["precision"], "bf16");
+
+    let dio = io("decoder-io.safetensors");
+    let (shard, _) = decoder_shard(tmp.path(), false);
+    let dout = tmp.path().join("decoded");
+    run_ok(&decode_args(
+        &shard,
+        &dout,
+        "safetensors",
+        &["--precision", "bf16"],
+    ));
+    let got =
+        candle_core::safetensors::load(dout.join("pixels.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(got["pixels"].dtype(), DType::F32);
+    let cos = common::cosine(&got["pixels"], &dio["pixels"]);
+    assert!(cos >= 0.9995, "bf16 pixels: cosine {cos}");
+
+    // an unknown precision is refused by the CLI
+    let bad = bin()
+        .args(decode_args(&shard, &dout, "safetensors", &["--precision", "f8"]))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
