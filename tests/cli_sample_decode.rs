@@ -568,10 +568,10 @@ fn sample_and_decode_in_bf16() {
     // --precision bf16 (and the CPU no-op --tf32): the model computes in
     // bf16, the stored samples and pixels stay within the bf16 bounds of
     // tests/parity_sampler.rs and tests/parity_models.rs (cosine >= 0.9995).
-    let io = io("sampler-io.safetensors");
+    let sio = io("sampler-io.safetensors");
     let tmp = tempfile::tempdir().unwrap();
-    let noise = write_noise(tmp.path(), &io["z0"]);
-    let labels = fixture_labels(&io["y"]);
+    let noise = write_noise(tmp.path(), &sio["z0"]);
+    let labels = fixture_labels(&sio["y"]);
     let out = tmp.path().join("sample");
     run_ok(&sample_args(
         &out,
@@ -580,11 +580,10 @@ fn sample_and_decode_in_bf16() {
         &["--precision", "bf16", "--tf32"],
     ));
     let (lat, _, _) = read_dir_shards(&out);
-    let cos = common::cosine(&lat, &to_tokens(&io["sample"]));
+    let cos = common::cosine(&lat, &to_tokens(&sio["sample"]));
     assert!(cos >= 0.9995, "bf16 samples: cosine {cos}");
     let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["build_args"]["provenance"]["precision"], "bf16");
 
     let dio = io("decoder-io.safetensors");
@@ -604,7 +603,12 @@ fn sample_and_decode_in_bf16() {
 
     // an unknown precision is refused by the CLI
     let bad = bin()
-        .args(decode_args(&shard, &dout, "safetensors", &["--precision", "f8"]))
+        .args(decode_args(
+            &shard,
+            &dout,
+            "safetensors",
+            &["--precision", "f8"],
+        ))
         .output()
         .unwrap();
     assert!(!bad.status.success());

@@ -113,7 +113,13 @@ fn check(encoder: &dyn Encoder, flip: bool, want: &Tensor, what: &str) {
         let (g, w) = (got.i(i).unwrap(), want.i(i).unwrap());
         let err = max_abs_diff(&g, &w);
         let cos = cosine(&g, &w);
-        let scale = w.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = w
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let rel = err / scale;
         eprintln!(
             "{what} [{:?}] {} flip {flip}: max abs {err:.2e}, rel max {rel:.2e}, cosine {cos:.7}",

@@ -60,7 +60,14 @@ fn check_dit(model_json: &str, weight_files: &[&str], io_file: &str, dtype: Opti
             // f32 inputs in, f32 velocity out, whatever the compute dtype
             let v = m.forward(&on("x"), &on("t"), &on("y")).expect("forward");
             assert_eq!(v.dtype(), DType::F32);
-            assert_close(&v, &io["v"], dtype, TOL, HALF, &format!("{wf} fused={fused}"));
+            assert_close(
+                &v,
+                &io["v"],
+                dtype,
+                TOL,
+                HALF,
+                &format!("{wf} fused={fused}"),
+            );
         }
     }
 }

@@ -89,7 +89,14 @@ fn euler_ode_matches_reference_with_and_without_cfg() {
         for (with_cfg, key) in [(false, "sample"), (true, "sample_cfg")] {
             let out = sample(&m, None, &io["z0"], &io["y"], &config(with_cfg)).unwrap();
             assert_eq!(out.dtype(), DType::F32, "the sampler state is f32");
-            assert_close(&out, &io[key], dtype, TOL, HALF, &format!("{key} fused={fused}"));
+            assert_close(
+                &out,
+                &io[key],
+                dtype,
+                TOL,
+                HALF,
+                &format!("{key} fused={fused}"),
+            );
         }
     }
     // guidance must matter on this fixture, else the CFG check proves nothing

@@ -205,8 +205,13 @@ mod tests {
         let x = u8_to_input(&raw, &[false, true]).unwrap();
         assert_eq!(x.dims(), &[4, 3, 5, 7]);
         let got = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let want: Vec<f32> = [host(&a, false), host(&b, false), host(&a, true), host(&b, true)]
-            .concat();
+        let want: Vec<f32> = [
+            host(&a, false),
+            host(&b, false),
+            host(&a, true),
+            host(&b, true),
+        ]
+        .concat();
         assert_eq!(
             got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
             want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()

@@ -186,7 +186,8 @@ impl TimestepEmbedder {
     pub fn features(&self, t: &Tensor) -> Result<Tensor> {
         let t = t.to_dtype(DType::F32)?;
         let w = self.w.to_dtype(DType::F32)?;
-        let arg = (t.unsqueeze(1)?.broadcast_mul(&w.unsqueeze(0)?)? * (2.0 * std::f64::consts::PI))?;
+        let arg =
+            (t.unsqueeze(1)?.broadcast_mul(&w.unsqueeze(0)?)? * (2.0 * std::f64::consts::PI))?;
         Tensor::cat(&[arg.sin()?, arg.cos()?], D::Minus1)
     }
 }
@@ -334,9 +335,8 @@ mod tests {
             );
         }
         let t = Tensor::new(&[0.9137f32, 0.377, 0.0021], &dev).unwrap();
-        let mk = |dt| {
-            TimestepEmbedder::new(h, VarBuilder::from_tensors(ts.clone(), dt, &dev)).unwrap()
-        };
+        let mk =
+            |dt| TimestepEmbedder::new(h, VarBuilder::from_tensors(ts.clone(), dt, &dev)).unwrap();
         let (f32_emb, bf16_emb) = (mk(DType::F32), mk(DType::BF16));
         let a = f32_emb.features(&t).unwrap();
         let b = bf16_emb.features(&t).unwrap();
