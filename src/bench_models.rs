@@ -235,6 +235,18 @@ pub fn decoder_param_count(cfg: &DecoderConfig) -> Result<usize> {
         .sum())
 }
 
+/// Trainable parameter count of a DiT / DiT-DH (built once on the CPU in
+/// bf16 to halve the memory this needs; frozen tables excluded).
+pub fn dit_param_count(cfg: &DitConfig) -> Result<usize> {
+    let vm = VarMap::new();
+    DitModel::new(cfg, VarBuilder::from_varmap(&vm, DType::BF16, &Device::Cpu))?;
+    Ok(varmap_vars(&vm)?
+        .iter()
+        .filter(|(k, _)| !is_frozen(k))
+        .map(|(_, v)| v.elem_count())
+        .sum())
+}
+
 /// One training step of a DiT / DiT-DH as the trainer does it: flow-matching
 /// forward, MSE, backward, global-norm clipping (1.0), AdamW, and (when
 /// enabled) the EMA update. Inputs are fixed random tensors drawn once per

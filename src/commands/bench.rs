@@ -41,6 +41,18 @@ enum Mode {
     Decoder(DecoderArgs),
     /// Deterministic synthetic JPEGs in an ImageNet-style class-folder layout.
     SynthImages(SynthArgs),
+    /// Trainable parameter counts of a DiT preset and a decoder preset.
+    Params(ParamsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ParamsArgs {
+    #[arg(long, default_value = "ditdh-xl")]
+    preset: String,
+    #[arg(long, default_value = "vit-xl")]
+    decoder_preset: String,
+    #[arg(long, default_value_t = 16)]
+    patch_size: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -142,6 +154,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         Mode::Train(a) => train(a)?,
         Mode::Decoder(a) => decoder(a)?,
         Mode::SynthImages(a) => synth(a)?,
+        Mode::Params(a) => params(a)?,
     };
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}")?;
@@ -431,6 +444,17 @@ fn decoder(a: DecoderArgs) -> anyhow::Result<Value> {
             cfg.image_size()
         ),
     ))
+}
+
+fn params(a: ParamsArgs) -> anyhow::Result<Value> {
+    let cfg = DitConfig::load(&a.preset).with_context(|| format!("model {:?}", a.preset))?;
+    let dcfg = DecoderConfig::preset(&a.decoder_preset, a.patch_size)
+        .with_context(|| format!("--decoder-preset {:?}", a.decoder_preset))?;
+    let mut v = json!({"what": "params", "impl": "rae-cache"});
+    v[a.preset.to_ascii_lowercase()] = rae_cache::bench_models::dit_param_count(&cfg)?.into();
+    v[a.decoder_preset.to_ascii_lowercase()] =
+        rae_cache::bench_models::decoder_param_count(&dcfg)?.into();
+    Ok(v)
 }
 
 /// splitmix64: a cheap, well-mixed hash for per-image and per-pixel values.
