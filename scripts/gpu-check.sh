@@ -234,9 +234,11 @@ for n in par:
 
 enc, tenc = last_json("encoder", "encoder"), last_json("torch-encdec", "encoder")
 g = gpu_during("encoder")
-rows.append(("2", f"encoder DINOv2-B-reg b{enc['batch'] if enc else '?'} {enc['precision'] if enc else ''}", st("encoder"),
+enc_label = ("tiny DINOv2-reg" if smoke else "DINOv2-B-reg") + (f" b{enc['batch']} {enc['precision']}" if enc else "")
+rows.append(("2", "encoder " + enc_label, st("encoder"),
              fmt(rate(enc), " img/s"), fmt(rate(tenc), " img/s"), ">= 5,000 img/s",
              verdict(None if rate(enc) is None or smoke else rate(enc) >= 5000)
+             + (f"; params {enc['params']:,}" if enc else "") + (f" / PyTorch {tenc['params']:,}" if tenc and "params" in tenc else "")
              + (f"; GPU mem {g['mem_gib']:.1f} GiB" if g else "")))
 
 b = last_json("build")
@@ -261,14 +263,16 @@ if tr:
                        for x in tr.get("max_batch_search", []))
     note = f"{tr['seconds_per_iter']:.3f} s/step at batch {tr['batch']} ({tr['precision']} weights); params {tr['params']:,}"
     if ttr and "error" not in ttr:
-        note += f"; PyTorch {ttr['seconds_per_iter']:.3f} s/step, params {ttr['params']:,}, peak {fmt((ttr.get('peak_device_bytes') or 0) / 2**30)} GiB"
+        note += f"; PyTorch {ttr['seconds_per_iter']:.3f} s/step, params {ttr['params']:,}"
+        if ttr.get("peak_device_bytes"):
+            note += f", peak {ttr['peak_device_bytes'] / 2**30:.1f} GiB"
     note += f"; batches tried {search}"
     if g:
         note += f"; GPU mem peak {g['mem_gib']:.1f} GiB"
 else:
     note = ""
 ok = None if rate(tr) is None or rate(ttr) is None else rate(tr) >= rate(ttr)
-rows.append(("4", f"train DiT-DH-XL step", st("train"), fmt(rate(tr), " img/s"),
+rows.append(("4", "train " + ("tiny DiT-DH" if smoke else "DiT-DH-XL") + " step", st("train"), fmt(rate(tr), " img/s"),
              fmt(rate(ttr), " img/s") if ttr else st("torch-train"), ">= PyTorch", verdict(ok) + "; " + note))
 
 tf = last_json("train-f32", "train")
@@ -278,7 +282,7 @@ if "train-f32" in steps:
 
 dec, tdec = last_json("decoder", "decoder"), last_json("torch-encdec", "decoder")
 g = gpu_during("decoder")
-rows.append(("5", f"decoder ViT-XL b{dec['batch'] if dec else '?'} {dec['precision'] if dec else ''}", st("decoder"),
+rows.append(("5", "decoder " + ("tiny" if smoke else "ViT-XL") + (f" b{dec['batch']} {dec['precision']}" if dec else ""), st("decoder"),
              fmt(rate(dec), " img/s"), fmt(rate(tdec), " img/s"), "", (f"params {dec['params']:,}" if dec else "")
              + (f" / PyTorch {tdec['params']:,}" if tdec and 'params' in tdec else "") + (f"; GPU mem {g['mem_gib']:.1f} GiB" if g else "")))
 

@@ -68,7 +68,10 @@ impl Dinov2Shape {
         image_size: 518,
     };
 
-    /// Number of weights written by [`write_random_dinov2`].
+    /// Number of weights the encoder's forward uses: what
+    /// [`write_random_dinov2`] writes less the final LayerNorm's affine
+    /// (written for HF compatibility, unused: RAE's latent is the LayerNorm
+    /// output without affine).
     pub fn param_count(&self) -> usize {
         let c = self.hidden;
         let grid = self.image_size / self.patch;
@@ -76,7 +79,7 @@ impl Dinov2Shape {
             c + c + self.registers * c + (1 + grid * grid) * c + c * 3 * self.patch.pow(2) + c;
         let layer =
             4 * c + 3 * (c * c + c) + (c * c + c) + 2 * c + (4 * c * c + 4 * c) + (4 * c * c + c);
-        embed + self.layers * layer + 2 * c
+        embed + self.layers * layer
     }
 }
 
@@ -434,7 +437,7 @@ mod tests {
         let t =
             candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
         let n: usize = t.values().map(|v| v.elem_count()).sum();
-        assert_eq!(n, Dinov2Shape::TINY.param_count());
+        assert_eq!(n, Dinov2Shape::TINY.param_count() + 2 * Dinov2Shape::TINY.hidden);
         std::fs::remove_dir_all(&dir).unwrap();
         // The released DINOv2-B-reg has ~86.6M weights (with the 518 position table).
         let base = Dinov2Shape::BASE.param_count();
