@@ -437,7 +437,10 @@ mod tests {
         let t =
             candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
         let n: usize = t.values().map(|v| v.elem_count()).sum();
-        assert_eq!(n, Dinov2Shape::TINY.param_count() + 2 * Dinov2Shape::TINY.hidden);
+        assert_eq!(
+            n,
+            Dinov2Shape::TINY.param_count() + 2 * Dinov2Shape::TINY.hidden
+        );
         std::fs::remove_dir_all(&dir).unwrap();
         // The released DINOv2-B-reg has ~86.6M weights (with the 518 position table).
         let base = Dinov2Shape::BASE.param_count();
