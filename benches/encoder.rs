@@ -7,137 +7,30 @@
 //! `encoder_parts` times the pieces of one layer at the same shapes to
 //! show where the time goes.
 
-use std::collections::HashMap;
-use std::path::Path;
-
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use rae_cache::bench_models::{Dinov2Shape, randn_cpu, random_crops, write_random_dinov2};
 use rae_cache::encoders::load_encoder;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
-const HIDDEN: usize = 768;
-const LAYERS: usize = 12;
-const HEADS: usize = 12;
-const REGISTERS: usize = 4;
-const PATCH: usize = 14;
-const IMAGE: usize = 518;
+const HIDDEN: usize = Dinov2Shape::BASE.hidden;
+const HEADS: usize = Dinov2Shape::BASE.heads;
+const REGISTERS: usize = Dinov2Shape::BASE.registers;
 const BATCH: usize = 16;
 
 fn randn(rng: &mut rand_chacha::ChaCha8Rng, shape: &[usize], std: f32) -> Tensor {
-    let n: usize = shape.iter().product();
-    // Sum of uniforms: cheap, deterministic, roughly normal; no denormals.
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            (rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5) * 2.0 * std
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    randn_cpu(rng, shape, std).unwrap()
 }
 
 fn filled(shape: &[usize], v: f32) -> Tensor {
     Tensor::full(v, shape, &Device::Cpu).unwrap()
 }
 
-/// A DINOv2-B-with-registers directory (config.json, model.safetensors,
-/// preprocessor_config.json) with random weights.
-fn write_model(dir: &Path) {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let c = HIDDEN;
-    let grid = IMAGE / PATCH;
-    let mut t: HashMap<String, Tensor> = HashMap::new();
-    t.insert(
-        "embeddings.cls_token".into(),
-        randn(&mut rng, &[1, 1, c], 0.02),
-    );
-    t.insert("embeddings.mask_token".into(), filled(&[1, c], 0.0));
-    t.insert(
-        "embeddings.register_tokens".into(),
-        randn(&mut rng, &[1, REGISTERS, c], 0.02),
-    );
-    t.insert(
-        "embeddings.position_embeddings".into(),
-        randn(&mut rng, &[1, 1 + grid * grid, c], 0.02),
-    );
-    t.insert(
-        "embeddings.patch_embeddings.projection.weight".into(),
-        randn(&mut rng, &[c, 3, PATCH, PATCH], 0.02),
-    );
-    t.insert(
-        "embeddings.patch_embeddings.projection.bias".into(),
-        filled(&[c], 0.0),
-    );
-    for i in 0..LAYERS {
-        let p = format!("encoder.layer.{i}");
-        for n in ["norm1", "norm2"] {
-            t.insert(format!("{p}.{n}.weight"), filled(&[c], 1.0));
-            t.insert(format!("{p}.{n}.bias"), filled(&[c], 0.0));
-        }
-        for n in ["query", "key", "value"] {
-            t.insert(
-                format!("{p}.attention.attention.{n}.weight"),
-                randn(&mut rng, &[c, c], 0.02),
-            );
-            t.insert(
-                format!("{p}.attention.attention.{n}.bias"),
-                filled(&[c], 0.0),
-            );
-        }
-        t.insert(
-            format!("{p}.attention.output.dense.weight"),
-            randn(&mut rng, &[c, c], 0.02),
-        );
-        t.insert(
-            format!("{p}.attention.output.dense.bias"),
-            filled(&[c], 0.0),
-        );
-        t.insert(format!("{p}.layer_scale1.lambda1"), filled(&[c], 0.1));
-        t.insert(format!("{p}.layer_scale2.lambda1"), filled(&[c], 0.1));
-        t.insert(
-            format!("{p}.mlp.fc1.weight"),
-            randn(&mut rng, &[4 * c, c], 0.02),
-        );
-        t.insert(format!("{p}.mlp.fc1.bias"), filled(&[4 * c], 0.0));
-        t.insert(
-            format!("{p}.mlp.fc2.weight"),
-            randn(&mut rng, &[c, 4 * c], 0.02),
-        );
-        t.insert(format!("{p}.mlp.fc2.bias"), filled(&[c], 0.0));
-    }
-    t.insert("layernorm.weight".into(), filled(&[c], 1.0));
-    t.insert("layernorm.bias".into(), filled(&[c], 0.0));
-    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
-    let config = serde_json::json!({
-        "architectures": ["Dinov2WithRegistersModel"],
-        "model_type": "dinov2_with_registers",
-        "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-        "mlp_ratio": 4, "image_size": IMAGE, "patch_size": PATCH, "num_channels": 3,
-        "num_register_tokens": REGISTERS, "layer_norm_eps": 1e-6, "hidden_act": "gelu",
-        "qkv_bias": true, "use_swiglu_ffn": false, "layerscale_value": 1.0
-    });
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_vec_pretty(&config).unwrap(),
-    )
-    .unwrap();
-    let pre = serde_json::json!({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]});
-    std::fs::write(
-        dir.join("preprocessor_config.json"),
-        serde_json::to_vec(&pre).unwrap(),
-    )
-    .unwrap();
-}
-
-fn crops(rng: &mut rand_chacha::ChaCha8Rng) -> Tensor {
-    let n = BATCH * 3 * 256 * 256;
-    let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
-    Tensor::from_vec(v, (BATCH, 3, 256, 256), &Device::Cpu).unwrap()
-}
-
 fn bench_encoder(c: &mut Criterion) {
     let tmp = tempfile::tempdir().unwrap();
-    write_model(tmp.path());
+    write_random_dinov2(tmp.path(), &Dinov2Shape::BASE, 0).unwrap();
     let enc = load_encoder(tmp.path(), &Device::Cpu, DType::F32).unwrap();
-    let x = crops(&mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
+    let x = random_crops(BATCH, 256, 1, &Device::Cpu).unwrap();
     let mut g = c.benchmark_group("encoder");
     g.sample_size(10);
     g.throughput(Throughput::Elements(BATCH as u64));

@@ -9,14 +9,13 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rae_cache::models::{DecoderConfig, DitDh, DitDhConfig, RaeDecoder};
+use rae_cache::bench_models::random_decoder;
+use rae_cache::models::{DecoderConfig, DitDh, DitDhConfig};
 
 fn decoder(c: &mut Criterion) {
     let dev = Device::Cpu;
     let cfg = DecoderConfig::preset("ViT-B", 16).expect("preset");
-    let vm = VarMap::new();
-    let mut m =
-        RaeDecoder::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).expect("build");
+    let mut m = random_decoder(&cfg, DType::F32, &dev).expect("build");
     let b = 16;
     let z = Tensor::randn(0f32, 1.0, (b, cfg.num_patches, cfg.latent_dim), &dev).expect("z");
     let mut g = c.benchmark_group("decoder_vitb_b16");

@@ -9,17 +9,15 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarMap;
-use rae_cache::models::{DitConfig, DitDhConfig, DitModel, VelocityModel, is_frozen};
+use candle_core::{DType, Device};
+use rae_cache::bench_models::{BenchError, TrainStep, peak_rss_bytes, time_iters};
+use rae_cache::models::{DitConfig, DitDhConfig};
 use rae_cache::shards::manifest::{HflipMode, MANIFEST_FILE, STATS_FILE};
 use rae_cache::shards::{
     EncoderInfo, LatentDType, LatentRow, Manifest, ShardWriter, StatsAccumulator, WriterOptions,
 };
 use rae_cache::train::checkpoint::LoaderCursor;
-use rae_cache::train::init::SeededVarMap;
 use rae_cache::train::loader::{CacheSet, Loader, LoaderConfig};
-use rae_cache::train::{AdamW, AdamWConfig, Gradients, ParamGroup};
 
 const REF_S_PER_STEP: f64 = 11.2;
 const REF_PEAK_GB: f64 = 7.2;
@@ -31,60 +29,19 @@ fn env_usize(k: &str, d: usize) -> usize {
         .unwrap_or(d)
 }
 
-fn vm_hwm_kb() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn bench_step(device: &Device, steps: usize) -> candle_core::Result<()> {
+fn bench_step(device: &Device, steps: usize) -> Result<(), BenchError> {
     let Some(cfg) = DitDhConfig::preset("ditdh-s") else {
         panic!("no ditdh-s preset")
     };
-    let varmap = VarMap::new();
-    let vb = SeededVarMap::var_builder(&varmap, 0, DType::F32, device);
-    let model = DitModel::new(&DitConfig::DitDh(cfg.clone()), vb)?;
-    let mut vars: Vec<_> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let trainable: Vec<_> = vars.into_iter().filter(|(k, _)| !is_frozen(k)).collect();
-    let n_params: usize = trainable.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = AdamW::new(
-        vec![ParamGroup::new(trainable.clone())],
-        AdamWConfig::default(),
-    )
-    .unwrap();
-    let (b, c, s) = (8, cfg.in_channels, cfg.input_size);
-    let x = Tensor::randn(0f32, 1.0, (b, c, s, s), device)?;
-    let eps = Tensor::randn(0f32, 1.0, (b, c, s, s), device)?;
-    let t = Tensor::rand(0f32, 1.0, b, device)?;
-    let y = Tensor::from_vec((0..b as u32).collect::<Vec<_>>(), b, device)?;
-    let tb = t.reshape((b, 1, 1, 1))?;
-    let x_t = (x.broadcast_mul(&(1.0 - &tb)?)? + eps.broadcast_mul(&tb)?)?;
-    let target = (&eps - &x)?;
-    let mut one = || -> candle_core::Result<f64> {
-        let start = Instant::now();
-        let loss = (model.forward(&x_t, &t, &y)? - &target)?
-            .sqr()?
-            .mean_all()?;
-        let store = loss.backward()?;
-        let mut g = Gradients::from_store(&store, &trainable).unwrap();
-        g.clip_global_norm(1.0).unwrap();
-        opt.step(&g, 2e-4).unwrap();
-        device.synchronize()?;
-        Ok(start.elapsed().as_secs_f64())
-    };
-    let warm = one()?;
-    let times: Vec<f64> = (0..steps)
-        .map(|_| one())
-        .collect::<candle_core::Result<_>>()?;
+    // The trainer's step without the EMA update (as this bench always measured).
+    let mut step = TrainStep::new(&DitConfig::DitDh(cfg), 0, DType::F32, device, false)?;
+    let n_params = step.trainable_params();
+    let b = 8;
+    step.set_batch(b)?;
+    let warm = time_iters(device, 0, 1, || step.step().map(|_| ()))?.mean_s;
+    let times = time_iters(device, 0, steps, || step.step().map(|_| ()))?.seconds;
     let mean = times.iter().sum::<f64>() / times.len() as f64;
-    let peak_gb = vm_hwm_kb().unwrap_or(0) as f64 / 1024.0 / 1024.0;
+    let peak_gb = peak_rss_bytes().unwrap_or(0) as f64 / 1024.0 / 1024.0 / 1024.0;
     println!(
         "DiT-DH-S train step, batch {b}, f32, {device:?}: {:.2}M trainable params",
         n_params as f64 / 1e6

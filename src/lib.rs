@@ -2,6 +2,7 @@
 //! encoder into Parquet latent shards, train DiT-DH from them, sample and
 //! decode. See README.md and DESIGN (shared) for the data flow.
 
+pub mod bench_models;
 pub mod device;
 pub mod diffusion;
 pub mod encoders;

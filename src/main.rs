@@ -34,6 +34,9 @@ enum Cmd {
     Sample(commands::sample::Args),
     /// Decode latent shards to images with an RAE decoder.
     Decode(commands::decode::Args),
+    /// Throughput benchmarks with random weights (see scripts/gpu-check.sh).
+    #[command(hide = true)]
+    Bench(commands::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -52,6 +55,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Train(a) => commands::train::run(a),
         Cmd::Sample(a) => commands::sample::run(a),
         Cmd::Decode(a) => commands::decode::run(a),
+        Cmd::Bench(a) => commands::bench::run(a),
     };
     match res {
         Ok(code) => code,

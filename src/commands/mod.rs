@@ -1,6 +1,7 @@
 //! One file per subcommand: parse arguments, call the library, report.
 //! Each exposes `Args` (clap) and `run(Args) -> anyhow::Result<ExitCode>`.
 
+pub mod bench;
 pub mod build;
 pub mod decode;
 pub mod inspect;

@@ -1,0 +1,476 @@
+//! Random-weight models and timing helpers shared by the criterion benches
+//! (`benches/`) and the `rae-cache bench` subcommand, so both measure the
+//! same models built the same way. Nothing here is used by the build,
+//! train, sample or decode paths.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::models::{DecoderConfig, DitConfig, DitModel, RaeDecoder, VelocityModel, is_frozen};
+use crate::train::ema::Ema;
+use crate::train::init::SeededVarMap;
+use crate::train::{AdamW, AdamWConfig, Gradients, ParamGroup};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Train(#[from] crate::train::TrainError),
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T> = std::result::Result<T, BenchError>;
+
+/// The shape of a DINOv2-with-registers encoder (HF config keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dinov2Shape {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub registers: usize,
+    pub patch: usize,
+    /// The position table's training size (518 for the released models);
+    /// inputs are 224 and the table is interpolated, as for real weights.
+    pub image_size: usize,
+}
+
+impl Dinov2Shape {
+    /// `facebook/dinov2-with-registers-base`.
+    pub const BASE: Self = Self {
+        hidden: 768,
+        layers: 12,
+        heads: 12,
+        registers: 4,
+        patch: 14,
+        image_size: 518,
+    };
+
+    /// A two-layer, 48-wide model for smoke tests (seconds on a CPU).
+    pub const TINY: Self = Self {
+        hidden: 48,
+        layers: 2,
+        heads: 4,
+        registers: 4,
+        patch: 14,
+        image_size: 518,
+    };
+
+    /// Number of weights the encoder's forward uses: what
+    /// [`write_random_dinov2`] writes less the final LayerNorm's affine
+    /// (written for HF compatibility, unused: RAE's latent is the LayerNorm
+    /// output without affine).
+    pub fn param_count(&self) -> usize {
+        let c = self.hidden;
+        let grid = self.image_size / self.patch;
+        let embed =
+            c + c + self.registers * c + (1 + grid * grid) * c + c * 3 * self.patch.pow(2) + c;
+        let layer =
+            4 * c + 3 * (c * c + c) + (c * c + c) + 2 * c + (4 * c * c + 4 * c) + (4 * c * c + c);
+        embed + self.layers * layer
+    }
+}
+
+/// Deterministic, roughly normal values: a sum of three uniforms (cheap, no
+/// denormals; good enough for timing and for models that must not blow up).
+pub fn randn_cpu(rng: &mut ChaCha8Rng, shape: &[usize], std: f32) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            (rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5) * 2.0 * std
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+fn filled(shape: &[usize], v: f32) -> Result<Tensor> {
+    Ok(Tensor::full(v, shape, &Device::Cpu)?)
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|source| BenchError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Write a DINOv2-with-registers model directory (`config.json`,
+/// `model.safetensors` in f32, `preprocessor_config.json`) with random
+/// weights in HF layout, loadable by `encoders::load_encoder` and
+/// `rae-cache build --encoder DIR`.
+pub fn write_random_dinov2(dir: &Path, shape: &Dinov2Shape, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| BenchError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let c = shape.hidden;
+    let grid = shape.image_size / shape.patch;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    t.insert(
+        "embeddings.cls_token".into(),
+        randn_cpu(&mut rng, &[1, 1, c], 0.02)?,
+    );
+    t.insert("embeddings.mask_token".into(), filled(&[1, c], 0.0)?);
+    t.insert(
+        "embeddings.register_tokens".into(),
+        randn_cpu(&mut rng, &[1, shape.registers, c], 0.02)?,
+    );
+    t.insert(
+        "embeddings.position_embeddings".into(),
+        randn_cpu(&mut rng, &[1, 1 + grid * grid, c], 0.02)?,
+    );
+    t.insert(
+        "embeddings.patch_embeddings.projection.weight".into(),
+        randn_cpu(&mut rng, &[c, 3, shape.patch, shape.patch], 0.02)?,
+    );
+    t.insert(
+        "embeddings.patch_embeddings.projection.bias".into(),
+        filled(&[c], 0.0)?,
+    );
+    for i in 0..shape.layers {
+        let p = format!("encoder.layer.{i}");
+        for n in ["norm1", "norm2"] {
+            t.insert(format!("{p}.{n}.weight"), filled(&[c], 1.0)?);
+            t.insert(format!("{p}.{n}.bias"), filled(&[c], 0.0)?);
+        }
+        for n in ["query", "key", "value"] {
+            t.insert(
+                format!("{p}.attention.attention.{n}.weight"),
+                randn_cpu(&mut rng, &[c, c], 0.02)?,
+            );
+            t.insert(
+                format!("{p}.attention.attention.{n}.bias"),
+                filled(&[c], 0.0)?,
+            );
+        }
+        t.insert(
+            format!("{p}.attention.output.dense.weight"),
+            randn_cpu(&mut rng, &[c, c], 0.02)?,
+        );
+        t.insert(
+            format!("{p}.attention.output.dense.bias"),
+            filled(&[c], 0.0)?,
+        );
+        t.insert(format!("{p}.layer_scale1.lambda1"), filled(&[c], 0.1)?);
+        t.insert(format!("{p}.layer_scale2.lambda1"), filled(&[c], 0.1)?);
+        t.insert(
+            format!("{p}.mlp.fc1.weight"),
+            randn_cpu(&mut rng, &[4 * c, c], 0.02)?,
+        );
+        t.insert(format!("{p}.mlp.fc1.bias"), filled(&[4 * c], 0.0)?);
+        t.insert(
+            format!("{p}.mlp.fc2.weight"),
+            randn_cpu(&mut rng, &[c, 4 * c], 0.02)?,
+        );
+        t.insert(format!("{p}.mlp.fc2.bias"), filled(&[c], 0.0)?);
+    }
+    t.insert("layernorm.weight".into(), filled(&[c], 1.0)?);
+    t.insert("layernorm.bias".into(), filled(&[c], 0.0)?);
+    candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
+    let config = serde_json::json!({
+        "architectures": ["Dinov2WithRegistersModel"],
+        "model_type": "dinov2_with_registers",
+        "hidden_size": shape.hidden, "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads, "mlp_ratio": 4, "image_size": shape.image_size,
+        "patch_size": shape.patch, "num_channels": 3, "num_register_tokens": shape.registers,
+        "layer_norm_eps": 1e-6, "hidden_act": "gelu", "qkv_bias": true,
+        "use_swiglu_ffn": false, "layerscale_value": 1.0
+    });
+    write_file(&dir.join("config.json"), config.to_string().as_bytes())?;
+    let pre = serde_json::json!({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]});
+    write_file(
+        &dir.join("preprocessor_config.json"),
+        pre.to_string().as_bytes(),
+    )
+}
+
+/// `[batch, 3, size, size]` uniform [0,1) crops, as `build` feeds the encoder.
+pub fn random_crops(batch: usize, size: usize, seed: u64, device: &Device) -> Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = batch * 3 * size * size;
+    let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
+    Ok(Tensor::from_vec(v, (batch, 3, size, size), &Device::Cpu)?.to_device(device)?)
+}
+
+/// An RAE decoder with freshly initialised (random) weights.
+pub fn random_decoder(cfg: &DecoderConfig, dtype: DType, device: &Device) -> Result<RaeDecoder> {
+    let vm = VarMap::new();
+    Ok(RaeDecoder::new(
+        cfg,
+        VarBuilder::from_varmap(&vm, dtype, device),
+    )?)
+}
+
+/// Number of elements in a VarMap's variables.
+fn varmap_vars(vm: &VarMap) -> Result<Vec<(String, Var)>> {
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| BenchError::Other("varmap lock poisoned".into()))?;
+    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(v)
+}
+
+/// Parameter count of a decoder as built by [`random_decoder`] (frozen
+/// position table excluded).
+pub fn decoder_param_count(cfg: &DecoderConfig) -> Result<usize> {
+    let vm = VarMap::new();
+    // Shapes only: build on the CPU in f32 to let the VarMap record them.
+    RaeDecoder::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    Ok(varmap_vars(&vm)?
+        .iter()
+        .filter(|(k, _)| !is_frozen(k))
+        .map(|(_, v)| v.elem_count())
+        .sum())
+}
+
+/// Trainable parameter count of a DiT / DiT-DH (built once on the CPU in
+/// bf16 to halve the memory this needs; frozen tables excluded).
+pub fn dit_param_count(cfg: &DitConfig) -> Result<usize> {
+    let vm = VarMap::new();
+    DitModel::new(cfg, VarBuilder::from_varmap(&vm, DType::BF16, &Device::Cpu))?;
+    Ok(varmap_vars(&vm)?
+        .iter()
+        .filter(|(k, _)| !is_frozen(k))
+        .map(|(_, v)| v.elem_count())
+        .sum())
+}
+
+/// One training step of a DiT / DiT-DH as the trainer does it: flow-matching
+/// forward, MSE, backward, global-norm clipping (1.0), AdamW, and (when
+/// enabled) the EMA update. Inputs are fixed random tensors drawn once per
+/// batch size: data loading and noise sampling are not measured.
+pub struct TrainStep {
+    model: DitModel,
+    trainable: Vec<(String, Var)>,
+    opt: AdamW,
+    ema: Option<Ema>,
+    device: Device,
+    dtype: DType,
+    cfg: DitConfig,
+    inputs: Option<StepInputs>,
+    _varmap: VarMap,
+}
+
+struct StepInputs {
+    batch: usize,
+    x_t: Tensor,
+    t: Tensor,
+    y: Tensor,
+    target: Tensor,
+}
+
+impl TrainStep {
+    /// Build the model with seeded random weights in `dtype` (the trainer
+    /// uses f32; other dtypes keep the weights in that dtype while AdamW's
+    /// moments stay f32).
+    pub fn new(
+        cfg: &DitConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+        ema: bool,
+    ) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = SeededVarMap::var_builder(&varmap, seed, dtype, device);
+        let model = DitModel::new(cfg, vb)?;
+        let all = varmap_vars(&varmap)?;
+        let trainable: Vec<(String, Var)> =
+            all.iter().filter(|(k, _)| !is_frozen(k)).cloned().collect();
+        let opt = AdamW::new(
+            vec![ParamGroup::new(trainable.clone())],
+            AdamWConfig::default(),
+        )?;
+        let ema = if ema {
+            Some(Ema::new(all.iter().map(|(k, v)| (k, v)), 0.9995)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            model,
+            trainable,
+            opt,
+            ema,
+            device: device.clone(),
+            dtype,
+            cfg: cfg.clone(),
+            inputs: None,
+            _varmap: varmap,
+        })
+    }
+
+    pub fn trainable_params(&self) -> usize {
+        self.trainable.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Draw the step's inputs for `batch` images (replacing earlier ones).
+    pub fn set_batch(&mut self, batch: usize) -> Result<()> {
+        // Free the old inputs first: near the memory limit both sets may not fit.
+        self.inputs = None;
+        let (c, s) = (self.cfg.in_channels(), self.cfg.input_size());
+        let dev = &self.device;
+        let x = Tensor::randn(0f32, 1.0, (batch, c, s, s), dev)?;
+        let eps = Tensor::randn(0f32, 1.0, (batch, c, s, s), dev)?;
+        let t = Tensor::rand(0f32, 1.0, batch, dev)?;
+        let labels: Vec<u32> = (0..batch)
+            .map(|i| (i % (self.cfg.num_classes() + 1)) as u32)
+            .collect();
+        let y = Tensor::from_vec(labels, batch, dev)?;
+        let tb = t.reshape((batch, 1, 1, 1))?;
+        let x_t = (x.broadcast_mul(&(1.0 - &tb)?)? + eps.broadcast_mul(&tb)?)?;
+        let target = (&eps - &x)?;
+        self.inputs = Some(StepInputs {
+            batch,
+            x_t: x_t.to_dtype(self.dtype)?,
+            t: t.to_dtype(self.dtype)?,
+            y,
+            target: target.to_dtype(self.dtype)?,
+        });
+        Ok(())
+    }
+
+    pub fn batch(&self) -> Option<usize> {
+        self.inputs.as_ref().map(|i| i.batch)
+    }
+
+    /// One full step; returns the loss. Reading the loss and the gradient
+    /// norm to the host synchronises the device, as in the trainer.
+    pub fn step(&mut self) -> Result<f64> {
+        let inp = self
+            .inputs
+            .as_ref()
+            .ok_or_else(|| BenchError::Other("TrainStep::step before set_batch".into()))?;
+        let v = self.model.forward(&inp.x_t, &inp.t, &inp.y)?;
+        let loss = (v - &inp.target)?.to_dtype(DType::F32)?.sqr()?.mean_all()?;
+        let store = loss.backward()?;
+        let mut grads = Gradients::from_store(&store, &self.trainable)?;
+        drop(store);
+        grads.clip_global_norm(1.0)?;
+        self.opt.step(&grads, 2e-4)?;
+        if let Some(ema) = &mut self.ema {
+            ema.update(self.trainable.iter().map(|(k, v)| (k, v)))?;
+        }
+        Ok(loss.to_scalar::<f32>()? as f64)
+    }
+}
+
+/// Timings of `iters` calls after `warmup` untimed ones.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Timing {
+    pub warmup: usize,
+    pub iters: usize,
+    /// Wall seconds of each timed iteration.
+    pub seconds: Vec<f64>,
+    pub mean_s: f64,
+    pub min_s: f64,
+}
+
+/// Run `f` `warmup` times, then `iters` times, synchronising the device
+/// before each clock read (CUDA work is asynchronous: without it the clock
+/// would measure only the kernel launches).
+pub fn time_iters(
+    device: &Device,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Timing> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    device.synchronize()?;
+    let mut seconds = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let start = Instant::now();
+        f()?;
+        device.synchronize()?;
+        seconds.push(start.elapsed().as_secs_f64());
+    }
+    let mean_s = seconds.iter().sum::<f64>() / seconds.len() as f64;
+    let min_s = seconds.iter().cloned().fold(f64::INFINITY, f64::min);
+    Ok(Timing {
+        warmup,
+        iters: seconds.len(),
+        seconds,
+        mean_s,
+        min_s,
+    })
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Whether an error reads like a device allocation failure (CUDA reports
+/// `CUDA_ERROR_OUT_OF_MEMORY`; the CPU allocator aborts instead, so on the
+/// CPU this never matches).
+pub fn is_out_of_memory(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    m.contains("out_of_memory") || m.contains("out of memory")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dinov2_param_count_matches_written_file() {
+        let dir = std::env::temp_dir().join(format!("rae-bench-models-{}", std::process::id()));
+        write_random_dinov2(&dir, &Dinov2Shape::TINY, 0).unwrap();
+        let t =
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let n: usize = t.values().map(|v| v.elem_count()).sum();
+        assert_eq!(
+            n,
+            Dinov2Shape::TINY.param_count() + 2 * Dinov2Shape::TINY.hidden
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        // The released DINOv2-B-reg has ~86.6M weights (with the 518 position table).
+        let base = Dinov2Shape::BASE.param_count();
+        assert!((86_000_000..87_500_000).contains(&base), "{base}");
+    }
+
+    #[test]
+    fn train_step_runs_and_times() {
+        let cfg = DitConfig::DitDh(crate::models::DitDhConfig {
+            input_size: 4,
+            in_channels: 8,
+            hidden_size: [16, 24],
+            depth: [1, 1],
+            num_heads: crate::models::config::OneOrPair::Pair([2, 2]),
+            num_classes: 3,
+            ..crate::models::DitDhConfig::preset("ditdh-s").unwrap()
+        });
+        let dev = Device::Cpu;
+        let mut s = TrainStep::new(&cfg, 0, DType::F32, &dev, true).unwrap();
+        s.set_batch(2).unwrap();
+        let t = time_iters(&dev, 1, 2, || s.step().map(|_| ())).unwrap();
+        assert_eq!(t.iters, 2);
+        assert!(t.mean_s > 0.0 && s.trainable_params() > 0);
+    }
+
+    #[test]
+    fn oom_messages() {
+        assert!(is_out_of_memory(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"
+        ));
+        assert!(!is_out_of_memory("shape mismatch"));
+    }
+}
