@@ -3,6 +3,7 @@
 //! decode. See README.md and DESIGN (shared) for the data flow.
 
 pub mod device;
+pub mod dist;
 pub mod diffusion;
 pub mod encoders;
 pub mod eval;
