@@ -3,8 +3,8 @@
 //! decode. See README.md and DESIGN (shared) for the data flow.
 
 pub mod device;
-pub mod dist;
 pub mod diffusion;
+pub mod dist;
 pub mod encoders;
 pub mod eval;
 pub mod fsutil;

@@ -133,7 +133,10 @@ fn step_sets(
             for m in 0..accum {
                 let b = l.next_batch().unwrap();
                 assert_eq!(b.micro, m);
-                assert!(b.sample_ids.iter().all(|id| s.insert(*id)), "a sample twice in one step");
+                assert!(
+                    b.sample_ids.iter().all(|id| s.insert(*id)),
+                    "a sample twice in one step"
+                );
             }
         }
     }

@@ -244,7 +244,11 @@ fn run_ranks(
     cfg: &TrainConfig,
     resume: Option<std::path::PathBuf>,
     steps: u64,
-) -> (Vec<f64>, Vec<(String, candle_core::Tensor)>, std::path::PathBuf) {
+) -> (
+    Vec<f64>,
+    Vec<(String, candle_core::Tensor)>,
+    std::path::PathBuf,
+) {
     let port = std::net::TcpListener::bind(("127.0.0.1", 0))
         .unwrap()
         .local_addr()
@@ -307,7 +311,10 @@ fn data_parallel_matches_one_process_and_resumes_on_another_world_size() {
     two.batch_size = 4;
     let (got, got_w, _) = run_ranks(2, &two, None, 4);
     for (g, w) in got.iter().zip(&want) {
-        assert!((g - w).abs() <= 1e-5 * w.abs(), "losses {got:?} vs {want:?}");
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs(),
+            "losses {got:?} vs {want:?}"
+        );
     }
     close(&want_w, &got_w, 2e-5);
 
@@ -320,7 +327,10 @@ fn data_parallel_matches_one_process_and_resumes_on_another_world_size() {
     let (rest, end_w, _) = run_ranks(2, &four, Some(ck), 2);
     let all: Vec<f64> = first.into_iter().chain(rest).collect();
     for (g, w) in all.iter().zip(&want) {
-        assert!((g - w).abs() <= 1e-5 * w.abs(), "losses {all:?} vs {want:?}");
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs(),
+            "losses {all:?} vs {want:?}"
+        );
     }
     close(&want_w, &end_w, 2e-5);
 }
@@ -331,6 +341,54 @@ fn a_global_batch_the_layout_cannot_split_is_refused() {
     let mut cfg = setup(tmp.path());
     cfg.global_batch = Some(12);
     cfg.batch_size = 8;
-    let e = Trainer::new(cfg, &Device::Cpu, None).err().unwrap().to_string();
+    let e = Trainer::new(cfg, &Device::Cpu, None)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("global batch 12"), "{e}");
+}
+
+#[test]
+fn cli_launch_trains_on_two_processes_like_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path());
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let train = |out: &Path, launch: &[&str], batch: &str| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rae-cache"));
+        cmd.args(launch);
+        cmd.arg("train")
+            .arg("--data")
+            .arg(&cfg.data[0])
+            .arg("--out")
+            .arg(out)
+            .args(["--model-config", &cfg.model, "--batch-size", batch])
+            .args(["--global-batch", "8", "--seed", "5", "--steps", "3"])
+            .args(["--device", "cpu", "--json"]);
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        s["last"]["loss"].as_f64().unwrap()
+    };
+    let one = train(&tmp.path().join("one"), &[], "8");
+    let two = train(
+        &tmp.path().join("two"),
+        &[
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            &port,
+            "--",
+        ],
+        "4",
+    );
+    assert!((one - two).abs() <= 1e-5 * one.abs(), "{one} vs {two}");
+    // only rank 0 wrote the run directory's files
+    let log = std::fs::read_to_string(tmp.path().join("two/log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 3);
 }

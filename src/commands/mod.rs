@@ -4,6 +4,7 @@
 pub mod build;
 pub mod decode;
 pub mod inspect;
+pub mod launch;
 pub mod merge;
 pub mod sample;
 pub mod train;

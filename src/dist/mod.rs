@@ -134,8 +134,9 @@ impl DistEnv {
                             .into(),
                     )
                 })?;
-                let port = num("MASTER_PORT")?
-                    .ok_or_else(|| DistError::Env("MASTER_ADDR is set but MASTER_PORT is not".into()))?;
+                let port = num("MASTER_PORT")?.ok_or_else(|| {
+                    DistError::Env("MASTER_ADDR is set but MASTER_PORT is not".into())
+                })?;
                 let port = u16::try_from(port)
                     .map_err(|_| DistError::Env(format!("MASTER_PORT={port} is not a port")))?;
                 // torchrun's agent already serves its own store on
@@ -260,11 +261,20 @@ mod tests {
         assert_eq!(e.local_rank, 1);
         for bad in [
             vec![("WORLD_SIZE", "2")],
-            vec![("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")],
+            vec![
+                ("WORLD_SIZE", "2"),
+                ("RANK", "2"),
+                ("MASTER_ADDR", "h"),
+                ("MASTER_PORT", "1"),
+            ],
             vec![("WORLD_SIZE", "2"), ("RANK", "0")],
             vec![("WORLD_SIZE", "two"), ("RANK", "0")],
             vec![("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "h")],
-            vec![("WORLD_SIZE", "2"), ("RANK", "0"), ("RAE_DIST_INIT", "nfs://x")],
+            vec![
+                ("WORLD_SIZE", "2"),
+                ("RANK", "0"),
+                ("RAE_DIST_INIT", "nfs://x"),
+            ],
         ] {
             assert!(env(&bad).is_err(), "{bad:?} accepted");
         }

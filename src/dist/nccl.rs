@@ -43,7 +43,10 @@ impl NcclGroup {
         } else {
             let bytes = link.share_from_root(None)?;
             if bytes.len() != 128 {
-                return Err(nccl_err("receive NCCL id", format!("{} bytes", bytes.len())));
+                return Err(nccl_err(
+                    "receive NCCL id",
+                    format!("{} bytes", bytes.len()),
+                ));
             }
             let mut internal = [0 as std::ffi::c_char; 128];
             for (d, s) in internal.iter_mut().zip(bytes) {
@@ -89,7 +92,7 @@ impl CustomOp1 for AllReduce {
                 let src = s.as_cuda_slice::<$t>()?.slice(a..b);
                 let mut dst = dev.alloc_zeros::<$t>(b - a)?;
                 self.0
-                     .0
+                    .0
                     .all_reduce(&src, &mut dst, &ReduceOp::Sum)
                     .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
                 CudaStorage::wrap_cuda_slice(dst, dev)
@@ -123,7 +126,7 @@ impl CustomOp1 for Broadcast {
                 let src = s.as_cuda_slice::<$t>()?.slice(a..b);
                 let mut dst = dev.alloc_zeros::<$t>(b - a)?;
                 self.0
-                     .0
+                    .0
                     .broadcast(Some(&src), &mut dst, root)
                     .map_err(|e| candle_core::Error::Msg(format!("NCCL broadcast: {e:?}")))?;
                 CudaStorage::wrap_cuda_slice(dst, dev)
@@ -149,12 +152,12 @@ impl Collective for NcclGroup {
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        Ok(t.contiguous()?.apply_op1_no_bwd(&AllReduce(self.comm.clone()))?)
+        Ok(t.contiguous()?
+            .apply_op1_no_bwd(&AllReduce(self.comm.clone()))?)
     }
 
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
-        Ok(t
-            .contiguous()?
+        Ok(t.contiguous()?
             .apply_op1_no_bwd(&Broadcast(self.comm.clone(), root))?)
     }
 

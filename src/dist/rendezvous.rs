@@ -162,8 +162,7 @@ fn accept_all(l: &TcpListener, env: &DistEnv, deadline: Instant) -> Result<Link>
     while missing > 0 {
         match l.accept() {
             Ok((mut s, from)) => {
-                s.set_nonblocking(false)
-                    .map_err(|e| rdv_err("accept", e))?;
+                s.set_nonblocking(false).map_err(|e| rdv_err("accept", e))?;
                 s.set_read_timeout(Some(Duration::from_secs(30)))
                     .map_err(|e| rdv_err("accept", e))?;
                 let mut hello = [0u8; 16];
@@ -172,9 +171,13 @@ fn accept_all(l: &TcpListener, env: &DistEnv, deadline: Instant) -> Result<Link>
                     continue;
                 }
                 let rank = u32::from_le_bytes([hello[8], hello[9], hello[10], hello[11]]) as usize;
-                let world = u32::from_le_bytes([hello[12], hello[13], hello[14], hello[15]]) as usize;
+                let world =
+                    u32::from_le_bytes([hello[12], hello[13], hello[14], hello[15]]) as usize;
                 let problem = if world != env.world_size {
-                    Some(format!("rank {rank} at {from} has world size {world}, rank 0 has {}", env.world_size))
+                    Some(format!(
+                        "rank {rank} at {from} has world size {world}, rank 0 has {}",
+                        env.world_size
+                    ))
                 } else if rank == 0 || rank >= env.world_size {
                     Some(format!("{from} claims rank {rank} of {world}"))
                 } else if peers[rank - 1].is_some() {
@@ -187,8 +190,7 @@ fn accept_all(l: &TcpListener, env: &DistEnv, deadline: Instant) -> Result<Link>
                     return Err(rdv_err("join", p));
                 }
                 send_msg(&mut s, b"").map_err(|e| rdv_err(format!("rank {rank}"), e))?;
-                s.set_read_timeout(None)
-                    .map_err(|e| rdv_err("accept", e))?;
+                s.set_read_timeout(None).map_err(|e| rdv_err("accept", e))?;
                 let _ = s.set_nodelay(true);
                 peers[rank - 1] = Some(s);
                 missing -= 1;
@@ -203,7 +205,11 @@ fn accept_all(l: &TcpListener, env: &DistEnv, deadline: Instant) -> Result<Link>
                         .collect();
                     return Err(rdv_err(
                         "waiting for the other ranks",
-                        format!("ranks {} did not join in {:?}", absent.join(", "), env.timeout),
+                        format!(
+                            "ranks {} did not join in {:?}",
+                            absent.join(", "),
+                            env.timeout
+                        ),
                     ));
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -350,10 +356,13 @@ mod tests {
 
     #[test]
     fn missing_ranks_time_out_with_their_numbers() {
-        let mut es = envs(3, InitMethod::Tcp {
-            addr: "127.0.0.1".into(),
-            port: free_port(),
-        });
+        let mut es = envs(
+            3,
+            InitMethod::Tcp {
+                addr: "127.0.0.1".into(),
+                port: free_port(),
+            },
+        );
         es[0].timeout = Duration::from_millis(300);
         let e = connect(&es[0]).unwrap_err().to_string();
         assert!(e.contains("ranks 1, 2 did not join"), "{e}");

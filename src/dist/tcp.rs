@@ -33,7 +33,11 @@ fn from_bytes(op: &'static str, b: &[u8], want: usize) -> Result<Vec<f32>> {
     if b.len() != want * 4 {
         return Err(coll_err(
             op,
-            format!("a peer sent {} bytes, expected {} (shapes differ across ranks?)", b.len(), want * 4),
+            format!(
+                "a peer sent {} bytes, expected {} (shapes differ across ranks?)",
+                b.len(),
+                want * 4
+            ),
         ));
     }
     Ok(b.chunks_exact(4)
@@ -94,19 +98,22 @@ impl Collective for TcpGroup {
             Link::Root { peers } => {
                 let mut acc = mine;
                 for r in 1..self.world_size {
-                    let b = recv_msg(peer(peers, r)).map_err(|e| coll_err(OP, format!("rank {r}: {e}")))?;
+                    let b = recv_msg(peer(peers, r))
+                        .map_err(|e| coll_err(OP, format!("rank {r}: {e}")))?;
                     for (a, x) in acc.iter_mut().zip(from_bytes(OP, &b, n)?) {
                         *a += x;
                     }
                 }
                 let bytes = to_bytes(&acc);
                 for r in 1..self.world_size {
-                    send_msg(peer(peers, r), &bytes).map_err(|e| coll_err(OP, format!("rank {r}: {e}")))?;
+                    send_msg(peer(peers, r), &bytes)
+                        .map_err(|e| coll_err(OP, format!("rank {r}: {e}")))?;
                 }
                 Ok(acc)
             }
             Link::Leaf { root } => {
-                send_msg(root, &to_bytes(&mine)).map_err(|e| coll_err(OP, format!("rank 0: {e}")))?;
+                send_msg(root, &to_bytes(&mine))
+                    .map_err(|e| coll_err(OP, format!("rank 0: {e}")))?;
                 let b = recv_msg(root).map_err(|e| coll_err(OP, format!("rank 0: {e}")))?;
                 from_bytes(OP, &b, n)
             }
@@ -117,7 +124,10 @@ impl Collective for TcpGroup {
     fn broadcast(&self, t: &Tensor, root_rank: usize) -> Result<Tensor> {
         const OP: &str = "broadcast";
         if root_rank >= self.world_size {
-            return Err(coll_err(OP, format!("root {root_rank} of {}", self.world_size)));
+            return Err(coll_err(
+                OP,
+                format!("root {root_rank} of {}", self.world_size),
+            ));
         }
         let n = t.elem_count();
         let v = self.with_link(OP, |link| match link {
@@ -132,14 +142,16 @@ impl Collective for TcpGroup {
                 };
                 let bytes = to_bytes(&v);
                 for r in (1..self.world_size).filter(|&r| r != root_rank) {
-                    send_msg(peer(peers, r), &bytes).map_err(|e| coll_err(OP, format!("rank {r}: {e}")))?;
+                    send_msg(peer(peers, r), &bytes)
+                        .map_err(|e| coll_err(OP, format!("rank {r}: {e}")))?;
                 }
                 Ok(v)
             }
             Link::Leaf { root } => {
                 if self.rank == root_rank {
                     let v = host_f32(t)?;
-                    send_msg(root, &to_bytes(&v)).map_err(|e| coll_err(OP, format!("rank 0: {e}")))?;
+                    send_msg(root, &to_bytes(&v))
+                        .map_err(|e| coll_err(OP, format!("rank 0: {e}")))?;
                     Ok(v)
                 } else {
                     let b = recv_msg(root).map_err(|e| coll_err(OP, format!("rank 0: {e}")))?;
@@ -207,7 +219,10 @@ mod tests {
             let s = g.all_reduce_sum(&t).unwrap();
             assert_eq!(s.dims(), &[2, 2]);
             let b = g.broadcast(&t, 2).unwrap();
-            let h = Tensor::new(&[r], &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            let h = Tensor::new(&[r], &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
             let hb = g.broadcast(&h, 0).unwrap();
             assert_eq!(hb.dtype(), DType::BF16);
             g.barrier().unwrap();
@@ -229,6 +244,9 @@ mod tests {
             let t = Tensor::zeros(n, DType::F32, &candle_core::Device::Cpu).unwrap();
             g.all_reduce_sum(&t).map(|_| ()).map_err(|e| e.to_string())
         });
-        assert!(out[0].as_ref().is_err_and(|e| e.contains("shapes differ")), "{out:?}");
+        assert!(
+            out[0].as_ref().is_err_and(|e| e.contains("shapes differ")),
+            "{out:?}"
+        );
     }
 }

@@ -443,7 +443,9 @@ impl Trainer {
         let mut loss = loss_sum / self.cfg.accum as f64;
         if self.comm.world_size() > 1 {
             let l = Tensor::new(&[loss as f32], &Device::Cpu)?;
-            let l = self.comm.all_reduce_sum(&l.to_device(self.loader_device())?)?;
+            let l = self
+                .comm
+                .all_reduce_sum(&l.to_device(self.loader_device())?)?;
             loss = l.to_device(&Device::Cpu)?.to_vec1::<f32>()?[0] as f64
                 / self.comm.world_size() as f64;
         }

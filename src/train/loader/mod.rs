@@ -126,7 +126,10 @@ impl Loader {
         start: LoaderCursor,
         device: &Device,
     ) -> Result<Self> {
-        if cfg.batch_size == 0 || cfg.accum == 0 || cfg.world_size == 0 || cfg.rank >= cfg.world_size
+        if cfg.batch_size == 0
+            || cfg.accum == 0
+            || cfg.world_size == 0
+            || cfg.rank >= cfg.world_size
         {
             return Err(TrainError::Config(format!(
                 "batch size {} x accum {} / rank {} of world size {} is not a valid layout",

@@ -208,7 +208,10 @@ fn produce_epoch(
             labels: Vec::with_capacity(b),
             keys: Vec::with_capacity(b),
             flips: Vec::with_capacity(b),
-            sample_ids: chunk.iter().map(|p| sample_id(cursor.epoch, p.pos)).collect(),
+            sample_ids: chunk
+                .iter()
+                .map(|p| sample_id(cursor.epoch, p.pos))
+                .collect(),
             cursor: LoaderCursor {
                 epoch: cursor.epoch,
                 step_in_epoch: cursor.step_in_epoch + (bi / accum) as u64,

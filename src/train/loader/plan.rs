@@ -294,6 +294,10 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         // shares overlap only at their boundaries
-        assert!(groups <= all.len() + 3, "{groups} reads for {} groups", all.len());
+        assert!(
+            groups <= all.len() + 3,
+            "{groups} reads for {} groups",
+            all.len()
+        );
     }
 }
