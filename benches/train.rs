@@ -136,6 +136,7 @@ fn bench_loader(images: usize) {
         prefetch: 4,
         rank: 0,
         world_size: 1,
+        accum: 1,
     };
     let mut l = Loader::new(&set, &cfg, LoaderCursor::default(), &Device::Cpu).unwrap();
     let steps = l.steps_per_epoch() * 2;

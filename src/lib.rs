@@ -5,6 +5,7 @@
 pub mod bench_models;
 pub mod device;
 pub mod diffusion;
+pub mod dist;
 pub mod encoders;
 pub mod eval;
 pub mod fsutil;

@@ -30,6 +30,9 @@ enum Cmd {
     Merge(commands::merge::Args),
     /// Train DiT / DiT-DH from cached latents.
     Train(commands::train::Args),
+    /// Start one process per GPU (torchrun-style environment), e.g.
+    /// `launch --nproc-per-node 8 -- train ...`.
+    Launch(commands::launch::Args),
     /// Sample latents with a trained DiT / DiT-DH.
     Sample(commands::sample::Args),
     /// Decode latent shards to images with an RAE decoder.
@@ -53,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Verify(a) => commands::verify::run(a),
         Cmd::Merge(a) => commands::merge::run(a),
         Cmd::Train(a) => commands::train::run(a),
+        Cmd::Launch(a) => commands::launch::run(a),
         Cmd::Sample(a) => commands::sample::run(a),
         Cmd::Decode(a) => commands::decode::run(a),
         Cmd::Bench(a) => commands::bench::run(a),

@@ -20,6 +20,7 @@ fn cfg(batch: usize, seed: u64) -> LoaderConfig {
         prefetch: 2,
         rank: 0,
         world_size: 1,
+        accum: 1,
     }
 }
 
@@ -109,6 +110,58 @@ fn rank_slices_are_disjoint_and_cover_the_epoch() {
     let unique: BTreeSet<&String> = seen.iter().collect();
     assert_eq!(seen.len(), 36);
     assert_eq!(unique.len(), 36, "ranks overlap");
+}
+
+/// The samples of every optimizer step, as sets of layout-independent ids,
+/// for a (batch, world, accum) layout starting at `cursor`.
+fn step_sets(
+    set: &CacheSet,
+    (batch, world, accum): (usize, usize, usize),
+    cursor: LoaderCursor,
+    steps: usize,
+) -> Vec<BTreeSet<u64>> {
+    let mut out = vec![BTreeSet::new(); steps];
+    for rank in 0..world {
+        let c = LoaderConfig {
+            rank,
+            world_size: world,
+            accum,
+            ..cfg(batch, 5)
+        };
+        let mut l = Loader::new(set, &c, cursor, &Device::Cpu).unwrap();
+        for s in out.iter_mut() {
+            for m in 0..accum {
+                let b = l.next_batch().unwrap();
+                assert_eq!(b.micro, m);
+                assert!(
+                    b.sample_ids.iter().all(|id| s.insert(*id)),
+                    "a sample twice in one step"
+                );
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn global_batches_do_not_depend_on_the_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = tiny_cache::Spec {
+        images: 36,
+        ..Default::default()
+    };
+    tiny_cache::write(tmp.path(), &spec);
+    let set = CacheSet::open(&[tmp.path().to_path_buf()]).unwrap();
+    // global batch 8: one process, 2 ranks, 4 ranks with accumulation 2;
+    // 4 steps per epoch, so 6 steps cross into epoch 1
+    let one = step_sets(&set, (8, 1, 1), LoaderCursor::default(), 6);
+    assert_eq!(one, step_sets(&set, (4, 2, 1), LoaderCursor::default(), 6));
+    assert_eq!(one, step_sets(&set, (1, 4, 2), LoaderCursor::default(), 6));
+    // resume step 3 of a 1-process run on 2 ranks
+    let mut l = Loader::new(&set, &cfg(8, 5), LoaderCursor::default(), &Device::Cpu).unwrap();
+    take(&mut l, 3);
+    let resumed = step_sets(&set, (2, 2, 2), l.cursor(), 3);
+    assert_eq!(resumed[..], one[3..]);
 }
 
 #[test]

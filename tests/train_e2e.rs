@@ -1,6 +1,8 @@
 //! End to end on a tiny cache and a tiny DiT-DH (the fixture's ditdh.json
 //! shape): the loss falls, a run stopped at step k and resumed to n equals
-//! an uninterrupted run bit for bit, the EMA differs from the raw weights.
+//! an uninterrupted run bit for bit, the EMA differs from the raw weights;
+//! data-parallel ranks (threads joined over TCP) train as one process with
+//! the same global batch, and a run resumes on another number of ranks.
 
 mod common;
 mod tiny_cache;
@@ -8,6 +10,8 @@ mod tiny_cache;
 use std::path::Path;
 
 use candle_core::Device;
+use rae_cache::dist::tcp::TcpGroup;
+use rae_cache::dist::{DistEnv, InitMethod};
 use rae_cache::train::checkpoint;
 use rae_cache::train::trainer::Trainer;
 use rae_cache::train::{ScheduleKind, TrainConfig};
@@ -74,7 +78,7 @@ fn loss_falls_and_ema_lags() {
         tail < 0.8 * head,
         "loss did not fall: first {head:.4}, last {tail:.4} ({losses:?})"
     );
-    let ema = tr.ema().tensors();
+    let ema = tr.ema().unwrap().tensors();
     let mut differ = 0;
     for (name, w) in tr.weights() {
         if bits(&w) != bits(&ema[&name]) {
@@ -111,7 +115,7 @@ fn resume_is_bit_exact() {
     let mut b_losses: Vec<u64> = (0..k)
         .map(|_| b.train_step().unwrap().loss.to_bits())
         .collect();
-    let ck = b.save_checkpoint().unwrap();
+    let ck = b.save_checkpoint().unwrap().unwrap();
     drop(b);
     let mut b = Trainer::new(b_cfg, &Device::Cpu, Some(&ck)).unwrap();
     assert_eq!(b.step(), k);
@@ -124,10 +128,10 @@ fn resume_is_bit_exact() {
         assert_eq!(na, nb);
         assert_eq!(bits(ta), bits(tb), "{na} differs after resume");
     }
-    for (name, t) in a.ema().tensors() {
+    for (name, t) in a.ema().unwrap().tensors() {
         assert_eq!(
             bits(t),
-            bits(&b.ema().tensors()[name]),
+            bits(&b.ema().unwrap().tensors()[name]),
             "EMA {name} differs after resume"
         );
     }
@@ -212,4 +216,179 @@ fn cli_trains_resumes_and_refuses_to_clobber() {
     assert_eq!(summary["steps"], 5);
     let log = std::fs::read_to_string(cfg.out.join("log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 5);
+}
+
+fn close(a: &[(String, candle_core::Tensor)], b: &[(String, candle_core::Tensor)], tol: f32) {
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(b) {
+        assert_eq!(na, nb);
+        let d = (ta - tb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= tol, "{na}: max |diff| {d:e} > {tol:e}");
+    }
+}
+
+/// Run `steps` optimizer steps of `cfg` on `world` ranks (threads joined
+/// over loopback TCP), optionally resuming; rank 0's losses and weights,
+/// and the checkpoint it writes at the end.
+fn run_ranks(
+    world: usize,
+    cfg: &TrainConfig,
+    resume: Option<std::path::PathBuf>,
+    steps: u64,
+) -> (
+    Vec<f64>,
+    Vec<(String, candle_core::Tensor)>,
+    std::path::PathBuf,
+) {
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let hs: Vec<_> = (0..world)
+        .map(|rank| {
+            let (cfg, resume) = (cfg.clone(), resume.clone());
+            std::thread::spawn(move || {
+                let env = DistEnv {
+                    rank,
+                    world_size: world,
+                    local_rank: rank,
+                    init: InitMethod::Tcp {
+                        addr: "127.0.0.1".into(),
+                        port,
+                    },
+                    timeout: std::time::Duration::from_secs(60),
+                    advertise_host: None,
+                };
+                let comm = TcpGroup::connect(&env).unwrap();
+                let mut tr =
+                    Trainer::with_collective(cfg, &Device::Cpu, resume.as_deref(), Box::new(comm))
+                        .unwrap();
+                let losses: Vec<f64> = (0..steps).map(|_| tr.train_step().unwrap().loss).collect();
+                let ck = tr.save_checkpoint().unwrap();
+                assert_eq!(ck.is_some(), rank == 0, "only rank 0 writes checkpoints");
+                assert_eq!(tr.ema().is_some(), rank == 0);
+                (losses, tr.weights(), ck)
+            })
+        })
+        .collect();
+    let mut out: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+    // every rank ends with the same weights
+    for o in &out[1..] {
+        close(&out[0].1, &o.1, 0.0);
+        assert_eq!(o.0, out[0].0, "ranks disagree on the mean loss");
+    }
+    let (losses, weights, ck) = out.swap_remove(0);
+    (losses, weights, ck.unwrap())
+}
+
+#[test]
+fn data_parallel_matches_one_process_and_resumes_on_another_world_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = setup(tmp.path());
+    cfg.steps = Some(4);
+    cfg.global_batch = Some(8);
+
+    // reference: one process, micro-batch 8
+    let mut one = cfg.clone();
+    one.out = tmp.path().join("one");
+    let mut tr = Trainer::new(one, &Device::Cpu, None).unwrap();
+    let want: Vec<f64> = (0..4).map(|_| tr.train_step().unwrap().loss).collect();
+    let want_w = tr.weights();
+
+    // two ranks x micro-batch 4: the same global batches, gradients averaged
+    let mut two = cfg.clone();
+    two.out = tmp.path().join("two");
+    two.batch_size = 4;
+    let (got, got_w, _) = run_ranks(2, &two, None, 4);
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs(),
+            "losses {got:?} vs {want:?}"
+        );
+    }
+    close(&want_w, &got_w, 2e-5);
+
+    // 2 steps on 4 ranks x 2, resumed for 2 steps on 2 ranks x 2 with
+    // accumulation 2 (derived from the global batch)
+    let mut four = cfg.clone();
+    four.out = tmp.path().join("four");
+    four.batch_size = 2;
+    let (first, _, ck) = run_ranks(4, &four, None, 2);
+    let (rest, end_w, _) = run_ranks(2, &four, Some(ck), 2);
+    let all: Vec<f64> = first.into_iter().chain(rest).collect();
+    for (g, w) in all.iter().zip(&want) {
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs(),
+            "losses {all:?} vs {want:?}"
+        );
+    }
+    close(&want_w, &end_w, 2e-5);
+}
+
+#[test]
+fn a_global_batch_the_layout_cannot_split_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = setup(tmp.path());
+    cfg.global_batch = Some(12);
+    cfg.batch_size = 8;
+    let e = Trainer::new(cfg, &Device::Cpu, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("global batch 12"), "{e}");
+}
+
+#[test]
+fn cli_launch_trains_on_two_processes_like_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path());
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let train = |out: &Path, launch: &[&str], batch: &str| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rae-cache"));
+        cmd.args(launch);
+        cmd.arg("train")
+            .arg("--data")
+            .arg(&cfg.data[0])
+            .arg("--out")
+            .arg(out)
+            .args(["--model-config", &cfg.model, "--batch-size", batch])
+            .args(["--global-batch", "8", "--seed", "5", "--steps", "3"])
+            .args(["--device", "cpu", "--json"]);
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        s["last"]["loss"].as_f64().unwrap()
+    };
+    let one = train(&tmp.path().join("one"), &[], "8");
+    let two = train(
+        &tmp.path().join("two"),
+        &[
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            &port,
+            "--",
+        ],
+        "4",
+    );
+    assert!((one - two).abs() <= 1e-5 * one.abs(), "{one} vs {two}");
+    // only rank 0 wrote the run directory's files
+    let log = std::fs::read_to_string(tmp.path().join("two/log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 3);
 }

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod build;
 pub mod decode;
 pub mod inspect;
+pub mod launch;
 pub mod merge;
 pub mod sample;
 pub mod train;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use rae_cache::dist::{Collective, DistEnv, SingleProcess};
 use rae_cache::train::checkpoint::{self, latest};
 use rae_cache::train::trainer::Trainer;
 use rae_cache::train::{ScheduleKind, TrainConfig};
@@ -28,8 +29,13 @@ pub struct Args {
     #[arg(long)]
     batch_size: Option<usize>,
     /// Micro-batches per optimizer step.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "global_batch")]
     accum: Option<usize>,
+    /// Samples per optimizer step over all processes; sets --accum from
+    /// the batch size and world size (kept when resuming on another number
+    /// of GPUs).
+    #[arg(long)]
+    global_batch: Option<usize>,
     #[arg(long)]
     lr: Option<f64>,
     /// constant | linear | cosine (decay to --final-lr after --warmup-steps).
@@ -64,7 +70,7 @@ pub struct Args {
     /// Continue from the run directory's latest checkpoint.
     #[arg(long)]
     resume: bool,
-    /// cpu | cuda | cuda:N | auto.
+    /// cpu | cuda | cuda:N | auto (in a data-parallel job: cuda:LOCAL_RANK).
     #[arg(long)]
     device: Option<String>,
     /// Allow TF32 tensor-core math in f32 matrix products (CUDA only; a
@@ -120,6 +126,13 @@ impl Args {
         if self.tf32 {
             c.tf32 = true;
         }
+        if let Some(g) = self.global_batch {
+            c.global_batch = Some(g);
+        } else if self.accum.is_some() {
+            // Accumulation given by hand defines the global batch; a new
+            // --batch-size alone keeps it (accum follows).
+            c.global_batch = None;
+        }
         if self.final_lr.is_some() {
             c.final_lr = self.final_lr;
         }
@@ -170,11 +183,33 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ),
         (false, None) => None,
     };
-    let device = rae_cache::device::parse_device(&cfg.device)?;
-    let mut trainer = Trainer::new(cfg, &device, resume_from.as_deref())?;
+    // One process of a data-parallel job (RANK / WORLD_SIZE / LOCAL_RANK
+    // from torchrun, `rae-cache launch` or a cluster wrapper)?
+    let dist = DistEnv::from_env()?;
+    let device = match &dist {
+        Some(d) if cfg.device == "auto" && cfg!(feature = "cuda") => {
+            rae_cache::device::parse_device(&d.default_device())?
+        }
+        _ => rae_cache::device::parse_device(&cfg.device)?,
+    };
+    let comm: Box<dyn Collective> = match &dist {
+        Some(d) => {
+            tracing::info!(
+                "rank {} of {} (local rank {}) on {}: waiting for the other ranks",
+                d.rank,
+                d.world_size,
+                d.local_rank,
+                rae_cache::device::device_name(&device)
+            );
+            rae_cache::dist::connect(d, &device)?
+        }
+        None => Box::new(SingleProcess),
+    };
+    let rank = comm.rank();
+    let mut trainer = Trainer::with_collective(cfg, &device, resume_from.as_deref(), comm)?;
 
     let total = trainer.total_steps();
-    let bar = if args.json {
+    let bar = if args.json || rank != 0 {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(total)
@@ -194,6 +229,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ));
     })?;
     bar.finish();
+    if rank != 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
     let out = &trainer.config().out;
     let ck = latest(out)?;
     if args.json {

@@ -139,9 +139,23 @@ impl NoiseRng {
         Tensor::from_vec(v, shape, device)
     }
 
-    /// `n` training times from `dist` restricted to [0, t_max] (the
+    /// One training time from `dist` restricted to [0, t_max] (the
     /// reference uses t_max = 1 - 1/1000, truncating the logit-normal), then
-    /// shifted by `shift`. Returns an f32 tensor `[n]`.
+    /// shifted by `shift`.
+    pub fn sample_time(&mut self, dist: TimeDist, t_max: f64, shift: f64) -> f64 {
+        let t = match dist {
+            TimeDist::Uniform => self.uniform() * t_max,
+            TimeDist::LogitNormal { mean, std } => loop {
+                let t = 1.0 / (1.0 + (-(mean + std * self.normal())).exp());
+                if t <= t_max {
+                    break t;
+                }
+            },
+        };
+        shift_time(t, shift)
+    }
+
+    /// `n` times as [`NoiseRng::sample_time`], an f32 tensor `[n]`.
     pub fn sample_times(
         &mut self,
         n: usize,
@@ -151,18 +165,7 @@ impl NoiseRng {
         device: &Device,
     ) -> Result<Tensor> {
         let v: Vec<f32> = (0..n)
-            .map(|_| {
-                let t = match dist {
-                    TimeDist::Uniform => self.uniform() * t_max,
-                    TimeDist::LogitNormal { mean, std } => loop {
-                        let t = 1.0 / (1.0 + (-(mean + std * self.normal())).exp());
-                        if t <= t_max {
-                            break t;
-                        }
-                    },
-                };
-                shift_time(t, shift) as f32
-            })
+            .map(|_| self.sample_time(dist, t_max, shift) as f32)
             .collect();
         Tensor::from_vec(v, n, device)
     }

@@ -23,6 +23,11 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub accum: usize,
+    /// Samples per optimizer step over all ranks. When set, `accum` follows
+    /// from it (`global_batch / (batch_size * world_size)`), so a run resumed
+    /// on another number of processes keeps its global batch; when unset it
+    /// is fixed from the first run's layout.
+    pub global_batch: Option<usize>,
     pub lr: f64,
     /// Learning-rate schedule after warmup: constant, linear, cosine.
     pub lr_schedule: ScheduleKind,
@@ -76,6 +81,7 @@ impl Default for TrainConfig {
             model: "ditdh-s".into(),
             batch_size: 32,
             accum: 1,
+            global_batch: None,
             lr: 2e-4,
             lr_schedule: ScheduleKind::Constant,
             final_lr: None,
@@ -166,13 +172,33 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Total optimizer steps given the loader's batches per epoch.
-    pub fn total_steps(&self, batches_per_epoch: usize) -> u64 {
+    /// Total optimizer steps given the loader's optimizer steps per epoch.
+    pub fn total_steps(&self, steps_per_epoch: usize) -> u64 {
         match (self.steps, self.epochs) {
             (Some(s), _) => s,
-            (None, Some(e)) => e * (batches_per_epoch / self.accum.max(1)) as u64,
+            (None, Some(e)) => e * steps_per_epoch as u64,
             (None, None) => 0,
         }
+    }
+
+    /// Fix `accum` and `global_batch` for this run's `world_size`: derive
+    /// `accum` from a given global batch, or record the global batch.
+    pub fn resolve_layout(&mut self) -> Result<()> {
+        let per_pass = self.batch_size * self.world_size.max(1);
+        match self.global_batch {
+            Some(g) => {
+                if per_pass == 0 || g == 0 || g % per_pass != 0 {
+                    return Err(TrainError::Config(format!(
+                        "global batch {g} is not a multiple of batch size {} x world size {}: \
+                         choose --batch-size so that it divides",
+                        self.batch_size, self.world_size
+                    )));
+                }
+                self.accum = g / per_pass;
+            }
+            None => self.global_batch = Some(per_pass * self.accum),
+        }
+        Ok(())
     }
 
     pub fn optimizer(&self) -> AdamWConfig {

@@ -32,6 +32,8 @@ pub enum TrainError {
     Format { path: PathBuf, reason: String },
     #[error(transparent)]
     Shard(#[from] crate::shards::ShardError),
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("{0}")]

@@ -2,10 +2,16 @@
 //! AdamW with global-norm clipping, gradient accumulation, EMA, periodic
 //! checkpoints, `log.jsonl`, and exact resume.
 //!
-//! All randomness of a micro-step (times, noise, label dropout) comes from a
-//! generator seeded by (seed, rank, optimizer step, micro-step), and the
-//! data order from (seed, epoch): a run resumed from a checkpoint computes
-//! exactly what the uninterrupted run would have.
+//! All randomness of a sample (its time, noise and label dropout) comes from
+//! a generator seeded by (seed, epoch, the sample's place in the epoch
+//! order), and the data order from (seed, epoch): a run resumed from a
+//! checkpoint computes exactly what the uninterrupted run would have, on any
+//! number of processes with the same global batch.
+//!
+//! Data parallel: every rank holds the whole model (broadcast from rank 0 at
+//! the start), reads its share of each global batch, and the gradients are
+//! averaged over the ranks before clipping, so every rank takes the same
+//! optimizer step. Rank 0 alone writes checkpoints, logs and the EMA.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -14,6 +20,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::checkpoint::{self, Checkpoint, LoaderCursor};
@@ -24,6 +31,7 @@ use super::{
     AdamW, Ema, GradAccumulator, Gradients, LrSchedule, ParamGroup, Result, TrainError, io_err,
 };
 use crate::diffusion::schedule::{NoiseRng, TimeDist, default_shift};
+use crate::dist::{Collective, SingleProcess};
 use crate::models::{DitConfig, DitModel, VelocityModel, is_frozen};
 
 /// Upper end of the training time interval (reference `check_interval`).
@@ -53,7 +61,9 @@ pub struct Trainer {
     all_vars: Vec<(String, Var)>,
     trainable: Vec<(String, Var)>,
     opt: AdamW,
-    ema: Ema,
+    /// Rank 0 only (the other ranks' would be identical and unused).
+    ema: Option<Ema>,
+    comm: Box<dyn Collective>,
     schedule: LrSchedule,
     loader: Loader,
     step: u64,
@@ -63,33 +73,55 @@ pub struct Trainer {
     null_class: i64,
     tokens_per_image: usize,
     last_ckpt: Option<PathBuf>,
-    log: File,
+    /// Rank 0 only.
+    log: Option<File>,
 }
 
-/// Derive a micro-step seed; any change to any input changes it.
-fn micro_seed(seed: u64, rank: usize, step: u64, micro: usize) -> u64 {
+/// Derive the seed of one random stream of one sample; any change to any
+/// input changes it.
+fn sample_seed(seed: u64, sample: u64, stream: u64) -> u64 {
     let mut h = seed ^ 0x5851_F42D_4C95_7F2D;
-    for x in [rank as u64, step, micro as u64] {
+    for x in [sample, stream] {
         h = (h ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         h ^= h >> 29;
     }
     h
 }
 
+/// Gradients are all-reduced in flat buckets of at most this many values
+/// (fewer, larger messages; bounded extra memory).
+const BUCKET_ELEMS: usize = 1 << 26;
+
 fn cfg_err(e: impl std::fmt::Display) -> TrainError {
     TrainError::Config(e.to_string())
 }
 
 impl Trainer {
-    /// Build the model, optimizer, EMA and loader for `cfg`; with `resume`,
-    /// restore them from that checkpoint.
+    /// Build the model, optimizer, EMA and loader for a single-process
+    /// `cfg`; with `resume`, restore them from that checkpoint.
     pub fn new(cfg: TrainConfig, device: &Device, resume: Option<&Path>) -> Result<Self> {
-        cfg.validate()?;
         if cfg.world_size > 1 {
-            return Err(TrainError::Config(
-                "data-parallel training (world_size > 1) needs a gradient all-reduce, which this build lacks".into(),
-            ));
+            return Err(TrainError::Config(format!(
+                "world size {} needs the other processes: use Trainer::with_collective",
+                cfg.world_size
+            )));
         }
+        Self::with_collective(cfg, device, resume, Box::new(SingleProcess))
+    }
+
+    /// The same as one rank of a data-parallel job connected by `comm`
+    /// (its rank and world size override the config's).
+    pub fn with_collective(
+        mut cfg: TrainConfig,
+        device: &Device,
+        resume: Option<&Path>,
+        comm: Box<dyn Collective>,
+    ) -> Result<Self> {
+        cfg.rank = comm.rank();
+        cfg.world_size = comm.world_size();
+        cfg.resolve_layout()?;
+        cfg.validate()?;
+        let rank0 = cfg.rank == 0;
         if cfg.tf32 {
             crate::precision::set_tf32(true);
         }
@@ -144,7 +176,7 @@ impl Trainer {
         );
 
         let mut opt = AdamW::new(vec![ParamGroup::new(trainable.clone())], cfg.optimizer())?;
-        let mut ema = Ema::new(all_vars.iter().map(|(k, v)| (k, v)), cfg.ema)?;
+        let mut ema = None;
         let mut step = 0;
         let mut cursor = LoaderCursor::default();
         let mut last_ckpt = None;
@@ -165,7 +197,9 @@ impl Trainer {
                 var.set(&t.to_dtype(var.dtype())?)?;
             }
             opt.load_state(ck.optim)?;
-            ema = Ema::from_tensors(ck.ema, cfg.ema)?;
+            if rank0 {
+                ema = Some(Ema::from_tensors(ck.ema, cfg.ema)?);
+            }
             step = ck.step;
             cursor = ck.cursor;
             last_ckpt = Some(path.to_path_buf());
@@ -176,6 +210,26 @@ impl Trainer {
                 cursor.step_in_epoch
             );
         }
+        if cfg.world_size > 1 {
+            // Identical starting weights on every rank, whatever each
+            // initialised or loaded.
+            for (_, var) in &all_vars {
+                var.set(&comm.broadcast(var.as_tensor(), 0)?)?;
+            }
+            tracing::info!(
+                "rank {} of {} ({} backend): global batch {} = {} per micro-batch x {} ranks x {} accumulation steps",
+                cfg.rank,
+                cfg.world_size,
+                comm.backend(),
+                cfg.batch_size * cfg.world_size * cfg.accum,
+                cfg.batch_size,
+                cfg.world_size,
+                cfg.accum
+            );
+        }
+        if rank0 && ema.is_none() {
+            ema = Some(Ema::new(all_vars.iter().map(|(k, v)| (k, v)), cfg.ema)?);
+        }
 
         let lcfg = LoaderConfig {
             batch_size: cfg.batch_size,
@@ -185,6 +239,7 @@ impl Trainer {
             prefetch: cfg.prefetch,
             rank: cfg.rank,
             world_size: cfg.world_size,
+            accum: cfg.accum,
         };
         let loader = Loader::new(&set, &lcfg, cursor, device)?;
         let total_steps = cfg.total_steps(loader.steps_per_epoch());
@@ -194,15 +249,21 @@ impl Trainer {
         })?;
         let shift = cfg.shift.unwrap_or_else(|| default_shift(tokens, channels));
 
-        let config_path = cfg.out.join("config.json");
-        crate::fsutil::write_atomic(&config_path, cfg.to_json().as_bytes())
-            .map_err(io_err(&config_path))?;
-        let log_path = cfg.out.join("log.jsonl");
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(io_err(&log_path))?;
+        let log = if rank0 {
+            let config_path = cfg.out.join("config.json");
+            crate::fsutil::write_atomic(&config_path, cfg.to_json().as_bytes())
+                .map_err(io_err(&config_path))?;
+            let log_path = cfg.out.join("log.jsonl");
+            Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log_path)
+                    .map_err(io_err(&log_path))?,
+            )
+        } else {
+            None
+        };
 
         Ok(Self {
             cfg,
@@ -212,6 +273,7 @@ impl Trainer {
             trainable,
             opt,
             ema,
+            comm,
             schedule,
             loader,
             step,
@@ -249,33 +311,66 @@ impl Trainer {
             .collect()
     }
 
-    pub fn ema(&self) -> &Ema {
-        &self.ema
+    /// The EMA weights (rank 0 only).
+    pub fn ema(&self) -> Option<&Ema> {
+        self.ema.as_ref()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.cfg.rank
     }
 
     /// Flow-matching loss of one micro-batch; returns (loss value, grads).
     fn micro_step(&mut self, micro: usize) -> Result<(f64, Gradients, u64)> {
         let batch = self.loader.next_batch()?;
+        if batch.micro != micro {
+            return Err(TrainError::State(format!(
+                "loader is at micro-batch {} of a step, the trainer at {micro}",
+                batch.micro
+            )));
+        }
         let x = batch.x;
         let b = x.dim(0)?;
+        let row = x.elem_count() / b.max(1);
         let dev = x.device().clone();
-        let mut rng = NoiseRng::new(micro_seed(self.cfg.seed, self.cfg.rank, self.step, micro));
-        let t = rng.sample_times(b, self.time_dist, T_MAX, self.shift, &dev)?;
-        let eps = rng.randn(x.dims(), &dev)?;
-        let labels: Vec<u32> = batch
-            .y
-            .to_vec1::<i64>()?
-            .into_iter()
-            .map(|l| {
-                if l < 0 || l >= self.null_class {
-                    self.null_class as u32
-                } else {
+        // Per-sample streams named by the sample, not by rank or step: the
+        // same sample gets the same draw on any layout.
+        let (seed, dist, shift, p_drop) = (
+            self.cfg.seed,
+            self.time_dist,
+            self.shift,
+            self.cfg.label_dropout,
+        );
+        let null = self.null_class;
+        let labels = batch.y.to_vec1::<i64>()?;
+        let draws: Vec<(f32, u32, Vec<f32>)> = batch
+            .sample_ids
+            .par_iter()
+            .zip(labels.par_iter())
+            .map(|(&id, &l)| {
+                let mut r = NoiseRng::new(sample_seed(seed, id, 0));
+                let t = r.sample_time(dist, T_MAX, shift) as f32;
+                let keep = r.uniform() >= p_drop;
+                let y = if keep && l >= 0 && l < null {
                     l as u32
-                }
+                } else {
+                    null as u32
+                };
+                let mut n = NoiseRng::new(sample_seed(seed, id, 1));
+                (t, y, (0..row).map(|_| n.normal() as f32).collect())
             })
             .collect();
-        let labels = rng.drop_labels(&labels, self.cfg.label_dropout, self.null_class as u32);
-        let y = Tensor::from_vec(labels, b, &dev)?;
+        let mut tv = Vec::with_capacity(b);
+        let mut yv = Vec::with_capacity(b);
+        let mut ev = Vec::with_capacity(b * row);
+        for (t, y, e) in draws {
+            tv.push(t);
+            yv.push(y);
+            ev.extend_from_slice(&e);
+        }
+        let t = Tensor::from_vec(tv, b, &dev)?;
+        let y = Tensor::from_vec(yv, b, &dev)?;
+        let eps = Tensor::from_vec(ev, x.dims(), &dev)?;
 
         let tb = t.reshape((b, 1, 1, 1))?;
         let x_t = (x.broadcast_mul(&(1.0 - &tb)?)? + eps.broadcast_mul(&tb)?)?;
@@ -302,7 +397,41 @@ impl Trainer {
         Ok((loss, grads, batch.cursor.epoch))
     }
 
-    /// One optimizer step over `accum` micro-batches.
+    /// Average `grads` over the ranks (bucketed flat all-reduces).
+    fn average_gradients(&self, grads: Gradients) -> Result<Gradients> {
+        let world = self.comm.world_size();
+        if world == 1 {
+            return Ok(grads);
+        }
+        let entries: Vec<(String, Tensor)> =
+            grads.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
+        let mut out = Gradients::new();
+        let mut i = 0;
+        while i < entries.len() {
+            let mut j = i;
+            let mut n = 0;
+            while j < entries.len() && (j == i || n + entries[j].1.elem_count() <= BUCKET_ELEMS) {
+                n += entries[j].1.elem_count();
+                j += 1;
+            }
+            let flat: Vec<Tensor> = entries[i..j]
+                .iter()
+                .map(|(_, t)| t.flatten_all())
+                .collect::<candle_core::Result<_>>()?;
+            let sum = self.comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
+            let avg = sum.affine(1.0 / world as f64, 0.0)?;
+            let mut off = 0;
+            for (name, t) in &entries[i..j] {
+                let len = t.elem_count();
+                out.insert(name.clone(), avg.narrow(0, off, len)?.reshape(t.shape())?)?;
+                off += len;
+            }
+            i = j;
+        }
+        Ok(out)
+    }
+
+    /// One optimizer step over `accum` micro-batches (on every rank).
     pub fn train_step(&mut self) -> Result<StepStats> {
         let start = Instant::now();
         let mut acc = GradAccumulator::new();
@@ -310,14 +439,24 @@ impl Trainer {
         let mut epoch = 0;
         for micro in 0..self.cfg.accum {
             let (loss, grads, ep) = self.micro_step(micro)?;
-            if !loss.is_finite() {
-                return Err(self.non_finite(format!("loss {loss}")));
-            }
             loss_sum += loss;
             epoch = ep;
             acc.add(&grads)?;
         }
-        let mut grads = acc.finish()?;
+        let mut loss = loss_sum / self.cfg.accum as f64;
+        if self.comm.world_size() > 1 {
+            let l = Tensor::new(&[loss as f32], &Device::Cpu)?;
+            let l = self
+                .comm
+                .all_reduce_sum(&l.to_device(self.loader_device())?)?;
+            loss = l.to_device(&Device::Cpu)?.to_vec1::<f32>()?[0] as f64
+                / self.comm.world_size() as f64;
+        }
+        // Every rank sees the same mean loss and so stops together.
+        if !loss.is_finite() {
+            return Err(self.non_finite(format!("loss {loss}")));
+        }
+        let mut grads = self.average_gradients(acc.finish()?)?;
         let grad_norm = if self.cfg.clip_grad > 0.0 {
             grads.clip_global_norm(self.cfg.clip_grad)?
         } else {
@@ -328,21 +467,29 @@ impl Trainer {
         }
         let lr = self.schedule.lr_at(self.step);
         self.opt.step(&grads, lr)?;
-        self.ema
-            .update(self.trainable.iter().map(|(k, v)| (k, v)))?;
+        if let Some(ema) = &mut self.ema {
+            ema.update(self.trainable.iter().map(|(k, v)| (k, v)))?;
+        }
         self.step += 1;
         let seconds = start.elapsed().as_secs_f64();
-        let images = (self.cfg.batch_size * self.cfg.accum) as f64;
+        let images = (self.cfg.batch_size * self.cfg.accum * self.cfg.world_size) as f64;
         Ok(StepStats {
             step: self.step,
             epoch,
-            loss: loss_sum / self.cfg.accum as f64,
+            loss,
             grad_norm,
             lr,
             images_per_s: images / seconds.max(1e-9),
             tokens_per_s: images * self.tokens_per_image as f64 / seconds.max(1e-9),
             seconds,
         })
+    }
+
+    fn loader_device(&self) -> &Device {
+        self.trainable
+            .first()
+            .map(|(_, v)| v.device())
+            .unwrap_or(&Device::Cpu)
     }
 
     fn non_finite(&self, what: String) -> TrainError {
@@ -357,12 +504,16 @@ impl Trainer {
         }
     }
 
-    /// Write a checkpoint of the current state into the run directory.
-    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+    /// Write a checkpoint of the current state into the run directory
+    /// (rank 0; other ranks write nothing and return `None`).
+    pub fn save_checkpoint(&mut self) -> Result<Option<PathBuf>> {
+        let Some(ema) = &self.ema else {
+            return Ok(None);
+        };
         let ck = Checkpoint {
             step: self.step,
             model: self.weights().into_iter().collect(),
-            ema: self.ema.tensors().clone(),
+            ema: ema.tensors().clone(),
             optim: self.opt.state().clone(),
             cursor: self.loader.cursor(),
             rng: None, // all randomness derives from (seed, step): nothing to save
@@ -371,15 +522,18 @@ impl Trainer {
         };
         let p = checkpoint::save(&self.cfg.out, &ck, self.cfg.keep_checkpoints)?;
         self.last_ckpt = Some(p.clone());
-        Ok(p)
+        Ok(Some(p))
     }
 
-    /// Append one JSON line to `log.jsonl`.
+    /// Append one JSON line to `log.jsonl` (rank 0).
     pub fn log(&mut self, stats: &StepStats) -> Result<()> {
+        let Some(log) = &mut self.log else {
+            return Ok(());
+        };
         let line =
             serde_json::to_string(stats).map_err(|e| TrainError::State(format!("log: {e}")))?;
         let path = self.cfg.out.join("log.jsonl");
-        writeln!(self.log, "{line}").map_err(io_err(&path))
+        writeln!(log, "{line}").map_err(io_err(&path))
     }
 
     /// Train until `total_steps`, checkpointing every `ckpt_every` steps and

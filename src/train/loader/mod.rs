@@ -38,6 +38,9 @@ pub struct LoaderConfig {
     pub prefetch: usize,
     pub rank: usize,
     pub world_size: usize,
+    /// Micro-batches per optimizer step (the global batch is
+    /// `batch_size * world_size * accum`).
+    pub accum: usize,
 }
 
 impl Default for LoaderConfig {
@@ -50,6 +53,7 @@ impl Default for LoaderConfig {
             prefetch: 4,
             rank: 0,
             world_size: 1,
+            accum: 1,
         }
     }
 }
@@ -63,8 +67,13 @@ pub struct Batch {
     pub y: Tensor,
     pub keys: Vec<String>,
     pub flips: Vec<bool>,
-    /// The position of this batch; resume from [`Loader::cursor`] after it.
+    /// Layout-independent sample names (seeds of per-sample noise).
+    pub sample_ids: Vec<u64>,
+    /// The optimizer step of this micro-batch; resume from
+    /// [`Loader::cursor`] after the step's last micro-batch.
     pub cursor: LoaderCursor,
+    /// Which micro-batch of that step.
+    pub micro: usize,
 }
 
 /// Per-element statistics of the latents, `[C, H, W]` each.
@@ -86,6 +95,7 @@ pub struct Loader {
     dims: (usize, usize, usize),
     tokens: usize,
     steps_per_epoch: usize,
+    accum: usize,
     next: LoaderCursor,
 }
 
@@ -116,10 +126,14 @@ impl Loader {
         start: LoaderCursor,
         device: &Device,
     ) -> Result<Self> {
-        if cfg.batch_size == 0 || cfg.world_size == 0 || cfg.rank >= cfg.world_size {
+        if cfg.batch_size == 0
+            || cfg.accum == 0
+            || cfg.world_size == 0
+            || cfg.rank >= cfg.world_size
+        {
             return Err(TrainError::Config(format!(
-                "batch size {} / rank {} of world size {} is not a valid layout",
-                cfg.batch_size, cfg.rank, cfg.world_size
+                "batch size {} x accum {} / rank {} of world size {} is not a valid layout",
+                cfg.batch_size, cfg.accum, cfg.rank, cfg.world_size
             )));
         }
         let (c, h, w) = (norm.channels, norm.height, norm.width);
@@ -134,11 +148,12 @@ impl Loader {
             batch: cfg.batch_size,
             rank: cfg.rank,
             world_size: cfg.world_size,
+            accum: cfg.accum,
         };
         let steps_per_epoch = sharding.steps_per_epoch(index.samples.len());
         if start.step_in_epoch as usize >= steps_per_epoch.max(1) {
             return Err(TrainError::Config(format!(
-                "cursor step {} is past the {steps_per_epoch} steps of an epoch (different batch size?)",
+                "cursor step {} is past the {steps_per_epoch} steps of an epoch (different global batch?)",
                 start.step_in_epoch
             )));
         }
@@ -167,23 +182,29 @@ impl Loader {
             dims: (c, h, w),
             tokens: h * w,
             steps_per_epoch,
+            accum: cfg.accum,
             next: start,
         })
     }
 
+    /// Optimizer steps (global batches) per epoch.
     pub fn steps_per_epoch(&self) -> usize {
         self.steps_per_epoch
     }
 
-    /// The cursor of the next batch (what a checkpoint stores).
+    /// The first optimizer step not yet fully read (what a checkpoint
+    /// stores; checkpoints fall between optimizer steps).
     pub fn cursor(&self) -> LoaderCursor {
         self.next
     }
 
-    /// The next batch, normalised, on the device.
+    /// The next micro-batch, normalised, on the device.
     pub fn next_batch(&mut self) -> Result<Batch> {
         let hb = self.pipeline.next()?;
         let batch = self.to_device(hb)?;
+        if batch.micro + 1 < self.accum {
+            return Ok(batch);
+        }
         self.next = if batch.cursor.step_in_epoch + 1 >= self.steps_per_epoch as u64 {
             LoaderCursor {
                 epoch: batch.cursor.epoch + 1,
@@ -217,7 +238,9 @@ impl Loader {
             y,
             keys: hb.keys,
             flips: hb.flips,
+            sample_ids: hb.sample_ids,
             cursor: hb.cursor,
+            micro: hb.micro,
         })
     }
 }
@@ -302,6 +325,7 @@ mod tests {
             prefetch: 2,
             rank: 0,
             world_size: 1,
+            accum: 1,
         }
     }
 

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 
-use super::plan::{DataIndex, Loc, Sharding, epoch_order};
+use super::plan::{DataIndex, Loc, Planned, Sharding, epoch_order, sample_id};
 use crate::shards::LatentBatch;
 use crate::train::checkpoint::LoaderCursor;
 use crate::train::{Result, TrainError};
@@ -27,8 +27,12 @@ pub struct HostBatch {
     pub labels: Vec<i64>,
     pub keys: Vec<String>,
     pub flips: Vec<bool>,
-    /// The cursor of this batch; the one after it resumes past it.
+    /// Layout-independent sample names ([`sample_id`]): seeds of their noise.
+    pub sample_ids: Vec<u64>,
+    /// The optimizer step this micro-batch belongs to.
     pub cursor: LoaderCursor,
+    /// Which micro-batch of that step (0..accum).
+    pub micro: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -59,10 +63,12 @@ impl Pipeline {
     ) -> Result<Self> {
         if cfg.sharding.steps_per_epoch(index.samples.len()) == 0 {
             return Err(TrainError::Config(format!(
-                "{} images cannot fill one batch of {} on each of {} ranks",
+                "{} images cannot fill one global batch of {} ({} per micro-batch x {} ranks x {} accumulation steps)",
                 index.samples.len(),
+                cfg.sharding.global_batch(),
                 cfg.sharding.batch,
-                cfg.sharding.world_size
+                cfg.sharding.world_size,
+                cfg.sharding.accum
             )));
         }
         let (tx, rx) = bounded(cfg.prefetch.max(1));
@@ -158,15 +164,17 @@ fn produce_epoch(
 ) -> Result<bool> {
     let order = epoch_order(index, cfg.seed, cursor.epoch, cfg.window);
     let b = cfg.sharding.batch;
-    let mine = cfg.sharding.slice(&order);
-    let skip = (cursor.step_in_epoch as usize * b).min(mine.len());
-    let plan = &mine[skip..];
+    let accum = cfg.sharding.accum.max(1);
+    let steps = cfg.sharding.steps_per_epoch(order.len());
+    let plan: Vec<Planned> = (cursor.step_in_epoch as usize..steps)
+        .flat_map(|k| cfg.sharding.step_samples(&order, k))
+        .collect();
 
     // First-need order of row groups and how often each is still needed.
     let mut uses: HashMap<u32, usize> = HashMap::new();
     let mut need_seq: Vec<u32> = Vec::new();
     let mut first_need: HashMap<u32, usize> = HashMap::new();
-    for l in plan {
+    for l in plan.iter().map(|p| &p.loc) {
         let c = uses.entry(l.rg).or_insert(0);
         if *c == 0 {
             first_need.insert(l.rg, need_seq.len());
@@ -184,7 +192,7 @@ fn produce_epoch(
         // cover what this batch needs.
         let last_needed = chunk
             .iter()
-            .map(|l| first_need.get(&l.rg).copied().unwrap_or(0))
+            .map(|p| first_need.get(&p.loc.rg).copied().unwrap_or(0))
             .max()
             .unwrap_or(0);
         while requested < need_seq.len()
@@ -200,12 +208,17 @@ fn produce_epoch(
             labels: Vec::with_capacity(b),
             keys: Vec::with_capacity(b),
             flips: Vec::with_capacity(b),
+            sample_ids: chunk
+                .iter()
+                .map(|p| sample_id(cursor.epoch, p.pos))
+                .collect(),
             cursor: LoaderCursor {
                 epoch: cursor.epoch,
-                step_in_epoch: cursor.step_in_epoch + bi as u64,
+                step_in_epoch: cursor.step_in_epoch + (bi / accum) as u64,
             },
+            micro: bi % accum,
         };
-        for l in chunk {
+        for l in chunk.iter().map(|p| &p.loc) {
             while !cache.contains_key(&l.rg) {
                 let (rg, res) = done
                     .recv()

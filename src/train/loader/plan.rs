@@ -110,27 +110,68 @@ pub fn epoch_order(index: &DataIndex, seed: u64, epoch: u64, window: usize) -> V
     order
 }
 
-/// Data-parallel layout of an epoch: every rank runs `steps` batches of
-/// `batch` samples (the tail that does not fill a batch on every rank is
-/// dropped, as DistributedSampler + drop_last).
+/// Data-parallel layout of an epoch. The epoch order is cut into global
+/// batches of `batch * world_size * accum` samples, one per optimizer step
+/// (the tail that does not fill one is dropped, as DistributedSampler with
+/// drop_last). What an optimizer step sees therefore depends only on the
+/// global batch, not on how it is split: a run resumed on another number of
+/// processes (same global batch) continues exactly.
+///
+/// Within a global batch the samples are sorted by storage position before
+/// they are split, so each rank's share comes from about `1 / world_size` of
+/// the row groups in flight (reads stay local) while the union stays the
+/// same random global batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sharding {
+    /// Per-rank micro-batch.
     pub batch: usize,
     pub rank: usize,
     pub world_size: usize,
+    /// Micro-batches per optimizer step.
+    pub accum: usize,
+}
+
+/// One sample of a plan: its position in the epoch order (with the epoch,
+/// a name for it that does not depend on the layout) and where it lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Planned {
+    pub pos: usize,
+    pub loc: Loc,
 }
 
 impl Sharding {
-    pub fn steps_per_epoch(&self, samples: usize) -> usize {
-        samples / (self.batch * self.world_size).max(1)
+    pub fn global_batch(&self) -> usize {
+        self.batch * self.world_size * self.accum.max(1)
     }
 
-    /// This rank's contiguous slice of the epoch order (contiguous keeps
-    /// each rank's reads on its own row groups).
-    pub fn slice<'a>(&self, order: &'a [Loc]) -> &'a [Loc] {
-        let per_rank = self.steps_per_epoch(order.len()) * self.batch;
-        &order[self.rank * per_rank..(self.rank + 1) * per_rank]
+    /// Optimizer steps per epoch.
+    pub fn steps_per_epoch(&self, samples: usize) -> usize {
+        samples / self.global_batch().max(1)
     }
+
+    /// This rank's samples of optimizer step `step` of `order`, micro-batch
+    /// after micro-batch (`accum * batch` of them).
+    pub fn step_samples(&self, order: &[Loc], step: usize) -> Vec<Planned> {
+        let g = self.global_batch();
+        let start = (step * g).min(order.len());
+        let end = ((step + 1) * g).min(order.len());
+        let mut all: Vec<Planned> = (start..end)
+            .map(|pos| Planned {
+                pos,
+                loc: order[pos],
+            })
+            .collect();
+        all.sort_unstable_by_key(|p| (p.loc, p.pos));
+        let share = self.batch * self.accum.max(1);
+        let a = (self.rank * share).min(all.len());
+        let b = ((self.rank + 1) * share).min(all.len());
+        all[a..b].to_vec()
+    }
+}
+
+/// A layout-independent name for a sample of an epoch (seeds its noise).
+pub fn sample_id(epoch: u64, pos: usize) -> u64 {
+    (epoch << 40) | pos as u64
 }
 
 #[cfg(test)]
@@ -199,22 +240,64 @@ mod tests {
     }
 
     #[test]
-    fn rank_slices_disjoint_and_cover() {
-        let idx = index(48, 4);
+    fn rank_shares_partition_each_global_batch_for_any_layout() {
+        let idx = index(50, 4);
         let o = epoch_order(&idx, 3, 1, 2);
-        let mut all = Vec::new();
-        for rank in 0..3 {
-            let s = Sharding {
-                batch: 4,
-                rank,
-                world_size: 3,
-            };
-            assert_eq!(s.steps_per_epoch(o.len()), 4);
-            all.extend_from_slice(s.slice(&o));
+        // global batch 12 as 1x12, 3x4, 2x3 (accum 2), 6x1 (accum 2)
+        let layouts = [(12, 1, 1), (4, 3, 1), (3, 2, 2), (1, 6, 2)];
+        let mut per_layout = Vec::new();
+        for (batch, world, accum) in layouts {
+            let mut steps = Vec::new();
+            for step in 0..4 {
+                let mut all = Vec::new();
+                for rank in 0..world {
+                    let s = Sharding {
+                        batch,
+                        rank,
+                        world_size: world,
+                        accum,
+                    };
+                    assert_eq!(s.global_batch(), 12);
+                    assert_eq!(s.steps_per_epoch(o.len()), 4);
+                    let mine = s.step_samples(&o, step);
+                    assert_eq!(mine.len(), batch * accum);
+                    all.extend(mine.iter().map(|p| p.pos));
+                }
+                all.sort_unstable();
+                assert_eq!(all, (step * 12..(step + 1) * 12).collect::<Vec<_>>());
+                steps.push(all);
+            }
+            per_layout.push(steps);
         }
+        assert!(per_layout.windows(2).all(|w| w[0] == w[1]));
+    }
+
+    #[test]
+    fn rank_shares_are_storage_local() {
+        // 4 ranks over a global batch drawn from 16 row groups: each rank's
+        // share spans few row groups.
+        let idx = index(512, 8);
+        let o = epoch_order(&idx, 0, 0, 16);
+        let mut groups = 0;
+        for rank in 0..4 {
+            let s = Sharding {
+                batch: 16,
+                rank,
+                world_size: 4,
+                accum: 1,
+            };
+            let mut rgs: Vec<u32> = s.step_samples(&o, 0).iter().map(|p| p.loc.rg).collect();
+            rgs.dedup();
+            groups += rgs.len();
+        }
+        let mut all: Vec<u32> = o[..64].iter().map(|l| l.rg).collect();
         all.sort_unstable();
-        let mut want = o.clone();
-        want.sort_unstable();
-        assert_eq!(all, want);
+        all.dedup();
+        // shares overlap only at their boundaries
+        assert!(
+            groups <= all.len() + 3,
+            "{groups} reads for {} groups",
+            all.len()
+        );
     }
 }
