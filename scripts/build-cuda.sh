@@ -24,6 +24,15 @@ CU13=$(venv/bin/python -c 'import nvidia,os;print(os.path.join(list(nvidia.__pat
 R=$W/cuda-root; rm -rf "$R"; mkdir -p "$R/lib/stubs"
 ln -s "$CU13/bin" "$R/bin"; ln -s "$CU13/include" "$R/include"; ln -s "$CU13/nvvm" "$R/nvvm"
 for f in "$CU13"/lib/*.so.*; do b=$(basename "$f"); ln -s "$f" "$R/lib/$b"; n=${b%%.so*}.so; [ -e "$R/lib/$n" ] || ln -s "$b" "$R/lib/$n"; done
+# NCCL (only for `--features nccl`): cudarc 0.19's `nccl` feature binds the NCCL 2.30 API, so take the 2.30
+# wheel; at run time any libnccl.so.2 >= 2.30 serves (PyTorch's, under site-packages/nvidia/nccl/lib).
+case " $* " in *nccl*)
+  venv/bin/pip install -q nvidia-nccl-cu13==2.30.7
+  NCCL=$(venv/bin/python -c 'import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],"nccl"))')
+  ln -s "$NCCL/lib/libnccl.so.2" "$R/lib/libnccl.so.2"; ln -s libnccl.so.2 "$R/lib/libnccl.so"
+  ln -s "$NCCL/include/nccl.h" "$CU13/include/nccl.h" 2>/dev/null || true
+  export NCCL_HOME=$NCCL ;;
+esac
 src=$(ls -d ~/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs | tail -1)
 grep -oE '^pub unsafe fn cu[A-Za-z0-9_]+' "$src" | awk '{print $4}' | sort -u \
   | awk '{print "int "$1"(void){return 34;}"}' > "$W/libcuda_stub.c"
@@ -38,4 +47,4 @@ export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-2}   # parallel nvcc jobs in candl
 export RUSTFLAGS="${RUSTFLAGS:-} -C link-arg=-Wl,-rpath,\$ORIGIN/lib"   # libraries may be carried in ./lib
 cd "$PROJ"
 cargo build --release --features cuda "$@"
-echo "built; run-time needs: libcuda.so.1 (driver), libcudart.so.13, libcublas.so.13 (+Lt), libcurand.so.10"
+echo "built; run-time needs: libcuda.so.1 (driver), libcudart.so.13, libcublas.so.13 (+Lt), libcurand.so.10 (+ libnccl.so.2 with --features nccl)"
