@@ -143,3 +143,99 @@ fn fresh_varmap_model_has_reference_trainables_and_zero_output() {
     let v = model.forward(&io["x0"], &io["t"], &io["y"]).unwrap();
     assert_eq!(max_abs(&v), 0.0);
 }
+
+/// Relative L2 error ||a - b|| / ||b||.
+fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    let n = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    };
+    (n(&(a - b).unwrap()) / n(b).max(1e-30)).sqrt()
+}
+
+#[test]
+fn bf16_autocast_step_reaches_every_f32_master_weight() {
+    // Training in bf16 keeps f32 variables and builds the model from their
+    // bf16 casts (CastVars): every trainable variable must still receive an
+    // f32 gradient close to the reference's.
+    use rae_cache::train::init::CastVars;
+    let dev = Device::Cpu;
+    let DitConfig::DitDh(cfg) = DitConfig::load(fixture("ditdh.json").to_str().unwrap()).unwrap()
+    else {
+        panic!("ditdh.json is not a DiT-DH config")
+    };
+    let theta0 = load_state_dict(
+        &fixture("trainstep-theta0.safetensors"),
+        &WeightsKey::Root,
+        &dev,
+    )
+    .unwrap();
+    let varmap = VarMap::new();
+    fill_varmap(&varmap, &theta0, DType::F32).unwrap();
+    let vars: Vec<(String, candle_core::Var)> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let model = DitDh::new(&cfg, CastVars::var_builder(&vars, DType::BF16, &dev)).unwrap();
+    assert_eq!(model.dtype(), DType::BF16);
+
+    let io: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fixture("trainstep-io.safetensors"), &dev).unwrap();
+    let (x0, eps, t, y) = (&io["x0"], &io["eps"], &io["t"], &io["y"]);
+    let xt = interpolate(x0, eps, t).unwrap();
+    let pred = model.forward(&xt, t, y).unwrap();
+    assert_eq!(
+        pred.dtype(),
+        DType::F32,
+        "velocity comes back in the input dtype"
+    );
+    let loss = (pred - velocity_target(x0, eps).unwrap())
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    let loss_v = loss.to_scalar::<f32>().unwrap();
+    let loss_ref = io["loss"].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+    assert!(
+        (loss_v - loss_ref).abs() <= 1e-2 * loss_ref.abs(),
+        "bf16 loss {loss_v} vs {loss_ref}"
+    );
+    let grads = loss.backward().unwrap();
+    let reference: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fixture("trainstep-grads.safetensors"), &dev).unwrap();
+    let mut worst = (0f64, String::new());
+    for (name, g_ref) in &reference {
+        let var = &vars.iter().find(|(k, _)| k == name).unwrap().1;
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient through the bf16 cast"));
+        assert_eq!(g.dtype(), DType::F32, "{name}");
+        if max_abs(g_ref) > 0.0 {
+            let e = rel_l2(g, g_ref);
+            if e > worst.0 {
+                worst = (e, name.clone());
+            }
+        }
+    }
+    // bf16 keeps 8 mantissa bits: relative errors of a few 1e-3 per op,
+    // accumulating through the blocks; 5e-2 is far below what a wrong or
+    // missing path gives (~1).
+    eprintln!(
+        "bf16 autocast: loss {loss_v} vs {loss_ref}; worst relative gradient error {:.3e} ({})",
+        worst.0, worst.1
+    );
+    assert!(
+        worst.0 <= 5e-2,
+        "worst relative gradient error {:.3e} at {}",
+        worst.0,
+        worst.1
+    );
+}

@@ -392,3 +392,40 @@ fn cli_launch_trains_on_two_processes_like_one() {
     let log = std::fs::read_to_string(tmp.path().join("two/log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 3);
 }
+
+#[test]
+fn bf16_autocast_training_tracks_f32_and_keeps_f32_masters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = setup(tmp.path());
+    cfg.steps = Some(12);
+    let mut f = cfg.clone();
+    f.out = tmp.path().join("f32");
+    let mut b = cfg.clone();
+    b.out = tmp.path().join("bf16");
+    b.precision = rae_cache::precision::Precision::Bf16;
+    let mut tf = Trainer::new(f, &Device::Cpu, None).unwrap();
+    let mut tb = Trainer::new(b, &Device::Cpu, None).unwrap();
+    let lf: Vec<f64> = (0..12).map(|_| tf.train_step().unwrap().loss).collect();
+    let lb: Vec<f64> = (0..12).map(|_| tb.train_step().unwrap().loss).collect();
+    // same data, noise and initial weights: the first loss differs by bf16
+    // rounding only, and the runs stay together
+    assert!((lb[0] - lf[0]).abs() <= 1e-2 * lf[0], "{lb:?} vs {lf:?}");
+    for (x, y) in lb.iter().zip(&lf) {
+        assert!((x - y).abs() <= 0.05 * y, "{lb:?} vs {lf:?}");
+    }
+    assert!(
+        lb[9..].iter().sum::<f64>() < lb[..3].iter().sum::<f64>(),
+        "{lb:?}"
+    );
+    for (name, w) in tb.weights() {
+        assert_eq!(w.dtype(), candle_core::DType::F32, "{name} master weight");
+    }
+    // the weights moved with the updates (the model is rebuilt from them)
+    let moved = tb
+        .weights()
+        .iter()
+        .zip(tf.weights().iter())
+        .filter(|((_, a), (_, b))| bits(a) != bits(b))
+        .count();
+    assert!(moved > 0);
+}

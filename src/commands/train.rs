@@ -77,6 +77,10 @@ pub struct Args {
     /// no-op on the CPU). Also `tf32 = true` in --config.
     #[arg(long)]
     tf32: bool,
+    /// Compute dtype of forward and backward: auto (bf16 on CUDA, f32 on
+    /// the CPU), f32 or bf16; master weights and optimizer state stay f32.
+    #[arg(long)]
+    precision: Option<String>,
     /// TOML file with the same keys as these flags (snake_case).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -125,6 +129,9 @@ impl Args {
         }
         if self.tf32 {
             c.tf32 = true;
+        }
+        if let Some(p) = &self.precision {
+            c.precision = p.parse().map_err(anyhow::Error::msg)?;
         }
         if let Some(g) = self.global_batch {
             c.global_batch = Some(g);

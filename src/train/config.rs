@@ -64,6 +64,10 @@ pub struct TrainConfig {
     /// (process-wide; master weights, optimizer and loss stay f32; a no-op
     /// on the CPU). Off by default, as in PyTorch.
     pub tf32: bool,
+    /// Compute dtype of the model's forward and backward: `auto` (bf16 on
+    /// CUDA, f32 on the CPU), `f32` or `bf16`. Master weights, gradients,
+    /// optimizer state, loss and EMA stay f32 (autocast).
+    pub precision: crate::precision::Precision,
     /// Loader: row groups per shuffle window, reader threads, prefetch.
     pub shuffle_window: usize,
     pub workers: usize,
@@ -104,6 +108,7 @@ impl Default for TrainConfig {
             log_every: 1,
             device: "auto".into(),
             tf32: false,
+            precision: crate::precision::Precision::Auto,
             shuffle_window: 64,
             workers: 2,
             prefetch: 4,
@@ -159,6 +164,12 @@ impl TrainConfig {
             && !(a > 0.0 && a.is_finite())
         {
             return bad(format!("shift {a} must be positive"));
+        }
+        if self.precision == crate::precision::Precision::F16 {
+            return bad(
+                "precision f16 would need loss scaling to train; use bf16 (same speed, f32 range)"
+                    .into(),
+            );
         }
         if self.steps.is_none() && self.epochs.is_none() {
             return bad("give --steps or --epochs".into());

@@ -11,6 +11,51 @@ use candle_nn::{Init, VarBuilder, VarMap};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// A VarBuilder backend over existing variables that hands out each one cast
+/// to the builder's dtype: a model built from it computes in that dtype
+/// (bf16 autocast) while gradients flow back, through the cast, to the f32
+/// master variables. The casts are taken when the model is built, so the
+/// trainer rebuilds the model after every optimizer step.
+pub struct CastVars {
+    vars: std::collections::HashMap<String, Var>,
+}
+
+impl CastVars {
+    pub fn var_builder(
+        vars: &[(String, Var)],
+        dtype: DType,
+        device: &Device,
+    ) -> VarBuilder<'static> {
+        let vars = vars.iter().cloned().collect();
+        VarBuilder::from_backend(Box::new(Self { vars }), dtype, device.clone())
+    }
+}
+
+impl SimpleBackend for CastVars {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "{name}: the variable is {:?}, the model asks for {s:?}",
+                t.shape()
+            )
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let v = self
+            .vars
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.into() })?;
+        v.as_tensor().to_device(dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.vars.contains_key(name)
+    }
+}
+
 pub struct SeededVarMap {
     map: VarMap,
     seed: u64,

@@ -25,7 +25,7 @@ use serde::Serialize;
 
 use super::checkpoint::{self, Checkpoint, LoaderCursor};
 use super::config::TrainConfig;
-use super::init::SeededVarMap;
+use super::init::{CastVars, SeededVarMap};
 use super::loader::{CacheSet, Loader, LoaderConfig};
 use super::{
     AdamW, Ema, GradAccumulator, Gradients, LrSchedule, ParamGroup, Result, TrainError, io_err,
@@ -55,7 +55,11 @@ pub struct StepStats {
 
 pub struct Trainer {
     cfg: TrainConfig,
+    /// The model as the forward pass sees it: the f32 variables themselves,
+    /// or (autocast) their casts to `compute`, rebuilt after each update.
     model: DitModel,
+    model_cfg: DitConfig,
+    compute: DType,
     _varmap: VarMap,
     /// Every tensor of the model (trainable and frozen), by name.
     all_vars: Vec<(String, Var)>,
@@ -230,6 +234,13 @@ impl Trainer {
         if rank0 && ema.is_none() {
             ema = Some(Ema::new(all_vars.iter().map(|(k, v)| (k, v)), cfg.ema)?);
         }
+        let compute = cfg.precision.resolve(device);
+        let model = if compute == DType::F32 {
+            model
+        } else {
+            tracing::info!("autocast: forward and backward in {compute:?}, f32 master weights");
+            DitModel::new(&mcfg, CastVars::var_builder(&all_vars, compute, device))?
+        };
 
         let lcfg = LoaderConfig {
             batch_size: cfg.batch_size,
@@ -268,6 +279,8 @@ impl Trainer {
         Ok(Self {
             cfg,
             model,
+            model_cfg: mcfg,
+            compute,
             _varmap: varmap,
             all_vars,
             trainable,
@@ -467,6 +480,11 @@ impl Trainer {
         }
         let lr = self.schedule.lr_at(self.step);
         self.opt.step(&grads, lr)?;
+        if self.compute != DType::F32 {
+            // Fresh casts of the updated master weights.
+            let vb = CastVars::var_builder(&self.all_vars, self.compute, self.loader_device());
+            self.model = DitModel::new(&self.model_cfg, vb)?;
+        }
         if let Some(ema) = &mut self.ema {
             ema.update(self.trainable.iter().map(|(k, v)| (k, v)))?;
         }
