@@ -145,7 +145,7 @@ else
   printf '%s\tSKIP\t-\t0\t0\n' torch-encdec >> "$STEPS"
 fi
 
-# ---- 6. if time is left: our training step in f32 (the trainer's precision today) at the same batch
+# ---- 6. if time is left: our training step in plain f32 (no autocast) at the same batch
 if [ "$TRAIN_PREC" != f32 ]; then
   run_step train-f32 90 "$BIN" bench train --preset "$TRAIN_MODEL" --batch "$TB" --iters 2 --warmup 1 \
     --device "$DEV" --precision f32
@@ -253,7 +253,7 @@ if g:
     note += f"; GPU idle {100 * g['idle']:.0f}% of {g['n']} samples, mean util {g['util']:.0f}%"
 elif not smoke:
     note += "; no nvidia-smi samples"
-rows.append(("3", "whole build (synthetic JPEGs, hflip both, encoder f32 until --precision lands)", st("build"),
+rows.append(("3", "whole build (synthetic JPEGs, hflip both, encoder bf16)", st("build"),
              fmt(e2e, " img/s"), "", ">= 3,000 img/s", verdict(None if e2e is None or smoke else e2e >= 3000) + "; " + note))
 
 tr, ttr = last_json("train", "train"), last_json("torch-train", "train")
@@ -261,7 +261,7 @@ g = gpu_during("train")
 if tr:
     search = ", ".join(f"{x['batch']}:{'ok' if x['ok'] else ('OOM' if x.get('out_of_memory') else 'err')}"
                        for x in tr.get("max_batch_search", []))
-    note = f"{tr['seconds_per_iter']:.3f} s/step at batch {tr['batch']} ({tr['precision']} weights); params {tr['params']:,}"
+    note = f"{tr['seconds_per_iter']:.3f} s/step at batch {tr['batch']} ({tr['precision']} compute, f32 masters); params {tr['params']:,}"
     if ttr and "error" not in ttr:
         note += f"; PyTorch {ttr['seconds_per_iter']:.3f} s/step, params {ttr['params']:,}"
         if ttr.get("peak_device_bytes"):

@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::models::{DecoderConfig, DitConfig, DitModel, RaeDecoder, VelocityModel, is_frozen};
 use crate::train::ema::Ema;
-use crate::train::init::SeededVarMap;
+use crate::train::init::{CastVars, SeededVarMap};
 use crate::train::{AdamW, AdamWConfig, Gradients, ParamGroup};
 
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +257,8 @@ pub fn dit_param_count(cfg: &DitConfig) -> Result<usize> {
 pub struct TrainStep {
     model: DitModel,
     trainable: Vec<(String, Var)>,
+    /// Every variable (the f32 masters the bf16 model is cast from).
+    all: Vec<(String, Var)>,
     opt: AdamW,
     ema: Option<Ema>,
     device: Device,
@@ -275,9 +277,9 @@ struct StepInputs {
 }
 
 impl TrainStep {
-    /// Build the model with seeded random weights in `dtype` (the trainer
-    /// uses f32; other dtypes keep the weights in that dtype while AdamW's
-    /// moments stay f32).
+    /// Build the model with seeded random f32 weights, computing in `dtype`
+    /// as the trainer does (bf16: autocast from f32 master weights, the
+    /// model rebuilt from fresh casts after each update).
     pub fn new(
         cfg: &DitConfig,
         seed: u64,
@@ -286,9 +288,12 @@ impl TrainStep {
         ema: bool,
     ) -> Result<Self> {
         let varmap = VarMap::new();
-        let vb = SeededVarMap::var_builder(&varmap, seed, dtype, device);
-        let model = DitModel::new(cfg, vb)?;
+        let vb = SeededVarMap::var_builder(&varmap, seed, DType::F32, device);
+        let mut model = DitModel::new(cfg, vb)?;
         let all = varmap_vars(&varmap)?;
+        if dtype != DType::F32 {
+            model = DitModel::new(cfg, CastVars::var_builder(&all, dtype, device))?;
+        }
         let trainable: Vec<(String, Var)> =
             all.iter().filter(|(k, _)| !is_frozen(k)).cloned().collect();
         let opt = AdamW::new(
@@ -303,6 +308,7 @@ impl TrainStep {
         Ok(Self {
             model,
             trainable,
+            all,
             opt,
             ema,
             device: device.clone(),
@@ -361,6 +367,12 @@ impl TrainStep {
         drop(store);
         grads.clip_global_norm(1.0)?;
         self.opt.step(&grads, 2e-4)?;
+        if self.dtype != DType::F32 {
+            self.model = DitModel::new(
+                &self.cfg,
+                CastVars::var_builder(&self.all, self.dtype, &self.device),
+            )?;
+        }
         if let Some(ema) = &mut self.ema {
             ema.update(self.trainable.iter().map(|(k, v)| (k, v)))?;
         }

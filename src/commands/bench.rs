@@ -162,22 +162,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--precision` to a candle dtype. Kept local (a library-wide precision
-/// option is being added separately; switch to it once merged).
-fn parse_precision(s: &str, device: &Device, auto: DType) -> anyhow::Result<DType> {
-    Ok(match s.to_ascii_lowercase().as_str() {
-        "f32" | "fp32" | "float32" => DType::F32,
-        "bf16" | "bfloat16" => DType::BF16,
-        "f16" | "fp16" | "float16" => DType::F16,
-        "auto" => {
-            if device.is_cuda() {
-                auto
-            } else {
-                DType::F32
-            }
-        }
-        other => bail!("--precision {other:?}: expected auto, f32, bf16 or f16"),
-    })
+/// `--precision` to a candle dtype: the library's rule (`auto` = bf16 on
+/// CUDA, f32 on the CPU; for `train`, bf16 means autocast from f32 masters).
+fn parse_precision(s: &str, device: &Device) -> anyhow::Result<DType> {
+    let p: rae_cache::precision::Precision = s.parse().map_err(anyhow::Error::msg)?;
+    Ok(p.resolve(device))
 }
 
 fn dtype_name(d: DType) -> &'static str {
@@ -253,7 +242,7 @@ impl Drop for TempDir {
 fn encoder(a: EncoderArgs) -> anyhow::Result<Value> {
     let c = &a.common;
     let device = parse_device(&c.device)?;
-    let dtype = parse_precision(&c.precision, &device, DType::BF16)?;
+    let dtype = parse_precision(&c.precision, &device)?;
     let shape = parse_shape(&a.shape)?;
     let mut _tmp = None;
     let (dir, model, params) = match &a.encoder {
@@ -325,7 +314,7 @@ fn train(a: TrainArgs) -> anyhow::Result<Value> {
     let c = &a.common;
     let device = parse_device(&c.device)?;
     // The trainer keeps f32 weights: that is what `auto` measures.
-    let dtype = parse_precision(&c.precision, &device, DType::F32)?;
+    let dtype = parse_precision(&c.precision, &device)?;
     let cfg = DitConfig::load(&a.preset).with_context(|| format!("model {:?}", a.preset))?;
     let mut step = TrainStep::new(&cfg, a.seed, dtype, &device, !a.no_ema)?;
     let params = step.trainable_params();
@@ -405,7 +394,7 @@ fn train(a: TrainArgs) -> anyhow::Result<Value> {
 fn decoder(a: DecoderArgs) -> anyhow::Result<Value> {
     let c = &a.common;
     let device = parse_device(&c.device)?;
-    let dtype = parse_precision(&c.precision, &device, DType::BF16)?;
+    let dtype = parse_precision(&c.precision, &device)?;
     let (cfg, model): (DecoderConfig, String) = match &a.decoder_config {
         Some(p) => (load_config(p)?, p.display().to_string()),
         None => (
@@ -564,14 +553,8 @@ mod tests {
     #[test]
     fn precisions() {
         let cpu = Device::Cpu;
-        assert_eq!(
-            parse_precision("bf16", &cpu, DType::F32).unwrap(),
-            DType::BF16
-        );
-        assert_eq!(
-            parse_precision("auto", &cpu, DType::BF16).unwrap(),
-            DType::F32
-        );
-        assert!(parse_precision("f8", &cpu, DType::F32).is_err());
+        assert_eq!(parse_precision("bf16", &cpu).unwrap(), DType::BF16);
+        assert_eq!(parse_precision("auto", &cpu).unwrap(), DType::F32);
+        assert!(parse_precision("f8", &cpu).is_err());
     }
 }
