@@ -38,7 +38,9 @@ fn cuda(n: usize) -> Result<Device, DeviceError> {
         Ok(Ok(d)) => Ok(d),
         Ok(Err(e)) => Err(DeviceError::Unavailable {
             spec: format!("cuda:{n}"),
-            reason: e.to_string(),
+            // candle appends a backtrace when RUST_BACKTRACE is set: keep
+            // the message only.
+            reason: e.to_string().lines().next().unwrap_or_default().to_string(),
         }),
         Err(_) => Err(DeviceError::Unavailable {
             spec: format!("cuda:{n}"),
