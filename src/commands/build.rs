@@ -57,6 +57,10 @@ pub struct Args {
     /// Decode threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Shards written (compressed) in parallel (0 = a quarter of the cores,
+    /// 2 to 8).
+    #[arg(long, default_value_t = 0)]
+    pub writers: usize,
     /// `cpu`, `cuda:N` or `auto` (CUDA when built with it and present).
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -111,6 +115,7 @@ impl Args {
         c.rows_per_group = self.rows_per_group;
         c.zstd_level = self.zstd_level;
         c.threads = self.threads;
+        c.writers = self.writers;
         c.device = self.device.clone();
         c.precision = self.precision;
         c.tf32 = self.tf32;

@@ -25,6 +25,7 @@ pub mod lock;
 pub mod manifest;
 pub mod merge;
 pub mod plan;
+mod sink;
 mod stages;
 pub mod verify;
 
@@ -37,9 +38,7 @@ use sha2::Digest;
 
 use crate::encoders::{EncoderError, EncoderSpec};
 use crate::images::{DecodeOptions, ImageEntry, ImageError, Skipped};
-use crate::shards::{
-    LatentDType, LatentRow, ShardError, ShardReader, ShardWriter, StatsAccumulator, WriterOptions,
-};
+use crate::shards::{LatentDType, ShardError, ShardReader, StatsAccumulator, WriterOptions};
 
 pub use manifest::{BuildManifest, HFlip};
 pub use plan::{PartSpec, ShardPlan};
@@ -117,6 +116,9 @@ pub struct BuildConfig {
     pub zstd_level: i32,
     /// Decode threads; 0 = all cores.
     pub threads: usize,
+    /// Shards written (compressed) at once; 0 = a quarter of the cores,
+    /// at least 2, at most 8.
+    pub writers: usize,
     pub device: String,
     /// Encoder compute dtype (`auto`: bf16 on CUDA, f32 on the CPU). The
     /// latents leave the encoder as f32 whatever it is.
@@ -144,6 +146,7 @@ impl BuildConfig {
             rows_per_group: 32,
             zstd_level: 3,
             threads: 0,
+            writers: 0,
             device: "auto".into(),
             precision: crate::precision::Precision::Auto,
             tf32: false,
@@ -460,19 +463,25 @@ pub fn run_build(cfg: &BuildConfig) -> Result<BuildSummary, PipelineError> {
         device: &device,
     };
     let run_start = Instant::now();
-    let mut writer = ShardSink {
-        plan: &plan,
-        entries: &entries,
+    let writers = if cfg.writers == 0 {
+        // Roughly a quarter of the cores compress while the rest decode.
+        (threads / 4).clamp(2, 8)
+    } else {
+        cfg.writers
+    };
+    let mut writer = sink::ShardSink::new(
+        &plan,
+        &entries,
         flips,
-        opts: writer_opts,
-        shards_dir: &shards_dir,
-        root: &root,
-        manifest: &mut m,
-        current: None,
+        writer_opts,
+        &shards_dir,
+        &root,
+        &mut m,
+        writers,
         seconds_before,
         run_start,
-        bar: &bar,
-    };
+        &bar,
+    );
     stages::run(
         &entries,
         todo.clone(),
@@ -480,7 +489,7 @@ pub fn run_build(cfg: &BuildConfig) -> Result<BuildSummary, PipelineError> {
         &stage_opts,
         |msg| writer.accept(msg),
     )?;
-    drop(writer);
+    writer.finish()?;
     bar.finish_and_clear();
 
     if m.next_shard() != plan.shards.end {
@@ -602,149 +611,6 @@ fn prepare_resume(
         }
     }
     Ok(())
-}
-
-/// The writer stage: rows of the current shard stream into its
-/// `ShardWriter`; at the shard's last image the file is finished (fsync,
-/// rename), read back for the statistics, and the manifest is rewritten.
-struct ShardSink<'a> {
-    plan: &'a ShardPlan,
-    entries: &'a [ImageEntry],
-    flips: &'a [bool],
-    opts: WriterOptions,
-    shards_dir: &'a Path,
-    root: &'a Path,
-    manifest: &'a mut BuildManifest,
-    current: Option<OpenShard>,
-    seconds_before: f64,
-    run_start: Instant,
-    bar: &'a indicatif::ProgressBar,
-}
-
-struct OpenShard {
-    index: usize,
-    writer: Option<ShardWriter>,
-    rows: u64,
-    images: u64,
-    keys: Vec<String>,
-    rejected: Vec<Skipped>,
-}
-
-impl ShardSink<'_> {
-    fn accept(&mut self, msg: stages::Encoded) -> Result<(), PipelineError> {
-        let idx = match &msg {
-            stages::Encoded::Image { idx, .. } | stages::Encoded::Rejected { idx, .. } => *idx,
-        };
-        let shard = self.plan.shard_of(idx);
-        if self.current.as_ref().map(|c| c.index) != Some(shard) {
-            if self.current.is_some() {
-                return Err(PipelineError::Invalid(format!(
-                    "image {idx} arrived before shard {} was complete",
-                    shard - 1
-                )));
-            }
-            self.current = Some(OpenShard {
-                index: shard,
-                writer: None,
-                rows: 0,
-                images: 0,
-                keys: Vec::new(),
-                rejected: Vec::new(),
-            });
-        }
-        let entry = &self.entries[idx];
-        let cur = self
-            .current
-            .as_mut()
-            .ok_or_else(|| PipelineError::Invalid("no open shard".into()))?;
-        match msg {
-            stages::Encoded::Image { latents, .. } => {
-                if cur.writer.is_none() {
-                    let path = self.shards_dir.join(plan::shard_file_name(shard));
-                    cur.writer = Some(ShardWriter::create(&path, self.opts.clone())?);
-                }
-                let rows: Vec<LatentRow<'_>> = self
-                    .flips
-                    .iter()
-                    .zip(&latents)
-                    .map(|(&flip, l)| LatentRow {
-                        key: &entry.key,
-                        label: entry.label,
-                        flip,
-                        latent: l,
-                    })
-                    .collect();
-                if let Some(w) = cur.writer.as_mut() {
-                    w.write_rows(&rows)?;
-                }
-                cur.rows += rows.len() as u64;
-                cur.images += 1;
-                cur.keys.push(entry.key.clone());
-            }
-            stages::Encoded::Rejected { reason, .. } => {
-                tracing::warn!("skipping {}: {reason}", entry.key);
-                cur.rejected.push(Skipped {
-                    key: entry.key.clone(),
-                    reason,
-                });
-            }
-        }
-        self.bar.inc(1);
-        if idx + 1 == self.plan.images_of(shard).end {
-            if let Some(open) = self.current.take() {
-                self.finish_shard(open)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn finish_shard(&mut self, open: OpenShard) -> Result<(), PipelineError> {
-        let (file, bytes, sha) = match open.writer {
-            None => (None, 0, None),
-            Some(w) => {
-                let name = plan::shard_file_name(open.index);
-                let path = self.shards_dir.join(&name);
-                let info = w.finish()?;
-                let acc = read_back_stats(&path, &open.keys, self.flips, open.rows, &self.opts)?;
-                acc.save_state(&state_file(self.root, open.index))?;
-                let sha = sha256_file(&path)?;
-                if !info.sha256.is_empty() && !info.sha256.eq_ignore_ascii_case(&sha) {
-                    return Err(PipelineError::DamagedShard {
-                        path,
-                        reason: format!("writer reported sha256 {}, file has {sha}", info.sha256),
-                    });
-                }
-                let bytes = std::fs::metadata(&path).map_err(io_err(&path))?.len();
-                (
-                    Some(format!("{}/{name}", manifest::SHARDS_DIR)),
-                    bytes,
-                    Some(sha),
-                )
-            }
-        };
-        let m = &mut *self.manifest;
-        if m.next_shard() != open.index {
-            return Err(PipelineError::Invalid(format!(
-                "shard {} finished out of order",
-                open.index
-            )));
-        }
-        m.shards.push(manifest::ShardEntry {
-            index: open.index,
-            file,
-            rows: open.rows,
-            bytes,
-            sha256: sha,
-            images: open.images,
-            rejected: open.rejected,
-        });
-        m.refresh_totals();
-        m.build_log.updated_unix = manifest::unix_now();
-        m.build_log.seconds = self.seconds_before + self.run_start.elapsed().as_secs_f64();
-        m.save(self.root)?;
-        tracing::debug!(shard = open.index, rows = open.rows, "shard complete");
-        Ok(())
-    }
 }
 
 /// Read a finished shard back (what training will see, quantisation
