@@ -223,7 +223,11 @@ fn thread_count_does_not_change_the_bytes() {
     let images = common::fixture("images");
     let (a, b) = (tmp.path().join("t1"), tmp.path().join("t3"));
     run_ok(&images, &a, &["--threads", "1", "--writers", "1"]);
-    run_ok(&images, &b, &["--threads", "3", "--batch-size", "3", "--writers", "3"]);
+    run_ok(
+        &images,
+        &b,
+        &["--threads", "3", "--batch-size", "3", "--writers", "3"],
+    );
     assert_same_cache(&a, &b, "--threads 3 --writers 3");
     assert_eq!(manifest_without_log(&a), manifest_without_log(&b));
 }

@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+mod latent_chunk;
 pub mod manifest;
 mod pages;
 pub mod quant;

@@ -10,17 +10,17 @@ use arrow::array::{
     ArrayRef, BooleanArray, FixedSizeListArray, Int32Array, PrimitiveArray, StringArray,
 };
 use arrow::buffer::ScalarBuffer;
-use arrow::datatypes::{
-    ArrowPrimitiveType, Float16Type, Float32Type, Int8Type, SchemaRef, UInt16Type,
-};
-use arrow::record_batch::RecordBatch;
+use arrow::datatypes::{ArrowPrimitiveType, Float32Type, SchemaRef};
 use half::f16;
+use parquet::arrow::arrow_writer::{ArrowRowGroupWriterFactory, compute_leaves};
 use parquet::arrow::{ArrowSchemaConverter, ArrowWriter};
 use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{DEFAULT_CREATED_BY, EnabledStatistics, WriterProperties};
+use parquet::file::writer::SerializedFileWriter;
 use sha2::{Digest, Sha256};
 
+use super::latent_chunk::{self, LeafValues};
 use super::schema::{self, COL_LATENT, COL_SCALE, TOOL_VERSION};
 use super::{LatentDType, LatentRow, ShardError, ShardInfo, WriterOptions, quant};
 
@@ -69,7 +69,11 @@ pub struct ShardWriter {
     tmp: PathBuf,
     opts: WriterOptions,
     schema: SchemaRef,
-    writer: Option<ArrowWriter<HashingWriter>>,
+    /// Row groups are assembled column by column: the small columns through
+    /// parquet's Arrow column writers, the latent leaf by [`latent_chunk`].
+    writer: Option<SerializedFileWriter<HashingWriter>>,
+    factory: ArrowRowGroupWriterFactory,
+    row_groups: usize,
     keys: Vec<String>,
     labels: Vec<i32>,
     flips: Vec<bool>,
@@ -140,8 +144,11 @@ impl ShardWriter {
             hasher: Sha256::new(),
             bytes: 0,
         };
-        let writer =
-            ArrowWriter::try_new(sink, schema.clone(), Some(props.build())).map_err(|e| {
+        // ArrowWriter sets up the file (Arrow schema in the footer, column
+        // properties); its lower-level halves then write the row groups.
+        let (writer, factory) = ArrowWriter::try_new(sink, schema.clone(), Some(props.build()))
+            .and_then(|w| w.into_serialized_writer())
+            .map_err(|e| {
                 let _ = std::fs::remove_file(&tmp);
                 ShardError::parquet(path, e)
             })?;
@@ -160,6 +167,8 @@ impl ShardWriter {
             opts,
             schema,
             writer: Some(writer),
+            factory,
+            row_groups: 0,
             keys: Vec::new(),
             labels: Vec::new(),
             flips: Vec::new(),
@@ -217,65 +226,106 @@ impl ShardWriter {
         if self.keys.is_empty() {
             return Ok(());
         }
+        let rows = self.keys.len();
         let n = self.opts.tokens * self.opts.channels;
         let path = self.path.clone();
-        let list_item = |name: &str| match self.schema.field_with_name(name).map(|f| f.data_type())
-        {
-            Ok(arrow::datatypes::DataType::FixedSizeList(f, _)) => Ok(f.clone()),
-            _ => Err(ShardError::format(
-                &path,
-                format!("internal: schema lacks list column {name}"),
-            )),
-        };
-        let list = |values: ArrayRef, item, len: usize| -> Result<ArrayRef, ShardError> {
-            let a = FixedSizeListArray::try_new(item, len as i32, values, None).map_err(|e| {
-                ShardError::format(&path, format!("internal: building list array: {e}"))
-            })?;
-            Ok(Arc::new(a))
-        };
-        let latent_item = list_item(COL_LATENT)?;
-        let mut columns: Vec<ArrayRef> = vec![
+        let perr = |e| ShardError::parquet(&path, e);
+        let mut small: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(self.keys.drain(..))),
             Arc::new(Int32Array::from(std::mem::take(&mut self.labels))),
             Arc::new(BooleanArray::from(std::mem::take(&mut self.flips))),
         ];
-        match &mut self.pending {
-            Pending::F16(v) => columns.push(list(
-                prim::<Float16Type>(std::mem::take(v)),
-                latent_item,
-                n,
-            )?),
-            Pending::Bf16(v) => {
-                columns.push(list(prim::<UInt16Type>(std::mem::take(v)), latent_item, n)?)
-            }
-            Pending::F32(v) => columns.push(list(
-                prim::<Float32Type>(std::mem::take(v)),
-                latent_item,
-                n,
-            )?),
-            Pending::Int8 { q, scales } => {
-                let (q, scales) = (std::mem::take(q), std::mem::take(scales));
-                columns.push(list(prim::<Int8Type>(q), latent_item, n)?);
-                columns.push(list(
-                    prim::<Float32Type>(scales),
-                    list_item(COL_SCALE)?,
-                    self.opts.tokens,
-                )?);
-            }
+        let pending = std::mem::replace(
+            &mut self.pending,
+            match self.opts.dtype {
+                LatentDType::F16 => Pending::F16(Vec::new()),
+                LatentDType::Bf16 => Pending::Bf16(Vec::new()),
+                LatentDType::F32 => Pending::F32(Vec::new()),
+                LatentDType::Int8 => Pending::Int8 {
+                    q: Vec::new(),
+                    scales: Vec::new(),
+                },
+            },
+        );
+        if let Pending::Int8 { scales, .. } = &pending {
+            let item = match self
+                .schema
+                .field_with_name(COL_SCALE)
+                .map(|f| f.data_type())
+            {
+                Ok(arrow::datatypes::DataType::FixedSizeList(f, _)) => f.clone(),
+                _ => {
+                    return Err(ShardError::format(
+                        &path,
+                        "internal: schema lacks the scale column",
+                    ));
+                }
+            };
+            let a = FixedSizeListArray::try_new(
+                item,
+                self.opts.tokens as i32,
+                prim::<Float32Type>(scales.clone()),
+                None,
+            )
+            .map_err(|e| ShardError::format(&path, format!("internal: scale list: {e}")))?;
+            small.push(Arc::new(a));
         }
-        let batch = RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| {
-            ShardError::format(&self.path, format!("internal: building record batch: {e}"))
-        })?;
-        let writer = self
+        let values = match &pending {
+            Pending::F16(v) => LeafValues::F16(v),
+            Pending::Bf16(v) => LeafValues::U16InI32(v),
+            Pending::F32(v) => LeafValues::F32(v),
+            Pending::Int8 { q, .. } => LeafValues::I8InI32(q),
+        };
+        let fw = self
             .writer
             .as_mut()
-            .ok_or_else(|| ShardError::format(&self.path, "writer already closed"))?;
-        writer
-            .write(&batch)
-            .map_err(|e| ShardError::parquet(&self.path, e))?;
-        writer
-            .flush()
-            .map_err(|e| ShardError::parquet(&self.path, e))?;
+            .ok_or_else(|| ShardError::format(&path, "writer already closed"))?;
+        let descr = fw.schema_descr();
+        if descr.num_columns() != self.schema.fields().len() {
+            return Err(ShardError::format(
+                &path,
+                "internal: one Parquet leaf per Arrow column expected",
+            ));
+        }
+        let latent_leaf = self
+            .schema
+            .index_of(COL_LATENT)
+            .map_err(|e| ShardError::format(&path, format!("internal: {e}")))?;
+        let (chunk, close) = latent_chunk::encode(
+            descr.column(latent_leaf),
+            values,
+            rows,
+            n,
+            self.opts.zstd_level,
+        )
+        .map_err(perr)?;
+        let writers = self
+            .factory
+            .create_column_writers(self.row_groups)
+            .map_err(perr)?;
+        let mut rg = fw.next_row_group().map_err(perr)?;
+        let mut small = small.into_iter();
+        let mut chunk = Some((chunk, close));
+        for (i, (field, mut cw)) in self.schema.fields().iter().zip(writers).enumerate() {
+            if i == latent_leaf {
+                if let Some((bytes, close)) = chunk.take() {
+                    rg.append_column(&bytes, close).map_err(perr)?;
+                }
+                continue;
+            }
+            let array = small
+                .next()
+                .ok_or_else(|| ShardError::format(&path, "internal: fewer arrays than columns"))?;
+            for leaf in compute_leaves(field, &array).map_err(perr)? {
+                cw.write(&leaf).map_err(perr)?;
+            }
+            cw.close()
+                .map_err(perr)?
+                .append_to_row_group(&mut rg)
+                .map_err(perr)?;
+        }
+        rg.close().map_err(perr)?;
+        self.row_groups += 1;
         Ok(())
     }
 
