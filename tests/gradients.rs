@@ -13,6 +13,23 @@ use rae_cache::diffusion::{interpolate, velocity_target};
 use rae_cache::models::checkpoint::{fill_varmap, is_frozen, load_state_dict, trainable_vars};
 use rae_cache::models::{DitConfig, DitDh, WeightsKey};
 
+/// The fixture's DiT-DH config and its trainstep starting weights (f32).
+fn fixture_model_vars(dev: &Device) -> (rae_cache::models::DitDhConfig, VarMap) {
+    let DitConfig::DitDh(cfg) = DitConfig::load(fixture("ditdh.json").to_str().unwrap()).unwrap()
+    else {
+        panic!("ditdh.json is not a DiT-DH config")
+    };
+    let theta0 = load_state_dict(
+        &fixture("trainstep-theta0.safetensors"),
+        &WeightsKey::Root,
+        dev,
+    )
+    .unwrap();
+    let varmap = VarMap::new();
+    fill_varmap(&varmap, &theta0, DType::F32).unwrap();
+    (cfg, varmap)
+}
+
 fn max_abs(t: &Tensor) -> f32 {
     t.abs()
         .unwrap()
@@ -30,18 +47,7 @@ fn trainstep_gradients_match_reference() {
     assert_eq!(spec["x_t"], "(1-t)*x0 + t*eps");
     assert_eq!(spec["target"], "eps - x0");
     let dev = Device::Cpu;
-    let DitConfig::DitDh(cfg) = DitConfig::load(fixture("ditdh.json").to_str().unwrap()).unwrap()
-    else {
-        panic!("ditdh.json is not a DiT-DH config")
-    };
-    let theta0 = load_state_dict(
-        &fixture("trainstep-theta0.safetensors"),
-        &WeightsKey::Root,
-        &dev,
-    )
-    .unwrap();
-    let varmap = VarMap::new();
-    fill_varmap(&varmap, &theta0, DType::F32).unwrap();
+    let (cfg, varmap) = fixture_model_vars(&dev);
     let model = DitDh::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
 
     let io: HashMap<String, Tensor> =
@@ -164,18 +170,7 @@ fn bf16_autocast_step_reaches_every_f32_master_weight() {
     // f32 gradient close to the reference's.
     use rae_cache::train::init::CastVars;
     let dev = Device::Cpu;
-    let DitConfig::DitDh(cfg) = DitConfig::load(fixture("ditdh.json").to_str().unwrap()).unwrap()
-    else {
-        panic!("ditdh.json is not a DiT-DH config")
-    };
-    let theta0 = load_state_dict(
-        &fixture("trainstep-theta0.safetensors"),
-        &WeightsKey::Root,
-        &dev,
-    )
-    .unwrap();
-    let varmap = VarMap::new();
-    fill_varmap(&varmap, &theta0, DType::F32).unwrap();
+    let (cfg, varmap) = fixture_model_vars(&dev);
     let vars: Vec<(String, candle_core::Var)> = varmap
         .data()
         .lock()

@@ -62,6 +62,20 @@ enum Pending {
     Int8 { q: Vec<i8>, scales: Vec<f32> },
 }
 
+impl Pending {
+    fn empty(dtype: LatentDType) -> Self {
+        match dtype {
+            LatentDType::F16 => Self::F16(Vec::new()),
+            LatentDType::Bf16 => Self::Bf16(Vec::new()),
+            LatentDType::F32 => Self::F32(Vec::new()),
+            LatentDType::Int8 => Self::Int8 {
+                q: Vec::new(),
+                scales: Vec::new(),
+            },
+        }
+    }
+}
+
 /// Writes one shard to a temp name; `finish` fsyncs and renames it.
 /// Dropping an unfinished writer deletes the temp file.
 pub struct ShardWriter {
@@ -152,15 +166,7 @@ impl ShardWriter {
                 let _ = std::fs::remove_file(&tmp);
                 ShardError::parquet(path, e)
             })?;
-        let pending = match opts.dtype {
-            LatentDType::F16 => Pending::F16(Vec::new()),
-            LatentDType::Bf16 => Pending::Bf16(Vec::new()),
-            LatentDType::F32 => Pending::F32(Vec::new()),
-            LatentDType::Int8 => Pending::Int8 {
-                q: Vec::new(),
-                scales: Vec::new(),
-            },
-        };
+        let pending = Pending::empty(opts.dtype);
         Ok(ShardWriter {
             path: path.to_path_buf(),
             tmp,
@@ -235,18 +241,7 @@ impl ShardWriter {
             Arc::new(Int32Array::from(std::mem::take(&mut self.labels))),
             Arc::new(BooleanArray::from(std::mem::take(&mut self.flips))),
         ];
-        let pending = std::mem::replace(
-            &mut self.pending,
-            match self.opts.dtype {
-                LatentDType::F16 => Pending::F16(Vec::new()),
-                LatentDType::Bf16 => Pending::Bf16(Vec::new()),
-                LatentDType::F32 => Pending::F32(Vec::new()),
-                LatentDType::Int8 => Pending::Int8 {
-                    q: Vec::new(),
-                    scales: Vec::new(),
-                },
-            },
-        );
+        let pending = std::mem::replace(&mut self.pending, Pending::empty(self.opts.dtype));
         if let Pending::Int8 { scales, .. } = &pending {
             let item = match self
                 .schema
