@@ -286,11 +286,9 @@ fn write_shard(
                         latent: l,
                     })
                     .collect();
-                if let Some(w) = writer.as_mut() {
-                    if let Err(e) = w.write_rows(&batch) {
-                        failed = Some(e.into());
-                        continue;
-                    }
+                if let Some(Err(e)) = writer.as_mut().map(|w| w.write_rows(&batch)) {
+                    failed = Some(e.into());
+                    continue;
                 }
                 rows += batch.len() as u64;
                 keys.push(key);

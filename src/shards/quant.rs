@@ -104,7 +104,7 @@ mod tests {
 
     #[test]
     fn bf16_bits_match_half() {
-        let src = [1.0f32, -2.5, 3.14159, 1e-3, 65504.0];
+        let src = [1.0f32, -2.5, 3.25159, 1e-3, 65504.0];
         let mut bits = Vec::new();
         push_bf16_bits(&mut bits, &src);
         let mut back = [0f32; 5];
