@@ -429,3 +429,39 @@ fn bf16_autocast_training_tracks_f32_and_keeps_f32_masters() {
         .count();
     assert!(moved > 0);
 }
+
+#[test]
+fn cli_launch_stops_the_job_when_a_rank_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let missing = tmp.path().join("no-such-cache");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_rae-cache"))
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            &port,
+            "--",
+            "train",
+        ])
+        .arg("--data")
+        .arg(&missing)
+        .arg("--out")
+        .arg(tmp.path().join("run"))
+        .args(["--steps", "1", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("exited with status"), "{err}");
+    assert!(
+        err.contains("no-such-cache"),
+        "the rank's own error is shown: {err}"
+    );
+}

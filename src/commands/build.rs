@@ -42,8 +42,9 @@ pub struct Args {
     /// with random flips); `none`: the crop only.
     #[arg(long, value_enum, default_value = "both")]
     pub hflip: HFlipArg,
-    /// Images per encoder batch (each gives one crop per flip).
-    #[arg(long, default_value_t = 32)]
+    /// Images per encoder batch (each gives one crop per flip); 0 = 256 on
+    /// CUDA, 32 on the CPU.
+    #[arg(long, default_value_t = 0)]
     pub batch_size: usize,
     /// Rows per shard (one row per image and flip); default 1024 images' rows.
     #[arg(long)]
@@ -57,8 +58,7 @@ pub struct Args {
     /// Decode threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Shards written (compressed) in parallel (0 = a quarter of the cores,
-    /// 2 to 8).
+    /// Shards written (compressed) in parallel (0 = half the cores, 2 to 16).
     #[arg(long, default_value_t = 0)]
     pub writers: usize,
     /// `cpu`, `cuda:N` or `auto` (CUDA when built with it and present).

@@ -41,6 +41,10 @@ pub enum Encoded {
 }
 
 pub struct StageOptions<'a> {
+    /// Bring latents back as f16 (half the device-to-host bytes): only when
+    /// they are stored as f16, where f32 -> f16 on the device rounds exactly
+    /// as the writer would.
+    pub f16_transfer: bool,
     pub threads: usize,
     pub batch_size: usize,
     pub crop_size: u32,
@@ -211,6 +215,20 @@ fn encode_stage(
     Ok(())
 }
 
+/// The f32 latents `z` on the host, through f16 when `f16` (the writer then
+/// stores exactly the same f16 values).
+fn download(z: &candle_core::Tensor, f16: bool) -> Result<Vec<f32>, PipelineError> {
+    let z = z.flatten_all()?;
+    if !f16 {
+        return Ok(z.to_vec1::<f32>()?);
+    }
+    use half::slice::HalfFloatSliceExt;
+    let h = z.to_dtype(DType::F16)?.to_vec1::<half::f16>()?;
+    let mut out = vec![0f32; h.len()];
+    h.convert_to_f32_slice(&mut out);
+    Ok(out)
+}
+
 /// Encode the decoded crops in `pending` (all flips in one batch) and send
 /// everything, rejections included, in order. `Ok(false)`: writer gone.
 fn flush(
@@ -240,7 +258,7 @@ fn flush(
                 spec.channels
             )));
         }
-        let flat = z.flatten_all()?.to_vec1::<f32>()?;
+        let flat = download(&z, opts.f16_transfer)?;
         let per = spec.tokens * spec.channels;
         latents = (0..b)
             .map(|i| {
@@ -264,4 +282,29 @@ fn flush(
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod transfer_tests {
+    use super::*;
+
+    #[test]
+    fn f16_transfer_stores_the_same_f16_values() {
+        // What the device rounds to f16 and the writer stores must equal
+        // what the writer would make of the f32 latents itself.
+        let mut v: Vec<f32> = (0..20_000)
+            .map(|i| ((i as f32) * 0.7311).sin() * 10f32.powi(i % 9 - 4))
+            .collect();
+        v.extend([
+            0.0, -0.0, 65504.0, 65520.0, 1e-8, -6.1e-5, 5.9e-8, 3.0e-8, 1e6,
+        ]);
+        let z = candle_core::Tensor::from_vec(v.clone(), v.len(), &Device::Cpu).unwrap();
+        let via = download(&z, true).unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        crate::shards::quant::push_f16(&mut a, &v);
+        crate::shards::quant::push_f16(&mut b, &via);
+        let bits = |x: &[half::f16]| x.iter().map(|h| h.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b));
+        assert_eq!(download(&z, false).unwrap(), v);
+    }
 }
