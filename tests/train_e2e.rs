@@ -268,6 +268,7 @@ fn run_ranks(
                     },
                     timeout: std::time::Duration::from_secs(60),
                     advertise_host: None,
+                    backend: None,
                 };
                 let comm = TcpGroup::connect(&env).unwrap();
                 let mut tr =

@@ -88,6 +88,9 @@ pub struct DistEnv {
     /// With a file rendezvous: the name rank 0 writes for itself
     /// (`RAE_DIST_HOST`; default the machine's host name).
     pub advertise_host: Option<String>,
+    /// `RAE_DIST_BACKEND=tcp|nccl` forces a backend (default: NCCL on CUDA
+    /// when built with it, else TCP). TCP lets several ranks share one GPU.
+    pub backend: Option<String>,
 }
 
 /// Default wait for the other ranks at the rendezvous.
@@ -161,6 +164,16 @@ impl DistEnv {
             init,
             timeout,
             advertise_host: get("RAE_DIST_HOST").filter(|s| !s.trim().is_empty()),
+            backend: match get("RAE_DIST_BACKEND").map(|s| s.trim().to_ascii_lowercase()) {
+                None => None,
+                Some(b) if b.is_empty() => None,
+                Some(b) if b == "tcp" || b == "nccl" => Some(b),
+                Some(b) => {
+                    return Err(DistError::Env(format!(
+                        "RAE_DIST_BACKEND={b:?}: expected tcp or nccl"
+                    )));
+                }
+            },
         }))
     }
 
@@ -173,11 +186,17 @@ impl DistEnv {
 /// Connect this process to its job: the NCCL backend on a CUDA device when
 /// built with `nccl`, else TCP through rank 0.
 pub fn connect(env: &DistEnv, device: &candle_core::Device) -> Result<Box<dyn Collective>> {
+    let forced = env.backend.as_deref();
     #[cfg(feature = "nccl")]
-    if let candle_core::Device::Cuda(d) = device {
+    if let (candle_core::Device::Cuda(d), None | Some("nccl")) = (device, forced) {
         return Ok(Box::new(nccl::NcclGroup::connect(env, d)?));
     }
-    if device.is_cuda() {
+    if forced == Some("nccl") {
+        return Err(DistError::Env(
+            "RAE_DIST_BACKEND=nccl needs a CUDA device and a build with `--features nccl`".into(),
+        ));
+    }
+    if device.is_cuda() && forced.is_none() {
         tracing::warn!(
             "this binary has no NCCL (`--features nccl`): gradients go through the host over TCP, which is slow"
         );
@@ -246,6 +265,26 @@ mod tests {
                 port: 29501
             }
         );
+    }
+
+    #[test]
+    fn backend_override() {
+        let base = [
+            ("WORLD_SIZE", "2"),
+            ("RANK", "0"),
+            ("RAE_DIST_INIT", "file:///x"),
+        ];
+        let with = |b: &str| {
+            let mut v = base.to_vec();
+            v.push(("RAE_DIST_BACKEND", b));
+            env(&v)
+        };
+        assert_eq!(env(&base).unwrap().unwrap().backend, None);
+        assert_eq!(
+            with("TCP").unwrap().unwrap().backend.as_deref(),
+            Some("tcp")
+        );
+        assert!(with("gloo").is_err());
     }
 
     #[test]

@@ -310,6 +310,7 @@ mod tests {
                 init: init.clone(),
                 timeout: Duration::from_secs(20),
                 advertise_host: None,
+                backend: None,
             })
             .collect()
     }

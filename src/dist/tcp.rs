@@ -202,6 +202,7 @@ mod tests {
                         },
                         timeout: Duration::from_secs(20),
                         advertise_host: None,
+                        backend: None,
                     };
                     f(TcpGroup::connect(&env).unwrap())
                 })

@@ -480,6 +480,7 @@ impl Trainer {
         }
         let lr = self.schedule.lr_at(self.step);
         self.opt.step(&grads, lr)?;
+        drop(grads); // before the fresh casts below: lower peak memory
         if self.compute != DType::F32 {
             // Fresh casts of the updated master weights.
             let vb = CastVars::var_builder(&self.all_vars, self.compute, self.loader_device());
