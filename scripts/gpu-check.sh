@@ -145,6 +145,22 @@ else
   printf '%s\tSKIP\t-\t0\t0\n' torch-encdec >> "$STEPS"
 fi
 
+# ---- 5b. the data-parallel training path on this device: 2 ranks sharing it (TCP backend: NCCL refuses
+#          two ranks on one GPU) against one process, same global batch; the losses must agree
+DPM=$WORK/dp-model.json
+cat > "$DPM" <<'JSON'
+{"input_size": 16, "in_channels": 48, "hidden_size": [64, 96], "depth": [2, 1], "num_heads": [4, 4],
+ "num_classes": 100, "mlp_ratio": 4.0, "use_qknorm": false, "use_swiglu": true, "use_rope": true,
+ "use_rmsnorm": true, "wo_shift": false, "use_pos_embed": true}
+JSON
+DP_ARGS=(--model-config "$DPM" --global-batch 8 --steps 3 --seed 3 --device "$DEV" --precision f32 --json)
+rm -rf "$WORK/dpcache" "$WORK/dp1" "$WORK/dp2"
+run_step dp-cache 60 "$BIN" build "$WORK/images" --encoder "$FIX/encoder-dinov2reg" --out "$WORK/dpcache" \
+  --device "$DEV" --limit 32 --json
+run_step dp-one 60 "$BIN" train --data "$WORK/dpcache" --out "$WORK/dp1" --batch-size 8 "${DP_ARGS[@]}"
+run_step dp-two 90 env RAE_DIST_BACKEND=tcp "$BIN" launch --nproc-per-node 2 --master-port "${DP_PORT:-29531}" -- \
+  train --data "$WORK/dpcache" --out "$WORK/dp2" --batch-size 4 "${DP_ARGS[@]}"
+
 # ---- 6. if time is left: our training step in plain f32 (no autocast) at the same batch
 if [ "$TRAIN_PREC" != f32 ]; then
   run_step train-f32 90 "$BIN" bench train --preset "$TRAIN_MODEL" --batch "$TB" --iters 2 --warmup 1 \
@@ -285,6 +301,14 @@ g = gpu_during("decoder")
 rows.append(("5", "decoder " + ("tiny" if smoke else "ViT-XL") + (f" b{dec['batch']} {dec['precision']}" if dec else ""), st("decoder"),
              fmt(rate(dec), " img/s"), fmt(rate(tdec), " img/s"), "", (f"params {dec['params']:,}" if dec else "")
              + (f" / PyTorch {tdec['params']:,}" if tdec and 'params' in tdec else "") + (f"; GPU mem {g['mem_gib']:.1f} GiB" if g else "")))
+
+one, two = last_json("dp-one"), last_json("dp-two")
+l1 = one["last"]["loss"] if one and one.get("last") else None
+l2 = two["last"]["loss"] if two and two.get("last") else None
+agree = None if l1 is None or l2 is None else abs(l1 - l2) <= 1e-4 * abs(l1)
+rows.append(("6", "data-parallel train: 2 ranks on one device (TCP) vs 1 process, global batch 8, f32, 3 steps",
+             st("dp-two"), f"loss {l2:.6f}" if l2 is not None else "–", "", "same loss (1e-4 rel)",
+             verdict(agree) + (f"; one process {l1:.6f}" if l1 is not None else "")))
 
 print(f"## rae-cache GPU check ({'CPU smoke run, tiny shapes' if smoke else 'GPU'}; {total_s} s)\n")
 print("| # | check | step | ours | PyTorch | goal | verdict / notes |")
