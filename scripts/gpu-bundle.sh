@@ -39,7 +39,9 @@ if [ "${NO_BUILD:-0}" != 1 ]; then
     (cd "$PROJ" && cargo build --profile "$PROFILE" "${targs[@]}" --message-format=json-render-diagnostics) > "$json"
   else
     # build-cuda.sh prints a line of its own after cargo: keep only cargo's JSON messages.
-    "$HERE/build-cuda.sh" "$PROJ" --profile "$PROFILE" "${targs[@]}" --message-format=json-render-diagnostics \
+    # build-cuda.sh passes --release itself; cargo refuses --profile release beside it.
+    prof=(); [ "$PROFILE" = release ] || prof=(--profile "$PROFILE")
+    "$HERE/build-cuda.sh" "$PROJ" "${prof[@]}" "${targs[@]}" --message-format=json-render-diagnostics \
       | grep '^{' > "$json"
   fi
 fi
