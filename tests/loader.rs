@@ -21,6 +21,7 @@ fn cfg(batch: usize, seed: u64) -> LoaderConfig {
         rank: 0,
         world_size: 1,
         accum: 1,
+        noise: false,
     }
 }
 

@@ -20,13 +20,12 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use rayon::prelude::*;
 use serde::Serialize;
 
 use super::checkpoint::{self, Checkpoint, LoaderCursor};
 use super::config::TrainConfig;
 use super::init::{CastVars, SeededVarMap};
-use super::loader::{CacheSet, Loader, LoaderConfig};
+use super::loader::{CacheSet, Loader, LoaderConfig, sample_noise, sample_seed};
 use super::{
     AdamW, Ema, GradAccumulator, Gradients, LrSchedule, ParamGroup, Result, TrainError, io_err,
 };
@@ -79,17 +78,6 @@ pub struct Trainer {
     last_ckpt: Option<PathBuf>,
     /// Rank 0 only.
     log: Option<File>,
-}
-
-/// Derive the seed of one random stream of one sample; any change to any
-/// input changes it.
-fn sample_seed(seed: u64, sample: u64, stream: u64) -> u64 {
-    let mut h = seed ^ 0x5851_F42D_4C95_7F2D;
-    for x in [sample, stream] {
-        h = (h ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        h ^= h >> 29;
-    }
-    h
 }
 
 /// Gradients are all-reduced in flat buckets of at most this many values
@@ -251,6 +239,7 @@ impl Trainer {
             rank: cfg.rank,
             world_size: cfg.world_size,
             accum: cfg.accum,
+            noise: true,
         };
         let loader = Loader::new(&set, &lcfg, cursor, device)?;
         let total_steps = cfg.total_steps(loader.steps_per_epoch());
@@ -356,10 +345,10 @@ impl Trainer {
         );
         let null = self.null_class;
         let labels = batch.y.to_vec1::<i64>()?;
-        let draws: Vec<(f32, u32, Vec<f32>)> = batch
+        let (tv, yv): (Vec<f32>, Vec<u32>) = batch
             .sample_ids
-            .par_iter()
-            .zip(labels.par_iter())
+            .iter()
+            .zip(&labels)
             .map(|(&id, &l)| {
                 let mut r = NoiseRng::new(sample_seed(seed, id, 0));
                 let t = r.sample_time(dist, T_MAX, shift) as f32;
@@ -369,21 +358,16 @@ impl Trainer {
                 } else {
                     null as u32
                 };
-                let mut n = NoiseRng::new(sample_seed(seed, id, 1));
-                (t, y, (0..row).map(|_| n.normal() as f32).collect())
+                (t, y)
             })
-            .collect();
-        let mut tv = Vec::with_capacity(b);
-        let mut yv = Vec::with_capacity(b);
-        let mut ev = Vec::with_capacity(b * row);
-        for (t, y, e) in draws {
-            tv.push(t);
-            yv.push(y);
-            ev.extend_from_slice(&e);
-        }
+            .unzip();
         let t = Tensor::from_vec(tv, b, &dev)?;
         let y = Tensor::from_vec(yv, b, &dev)?;
-        let eps = Tensor::from_vec(ev, x.dims(), &dev)?;
+        // Drawn by the loader's thread while the previous step ran.
+        let eps = match batch.noise {
+            Some(e) => e,
+            None => Tensor::from_vec(sample_noise(seed, &batch.sample_ids, row), x.dims(), &dev)?,
+        };
 
         let tb = t.reshape((b, 1, 1, 1))?;
         let x_t = (x.broadcast_mul(&(1.0 - &tb)?)? + eps.broadcast_mul(&tb)?)?;

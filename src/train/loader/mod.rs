@@ -41,6 +41,9 @@ pub struct LoaderConfig {
     /// Micro-batches per optimizer step (the global batch is
     /// `batch_size * world_size * accum`).
     pub accum: usize,
+    /// Draw each sample's flow-matching noise in the loader's thread
+    /// ([`Batch::noise`]), overlapping it with the training step.
+    pub noise: bool,
 }
 
 impl Default for LoaderConfig {
@@ -54,8 +57,37 @@ impl Default for LoaderConfig {
             rank: 0,
             world_size: 1,
             accum: 1,
+            noise: false,
         }
     }
+}
+
+/// Derive the seed of one random stream of one sample; any change to any
+/// input changes it. Stream 0: time and label dropout (drawn by the
+/// trainer), stream 1: the noise.
+pub fn sample_seed(seed: u64, sample: u64, stream: u64) -> u64 {
+    let mut h = seed ^ 0x5851_F42D_4C95_7F2D;
+    for x in [sample, stream] {
+        h = (h ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^= h >> 29;
+    }
+    h
+}
+
+/// `row` standard normals per sample (stream 1 of [`sample_seed`]),
+/// samples in parallel, concatenated.
+pub fn sample_noise(seed: u64, ids: &[u64], row: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0f32; ids.len() * row];
+    out.par_chunks_mut(row.max(1))
+        .zip(ids.par_iter())
+        .for_each(|(dst, &id)| {
+            let mut r = crate::diffusion::NoiseRng::new(sample_seed(seed, id, 1));
+            for v in dst.iter_mut() {
+                *v = r.normal() as f32;
+            }
+        });
+    out
 }
 
 /// A training batch on the device.
@@ -69,6 +101,8 @@ pub struct Batch {
     pub flips: Vec<bool>,
     /// Layout-independent sample names (seeds of per-sample noise).
     pub sample_ids: Vec<u64>,
+    /// The samples' noise, shaped as `x`, when the loader draws it.
+    pub noise: Option<Tensor>,
     /// The optimizer step of this micro-batch; resume from
     /// [`Loader::cursor`] after the step's last micro-batch.
     pub cursor: LoaderCursor,
@@ -172,6 +206,7 @@ impl Loader {
             workers: cfg.workers.max(1),
             prefetch: cfg.prefetch.max(1),
             row_len: n,
+            noise_seed: cfg.noise.then_some(cfg.seed),
         };
         let pipeline = Pipeline::start(index, source, pcfg, start)?;
         Ok(Self {
@@ -233,7 +268,13 @@ impl Loader {
             .broadcast_div(&self.std)?
             .to_dtype(DType::F32)?;
         let y = Tensor::from_vec(hb.labels, b, &self.device)?;
+        let noise = if hb.noise.is_empty() {
+            None
+        } else {
+            Some(Tensor::from_vec(hb.noise, (b, c, h, w), &self.device)?)
+        };
         Ok(Batch {
+            noise,
             x,
             y,
             keys: hb.keys,
@@ -326,6 +367,7 @@ mod tests {
             rank: 0,
             world_size: 1,
             accum: 1,
+            noise: false,
         }
     }
 

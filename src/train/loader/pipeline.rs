@@ -29,6 +29,9 @@ pub struct HostBatch {
     pub flips: Vec<bool>,
     /// Layout-independent sample names ([`sample_id`]): seeds of their noise.
     pub sample_ids: Vec<u64>,
+    /// Standard normal noise, one row per sample in `[C, H, W]` order (empty
+    /// unless the pipeline draws it).
+    pub noise: Vec<f32>,
     /// The optimizer step this micro-batch belongs to.
     pub cursor: LoaderCursor,
     /// Which micro-batch of that step (0..accum).
@@ -47,6 +50,9 @@ pub struct PipelineConfig {
     pub prefetch: usize,
     /// Values per row (tokens * C).
     pub row_len: usize,
+    /// Also draw each sample's training noise (seeded by the sample, see
+    /// [`super::sample_seed`]) here, off the training thread.
+    pub noise_seed: Option<u64>,
 }
 
 pub struct Pipeline {
@@ -212,6 +218,7 @@ fn produce_epoch(
                 .iter()
                 .map(|p| sample_id(cursor.epoch, p.pos))
                 .collect(),
+            noise: Vec::new(),
             cursor: LoaderCursor {
                 epoch: cursor.epoch,
                 step_in_epoch: cursor.step_in_epoch + (bi / accum) as u64,
@@ -235,6 +242,9 @@ fn produce_epoch(
                     cache.remove(&l.rg);
                 }
             }
+        }
+        if let Some(seed) = cfg.noise_seed {
+            hb.noise = super::sample_noise(seed, &hb.sample_ids, cfg.row_len);
         }
         if tx.send(Ok(hb)).is_err() {
             return Ok(false);
