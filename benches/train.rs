@@ -4,8 +4,11 @@
 //! (VmHWM) and the ratio to the reference PyTorch figures; then the loader's
 //! throughput alone on a cache written here.
 //!
+//! Last, the per-sample noise the loader draws.
+//!
 //! `cargo bench --bench train` (env: BENCH_STEPS, default 3; BENCH_DEVICE,
-//! default cpu; BENCH_LOADER_IMAGES, default 256; BENCH_SKIP_STEP=1).
+//! default cpu; BENCH_LOADER_IMAGES, default 256; BENCH_SKIP_STEP=1;
+//! BENCH_NOISE_SAMPLES, default 64).
 
 use std::time::Instant;
 
@@ -164,4 +167,22 @@ fn main() {
         bench_step(&device, env_usize("BENCH_STEPS", 3)).expect("train step");
     }
     bench_loader(env_usize("BENCH_LOADER_IMAGES", 256));
+    bench_noise(env_usize("BENCH_NOISE_SAMPLES", 64));
+}
+
+/// The per-sample flow-matching noise the loader draws for every batch
+/// (256x768 normals per sample, samples in parallel over the rayon pool).
+fn bench_noise(samples: usize) {
+    let ids: Vec<u64> = (0..samples as u64).collect();
+    let row = 256 * 768;
+    let _ = rae_cache::train::loader::sample_noise(0, &ids[..1], row); // warm the pool
+    let start = Instant::now();
+    let v = rae_cache::train::loader::sample_noise(0, &ids, row);
+    let s = start.elapsed().as_secs_f64();
+    println!(
+        "noise: {samples} samples x 256x768 in {s:.3} s = {:.0} samples/s ({:.1} M normals/s, {} rayon threads)",
+        samples as f64 / s,
+        v.len() as f64 / s / 1e6,
+        rayon::current_num_threads()
+    );
 }
