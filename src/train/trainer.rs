@@ -344,11 +344,11 @@ impl Trainer {
             self.cfg.label_dropout,
         );
         let null = self.null_class;
-        let labels = batch.y.to_vec1::<i64>()?;
+        let labels = &batch.labels;
         let (tv, yv): (Vec<f32>, Vec<u32>) = batch
             .sample_ids
             .iter()
-            .zip(&labels)
+            .zip(labels)
             .map(|(&id, &l)| {
                 let mut r = NoiseRng::new(sample_seed(seed, id, 0));
                 let t = r.sample_time(dist, T_MAX, shift) as f32;

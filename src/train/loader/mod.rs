@@ -97,6 +97,9 @@ pub struct Batch {
     pub x: Tensor,
     /// Labels `[B]`, i64 (-1 where the cache has none).
     pub y: Tensor,
+    /// The same labels on the host (reading `y` back would wait for the
+    /// device).
+    pub labels: Vec<i64>,
     pub keys: Vec<String>,
     pub flips: Vec<bool>,
     /// Layout-independent sample names (seeds of per-sample noise).
@@ -267,7 +270,7 @@ impl Loader {
             .broadcast_sub(&self.mean)?
             .broadcast_div(&self.std)?
             .to_dtype(DType::F32)?;
-        let y = Tensor::from_vec(hb.labels, b, &self.device)?;
+        let y = Tensor::from_slice(&hb.labels, b, &self.device)?;
         let noise = if hb.noise.is_empty() {
             None
         } else {
@@ -275,6 +278,7 @@ impl Loader {
         };
         Ok(Batch {
             noise,
+            labels: hb.labels,
             x,
             y,
             keys: hb.keys,
