@@ -337,6 +337,32 @@ fn data_parallel_matches_one_process_and_resumes_on_another_world_size() {
 }
 
 #[test]
+fn resuming_with_another_global_batch_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = setup(tmp.path());
+    cfg.steps = Some(4);
+    let mut tr = Trainer::new(cfg.clone(), &Device::Cpu, None).unwrap();
+    tr.train_step().unwrap();
+    let ck = tr.save_checkpoint().unwrap().unwrap();
+    drop(tr);
+    let mut other = cfg.clone();
+    other.accum = 2; // global batch 16 instead of 8
+    let e = Trainer::new(other, &Device::Cpu, Some(&ck))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("global batch 8"), "{e}");
+    // the same global batch as micro-batches of 4 x 2 resumes
+    let mut same = cfg;
+    same.batch_size = 4;
+    same.global_batch = Some(8);
+    assert_eq!(
+        Trainer::new(same, &Device::Cpu, Some(&ck)).unwrap().step(),
+        1
+    );
+}
+
+#[test]
 fn a_global_batch_the_layout_cannot_split_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = setup(tmp.path());

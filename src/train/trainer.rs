@@ -174,6 +174,19 @@ impl Trainer {
         let mut last_ckpt = None;
         if let Some(path) = resume {
             let ck = checkpoint::load(path, device)?;
+            // The loader's cursor counts global batches: it names the same
+            // data only under the same global batch.
+            if let Ok(stored) = TrainConfig::from_json(&ck.config) {
+                if let (Some(was), Some(now)) = (stored.global_batch, cfg.global_batch) {
+                    if was != now {
+                        return Err(TrainError::Config(format!(
+                            "{} was trained with global batch {was}, this run has {now}: resume with \
+                             --global-batch {was} (any batch size and number of processes that divide it)",
+                            path.display()
+                        )));
+                    }
+                }
+            }
             for (name, var) in &all_vars {
                 let t = ck.model.get(name).ok_or_else(|| {
                     TrainError::State(format!("{}: no weights for {name}", path.display()))
