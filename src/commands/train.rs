@@ -194,8 +194,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // from torchrun, `rae-cache launch` or a cluster wrapper)?
     let dist = DistEnv::from_env()?;
     let device = match &dist {
-        Some(d) if cfg.device == "auto" && cfg!(feature = "cuda") => {
-            rae_cache::device::parse_device(&d.default_device())?
+        // `auto` in a job: this rank's GPU; the CPU only where no GPU answers
+        // at all (a rank whose GPU is missing is an error, not a slow rank).
+        Some(d) if cfg.device == "auto" => {
+            match rae_cache::device::parse_device(&d.default_device()) {
+                Ok(dev) => dev,
+                Err(e) => match rae_cache::device::parse_device("auto")? {
+                    candle_core::Device::Cpu => candle_core::Device::Cpu,
+                    _ => return Err(e.into()),
+                },
+            }
         }
         _ => rae_cache::device::parse_device(&cfg.device)?,
     };

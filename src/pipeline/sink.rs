@@ -195,8 +195,17 @@ impl<'a> ShardSink<'a> {
             .name(format!("shard-{index}"))
             .spawn(move || {
                 // A shard abandoned (sink gone, no Finish) sends nothing: its
-                // writer's drop removes the temp file.
-                if let Some(res) = write_shard(index, &ctx, &rx) {
+                // writer's drop removes the temp file. A panic is reported
+                // like an error, so the sink never waits for it forever.
+                let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    write_shard(index, &ctx, &rx)
+                }))
+                .unwrap_or_else(|_| {
+                    Some(Err(PipelineError::Invalid(format!(
+                        "the writer of shard {index} panicked"
+                    ))))
+                });
+                if let Some(res) = res {
                     let _ = done.send(res);
                 }
             })
