@@ -57,6 +57,23 @@ fn cuda(n: usize) -> Result<Device, DeviceError> {
     })
 }
 
+/// The device spec for one process of a data-parallel job with local rank
+/// `local_rank`: `auto` becomes that rank's GPU, or the CPU where no GPU
+/// answers at all (a rank whose own GPU is missing is an error, not a slow
+/// rank); any other spec is kept.
+pub fn spec_for_rank(spec: &str, local_rank: usize) -> Result<String, DeviceError> {
+    if !spec.trim().eq_ignore_ascii_case("auto") {
+        return Ok(spec.to_string());
+    }
+    match cuda(local_rank) {
+        Ok(_) => Ok(format!("cuda:{local_rank}")),
+        Err(e) => match parse_device("auto")? {
+            Device::Cpu => Ok("cpu".into()),
+            _ => Err(e),
+        },
+    }
+}
+
 /// A short stable name for logs and metadata.
 pub fn device_name(d: &Device) -> String {
     match d {
@@ -73,6 +90,9 @@ mod tests {
     fn parses() {
         assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
         assert!(parse_device("auto").is_ok());
+        assert_eq!(spec_for_rank("cpu", 3).unwrap(), "cpu");
+        #[cfg(not(feature = "cuda"))]
+        assert_eq!(spec_for_rank("auto", 3).unwrap(), "cpu");
         assert!(matches!(parse_device("tpu"), Err(DeviceError::Unknown(_))));
         assert!(matches!(
             parse_device("cuda:x"),

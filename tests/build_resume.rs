@@ -292,3 +292,44 @@ fn parts_and_merge_equal_a_single_build() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn launched_build_on_two_processes_equals_a_single_build() {
+    // `launch -- build`: each process builds part RANK of WORLD_SIZE, and
+    // rank 0 merges once every part is done.
+    let tmp = tempfile::tempdir().unwrap();
+    let images = common::fixture("images");
+    let single = tmp.path().join("single");
+    run_ok(&images, &single, &["--rows-per-shard", "2"]);
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let job = tmp.path().join("job");
+    let o = bin()
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            &port,
+            "--",
+        ])
+        .args(args(&images, &job, &["--rows-per-shard", "2", "--json"]))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "launch build: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["parts"], 2);
+    assert_same_cache(&single, &job, "launch --nproc-per-node 2 -- build");
+    assert_eq!(
+        manifest_without_log(&single).0,
+        manifest_without_log(&job).0
+    );
+}

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use rae_cache::pipeline::{self, BuildConfig, HFlip, PartSpec};
+use rae_cache::dist::tcp::TcpGroup;
+use rae_cache::dist::{Collective, DistEnv};
+use rae_cache::pipeline::{self, BuildConfig, BuildSummary, HFlip, PartSpec};
 use rae_cache::precision::Precision;
 use rae_cache::shards::LatentDType;
 
@@ -132,8 +134,58 @@ impl Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let cfg = args.to_config();
+    let mut cfg = args.to_config();
+    // One process of a job (`rae-cache launch`, torchrun, a cluster
+    // wrapper) without an explicit --part: build part RANK of WORLD_SIZE on
+    // this rank's GPU, wait for every part, and rank 0 merges.
+    let job = match args.part {
+        None => DistEnv::from_env()?,
+        Some(_) => None,
+    };
+    let group = match &job {
+        Some(d) => {
+            cfg.part = Some(PartSpec {
+                index: d.rank,
+                count: d.world_size,
+            });
+            cfg.device = rae_cache::device::spec_for_rank(&cfg.device, d.local_rank)?;
+            cfg.progress = d.rank == 0;
+            // Connect first: every rank is starting now, whereas they finish
+            // their parts minutes apart.
+            Some(TcpGroup::connect(d)?)
+        }
+        None => None,
+    };
     let s = pipeline::run_build(&cfg)?;
+    if let Some(g) = group {
+        // Warnings only here: --strict is judged on the merged total below.
+        report_rejected(&s, false);
+        g.barrier()?; // every part is built
+        if g.rank() != 0 {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let m = pipeline::merge::merge_parts(&cfg.out)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        } else {
+            eprintln!(
+                "built {} parts on {} processes and merged them into {}: {} images ({} rejected), {} rows in {} shards, {:.1} MB",
+                m.parts,
+                g.world_size(),
+                m.cache_dir.display(),
+                m.images_encoded,
+                m.images_rejected,
+                m.rows,
+                m.shards,
+                m.bytes as f64 / 1e6
+            );
+        }
+        return Ok(if args.strict && m.images_rejected > 0 {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
@@ -160,24 +212,32 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    if s.images_rejected > 0 {
-        eprintln!(
-            "warning: {} input(s) rejected (listed in the manifest's `rejected`):",
-            s.images_rejected
-        );
-        for r in s.rejected.iter().take(20) {
-            eprintln!("  {}: {}", r.key, r.reason);
-        }
-        if s.rejected.len() > 20 {
-            eprintln!("  ... and {} more", s.rejected.len() - 20);
-        }
-        if args.strict {
-            eprintln!(
-                "error: --strict: {} input(s) could not be encoded",
-                s.images_rejected
-            );
-            return Ok(ExitCode::from(2));
-        }
+    if report_rejected(&s, args.strict) {
+        return Ok(ExitCode::from(2));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Warn about rejected inputs; true when `--strict` makes that an error.
+fn report_rejected(s: &BuildSummary, strict: bool) -> bool {
+    if s.images_rejected == 0 {
+        return false;
+    }
+    eprintln!(
+        "warning: {} input(s) rejected (listed in the manifest's `rejected`):",
+        s.images_rejected
+    );
+    for r in s.rejected.iter().take(20) {
+        eprintln!("  {}: {}", r.key, r.reason);
+    }
+    if s.rejected.len() > 20 {
+        eprintln!("  ... and {} more", s.rejected.len() - 20);
+    }
+    if strict {
+        eprintln!(
+            "error: --strict: {} input(s) could not be encoded",
+            s.images_rejected
+        );
+    }
+    strict
 }

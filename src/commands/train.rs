@@ -194,18 +194,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // from torchrun, `rae-cache launch` or a cluster wrapper)?
     let dist = DistEnv::from_env()?;
     let device = match &dist {
-        // `auto` in a job: this rank's GPU; the CPU only where no GPU answers
-        // at all (a rank whose GPU is missing is an error, not a slow rank).
-        Some(d) if cfg.device == "auto" => {
-            match rae_cache::device::parse_device(&d.default_device()) {
-                Ok(dev) => dev,
-                Err(e) => match rae_cache::device::parse_device("auto")? {
-                    candle_core::Device::Cpu => candle_core::Device::Cpu,
-                    _ => return Err(e.into()),
-                },
-            }
-        }
-        _ => rae_cache::device::parse_device(&cfg.device)?,
+        Some(d) => rae_cache::device::parse_device(&rae_cache::device::spec_for_rank(
+            &cfg.device,
+            d.local_rank,
+        )?)?,
+        None => rae_cache::device::parse_device(&cfg.device)?,
     };
     let comm: Box<dyn Collective> = match &dist {
         Some(d) => {
