@@ -613,3 +613,76 @@ fn sample_and_decode_in_bf16() {
         .unwrap();
     assert!(!bad.status.success());
 }
+
+#[test]
+fn launched_sampling_on_two_processes_equals_one_process() {
+    // `launch -- sample`: each process samples a range of whole shards;
+    // rank 0 lists every shard in the manifest. Per-sample noise and
+    // shard-aligned batches make the output the single process's, byte for
+    // byte.
+    let tmp = tempfile::tempdir().unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "sample",
+            "--model",
+            &s(&fixture("ditdh.safetensors")),
+            "--model-config",
+            &s(&fixture("ditdh.json")),
+            "--num",
+            "7",
+            "--labels",
+            "equal",
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+            "--batch-size",
+            "2",
+            "--shard-rows",
+            "2",
+            "--dtype",
+            "f32",
+            "--device",
+            "cpu",
+            "--out",
+            &s(out),
+            "--json",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    run_ok(&args(&one));
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let mut launch: Vec<String> = [
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        &port,
+        "--",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    launch.extend(args(&two));
+    let out = run_ok(&launch);
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["samples"], 7);
+    assert_eq!(summary["shards"].as_array().unwrap().len(), 4);
+    for i in 0..4 {
+        let name = format!("shards/part-{i:05}.parquet");
+        assert!(
+            std::fs::read(one.join(&name)).unwrap() == std::fs::read(two.join(&name)).unwrap(),
+            "{name} differs"
+        );
+    }
+    let m = |d: &Path| std::fs::read_to_string(d.join("manifest.json")).unwrap();
+    assert_eq!(m(&one), m(&two));
+}

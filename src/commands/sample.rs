@@ -5,10 +5,12 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use rae_cache::diffusion::{Guidance, SamplerConfig, SamplerMethod, default_shift};
-use rae_cache::generate::{LabelSpec, SampleOptions, run_sampling};
+use rae_cache::dist::tcp::TcpGroup;
+use rae_cache::dist::{Collective, DistEnv};
+use rae_cache::generate::{LabelSpec, SampleOptions, run_sampling, write_sample_manifest};
 use rae_cache::models::{DitConfig, VelocityModel, WeightsKey, load_dit};
 use rae_cache::precision::Precision;
-use rae_cache::shards::{LatentDType, LatentStats};
+use rae_cache::shards::{LatentDType, LatentStats, ShardInfo};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -112,7 +114,17 @@ fn sha256_file(path: &str) -> String {
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let device = rae_cache::device::parse_device(&a.device)?;
+    // One process of a job (`rae-cache launch`, torchrun): sample part RANK
+    // of WORLD_SIZE on this rank's GPU; rank 0 writes the manifest.
+    let job = DistEnv::from_env()?;
+    let device = match &job {
+        Some(d) => rae_cache::device::parse_device(&rae_cache::device::spec_for_rank(
+            &a.device,
+            d.local_rank,
+        )?)?,
+        None => rae_cache::device::parse_device(&a.device)?,
+    };
+    let group = job.as_ref().map(TcpGroup::connect).transpose()?;
     let dtype: LatentDType = a.dtype.parse().map_err(anyhow::Error::msg)?;
     if dtype == LatentDType::Int8 {
         bail!("--dtype: sampled latents are stored as f16, f32 or bf16");
@@ -223,11 +235,26 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         size: h,
         num_classes: cfg.num_classes(),
         rows_per_shard: a.shard_rows,
-        progress: true,
+        progress: group.as_ref().is_none_or(|g| g.rank() == 0),
         provenance,
+        part: group.as_ref().map(|g| (g.rank(), g.world_size())),
     };
     let g: Option<&dyn VelocityModel> = guide.as_ref().map(|g| &g.0 as &dyn VelocityModel);
-    let s = run_sampling(&model, g, &opts, &device)?;
+    let mut s = run_sampling(&model, g, &opts, &device)?;
+    if let Some(group) = &group {
+        let all = group.gather_to_root(&serde_json::to_vec(&s.shards)?)?;
+        let Some(all) = all else {
+            return Ok(ExitCode::SUCCESS); // rank 0 reports
+        };
+        let mut shards = Vec::new();
+        for part in all {
+            shards.extend(serde_json::from_slice::<Vec<ShardInfo>>(&part)?);
+        }
+        let n = opts.noise.as_ref().map_or(Ok(opts.num), |z| z.dim(0))?;
+        write_sample_manifest(&opts, &shards, n, s.denormalised)?;
+        s.samples = n;
+        s.shards = shards;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {

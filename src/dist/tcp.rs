@@ -77,6 +77,30 @@ impl TcpGroup {
     }
 }
 
+impl TcpGroup {
+    /// Every rank's `mine`, in rank order, on rank 0 (`None` elsewhere):
+    /// small results (lists of written files) collected for one writer.
+    pub fn gather_to_root(&self, mine: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
+        const OP: &str = "gather";
+        self.with_link(OP, |link| match link {
+            Link::Root { peers } => {
+                let mut all = vec![mine.to_vec()];
+                for r in 1..self.world_size {
+                    all.push(
+                        recv_msg(peer(peers, r))
+                            .map_err(|e| coll_err(OP, format!("rank {r}: {e}")))?,
+                    );
+                }
+                Ok(Some(all))
+            }
+            Link::Leaf { root } => {
+                send_msg(root, mine).map_err(|e| coll_err(OP, format!("rank 0: {e}")))?;
+                Ok(None)
+            }
+        })
+    }
+}
+
 fn peer(peers: &mut [TcpStream], rank: usize) -> &mut TcpStream {
     &mut peers[rank - 1]
 }
@@ -227,6 +251,12 @@ mod tests {
             let hb = g.broadcast(&h, 0).unwrap();
             assert_eq!(hb.dtype(), DType::BF16);
             g.barrier().unwrap();
+            let got = g.gather_to_root(&[g.rank() as u8; 3]).unwrap();
+            if g.rank() == 0 {
+                assert_eq!(got.unwrap(), vec![vec![0; 3], vec![1; 3], vec![2; 3]]);
+            } else {
+                assert!(got.is_none());
+            }
             (
                 s.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),

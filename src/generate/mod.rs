@@ -20,7 +20,7 @@ use std::path::PathBuf;
 pub use decode_run::{DecodeFormat, DecodeOptions, DecodeSummary, decode_shards, resolve_shards};
 pub use labels::LabelSpec;
 pub use pixels::Rounding;
-pub use sample_run::{SampleOptions, SampleSummary, run_sampling};
+pub use sample_run::{SampleOptions, SampleSummary, run_sampling, write_sample_manifest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {

@@ -56,6 +56,10 @@ pub struct SampleOptions {
     /// Free-form description (model path, config, guide, ...) for the
     /// manifest and footers.
     pub provenance: serde_json::Value,
+    /// `(index, count)`: sample only part `index` of `count` (a contiguous
+    /// range of whole shards, numbered globally) and write no manifest; the
+    /// caller lists every part's shards with [`write_sample_manifest`].
+    pub part: Option<(usize, usize)>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -186,14 +190,29 @@ pub fn run_sampling(
     let mut wopts = WriterOptions::new(opts.dtype, h * h, c);
     wopts.metadata = meta;
 
-    let bar = super::progress_bar("sample", n as u64, opts.progress);
-    let start = Instant::now();
+    // This process's samples: whole shards, so every part numbers its
+    // shards globally and the union is the single-process output.
+    let (first_shard, end) = match opts.part {
+        None => (0, n),
+        Some((index, count)) => {
+            if count == 0 || index >= count {
+                return Err(GenerateError::Invalid(format!(
+                    "part {index} of {count} is not a valid split"
+                )));
+            }
+            let total = n.div_ceil(opts.rows_per_shard);
+            let (s0, s1) = (index * total / count, (index + 1) * total / count);
+            (s0, (s1 * opts.rows_per_shard).min(n))
+        }
+    };
     let mut shards = Vec::new();
     let mut writer: Option<ShardWriter> = None;
     let mut written = 0usize;
-    let mut i0 = 0usize;
-    while i0 < n {
-        let b = opts.batch_size.min(n - i0);
+    let mut i0 = first_shard * opts.rows_per_shard;
+    let bar = super::progress_bar("sample", end.saturating_sub(i0) as u64, opts.progress);
+    let start = Instant::now();
+    while i0 < end {
+        let b = opts.batch_size.min(end - i0);
         let z0 = match &opts.noise {
             Some(z) => z
                 .narrow(0, i0, b)?
@@ -219,7 +238,7 @@ pub fn run_sampling(
         for j in 0..b {
             let i = i0 + j;
             if writer.is_none() {
-                let p = shard_dir.join(shard_file_name(shards.len()));
+                let p = shard_dir.join(shard_file_name(first_shard + shards.len()));
                 writer = Some(ShardWriter::create(&p, wopts.clone())?);
             }
             let key = sample_key(i, n);
@@ -258,7 +277,9 @@ pub fn run_sampling(
                 .unwrap_or_else(|| s.file.clone())
         );
     }
-    write_manifest(opts, &listed, n, stats.is_some())?;
+    if opts.part.is_none() {
+        write_sample_manifest(opts, &listed, n, stats.is_some())?;
+    }
     Ok(SampleSummary {
         out_dir: opts.out_dir.clone(),
         samples: written,
@@ -271,7 +292,8 @@ pub fn run_sampling(
 
 /// The manifest keeps the `build` schema: the "encoder" names the sampling
 /// model, and `build_args.source` / `preprocessing` say these are samples.
-fn write_manifest(
+/// `n` is the total number of samples, `shards` every shard in order.
+pub fn write_sample_manifest(
     opts: &SampleOptions,
     shards: &[ShardInfo],
     n: usize,
