@@ -183,6 +183,34 @@ fn round_trip_every_dtype() {
 }
 
 #[test]
+fn writer_side_round_trip_is_what_readers_return() {
+    // The build takes its statistics from quant::round_trip instead of
+    // reading the shard back: both readers must return exactly that.
+    let dir = tempfile::tempdir().unwrap();
+    let (tokens, channels, nrows) = (4, 6, 40);
+    for dtype in DTYPES {
+        let path = dir.path().join(format!("rt-{dtype}.parquet"));
+        let (_, _, lat) = write_shard(&path, opts(dtype, tokens, channels), nrows, 11);
+        let r = ShardReader::open(&path).unwrap();
+        let per = tokens * channels;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut row = 0;
+        for g in 0..r.num_row_groups() {
+            let fast = r.read_row_group(g).unwrap();
+            let generic = r.read_row_group_arrow(g).unwrap();
+            for j in 0..fast.keys.len() {
+                let want = quant::round_trip(dtype, &lat[row * per..(row + 1) * per], channels);
+                let got = |b: &LatentBatch| bits(&b.latents[j * per..(j + 1) * per]);
+                assert_eq!(got(&fast), bits(&want), "{dtype} row {row}");
+                assert_eq!(got(&generic), bits(&want), "{dtype} row {row} (generic)");
+                row += 1;
+            }
+        }
+        assert_eq!(row, nrows);
+    }
+}
+
+#[test]
 fn page_fast_path_equals_generic_arrow_reader() {
     let dir = tempfile::tempdir().unwrap();
     for dtype in DTYPES {

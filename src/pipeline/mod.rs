@@ -38,7 +38,7 @@ use sha2::Digest;
 
 use crate::encoders::{EncoderError, EncoderSpec};
 use crate::images::{DecodeOptions, ImageEntry, ImageError, Skipped};
-use crate::shards::{LatentDType, ShardError, ShardReader, StatsAccumulator, WriterOptions};
+use crate::shards::{LatentDType, ShardError, WriterOptions};
 
 pub use manifest::{BuildManifest, HFlip};
 pub use plan::{PartSpec, ShardPlan};
@@ -471,8 +471,8 @@ pub fn run_build(cfg: &BuildConfig) -> Result<BuildSummary, PipelineError> {
     let run_start = Instant::now();
     let writers = if cfg.writers == 0 {
         // Measured per core: decode + crop ~440 images/s, write (f16, both
-        // flips, zstd 3, read-back statistics) ~250 images/s: writing needs
-        // about as many cores as decoding.
+        // flips, zstd 3, statistics) ~350 images/s: writing needs about as
+        // many cores as decoding.
         (threads / 2).clamp(2, 16)
     } else {
         cfg.writers
@@ -619,54 +619,4 @@ fn prepare_resume(
         }
     }
     Ok(())
-}
-
-/// Read a finished shard back (what training will see, quantisation
-/// included), check its rows, and accumulate its statistics in row order.
-fn read_back_stats(
-    path: &Path,
-    keys: &[String],
-    flips: &[bool],
-    rows: u64,
-    opts: &WriterOptions,
-) -> Result<StatsAccumulator, PipelineError> {
-    let reader = ShardReader::open(path)?;
-    let bad = |reason: String| PipelineError::DamagedShard {
-        path: path.to_path_buf(),
-        reason,
-    };
-    if reader.num_rows() != rows {
-        return Err(bad(format!(
-            "{} rows read back, {rows} written",
-            reader.num_rows()
-        )));
-    }
-    let per = opts.tokens * opts.channels;
-    let mut acc = StatsAccumulator::new(opts.tokens, opts.channels);
-    let mut row = 0usize;
-    for g in 0..reader.num_row_groups() {
-        let b = reader.read_row_group(g)?;
-        if b.tokens != opts.tokens
-            || b.channels != opts.channels
-            || b.latents.len() != b.keys.len() * per
-        {
-            return Err(bad(format!(
-                "row group {g}: latent shape [{}, {}]",
-                b.tokens, b.channels
-            )));
-        }
-        for (i, key) in b.keys.iter().enumerate() {
-            let want_key = keys.get(row / flips.len());
-            let want_flip = flips[row % flips.len()];
-            if want_key != Some(key) || b.flips.get(i) != Some(&want_flip) {
-                return Err(bad(format!(
-                    "row {row}: key {key:?} flip {:?} out of order",
-                    b.flips.get(i)
-                )));
-            }
-            acc.push_rows(&b.latents[i * per..(i + 1) * per], 1)?;
-            row += 1;
-        }
-    }
-    Ok(acc)
 }

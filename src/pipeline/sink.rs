@@ -15,9 +15,9 @@ use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 
 use super::manifest::{self, BuildManifest, ShardEntry};
 use super::stages::Encoded;
-use super::{PipelineError, io_err, plan, read_back_stats, sha256_file, state_file};
+use super::{PipelineError, plan, state_file};
 use crate::images::{ImageEntry, Skipped};
-use crate::shards::{LatentRow, ShardWriter, WriterOptions};
+use crate::shards::{LatentRow, ShardReader, ShardWriter, StatsAccumulator, WriterOptions, quant};
 
 /// Images queued per shard writer (backpressure on the encoder beyond it).
 const QUEUE: usize = 32;
@@ -258,9 +258,12 @@ fn write_shard(
     rx: &Receiver<Job>,
 ) -> Option<Result<ShardEntry, PipelineError>> {
     let mut writer: Option<ShardWriter> = None;
-    let mut keys: Vec<String> = Vec::new();
+    let mut images = 0u64;
     let mut rejected: Vec<Skipped> = Vec::new();
     let mut rows = 0u64;
+    // Statistics of what training will read: each row quantised and
+    // dequantised exactly as the readers do, in row order.
+    let mut acc = StatsAccumulator::new(ctx.opts.tokens, ctx.opts.channels);
     let name = plan::shard_file_name(index);
     let path = ctx.shards_dir.join(&name);
     let mut failed: Option<PipelineError> = None;
@@ -299,8 +302,15 @@ fn write_shard(
                     failed = Some(e.into());
                     continue;
                 }
+                for l in &latents {
+                    let stored = quant::round_trip(ctx.opts.dtype, l, ctx.opts.channels);
+                    if let Err(e) = acc.push_rows(&stored, 1) {
+                        failed = Some(e.into());
+                        break;
+                    }
+                }
                 rows += batch.len() as u64;
-                keys.push(key);
+                images += 1;
             }
             Job::Rejected { key, reason } => rejected.push(Skipped { key, reason }),
             Job::Finish => {
@@ -308,7 +318,7 @@ fn write_shard(
                     return Some(Err(e));
                 }
                 return Some(finish_shard(
-                    index, ctx, writer, &path, &name, keys, rows, rejected,
+                    index, ctx, writer, &path, &name, images, rows, rejected, &acc,
                 ));
             }
         }
@@ -322,29 +332,31 @@ fn finish_shard(
     writer: Option<ShardWriter>,
     path: &Path,
     name: &str,
-    keys: Vec<String>,
+    images: u64,
     rows: u64,
     rejected: Vec<Skipped>,
+    acc: &StatsAccumulator,
 ) -> Result<ShardEntry, PipelineError> {
-    let images = keys.len() as u64;
     let (file, bytes, sha) = match writer {
         None => (None, 0, None),
         Some(w) => {
+            // The sha256 was taken from the bytes on their way to the file;
+            // reopening the footer checks that the renamed file is a
+            // complete shard with every row (`rae-cache verify` re-reads
+            // and re-hashes all of it).
             let info = w.finish()?;
-            let acc = read_back_stats(path, &keys, &ctx.flips, rows, &ctx.opts)?;
-            acc.save_state(&state_file(&ctx.root, index))?;
-            let sha = sha256_file(path)?;
-            if !info.sha256.is_empty() && !info.sha256.eq_ignore_ascii_case(&sha) {
+            let reader = ShardReader::open(path)?;
+            if reader.num_rows() != rows {
                 return Err(PipelineError::DamagedShard {
                     path: path.to_path_buf(),
-                    reason: format!("writer reported sha256 {}, file has {sha}", info.sha256),
+                    reason: format!("{} rows in the footer, {rows} written", reader.num_rows()),
                 });
             }
-            let bytes = std::fs::metadata(path).map_err(io_err(path))?.len();
+            acc.save_state(&state_file(&ctx.root, index))?;
             (
                 Some(format!("{}/{name}", manifest::SHARDS_DIR)),
-                bytes,
-                Some(sha),
+                info.bytes,
+                Some(info.sha256),
             )
         }
     };

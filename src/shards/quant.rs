@@ -71,6 +71,33 @@ pub fn int8_to_f32(src: &[i8], scales: &[f32], channels: usize, dst: &mut [f32])
     }
 }
 
+/// What a reader returns for `src` (one row, `[tokens, channels]`) stored
+/// as `dtype`: quantised, then dequantised as the readers do. Lets a writer
+/// take statistics of what training will see without reading the shard back.
+pub fn round_trip(dtype: super::LatentDType, src: &[f32], channels: usize) -> Vec<f32> {
+    use super::LatentDType;
+    let mut out = vec![0f32; src.len()];
+    match dtype {
+        LatentDType::F32 => out.copy_from_slice(src),
+        LatentDType::F16 => {
+            let mut h = Vec::with_capacity(src.len());
+            push_f16(&mut h, src);
+            f16_to_f32(&h, &mut out);
+        }
+        LatentDType::Bf16 => {
+            let mut b = Vec::with_capacity(src.len());
+            push_bf16_bits(&mut b, src);
+            bf16_bits_to_f32(&b, &mut out);
+        }
+        LatentDType::Int8 => {
+            let (mut q, mut scales) = (Vec::new(), Vec::new());
+            push_int8(&mut q, &mut scales, src, channels);
+            int8_to_f32(&q, &scales, channels, &mut out);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
