@@ -9,7 +9,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use rae_cache::shards::{LatentDType, LatentRow, ShardReader, ShardWriter, WriterOptions};
+use rae_cache::shards::{
+    LatentDType, LatentRow, ShardReader, ShardWriter, StatsAccumulator, WriterOptions, quant,
+};
 use rand::{Rng, SeedableRng};
 
 const TOKENS: usize = 256;
@@ -84,8 +86,15 @@ fn summary(dir: &Path, lat: &[f32], keys: &[String]) {
         "shards: {TOKENS}x{CHANNELS} latents, {ROWS} rows, one thread; MB/s counts f32 latent bytes ({f32_mb:.3} MB each)"
     );
     println!(
-        "{:>5} {:>14} {:>8} {:>12} {:>12} {:>12} {:>12}",
-        "dtype", "bytes/latent", "ratio", "write MB/s", "write lat/s", "read MB/s", "read lat/s"
+        "{:>5} {:>14} {:>8} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "dtype",
+        "bytes/latent",
+        "ratio",
+        "write MB/s",
+        "write lat/s",
+        "read MB/s",
+        "read lat/s",
+        "stats lat/s"
     );
     for dtype in DTYPES {
         let path = dir.join(format!("summary-{dtype}.parquet"));
@@ -101,16 +110,27 @@ fn summary(dir: &Path, lat: &[f32], keys: &[String]) {
             std::hint::black_box(read(&path));
         }
         let r = (passes * ROWS) as f64 / t.elapsed().as_secs_f64();
+        // What a build also does per row: the stored values' statistics.
+        let t = Instant::now();
+        let mut acc = StatsAccumulator::new(TOKENS, CHANNELS);
+        for _ in 0..passes {
+            for row in lat.chunks_exact(TOKENS * CHANNELS) {
+                let stored = quant::round_trip(dtype, row, CHANNELS);
+                acc.push_rows(&stored, 1).expect("stats");
+            }
+        }
+        let st = (passes * ROWS) as f64 / t.elapsed().as_secs_f64();
         let per = bytes as f64 / ROWS as f64;
         println!(
-            "{:>5} {:>14.0} {:>8.3} {:>12.1} {:>12.1} {:>12.1} {:>12.1}",
+            "{:>5} {:>14.0} {:>8.3} {:>12.1} {:>12.1} {:>12.1} {:>12.1} {:>12.1}",
             dtype.as_str(),
             per,
             per / (f32_mb * 1e6),
             w * f32_mb,
             w,
             r * f32_mb,
-            r
+            r,
+            st
         );
     }
 }
