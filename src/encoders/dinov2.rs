@@ -10,8 +10,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::EncoderError;
 use super::config::{ModelFiles, VitConfig, parse_json};
-use super::resample::{bicubic_aa_matrix, bicubic_matrix, resize_grid, widen};
-use super::vit::{Loader, VitEncoder, common, square_side};
+use super::resample::{bicubic_aa_matrix, bicubic_matrix, widen};
+use super::vit::{Loader, VitEncoder, common};
 use super::vit_layers::{BlockNames, PatchEmbed};
 
 const NAMES: BlockNames = BlockNames {
@@ -52,29 +52,19 @@ pub(super) fn load(
     let hid = cfg.hidden_size;
 
     // Position table: [1, 1 + G*G, C] -> CLS row + G x G grid.
-    let (dims, table) = ld.host_f32("embeddings.position_embeddings")?;
-    if dims.len() != 3 || dims[0] != 1 || dims[2] != hid || dims[1] < 2 {
-        return Err(ld.err(format!(
-            "embeddings.position_embeddings has shape {dims:?}, want [1, 1+G*G, {hid}]"
-        )));
-    }
-    let side = square_side(dims[1] - 1, &files.weights_path)?;
-    let (cls_pos, grid_pos) = table.split_at(hid);
     let g = c.grid;
-    let grid_pos = if side == g {
-        grid_pos.to_vec()
-    } else {
-        let m = if registers {
-            bicubic_aa_matrix(side, g)
-        } else {
-            widen(&bicubic_matrix(side, g))
-        };
-        resize_grid(grid_pos, (side, side), hid, (g, g), &m, &m)
-    };
+    let (cls_pos, grid_pos) =
+        ld.position_table("embeddings.position_embeddings", hid, g, |side, g| {
+            if registers {
+                bicubic_aa_matrix(side, g)
+            } else {
+                widen(&bicubic_matrix(side, g))
+            }
+        })?;
     let pos = ld.upload(grid_pos, g * g, hid)?;
 
     // Prefix: [CLS + its position, registers...] (registers get no position).
-    let cls = ld.token_with_position("embeddings.cls_token", hid, cls_pos)?;
+    let cls = ld.token_with_position("embeddings.cls_token", hid, &cls_pos)?;
     let prefix = if registers && cfg.num_register_tokens > 0 {
         let regs = ld.vb.get(
             (1, cfg.num_register_tokens, hid),

@@ -10,8 +10,8 @@ use candle_core::{DType, Device};
 
 use super::EncoderError;
 use super::config::{ModelFiles, VitConfig, parse_json};
-use super::resample::{bicubic_matrix, resize_grid, widen};
-use super::vit::{Loader, VitEncoder, common, square_side};
+use super::resample::{bicubic_matrix, widen};
+use super::vit::{Loader, VitEncoder, common};
 use super::vit_layers::{BlockNames, PatchEmbed};
 
 const NAMES: BlockNames = BlockNames {
@@ -54,23 +54,15 @@ pub(super) fn load(
     };
     let hid = cfg.hidden_size;
 
-    let (dims, table) = ld.host_f32(&format!("{root}embeddings.position_embeddings"))?;
-    if dims.len() != 3 || dims[0] != 1 || dims[2] != hid || dims[1] < 2 {
-        return Err(ld.err(format!(
-            "{root}embeddings.position_embeddings has shape {dims:?}, want [1, 1+G*G, {hid}]"
-        )));
-    }
-    let side = square_side(dims[1] - 1, &files.weights_path)?;
-    let (cls_pos, grid_pos) = table.split_at(hid);
     let g = c.grid;
-    let grid_pos = if side == g {
-        grid_pos.to_vec()
-    } else {
-        let m = widen(&bicubic_matrix(side, g));
-        resize_grid(grid_pos, (side, side), hid, (g, g), &m, &m)
-    };
+    let (cls_pos, grid_pos) = ld.position_table(
+        &format!("{root}embeddings.position_embeddings"),
+        hid,
+        g,
+        |side, g| widen(&bicubic_matrix(side, g)),
+    )?;
     let pos = ld.upload(grid_pos, g * g, hid)?;
-    let prefix = ld.token_with_position(&format!("{root}embeddings.cls_token"), hid, cls_pos)?;
+    let prefix = ld.token_with_position(&format!("{root}embeddings.cls_token"), hid, &cls_pos)?;
 
     let patch = PatchEmbed::load(
         ld.vb

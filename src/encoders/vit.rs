@@ -97,6 +97,31 @@ impl<'a> Loader<'a> {
         Ok((t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?))
     }
 
+    /// The position table `name` (`[1, 1 + S*S, hid]`) split into its CLS
+    /// row and its S x S grid resized to `g x g` with `matrix(S, g)` (only
+    /// built when the sizes differ). Host f32, computed once at load.
+    pub fn position_table(
+        &self,
+        name: &str,
+        hid: usize,
+        g: usize,
+        matrix: impl Fn(usize, usize) -> Vec<f64>,
+    ) -> Result<(Vec<f32>, Vec<f32>), EncoderError> {
+        let (dims, table) = self.host_f32(name)?;
+        if dims.len() != 3 || dims[0] != 1 || dims[2] != hid || dims[1] < 2 {
+            return Err(self.err(format!("{name} has shape {dims:?}, want [1, 1+G*G, {hid}]")));
+        }
+        let side = square_side(dims[1] - 1, &self.files.weights_path)?;
+        let (cls_pos, grid_pos) = table.split_at(hid);
+        let grid = if side == g {
+            grid_pos.to_vec()
+        } else {
+            let m = matrix(side, g);
+            super::resample::resize_grid(grid_pos, (side, side), hid, (g, g), &m, &m)
+        };
+        Ok((cls_pos.to_vec(), grid))
+    }
+
     pub fn err(&self, reason: impl Into<String>) -> EncoderError {
         config_err(&self.files.config_path, reason)
     }
@@ -201,7 +226,7 @@ pub(super) fn common(
 }
 
 /// Side of a square position grid with `n` entries.
-pub(super) fn square_side(n: usize, path: &Path) -> Result<usize, EncoderError> {
+fn square_side(n: usize, path: &Path) -> Result<usize, EncoderError> {
     let s = (n as f64).sqrt().round() as usize;
     if s * s != n {
         return Err(config_err(
