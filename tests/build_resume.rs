@@ -301,12 +301,7 @@ fn launched_build_on_two_processes_equals_a_single_build() {
     let images = common::fixture("images");
     let single = tmp.path().join("single");
     run_ok(&images, &single, &["--rows-per-shard", "2"]);
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = common::free_port().to_string();
     let job = tmp.path().join("job");
     let o = bin()
         .args([

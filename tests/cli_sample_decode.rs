@@ -654,12 +654,7 @@ fn launched_sampling_on_two_processes_equals_one_process() {
     };
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
     run_ok(&args(&one));
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = common::free_port().to_string();
     let mut launch: Vec<String> = [
         "launch",
         "--nproc-per-node",

@@ -249,11 +249,7 @@ fn run_ranks(
     Vec<(String, candle_core::Tensor)>,
     std::path::PathBuf,
 ) {
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let hs: Vec<_> = (0..world)
         .map(|rank| {
             let (cfg, resume) = (cfg.clone(), resume.clone());
@@ -379,12 +375,7 @@ fn a_global_batch_the_layout_cannot_split_is_refused() {
 fn cli_launch_trains_on_two_processes_like_one() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = setup(tmp.path());
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = common::free_port().to_string();
     let train = |out: &Path, launch: &[&str], batch: &str| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rae-cache"));
         cmd.args(launch);
@@ -460,12 +451,7 @@ fn bf16_autocast_training_tracks_f32_and_keeps_f32_masters() {
 #[test]
 fn cli_launch_stops_the_job_when_a_rank_fails() {
     let tmp = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = common::free_port().to_string();
     let missing = tmp.path().join("no-such-cache");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_rae-cache"))
         .args([

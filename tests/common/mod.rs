@@ -129,3 +129,12 @@ pub fn assert_close(
     }
     line
 }
+
+/// A loopback port free right now (for rendezvous in multi-process tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
