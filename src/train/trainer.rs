@@ -25,7 +25,7 @@ use serde::Serialize;
 use super::checkpoint::{self, Checkpoint, LoaderCursor};
 use super::config::TrainConfig;
 use super::init::{CastVars, SeededVarMap};
-use super::loader::{CacheSet, Loader, LoaderConfig, sample_noise, sample_seed};
+use super::loader::{CacheSet, Loader, LoaderConfig, sample_seed};
 use super::{
     AdamW, Ema, GradAccumulator, Gradients, LrSchedule, ParamGroup, Result, TrainError, io_err,
 };
@@ -346,7 +346,6 @@ impl Trainer {
         }
         let x = batch.x;
         let b = x.dim(0)?;
-        let row = x.elem_count() / b.max(1);
         let dev = x.device().clone();
         // Per-sample streams named by the sample, not by rank or step: the
         // same sample gets the same draw on any layout.
@@ -377,10 +376,9 @@ impl Trainer {
         let t = Tensor::from_vec(tv, b, &dev)?;
         let y = Tensor::from_vec(yv, b, &dev)?;
         // Drawn by the loader's thread while the previous step ran.
-        let eps = match batch.noise {
-            Some(e) => e,
-            None => Tensor::from_vec(sample_noise(seed, &batch.sample_ids, row), x.dims(), &dev)?,
-        };
+        let eps = batch.noise.ok_or_else(|| {
+            TrainError::State("the loader drew no noise for a training batch".into())
+        })?;
 
         let tb = t.reshape((b, 1, 1, 1))?;
         let x_t = (x.broadcast_mul(&(1.0 - &tb)?)? + eps.broadcast_mul(&tb)?)?;
