@@ -28,7 +28,9 @@ impl Ema {
         }
         let mut shadow = BTreeMap::new();
         for (name, var) in params {
-            shadow.insert(name.clone(), var.as_tensor().to_dtype(DType::F32)?.copy()?);
+            // Detached: a shadow must not hold the variable's autograd graph.
+            let t = var.as_tensor().detach().to_dtype(DType::F32)?.copy()?;
+            shadow.insert(name.clone(), t);
         }
         Ok(Self { decay, shadow })
     }
@@ -46,7 +48,10 @@ impl Ema {
     ) -> Result<()> {
         let d = self.decay;
         for (name, var) in params {
-            let p = var.as_tensor().to_dtype(DType::F32)?;
+            // `detach` first: an op on the `Var` itself is tracked, and the new
+            // shadow would keep the graph back to every earlier shadow (the
+            // training leak of issue 10: memory grew by a model copy a step).
+            let p = var.as_tensor().detach().to_dtype(DType::F32)?;
             let s = self
                 .shadow
                 .get_mut(name)
@@ -64,7 +69,7 @@ impl Ema {
     pub fn from_tensors(shadow: BTreeMap<String, Tensor>, decay: f64) -> Result<Self> {
         let shadow = shadow
             .into_iter()
-            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+            .map(|(k, t)| Ok((k, t.detach().to_dtype(DType::F32)?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
         Ok(Self { decay, shadow })
     }

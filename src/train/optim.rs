@@ -340,7 +340,7 @@ impl AdamW {
                 let step_size = lr / bc1;
                 let denom = v.sqrt()?.affine(1.0 / bc2_sqrt, eps)?;
                 let dtype = var.dtype();
-                let mut p = var.as_tensor().to_dtype(DType::F32)?;
+                let mut p = var.as_tensor().detach().to_dtype(DType::F32)?;
                 if wd != 0.0 {
                     p = p.affine(1.0 - lr * wd, 0.0)?;
                 }
