@@ -7,15 +7,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::models::{DecoderConfig, DitConfig, DitModel, RaeDecoder, VelocityModel, is_frozen};
-use crate::train::ema::Ema;
-use crate::train::init::{CastVars, SeededVarMap};
-use crate::train::{AdamW, AdamWConfig, Gradients, ParamGroup};
+use crate::models::checkpoint::trainable_vars;
+use crate::models::{DecoderConfig, DitConfig, DitModel, RaeDecoder};
+use crate::train::{FlowBatch, TrainConfig, TrainState, TrainStateConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -214,26 +213,14 @@ pub fn random_decoder(cfg: &DecoderConfig, dtype: DType, device: &Device) -> Res
     )?)
 }
 
-/// Number of elements in a VarMap's variables.
-fn varmap_vars(vm: &VarMap) -> Result<Vec<(String, Var)>> {
-    let data = vm
-        .data()
-        .lock()
-        .map_err(|_| BenchError::Other("varmap lock poisoned".into()))?;
-    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(v)
-}
-
 /// Parameter count of a decoder as built by [`random_decoder`] (frozen
 /// position table excluded).
 pub fn decoder_param_count(cfg: &DecoderConfig) -> Result<usize> {
     let vm = VarMap::new();
     // Shapes only: build on the CPU in f32 to let the VarMap record them.
     RaeDecoder::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
-    Ok(varmap_vars(&vm)?
+    Ok(trainable_vars(&vm)
         .iter()
-        .filter(|(k, _)| !is_frozen(k))
         .map(|(_, v)| v.elem_count())
         .sum())
 }
@@ -243,43 +230,26 @@ pub fn decoder_param_count(cfg: &DecoderConfig) -> Result<usize> {
 pub fn dit_param_count(cfg: &DitConfig) -> Result<usize> {
     let vm = VarMap::new();
     DitModel::new(cfg, VarBuilder::from_varmap(&vm, DType::BF16, &Device::Cpu))?;
-    Ok(varmap_vars(&vm)?
+    Ok(trainable_vars(&vm)
         .iter()
-        .filter(|(k, _)| !is_frozen(k))
         .map(|(_, v)| v.elem_count())
         .sum())
 }
 
-/// One training step of a DiT / DiT-DH as the trainer does it: flow-matching
-/// forward, MSE, backward, global-norm clipping (1.0), AdamW, and (when
-/// enabled) the EMA update. Inputs are fixed random tensors drawn once per
-/// batch size: data loading and noise sampling are not measured.
+/// One training step of a DiT / DiT-DH: the trainer's own [`TrainState`]
+/// (flow-matching forward, MSE, backward, clipping, AdamW, EMA) with the
+/// trainer's defaults, fed fixed random tensors drawn once per batch size:
+/// data loading and noise sampling are not measured.
 pub struct TrainStep {
-    model: DitModel,
-    trainable: Vec<(String, Var)>,
-    /// Every variable (the f32 masters the bf16 model is cast from).
-    all: Vec<(String, Var)>,
-    opt: AdamW,
-    ema: Option<Ema>,
-    device: Device,
-    dtype: DType,
-    cfg: DitConfig,
-    inputs: Option<StepInputs>,
-    _varmap: VarMap,
-}
-
-struct StepInputs {
-    batch: usize,
-    x_t: Tensor,
-    t: Tensor,
-    y: Tensor,
-    target: Tensor,
+    state: TrainState,
+    lr: f64,
+    inputs: Option<(usize, FlowBatch)>,
 }
 
 impl TrainStep {
     /// Build the model with seeded random f32 weights, computing in `dtype`
-    /// as the trainer does (bf16: autocast from f32 master weights, the
-    /// model rebuilt from fresh casts after each update).
+    /// as the trainer does (bf16: autocast from f32 master weights). The
+    /// optimizer, clipping and EMA settings are `TrainConfig`'s defaults.
     pub fn new(
         cfg: &DitConfig,
         seed: u64,
@@ -287,96 +257,60 @@ impl TrainStep {
         device: &Device,
         ema: bool,
     ) -> Result<Self> {
-        let varmap = VarMap::new();
-        let vb = SeededVarMap::var_builder(&varmap, seed, DType::F32, device);
-        let mut model = DitModel::new(cfg, vb)?;
-        let all = varmap_vars(&varmap)?;
-        if dtype != DType::F32 {
-            model = DitModel::new(cfg, CastVars::var_builder(&all, dtype, device))?;
-        }
-        let trainable: Vec<(String, Var)> =
-            all.iter().filter(|(k, _)| !is_frozen(k)).cloned().collect();
-        let opt = AdamW::new(
-            vec![ParamGroup::new(trainable.clone())],
-            AdamWConfig::default(),
-        )?;
-        let ema = if ema {
-            Some(Ema::new(all.iter().map(|(k, v)| (k, v)), 0.9995)?)
-        } else {
-            None
+        let train = TrainConfig::default();
+        let scfg = TrainStateConfig {
+            seed,
+            optimizer: train.optimizer(),
+            ema: ema.then_some(train.ema),
+            clip_grad: train.clip_grad,
+            compute: dtype,
         };
         Ok(Self {
-            model,
-            trainable,
-            all,
-            opt,
-            ema,
-            device: device.clone(),
-            dtype,
-            cfg: cfg.clone(),
+            state: TrainState::new(cfg, &scfg, device)?,
+            lr: train.lr,
             inputs: None,
-            _varmap: varmap,
         })
     }
 
     pub fn trainable_params(&self) -> usize {
-        self.trainable.iter().map(|(_, v)| v.elem_count()).sum()
+        self.state.trainable_params()
+    }
+
+    /// The state being trained (weights, optimizer, EMA).
+    pub fn state(&self) -> &TrainState {
+        &self.state
     }
 
     /// Draw the step's inputs for `batch` images (replacing earlier ones).
     pub fn set_batch(&mut self, batch: usize) -> Result<()> {
         // Free the old inputs first: near the memory limit both sets may not fit.
         self.inputs = None;
-        let (c, s) = (self.cfg.in_channels(), self.cfg.input_size());
-        let dev = &self.device;
-        let x = Tensor::randn(0f32, 1.0, (batch, c, s, s), dev)?;
-        let eps = Tensor::randn(0f32, 1.0, (batch, c, s, s), dev)?;
-        let t = Tensor::rand(0f32, 1.0, batch, dev)?;
-        let labels: Vec<u32> = (0..batch)
-            .map(|i| (i % (self.cfg.num_classes() + 1)) as u32)
-            .collect();
-        let y = Tensor::from_vec(labels, batch, dev)?;
-        let tb = t.reshape((batch, 1, 1, 1))?;
-        let x_t = (x.broadcast_mul(&(1.0 - &tb)?)? + eps.broadcast_mul(&tb)?)?;
-        let target = (&eps - &x)?;
-        self.inputs = Some(StepInputs {
-            batch,
-            x_t: x_t.to_dtype(self.dtype)?,
-            t: t.to_dtype(self.dtype)?,
-            y,
-            target: target.to_dtype(self.dtype)?,
-        });
+        let cfg = self.state.model_config();
+        let (c, s, classes) = (cfg.in_channels(), cfg.input_size(), cfg.num_classes());
+        let dev = self.state.device();
+        let labels: Vec<u32> = (0..batch).map(|i| (i % (classes + 1)) as u32).collect();
+        let b = FlowBatch {
+            x: Tensor::randn(0f32, 1.0, (batch, c, s, s), dev)?,
+            eps: Tensor::randn(0f32, 1.0, (batch, c, s, s), dev)?,
+            t: Tensor::rand(0f32, 1.0, batch, dev)?,
+            y: Tensor::from_vec(labels, batch, dev)?,
+        };
+        self.inputs = Some((batch, b));
         Ok(())
     }
 
     pub fn batch(&self) -> Option<usize> {
-        self.inputs.as_ref().map(|i| i.batch)
+        self.inputs.as_ref().map(|i| i.0)
     }
 
     /// One full step; returns the loss. Reading the loss and the gradient
     /// norm to the host synchronises the device, as in the trainer.
     pub fn step(&mut self) -> Result<f64> {
-        let inp = self
+        let (_, inp) = self
             .inputs
             .as_ref()
             .ok_or_else(|| BenchError::Other("TrainStep::step before set_batch".into()))?;
-        let v = self.model.forward(&inp.x_t, &inp.t, &inp.y)?;
-        let loss = (v - &inp.target)?.to_dtype(DType::F32)?.sqr()?.mean_all()?;
-        let store = loss.backward()?;
-        let mut grads = Gradients::from_store(&store, &self.trainable)?;
-        drop(store);
-        grads.clip_global_norm(1.0)?;
-        self.opt.step(&grads, 2e-4)?;
-        if self.dtype != DType::F32 {
-            self.model = DitModel::new(
-                &self.cfg,
-                CastVars::var_builder(&self.all, self.dtype, &self.device),
-            )?;
-        }
-        if let Some(ema) = &mut self.ema {
-            ema.update(self.trainable.iter().map(|(k, v)| (k, v)))?;
-        }
-        Ok(loss.to_scalar::<f32>()? as f64)
+        Ok(self.state.step(inp, self.lr)?.loss)
     }
 }
 
@@ -422,13 +356,7 @@ pub fn time_iters(
     })
 }
 
-/// Peak resident set size of this process (Linux `VmHWM`), in bytes.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+pub use crate::memory::{peak_rss_bytes, rss_bytes};
 
 /// Whether an error reads like a device allocation failure (CUDA reports
 /// `CUDA_ERROR_OUT_OF_MEMORY`; the CPU allocator aborts instead, so on the

@@ -74,6 +74,15 @@ pub fn spec_for_rank(spec: &str, local_rank: usize) -> Result<String, DeviceErro
     }
 }
 
+/// The device of this process: `spec` as it is, or, in a data-parallel
+/// job (`local_rank` from the job's environment), [`spec_for_rank`] of it.
+pub fn for_job(spec: &str, local_rank: Option<usize>) -> Result<Device, DeviceError> {
+    match local_rank {
+        Some(r) => parse_device(&spec_for_rank(spec, r)?),
+        None => parse_device(spec),
+    }
+}
+
 /// A short stable name for logs and metadata.
 pub fn device_name(d: &Device) -> String {
     match d {

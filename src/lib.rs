@@ -10,6 +10,7 @@ pub mod encoders;
 pub mod fsutil;
 pub mod generate;
 pub mod images;
+pub mod memory;
 pub mod models;
 pub mod pipeline;
 pub mod precision;

@@ -115,6 +115,12 @@ struct TrainArgs {
     no_ema: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Soak: run this many steps, printing resident memory and step time
+    /// every --report-every steps (stderr), and the series as JSON.
+    #[arg(long)]
+    soak_steps: Option<u64>,
+    #[arg(long, default_value_t = 100)]
+    report_every: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -370,6 +376,16 @@ fn train(a: TrainArgs) -> anyhow::Result<Value> {
         c.batch
     };
     step.set_batch(batch)?;
+    if let Some(n) = a.soak_steps {
+        return soak(
+            &mut step,
+            &device,
+            n,
+            a.report_every.max(1),
+            &a.preset,
+            batch,
+        );
+    }
     let timing = time_iters(&device, c.warmup, c.iters, || step.step().map(|_| ()))?;
     let mut v = report(
         "train",
@@ -389,6 +405,75 @@ fn train(a: TrainArgs) -> anyhow::Result<Value> {
         v["max_batch_search"] = Value::Array(tried);
     }
     Ok(v)
+}
+
+/// `n` training steps with resident memory and the mean step time every
+/// `every` steps; the verdict is the RSS slope over the second half (after
+/// the allocator has warmed up), per step.
+fn soak(
+    step: &mut TrainStep,
+    device: &Device,
+    n: u64,
+    every: u64,
+    preset: &str,
+    batch: usize,
+) -> anyhow::Result<Value> {
+    let mut series = Vec::new();
+    let mut window = Instant::now();
+    for i in 1..=n {
+        step.step()?;
+        if i % every == 0 || i == n {
+            device.synchronize()?;
+            let k = if i % every == 0 { every } else { i % every };
+            let step_s = window.elapsed().as_secs_f64() / k as f64;
+            let rss = rae_cache::bench_models::rss_bytes().unwrap_or(0);
+            let graphs = step.state().tensors_with_graph().len();
+            eprintln!(
+                "soak: step {i:>7}  rss {:>8.1} MB  step {:.4} s  tensors with a graph {graphs}",
+                rss as f64 / 1e6,
+                step_s
+            );
+            series.push(
+                json!({"step": i, "rss_bytes": rss, "step_s": step_s, "graph_tensors": graphs}),
+            );
+            window = Instant::now();
+        }
+    }
+    let half: Vec<(f64, f64)> = series[series.len() / 2..]
+        .iter()
+        .map(|p| {
+            (
+                p["step"].as_f64().unwrap_or(0.0),
+                p["rss_bytes"].as_f64().unwrap_or(0.0),
+            )
+        })
+        .collect();
+    Ok(json!({
+        "what": "train-soak",
+        "model": preset,
+        "device": device_name(device),
+        "batch": batch,
+        "steps": n,
+        "params": step.trainable_params(),
+        "rss_bytes_per_step_second_half": slope(&half),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "series": series,
+    }))
+}
+
+/// Least-squares slope of y over x (0 for fewer than two points).
+fn slope(p: &[(f64, f64)]) -> f64 {
+    let n = p.len() as f64;
+    if p.len() < 2 {
+        return 0.0;
+    }
+    let (mx, my) = (
+        p.iter().map(|q| q.0).sum::<f64>() / n,
+        p.iter().map(|q| q.1).sum::<f64>() / n,
+    );
+    let cov: f64 = p.iter().map(|q| (q.0 - mx) * (q.1 - my)).sum();
+    let var: f64 = p.iter().map(|q| (q.0 - mx).powi(2)).sum();
+    if var == 0.0 { 0.0 } else { cov / var }
 }
 
 fn decoder(a: DecoderArgs) -> anyhow::Result<Value> {

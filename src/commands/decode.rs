@@ -13,7 +13,8 @@ use rae_cache::precision::Precision;
 pub struct Args {
     /// A shard file, a directory of shards, or a cache / sample directory.
     input: PathBuf,
-    /// RAE decoder checkpoint (.safetensors or .pt).
+    /// RAE decoder checkpoint (.safetensors or .pt), or a run directory,
+    /// its `checkpoints/` or `checkpoints/latest` (the newest checkpoint).
     #[arg(long)]
     decoder: PathBuf,
     /// Decoder config (JSON/TOML with the decoder keys).
@@ -74,14 +75,17 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if a.tf32 {
         rae_cache::precision::set_tf32(true);
     }
+    // A run directory, its checkpoints/ or `latest` name the newest checkpoint.
+    let weights = rae_cache::train::checkpoint::resolve(&a.decoder)
+        .with_context(|| format!("--decoder {}", a.decoder.display()))?;
     let mut decoder = load_decoder(
-        &a.decoder,
+        &weights,
         &cfg,
         &WeightsKey::parse(&a.weights_key),
         a.precision.resolve(&device),
         &device,
     )
-    .with_context(|| format!("loading {}", a.decoder.display()))?;
+    .with_context(|| format!("loading {}", weights.display()))?;
     decoder.set_fused(true);
     let shards = resolve_shards(&a.input)?;
     let opts = DecodeOptions {

@@ -4,17 +4,21 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor};
 use rae_cache::diffusion::{Guidance, SamplerConfig, SamplerMethod, default_shift};
 use rae_cache::dist::tcp::TcpGroup;
 use rae_cache::dist::{Collective, DistEnv};
-use rae_cache::generate::{LabelSpec, SampleOptions, run_sampling, write_sample_manifest};
-use rae_cache::models::{DitConfig, VelocityModel, WeightsKey, load_dit};
+use rae_cache::generate::{LabelSpec, SampleOptions, run_sampling_job};
+use rae_cache::models::{DitConfig, DitModel, VelocityModel, WeightsKey, load_dit};
 use rae_cache::precision::Precision;
-use rae_cache::shards::{LatentDType, LatentStats, ShardInfo};
+use rae_cache::shards::{LatentDType, LatentStats};
+use rae_cache::train::checkpoint::open_trained;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// DiT / DiT-DH checkpoint (.safetensors or .pt; `ema` preferred).
+    /// DiT / DiT-DH checkpoint (.safetensors or .pt), or a `rae-cache
+    /// train` run directory, its `checkpoints/` or `checkpoints/latest`
+    /// (the newest checkpoint, with the run's model config).
     #[arg(long)]
     model: PathBuf,
     /// Model constructor keys (JSON/TOML file).
@@ -24,6 +28,9 @@ pub struct Args {
     #[arg(long)]
     preset: Option<String>,
     /// Which checkpoint entry holds the weights: auto, root, ema, model, ...
+    /// auto: `ema` if present, else `model`/`state_dict`; for a rae-cache
+    /// run, the EMA once it holds at most 1% of the initial weights
+    /// (decay^step), else the raw weights.
     #[arg(long, default_value = "auto")]
     weights_key: String,
     /// Output directory (shards/ + manifest.json).
@@ -101,107 +108,154 @@ fn config_source(
     }
 }
 
-fn sha256_file(path: &str) -> String {
+/// sha256 of a config file; "" for a preset name (no file to hash).
+fn config_sha256(src: &str) -> anyhow::Result<String> {
+    let path = std::path::Path::new(src);
+    if !path.is_file() {
+        return Ok(String::new());
+    }
     use sha2::{Digest, Sha256};
-    std::fs::read(path)
-        .map(|b| {
-            Sha256::digest(&b)
-                .iter()
-                .map(|x| format!("{x:02x}"))
-                .collect()
-        })
-        .unwrap_or_default()
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect())
 }
 
-pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    // One process of a job (`rae-cache launch`, torchrun): sample part RANK
-    // of WORLD_SIZE on this rank's GPU; rank 0 writes the manifest.
-    let job = DistEnv::from_env()?;
-    let device = match &job {
-        Some(d) => rae_cache::device::parse_device(&rae_cache::device::spec_for_rank(
-            &a.device,
-            d.local_rank,
-        )?)?,
-        None => rae_cache::device::parse_device(&a.device)?,
-    };
-    let group = job.as_ref().map(TcpGroup::connect).transpose()?;
-    let dtype: LatentDType = a.dtype.parse().map_err(anyhow::Error::msg)?;
-    if dtype == LatentDType::Int8 {
-        bail!("--dtype: sampled latents are stored as f16, f32 or bf16");
-    }
-    let key = WeightsKey::parse(&a.weights_key);
-    let src = config_source(&a.model_config, &a.preset, "--model-config/--preset")?;
-    let cfg = DitConfig::load(&src)?;
-    let compute = a.precision.resolve(&device);
-    if a.tf32 {
-        rae_cache::precision::set_tf32(true);
-    }
-    let mut model = load_dit(&a.model, &src, &key, compute, &device)
-        .with_context(|| format!("loading {}", a.model.display()))?;
-    model.set_fused(true);
-    let (c, h) = (cfg.in_channels(), cfg.input_size());
+/// A DiT named on the command line, loaded: a checkpoint file, or a run
+/// directory / `checkpoints/` / `latest` (the newest checkpoint, the run's
+/// model config, and EMA or raw weights as `open_trained` decides).
+struct Loaded {
+    model: DitModel,
+    cfg: DitConfig,
+    /// The preset or config file it was built from.
+    src: String,
+    file: PathBuf,
+}
 
-    let guide = match &a.guide_model {
-        Some(p) => {
-            let gsrc = config_source(
-                &a.guide_config,
-                &a.guide_preset,
-                "--guide-config/--guide-preset",
-            )?;
-            let mut g = load_dit(p, &gsrc, &key, compute, &device)
-                .with_context(|| format!("loading guide {}", p.display()))?;
-            g.set_fused(true);
-            Some((g, gsrc))
+fn load_model(
+    path: &std::path::Path,
+    config: &Option<String>,
+    preset: &Option<String>,
+    what: &str,
+    key: &WeightsKey,
+    compute: DType,
+    device: &Device,
+) -> anyhow::Result<Loaded> {
+    let trained = open_trained(path, key).with_context(|| format!("{what} {}", path.display()))?;
+    let src = match (config, preset, &trained.model) {
+        (None, None, Some(run_model)) => run_model.clone(),
+        _ => {
+            let flags = match what {
+                "model" => "--model-config/--preset",
+                _ => "--guide-config/--guide-preset",
+            };
+            config_source(config, preset, flags)?
         }
-        None => None,
     };
+    if let Some(why) = &trained.reason {
+        tracing::info!("{}: {why}", trained.file.display());
+    }
+    let cfg = DitConfig::load(&src)?;
+    let mut model = load_dit(&trained.file, &src, &trained.weights, compute, device)
+        .with_context(|| format!("loading {}", trained.file.display()))?;
+    model.set_fused(true);
+    Ok(Loaded {
+        model,
+        cfg,
+        src,
+        file: trained.file,
+    })
+}
+
+/// `--cfg-scale`, `--cfg-interval` and the guide model as a `Guidance`.
+fn guidance(a: &Args, cfg: &DitConfig, with_guide: bool) -> anyhow::Result<Guidance> {
     let (t_min, t_max) = a
         .cfg_interval
         .split_once(',')
         .and_then(|(l, h)| Some((l.trim().parse::<f64>().ok()?, h.trim().parse::<f64>().ok()?)))
         .context("--cfg-interval: expected LO,HI")?;
-    let guidance = if a.cfg_scale > 1.0 {
-        if guide.is_some() {
-            Guidance::Auto {
-                scale: a.cfg_scale,
-                t_min,
-                t_max,
-            }
-        } else {
-            Guidance::Cfg {
-                scale: a.cfg_scale,
-                t_min,
-                t_max,
-                null_class: cfg.num_classes() as u32,
-            }
-        }
-    } else {
-        Guidance::None
-    };
+    Ok(match (a.cfg_scale > 1.0, with_guide) {
+        (false, _) => Guidance::None,
+        (true, true) => Guidance::Auto {
+            scale: a.cfg_scale,
+            t_min,
+            t_max,
+        },
+        (true, false) => Guidance::Cfg {
+            scale: a.cfg_scale,
+            t_min,
+            t_max,
+            null_class: cfg.num_classes() as u32,
+        },
+    })
+}
+
+fn sampler_config(a: &Args, cfg: &DitConfig, guidance: Guidance) -> anyhow::Result<SamplerConfig> {
     let method = match a.sampler.as_str() {
         "euler" => SamplerMethod::EulerOde,
         "heun" => SamplerMethod::HeunOde,
         "sde" => SamplerMethod::EulerMaruyama,
         o => bail!("--sampler {o:?}: expected euler, heun or sde"),
     };
-    let sampler = SamplerConfig {
+    let (c, h) = (cfg.in_channels(), cfg.input_size());
+    Ok(SamplerConfig {
         method,
         num_steps: a.steps,
         time_shift: a.shift.unwrap_or_else(|| default_shift(h * h, c)),
         guidance,
         ..Default::default()
-    };
-    let noise = match &a.noise {
-        Some(p) => {
-            let mut t = candle_core::safetensors::load(p, &candle_core::Device::Cpu)
-                .with_context(|| format!("reading --noise {}", p.display()))?;
-            Some(
-                t.remove("z0")
-                    .with_context(|| format!("{}: no tensor `z0`", p.display()))?,
+    })
+}
+
+/// `--noise FILE`: its `z0` tensor.
+fn read_noise(path: &Option<PathBuf>) -> anyhow::Result<Option<Tensor>> {
+    let Some(p) = path else { return Ok(None) };
+    let mut t = candle_core::safetensors::load(p, &Device::Cpu)
+        .with_context(|| format!("reading --noise {}", p.display()))?;
+    Ok(Some(t.remove("z0").with_context(|| {
+        format!("{}: no tensor `z0`", p.display())
+    })?))
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    // One process of a job (`rae-cache launch`, torchrun): sample part RANK
+    // of WORLD_SIZE on this rank's GPU; rank 0 writes the manifest.
+    let job = DistEnv::from_env()?;
+    let device = rae_cache::device::for_job(&a.device, job.as_ref().map(|d| d.local_rank))?;
+    let group = job.as_ref().map(TcpGroup::connect).transpose()?;
+    let dtype: LatentDType = a.dtype.parse().map_err(anyhow::Error::msg)?;
+    if dtype == LatentDType::Int8 {
+        bail!("--dtype: sampled latents are stored as f16, f32 or bf16");
+    }
+    let compute = a.precision.resolve(&device);
+    if a.tf32 {
+        rae_cache::precision::set_tf32(true);
+    }
+
+    // Models.
+    let key = WeightsKey::parse(&a.weights_key);
+    let (model, preset) = (&a.model_config, &a.preset);
+    let main = load_model(&a.model, model, preset, "model", &key, compute, &device)?;
+    let guide = a
+        .guide_model
+        .as_ref()
+        .map(|p| {
+            load_model(
+                p,
+                &a.guide_config,
+                &a.guide_preset,
+                "guide",
+                &key,
+                compute,
+                &device,
             )
-        }
-        None => None,
-    };
+        })
+        .transpose()?;
+
+    // Sampler, noise, statistics, provenance.
+    let sampler = sampler_config(&a, &main.cfg, guidance(&a, &main.cfg, guide.is_some())?)?;
+    let noise = read_noise(&a.noise)?;
     if noise.is_none() && a.num == 0 {
         bail!("--num N (or --noise FILE) is required");
     }
@@ -211,11 +265,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .map(|p| LatentStats::load(p).with_context(|| format!("reading --stats {}", p.display())))
         .transpose()?;
     let provenance = serde_json::json!({
-        "model": a.model.display().to_string(),
-        "model_config": src,
-        "model_config_sha256": sha256_file(&src),
-        "guide_model": a.guide_model.as_ref().map(|p| p.display().to_string()),
-        "guide_config": guide.as_ref().map(|g| g.1.clone()),
+        "model": main.file.display().to_string(),
+        "model_config": main.src,
+        "model_config_sha256": config_sha256(&main.src)?,
+        "guide_model": guide.as_ref().map(|g| g.file.display().to_string()),
+        "guide_config": guide.as_ref().map(|g| g.src.clone()),
         "stats": a.stats.as_ref().map(|p| p.display().to_string()),
         "noise": a.noise.as_ref().map(|p| p.display().to_string()),
         "precision": compute.as_str(),
@@ -231,30 +285,20 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         dtype,
         noise,
         stats,
-        channels: c,
-        size: h,
-        num_classes: cfg.num_classes(),
+        channels: main.cfg.in_channels(),
+        size: main.cfg.input_size(),
+        num_classes: main.cfg.num_classes(),
         rows_per_shard: a.shard_rows,
         progress: group.as_ref().is_none_or(|g| g.rank() == 0),
         provenance,
         part: group.as_ref().map(|g| (g.rank(), g.world_size())),
     };
-    let g: Option<&dyn VelocityModel> = guide.as_ref().map(|g| &g.0 as &dyn VelocityModel);
-    let mut s = run_sampling(&model, g, &opts, &device)?;
-    if let Some(group) = &group {
-        let all = group.gather_to_root(&serde_json::to_vec(&s.shards)?)?;
-        let Some(all) = all else {
-            return Ok(ExitCode::SUCCESS); // rank 0 reports
-        };
-        let mut shards = Vec::new();
-        for part in all {
-            shards.extend(serde_json::from_slice::<Vec<ShardInfo>>(&part)?);
-        }
-        let n = opts.noise.as_ref().map_or(Ok(opts.num), |z| z.dim(0))?;
-        write_sample_manifest(&opts, &shards, n, s.denormalised)?;
-        s.samples = n;
-        s.shards = shards;
-    }
+
+    // Sample; rank 0 reports.
+    let g = guide.as_ref().map(|g| &g.model as &dyn VelocityModel);
+    let Some(s) = run_sampling_job(&main.model, g, &opts, &device, group.as_ref())? else {
+        return Ok(ExitCode::SUCCESS);
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {

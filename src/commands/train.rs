@@ -193,13 +193,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // One process of a data-parallel job (RANK / WORLD_SIZE / LOCAL_RANK
     // from torchrun, `rae-cache launch` or a cluster wrapper)?
     let dist = DistEnv::from_env()?;
-    let device = match &dist {
-        Some(d) => rae_cache::device::parse_device(&rae_cache::device::spec_for_rank(
-            &cfg.device,
-            d.local_rank,
-        )?)?,
-        None => rae_cache::device::parse_device(&cfg.device)?,
-    };
+    let device = rae_cache::device::for_job(&cfg.device, dist.as_ref().map(|d| d.local_rank))?;
     let comm: Box<dyn Collective> = match &dist {
         Some(d) => {
             tracing::info!(
@@ -232,8 +226,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let last = trainer.run(|s| {
         bar.set_position(s.step);
         bar.set_message(format!(
-            "loss {:.4} gn {:.3} lr {:.2e} {:.1} img/s {:.0} tok/s",
-            s.loss, s.grad_norm, s.lr, s.images_per_s, s.tokens_per_s
+            "loss {:.4} gn {:.3} lr {:.2e} {:.1} img/s {:.0} tok/s rss {:.0} MB",
+            s.loss,
+            s.grad_norm,
+            s.lr,
+            s.images_per_s,
+            s.tokens_per_s,
+            s.rss_bytes.unwrap_or(0) as f64 / 1e6
         ));
     })?;
     bar.finish();

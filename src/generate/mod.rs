@@ -20,7 +20,9 @@ use std::path::PathBuf;
 pub use decode_run::{DecodeFormat, DecodeOptions, DecodeSummary, decode_shards, resolve_shards};
 pub use labels::LabelSpec;
 pub use pixels::Rounding;
-pub use sample_run::{SampleOptions, SampleSummary, run_sampling, write_sample_manifest};
+pub use sample_run::{
+    SampleOptions, SampleSummary, run_sampling, run_sampling_job, write_sample_manifest,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
@@ -35,6 +37,8 @@ pub enum GenerateError {
     Model(#[from] crate::models::ModelError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     #[error("{0}")]
     Invalid(String),
 }

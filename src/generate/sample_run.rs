@@ -140,6 +140,37 @@ fn stats_tensors(
     Ok((std, mean))
 }
 
+/// [`run_sampling`] as one process of a job: each rank samples its part
+/// (`opts.part`), rank 0 gathers every part's shard list and writes the
+/// manifest, byte-identical to one process. Returns the summary on rank 0
+/// (or without a job), `None` on the other ranks.
+pub fn run_sampling_job(
+    model: &dyn VelocityModel,
+    guide: Option<&dyn VelocityModel>,
+    opts: &SampleOptions,
+    device: &Device,
+    group: Option<&crate::dist::tcp::TcpGroup>,
+) -> Result<Option<SampleSummary>, GenerateError> {
+    let mut s = run_sampling(model, guide, opts, device)?;
+    let Some(group) = group else {
+        return Ok(Some(s));
+    };
+    let json_err = |e: serde_json::Error| GenerateError::Invalid(format!("shard list: {e}"));
+    let mine = serde_json::to_vec(&s.shards).map_err(json_err)?;
+    let Some(all) = group.gather_to_root(&mine)? else {
+        return Ok(None); // rank 0 reports
+    };
+    let mut shards = Vec::new();
+    for part in all {
+        shards.extend(serde_json::from_slice::<Vec<ShardInfo>>(&part).map_err(json_err)?);
+    }
+    let n = opts.noise.as_ref().map_or(Ok(opts.num), |z| z.dim(0))?;
+    write_sample_manifest(opts, &shards, n, s.denormalised)?;
+    s.samples = n;
+    s.shards = shards;
+    Ok(Some(s))
+}
+
 /// Run the sampler over all N samples in batches and write the shards.
 pub fn run_sampling(
     model: &dyn VelocityModel,

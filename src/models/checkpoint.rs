@@ -183,18 +183,21 @@ pub fn is_frozen(name: &str) -> bool {
         || name.ends_with("feat_rope.freqs_sin")
 }
 
-/// The trainable (name, Var) pairs of a VarMap, sorted by name.
-pub fn trainable_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+/// Every (name, Var) pair of a VarMap, sorted by name.
+pub fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
     let data = match varmap.data().lock() {
         Ok(d) => d,
         Err(p) => p.into_inner(),
     };
-    let mut v: Vec<(String, Var)> = data
-        .iter()
-        .filter(|(k, _)| !is_frozen(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// The trainable (name, Var) pairs of a VarMap, sorted by name.
+pub fn trainable_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let mut v = sorted_vars(varmap);
+    v.retain(|(k, _)| !is_frozen(k));
     v
 }
 

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::optim::{AdamWState, ParamState};
 use super::{Result, TrainError, io_err};
 use crate::fsutil;
+use crate::models::WeightsKey;
 
 pub const FORMAT: &str = "rae-cache-train-checkpoint";
 pub const FORMAT_VERSION: &str = "1";
@@ -237,9 +238,10 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     Ok(list_checkpoints(run_dir)?.pop().map(|(_, p)| p))
 }
 
-/// The run config stored in a checkpoint, reading only the file's header
-/// (a checkpoint of a large model is many GB).
-pub fn read_config(path: &Path) -> Result<String> {
+/// The safetensors `__metadata__` of a rae-cache training checkpoint,
+/// reading only the file's header (a checkpoint of a large model is many
+/// GB); `None` for any other safetensors file.
+pub fn read_metadata(path: &Path) -> Result<Option<BTreeMap<String, String>>> {
     use std::io::Read;
     let mut f = File::open(path).map_err(io_err(path))?;
     let mut len = [0u8; 8];
@@ -252,14 +254,137 @@ pub fn read_config(path: &Path) -> Result<String> {
     f.read_exact(&mut header).map_err(io_err(path))?;
     let v: serde_json::Value = serde_json::from_slice(&header)
         .map_err(|e| fmt_err(path, format!("safetensors header: {e}")))?;
-    let meta = &v["__metadata__"];
-    if meta["format"].as_str() != Some(FORMAT) {
-        return Err(fmt_err(path, "not a rae-cache training checkpoint"));
-    }
-    meta["config"]
-        .as_str()
-        .map(str::to_string)
+    let meta: BTreeMap<String, String> = match v.get("__metadata__") {
+        Some(m) => serde_json::from_value(m.clone())
+            .map_err(|e| fmt_err(path, format!("safetensors metadata: {e}")))?,
+        None => return Ok(None),
+    };
+    Ok((meta.get("format").map(String::as_str) == Some(FORMAT)).then_some(meta))
+}
+
+/// The run config stored in a checkpoint, reading only the file's header.
+pub fn read_config(path: &Path) -> Result<String> {
+    let meta =
+        read_metadata(path)?.ok_or_else(|| fmt_err(path, "not a rae-cache training checkpoint"))?;
+    meta.get("config")
+        .cloned()
         .ok_or_else(|| fmt_err(path, "metadata lacks \"config\""))
+}
+
+/// The checkpoint file a user means by `path`: a run directory, its
+/// `checkpoints/` directory or the `latest` pointer resolve to the
+/// checkpoint `latest` names; any other path is taken as it is.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    let run_dir = if path.is_dir() {
+        if path.join(DIR).is_dir() {
+            Some(path.to_path_buf())
+        } else if path.file_name().is_some_and(|n| n == DIR) {
+            Some(path.parent().unwrap_or(Path::new(".")).to_path_buf())
+        } else {
+            return Err(fmt_err(
+                path,
+                "a directory that is neither a run directory (with checkpoints/) nor its checkpoints/",
+            ));
+        }
+    } else if path.file_name().is_some_and(|n| n == LATEST)
+        && path
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|n| n == DIR)
+    {
+        path.parent().and_then(Path::parent).map(Path::to_path_buf)
+    } else {
+        None
+    };
+    match run_dir {
+        None => Ok(path.to_path_buf()),
+        Some(run) => latest(&run)?.ok_or_else(|| {
+            fmt_err(
+                &checkpoint_dir(&run),
+                "holds no checkpoint (step-*.safetensors)",
+            )
+        }),
+    }
+}
+
+/// `auto` takes a run's EMA weights only once the initial (random) weights
+/// hold at most this share of them: `decay^step` (0.9995 needs 9,208 steps;
+/// after 1,500 it is still 47% initial weights, and its samples barely
+/// depend on the label).
+pub const EMA_MAX_INITIAL_SHARE: f64 = 0.01;
+
+/// A trained model named on the command line, resolved.
+#[derive(Debug, Clone)]
+pub struct TrainedModel {
+    /// The checkpoint file.
+    pub file: PathBuf,
+    /// The run's model preset or config file (rae-cache checkpoints only).
+    pub model: Option<String>,
+    /// The weights to load.
+    pub weights: WeightsKey,
+    /// Why `auto` chose these weights (rae-cache checkpoints only).
+    pub reason: Option<String>,
+}
+
+/// Resolve `path` (see [`resolve`]) and, for a rae-cache training
+/// checkpoint with `requested` = auto, choose between the EMA and the raw
+/// weights by the EMA's remaining share of the initial weights.
+pub fn open_trained(path: &Path, requested: &WeightsKey) -> Result<TrainedModel> {
+    let file = resolve(path)?;
+    let meta = if file.is_file() && !is_pickle_name(&file) {
+        read_metadata(&file)?
+    } else {
+        None
+    };
+    let Some(meta) = meta else {
+        return Ok(TrainedModel {
+            file,
+            model: None,
+            weights: requested.clone(),
+            reason: None,
+        });
+    };
+    let config = meta
+        .get("config")
+        .map(|c| serde_json::from_str::<serde_json::Value>(c));
+    let config = match config {
+        Some(Ok(v)) => v,
+        _ => return Err(fmt_err(&file, "metadata lacks a readable \"config\"")),
+    };
+    let step: u64 = meta.get("step").and_then(|s| s.parse().ok()).unwrap_or(0);
+    let decay = config["ema"].as_f64().unwrap_or(0.0);
+    let (weights, reason) = match requested {
+        WeightsKey::Auto => {
+            let share = decay.powf(step as f64);
+            let take_ema = share <= EMA_MAX_INITIAL_SHARE;
+            let why = format!(
+                "step {step}, EMA decay {decay}: the EMA still holds {:.1}% of the initial weights \
+                 ({} {:.0}%); using the {} weights (--weights-key ema|model to choose)",
+                share * 100.0,
+                if take_ema { "at most" } else { "more than" },
+                EMA_MAX_INITIAL_SHARE * 100.0,
+                if take_ema { "EMA" } else { "raw (non-EMA)" }
+            );
+            let key = if take_ema { "ema" } else { "model" };
+            (WeightsKey::Key(key.into()), Some(why))
+        }
+        other => (other.clone(), None),
+    };
+    Ok(TrainedModel {
+        file,
+        model: config["model"].as_str().map(str::to_string),
+        weights,
+        reason,
+    })
+}
+
+fn is_pickle_name(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+        matches!(
+            e.to_ascii_lowercase().as_str(),
+            "pt" | "pth" | "bin" | "ckpt"
+        )
+    })
 }
 
 /// Read a checkpoint back, tensors on `device`.

@@ -212,6 +212,22 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The loader's settings for this rank (training: noise drawn by the
+    /// loader's thread).
+    pub fn loader(&self) -> super::loader::LoaderConfig {
+        super::loader::LoaderConfig {
+            batch_size: self.batch_size,
+            seed: self.seed,
+            shuffle_window: self.shuffle_window,
+            workers: self.workers,
+            prefetch: self.prefetch,
+            rank: self.rank,
+            world_size: self.world_size,
+            accum: self.accum,
+            noise: true,
+        }
+    }
+
     pub fn optimizer(&self) -> AdamWConfig {
         AdamWConfig {
             lr: self.lr,

@@ -9,12 +9,14 @@ pub mod init;
 pub mod loader;
 pub mod lr;
 pub mod optim;
+pub mod state;
 pub mod trainer;
 
 pub use config::TrainConfig;
 pub use ema::Ema;
 pub use lr::{LrSchedule, ScheduleKind};
 pub use optim::{AdamW, AdamWConfig, GradAccumulator, Gradients, ParamGroup};
+pub use state::{FlowBatch, StepMetrics, TrainState, TrainStateConfig};
 
 use std::path::PathBuf;
 

@@ -18,20 +18,17 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarMap;
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use super::checkpoint::{self, Checkpoint, LoaderCursor};
 use super::config::TrainConfig;
-use super::init::{CastVars, SeededVarMap};
-use super::loader::{CacheSet, Loader, LoaderConfig, sample_seed};
-use super::{
-    AdamW, Ema, GradAccumulator, Gradients, LrSchedule, ParamGroup, Result, TrainError, io_err,
-};
+use super::loader::{CacheSet, Loader, sample_seed};
+use super::state::{FlowBatch, TrainState, TrainStateConfig};
+use super::{Ema, GradAccumulator, Gradients, LrSchedule, Result, TrainError, io_err};
 use crate::diffusion::schedule::{NoiseRng, TimeDist, default_shift};
 use crate::dist::{Collective, SingleProcess};
-use crate::models::{DitConfig, DitModel, VelocityModel, is_frozen};
+use crate::models::DitConfig;
 
 /// Upper end of the training time interval (reference `check_interval`).
 pub const T_MAX: f64 = 1.0 - 1.0 / 1000.0;
@@ -50,22 +47,16 @@ pub struct StepStats {
     pub images_per_s: f64,
     pub tokens_per_s: f64,
     pub seconds: f64,
+    /// Resident memory of the process after the step (Linux), bytes: flat
+    /// over a healthy run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
 }
 
 pub struct Trainer {
     cfg: TrainConfig,
-    /// The model as the forward pass sees it: the f32 variables themselves,
-    /// or (autocast) their casts to `compute`, rebuilt after each update.
-    model: DitModel,
-    model_cfg: DitConfig,
-    compute: DType,
-    _varmap: VarMap,
-    /// Every tensor of the model (trainable and frozen), by name.
-    all_vars: Vec<(String, Var)>,
-    trainable: Vec<(String, Var)>,
-    opt: AdamW,
-    /// Rank 0 only (the other ranks' would be identical and unused).
-    ema: Option<Ema>,
+    /// Model, master weights, optimizer and (rank 0) EMA.
+    state: TrainState,
     comm: Box<dyn Collective>,
     schedule: LrSchedule,
     loader: Loader,
@@ -86,6 +77,69 @@ const BUCKET_ELEMS: usize = 1 << 26;
 
 fn cfg_err(e: impl std::fmt::Display) -> TrainError {
     TrainError::Config(e.to_string())
+}
+
+/// Refuse a model that does not take the cache's latents or classes.
+fn check_model_fits_cache(cfg: &TrainConfig, mcfg: &DitConfig, set: &CacheSet) -> Result<()> {
+    let (tokens, channels) = (set.tokens(), set.channels());
+    let side = mcfg.input_size();
+    if mcfg.in_channels() != channels || side * side != tokens {
+        return Err(TrainError::Config(format!(
+            "model {} takes {side}x{side}x{} latents, the cache holds {tokens} tokens x {channels}",
+            cfg.model,
+            mcfg.in_channels()
+        )));
+    }
+    let width = match mcfg {
+        DitConfig::DitDh(c) => c.hidden_size[1],
+        DitConfig::Lightning(c) => c.hidden_size,
+    };
+    if width < channels {
+        tracing::warn!(
+            "!!! model width {width} is below the token dimension {channels}: RAE shows such a diffusion \
+             transformer cannot fit the latents (use DiT-DH's wide head or a wider model) !!!"
+        );
+    }
+    if set.num_classes() > mcfg.num_classes() {
+        return Err(TrainError::Config(format!(
+            "the cache has {} classes, the model {}",
+            set.num_classes(),
+            mcfg.num_classes()
+        )));
+    }
+    Ok(())
+}
+
+/// The checkpoint at `path`, refused when it was trained under another
+/// global batch: the loader's cursor counts global batches, so it names
+/// the same data only under the same global batch.
+fn read_resume_checkpoint(cfg: &TrainConfig, path: &Path, device: &Device) -> Result<Checkpoint> {
+    let ck = checkpoint::load(path, device)?;
+    if let Ok(stored) = TrainConfig::from_json(&ck.config) {
+        if let (Some(was), Some(now)) = (stored.global_batch, cfg.global_batch) {
+            if was != now {
+                return Err(TrainError::Config(format!(
+                    "{} was trained with global batch {was}, this run has {now}: resume with \
+                     --global-batch {was} (any batch size and number of processes that divide it)",
+                    path.display()
+                )));
+            }
+        }
+    }
+    Ok(ck)
+}
+
+/// `config.json` written and `log.jsonl` opened for appending (rank 0).
+fn open_run_log(cfg: &TrainConfig) -> Result<File> {
+    let config_path = cfg.out.join("config.json");
+    crate::fsutil::write_atomic(&config_path, cfg.to_json().as_bytes())
+        .map_err(io_err(&config_path))?;
+    let log_path = cfg.out.join("log.jsonl");
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io_err(&log_path))
 }
 
 impl Trainer {
@@ -109,6 +163,7 @@ impl Trainer {
         resume: Option<&Path>,
         comm: Box<dyn Collective>,
     ) -> Result<Self> {
+        // Settings.
         cfg.rank = comm.rank();
         cfg.world_size = comm.world_size();
         cfg.resolve_layout()?;
@@ -120,93 +175,31 @@ impl Trainer {
         std::fs::create_dir_all(&cfg.out).map_err(io_err(&cfg.out))?;
         let set = CacheSet::open(&cfg.data)?;
         let mcfg = DitConfig::load(&cfg.model).map_err(cfg_err)?;
-        let (tokens, channels) = (set.tokens(), set.channels());
-        let side = mcfg.input_size();
-        if mcfg.in_channels() != channels || side * side != tokens {
-            return Err(TrainError::Config(format!(
-                "model {} takes {side}x{side}x{} latents, the cache holds {tokens} tokens x {channels}",
-                cfg.model,
-                mcfg.in_channels()
-            )));
-        }
-        let width = match &mcfg {
-            DitConfig::DitDh(c) => c.hidden_size[1],
-            DitConfig::Lightning(c) => c.hidden_size,
-        };
-        if width < channels {
-            tracing::warn!(
-                "!!! model width {width} is below the token dimension {channels}: RAE shows such a diffusion \
-                 transformer cannot fit the latents (use DiT-DH's wide head or a wider model) !!!"
-            );
-        }
-        let num_classes = mcfg.num_classes();
-        if set.num_classes() > num_classes {
-            return Err(TrainError::Config(format!(
-                "the cache has {} classes, the model {num_classes}",
-                set.num_classes()
-            )));
-        }
+        check_model_fits_cache(&cfg, &mcfg, &set)?;
 
-        let varmap = VarMap::new();
-        let vb = SeededVarMap::var_builder(&varmap, cfg.seed, DType::F32, device);
-        let model = DitModel::new(&mcfg, vb)?;
-        let mut all_vars: Vec<(String, Var)> = match varmap.data().lock() {
-            Ok(d) => d.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            Err(_) => return Err(TrainError::State("varmap lock poisoned".into())),
+        // Model, optimizer, EMA (rank 0): fresh or from the checkpoint.
+        let compute = cfg.precision.resolve(device);
+        let scfg = TrainStateConfig {
+            seed: cfg.seed,
+            optimizer: cfg.optimizer(),
+            ema: rank0.then_some(cfg.ema),
+            clip_grad: cfg.clip_grad,
+            compute,
         };
-        all_vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let trainable: Vec<(String, Var)> = all_vars
-            .iter()
-            .filter(|(k, _)| !is_frozen(k))
-            .cloned()
-            .collect();
-        let n_params: usize = trainable.iter().map(|(_, v)| v.elem_count()).sum();
+        let mut state = TrainState::new(&mcfg, &scfg, device)?;
         tracing::info!(
             "model {}: {:.2}M trainable parameters",
             cfg.model,
-            n_params as f64 / 1e6
+            state.trainable_params() as f64 / 1e6
         );
-
-        let mut opt = AdamW::new(vec![ParamGroup::new(trainable.clone())], cfg.optimizer())?;
-        let mut ema = None;
-        let mut step = 0;
-        let mut cursor = LoaderCursor::default();
-        let mut last_ckpt = None;
+        if compute != DType::F32 {
+            tracing::info!("autocast: forward and backward in {compute:?}, f32 master weights");
+        }
+        let (mut step, mut cursor, mut last_ckpt) = (0, LoaderCursor::default(), None);
         if let Some(path) = resume {
-            let ck = checkpoint::load(path, device)?;
-            // The loader's cursor counts global batches: it names the same
-            // data only under the same global batch.
-            if let Ok(stored) = TrainConfig::from_json(&ck.config) {
-                if let (Some(was), Some(now)) = (stored.global_batch, cfg.global_batch) {
-                    if was != now {
-                        return Err(TrainError::Config(format!(
-                            "{} was trained with global batch {was}, this run has {now}: resume with \
-                             --global-batch {was} (any batch size and number of processes that divide it)",
-                            path.display()
-                        )));
-                    }
-                }
-            }
-            for (name, var) in &all_vars {
-                let t = ck.model.get(name).ok_or_else(|| {
-                    TrainError::State(format!("{}: no weights for {name}", path.display()))
-                })?;
-                if t.dims() != var.dims() {
-                    return Err(TrainError::State(format!(
-                        "{}: {name} is {:?}, the model wants {:?}",
-                        path.display(),
-                        t.dims(),
-                        var.dims()
-                    )));
-                }
-                var.set(&t.to_dtype(var.dtype())?)?;
-            }
-            opt.load_state(ck.optim)?;
-            if rank0 {
-                ema = Some(Ema::from_tensors(ck.ema, cfg.ema)?);
-            }
-            step = ck.step;
-            cursor = ck.cursor;
+            let ck = read_resume_checkpoint(&cfg, path, device)?;
+            (step, cursor) = (ck.step, ck.cursor.clone());
+            state.restore(ck, path)?;
             last_ckpt = Some(path.to_path_buf());
             tracing::info!(
                 "resumed from {} at step {step} (epoch {}, batch {})",
@@ -218,9 +211,7 @@ impl Trainer {
         if cfg.world_size > 1 {
             // Identical starting weights on every rank, whatever each
             // initialised or loaded.
-            for (_, var) in &all_vars {
-                var.set(&comm.broadcast(var.as_tensor(), 0)?)?;
-            }
+            state.set_weights(|t| Ok(comm.broadcast(t, 0)?))?;
             tracing::info!(
                 "rank {} of {} ({} backend): global batch {} = {} per micro-batch x {} ranks x {} accumulation steps",
                 cfg.rank,
@@ -232,62 +223,20 @@ impl Trainer {
                 cfg.accum
             );
         }
-        if rank0 && ema.is_none() {
-            ema = Some(Ema::new(all_vars.iter().map(|(k, v)| (k, v)), cfg.ema)?);
-        }
-        let compute = cfg.precision.resolve(device);
-        let model = if compute == DType::F32 {
-            model
-        } else {
-            tracing::info!("autocast: forward and backward in {compute:?}, f32 master weights");
-            DitModel::new(&mcfg, CastVars::var_builder(&all_vars, compute, device))?
-        };
 
-        let lcfg = LoaderConfig {
-            batch_size: cfg.batch_size,
-            seed: cfg.seed,
-            shuffle_window: cfg.shuffle_window,
-            workers: cfg.workers,
-            prefetch: cfg.prefetch,
-            rank: cfg.rank,
-            world_size: cfg.world_size,
-            accum: cfg.accum,
-            noise: true,
-        };
-        let loader = Loader::new(&set, &lcfg, cursor, device)?;
+        // Data, schedule, log.
+        let loader = Loader::new(&set, &cfg.loader(), cursor, device)?;
         let total_steps = cfg.total_steps(loader.steps_per_epoch());
         let schedule = cfg.schedule(total_steps);
         let time_dist = TimeDist::parse(&cfg.time_dist).ok_or_else(|| {
             TrainError::Config(format!("unknown time distribution {:?}", cfg.time_dist))
         })?;
+        let (tokens, channels) = (set.tokens(), set.channels());
         let shift = cfg.shift.unwrap_or_else(|| default_shift(tokens, channels));
-
-        let log = if rank0 {
-            let config_path = cfg.out.join("config.json");
-            crate::fsutil::write_atomic(&config_path, cfg.to_json().as_bytes())
-                .map_err(io_err(&config_path))?;
-            let log_path = cfg.out.join("log.jsonl");
-            Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log_path)
-                    .map_err(io_err(&log_path))?,
-            )
-        } else {
-            None
-        };
-
+        let log = rank0.then(|| open_run_log(&cfg)).transpose()?;
         Ok(Self {
             cfg,
-            model,
-            model_cfg: mcfg,
-            compute,
-            _varmap: varmap,
-            all_vars,
-            trainable,
-            opt,
-            ema,
+            state,
             comm,
             schedule,
             loader,
@@ -295,7 +244,7 @@ impl Trainer {
             total_steps,
             time_dist,
             shift,
-            null_class: num_classes as i64,
+            null_class: mcfg.num_classes() as i64,
             tokens_per_image: tokens,
             last_ckpt,
             log,
@@ -320,7 +269,8 @@ impl Trainer {
 
     /// Current weights, by name (frozen tensors included).
     pub fn weights(&self) -> Vec<(String, Tensor)> {
-        self.all_vars
+        self.state
+            .vars()
             .iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect()
@@ -328,7 +278,12 @@ impl Trainer {
 
     /// The EMA weights (rank 0 only).
     pub fn ema(&self) -> Option<&Ema> {
-        self.ema.as_ref()
+        self.state.ema()
+    }
+
+    /// The model, optimizer and EMA.
+    pub fn state(&self) -> &TrainState {
+        &self.state
     }
 
     pub fn rank(&self) -> usize {
@@ -380,17 +335,11 @@ impl Trainer {
             TrainError::State("the loader drew no noise for a training batch".into())
         })?;
 
-        let tb = t.reshape((b, 1, 1, 1))?;
-        let x_t = (x.broadcast_mul(&(1.0 - &tb)?)? + eps.broadcast_mul(&tb)?)?;
-        let target = (&eps - &x)?;
-        let v = self.model.forward(&x_t, &t, &y)?;
-        let loss = (v - target)?.sqr()?.mean_all()?;
-        let store = loss.backward()?;
-        let grads = Gradients::from_store(&store, &self.trainable)?;
-        if self.step == 0 && micro == 0 && grads.len() < self.trainable.len() {
+        let (loss, grads) = self.state.loss_and_grads(&FlowBatch { x, eps, t, y })?;
+        let trainable = self.state.trainable();
+        if self.step == 0 && micro == 0 && grads.len() < trainable.len() {
             // A parameter without gradient is silently never trained: say so.
-            let missing: Vec<&str> = self
-                .trainable
+            let missing: Vec<&str> = trainable
                 .iter()
                 .filter(|(k, _)| grads.get(k).is_none())
                 .map(|(k, _)| k.as_str())
@@ -401,7 +350,6 @@ impl Trainer {
                 missing.join(", ")
             );
         }
-        let loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         Ok((loss, grads, batch.cursor.epoch))
     }
 
@@ -465,25 +413,12 @@ impl Trainer {
             return Err(self.non_finite(format!("loss {loss}")));
         }
         let mut grads = self.average_gradients(acc.finish()?)?;
-        let grad_norm = if self.cfg.clip_grad > 0.0 {
-            grads.clip_global_norm(self.cfg.clip_grad)?
-        } else {
-            grads.global_norm()?
-        };
+        let grad_norm = self.state.clip(&mut grads)?;
         if !grad_norm.is_finite() {
             return Err(self.non_finite(format!("gradient norm {grad_norm}")));
         }
         let lr = self.schedule.lr_at(self.step);
-        self.opt.step(&grads, lr)?;
-        drop(grads); // before the fresh casts below: lower peak memory
-        if self.compute != DType::F32 {
-            // Fresh casts of the updated master weights.
-            let vb = CastVars::var_builder(&self.all_vars, self.compute, self.loader_device());
-            self.model = DitModel::new(&self.model_cfg, vb)?;
-        }
-        if let Some(ema) = &mut self.ema {
-            ema.update(self.trainable.iter().map(|(k, v)| (k, v)))?;
-        }
+        self.state.update(grads, lr)?;
         self.step += 1;
         let seconds = start.elapsed().as_secs_f64();
         let images = (self.cfg.batch_size * self.cfg.accum * self.cfg.world_size) as f64;
@@ -496,14 +431,12 @@ impl Trainer {
             images_per_s: images / seconds.max(1e-9),
             tokens_per_s: images * self.tokens_per_image as f64 / seconds.max(1e-9),
             seconds,
+            rss_bytes: crate::memory::rss_bytes(),
         })
     }
 
     fn loader_device(&self) -> &Device {
-        self.trainable
-            .first()
-            .map(|(_, v)| v.device())
-            .unwrap_or(&Device::Cpu)
+        self.state.device()
     }
 
     fn non_finite(&self, what: String) -> TrainError {
@@ -521,14 +454,14 @@ impl Trainer {
     /// Write a checkpoint of the current state into the run directory
     /// (rank 0; other ranks write nothing and return `None`).
     pub fn save_checkpoint(&mut self) -> Result<Option<PathBuf>> {
-        let Some(ema) = &self.ema else {
+        let Some(ema) = self.state.ema() else {
             return Ok(None);
         };
         let ck = Checkpoint {
             step: self.step,
             model: self.weights().into_iter().collect(),
             ema: ema.tensors().clone(),
-            optim: self.opt.state().clone(),
+            optim: self.state.optimizer().state().clone(),
             cursor: self.loader.cursor(),
             rng: None, // all randomness derives from (seed, step): nothing to save
             config: self.cfg.to_json(),
