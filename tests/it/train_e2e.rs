@@ -4,8 +4,8 @@
 //! data-parallel ranks (threads joined over TCP) train as one process with
 //! the same global batch, and a run resumes on another number of ranks.
 
-mod common;
-mod tiny_cache;
+use crate::common;
+use crate::common::tiny_cache;
 
 use std::path::Path;
 

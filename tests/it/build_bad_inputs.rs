@@ -2,7 +2,7 @@
 //! ones: broken files are recorded with a reason and skipped (exit 0, or
 //! non-zero with --strict); odd but valid images are encoded.
 
-mod common;
+use crate::common;
 
 /// The binary under test; `RAE_CACHE_BIN` overrides it (e.g. a copy, when a
 /// shared target directory may be rebuilt by another checkout meanwhile).

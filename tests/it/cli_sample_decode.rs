@@ -2,7 +2,7 @@
 //! reference fixtures (sampler-io, decoder-io). Shapes and hyper-parameters
 //! come from the fixture JSONs and tensors.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::Read;

@@ -6,7 +6,7 @@
 //! (default: CPU, f32; see tests/common); the `*_bf16` tests always run in
 //! bf16 on that device.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

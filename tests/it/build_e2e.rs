@@ -2,7 +2,7 @@
 //! fixture encoder: stored latents against the reference encoder outputs,
 //! quantised dtypes within their error, statistics, inspect and verify.
 
-mod common;
+use crate::common;
 
 /// The binary under test; `RAE_CACHE_BIN` overrides it (e.g. a copy, when a
 /// shared target directory may be rebuilt by another checkout meanwhile).

@@ -2,7 +2,7 @@
 //! (trainstep.json, trainstep-theta0/-io/-grads). Catches any op on the
 //! training path that drops gradients (a fused kernel without backward).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
 

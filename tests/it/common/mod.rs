@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod tiny_cache;
+
 use std::path::PathBuf;
 
 /// The reference fixtures: `$RAE_REF_FIXTURES`, else the copy in the repo.

@@ -2,7 +2,7 @@
 //! the bytes of a clean build; refusals (non-empty directory, changed
 //! arguments, held lock); thread-count independence; parts + merge.
 
-mod common;
+use crate::common;
 
 /// The binary under test; `RAE_CACHE_BIN` overrides it (e.g. a copy, when a
 /// shared target directory may be rebuilt by another checkout meanwhile).

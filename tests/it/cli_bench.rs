@@ -1,7 +1,7 @@
 //! `rae-cache bench` on the CPU with tiny shapes: every mode prints its JSON
 //! line, and synthetic images go through a whole `build`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -5,7 +5,7 @@
 //! The encoders run on `RAE_TEST_DEVICE` in `RAE_TEST_PRECISION` (default:
 //! CPU, f32; see tests/common); the `*_bf16` tests always run in bf16.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{

@@ -3,7 +3,7 @@
 //! result must be `trainstep-theta1`. Every hyper-parameter comes from
 //! trainstep.json.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -5,7 +5,7 @@
 //! `RAE_TEST_PRECISION` (default CPU, f32; see tests/common). The sampler
 //! state stays f32 whatever the model computes in.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 
