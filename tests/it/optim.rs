@@ -7,11 +7,11 @@ use crate::common;
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use rae_cache::train::{AdamW, AdamWConfig, Gradients, ParamGroup};
 
 fn load(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(common::fixture(name), &Device::Cpu).unwrap()
+    common::io(name)
 }
 
 fn f64_at(v: &serde_json::Value, path: &[&str]) -> f64 {
