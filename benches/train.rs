@@ -15,12 +15,13 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use rae_cache::bench_models::{BenchError, TrainStep, peak_rss_bytes, time_iters};
 use rae_cache::models::{DitConfig, DitDhConfig};
-use rae_cache::shards::manifest::{HflipMode, MANIFEST_FILE, STATS_FILE};
-use rae_cache::shards::{
-    EncoderInfo, LatentDType, LatentRow, Manifest, ShardWriter, StatsAccumulator, WriterOptions,
-};
+use rae_cache::shards::LatentDType;
 use rae_cache::train::checkpoint::LoaderCursor;
 use rae_cache::train::loader::{CacheSet, Loader, LoaderConfig};
+
+/// The tiny latent cache writer of the tests.
+#[path = "../tests/it/common/tiny_cache.rs"]
+mod tiny_cache;
 
 const REF_S_PER_STEP: f64 = 11.2;
 const REF_PEAK_GB: f64 = 7.2;
@@ -66,65 +67,21 @@ fn bench_step(device: &Device, steps: usize) -> Result<(), BenchError> {
 fn bench_loader(images: usize) {
     let dir = tempfile::tempdir().unwrap();
     let (tokens, channels) = (256, 768);
-    std::fs::create_dir_all(dir.path().join("shards")).unwrap();
-    let encoder = EncoderInfo {
-        kind: "dinov2-reg".into(),
-        id: "bench".into(),
-        revision: None,
-        config_hash: "00".repeat(32),
+    // The tests' tiny cache writer at DINOv2-B shape: f16, 2 classes, both
+    // flips, shards of <= 64 images, row groups of 32 rows.
+    let spec = tiny_cache::Spec {
+        images,
+        classes: 2,
         tokens,
         channels,
-        crop_size: 256,
-        input_size: 224,
-        patch_size: 14,
+        shards: images.div_ceil(64).max(1),
+        rows_per_row_group: 32,
+        both_flips: true,
+        seed: 0,
+        dtype: LatentDType::F16,
     };
-    let mut m = Manifest::new(
-        "/bench",
-        vec!["a".into(), "b".into()],
-        encoder,
-        LatentDType::F16,
-        HflipMode::Both,
-    );
-    let mut stats = StatsAccumulator::new(tokens, channels);
-    let per_shard = 64;
     let start = Instant::now();
-    for s in 0..images.div_ceil(per_shard) {
-        let imgs: Vec<usize> = (s * per_shard..((s + 1) * per_shard).min(images)).collect();
-        let keys: Vec<String> = imgs.iter().map(|i| format!("x/{i:06}")).collect();
-        let lats: Vec<Vec<f32>> = imgs
-            .iter()
-            .flat_map(|&i| {
-                [0.0f32, 1.0].map(|f| {
-                    (0..tokens * channels)
-                        .map(|e| ((i * 31 + e * 7) % 97) as f32 / 50.0 - 1.0 + f)
-                        .collect()
-                })
-            })
-            .collect();
-        let rows: Vec<LatentRow> = (0..lats.len())
-            .map(|r| LatentRow {
-                key: &keys[r / 2],
-                label: (r / 2 % 2) as i32,
-                flip: r % 2 == 1,
-                latent: &lats[r],
-            })
-            .collect();
-        let mut o = WriterOptions::new(LatentDType::F16, tokens, channels);
-        o.rows_per_row_group = 32;
-        let name = format!("part-{s:05}.parquet");
-        let mut w = ShardWriter::create(&dir.path().join("shards").join(&name), o).unwrap();
-        w.write_rows(&rows).unwrap();
-        let mut info = w.finish().unwrap();
-        info.file = name;
-        m.shards.push(info);
-        for l in &lats {
-            stats.push_rows(l, 1).unwrap();
-        }
-    }
-    m.totals.images = images as u64;
-    m.update_totals();
-    stats.save_stats(&dir.path().join(STATS_FILE)).unwrap();
-    m.save(&dir.path().join(MANIFEST_FILE)).unwrap();
+    tiny_cache::write(dir.path(), &spec);
     println!(
         "loader: wrote {images} images x 2 flips (f16, 256x768) in {:.1} s",
         start.elapsed().as_secs_f64()

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Assemble what scripts/gpu-check.sh needs on a GPU machine that has no network and no Rust:
 #   BUNDLE/rae-cache                      the `--features cuda` release binary (stripped)
-#   BUNDLE/tests/<test>-<hash>            parity test binaries built with the same features (stripped)
+#   BUNDLE/tests/it                       the integration-test binary built with the same features (stripped)
+#   BUNDLE/tests/MODULES                  the test modules gpu-check.sh runs from it, one per line
 #   BUNDLE/tests/fixtures/rae-ref/        the reference fixtures they read (RAE_REF_FIXTURES)
 #   BUNDLE/scripts/                       gpu-check.sh, torch_ref_bench.py
 #   BUNDLE/lib/                           optional: extra shared libraries (LIBS_FROM=DIR copies libcurand*)
-# and BUNDLE.tar.xz beside it (the directory's binaries are ~40 MB each; xz brings the whole to tens of MB).
+# and BUNDLE.tar.xz beside it (the binaries are tens of MB each; xz brings the whole to tens of MB).
 #
 # usage: scripts/gpu-bundle.sh [BUNDLE_DIR]          (default /tmp/rae-gpu-bundle)
 # env:   RAE_BIN     use this binary instead of the one built here
 #        CARGO_TARGET_DIR  default /work/target-cuda
-#        TESTS       test targets to bundle (default: parity_encoders parity_models parity_sampler gradients optim)
+#        TESTS       test modules (of tests/it) to run there (default: parity_encoders parity_models parity_sampler
+#                    gradients optim)
 #        NO_BUILD=1  do not build; take the newest matching binaries from $CARGO_TARGET_DIR/$PROFILE_DIR
 #        CPU=1       build without `--features cuda` with plain cargo (a plumbing test of the bundle on a CPU)
 #        PROFILE     cargo profile (default release; `dev` makes a quick CPU plumbing bundle)
@@ -28,13 +30,13 @@ PROFILE=${PROFILE:-release}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-cuda}
 case "$PROFILE" in dev) PDIR=debug ;; *) PDIR=$PROFILE ;; esac
 
-targs=(--bin rae-cache)
-for t in $TESTS; do targs+=(--test "$t"); done
+# Every integration test is a module of one test binary, `it` (tests/it/main.rs).
+targs=(--bin rae-cache --test it)
 
 json=$(mktemp)
 trap 'rm -f "$json"' EXIT
 if [ "${NO_BUILD:-0}" != 1 ]; then
-  echo "building (${CPU:+CPU, }profile $PROFILE, target dir $CARGO_TARGET_DIR): rae-cache + $TESTS" >&2
+  echo "building (${CPU:+CPU, }profile $PROFILE, target dir $CARGO_TARGET_DIR): rae-cache + tests (it)" >&2
   if [ "${CPU:-0}" = 1 ]; then
     (cd "$PROJ" && cargo build --profile "$PROFILE" "${targs[@]}" --message-format=json-render-diagnostics) > "$json"
   else
@@ -76,11 +78,9 @@ PY
 rm -rf "$B"; mkdir -p "$B/tests" "$B/scripts" "$B/lib"
 bin=${RAE_BIN:-$(exe_of rae-cache bin)}
 cp "$bin" "$B/rae-cache"
-for t in $TESTS; do
-  p=$(exe_of "$t" test)
-  cp "$p" "$B/tests/$(basename "$p")"
-done
-if command -v strip >/dev/null; then strip --strip-unneeded "$B/rae-cache" "$B"/tests/* 2>/dev/null || true; fi
+cp "$(exe_of it test)" "$B/tests/it"
+printf '%s\n' $TESTS > "$B/tests/MODULES"
+if command -v strip >/dev/null; then strip --strip-unneeded "$B/rae-cache" "$B/tests/it" 2>/dev/null || true; fi
 cp -r "$PROJ/tests/fixtures" "$B/tests/fixtures"
 cp "$HERE/gpu-check.sh" "$HERE/torch_ref_bench.py" "$B/scripts/"
 if [ -n "${LIBS_FROM:-}" ]; then

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU check in about 8 minutes on an H200, from a bundle made by scripts/gpu-bundle.sh:
-#   1. parity test binaries on CUDA (RAE_TEST_DEVICE=cuda, RAE_TEST_PRECISION=f32 and bf16), pass/fail each
+#   1. parity tests on CUDA (RAE_TEST_DEVICE=cuda, RAE_TEST_PRECISION=f32 and bf16), pass/fail per test module
 #   2. encoder DINOv2-B-reg, batch 256, bf16: images/s              (goal >= 5,000)
 #   3. whole `rae-cache build` of synthetic JPEGs: images/s end to end and the share of time the GPU sat idle
 #                                                                  (goal >= 3,000)
@@ -97,13 +97,13 @@ trap cleanup EXIT
 { echo "bundle: $BUNDLE"; cat "$BUNDLE/BUNDLE.txt" 2>/dev/null; echo "mode: $([ $SMOKE = 1 ] && echo cpu-smoke || echo gpu)";
   echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"; ldd "$BIN" 2>&1 | grep -E 'cuda|cublas|curand|not found' || true; } > "$RES/env.txt"
 
-# ---- 1. parity tests (tiny fixtures: seconds each)
+# ---- 1. parity tests (tiny fixtures: seconds each): the modules listed in tests/MODULES of the one test
+#         binary tests/it, each run alone (its module path as the test filter)
 TEST_DEV=$DEV
 for prec in f32 bf16; do
-  for t in "$BUNDLE"/tests/*-*; do
-    [ -x "$t" ] && [ -f "$t" ] || continue
-    n=$(basename "$t"); n=${n%-*}
-    RAE_TEST_DEVICE=$TEST_DEV RAE_TEST_PRECISION=$prec run_step "parity-$n-$prec" 60 "$t" --test-threads=4
+  for n in $(cat "$BUNDLE/tests/MODULES" 2>/dev/null); do
+    RAE_TEST_DEVICE=$TEST_DEV RAE_TEST_PRECISION=$prec run_step "parity-$n-$prec" 60 \
+      "$BUNDLE/tests/it" "$n::" --test-threads=4
   done
 done
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Read shards written by tests/arrow_readers.rs with pyarrow, polars and
+"""Read shards written by tests/it/arrow_readers.rs with pyarrow, polars and
 DuckDB and compare with the values the Rust side wrote.
 
 Usage: python3 tests/arrow_readers.py DIR

@@ -3,15 +3,15 @@
 //! result must be `trainstep-theta1`. Every hyper-parameter comes from
 //! trainstep.json.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use rae_cache::train::{AdamW, AdamWConfig, Gradients, ParamGroup};
 
 fn load(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(common::fixture(name), &Device::Cpu).unwrap()
+    common::io(name)
 }
 
 fn f64_at(v: &serde_json::Value, path: &[&str]) -> f64 {

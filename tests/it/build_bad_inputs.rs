@@ -2,18 +2,10 @@
 //! ones: broken files are recorded with a reason and skipped (exit 0, or
 //! non-zero with --strict); odd but valid images are encoded.
 
-mod common;
-
-/// The binary under test; `RAE_CACHE_BIN` overrides it (e.g. a copy, when a
-/// shared target directory may be rebuilt by another checkout meanwhile).
-fn exe() -> std::path::PathBuf {
-    std::env::var_os("RAE_CACHE_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_rae-cache").into())
-}
-
 use std::collections::BTreeMap;
 use std::path::Path;
+
+use crate::common;
 
 /// A 16x12 CMYK JPEG (Adobe marker), as Pillow writes it.
 const CMYK_JPEG_HEX: &str = "ffd8ffee000e41646f626500640000000000ffdb0043000302020302020303030304030304050805050404050a070706080c0a0c0c0b0a0b0b0d0e12100d0e110e0b0b1016101113141515150c0f171816141812141514ffc0001408000c0010044311004d11005911004b1100ffc4001f0000010501010101010100000000000000000102030405060708090a0bffc400b5100002010303020403050504040000017d01020300041105122131410613516107227114328191a1082342b1c11552d1f02433627282090a161718191a25262728292a3435363738393a434445464748494a535455565758595a636465666768696a737475767778797a838485868788898a92939495969798999aa2a3a4a5a6a7a8a9aab2b3b4b5b6b7b8b9bac2c3c4c5c6c7c8c9cad2d3d4d5d6d7d8d9dae1e2e3e4e5e6e7e8e9eaf1f2f3f4f5f6f7f8f9faffda000e0443004d0059004b00003f00fb1ff689ff0097afc6be98ff0086b6ff00a7dffc7abebdf893f127fd6fef7d7bd7ea2d7e5ffed13ff2f5f8d1ff000d6dff004fbff8f57cabf127e24ffadfdefaf7a2bf503f689ff97afc6bf25ffe164ebdff003f7fa1ff001adaf893aede7ef7f79eb457e5ff00ed13ff002f5f8d1ff0b275eff9fbfd0ff8d7cabf1275dbcfdefef3d68affd9";
@@ -25,32 +17,54 @@ fn hex(s: &str) -> Vec<u8> {
         .collect()
 }
 
+/// The bytes of the first fixture image (sorted order) with one of these
+/// extensions, else of a 96x64 noise image encoded here in `format`.
+fn fixture_or_made(exts: &[&str], format: image::ImageFormat) -> Vec<u8> {
+    if let Some(p) = common::first_fixture_image(exts) {
+        return std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
+    let noise = image::RgbImage::from_fn(96, 64, |x, y| {
+        let v = (x * 7919 + y * 104_729).wrapping_mul(2_654_435_761);
+        image::Rgb([(v >> 24) as u8, (v >> 16) as u8, (v >> 8) as u8])
+    });
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    noise.write_to(&mut bytes, format).unwrap();
+    bytes.into_inner()
+}
+
 /// Writes the dataset; returns (broken keys, odd-but-valid keys, good keys).
-fn dataset(root: &Path) -> (Vec<&'static str>, Vec<&'static str>, Vec<&'static str>) {
+/// The good images are the first two of the fixture image folder (distinct
+/// file names), the broken PNG and JPEG are made from its first PNG and
+/// first JPEG (or from images made here when it has none): any fixture set
+/// will do.
+fn dataset(root: &Path) -> (Vec<String>, Vec<String>, Vec<String>) {
     let good_dir = root.join("good");
     let odd_dir = root.join("odd");
     let bad_dir = root.join("bad");
     for d in [&good_dir, &odd_dir, &bad_dir] {
         std::fs::create_dir_all(d).unwrap();
     }
-    let src = common::fixture("images");
-    let astronaut = src.join("n01440764/astronaut.png");
-    let hubble = src.join("n03000684/hubble_deep_field.jpg");
-    std::fs::copy(&astronaut, good_dir.join("astronaut.png")).unwrap();
-    std::fs::copy(
-        src.join("n02102040/coffee.png"),
-        good_dir.join("coffee.png"),
-    )
-    .unwrap();
+    let mut good = Vec::new();
+    for src in common::fixture_images() {
+        if good.len() == 2 {
+            break;
+        }
+        let name = src.file_name().unwrap().to_string_lossy().into_owned();
+        let key = format!("good/{name}");
+        if !good.contains(&key) {
+            std::fs::copy(&src, good_dir.join(&name)).unwrap();
+            good.push(key);
+        }
+    }
 
     // Broken.
-    let mut png = std::fs::read(&astronaut).unwrap();
+    let mut png = fixture_or_made(&["png"], image::ImageFormat::Png);
     let n = png.len();
     for b in &mut png[n / 4..n / 2] {
         *b = b.wrapping_mul(31).wrapping_add(7);
     }
     std::fs::write(bad_dir.join("corrupt.png"), &png).unwrap();
-    let jpg = std::fs::read(&hubble).unwrap();
+    let jpg = fixture_or_made(&["jpg", "jpeg"], image::ImageFormat::Jpeg);
     std::fs::write(bad_dir.join("truncated.jpg"), &jpg[..jpg.len() / 3]).unwrap();
     std::fs::write(bad_dir.join("zero.JPEG"), b"").unwrap();
     std::fs::write(
@@ -76,26 +90,27 @@ fn dataset(root: &Path) -> (Vec<&'static str>, Vec<&'static str>, Vec<&'static s
     });
     wide.save(odd_dir.join("wide2000x20.png")).unwrap();
 
+    let keys = |v: &[&str]| v.iter().map(|k| k.to_string()).collect::<Vec<_>>();
     (
-        vec![
+        keys(&[
             "bad/corrupt.png",
             "bad/text.JPEG",
             "bad/truncated.jpg",
             "bad/zero.JPEG",
-        ],
-        vec![
+        ]),
+        keys(&[
             "odd/deep16.png",
             "odd/gray.png",
             "odd/tiny1x1.png",
             "odd/wide2000x20.png",
-        ],
-        vec!["good/astronaut.png", "good/coffee.png"],
+        ]),
+        good,
     )
 }
 
 fn build(images: &Path, out: &Path, strict: bool) -> std::process::Output {
     let encoder = common::fixture("encoder-dinov2reg");
-    let mut c = std::process::Command::new(exe());
+    let mut c = common::bin();
     c.env("RAE_LOG", "error").args([
         "build",
         images.to_str().unwrap(),
@@ -148,7 +163,7 @@ fn bad_inputs_are_recorded_and_skipped() {
         .collect();
     for k in &broken {
         let reason = rejected
-            .get(*k)
+            .get(k)
             .unwrap_or_else(|| panic!("{k} not rejected; rejected: {rejected:?}"));
         assert!(!reason.trim().is_empty(), "{k}: empty reason");
         assert!(
@@ -172,9 +187,9 @@ fn bad_inputs_are_recorded_and_skipped() {
     }
     for k in good.iter().chain(&odd) {
         assert!(
-            encoded.contains(*k),
+            encoded.contains(k),
             "{k} was not encoded (rejected: {:?})",
-            rejected.get(*k)
+            rejected.get(k)
         );
     }
     // CMYK: encoded (converted to RGB) or rejected with a reason — but accounted for.
@@ -192,7 +207,7 @@ fn bad_inputs_are_recorded_and_skipped() {
     );
 
     // The cache verifies; --strict turns the rejections into a failure.
-    let v = std::process::Command::new(exe())
+    let v = common::bin()
         .args(["verify", out.to_str().unwrap()])
         .output()
         .unwrap();

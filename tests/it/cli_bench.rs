@@ -1,27 +1,14 @@
 //! `rae-cache bench` on the CPU with tiny shapes: every mode prints its JSON
 //! line, and synthetic images go through a whole `build`.
 
-mod common;
-
 use std::path::Path;
-use std::process::Command;
 
-use common::fixture;
+use crate::common::{fixture, json, run_ok};
 
+/// `rae-cache ARGS`: `bench` prints one JSON line, `build --json` one
+/// pretty-printed object.
 fn rae(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_rae-cache"))
-        .args(args)
-        .env("RAE_LOG", "warn")
-        .output()
-        .expect("run rae-cache");
-    assert!(
-        out.status.success(),
-        "rae-cache {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    // `bench` prints one JSON line; `build --json` one pretty-printed object.
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    json(&run_ok(args))
 }
 
 fn timed(v: &serde_json::Value, what: &str, batch: u64) {

@@ -3,7 +3,7 @@
 //! differ, a seed fixes the order, a cursor resumes exactly, rank slices are
 //! disjoint and cover the epoch, latents arrive normalised as [B, C, H, W].
 
-mod tiny_cache;
+use crate::common::tiny_cache;
 
 use std::collections::BTreeSet;
 

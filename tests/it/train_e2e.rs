@@ -4,8 +4,8 @@
 //! data-parallel ranks (threads joined over TCP) train as one process with
 //! the same global batch, and a run resumes on another number of ranks.
 
-mod common;
-mod tiny_cache;
+use crate::common;
+use crate::common::tiny_cache;
 
 use std::path::Path;
 
@@ -31,6 +31,7 @@ fn setup(dir: &Path) -> TrainConfig {
         rows_per_row_group: 6,
         both_flips: true,
         seed: 3,
+        dtype: rae_cache::shards::LatentDType::F32,
     };
     let cache = dir.join("cache");
     tiny_cache::write(&cache, &spec);
@@ -173,7 +174,7 @@ fn cli_trains_resumes_and_refuses_to_clobber() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = setup(tmp.path());
     let run = |extra: &[&str]| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rae-cache"));
+        let mut cmd = std::process::Command::new(common::exe());
         cmd.arg("train")
             .arg("--data")
             .arg(&cfg.data[0])
@@ -377,7 +378,7 @@ fn cli_launch_trains_on_two_processes_like_one() {
     let cfg = setup(tmp.path());
     let port = common::free_port().to_string();
     let train = |out: &Path, launch: &[&str], batch: &str| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rae-cache"));
+        let mut cmd = std::process::Command::new(common::exe());
         cmd.args(launch);
         cmd.arg("train")
             .arg("--data")
@@ -453,7 +454,7 @@ fn cli_launch_stops_the_job_when_a_rank_fails() {
     let tmp = tempfile::tempdir().unwrap();
     let port = common::free_port().to_string();
     let missing = tmp.path().join("no-such-cache");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_rae-cache"))
+    let o = std::process::Command::new(common::exe())
         .args([
             "launch",
             "--nproc-per-node",

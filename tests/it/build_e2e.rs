@@ -2,40 +2,14 @@
 //! fixture encoder: stored latents against the reference encoder outputs,
 //! quantised dtypes within their error, statistics, inspect and verify.
 
-mod common;
-
-/// The binary under test; `RAE_CACHE_BIN` overrides it (e.g. a copy, when a
-/// shared target directory may be rebuilt by another checkout meanwhile).
-fn exe() -> std::path::PathBuf {
-    std::env::var_os("RAE_CACHE_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_rae-cache").into())
-}
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rae_cache::pipeline::manifest;
 use rae_cache::shards::{LatentStats, Manifest, ShardReader};
 
-fn bin() -> Command {
-    let mut c = Command::new(exe());
-    c.env("RAE_LOG", "warn");
-    c
-}
-
-fn run_ok(args: &[&str]) -> Output {
-    let out = bin().args(args).output().expect("spawn rae-cache");
-    assert!(
-        out.status.success(),
-        "rae-cache {args:?} failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use crate::common::{self, bin, run_ok};
 
 fn build(out: &Path, dtype: &str) -> serde_json::Value {
     build_with(out, dtype, &[])
@@ -96,7 +70,7 @@ fn bf16_encoder_build_stays_close_to_f32() {
     assert_eq!(rows.len(), reference.len());
     for (key, (_, lats)) in &rows {
         for flip in 0..2 {
-            // bound as tests/parity_encoders.rs (bf16 encoders)
+            // bound as tests/it/parity_encoders.rs (bf16 encoders)
             let c = cosine(&lats[flip], &reference[key].1[flip]);
             assert!(c >= 0.9995, "{key} flip {flip}: cosine {c}");
         }
@@ -150,11 +124,7 @@ fn expected() -> (Vec<serde_json::Value>, Vec<String>, Tensor, Tensor) {
         .iter()
         .map(|c| c.as_str().unwrap().to_string())
         .collect();
-    let t = candle_core::safetensors::load(
-        common::fixture("encoder-expected.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let t = common::io("encoder-expected.safetensors");
     (
         images,
         classes,
@@ -244,7 +214,7 @@ fn f32_build_reproduces_the_reference_and_verifies() {
     );
 
     // inspect (cache and one shard) and verify.
-    let o = run_ok(&["inspect", cache.to_str().unwrap(), "--json"]);
+    let o = run_ok(["inspect", cache.to_str().unwrap(), "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["rows"].as_u64(), Some(n as u64));
     assert_eq!(v["classes"].as_u64(), Some(classes.len() as u64));
@@ -252,11 +222,11 @@ fn f32_build_reproduces_the_reference_and_verifies() {
     assert!(v["compression_ratio"].as_f64().unwrap() > 0.5);
     assert!(v["bytes_per_image"].as_f64().unwrap() > 0.0);
     let shard0 = cache.join(&m.shards[0].file);
-    let o = run_ok(&["inspect", shard0.to_str().unwrap(), "--json"]);
+    let o = run_ok(["inspect", shard0.to_str().unwrap(), "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["rows"].as_u64(), Some(m.shards[0].rows));
 
-    let o = run_ok(&["verify", cache.to_str().unwrap(), "--json"]);
+    let o = run_ok(["verify", cache.to_str().unwrap(), "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["rows_checked"].as_u64(), Some(n as u64));

@@ -2,42 +2,22 @@
 //! reference fixtures (sampler-io, decoder-io). Shapes and hyper-parameters
 //! come from the fixture JSONs and tensors.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, max_abs_diff, read_json};
 use rae_cache::shards::{
     LatentDType, LatentRow, LatentStats, ShardReader, ShardWriter, WriterOptions,
 };
 
+use crate::common::{self, bin, fixture, io, json, max_abs_diff, read_json, run_ok};
+
 const SAMPLER_TOL: f32 = 2e-4;
 const MODEL_TOL: f32 = 1e-4;
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rae-cache"));
-    c.env("RAE_LOG", "warn");
-    c
-}
-
-/// Run the binary, assert success, return stdout.
-fn run_ok(args: &[String]) -> String {
-    let out = bin().args(args).output().expect("spawn rae-cache");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "rae-cache {args:?} failed:\n{stderr}");
-    String::from_utf8(out.stdout).expect("utf8 stdout")
-}
-
 fn s(p: &Path) -> String {
     p.display().to_string()
-}
-
-fn io(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(name), &Device::Cpu).expect("fixture tensors")
 }
 
 /// All rows of the shards of a sample/cache dir: latents `[N, T, C]`, labels, keys.
@@ -144,8 +124,7 @@ fn sample_cli_matches_reference_with_and_without_cfg() {
         ),
     ] {
         let out = tmp.path().join(key);
-        let stdout = run_ok(&sample_args(&out, &noise, &labels, &extra));
-        let summary: serde_json::Value = serde_json::from_str(&stdout).expect("--json summary");
+        let summary = json(&run_ok(sample_args(&out, &noise, &labels, &extra)));
         assert_eq!(summary["samples"], n);
         assert_eq!(summary["denormalised"], false);
 
@@ -215,9 +194,9 @@ fn sample_is_seeded_batch_independent_and_denormalised_with_stats() {
         tmp.path().join("b"),
         tmp.path().join("d"),
     );
-    run_ok(&common(&a, "1", "5"));
-    run_ok(&common(&b, "3", "5"));
-    run_ok(&common(&d, "3", "6"));
+    run_ok(common(&a, "1", "5"));
+    run_ok(common(&b, "3", "5"));
+    run_ok(common(&d, "3", "6"));
     let (la, ya, _) = read_dir_shards(&a);
     let (lb, yb, _) = read_dir_shards(&b);
     let (ld, _, _) = read_dir_shards(&d);
@@ -334,8 +313,7 @@ fn decode_safetensors_matches_reference() {
     let tmp = tempfile::tempdir().unwrap();
     let (shard, _) = decoder_shard(tmp.path(), false);
     let out = tmp.path().join("out");
-    let summary: serde_json::Value =
-        serde_json::from_str(&run_ok(&decode_args(&shard, &out, "safetensors", &[]))).unwrap();
+    let summary = json(&run_ok(decode_args(&shard, &out, "safetensors", &[])));
     let b = io["z"].dim(0).unwrap();
     assert_eq!(summary["images"], b);
     let got = candle_core::safetensors::load(out.join("pixels.safetensors"), &Device::Cpu).unwrap();
@@ -349,12 +327,7 @@ fn decode_safetensors_matches_reference() {
 
     // --limit
     let out2 = tmp.path().join("out2");
-    run_ok(&decode_args(
-        &shard,
-        &out2,
-        "safetensors",
-        &["--limit", "2"],
-    ));
+    run_ok(decode_args(&shard, &out2, "safetensors", &["--limit", "2"]));
     let got2 =
         candle_core::safetensors::load(out2.join("pixels.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(got2["pixels"].dim(0).unwrap(), 2.min(b));
@@ -388,7 +361,7 @@ fn decode_png_and_grid() {
     let tmp = tempfile::tempdir().unwrap();
     let (shard, keys) = decoder_shard(tmp.path(), true);
     let out = tmp.path().join("png");
-    run_ok(&decode_args(tmp.path(), &out, "png", &["--grid", "4"]));
+    run_ok(decode_args(tmp.path(), &out, "png", &["--grid", "4"]));
     for (i, k) in keys.iter().enumerate() {
         let stem = k.trim_end_matches(".JPEG");
         let name = if i == b - 1 {
@@ -423,7 +396,7 @@ fn decode_npz_is_what_the_adm_evaluator_reads() {
     let tmp = tempfile::tempdir().unwrap();
     let (shard, _) = decoder_shard(tmp.path(), false);
     let out = tmp.path().join("npz");
-    run_ok(&decode_args(&shard, &out, "npz", &[]));
+    run_ok(decode_args(&shard, &out, "npz", &[]));
     let f = std::fs::File::open(out.join("images.npz")).unwrap();
     let mut zip = zip::ZipArchive::new(f).unwrap();
     assert_eq!(zip.len(), 1);
@@ -468,9 +441,9 @@ fn decode_reads_sample_directories() {
     let tmp = tempfile::tempdir().unwrap();
     let noise = write_noise(tmp.path(), &io["z0"]);
     let spl = tmp.path().join("samples");
-    run_ok(&sample_args(&spl, &noise, &fixture_labels(&io["y"]), &[]));
+    run_ok(sample_args(&spl, &noise, &fixture_labels(&io["y"]), &[]));
     let out = tmp.path().join("dec");
-    run_ok(&decode_args(&spl, &out, "safetensors", &[]));
+    run_ok(decode_args(&spl, &out, "safetensors", &[]));
     let got = candle_core::safetensors::load(out.join("pixels.safetensors"), &Device::Cpu).unwrap();
 
     let cfg: rae_cache::models::DecoderConfig =
@@ -536,7 +509,7 @@ fn build_then_decode_round_trip() {
     vm.save(&weights).unwrap();
 
     let out = tmp.path().join("png");
-    let summary: serde_json::Value = serde_json::from_str(&run_ok(&[
+    let summary = json(&run_ok([
         "decode".into(),
         s(&cache),
         "--decoder".into(),
@@ -548,8 +521,7 @@ fn build_then_decode_round_trip() {
         "--device".into(),
         "cpu".into(),
         "--json".into(),
-    ]))
-    .unwrap();
+    ]));
     assert_eq!(summary["images"], rows);
     let side = cfg.image_size() as u32;
     let mut pngs = 0;
@@ -567,13 +539,13 @@ fn build_then_decode_round_trip() {
 fn sample_and_decode_in_bf16() {
     // --precision bf16 (and the CPU no-op --tf32): the model computes in
     // bf16, the stored samples and pixels stay within the bf16 bounds of
-    // tests/parity_sampler.rs and tests/parity_models.rs (cosine >= 0.9995).
+    // tests/it/parity_sampler.rs and tests/it/parity_models.rs (cosine >= 0.9995).
     let sio = io("sampler-io.safetensors");
     let tmp = tempfile::tempdir().unwrap();
     let noise = write_noise(tmp.path(), &sio["z0"]);
     let labels = fixture_labels(&sio["y"]);
     let out = tmp.path().join("sample");
-    run_ok(&sample_args(
+    run_ok(sample_args(
         &out,
         &noise,
         &labels,
@@ -589,7 +561,7 @@ fn sample_and_decode_in_bf16() {
     let dio = io("decoder-io.safetensors");
     let (shard, _) = decoder_shard(tmp.path(), false);
     let dout = tmp.path().join("decoded");
-    run_ok(&decode_args(
+    run_ok(decode_args(
         &shard,
         &dout,
         "safetensors",
@@ -653,7 +625,7 @@ fn launched_sampling_on_two_processes_equals_one_process() {
         .collect()
     };
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    run_ok(&args(&one));
+    run_ok(args(&one));
     let port = common::free_port().to_string();
     let mut launch: Vec<String> = [
         "launch",
@@ -667,8 +639,7 @@ fn launched_sampling_on_two_processes_equals_one_process() {
     .map(|x| x.to_string())
     .collect();
     launch.extend(args(&two));
-    let out = run_ok(&launch);
-    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let summary = json(&run_ok(&launch));
     assert_eq!(summary["samples"], 7);
     assert_eq!(summary["shards"].as_array().unwrap().len(), 4);
     for i in 0..4 {

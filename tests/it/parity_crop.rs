@@ -2,7 +2,7 @@
 //! `encoder-expected.safetensors` (`adm_crop_u8`, order of
 //! `encoder-expected.json` `images`).
 
-mod common;
+use crate::common;
 
 use rae_cache::images::{DecodeOptions, load_crop};
 

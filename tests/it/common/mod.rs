@@ -1,7 +1,21 @@
-//! Helpers shared by the integration tests.
-#![allow(dead_code)]
+//! The harness shared by the integration tests: the binary under test
+//! ([`cli`]), the reference fixtures, tolerances, loopback ports and a tiny
+//! latent cache ([`tiny_cache`]).
+//!
+//! All tests run as threads of one process: nothing here (or in a test)
+//! may set environment variables or change the current directory, and
+//! every test writes under its own temporary directory.
 
-use std::path::PathBuf;
+pub mod cli;
+pub mod tiny_cache;
+
+pub use cli::{bin, exe, json, run_ok};
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{Device, Tensor};
 
 /// The reference fixtures: `$RAE_REF_FIXTURES`, else the copy in the repo.
 pub fn fixtures_dir() -> PathBuf {
@@ -13,6 +27,49 @@ pub fn fixtures_dir() -> PathBuf {
 
 pub fn fixture(name: &str) -> PathBuf {
     fixtures_dir().join(name)
+}
+
+/// The tensors of a fixture `.safetensors` file, on the CPU.
+pub fn io(name: &str) -> HashMap<String, Tensor> {
+    io_on(name, &Device::Cpu)
+}
+
+/// The tensors of a fixture `.safetensors` file, on `device`.
+pub fn io_on(name: &str, device: &Device) -> HashMap<String, Tensor> {
+    let p = fixture(name);
+    candle_core::safetensors::load(&p, device).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Every image of the fixture image folder (`images/`, one sub-folder per
+/// class), recursively, in sorted order.
+pub fn fixture_images() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if has_ext(&p, &["png", "jpg", "jpeg", "webp"]) {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&fixture("images"), &mut out);
+    out.sort();
+    out
+}
+
+/// The first fixture image (sorted order) with one of these extensions
+/// (case-insensitive), if any.
+pub fn first_fixture_image(exts: &[&str]) -> Option<PathBuf> {
+    fixture_images().into_iter().find(|p| has_ext(p, exts))
+}
+
+fn has_ext(p: &Path, exts: &[&str]) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| exts.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
 pub fn read_json(name: &str) -> serde_json::Value {
@@ -46,7 +103,7 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
 
 /// The device the parity tests run on: `RAE_TEST_DEVICE` (`cpu` by
 /// default; `cuda` / `cuda:N` in a build with the `cuda` feature), so a GPU
-/// check can run these same test binaries.
+/// check can run this same test binary.
 pub fn test_device() -> candle_core::Device {
     let spec = std::env::var("RAE_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
     rae_cache::device::parse_device(&spec)
@@ -130,11 +187,21 @@ pub fn assert_close(
     line
 }
 
-/// A loopback port free right now (for rendezvous in multi-process tests).
+/// A loopback port free right now (for rendezvous in multi-process tests),
+/// never one already handed to another test of this process (the tests run
+/// in parallel threads; the port is only bound later, by the code under test).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    loop {
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if given.insert(port) {
+            return port;
+        }
+    }
 }

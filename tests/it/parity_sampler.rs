@@ -2,14 +2,14 @@
 //! reference (sampler.json / sampler-io.safetensors).
 //!
 //! Runs on `RAE_TEST_DEVICE`; the reference comparison uses the model in
-//! `RAE_TEST_PRECISION` (default CPU, f32; see tests/common). The sampler
+//! `RAE_TEST_PRECISION` (default CPU, f32; see tests/it/common). The sampler
 //! state stays f32 whatever the model computes in.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use common::{HalfTol, assert_close, fixture, max_abs_diff, read_json, test_device, test_dtype};
 use rae_cache::diffusion::{Guidance, SamplerConfig, SamplerMethod, sample};
 use rae_cache::models::{DitModel, WeightsKey, load_dit};
@@ -50,8 +50,7 @@ fn model(fused: bool) -> DitModel {
 /// The fixture tensors on the test device.
 fn io() -> HashMap<String, Tensor> {
     let dev = test_device();
-    candle_core::safetensors::load(fixture("sampler-io.safetensors"), &Device::Cpu)
-        .unwrap()
+    common::io("sampler-io.safetensors")
         .into_iter()
         .map(|(k, v)| (k, v.to_device(&dev).unwrap()))
         .collect()

@@ -3,9 +3,9 @@
 //! fixture crops (plain and flipped), from our own loaders and pipeline.
 //!
 //! The encoders run on `RAE_TEST_DEVICE` in `RAE_TEST_PRECISION` (default:
-//! CPU, f32; see tests/common); the `*_bf16` tests always run in bf16.
+//! CPU, f32; see tests/it/common); the `*_bf16` tests always run in bf16.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{
@@ -59,7 +59,7 @@ fn latent_shape() -> (usize, usize) {
 }
 
 fn expected(file: &str) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(file), &Device::Cpu).unwrap()
+    common::io(file)
 }
 
 /// The crops to encode, in fixture order: the 256x256 images decoded from
@@ -207,8 +207,10 @@ fn dinov2_with_registers_matches_reference() {
         spec.image_mean[0],
         pre["image_mean"][0].as_f64().unwrap() as f32
     );
-    // 256 crops -> 16x16 tokens of patch 14 -> 224 input.
-    assert_eq!(spec.input_size, 16 * spec.patch_size);
+    // 256 crops -> 16x16 tokens of patch 14 -> 224 input: the token grid's
+    // side (from the fixture's latent shape) times the patch.
+    let side = (latent_shape().0 as f64).sqrt().round() as usize;
+    assert_eq!(spec.input_size, side * spec.patch_size);
     let exp = expected("encoder-expected.safetensors");
     check(enc.as_ref(), false, &exp["latents"], "dinov2reg");
     check(enc.as_ref(), true, &exp["latents_hflip"], "dinov2reg");
@@ -268,6 +270,8 @@ fn config_hash_is_sha256_of_config_json() {
 #[test]
 fn wrong_crop_size_is_an_error() {
     let enc = load("encoder-siglip2");
-    let x = Tensor::zeros((1, 3, 224, 224), DType::F32, &test_device()).unwrap();
+    // 224 for the fixture's 256 crops: any size but the crop size.
+    let wrong = enc.spec().crop_size * 7 / 8;
+    let x = Tensor::zeros((1, 3, wrong, wrong), DType::F32, &test_device()).unwrap();
     assert!(enc.encode(&x).is_err());
 }

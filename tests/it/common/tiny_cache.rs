@@ -1,6 +1,7 @@
 //! A tiny latent cache written with the project's own shard writer, for the
-//! loader and training tests: `images` images in `classes` classes, both
-//! flips (or one row per image), spread over `shards` shards.
+//! loader and training tests (and `benches/train.rs`, which includes this
+//! file): `images` images in `classes` classes, both flips (or one row per
+//! image), spread over `shards` shards.
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -20,6 +21,8 @@ pub struct Spec {
     pub rows_per_row_group: usize,
     pub both_flips: bool,
     pub seed: u64,
+    /// The stored latent dtype.
+    pub dtype: LatentDType,
 }
 
 impl Default for Spec {
@@ -33,6 +36,7 @@ impl Default for Spec {
             rows_per_row_group: 6,
             both_flips: true,
             seed: 1,
+            dtype: LatentDType::F32,
         }
     }
 }
@@ -89,7 +93,7 @@ pub fn write(dir: &Path, spec: &Spec) -> Manifest {
     } else {
         HflipMode::None
     };
-    let mut m = Manifest::new("/tiny", classes, encoder, LatentDType::F32, mode);
+    let mut m = Manifest::new("/tiny", classes, encoder, spec.dtype, mode);
     let mut stats = StatsAccumulator::new(spec.tokens, spec.channels);
     let per_shard = spec.images.div_ceil(spec.shards);
     for s in 0..spec.shards {
@@ -117,7 +121,7 @@ pub fn write(dir: &Path, spec: &Spec) -> Manifest {
                 latent: &lats[r],
             })
             .collect();
-        let mut opts = WriterOptions::new(LatentDType::F32, spec.tokens, spec.channels);
+        let mut opts = WriterOptions::new(spec.dtype, spec.tokens, spec.channels);
         opts.rows_per_row_group = spec.rows_per_row_group;
         let name = format!("part-{s:05}.parquet");
         let mut w = ShardWriter::create(&dir.join("shards").join(&name), opts).unwrap();

@@ -3,15 +3,15 @@
 //! and on the fused path, from .safetensors and .pt.
 //!
 //! The forward checks run on `RAE_TEST_DEVICE` in `RAE_TEST_PRECISION`
-//! (default: CPU, f32; see tests/common); the `*_bf16` tests always run in
+//! (default: CPU, f32; see tests/it/common); the `*_bf16` tests always run in
 //! bf16 on that device.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use common::{HalfTol, assert_close, fixture, max_abs_diff, test_device, test_dtype};
+use common::{HalfTol, assert_close, fixture, io, max_abs_diff, test_device, test_dtype};
 use rae_cache::models::checkpoint::{load_state_dict, var_builder};
 use rae_cache::models::config::load_config;
 use rae_cache::models::{
@@ -32,10 +32,6 @@ const HALF: HalfTol = HalfTol {
     rel_max: 3e-2,
     cosine: 0.9995,
 };
-
-fn io(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(name), &Device::Cpu).expect("io fixture")
-}
 
 fn weights(name: &str) -> HashMap<String, Tensor> {
     load_state_dict(&fixture(name), &WeightsKey::Auto, &Device::Cpu).expect("weights")

@@ -2,13 +2,13 @@
 //! (trainstep.json, trainstep-theta0/-io/-grads). Catches any op on the
 //! training path that drops gradients (a fused kernel without backward).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use common::{fixture, read_json};
+use common::{fixture, io_on, read_json};
 use rae_cache::diffusion::{interpolate, velocity_target};
 use rae_cache::models::checkpoint::{fill_varmap, is_frozen, load_state_dict, trainable_vars};
 use rae_cache::models::{DitConfig, DitDh, WeightsKey};
@@ -50,8 +50,7 @@ fn trainstep_gradients_match_reference() {
     let (cfg, varmap) = fixture_model_vars(&dev);
     let model = DitDh::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
 
-    let io: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fixture("trainstep-io.safetensors"), &dev).unwrap();
+    let io: HashMap<String, Tensor> = io_on("trainstep-io.safetensors", &dev);
     let (x0, eps, t, y) = (&io["x0"], &io["eps"], &io["t"], &io["y"]);
     let xt = interpolate(x0, eps, t).unwrap();
     let target = velocity_target(x0, eps).unwrap();
@@ -65,8 +64,7 @@ fn trainstep_gradients_match_reference() {
     );
 
     let grads = loss.backward().unwrap();
-    let reference: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fixture("trainstep-grads.safetensors"), &dev).unwrap();
+    let reference: HashMap<String, Tensor> = io_on("trainstep-grads.safetensors", &dev);
 
     // the trainable set is exactly the reference's gradient set
     let ours: BTreeSet<String> = trainable_vars(&varmap)
@@ -133,8 +131,7 @@ fn fresh_varmap_model_has_reference_trainables_and_zero_output() {
     };
     let varmap = VarMap::new();
     let model = DitDh::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
-    let reference =
-        candle_core::safetensors::load(fixture("trainstep-grads.safetensors"), &dev).unwrap();
+    let reference = io_on("trainstep-grads.safetensors", &dev);
     let ours: BTreeSet<String> = trainable_vars(&varmap)
         .into_iter()
         .map(|(k, _)| k)
@@ -145,7 +142,7 @@ fn fresh_varmap_model_has_reference_trainables_and_zero_output() {
         assert_eq!(var.dims(), reference[&name].dims(), "{name}");
     }
     // the reference zero-initialises the output layer: v = 0 at init
-    let io = candle_core::safetensors::load(fixture("trainstep-io.safetensors"), &dev).unwrap();
+    let io = io_on("trainstep-io.safetensors", &dev);
     let v = model.forward(&io["x0"], &io["t"], &io["y"]).unwrap();
     assert_eq!(max_abs(&v), 0.0);
 }
@@ -181,8 +178,7 @@ fn bf16_autocast_step_reaches_every_f32_master_weight() {
     let model = DitDh::new(&cfg, CastVars::var_builder(&vars, DType::BF16, &dev)).unwrap();
     assert_eq!(model.dtype(), DType::BF16);
 
-    let io: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fixture("trainstep-io.safetensors"), &dev).unwrap();
+    let io: HashMap<String, Tensor> = io_on("trainstep-io.safetensors", &dev);
     let (x0, eps, t, y) = (&io["x0"], &io["eps"], &io["t"], &io["y"]);
     let xt = interpolate(x0, eps, t).unwrap();
     let pred = model.forward(&xt, t, y).unwrap();
@@ -204,8 +200,7 @@ fn bf16_autocast_step_reaches_every_f32_master_weight() {
         "bf16 loss {loss_v} vs {loss_ref}"
     );
     let grads = loss.backward().unwrap();
-    let reference: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fixture("trainstep-grads.safetensors"), &dev).unwrap();
+    let reference: HashMap<String, Tensor> = io_on("trainstep-grads.safetensors", &dev);
     let mut worst = (0f64, String::new());
     for (name, g_ref) in &reference {
         let var = &vars.iter().find(|(k, _)| k == name).unwrap().1;

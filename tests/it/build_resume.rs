@@ -2,26 +2,12 @@
 //! the bytes of a clean build; refusals (non-empty directory, changed
 //! arguments, held lock); thread-count independence; parts + merge.
 
-mod common;
-
-/// The binary under test; `RAE_CACHE_BIN` overrides it (e.g. a copy, when a
-/// shared target directory may be rebuilt by another checkout meanwhile).
-fn exe() -> std::path::PathBuf {
-    std::env::var_os("RAE_CACHE_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_rae-cache").into())
-}
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin() -> Command {
-    let mut c = Command::new(exe());
-    c.env("RAE_LOG", "warn");
-    c
-}
+use crate::common::{self, bin, run_ok};
 
 /// Six fixture images, copied twice under new names so a build lasts long
 /// enough to be interrupted.
@@ -73,17 +59,12 @@ fn args(images: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     v
 }
 
-fn run(images: &Path, out: &Path, extra: &[&str]) -> Output {
+fn build(images: &Path, out: &Path, extra: &[&str]) -> Output {
     bin().args(args(images, out, extra)).output().unwrap()
 }
 
-fn run_ok(images: &Path, out: &Path, extra: &[&str]) {
-    let o = run(images, out, extra);
-    assert!(
-        o.status.success(),
-        "build {extra:?} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+fn build_ok(images: &Path, out: &Path, extra: &[&str]) {
+    run_ok(args(images, out, extra));
 }
 
 /// Every shard's bytes, by file name.
@@ -134,7 +115,7 @@ fn killed_build_resumes_to_the_same_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let images = dataset(tmp.path());
     let clean = tmp.path().join("clean");
-    run_ok(&images, &clean, &["--threads", "1"]);
+    build_ok(&images, &clean, &["--threads", "1"]);
 
     let killed = tmp.path().join("killed");
     let mut child = bin()
@@ -175,7 +156,7 @@ fn killed_build_resumes_to_the_same_bytes() {
     }
 
     // Without --resume: refused, pointing at --resume.
-    let o = run(&images, &killed, &["--threads", "1"]);
+    let o = build(&images, &killed, &["--threads", "1"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -184,7 +165,7 @@ fn killed_build_resumes_to_the_same_bytes() {
     );
 
     // --resume with a different dtype / rows per shard: refused, naming them.
-    let o = run(
+    let o = build(
         &images,
         &killed,
         &["--threads", "1", "--resume", "--dtype", "bf16"],
@@ -193,7 +174,7 @@ fn killed_build_resumes_to_the_same_bytes() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("dtype"), "{err}");
 
-    run_ok(&images, &killed, &["--threads", "1", "--resume"]);
+    build_ok(&images, &killed, &["--threads", "1", "--resume"]);
     assert_same_cache(&clean, &killed, "resumed build");
     assert_eq!(manifest_without_log(&clean), manifest_without_log(&killed));
     let leftovers: Vec<_> = std::fs::read_dir(killed.join("shards"))
@@ -211,7 +192,7 @@ fn lock_held_refuses_a_second_build() {
     let out = tmp.path().join("cache");
     std::fs::create_dir_all(&out).unwrap();
     let _held = rae_cache::pipeline::lock::lock_dir(&out, ".lock").unwrap();
-    let o = run(&images, &out, &["--limit", "2"]);
+    let o = build(&images, &out, &["--limit", "2"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("locked") && err.contains(".lock"), "{err}");
@@ -222,8 +203,8 @@ fn thread_count_does_not_change_the_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let images = common::fixture("images");
     let (a, b) = (tmp.path().join("t1"), tmp.path().join("t3"));
-    run_ok(&images, &a, &["--threads", "1", "--writers", "1"]);
-    run_ok(
+    build_ok(&images, &a, &["--threads", "1", "--writers", "1"]);
+    build_ok(
         &images,
         &b,
         &["--threads", "3", "--batch-size", "3", "--writers", "3"],
@@ -239,10 +220,10 @@ fn parts_and_merge_equal_a_single_build() {
     let single = tmp.path().join("single");
     // 6 images, 1 per shard: parts of 3 shards each, so the merge folds
     // multi-shard parts.
-    run_ok(&images, &single, &["--rows-per-shard", "2"]);
+    build_ok(&images, &single, &["--rows-per-shard", "2"]);
 
     let parts = tmp.path().join("parts");
-    run_ok(
+    build_ok(
         &images,
         &parts,
         &["--rows-per-shard", "2", "--num-parts", "2", "--part", "1"],
@@ -256,7 +237,7 @@ fn parts_and_merge_equal_a_single_build() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("part 0"), "{err}");
 
-    run_ok(
+    build_ok(
         &images,
         &parts,
         &["--rows-per-shard", "2", "--num-parts", "2", "--part", "0"],
@@ -300,7 +281,7 @@ fn launched_build_on_two_processes_equals_a_single_build() {
     let tmp = tempfile::tempdir().unwrap();
     let images = common::fixture("images");
     let single = tmp.path().join("single");
-    run_ok(&images, &single, &["--rows-per-shard", "2"]);
+    build_ok(&images, &single, &["--rows-per-shard", "2"]);
     let port = common::free_port().to_string();
     let job = tmp.path().join("job");
     let o = bin()

@@ -1,0 +1,27 @@
+//! The integration tests: one test binary (`cargo test --test it`), so
+//! candle and parquet are linked once, not once per test file. Each file of
+//! this directory is a module; `common` holds the shared harness (the binary
+//! under test, the reference fixtures, tolerances, a tiny latent cache).
+//!
+//! Run one file's tests with its module path as the filter, e.g.
+//! `cargo test --test it parity_models::`.
+
+mod common;
+
+mod arrow_readers;
+mod build_bad_inputs;
+mod build_e2e;
+mod build_resume;
+mod cli_bench;
+mod cli_sample_decode;
+mod gradients;
+mod images_decode;
+mod loader;
+mod optim;
+mod parity_crop;
+mod parity_encoders;
+mod parity_models;
+mod parity_sampler;
+mod shards;
+mod train_e2e;
+mod weights;
