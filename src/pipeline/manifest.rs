@@ -156,6 +156,22 @@ pub struct BuildLog {
     pub tf32: bool,
 }
 
+impl BuildLog {
+    /// Stamp the time of a save: now, and the seconds of every run so far.
+    pub fn stamp(&mut self, clock: RunClock) {
+        self.updated_unix = unix_now();
+        self.seconds = clock.seconds_before + clock.start.elapsed().as_secs_f64();
+    }
+}
+
+/// One run's clock: the seconds the earlier runs of the build took, and when
+/// this one started writing.
+#[derive(Debug, Clone, Copy)]
+pub struct RunClock {
+    pub seconds_before: f64,
+    pub start: std::time::Instant,
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BuildManifest {
     pub format: String,
