@@ -160,8 +160,7 @@ impl ModelFiles {
     /// sha256 of config.json, lowercase hex.
     pub fn config_hash(&self) -> String {
         use sha2::Digest;
-        let digest = sha2::Sha256::digest(&self.config_bytes);
-        digest.iter().map(|b| format!("{b:02x}")).collect()
+        crate::fsutil::hex(&sha2::Sha256::digest(&self.config_bytes))
     }
 }
 

@@ -123,9 +123,8 @@ fn has_content(dir: &Path) -> Result<bool, PipelineError> {
 
 /// The encoder, on its device.
 struct LoadedEncoder {
+    /// Its spec carries the id and revision it was resolved from.
     encoder: Box<dyn Encoder>,
-    /// The encoder's spec, with the id and revision it was resolved from.
-    spec: EncoderSpec,
     device: Device,
     /// The encoder's compute dtype.
     compute: DType,
@@ -141,23 +140,23 @@ impl LoadedEncoder {
         if cfg.tf32 {
             crate::precision::set_tf32(true);
         }
-        let encoder = crate::encoders::load_encoder(&resolved.dir, &device, compute)?;
+        let encoder = crate::encoders::load_resolved(&resolved, &device, compute)?;
         // A GPU wants large batches; on the CPU a small one keeps memory low.
         let batch_size = match cfg.batch_size {
             0 if device.is_cuda() => 256,
             0 => 32,
             b => b,
         };
-        let mut spec = encoder.spec().clone();
-        spec.id = resolved.id.clone();
-        spec.revision = resolved.revision.clone();
         Ok(Self {
             encoder,
-            spec,
             device,
             compute,
             batch_size,
         })
+    }
+
+    fn spec(&self) -> &EncoderSpec {
+        self.encoder.spec()
     }
 }
 
@@ -174,7 +173,7 @@ struct Job {
 
 impl Job {
     fn new(cfg: &BuildConfig, plan: &BuildPlan, inputs: Inputs, encoder: LoadedEncoder) -> Self {
-        let spec = &encoder.spec;
+        let spec = encoder.spec();
         let settings = BuildSettings {
             encoder_id: spec.id.clone(),
             encoder_kind: spec.kind.clone(),
@@ -234,7 +233,7 @@ fn image_list_sha256(entries: &[ImageEntry]) -> String {
         h.update(e.label.to_string().as_bytes());
         h.update(b"\n");
     }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    crate::fsutil::hex(&h.finalize())
 }
 
 /// Footer metadata every shard carries (no paths or times: shards must be
@@ -263,7 +262,7 @@ fn create_output_dirs(plan: &BuildPlan) -> Result<(), PipelineError> {
 
 /// The build state of a new build: nothing written yet.
 fn fresh_state(cfg: &BuildConfig, plan: &BuildPlan, job: &Job) -> BuildManifest {
-    let (images, shards, spec) = (&job.inputs.images, &job.inputs.shards, &job.encoder.spec);
+    let (images, shards, spec) = (&job.inputs.images, &job.inputs.shards, job.encoder.spec());
     BuildManifest {
         format: "rae-cache".into(),
         schema_version: crate::shards::SCHEMA_VERSION.into(),
@@ -372,7 +371,7 @@ fn check_last_shard(out: &Path, last: &manifest::ShardEntry) -> Result<(), Pipel
             reason: "file missing".into(),
         });
     }
-    let got = super::sha256_file(&path)?;
+    let got = crate::fsutil::sha256_file(&path).map_err(io_err(&path))?;
     if Some(&got) != last.sha256.as_ref() {
         return Err(PipelineError::DamagedShard {
             path,
@@ -428,7 +427,7 @@ fn encode_and_write(
         images = job.inputs.entries().len(),
         todo = todo.len(),
         shards = ?job.inputs.shards.shards,
-        encoder = %enc.spec.id,
+        encoder = %enc.spec().id,
         device = %m.build_log.device,
         precision = %m.build_log.precision,
         "building {}",
@@ -439,7 +438,7 @@ fn encode_and_write(
         f16_transfer: cfg.dtype == LatentDType::F16,
         threads: plan.threads,
         batch_size: enc.batch_size,
-        crop_size: enc.spec.crop_size as u32,
+        crop_size: enc.spec().crop_size as u32,
         decode: DecodeOptions {
             max_pixels: cfg.max_pixels,
         },

@@ -31,10 +31,7 @@ mod sink;
 mod stages;
 pub mod verify;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-
-use sha2::Digest;
 
 use crate::encoders::EncoderError;
 use crate::images::ImageError;
@@ -111,19 +108,4 @@ pub fn build_root(out: &Path, part: Option<PartSpec>) -> PathBuf {
 pub fn state_file(root: &Path, shard: usize) -> PathBuf {
     root.join(manifest::STATE_DIR)
         .join(format!("stats-{shard:05}.safetensors"))
-}
-
-/// sha256 of a file, lowercase hex, streamed.
-pub fn sha256_file(path: &Path) -> Result<String, PipelineError> {
-    let mut f = std::fs::File::open(path).map_err(io_err(path))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io_err(path))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }

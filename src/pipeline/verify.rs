@@ -86,7 +86,7 @@ pub fn verify_cache(
 
 /// One shard: its sha256, size and rows, into the report.
 fn check_shard(r: &mut VerifyReport, path: &Path, s: &ShardInfo, m: &Manifest, flips: &[bool]) {
-    match super::sha256_file(path) {
+    match crate::fsutil::sha256_file(path).map_err(super::io_err(path)) {
         Ok(h) if h == s.sha256 => {}
         Ok(h) => r.problems.push(format!(
             "{}: sha256 {h} does not match the manifest's {}",

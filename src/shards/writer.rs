@@ -345,11 +345,7 @@ impl ShardWriter {
         drop(file);
         crate::fsutil::commit_temp(&self.tmp, &self.path)
             .map_err(|e| ShardError::io(&self.path, e))?;
-        let sha256 = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>();
+        let sha256 = crate::fsutil::hex(&hasher.finalize());
         let file = self
             .path
             .file_name()
