@@ -141,12 +141,7 @@ impl LoadedEncoder {
             crate::precision::set_tf32(true);
         }
         let encoder = crate::encoders::load_resolved(&resolved, &device, compute)?;
-        // A GPU wants large batches; on the CPU a small one keeps memory low.
-        let batch_size = match cfg.batch_size {
-            0 if device.is_cuda() => 256,
-            0 => 32,
-            b => b,
-        };
+        let batch_size = cfg.batch_size_on(&device);
         Ok(Self {
             encoder,
             device,

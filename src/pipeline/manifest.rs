@@ -25,12 +25,15 @@ pub const PARTS_DIR: &str = "parts";
 pub const STATE_DIR: &str = "state";
 pub const LOCK_FILE: &str = ".lock";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Which crops of an image are stored: `Both`, the crop and its left-right
+/// flip (two rows per image); `None`, the crop only. (`--hflip both|none`.)
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lowercase")]
 pub enum HFlip {
-    /// Store the crop and its left-right flip (two rows per image).
     Both,
-    /// Store the crop only.
     None,
 }
 

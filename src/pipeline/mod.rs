@@ -38,7 +38,11 @@ use crate::images::ImageError;
 use crate::shards::ShardError;
 
 pub use build::{BuildSummary, run_build};
-pub use config::{BuildConfig, BuildPlan};
+pub use config::{
+    BuildConfig, BuildPlan, DEFAULT_BATCH_SIZE_CPU, DEFAULT_BATCH_SIZE_CUDA, DEFAULT_DEVICE,
+    DEFAULT_DTYPE, DEFAULT_ENCODER, DEFAULT_HFLIP, DEFAULT_IMAGES_PER_SHARD, DEFAULT_PRECISION,
+    DEFAULT_ROWS_PER_ROW_GROUP, DEFAULT_ZSTD_LEVEL,
+};
 pub use manifest::{BuildManifest, HFlip};
 pub use plan::{Inputs, PartSpec, ShardPlan};
 
