@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::EncoderError;
+use super::activation::Activation;
 
 /// Which model a `config.json` describes (top-level fields only).
 #[derive(Debug, Clone, Deserialize)]
@@ -28,8 +29,8 @@ fn default_channels() -> usize {
 fn default_eps() -> f64 {
     1e-6
 }
-fn default_act() -> String {
-    "gelu".to_string()
+fn default_act() -> Activation {
+    Activation::GeluErf
 }
 
 /// The ViT hyper-parameters shared by DINOv2, SigLIP's vision tower and
@@ -53,7 +54,7 @@ pub struct VitConfig {
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
     #[serde(default = "default_act")]
-    pub hidden_act: String,
+    pub hidden_act: Activation,
     #[serde(default = "default_true")]
     pub qkv_bias: bool,
     #[serde(default)]
