@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use rae_cache::dist::tcp::TcpGroup;
 use rae_cache::dist::{Collective, DistEnv};
-use rae_cache::pipeline::{self, BuildConfig, BuildSummary, HFlip, PartSpec};
+use rae_cache::pipeline::{self, BuildConfig, BuildProgress, BuildSummary, HFlip, PartSpec};
 use rae_cache::precision::Precision;
 use rae_cache::shards::LatentDType;
 
@@ -106,7 +106,6 @@ impl Args {
         c.limit = self.limit;
         c.max_pixels = self.max_pixels;
         c.resume = self.resume;
-        c.progress = true;
         c
     }
 }
@@ -120,6 +119,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => DistEnv::from_env()?,
         Some(_) => None,
     };
+    // One bar per job: rank 0's.
+    let mut bar = Bar::new(job.as_ref().is_none_or(|d| d.rank == 0));
     let group = match &job {
         Some(d) => {
             cfg.part = Some(PartSpec {
@@ -127,14 +128,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 count: d.world_size,
             });
             cfg.device = rae_cache::device::spec_for_rank(&cfg.device, d.local_rank)?;
-            cfg.progress = d.rank == 0;
             // Connect first: every rank is starting now, whereas they finish
             // their parts minutes apart.
             Some(TcpGroup::connect(d)?)
         }
         None => None,
     };
-    let s = pipeline::run_build(&cfg)?;
+    let s = pipeline::run_build(&cfg, &mut bar)?;
     if let Some(g) = group {
         // Warnings only here: --strict is judged on the merged total below.
         report_rejected(&s, false);
@@ -218,4 +218,43 @@ fn report_rejected(s: &BuildSummary, strict: bool) -> bool {
         );
     }
     strict
+}
+
+/// The build's progress bar on stderr: images done, images/s and ETA.
+struct Bar {
+    show: bool,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Bar {
+    fn new(show: bool) -> Self {
+        Self { show, bar: None }
+    }
+}
+
+impl BuildProgress for Bar {
+    fn start(&mut self, images: u64) {
+        if !self.show {
+            return;
+        }
+        let bar = indicatif::ProgressBar::new(images);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{spinner} {bar:40} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",
+        ) {
+            bar.set_style(style);
+        }
+        self.bar = Some(bar);
+    }
+
+    fn image_done(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }

@@ -44,8 +44,31 @@ pub struct BuildSummary {
     pub rejected: Vec<Skipped>,
 }
 
-/// Run (or resume) a build. Holds the directory lock throughout.
-pub fn run_build(cfg: &BuildConfig) -> Result<BuildSummary, PipelineError> {
+/// Where a build reports its progress, for the caller to show (as
+/// `Trainer::run`'s `on_step` does for training): `rae-cache build` draws
+/// its progress bar from these calls.
+pub trait BuildProgress {
+    /// This run will encode `images` images (after a resume, those left).
+    fn start(&mut self, images: u64) {
+        let _ = images;
+    }
+    /// One more image, in key order, was encoded or rejected.
+    fn image_done(&mut self) {}
+    /// Every shard of this run is written (the statistics follow).
+    fn finish(&mut self) {}
+}
+
+/// Reports nothing.
+pub struct NoProgress;
+
+impl BuildProgress for NoProgress {}
+
+/// Run (or resume) a build, reporting to `progress`. Holds the directory
+/// lock throughout.
+pub fn run_build(
+    cfg: &BuildConfig,
+    progress: &mut dyn BuildProgress,
+) -> Result<BuildSummary, PipelineError> {
     let started = Instant::now();
     let plan = cfg.resolve()?;
     let dir = open_root(cfg, &plan)?;
@@ -63,7 +86,7 @@ pub fn run_build(cfg: &BuildConfig) -> Result<BuildSummary, PipelineError> {
     record_run(&mut state, &plan, &job, dir.resuming)?;
 
     let todo = job.inputs.shards.images_from_shard(state.next_shard());
-    let clock = encode_and_write(cfg, &plan, &job, &mut state, todo.clone())?;
+    let clock = encode_and_write(cfg, &plan, &job, &mut state, todo.clone(), progress)?;
     finish(cfg, &plan, &job, &mut state, clock)?;
     let run = ThisRun {
         started,
@@ -416,6 +439,7 @@ fn encode_and_write(
     job: &Job,
     m: &mut BuildManifest,
     todo: Range<usize>,
+    progress: &mut dyn BuildProgress,
 ) -> Result<RunClock, PipelineError> {
     let enc = &job.encoder;
     tracing::info!(
@@ -428,7 +452,7 @@ fn encode_and_write(
         "building {}",
         cfg.out.display()
     );
-    let bar = progress_bar(cfg.progress, todo.len() as u64);
+    progress.start(todo.len() as u64);
     let stage_opts = stages::StageOptions {
         f16_transfer: cfg.dtype == LatentDType::F16,
         threads: plan.threads,
@@ -444,7 +468,8 @@ fn encode_and_write(
         seconds_before: m.build_log.seconds,
         start: Instant::now(),
     };
-    let mut writer = sink::ShardSink::new(plan, &job.inputs, job.writer.clone(), m, clock, &bar);
+    let mut writer =
+        sink::ShardSink::new(plan, &job.inputs, job.writer.clone(), m, clock, progress);
     stages::run(
         job.inputs.entries(),
         todo,
@@ -453,21 +478,8 @@ fn encode_and_write(
         |msg| writer.accept(msg),
     )?;
     writer.finish()?;
-    bar.finish_and_clear();
+    progress.finish();
     Ok(clock)
-}
-
-fn progress_bar(show: bool, len: u64) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{spinner} {bar:40} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",
-    ) {
-        bar.set_style(style);
-    }
-    bar
 }
 
 /// Every planned shard is written: fold the statistics (a whole build; a

@@ -70,7 +70,6 @@ pub struct BuildConfig {
     pub limit: Option<usize>,
     pub max_pixels: u64,
     pub resume: bool,
-    pub progress: bool,
 }
 
 impl BuildConfig {
@@ -95,7 +94,6 @@ impl BuildConfig {
             limit: None,
             max_pixels: DecodeOptions::default().max_pixels,
             resume: false,
-            progress: true,
         }
     }
 

@@ -37,7 +37,7 @@ use crate::encoders::EncoderError;
 use crate::images::ImageError;
 use crate::shards::ShardError;
 
-pub use build::{BuildSummary, run_build};
+pub use build::{BuildProgress, BuildSummary, NoProgress, run_build};
 pub use config::{
     BuildConfig, BuildPlan, DEFAULT_BATCH_SIZE_CPU, DEFAULT_BATCH_SIZE_CUDA, DEFAULT_DEVICE,
     DEFAULT_DTYPE, DEFAULT_ENCODER, DEFAULT_HFLIP, DEFAULT_IMAGES_PER_SHARD, DEFAULT_PRECISION,

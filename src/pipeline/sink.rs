@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 
+use super::build::BuildProgress;
 use super::config::BuildPlan;
 use super::manifest::{self, BuildManifest, RunClock, ShardEntry};
 use super::plan::{self, Inputs};
@@ -61,19 +62,20 @@ pub(super) struct ShardSink<'a> {
     /// Finished shards waiting for their predecessors.
     finished: BTreeMap<usize, ShardEntry>,
     clock: RunClock,
-    bar: &'a indicatif::ProgressBar,
+    progress: &'a mut dyn BuildProgress,
 }
 
 impl<'a> ShardSink<'a> {
     /// Write `inputs`' shards as `plan` says, with `opts`, appending each
-    /// to `manifest` (saved under `plan.root`) in order as it completes.
+    /// to `manifest` (saved under `plan.root`) in order as it completes, and
+    /// reporting each image to `progress`.
     pub(super) fn new(
         plan: &BuildPlan,
         inputs: &'a Inputs,
         opts: WriterOptions,
         manifest: &'a mut BuildManifest,
         clock: RunClock,
-        bar: &'a indicatif::ProgressBar,
+        progress: &'a mut dyn BuildProgress,
     ) -> Self {
         let (done_tx, done_rx) = unbounded();
         Self {
@@ -94,7 +96,7 @@ impl<'a> ShardSink<'a> {
             done_rx,
             finished: BTreeMap::new(),
             clock,
-            bar,
+            progress,
         }
     }
 
@@ -131,7 +133,7 @@ impl<'a> ShardSink<'a> {
             }
         };
         self.send(job)?;
-        self.bar.inc(1);
+        self.progress.image_done();
         if idx + 1 == self.plan.images_of(shard).end {
             self.send(Job::Finish)?;
             self.current = None; // the thread finishes the file on its own
