@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
-use rae_cache::pipeline::manifest;
+use rae_cache::pipeline::build_state as manifest;
 use rae_cache::shards::{LatentStats, Manifest, ShardReader};
 
 fn bin() -> Command {

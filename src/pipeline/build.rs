@@ -12,9 +12,9 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use sha2::Digest;
 
+use super::build_state::{self, BuildManifest, BuildSettings, HFlip, Preprocessing, RunClock};
 use super::config::{BuildConfig, BuildPlan};
 use super::lock::{self, DirLock};
-use super::manifest::{self, BuildManifest, BuildSettings, HFlip, Preprocessing, RunClock};
 use super::plan::{self, Inputs, PartSpec};
 use super::{PipelineError, io_err, merge, sink, stages};
 use crate::encoders::{Encoder, EncoderSpec};
@@ -109,14 +109,14 @@ struct BuildDir {
 fn open_root(cfg: &BuildConfig, plan: &BuildPlan) -> Result<BuildDir, PipelineError> {
     let root = &plan.root;
     std::fs::create_dir_all(root).map_err(io_err(root))?;
-    let lock = lock::lock_dir(root, manifest::LOCK_FILE)?;
-    if cfg.part.is_some() && cfg.out.join(manifest::MANIFEST_FILE).exists() {
+    let lock = lock::lock_dir(root, build_state::LOCK_FILE)?;
+    if cfg.part.is_some() && cfg.out.join(build_state::MANIFEST_FILE).exists() {
         return Err(PipelineError::Invalid(format!(
             "{} already holds a whole (or merged) build; parts must go to a fresh directory",
             cfg.out.display()
         )));
     }
-    let resuming = cfg.resume && root.join(manifest::BUILD_STATE_FILE).exists();
+    let resuming = cfg.resume && root.join(build_state::BUILD_STATE_FILE).exists();
     if !resuming && has_content(root)? {
         return Err(if cfg.resume {
             PipelineError::NoManifest { path: root.clone() }
@@ -137,7 +137,7 @@ fn has_content(dir: &Path) -> Result<bool, PipelineError> {
     }
     for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let e = e.map_err(io_err(dir))?;
-        if e.file_name() != manifest::LOCK_FILE {
+        if e.file_name() != build_state::LOCK_FILE {
             return Ok(true);
         }
     }
@@ -275,7 +275,7 @@ fn shard_metadata(spec: &EncoderSpec, pre: &Preprocessing) -> BTreeMap<String, S
 
 fn create_output_dirs(plan: &BuildPlan) -> Result<(), PipelineError> {
     std::fs::create_dir_all(&plan.shards_dir).map_err(io_err(&plan.shards_dir))?;
-    std::fs::create_dir_all(plan.root.join(manifest::STATE_DIR)).map_err(io_err(&plan.root))
+    std::fs::create_dir_all(plan.root.join(build_state::STATE_DIR)).map_err(io_err(&plan.root))
 }
 
 /// The build state of a new build: nothing written yet.
@@ -285,7 +285,7 @@ fn fresh_state(cfg: &BuildConfig, plan: &BuildPlan, job: &Job) -> BuildManifest 
         format: "rae-cache".into(),
         schema_version: crate::shards::SCHEMA_VERSION.into(),
         complete: false,
-        dataset: manifest::Dataset {
+        dataset: build_state::Dataset {
             root: std::fs::canonicalize(&cfg.images)
                 .unwrap_or(cfg.images.clone())
                 .display()
@@ -297,7 +297,7 @@ fn fresh_state(cfg: &BuildConfig, plan: &BuildPlan, job: &Job) -> BuildManifest 
         preprocessing: job.preprocessing.clone(),
         dtype: cfg.dtype,
         latent_shape: [spec.tokens, spec.channels],
-        layout: manifest::Layout {
+        layout: build_state::Layout {
             rows_per_shard: plan.rows_per_shard,
             images_per_shard: plan.images_per_shard,
             rows_per_group: cfg.rows_per_group,
@@ -313,9 +313,9 @@ fn fresh_state(cfg: &BuildConfig, plan: &BuildPlan, job: &Job) -> BuildManifest 
         rejected: Vec::new(),
         skipped: images.skipped.clone(),
         stats: None,
-        build_log: manifest::BuildLog {
+        build_log: build_state::BuildLog {
             tool_version: env!("CARGO_PKG_VERSION").into(),
-            started_unix: manifest::unix_now(),
+            started_unix: build_state::unix_now(),
             ..Default::default()
         },
     }
@@ -366,7 +366,7 @@ fn prepare_resume(
         }
     }
     // Leftover atomic-write temp files of the manifest / stats states.
-    for dir in [root.to_path_buf(), root.join(manifest::STATE_DIR)] {
+    for dir in [root.to_path_buf(), root.join(build_state::STATE_DIR)] {
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -380,7 +380,7 @@ fn prepare_resume(
 }
 
 /// The last shard a resumed build lists must be there, with its sha256.
-fn check_last_shard(out: &Path, last: &manifest::ShardEntry) -> Result<(), PipelineError> {
+fn check_last_shard(out: &Path, last: &build_state::ShardEntry) -> Result<(), PipelineError> {
     let file = last.file.as_deref().unwrap_or_default();
     let path = out.join(file);
     if !path.exists() {
@@ -504,8 +504,8 @@ fn finish(
     if cfg.part.is_none() {
         let acc = merge::fold_states(&[(&plan.root, m)])?;
         if acc.count > 0 {
-            acc.save_stats(&cfg.out.join(manifest::STATS_FILE))?;
-            m.stats = Some(manifest::STATS_FILE.into());
+            acc.save_stats(&cfg.out.join(build_state::STATS_FILE))?;
+            m.stats = Some(build_state::STATS_FILE.into());
         } else {
             tracing::warn!("no image could be encoded: no statistics written");
         }
@@ -528,11 +528,11 @@ fn summary(cfg: &BuildConfig, plan: &BuildPlan, m: &BuildManifest, run: &ThisRun
     let t = &m.totals;
     BuildSummary {
         cache_dir: cfg.out.clone(),
-        manifest: plan.root.join(manifest::MANIFEST_FILE),
+        manifest: plan.root.join(build_state::MANIFEST_FILE),
         stats: m
             .stats
             .is_some()
-            .then(|| cfg.out.join(manifest::STATS_FILE)),
+            .then(|| cfg.out.join(build_state::STATS_FILE)),
         complete: true,
         part: cfg.part,
         resumed_from_shard: run.resumed_from_shard,

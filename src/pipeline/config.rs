@@ -12,7 +12,7 @@ use crate::precision::Precision;
 use crate::shards::LatentDType;
 pub use crate::shards::writer::{DEFAULT_ROWS_PER_ROW_GROUP, DEFAULT_ZSTD_LEVEL};
 
-use super::manifest::{self, HFlip};
+use super::build_state::{self, HFlip};
 use super::{PartSpec, PipelineError};
 
 /// The encoder: DINOv2-B with registers, RAE's default. A Hugging Face repo
@@ -132,7 +132,7 @@ impl BuildConfig {
         };
         Ok(BuildPlan {
             root: super::build_root(&self.out, self.part),
-            shards_dir: self.out.join(manifest::SHARDS_DIR),
+            shards_dir: self.out.join(build_state::SHARDS_DIR),
             flips,
             rows_per_shard,
             images_per_shard: rows_per_shard / flips.len(),

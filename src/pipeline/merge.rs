@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use crate::shards::StatsAccumulator;
 
+use super::build_state::{self, BuildManifest};
 use super::lock::{DirLock, lock_dir};
-use super::manifest::{self, BuildManifest};
 use super::{PipelineError, io_err};
 
 /// Left fold, in shard order, of the per-shard accumulators of the given
@@ -43,8 +43,8 @@ pub struct MergeSummary {
 /// Merge `out/parts/*` into `out/manifest.json` + `out/stats.safetensors`.
 /// Refuses, naming it, if a part is missing, incomplete or inconsistent.
 pub fn merge_parts(out: &Path) -> Result<MergeSummary, PipelineError> {
-    let _lock = lock_dir(out, manifest::LOCK_FILE)?;
-    let parts_dir = out.join(manifest::PARTS_DIR);
+    let _lock = lock_dir(out, build_state::LOCK_FILE)?;
+    let parts_dir = out.join(build_state::PARTS_DIR);
     // A part still being built holds its own lock: keep them all.
     let (manifests, _part_locks) = load_parts(out, &parts_dir)?;
     let total = check_parts(&manifests)?;
@@ -60,7 +60,7 @@ pub fn merge_parts(out: &Path) -> Result<MergeSummary, PipelineError> {
         .collect();
     let acc = fold_states(&pairs)?;
     if acc.count > 0 {
-        acc.save_stats(&out.join(manifest::STATS_FILE))?;
+        acc.save_stats(&out.join(build_state::STATS_FILE))?;
     }
     copy_states(out, &pairs)?;
 
@@ -100,7 +100,7 @@ fn load_parts(
     let locks = (0..count)
         .map(|i| parts_dir.join(i.to_string()))
         .filter(|dir| dir.is_dir())
-        .map(|dir| lock_dir(&dir, manifest::LOCK_FILE))
+        .map(|dir| lock_dir(&dir, build_state::LOCK_FILE))
         .collect::<Result<Vec<_>, _>>()?;
     let mut manifests = vec![first];
     for i in 1..count {
@@ -122,7 +122,7 @@ fn load_parts(
 
 fn load_part(parts_dir: &Path, i: usize) -> Result<BuildManifest, PipelineError> {
     let root = parts_dir.join(i.to_string());
-    let p = root.join(manifest::BUILD_STATE_FILE);
+    let p = root.join(build_state::BUILD_STATE_FILE);
     if !p.is_file() {
         return Err(PipelineError::Invalid(format!(
             "part {i} is missing ({} not found): run its build (`--part {i}`) before merging",
@@ -203,7 +203,7 @@ fn check_shard_files(out: &Path, manifests: &[BuildManifest]) -> Result<(), Pipe
 /// Per-shard states move next to the merged manifest so the cache is
 /// self-contained (and a later merge of merges would work the same way).
 fn copy_states(out: &Path, parts: &[(&Path, &BuildManifest)]) -> Result<(), PipelineError> {
-    let state_dir = out.join(manifest::STATE_DIR);
+    let state_dir = out.join(build_state::STATE_DIR);
     std::fs::create_dir_all(&state_dir).map_err(io_err(&state_dir))?;
     for (root, m) in parts {
         for s in m.shards.iter().filter(|s| s.file.is_some()) {
@@ -227,11 +227,11 @@ fn merged_manifest(manifests: &[BuildManifest], total: usize, has_stats: bool) -
         .iter()
         .flat_map(|m| m.shards.iter().cloned())
         .collect();
-    merged.stats = has_stats.then(|| manifest::STATS_FILE.into());
+    merged.stats = has_stats.then(|| build_state::STATS_FILE.into());
     merged.complete = true;
     merged.build_log.seconds = manifests.iter().map(|m| m.build_log.seconds).sum();
     merged.build_log.runs = manifests.iter().map(|m| m.build_log.runs).sum();
-    merged.build_log.updated_unix = manifest::unix_now();
+    merged.build_log.updated_unix = build_state::unix_now();
     merged.refresh_totals();
     merged
 }

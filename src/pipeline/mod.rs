@@ -1,6 +1,16 @@
 //! The build pipeline: image folder -> Parquet latent shards + manifest +
 //! statistics, crash-safe and resumable, deterministic whatever the thread
-//! count. `rae-cache build` is a thin layer over [`run_build`].
+//! count. `rae-cache build` is a thin layer over [`run_build`], which takes
+//! a [`BuildConfig`] and reports its progress to a [`BuildProgress`].
+//!
+//! * [`config`]: the settings and their defaults, resolved and checked into
+//!   a [`BuildPlan`] before anything is touched.
+//! * `build`: [`run_build`], one named step after another.
+//! * `stages` (decode, crop, encode) feed `sink` (one thread per shard
+//!   being written); [`plan`] says which shard each image goes to.
+//! * [`build_state`]: `build-state.json`, the record `--resume` continues.
+//! * [`merge`] combines the parts of a multi-machine build; [`verify`]
+//!   re-checks a cache.
 //!
 //! Directory layout of a cache:
 //! ```text
@@ -11,20 +21,22 @@
 //! CACHE/state/stats-NNNNN.safetensors  exact f64 per-shard accumulators
 //! CACHE/parts/I/{manifest.json,build-state.json,state/}  part I of `--num-parts N --part I`
 //! ```
-//! Statistics: each shard's rows (read back after writing, so quantisation
-//! included) are accumulated in f64 in row order into their own accumulator;
-//! the cache's statistics are the left fold of those in shard order. A whole
-//! build, a resumed build and a merge of parts perform the same operations in
-//! the same order, so their `stats.safetensors` are byte-identical.
-//! ```text
-//! ```
+//!
+//! Statistics: each shard's rows, quantised and dequantised exactly as the
+//! readers return them (the writer computes this from the rows it stores;
+//! nothing is read back), are accumulated in f64 in row order into their own
+//! accumulator; the cache's statistics are the left fold of those in shard
+//! order. A whole build, a resumed build and a merge of parts perform the
+//! same operations in the same order, so their `stats.safetensors` are
+//! byte-identical.
+//!
 //! Parts write their shards straight into `CACHE/shards/` (global shard
 //! numbers never collide), so `merge` moves no data.
 
 mod build;
-mod config;
+pub mod build_state;
+pub mod config;
 pub mod lock;
-pub mod manifest;
 pub mod merge;
 pub mod plan;
 mod sink;
@@ -38,12 +50,12 @@ use crate::images::ImageError;
 use crate::shards::ShardError;
 
 pub use build::{BuildProgress, BuildSummary, NoProgress, run_build};
+pub use build_state::{BuildManifest, HFlip};
 pub use config::{
     BuildConfig, BuildPlan, DEFAULT_BATCH_SIZE_CPU, DEFAULT_BATCH_SIZE_CUDA, DEFAULT_DEVICE,
     DEFAULT_DTYPE, DEFAULT_ENCODER, DEFAULT_HFLIP, DEFAULT_IMAGES_PER_SHARD, DEFAULT_PRECISION,
     DEFAULT_ROWS_PER_ROW_GROUP, DEFAULT_ZSTD_LEVEL,
 };
-pub use manifest::{BuildManifest, HFlip};
 pub use plan::{Inputs, PartSpec, ShardPlan};
 
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +78,7 @@ pub enum PipelineError {
     #[error(transparent)]
     Lock(#[from] lock::LockError),
     #[error(transparent)]
-    Manifest(#[from] manifest::ManifestError),
+    Manifest(#[from] build_state::ManifestError),
     #[error("{0}")]
     Invalid(String),
     #[error(
@@ -105,11 +117,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PipelineError + '_ {
 pub fn build_root(out: &Path, part: Option<PartSpec>) -> PathBuf {
     match part {
         None => out.to_path_buf(),
-        Some(p) => out.join(manifest::PARTS_DIR).join(p.index.to_string()),
+        Some(p) => out.join(build_state::PARTS_DIR).join(p.index.to_string()),
     }
 }
 
 pub fn state_file(root: &Path, shard: usize) -> PathBuf {
-    root.join(manifest::STATE_DIR)
+    root.join(build_state::STATE_DIR)
         .join(format!("stats-{shard:05}.safetensors"))
 }

@@ -1,10 +1,10 @@
 //! The writer stage: encoded images arrive in key order; each shard is
 //! written by its own thread (quantisation, Parquet encoding, zstd, fsync,
-//! rename, read-back statistics, sha256), up to `writers` shards at once, so
-//! compression never stalls the encoder while a shard is finishing. Shards
-//! are appended to the manifest strictly in order as they complete: a crash
-//! leaves a manifest that lists a prefix of finished shards, and anything
-//! past it is redone on resume.
+//! rename, statistics of the quantised rows, sha256), up to `writers`
+//! shards at once, so compression never stalls the encoder while a shard is
+//! finishing. Shards are appended to the manifest strictly in order as they
+//! complete: a crash leaves a manifest that lists a prefix of finished
+//! shards, and anything past it is redone on resume.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 
 use super::build::BuildProgress;
+use super::build_state::{self, BuildManifest, RunClock, ShardEntry};
 use super::config::BuildPlan;
-use super::manifest::{self, BuildManifest, RunClock, ShardEntry};
 use super::plan::{self, Inputs};
 use super::stages::Encoded;
 use super::{PipelineError, state_file};
@@ -363,7 +363,7 @@ impl ShardFile {
                 }
                 self.acc.save_state(&state_file(&ctx.root, self.index))?;
                 (
-                    Some(format!("{}/{}", manifest::SHARDS_DIR, self.name)),
+                    Some(format!("{}/{}", build_state::SHARDS_DIR, self.name)),
                     info.bytes,
                     Some(info.sha256),
                 )

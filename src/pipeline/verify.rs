@@ -8,7 +8,7 @@ use crate::shards::manifest::HflipMode;
 use crate::shards::{LatentStats, Manifest, ShardInfo, ShardReader};
 
 use super::PipelineError;
-use super::manifest::{self, BuildManifest};
+use super::build_state::{self, BuildManifest};
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct VerifyReport {
@@ -27,7 +27,7 @@ impl VerifyReport {
 /// Shard files are named relative to the cache directory; a part's
 /// manifest lives two levels down, in CACHE/parts/I.
 pub fn data_root(dir: &Path, m: &Manifest) -> PathBuf {
-    if m.part.num_parts > 1 && dir.join(manifest::BUILD_STATE_FILE).exists() {
+    if m.part.num_parts > 1 && dir.join(build_state::BUILD_STATE_FILE).exists() {
         dir.join("../..")
     } else {
         dir.to_path_buf()
@@ -40,7 +40,7 @@ pub fn verify_cache(
     dir: &Path,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<VerifyReport, PipelineError> {
-    let m = Manifest::load(&dir.join(manifest::MANIFEST_FILE))?;
+    let m = Manifest::load(&dir.join(build_state::MANIFEST_FILE))?;
     let root = data_root(dir, &m);
     let mut r = VerifyReport {
         cache_dir: dir.to_path_buf(),
@@ -116,8 +116,8 @@ fn check_shard(r: &mut VerifyReport, path: &Path, s: &ShardInfo, m: &Manifest, f
 /// `stats.safetensors`: its shape, count and values; or that it is missing
 /// where it should be (a whole build with rows).
 fn check_stats(dir: &Path, m: &Manifest, rows: u64) -> Vec<String> {
-    let stats_path = dir.join(manifest::STATS_FILE);
-    let name = manifest::STATS_FILE;
+    let stats_path = dir.join(build_state::STATS_FILE);
+    let name = build_state::STATS_FILE;
     if !stats_path.exists() {
         return if m.part.num_parts <= 1 && rows > 0 {
             vec![format!("{name} is missing")]
