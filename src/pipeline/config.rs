@@ -111,7 +111,7 @@ impl BuildConfig {
         let rows_per_shard = self
             .rows_per_shard
             .unwrap_or(DEFAULT_IMAGES_PER_SHARD * flips.len());
-        if rows_per_shard == 0 || rows_per_shard % flips.len() != 0 {
+        if rows_per_shard == 0 || !rows_per_shard.is_multiple_of(flips.len()) {
             return Err(PipelineError::Invalid(format!(
                 "--rows-per-shard {rows_per_shard} must be a positive multiple of {} (one row per image and flip)",
                 flips.len()
