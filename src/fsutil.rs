@@ -1,9 +1,32 @@
 //! Crash-safe file writes: temp file in the same directory, fsync, rename,
-//! fsync the directory. A reader never sees a half-written file.
+//! fsync the directory. A reader never sees a half-written file. Also the
+//! one hex encoding and file sha256 that manifests and checkpoints record.
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+
+use sha2::Digest;
+
+/// Lowercase hex of `bytes`, two digits a byte (digests, seeds).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of a file's contents, lowercase hex, read in 1 MiB blocks.
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    let mut f = File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
 
 /// Temporary sibling name used while `path` is being written.
 pub fn temp_path(path: &Path) -> PathBuf {
@@ -45,6 +68,19 @@ pub fn commit_temp(tmp: &Path, path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn hex_and_sha256_file() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("abc");
+        fs::write(&p, b"abc").unwrap();
+        assert_eq!(
+            sha256_file(&p).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(sha256_file(&dir.path().join("missing")).is_err());
+    }
+
     #[test]
     fn atomic_write_replaces() {
         let dir = tempfile::tempdir().unwrap();

@@ -5,23 +5,9 @@ use std::process::ExitCode;
 
 use rae_cache::dist::tcp::TcpGroup;
 use rae_cache::dist::{Collective, DistEnv};
-use rae_cache::pipeline::{self, BuildConfig, BuildSummary, HFlip, PartSpec};
+use rae_cache::pipeline::{self, BuildConfig, BuildProgress, BuildSummary, HFlip, PartSpec};
 use rae_cache::precision::Precision;
 use rae_cache::shards::LatentDType;
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-pub enum DTypeArg {
-    F16,
-    Bf16,
-    F32,
-    Int8,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-pub enum HFlipArg {
-    Both,
-    None,
-}
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -32,18 +18,18 @@ pub struct Args {
     pub out: PathBuf,
     /// Encoder: a Hugging Face model directory or repo id (looked up in the
     /// local HF cache; no download unless --allow-download).
-    #[arg(long, default_value = "facebook/dinov2-with-registers-base")]
+    #[arg(long, default_value = pipeline::DEFAULT_ENCODER)]
     pub encoder: String,
     /// Fetch the encoder from the Hugging Face Hub if it is not cached.
     #[arg(long)]
     pub allow_download: bool,
     /// Storage type of the latents.
-    #[arg(long, value_enum, default_value = "f16")]
-    pub dtype: DTypeArg,
+    #[arg(long, value_enum, default_value_t = pipeline::DEFAULT_DTYPE)]
+    pub dtype: LatentDType,
     /// `both`: store the crop and its left-right flip (the reference trains
     /// with random flips); `none`: the crop only.
-    #[arg(long, value_enum, default_value = "both")]
-    pub hflip: HFlipArg,
+    #[arg(long, value_enum, default_value_t = pipeline::DEFAULT_HFLIP)]
+    pub hflip: HFlip,
     /// Images per encoder batch (each gives one crop per flip); 0 = 256 on
     /// CUDA, 32 on the CPU.
     #[arg(long, default_value_t = 0)]
@@ -52,10 +38,10 @@ pub struct Args {
     #[arg(long)]
     pub rows_per_shard: Option<usize>,
     /// Rows per Parquet row group.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = pipeline::DEFAULT_ROWS_PER_ROW_GROUP)]
     pub rows_per_group: usize,
     /// zstd compression level.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = pipeline::DEFAULT_ZSTD_LEVEL)]
     pub zstd_level: i32,
     /// Decode threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
@@ -64,11 +50,11 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub writers: usize,
     /// `cpu`, `cuda:N` or `auto` (CUDA when built with it and present).
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = pipeline::DEFAULT_DEVICE)]
     pub device: String,
     /// Encoder compute precision: auto (bf16 on CUDA, f32 on CPU), f32,
     /// bf16 or f16. Norms, softmax and the stored latents stay f32.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value_t = pipeline::DEFAULT_PRECISION)]
     pub precision: Precision,
     /// Allow TF32 tensor-core math in f32 matrix products (CUDA only; a
     /// no-op on the CPU).
@@ -102,16 +88,8 @@ impl Args {
         let mut c = BuildConfig::new(&self.images, &self.out);
         c.encoder = self.encoder.clone();
         c.allow_download = self.allow_download;
-        c.dtype = match self.dtype {
-            DTypeArg::F16 => LatentDType::F16,
-            DTypeArg::Bf16 => LatentDType::Bf16,
-            DTypeArg::F32 => LatentDType::F32,
-            DTypeArg::Int8 => LatentDType::Int8,
-        };
-        c.hflip = match self.hflip {
-            HFlipArg::Both => HFlip::Both,
-            HFlipArg::None => HFlip::None,
-        };
+        c.dtype = self.dtype;
+        c.hflip = self.hflip;
         c.batch_size = self.batch_size;
         c.rows_per_shard = self.rows_per_shard;
         c.rows_per_group = self.rows_per_group;
@@ -128,7 +106,6 @@ impl Args {
         c.limit = self.limit;
         c.max_pixels = self.max_pixels;
         c.resume = self.resume;
-        c.progress = true;
         c
     }
 }
@@ -142,6 +119,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => DistEnv::from_env()?,
         Some(_) => None,
     };
+    // One bar per job: rank 0's.
+    let mut bar = Bar::new(job.as_ref().is_none_or(|d| d.rank == 0));
     let group = match &job {
         Some(d) => {
             cfg.part = Some(PartSpec {
@@ -149,14 +128,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 count: d.world_size,
             });
             cfg.device = rae_cache::device::spec_for_rank(&cfg.device, d.local_rank)?;
-            cfg.progress = d.rank == 0;
             // Connect first: every rank is starting now, whereas they finish
             // their parts minutes apart.
             Some(TcpGroup::connect(d)?)
         }
         None => None,
     };
-    let s = pipeline::run_build(&cfg)?;
+    let s = pipeline::run_build(&cfg, &mut bar)?;
     if let Some(g) = group {
         // Warnings only here: --strict is judged on the merged total below.
         report_rejected(&s, false);
@@ -240,4 +218,43 @@ fn report_rejected(s: &BuildSummary, strict: bool) -> bool {
         );
     }
     strict
+}
+
+/// The build's progress bar on stderr: images done, images/s and ETA.
+struct Bar {
+    show: bool,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Bar {
+    fn new(show: bool) -> Self {
+        Self { show, bar: None }
+    }
+}
+
+impl BuildProgress for Bar {
+    fn start(&mut self, images: u64) {
+        if !self.show {
+            return;
+        }
+        let bar = indicatif::ProgressBar::new(images);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{spinner} {bar:40} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",
+        ) {
+            bar.set_style(style);
+        }
+        self.bar = Some(bar);
+    }
+
+    fn image_done(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use rae_cache::pipeline::{BuildManifest, manifest};
+use rae_cache::pipeline::{BuildManifest, build_state};
 use rae_cache::shards::{LatentDType, LatentStats, Manifest, ShardReader};
 use serde_json::json;
 
@@ -48,18 +48,18 @@ fn range(v: impl Iterator<Item = f64>) -> serde_json::Value {
 }
 
 fn inspect_cache(dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
-    let m = Manifest::load(&dir.join(manifest::MANIFEST_FILE))?;
+    let m = Manifest::load(&dir.join(build_state::MANIFEST_FILE))?;
     // The builder's own record, when this cache was built (not sampled).
     let state = BuildManifest::load(dir).ok();
     let (tokens, channels) = (m.encoder.tokens, m.encoder.channels);
     let t = &m.totals;
     let raw = t.rows * (tokens * channels * 4) as u64;
-    let stats_path = dir.join(manifest::STATS_FILE);
+    let stats_path = dir.join(build_state::STATS_FILE);
     let stats_v = if stats_path.exists() {
         let st = LatentStats::load(&stats_path)
             .with_context(|| format!("reading {}", stats_path.display()))?;
         json!({
-            "file": manifest::STATS_FILE,
+            "file": build_state::STATS_FILE,
             "count": st.count,
             "shape": [st.channels, st.height, st.width],
             "mean_range": range(st.mean.iter().map(|&x| x as f64)),

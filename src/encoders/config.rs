@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::EncoderError;
+use super::activation::Activation;
 
 /// Which model a `config.json` describes (top-level fields only).
 #[derive(Debug, Clone, Deserialize)]
@@ -28,8 +29,8 @@ fn default_channels() -> usize {
 fn default_eps() -> f64 {
     1e-6
 }
-fn default_act() -> String {
-    "gelu".to_string()
+fn default_act() -> Activation {
+    Activation::GeluErf
 }
 
 /// The ViT hyper-parameters shared by DINOv2, SigLIP's vision tower and
@@ -53,7 +54,7 @@ pub struct VitConfig {
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
     #[serde(default = "default_act")]
-    pub hidden_act: String,
+    pub hidden_act: Activation,
     #[serde(default = "default_true")]
     pub qkv_bias: bool,
     #[serde(default)]
@@ -160,8 +161,7 @@ impl ModelFiles {
     /// sha256 of config.json, lowercase hex.
     pub fn config_hash(&self) -> String {
         use sha2::Digest;
-        let digest = sha2::Sha256::digest(&self.config_bytes);
-        digest.iter().map(|b| format!("{b:02x}")).collect()
+        crate::fsutil::hex(&sha2::Sha256::digest(&self.config_bytes))
     }
 }
 

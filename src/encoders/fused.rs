@@ -8,7 +8,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, D, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::vit_layers::Activation;
+use super::activation::Activation;
 
 struct BiasAct(Option<Activation>);
 

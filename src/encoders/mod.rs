@@ -8,16 +8,18 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+pub mod activation;
 mod config;
 mod dinov2;
 mod fused;
 mod mae;
 pub mod preprocess;
-pub mod resample;
+mod resample;
 mod siglip2;
 mod vit;
-pub mod vit_layers;
+mod vit_layers;
 
+pub use activation::Activation;
 pub use preprocess::{Preprocessor, crops_to_u8, u8_to_input};
 
 /// RAE's crop side: images are ADM-cropped to this before encoding.

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 
 use super::config::{ModelFiles, VitConfig, config_err};
 use super::preprocess::Preprocessor;
-use super::vit_layers::{Activation, Block, BlockConfig, BlockNames, PatchEmbed, PlainLayerNorm};
+use super::vit_layers::{Block, BlockConfig, BlockNames, PatchEmbed, PlainLayerNorm};
 use super::{CROP_SIZE, Encoder, EncoderError, EncoderSpec, LATENT_GRID};
 
 pub struct VitEncoder {
@@ -185,12 +185,6 @@ pub(super) fn common(
     device: &Device,
 ) -> Result<Common, EncoderError> {
     cfg.validate(&files.config_path)?;
-    let act = Activation::from_hf(&cfg.hidden_act).ok_or_else(|| {
-        config_err(
-            &files.config_path,
-            format!("unsupported hidden_act {:?}", cfg.hidden_act),
-        )
-    })?;
     let (mean, std) = files.preprocessor.mean_std(&files.preprocessor_path)?;
     let grid = LATENT_GRID;
     let input_size = grid * cfg.patch_size;
@@ -213,7 +207,7 @@ pub(super) fn common(
             heads: cfg.num_attention_heads,
             mlp_hidden,
             eps: cfg.layer_norm_eps,
-            act,
+            act: cfg.hidden_act,
             qkv_bias: cfg.qkv_bias,
             swiglu: cfg.use_swiglu_ffn,
         },

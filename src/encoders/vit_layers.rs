@@ -5,6 +5,8 @@
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
+use super::activation::Activation;
+
 /// `y = x W^T + b` on the last dimension. Leading dimensions are folded into
 /// one so a batch is a single large matrix product.
 #[derive(Debug, Clone)]
@@ -49,32 +51,6 @@ impl Linear {
             *last = self.weight.dim(0)?;
         }
         y.reshape(out_dims)
-    }
-}
-
-/// The MLP activation named by `hidden_act`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// `gelu`: exact, erf-based.
-    GeluErf,
-    /// `gelu_pytorch_tanh` / `gelu_new`: tanh approximation.
-    GeluTanh,
-}
-
-impl Activation {
-    pub fn from_hf(name: &str) -> Option<Self> {
-        match name {
-            "gelu" => Some(Self::GeluErf),
-            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Some(Self::GeluTanh),
-            _ => None,
-        }
-    }
-
-    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::GeluErf => x.gelu_erf(),
-            Self::GeluTanh => x.gelu(),
-        }
     }
 }
 

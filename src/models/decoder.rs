@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::embed::{frozen_or, sincos_2d, unpatchify};
 use super::layers::{Linear, LinearInit, Norm, attention, merge_heads, split_heads};
+use crate::encoders::Activation;
 
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -95,7 +96,7 @@ struct VitLayer {
     fc1: Linear,
     fc2: Linear,
     heads: usize,
-    exact_gelu: bool,
+    act: Activation,
 }
 
 impl VitLayer {
@@ -104,10 +105,8 @@ impl VitLayer {
         let m = cfg.decoder_intermediate_size;
         let a = vb.pp("attention");
         let lin = |i, o, vb| Linear::new(i, o, true, LinearInit::Xavier, vb);
-        let exact_gelu = match cfg.hidden_act.as_str() {
-            "gelu" => true,
-            "gelu_new" | "gelu_pytorch_tanh" => false,
-            other => candle_core::bail!("decoder: unsupported hidden_act {other:?}"),
+        let Some(act) = Activation::from_hf(&cfg.hidden_act) else {
+            candle_core::bail!("decoder: unsupported hidden_act {:?}", cfg.hidden_act)
         };
         Ok(Self {
             ln_before: Norm::layer(d, cfg.layer_norm_eps, vb.pp("layernorm_before"))?,
@@ -119,7 +118,7 @@ impl VitLayer {
             fc1: lin(d, m, vb.pp("intermediate.dense"))?,
             fc2: lin(m, d, vb.pp("output.dense"))?,
             heads: cfg.decoder_num_attention_heads,
-            exact_gelu,
+            act,
         })
     }
 
@@ -133,12 +132,7 @@ impl VitLayer {
             .forward(&merge_heads(&attention(&q, &k, &v, fused)?)?)?;
         let x = (x + a)?;
         let h = self.fc1.forward(&self.ln_after.forward(&x, fused)?)?;
-        let h = if self.exact_gelu {
-            h.gelu_erf()?
-        } else {
-            h.gelu()?
-        };
-        x + self.fc2.forward(&h)?
+        x + self.fc2.forward(&self.act.apply(&h)?)?
     }
 }
 

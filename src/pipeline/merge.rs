@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use crate::shards::StatsAccumulator;
 
-use super::PipelineError;
-use super::manifest::{self, BuildManifest};
+use super::build_state::{self, BuildManifest};
+use super::lock::{DirLock, lock_dir};
+use super::{PipelineError, io_err};
 
 /// Left fold, in shard order, of the per-shard accumulators of the given
 /// (build root, manifest) pairs: the same operations a whole build does.
@@ -42,15 +43,53 @@ pub struct MergeSummary {
 /// Merge `out/parts/*` into `out/manifest.json` + `out/stats.safetensors`.
 /// Refuses, naming it, if a part is missing, incomplete or inconsistent.
 pub fn merge_parts(out: &Path) -> Result<MergeSummary, PipelineError> {
-    let _lock = super::lock::lock_dir(out, manifest::LOCK_FILE)?;
-    let parts_dir = out.join(manifest::PARTS_DIR);
+    let _lock = lock_dir(out, build_state::LOCK_FILE)?;
+    let parts_dir = out.join(build_state::PARTS_DIR);
+    // A part still being built holds its own lock: keep them all.
+    let (manifests, _part_locks) = load_parts(out, &parts_dir)?;
+    let total = check_parts(&manifests)?;
+    check_shard_files(out, &manifests)?;
+
+    let roots: Vec<PathBuf> = (0..manifests.len())
+        .map(|i| parts_dir.join(i.to_string()))
+        .collect();
+    let pairs: Vec<(&Path, &BuildManifest)> = roots
+        .iter()
+        .map(|r| r.as_path())
+        .zip(manifests.iter())
+        .collect();
+    let acc = fold_states(&pairs)?;
+    if acc.count > 0 {
+        acc.save_stats(&out.join(build_state::STATS_FILE))?;
+    }
+    copy_states(out, &pairs)?;
+
+    let merged = merged_manifest(&manifests, total, acc.count > 0);
+    merged.save(out)?;
+    Ok(MergeSummary {
+        cache_dir: out.to_path_buf(),
+        parts: manifests.len(),
+        shards: merged.shards.iter().filter(|s| s.file.is_some()).count(),
+        rows: merged.totals.rows,
+        images_encoded: merged.totals.images_encoded,
+        images_rejected: merged.totals.images_rejected,
+        bytes: merged.totals.bytes,
+    })
+}
+
+/// Every part's build state, in part order, with the parts' locks held.
+/// Refuses a missing part and a directory that is not one of the parts.
+fn load_parts(
+    out: &Path,
+    parts_dir: &Path,
+) -> Result<(Vec<BuildManifest>, Vec<DirLock>), PipelineError> {
     if !parts_dir.is_dir() {
         return Err(PipelineError::Invalid(format!(
             "{} has no parts/ directory: nothing to merge (was it built with --num-parts?)",
             out.display()
         )));
     }
-    let first = load_part(&parts_dir, 0)?;
+    let first = load_part(parts_dir, 0)?;
     let count = first.part.map(|p| p.count).unwrap_or(0);
     if count == 0 {
         return Err(PipelineError::Invalid(format!(
@@ -58,26 +97,18 @@ pub fn merge_parts(out: &Path) -> Result<MergeSummary, PipelineError> {
             parts_dir.display()
         )));
     }
-    // A part still being built holds its own lock.
-    let _part_locks = (0..count)
-        .filter(|i| parts_dir.join(i.to_string()).is_dir())
-        .map(|i| super::lock::lock_dir(&parts_dir.join(i.to_string()), manifest::LOCK_FILE))
+    let locks = (0..count)
+        .map(|i| parts_dir.join(i.to_string()))
+        .filter(|dir| dir.is_dir())
+        .map(|dir| lock_dir(&dir, build_state::LOCK_FILE))
         .collect::<Result<Vec<_>, _>>()?;
     let mut manifests = vec![first];
     for i in 1..count {
-        manifests.push(load_part(&parts_dir, i)?);
+        manifests.push(load_part(parts_dir, i)?);
     }
     // Anything beyond the expected parts is a mistake (another build?).
-    for e in std::fs::read_dir(&parts_dir).map_err(|source| PipelineError::Io {
-        path: parts_dir.clone(),
-        source,
-    })? {
-        let name = e
-            .map_err(|source| PipelineError::Io {
-                path: parts_dir.clone(),
-                source,
-            })?
-            .file_name();
+    for e in std::fs::read_dir(parts_dir).map_err(io_err(parts_dir))? {
+        let name = e.map_err(io_err(parts_dir))?.file_name();
         let name = name.to_string_lossy();
         if name.parse::<usize>().map(|i| i >= count).unwrap_or(false) {
             return Err(PipelineError::Invalid(format!(
@@ -86,7 +117,27 @@ pub fn merge_parts(out: &Path) -> Result<MergeSummary, PipelineError> {
             )));
         }
     }
-    let base = manifests[0].settings.clone();
+    Ok((manifests, locks))
+}
+
+fn load_part(parts_dir: &Path, i: usize) -> Result<BuildManifest, PipelineError> {
+    let root = parts_dir.join(i.to_string());
+    let p = root.join(build_state::BUILD_STATE_FILE);
+    if !p.is_file() {
+        return Err(PipelineError::Invalid(format!(
+            "part {i} is missing ({} not found): run its build (`--part {i}`) before merging",
+            p.display()
+        )));
+    }
+    Ok(BuildManifest::load(&root)?)
+}
+
+/// Part `i` of the `manifests.len()` must say so, be complete, have part
+/// 0's settings and continue where part `i - 1` ends. Returns the total
+/// shard count, which the parts must cover.
+fn check_parts(manifests: &[BuildManifest]) -> Result<usize, PipelineError> {
+    let count = manifests.len();
+    let base = &manifests[0].settings;
     let mut expected_shard = 0usize;
     for (i, m) in manifests.iter().enumerate() {
         let p = m.part.unwrap_or(super::PartSpec {
@@ -129,49 +180,43 @@ pub fn merge_parts(out: &Path) -> Result<MergeSummary, PipelineError> {
             "parts cover {expected_shard} of {total} shards"
         )));
     }
-    // Every listed shard file must be there (not re-hashed here: `verify` does that).
-    for m in &manifests {
-        for s in &m.shards {
-            if let Some(f) = &s.file {
-                if !out.join(f).is_file() {
-                    return Err(PipelineError::Invalid(format!(
-                        "shard {} listed by part manifests is missing",
-                        out.join(f).display()
-                    )));
-                }
-            }
+    Ok(total)
+}
+
+/// Every listed shard file must be there (not re-hashed here: `verify` does that).
+fn check_shard_files(out: &Path, manifests: &[BuildManifest]) -> Result<(), PipelineError> {
+    let files = manifests
+        .iter()
+        .flat_map(|m| &m.shards)
+        .filter_map(|s| s.file.as_ref());
+    for f in files {
+        if !out.join(f).is_file() {
+            return Err(PipelineError::Invalid(format!(
+                "shard {} listed by part manifests is missing",
+                out.join(f).display()
+            )));
         }
     }
+    Ok(())
+}
 
-    let roots: Vec<PathBuf> = (0..count).map(|i| parts_dir.join(i.to_string())).collect();
-    let pairs: Vec<(&Path, &BuildManifest)> = roots
-        .iter()
-        .map(|r| r.as_path())
-        .zip(manifests.iter())
-        .collect();
-    let acc = fold_states(&pairs)?;
-    if acc.count > 0 {
-        acc.save_stats(&out.join(manifest::STATS_FILE))?;
-    }
-
-    // Per-shard states move next to the merged manifest so the cache is
-    // self-contained (and a later merge of merges would work the same way).
-    let state_dir = out.join(manifest::STATE_DIR);
-    std::fs::create_dir_all(&state_dir).map_err(|source| PipelineError::Io {
-        path: state_dir.clone(),
-        source,
-    })?;
-    for (root, m) in &pairs {
+/// Per-shard states move next to the merged manifest so the cache is
+/// self-contained (and a later merge of merges would work the same way).
+fn copy_states(out: &Path, parts: &[(&Path, &BuildManifest)]) -> Result<(), PipelineError> {
+    let state_dir = out.join(build_state::STATE_DIR);
+    std::fs::create_dir_all(&state_dir).map_err(io_err(&state_dir))?;
+    for (root, m) in parts {
         for s in m.shards.iter().filter(|s| s.file.is_some()) {
             let from = super::state_file(root, s.index);
             let to = super::state_file(out, s.index);
-            std::fs::copy(&from, &to).map_err(|source| PipelineError::Io {
-                path: to.clone(),
-                source,
-            })?;
+            std::fs::copy(&from, &to).map_err(io_err(&to))?;
         }
     }
+    Ok(())
+}
 
+/// The whole build's state: part 0's, with every part's shards and runs.
+fn merged_manifest(manifests: &[BuildManifest], total: usize, has_stats: bool) -> BuildManifest {
     let mut merged = manifests[0].clone();
     merged.part = None;
     merged.settings.num_parts = None;
@@ -182,32 +227,11 @@ pub fn merge_parts(out: &Path) -> Result<MergeSummary, PipelineError> {
         .iter()
         .flat_map(|m| m.shards.iter().cloned())
         .collect();
-    merged.stats = (acc.count > 0).then(|| manifest::STATS_FILE.into());
+    merged.stats = has_stats.then(|| build_state::STATS_FILE.into());
     merged.complete = true;
     merged.build_log.seconds = manifests.iter().map(|m| m.build_log.seconds).sum();
     merged.build_log.runs = manifests.iter().map(|m| m.build_log.runs).sum();
-    merged.build_log.updated_unix = manifest::unix_now();
+    merged.build_log.updated_unix = build_state::unix_now();
     merged.refresh_totals();
-    merged.save(out)?;
-    Ok(MergeSummary {
-        cache_dir: out.to_path_buf(),
-        parts: count,
-        shards: merged.shards.iter().filter(|s| s.file.is_some()).count(),
-        rows: merged.totals.rows,
-        images_encoded: merged.totals.images_encoded,
-        images_rejected: merged.totals.images_rejected,
-        bytes: merged.totals.bytes,
-    })
-}
-
-fn load_part(parts_dir: &Path, i: usize) -> Result<BuildManifest, PipelineError> {
-    let root = parts_dir.join(i.to_string());
-    let p = root.join(manifest::BUILD_STATE_FILE);
-    if !p.is_file() {
-        return Err(PipelineError::Invalid(format!(
-            "part {i} is missing ({} not found): run its build (`--part {i}`) before merging",
-            p.display()
-        )));
-    }
-    Ok(BuildManifest::load(&root)?)
+    merged
 }

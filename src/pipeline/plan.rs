@@ -8,6 +8,10 @@
 //! or split into parts — puts every image in the same shard.
 
 use std::ops::Range;
+use std::path::Path;
+
+use super::PipelineError;
+use crate::images::{Discovery, ImageEntry};
 
 /// Part `index` of `count` in a multi-machine build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -89,6 +93,43 @@ impl ShardPlan {
             return all.end..all.end;
         }
         self.images_of(from).start..all.end
+    }
+}
+
+/// The images a build encodes (sorted by key, after `--limit`) and the
+/// shards they go to.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// The image folder's listing; its `entries` are the images encoded.
+    pub images: Discovery,
+    pub shards: ShardPlan,
+}
+
+impl Inputs {
+    /// List the images under `root` (the first `limit` of them) and plan
+    /// their shards. An empty list is refused.
+    pub fn discover(
+        root: &Path,
+        limit: Option<usize>,
+        images_per_shard: usize,
+        part: Option<PartSpec>,
+    ) -> Result<Self, PipelineError> {
+        let mut images = crate::images::discover(root)?;
+        if let Some(n) = limit {
+            images.entries.truncate(n);
+        }
+        if images.entries.is_empty() {
+            return Err(PipelineError::NoImages {
+                path: root.to_path_buf(),
+            });
+        }
+        let shards = ShardPlan::new(images.entries.len(), images_per_shard, part)
+            .map_err(PipelineError::Invalid)?;
+        Ok(Self { images, shards })
+    }
+
+    pub fn entries(&self) -> &[ImageEntry] {
+        &self.images.entries
     }
 }
 

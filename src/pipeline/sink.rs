@@ -1,21 +1,23 @@
 //! The writer stage: encoded images arrive in key order; each shard is
 //! written by its own thread (quantisation, Parquet encoding, zstd, fsync,
-//! rename, read-back statistics, sha256), up to `writers` shards at once, so
-//! compression never stalls the encoder while a shard is finishing. Shards
-//! are appended to the manifest strictly in order as they complete: a crash
-//! leaves a manifest that lists a prefix of finished shards, and anything
-//! past it is redone on resume.
+//! rename, statistics of the quantised rows, sha256), up to `writers`
+//! shards at once, so compression never stalls the encoder while a shard is
+//! finishing. Shards are appended to the manifest strictly in order as they
+//! complete: a crash leaves a manifest that lists a prefix of finished
+//! shards, and anything past it is redone on resume.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 
-use super::manifest::{self, BuildManifest, ShardEntry};
+use super::build::BuildProgress;
+use super::build_state::{self, BuildManifest, RunClock, ShardEntry};
+use super::config::BuildPlan;
+use super::plan::{self, Inputs};
 use super::stages::Encoded;
-use super::{PipelineError, plan, state_file};
+use super::{PipelineError, state_file};
 use crate::images::{ImageEntry, Skipped};
 use crate::shards::{LatentRow, ShardReader, ShardWriter, StatsAccumulator, WriterOptions, quant};
 
@@ -40,7 +42,7 @@ enum Job {
 /// The fixed context of every shard thread.
 #[derive(Clone)]
 struct ShardCtx {
-    flips: Vec<bool>,
+    flips: &'static [bool],
     opts: WriterOptions,
     shards_dir: PathBuf,
     root: PathBuf,
@@ -59,47 +61,42 @@ pub(super) struct ShardSink<'a> {
     done_rx: Receiver<Result<ShardEntry, PipelineError>>,
     /// Finished shards waiting for their predecessors.
     finished: BTreeMap<usize, ShardEntry>,
-    seconds_before: f64,
-    run_start: Instant,
-    bar: &'a indicatif::ProgressBar,
+    clock: RunClock,
+    progress: &'a mut dyn BuildProgress,
 }
 
 impl<'a> ShardSink<'a> {
-    #[allow(clippy::too_many_arguments)]
+    /// Write `inputs`' shards as `plan` says, with `opts`, appending each
+    /// to `manifest` (saved under `plan.root`) in order as it completes, and
+    /// reporting each image to `progress`.
     pub(super) fn new(
-        plan: &'a plan::ShardPlan,
-        entries: &'a [ImageEntry],
-        flips: &[bool],
+        plan: &BuildPlan,
+        inputs: &'a Inputs,
         opts: WriterOptions,
-        shards_dir: &Path,
-        root: &Path,
         manifest: &'a mut BuildManifest,
-        writers: usize,
-        seconds_before: f64,
-        run_start: Instant,
-        bar: &'a indicatif::ProgressBar,
+        clock: RunClock,
+        progress: &'a mut dyn BuildProgress,
     ) -> Self {
         let (done_tx, done_rx) = unbounded();
         Self {
-            plan,
-            entries,
+            plan: &inputs.shards,
+            entries: inputs.entries(),
             ctx: ShardCtx {
-                flips: flips.to_vec(),
+                flips: plan.flips,
                 opts,
-                shards_dir: shards_dir.to_path_buf(),
-                root: root.to_path_buf(),
+                shards_dir: plan.shards_dir.clone(),
+                root: plan.root.clone(),
             },
             manifest,
-            writers: writers.max(1),
+            writers: plan.writers.max(1),
             current: None,
             active: Vec::new(),
             in_flight: 0,
             done_tx,
             done_rx,
             finished: BTreeMap::new(),
-            seconds_before,
-            run_start,
-            bar,
+            clock,
+            progress,
         }
     }
 
@@ -136,7 +133,7 @@ impl<'a> ShardSink<'a> {
             }
         };
         self.send(job)?;
-        self.bar.inc(1);
+        self.progress.image_done();
         if idx + 1 == self.plan.images_of(shard).end {
             self.send(Job::Finish)?;
             self.current = None; // the thread finishes the file on its own
@@ -230,8 +227,7 @@ impl<'a> ShardSink<'a> {
         if appended {
             let m = &mut *self.manifest;
             m.refresh_totals();
-            m.build_log.updated_unix = manifest::unix_now();
-            m.build_log.seconds = self.seconds_before + self.run_start.elapsed().as_secs_f64();
+            m.build_log.stamp(self.clock);
             m.save(&self.ctx.root)?;
         }
         Ok(())
@@ -257,116 +253,130 @@ fn write_shard(
     ctx: &ShardCtx,
     rx: &Receiver<Job>,
 ) -> Option<Result<ShardEntry, PipelineError>> {
-    let mut writer: Option<ShardWriter> = None;
-    let mut images = 0u64;
-    let mut rejected: Vec<Skipped> = Vec::new();
-    let mut rows = 0u64;
-    // Statistics of what training will read: each row quantised and
-    // dequantised exactly as the readers do, in row order.
-    let mut acc = StatsAccumulator::new(ctx.opts.tokens, ctx.opts.channels);
-    let name = plan::shard_file_name(index);
-    let path = ctx.shards_dir.join(&name);
+    let mut shard = ShardFile::new(index, ctx);
     let mut failed: Option<PipelineError> = None;
     loop {
-        let job = rx.recv().ok()?;
-        if failed.is_some() && !matches!(job, Job::Finish) {
-            continue; // drain until the sink finishes the shard
-        }
-        match job {
+        match rx.recv().ok()? {
+            Job::Finish => {
+                return Some(match failed {
+                    Some(e) => Err(e),
+                    None => shard.finish(ctx),
+                });
+            }
+            // After a failure, drain until the sink finishes the shard.
+            _ if failed.is_some() => {}
             Job::Image {
                 key,
                 label,
                 latents,
-            } => {
-                if writer.is_none() {
-                    match ShardWriter::create(&path, ctx.opts.clone()) {
-                        Ok(w) => writer = Some(w),
-                        Err(e) => {
-                            failed = Some(e.into());
-                            continue;
-                        }
-                    }
-                }
-                let batch: Vec<LatentRow<'_>> = ctx
-                    .flips
-                    .iter()
-                    .zip(&latents)
-                    .map(|(&flip, l)| LatentRow {
-                        key: &key,
-                        label,
-                        flip,
-                        latent: l,
-                    })
-                    .collect();
-                if let Some(Err(e)) = writer.as_mut().map(|w| w.write_rows(&batch)) {
-                    failed = Some(e.into());
-                    continue;
-                }
-                for l in &latents {
-                    let stored = quant::round_trip(ctx.opts.dtype, l, ctx.opts.channels);
-                    if let Err(e) = acc.push_rows(&stored, 1) {
-                        failed = Some(e.into());
-                        break;
-                    }
-                }
-                rows += batch.len() as u64;
-                images += 1;
-            }
-            Job::Rejected { key, reason } => rejected.push(Skipped { key, reason }),
-            Job::Finish => {
-                if let Some(e) = failed {
-                    return Some(Err(e));
-                }
-                return Some(finish_shard(
-                    index, ctx, writer, &path, &name, images, rows, rejected, &acc,
-                ));
-            }
+            } => failed = shard.push_image(ctx, &key, label, &latents).err(),
+            Job::Rejected { key, reason } => shard.rejected.push(Skipped { key, reason }),
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn finish_shard(
+/// One shard while its images arrive. The file is created with the first
+/// encoded image: a shard whose images were all rejected has none.
+struct ShardFile {
     index: usize,
-    ctx: &ShardCtx,
+    name: String,
+    path: PathBuf,
     writer: Option<ShardWriter>,
-    path: &Path,
-    name: &str,
     images: u64,
     rows: u64,
     rejected: Vec<Skipped>,
-    acc: &StatsAccumulator,
-) -> Result<ShardEntry, PipelineError> {
-    let (file, bytes, sha) = match writer {
-        None => (None, 0, None),
-        Some(w) => {
-            // The sha256 was taken from the bytes on their way to the file;
-            // reopening the footer checks that the renamed file is a
-            // complete shard with every row (`rae-cache verify` re-reads
-            // and re-hashes all of it).
-            let info = w.finish()?;
-            let reader = ShardReader::open(path)?;
-            if reader.num_rows() != rows {
-                return Err(PipelineError::DamagedShard {
-                    path: path.to_path_buf(),
-                    reason: format!("{} rows in the footer, {rows} written", reader.num_rows()),
-                });
-            }
-            acc.save_state(&state_file(&ctx.root, index))?;
-            (
-                Some(format!("{}/{name}", manifest::SHARDS_DIR)),
-                info.bytes,
-                Some(info.sha256),
-            )
+    /// Statistics of what training will read: each row quantised and
+    /// dequantised exactly as the readers do, in row order.
+    acc: StatsAccumulator,
+}
+
+impl ShardFile {
+    fn new(index: usize, ctx: &ShardCtx) -> Self {
+        let name = plan::shard_file_name(index);
+        Self {
+            index,
+            path: ctx.shards_dir.join(&name),
+            name,
+            writer: None,
+            images: 0,
+            rows: 0,
+            rejected: Vec::new(),
+            acc: StatsAccumulator::new(ctx.opts.tokens, ctx.opts.channels),
         }
-    };
-    Ok(ShardEntry {
-        index,
-        file,
-        rows,
-        bytes,
-        sha256: sha,
-        images,
-        rejected,
-    })
+    }
+
+    /// Write one image's rows (one per flip) and add them to the statistics.
+    fn push_image(
+        &mut self,
+        ctx: &ShardCtx,
+        key: &str,
+        label: i32,
+        latents: &[Vec<f32>],
+    ) -> Result<(), PipelineError> {
+        let writer = match &mut self.writer {
+            Some(w) => w,
+            None => self
+                .writer
+                .insert(ShardWriter::create(&self.path, ctx.opts.clone())?),
+        };
+        let batch: Vec<LatentRow<'_>> = ctx
+            .flips
+            .iter()
+            .zip(latents)
+            .map(|(&flip, l)| LatentRow {
+                key,
+                label,
+                flip,
+                latent: l,
+            })
+            .collect();
+        writer.write_rows(&batch)?;
+        for l in latents {
+            let stored = quant::round_trip(ctx.opts.dtype, l, ctx.opts.channels);
+            self.acc.push_rows(&stored, 1)?;
+        }
+        self.rows += batch.len() as u64;
+        self.images += 1;
+        Ok(())
+    }
+
+    /// Finish the file and check it; save the shard's statistics state.
+    fn finish(self, ctx: &ShardCtx) -> Result<ShardEntry, PipelineError> {
+        let (file, bytes, sha) = match self.writer {
+            None => (None, 0, None),
+            Some(w) => {
+                // The sha256 was taken from the bytes on their way to the file;
+                // reopening the footer checks that the renamed file is a
+                // complete shard with every row (`rae-cache verify` re-reads
+                // and re-hashes all of it).
+                let info = w.finish()?;
+                let reader = ShardReader::open(&self.path)?;
+                if reader.num_rows() != self.rows {
+                    return Err(PipelineError::DamagedShard {
+                        path: self.path,
+                        reason: format!(
+                            "{} rows in the footer, {} written",
+                            reader.num_rows(),
+                            self.rows
+                        ),
+                    });
+                }
+                self.acc.save_state(&state_file(&ctx.root, self.index))?;
+                (
+                    Some(format!("{}/{}", build_state::SHARDS_DIR, self.name)),
+                    info.bytes,
+                    Some(info.sha256),
+                )
+            }
+        };
+        Ok(ShardEntry {
+            index: self.index,
+            file,
+            rows: self.rows,
+            bytes,
+            sha256: sha,
+            images: self.images,
+            rejected: self.rejected,
+        })
+    }
 }

@@ -8,7 +8,7 @@ use crate::shards::manifest::HflipMode;
 use crate::shards::{LatentStats, Manifest, ShardInfo, ShardReader};
 
 use super::PipelineError;
-use super::manifest::{self, BuildManifest};
+use super::build_state::{self, BuildManifest};
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct VerifyReport {
@@ -27,7 +27,7 @@ impl VerifyReport {
 /// Shard files are named relative to the cache directory; a part's
 /// manifest lives two levels down, in CACHE/parts/I.
 pub fn data_root(dir: &Path, m: &Manifest) -> PathBuf {
-    if m.part.num_parts > 1 && dir.join(manifest::BUILD_STATE_FILE).exists() {
+    if m.part.num_parts > 1 && dir.join(build_state::BUILD_STATE_FILE).exists() {
         dir.join("../..")
     } else {
         dir.to_path_buf()
@@ -40,26 +40,22 @@ pub fn verify_cache(
     dir: &Path,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<VerifyReport, PipelineError> {
-    let m = Manifest::load(&dir.join(manifest::MANIFEST_FILE))?;
+    let m = Manifest::load(&dir.join(build_state::MANIFEST_FILE))?;
     let root = data_root(dir, &m);
     let mut r = VerifyReport {
         cache_dir: dir.to_path_buf(),
         ..Default::default()
     };
-    let (tokens, channels) = (m.encoder.tokens, m.encoder.channels);
     let flips: &[bool] = match m.hflip {
         HflipMode::Both => &[false, true],
         HflipMode::None => &[false],
     };
-    let state = BuildManifest::load(dir).ok();
-    if let Some(st) = &state {
-        if !st.complete {
-            r.problems.push(format!(
-                "the build is incomplete: {} of {} shards done (resume it with `rae-cache build ... --resume`)",
-                st.shards.len(),
-                st.layout.end_shard - st.layout.first_shard
-            ));
-        }
+    if let Some(st) = BuildManifest::load(dir).ok().filter(|st| !st.complete) {
+        r.problems.push(format!(
+            "the build is incomplete: {} of {} shards done (resume it with `rae-cache build ... --resume`)",
+            st.shards.len(),
+            st.layout.end_shard - st.layout.first_shard
+        ));
     }
     let mut seen = std::collections::BTreeSet::new();
     for (i, s) in m.shards.iter().enumerate() {
@@ -68,31 +64,7 @@ pub fn verify_cache(
             r.problems.push(format!("{}: listed twice", s.file));
         }
         r.shards_checked += 1;
-        let path = root.join(&s.file);
-        match super::sha256_file(&path) {
-            Ok(h) if h == s.sha256 => {}
-            Ok(h) => r.problems.push(format!(
-                "{}: sha256 {h} does not match the manifest's {}",
-                s.file, s.sha256
-            )),
-            Err(e) => {
-                r.problems.push(format!("{}: {e}", s.file));
-                continue;
-            }
-        }
-        match std::fs::metadata(&path) {
-            Ok(md) if md.len() != s.bytes => r.problems.push(format!(
-                "{}: {} bytes, the manifest lists {}",
-                s.file,
-                md.len(),
-                s.bytes
-            )),
-            _ => {}
-        }
-        match check_rows(&path, s, tokens, channels, flips, m.classes.len()) {
-            Ok(rows) => r.rows_checked += rows,
-            Err(e) => r.problems.push(format!("{}: {e}", s.file)),
-        }
+        check_shard(&mut r, &root.join(&s.file), s, &m, flips);
     }
     let rows: u64 = m.shards.iter().map(|s| s.rows).sum();
     if rows != m.totals.rows {
@@ -108,43 +80,74 @@ pub fn verify_cache(
             flips.len()
         ));
     }
-    let stats_path = dir.join(manifest::STATS_FILE);
-    if stats_path.exists() {
-        match LatentStats::load(&stats_path) {
-            Ok(st) => {
-                let side = (tokens as f64).sqrt().round() as usize;
-                if [st.channels, st.height, st.width] != [channels, side, side] {
-                    r.problems.push(format!(
-                        "{}: shape [{}, {}, {}], expected [{channels}, {side}, {side}]",
-                        manifest::STATS_FILE,
-                        st.channels,
-                        st.height,
-                        st.width
-                    ));
-                }
-                if st.count != rows {
-                    r.problems.push(format!(
-                        "{}: count {} but the shards hold {rows} rows",
-                        manifest::STATS_FILE,
-                        st.count
-                    ));
-                }
-                if st.mean.iter().chain(&st.var).any(|v| !v.is_finite())
-                    || st.var.iter().any(|v| *v < 0.0)
-                {
-                    r.problems.push(format!(
-                        "{}: non-finite mean or negative variance",
-                        manifest::STATS_FILE
-                    ));
-                }
-            }
-            Err(e) => r.problems.push(format!("{}: {e}", manifest::STATS_FILE)),
-        }
-    } else if m.part.num_parts <= 1 && rows > 0 {
-        r.problems
-            .push(format!("{} is missing", manifest::STATS_FILE));
-    }
+    r.problems.extend(check_stats(dir, &m, rows));
     Ok(r)
+}
+
+/// One shard: its sha256, size and rows, into the report.
+fn check_shard(r: &mut VerifyReport, path: &Path, s: &ShardInfo, m: &Manifest, flips: &[bool]) {
+    match crate::fsutil::sha256_file(path).map_err(super::io_err(path)) {
+        Ok(h) if h == s.sha256 => {}
+        Ok(h) => r.problems.push(format!(
+            "{}: sha256 {h} does not match the manifest's {}",
+            s.file, s.sha256
+        )),
+        Err(e) => {
+            r.problems.push(format!("{}: {e}", s.file));
+            return;
+        }
+    }
+    match std::fs::metadata(path) {
+        Ok(md) if md.len() != s.bytes => r.problems.push(format!(
+            "{}: {} bytes, the manifest lists {}",
+            s.file,
+            md.len(),
+            s.bytes
+        )),
+        _ => {}
+    }
+    let (tokens, channels) = (m.encoder.tokens, m.encoder.channels);
+    match check_rows(path, s, tokens, channels, flips, m.classes.len()) {
+        Ok(rows) => r.rows_checked += rows,
+        Err(e) => r.problems.push(format!("{}: {e}", s.file)),
+    }
+}
+
+/// `stats.safetensors`: its shape, count and values; or that it is missing
+/// where it should be (a whole build with rows).
+fn check_stats(dir: &Path, m: &Manifest, rows: u64) -> Vec<String> {
+    let stats_path = dir.join(build_state::STATS_FILE);
+    let name = build_state::STATS_FILE;
+    if !stats_path.exists() {
+        return if m.part.num_parts <= 1 && rows > 0 {
+            vec![format!("{name} is missing")]
+        } else {
+            Vec::new()
+        };
+    }
+    let st = match LatentStats::load(&stats_path) {
+        Ok(st) => st,
+        Err(e) => return vec![format!("{name}: {e}")],
+    };
+    let mut problems = Vec::new();
+    let channels = m.encoder.channels;
+    let side = (m.encoder.tokens as f64).sqrt().round() as usize;
+    if [st.channels, st.height, st.width] != [channels, side, side] {
+        problems.push(format!(
+            "{name}: shape [{}, {}, {}], expected [{channels}, {side}, {side}]",
+            st.channels, st.height, st.width
+        ));
+    }
+    if st.count != rows {
+        problems.push(format!(
+            "{name}: count {} but the shards hold {rows} rows",
+            st.count
+        ));
+    }
+    if st.mean.iter().chain(&st.var).any(|v| !v.is_finite()) || st.var.iter().any(|v| *v < 0.0) {
+        problems.push(format!("{name}: non-finite mean or negative variance"));
+    }
+    problems
 }
 
 fn check_rows(

@@ -29,8 +29,13 @@ pub use writer::ShardWriter;
 /// Bumped on any incompatible change to the shard layout.
 pub const SCHEMA_VERSION: &str = "1";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// How latents are stored: `f16`, `bf16`, `f32`, or `int8` with a per-token
+/// scale. (`--dtype`; [`std::str::FromStr`] also takes the long names.)
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lowercase")]
 pub enum LatentDType {
     F16,
     Bf16,

@@ -24,6 +24,7 @@ use super::latent_chunk::{self, LeafValues};
 use super::schema::{self, COL_LATENT, COL_SCALE, TOOL_VERSION};
 use super::{LatentDType, LatentRow, ShardError, ShardInfo, WriterOptions, quant};
 
+/// zstd level of the shards: zstd's own default.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 /// Tens of rows: a few MB per row group for 256x768 latents, small enough
 /// for a shuffling loader to hold many groups at once.
@@ -345,11 +346,7 @@ impl ShardWriter {
         drop(file);
         crate::fsutil::commit_temp(&self.tmp, &self.path)
             .map_err(|e| ShardError::io(&self.path, e))?;
-        let sha256 = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>();
+        let sha256 = crate::fsutil::hex(&hasher.finalize());
         let file = self
             .path
             .file_name()

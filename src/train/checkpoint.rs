@@ -47,7 +47,7 @@ pub struct RngState {
 
 impl RngState {
     pub fn capture(rng: &ChaCha8Rng) -> Self {
-        let seed: String = rng.get_seed().iter().map(|b| format!("{b:02x}")).collect();
+        let seed = crate::fsutil::hex(&rng.get_seed());
         Self {
             seed,
             stream: rng.get_stream(),

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
-use rae_cache::pipeline::manifest;
+use rae_cache::pipeline::build_state as manifest;
 use rae_cache::shards::{LatentStats, Manifest, ShardReader};
 
 use crate::common::{self, bin, run_ok};

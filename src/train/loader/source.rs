@@ -64,37 +64,12 @@ impl CacheSet {
         let mut manifests = Vec::new();
         let mut stats = Vec::new();
         for d in dirs {
-            let m = Manifest::load(&d.join(MANIFEST_FILE))?;
-            let s = LatentStats::load(&d.join(STATS_FILE))?;
-            manifests.push(m);
-            stats.push(s);
+            manifests.push(Manifest::load(&d.join(MANIFEST_FILE))?);
+            stats.push(LatentStats::load(&d.join(STATS_FILE))?);
         }
         let m0 = &manifests[0];
         for (d, m) in dirs.iter().zip(&manifests).skip(1) {
-            let (a, b) = (&m0.encoder, &m.encoder);
-            let mut diffs = Vec::new();
-            if a.kind != b.kind
-                || a.id != b.id
-                || a.config_hash != b.config_hash
-                || a.revision != b.revision
-            {
-                diffs.push(format!(
-                    "encoder {}@{} vs {}@{}",
-                    b.id, b.config_hash, a.id, a.config_hash
-                ));
-            }
-            if (a.tokens, a.channels) != (b.tokens, b.channels) {
-                diffs.push(format!(
-                    "latent {}x{} vs {}x{}",
-                    b.tokens, b.channels, a.tokens, a.channels
-                ));
-            }
-            if m.dtype != m0.dtype {
-                diffs.push(format!("dtype {:?} vs {:?}", m.dtype, m0.dtype));
-            }
-            if m.classes != m0.classes {
-                diffs.push("class lists differ".into());
-            }
+            let diffs = differences(m0, m);
             if !diffs.is_empty() {
                 return Err(fmt_err(
                     d,
@@ -109,107 +84,28 @@ impl CacheSet {
         let norm = pool_stats(dirs, &stats, m0.encoder.tokens, m0.encoder.channels)?;
 
         // Number every row group; pair rows by (dir, key).
-        let mut readers = Vec::new();
-        let mut groups = Vec::new();
-        let mut samples: Vec<SampleRows> = Vec::new();
-        let mut labelled = 0usize;
-        let mut duplicates = 0usize;
+        let mut index = IndexBuilder::default();
         for (di, (d, m)) in dirs.iter().zip(&manifests).enumerate() {
-            let mut by_key: HashMap<String, usize> = HashMap::new();
-            // Footers and key columns of all shards, read in parallel.
-            let opened: Vec<Result<(PathBuf, ShardReader, RowIndex)>> = m
-                .shards
-                .par_iter()
-                .map(|info| {
-                    let path = shard_path(d, &info.file);
-                    let reader = ShardReader::open(&path)?;
-                    let idx = reader.read_index()?;
-                    Ok((path, reader, idx))
-                })
-                .collect();
-            for opened in opened {
-                let (path, reader, idx) = opened?;
-                if (reader.tokens(), reader.channels()) != (m.encoder.tokens, m.encoder.channels) {
-                    return Err(fmt_err(
-                        &path,
-                        format!(
-                            "latent {}x{}, manifest says {}x{}",
-                            reader.tokens(),
-                            reader.channels(),
-                            m.encoder.tokens,
-                            m.encoder.channels
-                        ),
-                    ));
-                }
-                let shard_no = readers.len();
-                let mut row = 0usize;
-                for local in 0..reader.num_row_groups() {
-                    let rg = groups.len() as u32;
-                    groups.push(RgRef {
-                        shard: shard_no,
-                        local,
-                    });
-                    for r in 0..reader.row_group_rows(local) as usize {
-                        let (Some(key), Some(&flip), Some(&label)) =
-                            (idx.keys.get(row), idx.flips.get(row), idx.labels.get(row))
-                        else {
-                            return Err(fmt_err(
-                                &path,
-                                "row groups hold more rows than the key column",
-                            ));
-                        };
-                        row += 1;
-                        let loc = Loc { rg, row: r as u32 };
-                        let si = *by_key.entry(key.clone()).or_insert_with(|| {
-                            samples.push(SampleRows {
-                                plain: None,
-                                flipped: None,
-                            });
-                            if label >= 0 {
-                                labelled += 1;
-                            }
-                            samples.len() - 1
-                        });
-                        let slot = if flip {
-                            &mut samples[si].flipped
-                        } else {
-                            &mut samples[si].plain
-                        };
-                        if slot.is_some() {
-                            duplicates += 1;
-                        } else {
-                            *slot = Some(loc);
-                        }
-                    }
-                }
-                if row != idx.keys.len() {
-                    return Err(fmt_err(
-                        &path,
-                        "row-group row counts disagree with the key column",
-                    ));
-                }
-                readers.push(reader);
-            }
+            index.add_cache(d, m)?;
             tracing::debug!(
                 "cache {di}: {} shards, {} images so far",
                 m.shards.len(),
-                samples.len()
+                index.samples.len()
             );
         }
-        if duplicates > 0 {
+        if index.duplicates > 0 {
             tracing::warn!(
-                "{duplicates} rows repeat a (key, flip) already seen in the same cache; ignored"
+                "{} rows repeat a (key, flip) already seen in the same cache; ignored",
+                index.duplicates
             );
         }
-        let index = DataIndex {
-            samples,
-            num_row_groups: groups.len(),
-        };
+        let labelled = index.labelled;
+        let (data, source) = index.finish();
         Ok(Self {
             dirs: dirs.to_vec(),
             manifests,
-            index: Arc::new(index),
-            source: Arc::new(ShardSource { readers, groups }),
+            index: Arc::new(data),
+            source: Arc::new(source),
             norm,
             labelled,
         })
@@ -254,6 +150,168 @@ impl CacheSet {
 
     pub fn source(&self) -> Arc<dyn RowGroupSource> {
         self.source.clone()
+    }
+}
+
+/// What makes cache `m` unfit to be read with `m0` (encoder, latent
+/// shape, dtype, classes); empty when they agree.
+fn differences(m0: &Manifest, m: &Manifest) -> Vec<String> {
+    let (a, b) = (&m0.encoder, &m.encoder);
+    let mut diffs = Vec::new();
+    if a.kind != b.kind
+        || a.id != b.id
+        || a.config_hash != b.config_hash
+        || a.revision != b.revision
+    {
+        diffs.push(format!(
+            "encoder {}@{} vs {}@{}",
+            b.id, b.config_hash, a.id, a.config_hash
+        ));
+    }
+    if (a.tokens, a.channels) != (b.tokens, b.channels) {
+        diffs.push(format!(
+            "latent {}x{} vs {}x{}",
+            b.tokens, b.channels, a.tokens, a.channels
+        ));
+    }
+    if m.dtype != m0.dtype {
+        diffs.push(format!("dtype {:?} vs {:?}", m.dtype, m0.dtype));
+    }
+    if m.classes != m0.classes {
+        diffs.push("class lists differ".into());
+    }
+    diffs
+}
+
+/// The global numbering of row groups and the pairing of each image's
+/// rows, built one cache and one shard at a time.
+#[derive(Default)]
+struct IndexBuilder {
+    readers: Vec<ShardReader>,
+    groups: Vec<RgRef>,
+    samples: Vec<SampleRows>,
+    /// Images whose label is a class index (not -1).
+    labelled: usize,
+    /// Rows whose (key, flip) was already seen in the same cache.
+    duplicates: usize,
+}
+
+impl IndexBuilder {
+    /// Every shard of cache `dir`, in manifest order.
+    fn add_cache(&mut self, dir: &Path, m: &Manifest) -> Result<()> {
+        let mut by_key: HashMap<String, usize> = HashMap::new();
+        // Footers and key columns of all shards, read in parallel.
+        let opened: Vec<Result<(PathBuf, ShardReader, RowIndex)>> = m
+            .shards
+            .par_iter()
+            .map(|info| {
+                let path = shard_path(dir, &info.file);
+                let reader = ShardReader::open(&path)?;
+                let idx = reader.read_index()?;
+                Ok((path, reader, idx))
+            })
+            .collect();
+        for opened in opened {
+            let (path, reader, idx) = opened?;
+            if (reader.tokens(), reader.channels()) != (m.encoder.tokens, m.encoder.channels) {
+                return Err(fmt_err(
+                    &path,
+                    format!(
+                        "latent {}x{}, manifest says {}x{}",
+                        reader.tokens(),
+                        reader.channels(),
+                        m.encoder.tokens,
+                        m.encoder.channels
+                    ),
+                ));
+            }
+            self.add_shard(&path, reader, &idx, &mut by_key)?;
+        }
+        Ok(())
+    }
+
+    /// Number the shard's row groups and file each row under its image
+    /// (`by_key`: the images of this cache seen so far).
+    fn add_shard(
+        &mut self,
+        path: &Path,
+        reader: ShardReader,
+        idx: &RowIndex,
+        by_key: &mut HashMap<String, usize>,
+    ) -> Result<()> {
+        let shard_no = self.readers.len();
+        let mut row = 0usize;
+        for local in 0..reader.num_row_groups() {
+            let rg = self.groups.len() as u32;
+            self.groups.push(RgRef {
+                shard: shard_no,
+                local,
+            });
+            for r in 0..reader.row_group_rows(local) as usize {
+                let (Some(key), Some(&flip), Some(&label)) =
+                    (idx.keys.get(row), idx.flips.get(row), idx.labels.get(row))
+                else {
+                    return Err(fmt_err(
+                        path,
+                        "row groups hold more rows than the key column",
+                    ));
+                };
+                row += 1;
+                self.add_row(by_key, key, flip, label, Loc { rg, row: r as u32 });
+            }
+        }
+        if row != idx.keys.len() {
+            return Err(fmt_err(
+                path,
+                "row-group row counts disagree with the key column",
+            ));
+        }
+        self.readers.push(reader);
+        Ok(())
+    }
+
+    fn add_row(
+        &mut self,
+        by_key: &mut HashMap<String, usize>,
+        key: &str,
+        flip: bool,
+        label: i32,
+        loc: Loc,
+    ) {
+        let samples = &mut self.samples;
+        let labelled = &mut self.labelled;
+        let si = *by_key.entry(key.to_string()).or_insert_with(|| {
+            samples.push(SampleRows {
+                plain: None,
+                flipped: None,
+            });
+            if label >= 0 {
+                *labelled += 1;
+            }
+            samples.len() - 1
+        });
+        let slot = if flip {
+            &mut samples[si].flipped
+        } else {
+            &mut samples[si].plain
+        };
+        if slot.is_some() {
+            self.duplicates += 1;
+        } else {
+            *slot = Some(loc);
+        }
+    }
+
+    fn finish(self) -> (DataIndex, ShardSource) {
+        let index = DataIndex {
+            samples: self.samples,
+            num_row_groups: self.groups.len(),
+        };
+        let source = ShardSource {
+            readers: self.readers,
+            groups: self.groups,
+        };
+        (index, source)
     }
 }
 

@@ -25,12 +25,15 @@ pub const PARTS_DIR: &str = "parts";
 pub const STATE_DIR: &str = "state";
 pub const LOCK_FILE: &str = ".lock";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Which crops of an image are stored: `Both`, the crop and its left-right
+/// flip (two rows per image); `None`, the crop only. (`--hflip both|none`.)
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lowercase")]
 pub enum HFlip {
-    /// Store the crop and its left-right flip (two rows per image).
     Both,
-    /// Store the crop only.
     None,
 }
 
@@ -154,6 +157,22 @@ pub struct BuildLog {
     /// Whether TF32 f32 matrix products were allowed in the last run.
     #[serde(default)]
     pub tf32: bool,
+}
+
+impl BuildLog {
+    /// Stamp the time of a save: now, and the seconds of every run so far.
+    pub fn stamp(&mut self, clock: RunClock) {
+        self.updated_unix = unix_now();
+        self.seconds = clock.seconds_before + clock.start.elapsed().as_secs_f64();
+    }
+}
+
+/// One run's clock: the seconds the earlier runs of the build took, and when
+/// this one started writing.
+#[derive(Debug, Clone, Copy)]
+pub struct RunClock {
+    pub seconds_before: f64,
+    pub start: std::time::Instant,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
