@@ -16,6 +16,7 @@ mod cli_bench;
 mod cli_sample_decode;
 mod gradients;
 mod images_decode;
+mod learning;
 mod loader;
 mod optim;
 mod parity_crop;

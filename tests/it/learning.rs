@@ -6,30 +6,20 @@
 //! the cache's real latents, well above chance (0.25).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use rae_cache::shards::ShardReader;
 
-mod common;
+use crate::common;
 
 const CLASSES: usize = 4;
 const PER_CLASS: usize = 40;
 const SIDE: u32 = 64;
 
-fn exe() -> PathBuf {
-    std::env::var_os("RAE_CACHE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_rae-cache")))
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let out = Command::new(exe()).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "rae-cache {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+/// `common::run_ok` with the time each stage took.
+fn run_ok(args: &[&str]) {
+    let start = std::time::Instant::now();
+    common::run_ok(args);
+    eprintln!("{} took {:.1} s", args[0], start.elapsed().as_secs_f64());
 }
 
 /// A small deterministic hash for per-image jitter.
@@ -119,10 +109,10 @@ fn generated_latents_have_their_class() {
     let dim = real[0].1.len();
     let channels = dim / 256;
 
-    // A DiT-DH small enough for CI (patch 2 over the 16x16 token grid).
+    // A DiT-DH small enough for CI (patch 4 over the 16x16 token grid).
     let model = t.join("model.json");
     let cfg = serde_json::json!({
-        "input_size": 16, "patch_size": 2, "in_channels": channels,
+        "input_size": 16, "patch_size": 4, "in_channels": channels,
         "hidden_size": [64, 96], "depth": [2, 1], "num_heads": [4, 6],
         "num_classes": CLASSES,
     });
