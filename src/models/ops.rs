@@ -1,0 +1,1544 @@
+//! Fused f32 CPU kernels with backward passes for the training hot paths of
+//! the DiT blocks (issue 10: at small widths a step is per-op overhead, not
+//! GEMM). Each op replaces a chain of candle ops that would otherwise each
+//! allocate, make a pass over memory single-threaded and add a graph node
+//! whose backward allocates a zero gradient and adds into it:
+//!
+//! * [`attention_qkv`]: 2D rope on q and k, softmax(q k^T / sqrt(dh)) v,
+//!   straight from the fused qkv projection `[B, N, 3C]` to merged heads
+//!   `[B, N, C]` (no permute, no contiguous copies, no head merge), threaded
+//!   over (batch, head); the probabilities are kept for the backward pass.
+//! * [`norm_modulate`]: RMSNorm (learned scale) or LayerNorm (no affine),
+//!   then adaLN `* (1 + scale) + shift`.
+//! * [`gated_residual`]: `x + y * gate`.
+//! * [`swiglu`]: `silu(x1) * x2` on the halves of `w12`'s output.
+//! * [`linear`]: `x W^T + b` with the bias folded into the GEMM and a backward
+//!   that computes dx, dW and db directly.
+//!
+//! They run only for contiguous-able f32 tensors on the CPU; every caller
+//! keeps the multi-op composition for other devices and dtypes, and
+//! `RAE_FUSED_CPU=0` forces it everywhere (A/B timing, debugging). The
+//! backward passes are tested against that composition (values and
+//! gradients) in the tests below.
+
+use std::cell::RefCell;
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage,
+    Tensor, bail,
+};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Whether the fused CPU kernels are enabled (`RAE_FUSED_CPU=0` turns them off).
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("RAE_FUSED_CPU").as_deref(),
+            Ok("0") | Ok("false") | Ok("off")
+        )
+    })
+}
+
+/// True when the fused kernels apply to all of `ts`: enabled, CPU, f32.
+pub fn applies(ts: &[&Tensor]) -> bool {
+    enabled()
+        && ts
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+// ------------------------------------------------------------------ helpers
+
+/// A raw pointer that rayon tasks may share: every task writes a disjoint
+/// part of the buffer behind it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    #[inline(always)]
+    fn at(self, i: usize) -> *mut f32 {
+        unsafe { self.0.add(i) }
+    }
+}
+
+fn slice_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("fused cpu op: non-contiguous input"),
+    }
+}
+
+/// A `[.., rows, k]` view whose last dim is contiguous: (data from the view's
+/// start, row stride) for the rows of a 3D tensor `[B, T, K]`.
+struct Rows3<'a> {
+    data: &'a [f32],
+    sb: usize,
+    st: usize,
+    t: usize,
+}
+
+impl<'a> Rows3<'a> {
+    fn new(s: &'a CpuStorage, l: &Layout) -> Result<Self> {
+        let data = s.as_slice::<f32>()?;
+        let dims = l.dims();
+        let st = l.stride();
+        if dims.len() != 3 || (st[2] != 1 && dims[2] > 1) {
+            bail!("fused cpu op: expected a [B, T, K] view with a contiguous last dim");
+        }
+        Ok(Self {
+            data: &data[l.start_offset()..],
+            sb: st[0],
+            st: if dims[1] == 1 { 0 } else { st[1] },
+            t: dims[1],
+        })
+    }
+
+    /// The row for batch `b`, token `n` (broadcast when T == 1).
+    #[inline(always)]
+    fn row(&self, b: usize, n: usize, k: usize) -> &'a [f32] {
+        let o = b * self.sb + if self.t == 1 { 0 } else { n * self.st };
+        &self.data[o..o + k]
+    }
+}
+
+/// Run `f` on the contiguous f32 CPU data of `t`.
+fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.detach().contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => f(slice_of(c, l)?),
+        _ => bail!("fused cpu op: not a CPU tensor"),
+    }
+}
+
+fn cpu_tensor(v: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// exp(x) for f32, Cephes-style: x = n ln2 + r, a degree-6 polynomial in r,
+/// 2^n from the exponent bits. Relative error ~2e-7 (1-2 ulp); branch-free
+/// so the loops around it vectorise. Inputs are clamped to [-87.3, 88].
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const MAGIC: f32 = 12582912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let x = x.clamp(-87.3, 88.0);
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let r2 = r * r;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let p = p * r2 + r + 1.0;
+    p * f32::from_bits(((ni + 127) as u32) << 23)
+}
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp_f32(-x))
+}
+
+/// Run `f` compiled with AVX2 + FMA when the CPU has them (the closure and the
+/// `#[inline(always)]` kernels it calls are inlined into this frame), else
+/// as is.
+#[inline(always)]
+fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: OnceLock<bool> = OnceLock::new();
+        if *AVX2.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        }) {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            return unsafe { run(f) };
+        }
+    }
+    f()
+}
+
+/// dst[m, n] = (read_dst ? dst : 0) + beta * lhs[m, k] rhs[k, n], row-major
+/// strides (rs, cs) for each, one thread.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    read_dst: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    beta: f32,
+    par: Parallelism,
+) {
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            read_dst,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            if read_dst { 1.0 } else { 0.0 },
+            beta,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+fn parallelism() -> Parallelism {
+    let n = rayon::current_num_threads();
+    if n > 1 {
+        Parallelism::Rayon(n)
+    } else {
+        Parallelism::None
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A per-thread scratch buffer of at least `len` floats (contents undefined).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
+}
+
+// ---------------------------------------------------------------- attention
+
+/// Rotary tables `[N, dh]` (`x * cos + rotate_pairs(x) * sin`, rotate_pairs:
+/// (x0, x1) -> (-x1, x0)), as [`super::embed::Rope2d`] applies them.
+#[derive(Debug, Clone)]
+pub struct RopeTables {
+    pub cos: std::sync::Arc<Vec<f32>>,
+    pub sin: std::sync::Arc<Vec<f32>>,
+}
+
+struct Attention {
+    heads: usize,
+    rope: Option<RopeTables>,
+    /// Keep the probabilities `[B, H, N, N]` for the backward pass.
+    save: bool,
+    probs: Mutex<Option<Vec<f32>>>,
+}
+
+/// Copy q or k of (token range, head) out of qkv into `dst` `[N, dh]`, rotated.
+#[inline(always)]
+fn gather_rope(
+    src: &[f32],
+    row_stride: usize,
+    n: usize,
+    dh: usize,
+    rope: Option<&RopeTables>,
+    dst: &mut [f32],
+) {
+    for i in 0..n {
+        let s = &src[i * row_stride..i * row_stride + dh];
+        let d = &mut dst[i * dh..(i + 1) * dh];
+        match rope {
+            None => d.copy_from_slice(s),
+            Some(r) => {
+                let c = &r.cos[i * dh..(i + 1) * dh];
+                let sn = &r.sin[i * dh..(i + 1) * dh];
+                for p in 0..dh / 2 {
+                    let (x0, x1) = (s[2 * p], s[2 * p + 1]);
+                    d[2 * p] = x0 * c[2 * p] + (-x1) * sn[2 * p];
+                    d[2 * p + 1] = x1 * c[2 * p + 1] + x0 * sn[2 * p + 1];
+                }
+            }
+        }
+    }
+}
+
+/// The transpose of the rotation: gradient w.r.t. the unrotated input,
+/// written with row stride `row_stride`.
+#[inline(always)]
+fn scatter_unrope(
+    src: &[f32],
+    n: usize,
+    dh: usize,
+    rope: Option<&RopeTables>,
+    dst: SendPtr,
+    row_stride: usize,
+) {
+    for i in 0..n {
+        let s = &src[i * dh..(i + 1) * dh];
+        let d = unsafe { std::slice::from_raw_parts_mut(dst.at(i * row_stride), dh) };
+        match rope {
+            None => d.copy_from_slice(s),
+            Some(r) => {
+                let c = &r.cos[i * dh..(i + 1) * dh];
+                let sn = &r.sin[i * dh..(i + 1) * dh];
+                for p in 0..dh / 2 {
+                    let (g0, g1) = (s[2 * p], s[2 * p + 1]);
+                    d[2 * p] = g0 * c[2 * p] + g1 * sn[2 * p + 1];
+                    d[2 * p + 1] = g1 * c[2 * p + 1] - g0 * sn[2 * p];
+                }
+            }
+        }
+    }
+}
+
+/// Row-wise softmax of `s` `[n, n]` in place.
+#[inline(always)]
+fn softmax_rows(s: &mut [f32], n: usize) {
+    for row in s.chunks_exact_mut(n) {
+        let mut max = f32::NEG_INFINITY;
+        for &v in row.iter() {
+            max = max.max(v);
+        }
+        let mut sum = 0.0f32;
+        for v in row.iter_mut() {
+            *v = exp_f32(*v - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+impl Attention {
+    fn dims(&self, l: &Layout) -> Result<(usize, usize, usize, usize)> {
+        let (b, n, c3) = l.shape().dims3()?;
+        let c = c3 / 3;
+        if c3 % 3 != 0 || c % self.heads != 0 {
+            bail!("attention_qkv: last dim {c3} is not 3 x heads x dh");
+        }
+        Ok((b, n, c, c / self.heads))
+    }
+
+    /// Scores -> probabilities for (b, h) into `p` `[n, n]`; q and k rotated
+    /// into `qb`, `kb` `[n, dh]`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn probs_into(
+        &self,
+        qkv: &[f32],
+        bi: usize,
+        h: usize,
+        (n, c, dh): (usize, usize, usize),
+        p: &mut [f32],
+        qb: &mut [f32],
+        kb: &mut [f32],
+    ) {
+        let base = bi * n * 3 * c;
+        let rope = self.rope.as_ref();
+        gather_rope(&qkv[base + h * dh..], 3 * c, n, dh, rope, qb);
+        gather_rope(&qkv[base + c + h * dh..], 3 * c, n, dh, rope, kb);
+        let scale = 1.0 / (dh as f32).sqrt();
+        // S = scale * q k^T
+        unsafe {
+            sgemm(
+                n,
+                n,
+                dh,
+                p.as_mut_ptr(),
+                n,
+                false,
+                qb.as_ptr(),
+                dh,
+                1,
+                kb.as_ptr(),
+                1,
+                dh,
+                scale,
+                Parallelism::None,
+            )
+        };
+        softmax_rows(p, n);
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention-qkv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = slice_of(s, l)?;
+        let (b, n, c, dh) = self.dims(l)?;
+        let hs = self.heads;
+        let mut out = vec![0f32; b * n * c];
+        let outp = SendPtr(out.as_mut_ptr());
+        let task = |bh: usize, p: &mut [f32]| {
+            let (bi, h) = (bh / hs, bh % hs);
+            with_scratch(2 * n * dh, |qk| {
+                let (qb, kb) = qk.split_at_mut(n * dh);
+                simd(|| self.probs_into(qkv, bi, h, (n, c, dh), p, qb, kb));
+            });
+            // O = P V, written into the merged-heads output
+            let v = &qkv[bi * n * 3 * c + 2 * c + h * dh..];
+            unsafe {
+                sgemm(
+                    n,
+                    dh,
+                    n,
+                    outp.at(bi * n * c + h * dh),
+                    c,
+                    false,
+                    p.as_ptr(),
+                    n,
+                    1,
+                    v.as_ptr(),
+                    3 * c,
+                    1,
+                    1.0,
+                    Parallelism::None,
+                )
+            };
+        };
+        if self.save {
+            let mut probs = vec![0f32; b * hs * n * n];
+            probs
+                .par_chunks_mut(n * n)
+                .enumerate()
+                .for_each(|(bh, p)| task(bh, p));
+            *self.probs.lock().unwrap() = Some(probs);
+        } else {
+            (0..b * hs)
+                .into_par_iter()
+                .for_each(|bh| with_scratch_p(n * n, |p| task(bh, p)));
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (b, n, c3) = arg.dims3()?;
+        let c = c3 / 3;
+        let hs = self.heads;
+        let dh = c / hs;
+        let saved = self.probs.lock().unwrap();
+        let mut dqkv = vec![0f32; b * n * c3];
+        let dp = SendPtr(dqkv.as_mut_ptr());
+        with_data(arg, |qkv| {
+            with_data(res, |o| {
+                with_data(grad, |g| {
+                    (0..b * hs).into_par_iter().for_each(|bh| {
+                        let (bi, h) = (bh / hs, bh % hs);
+                        // scratch: [P (if not saved) | dS n*n | qb | kb | dq | dk | D]
+                        let own_p = if saved.is_some() { 0 } else { n * n };
+                        with_scratch(own_p + n * n + 4 * n * dh + n, |buf| {
+                            let (pbuf, rest) = buf.split_at_mut(own_p);
+                            let (ds, rest) = rest.split_at_mut(n * n);
+                            let (qb, rest) = rest.split_at_mut(n * dh);
+                            let (kb, rest) = rest.split_at_mut(n * dh);
+                            let (dq, rest) = rest.split_at_mut(n * dh);
+                            let (dk, dd) = rest.split_at_mut(n * dh);
+                            let p: &[f32] = match saved.as_ref() {
+                                Some(all) => {
+                                    let base = bi * n * 3 * c;
+                                    let rope = self.rope.as_ref();
+                                    gather_rope(&qkv[base + h * dh..], 3 * c, n, dh, rope, qb);
+                                    gather_rope(&qkv[base + c + h * dh..], 3 * c, n, dh, rope, kb);
+                                    &all[bh * n * n..(bh + 1) * n * n]
+                                }
+                                None => {
+                                    simd(|| self.probs_into(qkv, bi, h, (n, c, dh), pbuf, qb, kb));
+                                    pbuf
+                                }
+                            };
+                            self.bwd_head(
+                                qkv,
+                                o,
+                                g,
+                                (bi, h),
+                                (n, c, dh),
+                                p,
+                                (ds, qb, kb, dq, dk, dd),
+                                dp,
+                            );
+                        });
+                    });
+                    Ok(())
+                })
+            })
+        })?;
+        cpu_tensor(dqkv, (b, n, c3)).map(Some)
+    }
+}
+
+type BwdBufs<'a> = (
+    &'a mut [f32],
+    &'a mut [f32],
+    &'a mut [f32],
+    &'a mut [f32],
+    &'a mut [f32],
+    &'a mut [f32],
+);
+
+impl Attention {
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_head(
+        &self,
+        qkv: &[f32],
+        o: &[f32],
+        g: &[f32],
+        (bi, h): (usize, usize),
+        (n, c, dh): (usize, usize, usize),
+        p: &[f32],
+        (ds, qb, kb, dq, dk, dd): BwdBufs,
+        dqkv: SendPtr,
+    ) {
+        let scale = 1.0 / (dh as f32).sqrt();
+        let ob = bi * n * c + h * dh; // head (b, h) in o / grad [B, N, C]
+        let qkv_b = bi * n * 3 * c;
+        let v = &qkv[qkv_b + 2 * c + h * dh..];
+        // D_i = sum_d dO * O
+        for i in 0..n {
+            let (gr, orow) = (
+                &g[ob + i * c..ob + i * c + dh],
+                &o[ob + i * c..ob + i * c + dh],
+            );
+            dd[i] = gr.iter().zip(orow).map(|(a, b)| a * b).sum();
+        }
+        unsafe {
+            // dV = P^T dO  -> v slot of dqkv
+            sgemm(
+                n,
+                dh,
+                n,
+                dqkv.at(qkv_b + 2 * c + h * dh),
+                3 * c,
+                false,
+                p.as_ptr(),
+                1,
+                n,
+                g[ob..].as_ptr(),
+                c,
+                1,
+                1.0,
+                Parallelism::None,
+            );
+            // dP = dO V^T
+            sgemm(
+                n,
+                n,
+                dh,
+                ds.as_mut_ptr(),
+                n,
+                false,
+                g[ob..].as_ptr(),
+                c,
+                1,
+                v.as_ptr(),
+                1,
+                3 * c,
+                1.0,
+                Parallelism::None,
+            );
+        }
+        // dS = P * (dP - D)
+        simd(|| {
+            for i in 0..n {
+                let di = dd[i];
+                let (pr, sr) = (&p[i * n..(i + 1) * n], &mut ds[i * n..(i + 1) * n]);
+                for (s, &pv) in sr.iter_mut().zip(pr) {
+                    *s = pv * (*s - di);
+                }
+            }
+        });
+        unsafe {
+            // d(rotated q) = scale * dS k ; d(rotated k) = scale * dS^T q
+            sgemm(
+                n,
+                dh,
+                n,
+                dq.as_mut_ptr(),
+                dh,
+                false,
+                ds.as_ptr(),
+                n,
+                1,
+                kb.as_ptr(),
+                dh,
+                1,
+                scale,
+                Parallelism::None,
+            );
+            sgemm(
+                n,
+                dh,
+                n,
+                dk.as_mut_ptr(),
+                dh,
+                false,
+                ds.as_ptr(),
+                1,
+                n,
+                qb.as_ptr(),
+                dh,
+                1,
+                scale,
+                Parallelism::None,
+            );
+        }
+        let rope = self.rope.as_ref();
+        scatter_unrope(dq, n, dh, rope, SendPtr(dqkv.at(qkv_b + h * dh)), 3 * c);
+        scatter_unrope(dk, n, dh, rope, SendPtr(dqkv.at(qkv_b + c + h * dh)), 3 * c);
+    }
+}
+
+thread_local! {
+    static SCRATCH_P: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A second per-thread scratch (the probabilities when they are not kept).
+fn with_scratch_p<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH_P.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
+}
+
+/// Multi-head self-attention from the fused qkv projection: `qkv`
+/// `[B, N, 3C]` laid out (3, heads, dh) per token as the reference's
+/// `qkv.reshape(B, N, 3, H, dh)`; 2D rope on q and k when given; returns
+/// the merged heads `[B, N, C]`. f32 CPU only (see [`applies`]).
+pub fn attention_qkv(qkv: &Tensor, heads: usize, rope: Option<&RopeTables>) -> Result<Tensor> {
+    let qkv = qkv.contiguous()?;
+    let (_, n, c3) = qkv.dims3()?;
+    if let Some(r) = rope {
+        if r.cos.len() != n * c3 / 3 / heads {
+            bail!(
+                "attention_qkv: rope table of {} for {n} tokens",
+                r.cos.len()
+            );
+        }
+    }
+    let save = qkv.track_op();
+    qkv.apply_op1(Attention {
+        heads,
+        rope: rope.cloned(),
+        save,
+        probs: Mutex::new(None),
+    })
+}
+
+// ------------------------------------------------------- norm + modulation
+
+/// The normalisation inside [`norm_modulate`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NormKind {
+    /// x * rsqrt(mean(x^2) + eps) * weight
+    Rms,
+    /// (x - mean) * rsqrt(var + eps), no affine (the weight input is ignored)
+    Layer,
+}
+
+struct NormModulate {
+    kind: NormKind,
+    eps: f32,
+    shift: bool,
+}
+
+/// Normalise one row into `nrm` (no weight); returns the reciprocal std.
+#[inline(always)]
+fn normalize_row(kind: NormKind, eps: f32, x: &[f32], nrm: &mut [f32]) -> f32 {
+    let d = x.len() as f32;
+    match kind {
+        NormKind::Rms => {
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / d;
+            let r = 1.0 / (ms + eps).sqrt();
+            for (o, v) in nrm.iter_mut().zip(x) {
+                *o = v * r;
+            }
+            r
+        }
+        NormKind::Layer => {
+            let mean = x.iter().sum::<f32>() / d;
+            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+            let r = 1.0 / (var + eps).sqrt();
+            for (o, v) in nrm.iter_mut().zip(x) {
+                *o = (v - mean) * r;
+            }
+            r
+        }
+    }
+}
+
+impl NormModulate {
+    fn check(&self, lx: &Layout, lw: &Layout, lm: &Layout) -> Result<(usize, usize, usize, usize)> {
+        let (b, n, d) = lx.shape().dims3()?;
+        let (bm, t, k) = lm.shape().dims3()?;
+        let want_k = if self.shift { 2 * d } else { d };
+        if bm != b || !(t == 1 || t == n) || k != want_k || lw.shape().elem_count() != d {
+            bail!(
+                "norm_modulate: x {:?}, weight {:?}, modulation {:?}",
+                lx.dims(),
+                lw.dims(),
+                lm.dims()
+            );
+        }
+        Ok((b, n, d, t))
+    }
+}
+
+impl CustomOp3 for NormModulate {
+    fn name(&self) -> &'static str {
+        "fused-norm-modulate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sm: &CpuStorage,
+        lm: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, n, d, _) = self.check(lx, lw, lm)?;
+        let x = slice_of(sx, lx)?;
+        let w = slice_of(sw, lw)?;
+        let m = Rows3::new(sm, lm)?;
+        let k = if self.shift { 2 * d } else { d };
+        let mut out = vec![0f32; b * n * d];
+        let rows_per = 32usize;
+        out.par_chunks_mut(rows_per * d)
+            .enumerate()
+            .for_each(|(ci, oc)| {
+                simd(|| {
+                    for (j, orow) in oc.chunks_exact_mut(d).enumerate() {
+                        let r = ci * rows_per + j;
+                        let (bi, ni) = (r / n, r % n);
+                        normalize_row(self.kind, self.eps, &x[r * d..(r + 1) * d], orow);
+                        let mr = m.row(bi, ni, k);
+                        let (sh, sc) = if self.shift {
+                            (Some(&mr[..d]), &mr[d..])
+                        } else {
+                            (None, mr)
+                        };
+                        for i in 0..d {
+                            let a = if self.kind == NormKind::Rms {
+                                orow[i] * w[i]
+                            } else {
+                                orow[i]
+                            };
+                            let y = a * (1.0 + sc[i]);
+                            orow[i] = match sh {
+                                Some(s) => y + s[i],
+                                None => y,
+                            };
+                        }
+                    }
+                })
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, n, d))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        m: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, n, d) = x.dims3()?;
+        let (_, t, k) = m.dims3()?;
+        let rms = self.kind == NormKind::Rms;
+        let mut dx = vec![0f32; b * n * d];
+        let mut dm = vec![0f32; b * t * k];
+        let dxp = SendPtr(dx.as_mut_ptr());
+        let dmp = SendPtr(dm.as_mut_ptr());
+        // tasks: one batch element each when the modulation is per sample (its
+        // dm row is a sum over tokens), else blocks of rows.
+        let rows_per = if t == 1 { n } else { 32 };
+        let tasks = (b * n).div_ceil(rows_per);
+        let dw = with_data(x, |x| {
+            with_data(w, |w| {
+                with_data(m, |mm| {
+                    with_data(grad, |g| {
+                        let dw = (0..tasks)
+                            .into_par_iter()
+                            .map(|task| {
+                                let mut dw = vec![0f32; d];
+                                let mut nrm = vec![0f32; d];
+                                let mut dn = vec![0f32; d];
+                                simd(|| {
+                                    let r0 = task * rows_per;
+                                    for r in r0..(r0 + rows_per).min(b * n) {
+                                        let bi = r / n;
+                                        let xr = &x[r * d..(r + 1) * d];
+                                        let gr = &g[r * d..(r + 1) * d];
+                                        let rinv = normalize_row(self.kind, self.eps, xr, &mut nrm);
+                                        let mrow = if t == 1 { bi } else { r };
+                                        let mr = &mm[mrow * k..(mrow + 1) * k];
+                                        let dmr = unsafe {
+                                            std::slice::from_raw_parts_mut(dmp.at(mrow * k), k)
+                                        };
+                                        let (dsh, dsc, sc) = if self.shift {
+                                            let (a, bb) = dmr.split_at_mut(d);
+                                            (Some(a), bb, &mr[d..])
+                                        } else {
+                                            (None, dmr, mr)
+                                        };
+                                        if let Some(dsh) = dsh {
+                                            for i in 0..d {
+                                                dsh[i] += gr[i];
+                                            }
+                                        }
+                                        let mut dot = 0f32;
+                                        let mut mean_dn = 0f32;
+                                        for i in 0..d {
+                                            let wi = if rms { w[i] } else { 1.0 };
+                                            let a = nrm[i] * wi;
+                                            dsc[i] += gr[i] * a;
+                                            let da = gr[i] * (1.0 + sc[i]);
+                                            dw[i] += da * nrm[i];
+                                            let dni = da * wi;
+                                            dn[i] = dni;
+                                            dot += dni * nrm[i];
+                                            mean_dn += dni;
+                                        }
+                                        let df = d as f32;
+                                        let (dot, mean_dn) =
+                                            (dot / df, if rms { 0.0 } else { mean_dn / df });
+                                        let dxr = unsafe {
+                                            std::slice::from_raw_parts_mut(dxp.at(r * d), d)
+                                        };
+                                        for i in 0..d {
+                                            dxr[i] = rinv * (dn[i] - mean_dn - nrm[i] * dot);
+                                        }
+                                    }
+                                });
+                                dw
+                            })
+                            .reduce(
+                                || vec![0f32; d],
+                                |mut a, bb| {
+                                    for (x, y) in a.iter_mut().zip(bb) {
+                                        *x += y;
+                                    }
+                                    a
+                                },
+                            );
+                        Ok(dw)
+                    })
+                })
+            })
+        })?;
+        let dx = cpu_tensor(dx, (b, n, d))?;
+        let dm = cpu_tensor(dm, (b, t, k))?;
+        let dw = if rms {
+            Some(cpu_tensor(dw, w.shape().clone())?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw, Some(dm)))
+    }
+}
+
+/// `norm(x) * (1 + scale) + shift` with `mod_` = `[shift | scale]`
+/// (`[B, T, 2D]`, T = 1 or N) or just `scale` (`[B, T, D]`, `shift` false).
+/// `x`: `[B, N, D]`; `weight` `[D]` (RMSNorm's scale; any `[D]` tensor, e.g.
+/// ones, for LayerNorm without affine, which gets no gradient).
+pub fn norm_modulate(
+    x: &Tensor,
+    weight: &Tensor,
+    mod_: &Tensor,
+    kind: NormKind,
+    eps: f64,
+    shift: bool,
+) -> Result<Tensor> {
+    let m = if mod_.stride().last() == Some(&1) {
+        mod_.clone()
+    } else {
+        mod_.contiguous()?
+    };
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &m,
+        NormModulate {
+            kind,
+            eps: eps as f32,
+            shift,
+        },
+    )
+}
+
+// --------------------------------------------------------- gated residual
+
+struct GatedResidual;
+
+impl CustomOp3 for GatedResidual {
+    fn name(&self) -> &'static str {
+        "fused-gated-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sy: &CpuStorage,
+        ly: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, n, d) = lx.shape().dims3()?;
+        if ly.dims() != lx.dims() {
+            bail!("gated_residual: x {:?} vs y {:?}", lx.dims(), ly.dims());
+        }
+        let x = slice_of(sx, lx)?;
+        let y = slice_of(sy, ly)?;
+        let g = Rows3::new(sg, lg)?;
+        let mut out = vec![0f32; b * n * d];
+        let rows_per = 64;
+        out.par_chunks_mut(rows_per * d)
+            .enumerate()
+            .for_each(|(ci, oc)| {
+                simd(|| {
+                    for (j, orow) in oc.chunks_exact_mut(d).enumerate() {
+                        let r = ci * rows_per + j;
+                        let gr = g.row(r / n, r % n, d);
+                        let (xr, yr) = (&x[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
+                        for i in 0..d {
+                            orow[i] = xr[i] + yr[i] * gr[i];
+                        }
+                    }
+                })
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, n, d))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        y: &Tensor,
+        gate: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, n, d) = y.dims3()?;
+        let (_, t, _) = gate.dims3()?;
+        let mut dy = vec![0f32; b * n * d];
+        let mut dg = vec![0f32; b * t * d];
+        let dyp = SendPtr(dy.as_mut_ptr());
+        let dgp = SendPtr(dg.as_mut_ptr());
+        let rows_per = if t == 1 { n } else { 64 };
+        let tasks = (b * n).div_ceil(rows_per);
+        with_data(y, |y| {
+            with_data(gate, |ga| {
+                with_data(grad, |g| {
+                    (0..tasks).into_par_iter().for_each(|task| {
+                        simd(|| {
+                            let r0 = task * rows_per;
+                            for r in r0..(r0 + rows_per).min(b * n) {
+                                let grow = if t == 1 { r / n } else { r };
+                                let gar = &ga[grow * d..(grow + 1) * d];
+                                let dgr =
+                                    unsafe { std::slice::from_raw_parts_mut(dgp.at(grow * d), d) };
+                                let dyr =
+                                    unsafe { std::slice::from_raw_parts_mut(dyp.at(r * d), d) };
+                                let (gr, yr) = (&g[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
+                                for i in 0..d {
+                                    dyr[i] = gr[i] * gar[i];
+                                    dgr[i] += gr[i] * yr[i];
+                                }
+                            }
+                        })
+                    });
+                    Ok(())
+                })
+            })
+        })?;
+        Ok((
+            Some(grad.clone()),
+            Some(cpu_tensor(dy, (b, n, d))?),
+            Some(cpu_tensor(dg, (b, t, d))?),
+        ))
+    }
+}
+
+/// `x + y * gate`; x, y `[B, N, D]`, gate `[B, T, D]` (T = 1 or N, last dim
+/// contiguous: a narrow of the adaLN output is fine).
+pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    let g = if gate.stride().last() == Some(&1) {
+        gate.clone()
+    } else {
+        gate.contiguous()?
+    };
+    x.contiguous()?
+        .apply_op3(&y.contiguous()?, &g, GatedResidual)
+}
+
+// ------------------------------------------------------------------ SwiGLU
+
+struct SwiGlu;
+
+impl CustomOp1 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice_of(s, l)?;
+        let dims = l.dims();
+        let h2 = *dims.last().unwrap_or(&0);
+        let h = h2 / 2;
+        let rows = x.len() / h2.max(1);
+        let mut out = vec![0f32; rows * h];
+        let rows_per = 32;
+        out.par_chunks_mut(rows_per * h)
+            .enumerate()
+            .for_each(|(ci, oc)| {
+                simd(|| {
+                    for (j, orow) in oc.chunks_exact_mut(h).enumerate() {
+                        let r = ci * rows_per + j;
+                        let (x1, x2) = x[r * h2..(r + 1) * h2].split_at(h);
+                        for i in 0..h {
+                            orow[i] = x1[i] * sigmoid(x1[i]) * x2[i];
+                        }
+                    }
+                })
+            });
+        let mut od = dims.to_vec();
+        *od.last_mut().unwrap() = h;
+        Ok((CpuStorage::F32(out), Shape::from(od)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let h2 = arg.dim(candle_core::D::Minus1)?;
+        let h = h2 / 2;
+        let mut dx = vec![0f32; arg.elem_count()];
+        with_data(arg, |x| {
+            with_data(grad, |g| {
+                dx.par_chunks_mut(32 * h2).enumerate().for_each(|(ci, dc)| {
+                    simd(|| {
+                        for (j, drow) in dc.chunks_exact_mut(h2).enumerate() {
+                            let r = ci * 32 + j;
+                            let (x1, x2) = x[r * h2..(r + 1) * h2].split_at(h);
+                            let gr = &g[r * h..(r + 1) * h];
+                            let (d1, d2) = drow.split_at_mut(h);
+                            for i in 0..h {
+                                let s = sigmoid(x1[i]);
+                                let silu = x1[i] * s;
+                                d2[i] = gr[i] * silu;
+                                d1[i] = gr[i] * x2[i] * (s * (1.0 + x1[i] * (1.0 - s)));
+                            }
+                        }
+                    })
+                });
+                Ok(())
+            })
+        })?;
+        cpu_tensor(dx, arg.shape().clone()).map(Some)
+    }
+}
+
+/// `silu(x1) * x2` where `[x1 | x2]` are the halves of the last dim.
+pub fn swiglu(x12: &Tensor) -> Result<Tensor> {
+    x12.contiguous()?.apply_op1(SwiGlu)
+}
+
+// ------------------------------------------------------------------ Linear
+
+struct LinearOp {
+    bias: bool,
+}
+
+impl LinearOp {
+    /// y[rows, out] = x[rows, in] w[out, in]^T (+ b), threaded GEMM.
+    fn forward(
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        rows: usize,
+        din: usize,
+        dout: usize,
+    ) -> Vec<f32> {
+        let mut y = vec![0f32; rows * dout];
+        if let Some(b) = b {
+            for row in y.chunks_exact_mut(dout) {
+                row.copy_from_slice(b);
+            }
+        }
+        unsafe {
+            sgemm(
+                rows,
+                dout,
+                din,
+                y.as_mut_ptr(),
+                dout,
+                b.is_some(),
+                x.as_ptr(),
+                din,
+                1,
+                w.as_ptr(),
+                1,
+                din,
+                1.0,
+                parallelism(),
+            )
+        };
+        y
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice_of(sx, lx)?;
+        let w = slice_of(sw, lw)?;
+        let (dout, din) = lw.shape().dims2()?;
+        let dims = lx.dims();
+        if dims.last() != Some(&din) {
+            bail!("linear: x {:?} vs weight {:?}", dims, lw.dims());
+        }
+        let rows = x.len() / din.max(1);
+        let b = if self.bias {
+            Some(slice_of(sb, lb)?)
+        } else {
+            None
+        };
+        let y = Self::forward(x, w, b, rows, din, dout);
+        let mut od = dims.to_vec();
+        *od.last_mut().unwrap() = dout;
+        Ok((CpuStorage::F32(y), Shape::from(od)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dout, din) = w.dims2()?;
+        let rows = x.elem_count() / din.max(1);
+        let (dx, dw, db) = with_data(x, |xs| {
+            with_data(w, |ws| {
+                with_data(grad, |g| {
+                    let par = parallelism();
+                    // dx = g w
+                    let mut dx = vec![0f32; rows * din];
+                    // dW = g^T x
+                    let mut dw = vec![0f32; dout * din];
+                    unsafe {
+                        sgemm(
+                            rows,
+                            din,
+                            dout,
+                            dx.as_mut_ptr(),
+                            din,
+                            false,
+                            g.as_ptr(),
+                            dout,
+                            1,
+                            ws.as_ptr(),
+                            din,
+                            1,
+                            1.0,
+                            par,
+                        );
+                        sgemm(
+                            dout,
+                            din,
+                            rows,
+                            dw.as_mut_ptr(),
+                            din,
+                            false,
+                            g.as_ptr(),
+                            1,
+                            dout,
+                            xs.as_ptr(),
+                            din,
+                            1,
+                            1.0,
+                            par,
+                        );
+                    }
+                    let db = if self.bias {
+                        Some(column_sums(g, rows, dout))
+                    } else {
+                        None
+                    };
+                    Ok((dx, dw, db))
+                })
+            })
+        })?;
+        let dx = cpu_tensor(dx, x.shape().clone())?;
+        let dw = cpu_tensor(dw, (dout, din))?;
+        let db = match db {
+            Some(v) => Some(cpu_tensor(v, dout)?),
+            None => None,
+        };
+        Ok((Some(dx), Some(dw), db))
+    }
+}
+
+/// Sums over rows of a `[rows, cols]` matrix, threaded over row blocks.
+fn column_sums(g: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let per = 256usize.max(rows.div_ceil(rayon::current_num_threads().max(1) * 4));
+    g.par_chunks(per * cols)
+        .map(|blk| {
+            let mut s = vec![0f32; cols];
+            simd(|| {
+                for row in blk.chunks_exact(cols) {
+                    for (a, v) in s.iter_mut().zip(row) {
+                        *a += v;
+                    }
+                }
+            });
+            s
+        })
+        .reduce(
+            || vec![0f32; cols],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+                a
+            },
+        )
+}
+
+/// `x W^T + b` over the last dim of `x` (any leading dims). `bias` None: no
+/// bias. f32 CPU only (see [`applies`]).
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    match bias {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearOp { bias: true }),
+        None => x.apply_op2(&w, LinearNoBias),
+    }
+}
+
+struct LinearNoBias;
+
+impl CustomOp2 for LinearNoBias {
+    fn name(&self) -> &'static str {
+        "fused-linear-no-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        LinearOp { bias: false }.cpu_fwd(sx, lx, sw, lw, sw, lw)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = LinearOp { bias: false }.bwd(x, w, w, res, grad)?;
+        Ok((dx, dw))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::embed::Rope2d;
+    use crate::models::layers::{
+        attention, layer_norm_diff, merge_heads, modulate, rms_norm_diff, split_heads,
+    };
+    use candle_core::{D, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        // deterministic values without touching candle's global RNG
+        let n: usize = shape.iter().product();
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                let mut acc = 0f32;
+                for _ in 0..3 {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    acc += ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
+                }
+                acc * 2.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    fn scale_of(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1.0)
+    }
+
+    /// Values and gradients (w.r.t. `inputs`, of sum(out * r)) of `fused`
+    /// and `slow` agree to `tol` relative to their size.
+    fn check(
+        what: &str,
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+        slow: impl Fn(&[Tensor]) -> Result<Tensor>,
+        tol: f32,
+    ) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let a = fused(&ts).unwrap();
+        let b = slow(&ts).unwrap();
+        let d = max_diff(&a, &b);
+        assert!(d <= tol * scale_of(&b), "{what}: values differ by {d}");
+        let r = randn(a.dims(), 99);
+        let ga = (&a * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let (x, y) = (ga.get(v.as_tensor()), gb.get(v.as_tensor()));
+            match (x, y) {
+                (Some(x), Some(y)) => {
+                    let d = max_diff(x, y);
+                    assert!(
+                        d <= tol * scale_of(y),
+                        "{what}: gradient of input {i} differs by {d} (scale {})",
+                        scale_of(y)
+                    );
+                }
+                (None, None) => {}
+                (x, y) => panic!(
+                    "{what}: input {i}: gradient {:?} vs {:?}",
+                    x.is_some(),
+                    y.is_some()
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = 0f32;
+        for i in 0..200_000 {
+            let x = -87.0 + i as f32 * (87.0 + 80.0) / 200_000.0;
+            let (a, b) = (exp_f32(x), x.exp());
+            worst = worst.max(((a - b) / b).abs());
+        }
+        assert!(worst < 5e-7, "{worst}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), exp_f32(-87.3));
+    }
+
+    #[test]
+    fn attention_matches_composition() {
+        for (rope, heads, grid, b) in [(true, 4, 4, 2), (false, 3, 3, 1), (true, 2, 5, 3)] {
+            let dh = 8;
+            let c = heads * dh;
+            let n = grid * grid;
+            let r = Rope2d::new(dh, grid, &Device::Cpu, DType::F32).unwrap();
+            let qkv = randn(&[b, n, 3 * c], 1);
+            let r2 = r.clone();
+            check(
+                &format!("attention rope={rope} heads={heads}"),
+                &[qkv],
+                |t| attention_qkv(&t[0], heads, if rope { r.host_tables() } else { None }),
+                |t| {
+                    let qkv = t[0]
+                        .reshape((b, n, 3, heads, dh))?
+                        .permute((2, 0, 3, 1, 4))?;
+                    let (mut q, mut k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+                    if rope {
+                        q = r2.apply(&q, false)?;
+                        k = r2.apply(&k, false)?;
+                    }
+                    merge_heads(&attention(&q, &k, &v, false)?)
+                },
+                1e-5,
+            );
+        }
+        // split_heads stays the inverse of merge_heads
+        let x = randn(&[2, 5, 12], 3);
+        assert_eq!(
+            max_diff(&merge_heads(&split_heads(&x, 3).unwrap()).unwrap(), &x),
+            0.0
+        );
+    }
+
+    #[test]
+    fn attention_without_saved_probabilities() {
+        // A non-tracked input keeps no probabilities; the backward of a
+        // tracked one recomputes nothing. Check the forward agrees either way.
+        let (b, n, c, heads) = (2, 9, 16, 2);
+        let qkv = randn(&[b, n, 3 * c], 5);
+        let a = attention_qkv(&qkv, heads, None).unwrap();
+        let v = Var::from_tensor(&qkv).unwrap();
+        let bt = attention_qkv(v.as_tensor(), heads, None).unwrap();
+        assert_eq!(max_diff(&a, &bt), 0.0);
+    }
+
+    #[test]
+    fn norm_modulate_matches_composition() {
+        let (b, n, d) = (3, 7, 24);
+        for kind in [NormKind::Rms, NormKind::Layer] {
+            for t in [1, n] {
+                for shift in [true, false] {
+                    let x = randn(&[b, n, d], 1);
+                    let w = ((randn(&[d], 2) * 0.3).unwrap() + 1.0).unwrap();
+                    let k = if shift { 2 * d } else { d };
+                    let m = (randn(&[b, t, k], 3) * 0.5).unwrap();
+                    let what = format!("norm_modulate {kind:?} t={t} shift={shift}");
+                    let ins = [x, w, m];
+                    check(
+                        &what,
+                        &ins,
+                        |t| norm_modulate(&t[0], &t[1], &t[2], kind, 1e-6, shift),
+                        |t| {
+                            let y = match kind {
+                                NormKind::Rms => rms_norm_diff(&t[0], &t[1], 1e-6)?,
+                                // the weight takes no part in a LayerNorm without affine
+                                NormKind::Layer => layer_norm_diff(&t[0], 1e-6)?,
+                            };
+                            if shift {
+                                let sh = t[2].narrow(D::Minus1, 0, d)?;
+                                let sc = t[2].narrow(D::Minus1, d, d)?;
+                                modulate(&y, Some(&sh), &sc)
+                            } else {
+                                modulate(&y, None, &t[2])
+                            }
+                        },
+                        1e-5,
+                    );
+                }
+            }
+        }
+        // a strided modulation (a narrow of a wider adaLN output) reads right
+        let x = randn(&[b, n, d], 4);
+        let w = randn(&[d], 5);
+        let wide = randn(&[b, 1, 5 * d], 6);
+        let m = wide.narrow(D::Minus1, d, 2 * d).unwrap();
+        let a = norm_modulate(&x, &w, &m, NormKind::Rms, 1e-6, true).unwrap();
+        let c = norm_modulate(&x, &w, &m.contiguous().unwrap(), NormKind::Rms, 1e-6, true).unwrap();
+        assert_eq!(max_diff(&a, &c), 0.0);
+    }
+
+    #[test]
+    fn gated_residual_matches_composition() {
+        let (b, n, d) = (3, 70, 20);
+        for t in [1, n] {
+            let ins = [
+                randn(&[b, n, d], 1),
+                randn(&[b, n, d], 2),
+                randn(&[b, t, d], 3),
+            ];
+            check(
+                &format!("gated_residual t={t}"),
+                &ins,
+                |t| gated_residual(&t[0], &t[1], &t[2]),
+                |t| &t[0] + t[1].broadcast_mul(&t[2])?,
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_composition() {
+        let x = (randn(&[2, 37, 2 * 13], 1) * 3.0).unwrap();
+        check(
+            "swiglu",
+            &[x],
+            |t| swiglu(&t[0]),
+            |t| {
+                let (x1, x2) = (
+                    t[0].narrow(D::Minus1, 0, 13)?,
+                    t[0].narrow(D::Minus1, 13, 13)?,
+                );
+                candle_nn::ops::silu(&x1)? * x2
+            },
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn linear_matches_composition() {
+        for bias in [true, false] {
+            let x = randn(&[3, 300, 17], 1);
+            let w = (randn(&[11, 17], 2) * 0.2).unwrap();
+            let bb = randn(&[11], 3);
+            check(
+                &format!("linear bias={bias}"),
+                &[x, w, bb],
+                |t| linear(&t[0], &t[1], bias.then_some(&t[2])),
+                |t| {
+                    let y = t[0].broadcast_matmul(&t[1].t()?)?;
+                    if bias { y.broadcast_add(&t[2]) } else { Ok(y) }
+                },
+                1e-5,
+            );
+        }
+    }
+}
