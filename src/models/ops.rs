@@ -141,6 +141,66 @@ pub fn exp_f32(x: f32) -> f32 {
     p * f32::from_bits(((ni + 127) as u32) << 23)
 }
 
+/// Lanes of the reductions below: independent accumulators, so that the
+/// loops vectorise (a single f32 accumulator pins the summation order).
+const LANES: usize = 16;
+
+#[inline(always)]
+fn lanes_sum(acc: [f32; LANES]) -> f32 {
+    let mut s = 0f32;
+    for v in acc {
+        s += v;
+    }
+    s
+}
+
+/// sum_i f(a_i, b_i) with LANES accumulators.
+#[inline(always)]
+fn reduce2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..LANES {
+            acc[i] += f(x[i], y[i]);
+        }
+    }
+    let mut s = lanes_sum(acc);
+    for (x, y) in ar.iter().zip(br) {
+        s += f(*x, *y);
+    }
+    s
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    reduce2(a, b, |x, y| x * y)
+}
+
+#[inline(always)]
+fn sum(a: &[f32]) -> f32 {
+    reduce2(a, a, |x, _| x)
+}
+
+#[inline(always)]
+fn max_of(a: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let c = a.chunks_exact(LANES);
+    let r = c.remainder();
+    for x in c {
+        for i in 0..LANES {
+            acc[i] = acc[i].max(x[i]);
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for v in acc.iter().chain(r) {
+        m = m.max(*v);
+    }
+    m
+}
+
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp_f32(-x))
@@ -316,16 +376,11 @@ fn scatter_unrope(
 #[inline(always)]
 fn softmax_rows(s: &mut [f32], n: usize) {
     for row in s.chunks_exact_mut(n) {
-        let mut max = f32::NEG_INFINITY;
-        for &v in row.iter() {
-            max = max.max(v);
-        }
-        let mut sum = 0.0f32;
+        let max = max_of(row);
         for v in row.iter_mut() {
             *v = exp_f32(*v - max);
-            sum += *v;
         }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / sum(row);
         for v in row.iter_mut() {
             *v *= inv;
         }
@@ -468,6 +523,8 @@ impl CustomOp1 for Attention {
                                     &all[bh * n * n..(bh + 1) * n * n]
                                 }
                                 None => {
+                                    #[cfg(test)]
+                                    RECOMPUTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                     simd(|| self.probs_into(qkv, bi, h, (n, c, dh), pbuf, qb, kb));
                                     pbuf
                                 }
@@ -524,7 +581,7 @@ impl Attention {
                 &g[ob + i * c..ob + i * c + dh],
                 &o[ob + i * c..ob + i * c + dh],
             );
-            dd[i] = gr.iter().zip(orow).map(|(a, b)| a * b).sum();
+            dd[i] = dot(gr, orow);
         }
         unsafe {
             // dV = P^T dO  -> v slot of dqkv
@@ -613,6 +670,10 @@ impl Attention {
     }
 }
 
+/// Heads whose probabilities a backward pass had to recompute (tests).
+#[cfg(test)]
+static RECOMPUTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 thread_local! {
     static SCRATCH_P: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -675,7 +736,7 @@ fn normalize_row(kind: NormKind, eps: f32, x: &[f32], nrm: &mut [f32]) -> f32 {
     let d = x.len() as f32;
     match kind {
         NormKind::Rms => {
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / d;
+            let ms = dot(x, x) / d;
             let r = 1.0 / (ms + eps).sqrt();
             for (o, v) in nrm.iter_mut().zip(x) {
                 *o = v * r;
@@ -683,8 +744,8 @@ fn normalize_row(kind: NormKind, eps: f32, x: &[f32], nrm: &mut [f32]) -> f32 {
             r
         }
         NormKind::Layer => {
-            let mean = x.iter().sum::<f32>() / d;
-            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+            let mean = sum(x) / d;
+            let var = reduce2(x, x, |v, _| (v - mean) * (v - mean)) / d;
             let r = 1.0 / (var + eps).sqrt();
             for (o, v) in nrm.iter_mut().zip(x) {
                 *o = (v - mean) * r;
@@ -816,22 +877,17 @@ impl CustomOp3 for NormModulate {
                                                 dsh[i] += gr[i];
                                             }
                                         }
-                                        let mut dot = 0f32;
-                                        let mut mean_dn = 0f32;
                                         for i in 0..d {
                                             let wi = if rms { w[i] } else { 1.0 };
                                             let a = nrm[i] * wi;
                                             dsc[i] += gr[i] * a;
                                             let da = gr[i] * (1.0 + sc[i]);
                                             dw[i] += da * nrm[i];
-                                            let dni = da * wi;
-                                            dn[i] = dni;
-                                            dot += dni * nrm[i];
-                                            mean_dn += dni;
+                                            dn[i] = da * wi;
                                         }
                                         let df = d as f32;
-                                        let (dot, mean_dn) =
-                                            (dot / df, if rms { 0.0 } else { mean_dn / df });
+                                        let dot = dot(&dn, &nrm) / df;
+                                        let mean_dn = if rms { 0.0 } else { sum(&dn) / df };
                                         let dxr = unsafe {
                                             std::slice::from_raw_parts_mut(dxp.at(r * d), d)
                                         };
@@ -1439,6 +1495,21 @@ mod tests {
         let v = Var::from_tensor(&qkv).unwrap();
         let bt = attention_qkv(v.as_tensor(), heads, None).unwrap();
         assert_eq!(max_diff(&a, &bt), 0.0);
+        let before = RECOMPUTED.load(std::sync::atomic::Ordering::Relaxed);
+        let lin = crate::models::layers::Linear::new(
+            3 * c,
+            3 * c,
+            true,
+            crate::models::layers::LinearInit::Xavier,
+            candle_nn::VarBuilder::from_varmap(&candle_nn::VarMap::new(), DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let _ = lin;
+        bt.sum_all().unwrap().backward().unwrap();
+        assert_eq!(
+            RECOMPUTED.load(std::sync::atomic::Ordering::Relaxed),
+            before
+        );
     }
 
     #[test]
