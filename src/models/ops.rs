@@ -1,13 +1,14 @@
 //! Fused f32 CPU kernels with backward passes for the training hot paths of
 //! the DiT blocks (issue 10: at small widths a step is per-op overhead, not
 //! GEMM). Each op replaces a chain of candle ops that would otherwise each
-//! allocate, make a pass over memory single-threaded and add a graph node
-//! whose backward allocates a zero gradient and adds into it:
+//! allocate, make a pass over memory and add a graph node whose backward
+//! allocates a zero gradient and adds into it:
 //!
 //! * [`attention_qkv`]: 2D rope on q and k, softmax(q k^T / sqrt(dh)) v,
 //!   straight from the fused qkv projection `[B, N, 3C]` to merged heads
 //!   `[B, N, C]` (no permute, no contiguous copies, no head merge), threaded
-//!   over (batch, head); the probabilities are kept for the backward pass.
+//!   over (batch, head); the probabilities are kept for the backward pass
+//!   when the input is tracked.
 //! * [`norm_modulate`]: RMSNorm (learned scale) or LayerNorm (no affine),
 //!   then adaLN `* (1 + scale) + shift`.
 //! * [`gated_residual`]: `x + y * gate`.
@@ -15,11 +16,12 @@
 //! * [`linear`]: `x W^T + b` with the bias folded into the GEMM and a backward
 //!   that computes dx, dW and db directly.
 //!
-//! They run only for contiguous-able f32 tensors on the CPU; every caller
-//! keeps the multi-op composition for other devices and dtypes, and
-//! `RAE_FUSED_CPU=0` forces it everywhere (A/B timing, debugging). The
-//! backward passes are tested against that composition (values and
-//! gradients) in the tests below.
+//! They run only for f32 tensors on the CPU; every caller keeps the multi-op
+//! composition for other devices and dtypes, and `RAE_FUSED_CPU=0` forces it
+//! everywhere (A/B timing, debugging). The backward passes are tested against
+//! that composition (values and gradients) in the tests below. The
+//! element-wise kernels are compiled twice, plain and with AVX2 + FMA, and
+//! picked at run time.
 
 use std::cell::RefCell;
 use std::sync::{Mutex, OnceLock};
@@ -44,10 +46,40 @@ pub fn enabled() -> bool {
 
 /// True when the fused kernels apply to all of `ts`: enabled, CPU, f32.
 pub fn applies(ts: &[&Tensor]) -> bool {
-    enabled()
+    let ok = enabled()
         && ts
             .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    if ok {
+        tune_allocator();
+    }
+    ok
+}
+
+/// glibc malloc: keep freed memory in the heap instead of returning large
+/// blocks to the kernel after every op (a training step allocates and frees
+/// the same activation-sized buffers each time; with the defaults, blocks
+/// over the dynamic mmap threshold are unmapped on free and page-faulted back
+/// in on the next step: ~10% of a small model's step). Done once, the first
+/// time a fused CPU kernel runs; `RAE_MALLOC_TUNE=0` leaves malloc alone.
+fn tune_allocator() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        if matches!(std::env::var("RAE_MALLOC_TUNE").as_deref(), Ok("0")) {
+            return;
+        }
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        unsafe {
+            unsafe extern "C" {
+                fn mallopt(param: i32, value: i32) -> i32;
+            }
+            const M_TRIM_THRESHOLD: i32 = -1;
+            const M_MMAP_THRESHOLD: i32 = -3;
+            // 32 MiB is glibc's largest mmap threshold on 64-bit.
+            mallopt(M_MMAP_THRESHOLD, 32 << 20);
+            mallopt(M_TRIM_THRESHOLD, 1 << 30);
+        }
+    });
 }
 
 // ------------------------------------------------------------------ helpers
@@ -63,6 +95,23 @@ impl SendPtr {
     fn at(self, i: usize) -> *mut f32 {
         unsafe { self.0.add(i) }
     }
+
+    /// `len` floats from element `i`. Callers guarantee disjoint ranges.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    fn slice<'a>(self, i: usize, len: usize) -> &'a mut [f32] {
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(i), len) }
+    }
+}
+
+/// A vector every element of which the caller overwrites before reading.
+#[allow(clippy::uninit_vec)]
+fn output_vec(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: f32 has no invalid bit patterns, and every element is written
+    // (GEMM without read_dst, or an explicit loop) before anything reads it.
+    unsafe { v.set_len(len) };
+    v
 }
 
 fn slice_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -73,13 +122,14 @@ fn slice_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
-/// A `[.., rows, k]` view whose last dim is contiguous: (data from the view's
-/// start, row stride) for the rows of a 3D tensor `[B, T, K]`.
+/// A `[B, T, K]` view whose last dim is contiguous (e.g. a narrow of a wider
+/// adaLN output): its data from the view's start, the batch stride and the
+/// token stride (0 when T == 1: one row per sample, broadcast over tokens).
+#[derive(Clone, Copy)]
 struct Rows3<'a> {
     data: &'a [f32],
     sb: usize,
     st: usize,
-    t: usize,
 }
 
 impl<'a> Rows3<'a> {
@@ -94,14 +144,22 @@ impl<'a> Rows3<'a> {
             data: &data[l.start_offset()..],
             sb: st[0],
             st: if dims[1] == 1 { 0 } else { st[1] },
-            t: dims[1],
         })
     }
 
-    /// The row for batch `b`, token `n` (broadcast when T == 1).
+    /// Contiguous `[B, T, K]` data.
+    fn contiguous(data: &'a [f32], t: usize, k: usize) -> Self {
+        Self {
+            data,
+            sb: t * k,
+            st: if t == 1 { 0 } else { k },
+        }
+    }
+
+    /// The row for batch `b`, token `n` (the same row for every n when T == 1).
     #[inline(always)]
     fn row(&self, b: usize, n: usize, k: usize) -> &'a [f32] {
-        let o = b * self.sb + if self.t == 1 { 0 } else { n * self.st };
+        let o = b * self.sb + n * self.st;
         &self.data[o..o + k]
     }
 }
@@ -118,6 +176,47 @@ fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
 
 fn cpu_tensor(v: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: OnceLock<bool> = OnceLock::new();
+        *AVX2.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// A kernel compiled twice: as written, and with AVX2 + FMA enabled (the
+/// body and the `#[inline(always)]` helpers it calls are inlined into the
+/// AVX2 copy), picked at run time.
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($a:ident : $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($a: $t),*) {
+            #[allow(clippy::too_many_arguments)]
+            #[inline(always)]
+            fn body($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast($($a: $t),*) {
+                    body($($a),*)
+                }
+                if has_avx2() {
+                    // SAFETY: the CPU has AVX2 and FMA (checked above).
+                    return unsafe { fast($($a),*) };
+                }
+            }
+            body($($a),*)
+        }
+    };
 }
 
 /// exp(x) for f32, Cephes-style: x = n ln2 + r, a degree-6 polynomial in r,
@@ -206,30 +305,8 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp_f32(-x))
 }
 
-/// Run `f` compiled with AVX2 + FMA when the CPU has them (the closure and the
-/// `#[inline(always)]` kernels it calls are inlined into this frame), else
-/// as is.
-#[inline(always)]
-fn simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX2: OnceLock<bool> = OnceLock::new();
-        if *AVX2.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        }) {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
-                f()
-            }
-            return unsafe { run(f) };
-        }
-    }
-    f()
-}
-
 /// dst[m, n] = (read_dst ? dst : 0) + beta * lhs[m, k] rhs[k, n], row-major
-/// strides (rs, cs) for each, one thread.
+/// strides (rs, cs) for each.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn sgemm(
@@ -284,17 +361,39 @@ fn parallelism() -> Parallelism {
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_P: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A per-thread scratch buffer of at least `len` floats (contents undefined).
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|s| {
+fn scratch_in<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|s| {
         let mut s = s.borrow_mut();
         if s.len() < len {
             s.resize(len, 0.0);
         }
         f(&mut s[..len])
     })
+}
+
+/// A per-thread scratch buffer of at least `len` floats (contents undefined).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    scratch_in(&SCRATCH, len, f)
+}
+
+/// A second per-thread scratch (the probabilities when they are not kept).
+fn with_scratch_p<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    scratch_in(&SCRATCH_P, len, f)
+}
+
+/// Sum `src` vectors into one (a rayon reduce step).
+fn add_vecs(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+    a
 }
 
 // ---------------------------------------------------------------- attention
@@ -307,15 +406,8 @@ pub struct RopeTables {
     pub sin: std::sync::Arc<Vec<f32>>,
 }
 
-struct Attention {
-    heads: usize,
-    rope: Option<RopeTables>,
-    /// Keep the probabilities `[B, H, N, N]` for the backward pass.
-    save: bool,
-    probs: Mutex<Option<Vec<f32>>>,
-}
-
-/// Copy q or k of (token range, head) out of qkv into `dst` `[N, dh]`, rotated.
+/// Copy q or k of one head out of qkv (`row_stride` apart) into `dst`
+/// `[n, dh]`, rotated.
 #[inline(always)]
 fn gather_rope(
     src: &[f32],
@@ -343,8 +435,8 @@ fn gather_rope(
     }
 }
 
-/// The transpose of the rotation: gradient w.r.t. the unrotated input,
-/// written with row stride `row_stride`.
+/// The transpose of the rotation: the gradient w.r.t. the unrotated input,
+/// written `row_stride` apart.
 #[inline(always)]
 fn scatter_unrope(
     src: &[f32],
@@ -356,7 +448,7 @@ fn scatter_unrope(
 ) {
     for i in 0..n {
         let s = &src[i * dh..(i + 1) * dh];
-        let d = unsafe { std::slice::from_raw_parts_mut(dst.at(i * row_stride), dh) };
+        let d = dst.slice(i * row_stride, dh);
         match rope {
             None => d.copy_from_slice(s),
             Some(r) => {
@@ -372,72 +464,151 @@ fn scatter_unrope(
     }
 }
 
-/// Row-wise softmax of `s` `[n, n]` in place.
-#[inline(always)]
-fn softmax_rows(s: &mut [f32], n: usize) {
-    for row in s.chunks_exact_mut(n) {
-        let max = max_of(row);
-        for v in row.iter_mut() {
-            *v = exp_f32(*v - max);
-        }
-        let inv = 1.0 / sum(row);
-        for v in row.iter_mut() {
-            *v *= inv;
-        }
-    }
+/// Shapes of one attention call: tokens, model width, head dim.
+#[derive(Clone, Copy)]
+struct AttnDims {
+    n: usize,
+    c: usize,
+    dh: usize,
 }
 
-impl Attention {
-    fn dims(&self, l: &Layout) -> Result<(usize, usize, usize, usize)> {
-        let (b, n, c3) = l.shape().dims3()?;
-        let c = c3 / 3;
-        if c3 % 3 != 0 || c % self.heads != 0 {
-            bail!("attention_qkv: last dim {c3} is not 3 x heads x dh");
-        }
-        Ok((b, n, c, c / self.heads))
-    }
-
-    /// Scores -> probabilities for (b, h) into `p` `[n, n]`; q and k rotated
-    /// into `qb`, `kb` `[n, dh]`.
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    fn probs_into(
-        &self,
+multiversion! {
+    /// Probabilities of head (bi, h) into `p` `[n, n]`; q and k rotated into
+    /// `qb`, `kb` `[n, dh]`.
+    fn attn_probs(
         qkv: &[f32],
         bi: usize,
         h: usize,
-        (n, c, dh): (usize, usize, usize),
+        dims: AttnDims,
+        rope: Option<&RopeTables>,
         p: &mut [f32],
         qb: &mut [f32],
         kb: &mut [f32],
     ) {
+        let AttnDims { n, c, dh } = dims;
         let base = bi * n * 3 * c;
-        let rope = self.rope.as_ref();
         gather_rope(&qkv[base + h * dh..], 3 * c, n, dh, rope, qb);
         gather_rope(&qkv[base + c + h * dh..], 3 * c, n, dh, rope, kb);
         let scale = 1.0 / (dh as f32).sqrt();
         // S = scale * q k^T
         unsafe {
             sgemm(
-                n,
-                n,
-                dh,
-                p.as_mut_ptr(),
-                n,
-                false,
-                qb.as_ptr(),
-                dh,
-                1,
-                kb.as_ptr(),
-                1,
-                dh,
-                scale,
+                n, n, dh, p.as_mut_ptr(), n, false, qb.as_ptr(), dh, 1, kb.as_ptr(), 1, dh, scale,
                 Parallelism::None,
             )
         };
-        softmax_rows(p, n);
+        for row in p.chunks_exact_mut(n) {
+            let max = max_of(row);
+            for v in row.iter_mut() {
+                *v = exp_f32(*v - max);
+            }
+            let inv = 1.0 / sum(row);
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
     }
 }
+
+multiversion! {
+    /// Gradients of head (bi, h) into `dqkv` given its probabilities `p`,
+    /// the rotated q and k in `qb`, `kb`; `ds`, `dq`, `dk`, `dd` are scratch.
+    fn attn_bwd_head(
+        qkv: &[f32],
+        o: &[f32],
+        g: &[f32],
+        bi: usize,
+        h: usize,
+        dims: AttnDims,
+        rope: Option<&RopeTables>,
+        p: &[f32],
+        qb: &[f32],
+        kb: &[f32],
+        ds: &mut [f32],
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dd: &mut [f32],
+        dqkv: SendPtr,
+    ) {
+        let AttnDims { n, c, dh } = dims;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let ob = bi * n * c + h * dh; // head (b, h) in o / grad [B, N, C]
+        let qkv_b = bi * n * 3 * c;
+        let v = &qkv[qkv_b + 2 * c + h * dh..];
+        // D_i = sum_d dO * O
+        for i in 0..n {
+            let r = ob + i * c;
+            dd[i] = dot(&g[r..r + dh], &o[r..r + dh]);
+        }
+        unsafe {
+            // dV = P^T dO  -> v slot of dqkv
+            sgemm(
+                n, dh, n, dqkv.at(qkv_b + 2 * c + h * dh), 3 * c, false, p.as_ptr(), 1, n,
+                g[ob..].as_ptr(), c, 1, 1.0, Parallelism::None,
+            );
+            // dP = dO V^T
+            sgemm(
+                n, n, dh, ds.as_mut_ptr(), n, false, g[ob..].as_ptr(), c, 1, v.as_ptr(), 1, 3 * c,
+                1.0, Parallelism::None,
+            );
+        }
+        // dS = P * (dP - D)
+        for i in 0..n {
+            let di = dd[i];
+            let (pr, sr) = (&p[i * n..(i + 1) * n], &mut ds[i * n..(i + 1) * n]);
+            for (s, &pv) in sr.iter_mut().zip(pr) {
+                *s = pv * (*s - di);
+            }
+        }
+        unsafe {
+            // d(rotated q) = scale * dS k ; d(rotated k) = scale * dS^T q
+            sgemm(
+                n, dh, n, dq.as_mut_ptr(), dh, false, ds.as_ptr(), n, 1, kb.as_ptr(), dh, 1, scale,
+                Parallelism::None,
+            );
+            sgemm(
+                n, dh, n, dk.as_mut_ptr(), dh, false, ds.as_ptr(), 1, n, qb.as_ptr(), dh, 1, scale,
+                Parallelism::None,
+            );
+        }
+        scatter_unrope(dq, n, dh, rope, SendPtr(dqkv.at(qkv_b + h * dh)), 3 * c);
+        scatter_unrope(dk, n, dh, rope, SendPtr(dqkv.at(qkv_b + c + h * dh)), 3 * c);
+    }
+}
+
+struct Attention {
+    heads: usize,
+    rope: Option<RopeTables>,
+    /// Keep the probabilities `[B, H, N, N]` for the backward pass.
+    save: bool,
+    probs: Mutex<Option<Vec<f32>>>,
+}
+
+impl Attention {
+    fn dims(&self, dims: &[usize]) -> Result<(usize, AttnDims)> {
+        let &[b, n, c3] = dims else {
+            bail!("attention_qkv: expected [B, N, 3C], got {dims:?}");
+        };
+        let c = c3 / 3;
+        if c3 % 3 != 0 || c % self.heads != 0 {
+            bail!("attention_qkv: last dim {c3} is not 3 x heads x dh");
+        }
+        let dh = c / self.heads;
+        if let Some(r) = &self.rope {
+            if r.cos.len() != n * dh || r.sin.len() != n * dh {
+                bail!(
+                    "attention_qkv: rope table of {} for {n} tokens x {dh}",
+                    r.cos.len()
+                );
+            }
+        }
+        Ok((b, AttnDims { n, c, dh }))
+    }
+}
+
+/// Heads whose probabilities a backward pass had to recompute (tests).
+#[cfg(test)]
+static RECOMPUTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl CustomOp1 for Attention {
     fn name(&self) -> &'static str {
@@ -446,15 +617,17 @@ impl CustomOp1 for Attention {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let qkv = slice_of(s, l)?;
-        let (b, n, c, dh) = self.dims(l)?;
+        let (b, dims) = self.dims(l.dims())?;
+        let AttnDims { n, c, dh } = dims;
         let hs = self.heads;
-        let mut out = vec![0f32; b * n * c];
+        let rope = self.rope.as_ref();
+        let mut out = output_vec(b * n * c);
         let outp = SendPtr(out.as_mut_ptr());
         let task = |bh: usize, p: &mut [f32]| {
             let (bi, h) = (bh / hs, bh % hs);
             with_scratch(2 * n * dh, |qk| {
                 let (qb, kb) = qk.split_at_mut(n * dh);
-                simd(|| self.probs_into(qkv, bi, h, (n, c, dh), p, qb, kb));
+                attn_probs(qkv, bi, h, dims, rope, p, qb, kb);
             });
             // O = P V, written into the merged-heads output
             let v = &qkv[bi * n * 3 * c + 2 * c + h * dh..];
@@ -478,7 +651,7 @@ impl CustomOp1 for Attention {
             };
         };
         if self.save {
-            let mut probs = vec![0f32; b * hs * n * n];
+            let mut probs = output_vec(b * hs * n * n);
             probs
                 .par_chunks_mut(n * n)
                 .enumerate()
@@ -493,19 +666,19 @@ impl CustomOp1 for Attention {
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (b, n, c3) = arg.dims3()?;
-        let c = c3 / 3;
+        let (b, dims) = self.dims(arg.dims())?;
+        let AttnDims { n, c, dh } = dims;
         let hs = self.heads;
-        let dh = c / hs;
+        let rope = self.rope.as_ref();
         let saved = self.probs.lock().unwrap();
-        let mut dqkv = vec![0f32; b * n * c3];
+        let mut dqkv = output_vec(b * n * 3 * c);
         let dp = SendPtr(dqkv.as_mut_ptr());
         with_data(arg, |qkv| {
             with_data(res, |o| {
                 with_data(grad, |g| {
                     (0..b * hs).into_par_iter().for_each(|bh| {
                         let (bi, h) = (bh / hs, bh % hs);
-                        // scratch: [P (if not saved) | dS n*n | qb | kb | dq | dk | D]
+                        // scratch: [P (if not saved) | dS | qb | kb | dq | dk | D]
                         let own_p = if saved.is_some() { 0 } else { n * n };
                         with_scratch(own_p + n * n + 4 * n * dh + n, |buf| {
                             let (pbuf, rest) = buf.split_at_mut(own_p);
@@ -517,7 +690,6 @@ impl CustomOp1 for Attention {
                             let p: &[f32] = match saved.as_ref() {
                                 Some(all) => {
                                     let base = bi * n * 3 * c;
-                                    let rope = self.rope.as_ref();
                                     gather_rope(&qkv[base + h * dh..], 3 * c, n, dh, rope, qb);
                                     gather_rope(&qkv[base + c + h * dh..], 3 * c, n, dh, rope, kb);
                                     &all[bh * n * n..(bh + 1) * n * n]
@@ -525,19 +697,12 @@ impl CustomOp1 for Attention {
                                 None => {
                                     #[cfg(test)]
                                     RECOMPUTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                    simd(|| self.probs_into(qkv, bi, h, (n, c, dh), pbuf, qb, kb));
+                                    attn_probs(qkv, bi, h, dims, rope, pbuf, qb, kb);
                                     pbuf
                                 }
                             };
-                            self.bwd_head(
-                                qkv,
-                                o,
-                                g,
-                                (bi, h),
-                                (n, c, dh),
-                                p,
-                                (ds, qb, kb, dq, dk, dd),
-                                dp,
+                            attn_bwd_head(
+                                qkv, o, g, bi, h, dims, rope, p, qb, kb, ds, dq, dk, dd, dp,
                             );
                         });
                     });
@@ -545,148 +710,8 @@ impl CustomOp1 for Attention {
                 })
             })
         })?;
-        cpu_tensor(dqkv, (b, n, c3)).map(Some)
+        cpu_tensor(dqkv, (b, n, 3 * c)).map(Some)
     }
-}
-
-type BwdBufs<'a> = (
-    &'a mut [f32],
-    &'a mut [f32],
-    &'a mut [f32],
-    &'a mut [f32],
-    &'a mut [f32],
-    &'a mut [f32],
-);
-
-impl Attention {
-    #[allow(clippy::too_many_arguments)]
-    fn bwd_head(
-        &self,
-        qkv: &[f32],
-        o: &[f32],
-        g: &[f32],
-        (bi, h): (usize, usize),
-        (n, c, dh): (usize, usize, usize),
-        p: &[f32],
-        (ds, qb, kb, dq, dk, dd): BwdBufs,
-        dqkv: SendPtr,
-    ) {
-        let scale = 1.0 / (dh as f32).sqrt();
-        let ob = bi * n * c + h * dh; // head (b, h) in o / grad [B, N, C]
-        let qkv_b = bi * n * 3 * c;
-        let v = &qkv[qkv_b + 2 * c + h * dh..];
-        // D_i = sum_d dO * O
-        for i in 0..n {
-            let (gr, orow) = (
-                &g[ob + i * c..ob + i * c + dh],
-                &o[ob + i * c..ob + i * c + dh],
-            );
-            dd[i] = dot(gr, orow);
-        }
-        unsafe {
-            // dV = P^T dO  -> v slot of dqkv
-            sgemm(
-                n,
-                dh,
-                n,
-                dqkv.at(qkv_b + 2 * c + h * dh),
-                3 * c,
-                false,
-                p.as_ptr(),
-                1,
-                n,
-                g[ob..].as_ptr(),
-                c,
-                1,
-                1.0,
-                Parallelism::None,
-            );
-            // dP = dO V^T
-            sgemm(
-                n,
-                n,
-                dh,
-                ds.as_mut_ptr(),
-                n,
-                false,
-                g[ob..].as_ptr(),
-                c,
-                1,
-                v.as_ptr(),
-                1,
-                3 * c,
-                1.0,
-                Parallelism::None,
-            );
-        }
-        // dS = P * (dP - D)
-        simd(|| {
-            for i in 0..n {
-                let di = dd[i];
-                let (pr, sr) = (&p[i * n..(i + 1) * n], &mut ds[i * n..(i + 1) * n]);
-                for (s, &pv) in sr.iter_mut().zip(pr) {
-                    *s = pv * (*s - di);
-                }
-            }
-        });
-        unsafe {
-            // d(rotated q) = scale * dS k ; d(rotated k) = scale * dS^T q
-            sgemm(
-                n,
-                dh,
-                n,
-                dq.as_mut_ptr(),
-                dh,
-                false,
-                ds.as_ptr(),
-                n,
-                1,
-                kb.as_ptr(),
-                dh,
-                1,
-                scale,
-                Parallelism::None,
-            );
-            sgemm(
-                n,
-                dh,
-                n,
-                dk.as_mut_ptr(),
-                dh,
-                false,
-                ds.as_ptr(),
-                1,
-                n,
-                qb.as_ptr(),
-                dh,
-                1,
-                scale,
-                Parallelism::None,
-            );
-        }
-        let rope = self.rope.as_ref();
-        scatter_unrope(dq, n, dh, rope, SendPtr(dqkv.at(qkv_b + h * dh)), 3 * c);
-        scatter_unrope(dk, n, dh, rope, SendPtr(dqkv.at(qkv_b + c + h * dh)), 3 * c);
-    }
-}
-
-/// Heads whose probabilities a backward pass had to recompute (tests).
-#[cfg(test)]
-static RECOMPUTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-thread_local! {
-    static SCRATCH_P: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A second per-thread scratch (the probabilities when they are not kept).
-fn with_scratch_p<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH_P.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < len {
-            s.resize(len, 0.0);
-        }
-        f(&mut s[..len])
-    })
 }
 
 /// Multi-head self-attention from the fused qkv projection: `qkv`
@@ -695,15 +720,6 @@ fn with_scratch_p<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 /// the merged heads `[B, N, C]`. f32 CPU only (see [`applies`]).
 pub fn attention_qkv(qkv: &Tensor, heads: usize, rope: Option<&RopeTables>) -> Result<Tensor> {
     let qkv = qkv.contiguous()?;
-    let (_, n, c3) = qkv.dims3()?;
-    if let Some(r) = rope {
-        if r.cos.len() != n * c3 / 3 / heads {
-            bail!(
-                "attention_qkv: rope table of {} for {n} tokens",
-                r.cos.len()
-            );
-        }
-    }
     let save = qkv.track_op();
     qkv.apply_op1(Attention {
         heads,
@@ -724,20 +740,13 @@ pub enum NormKind {
     Layer,
 }
 
-struct NormModulate {
-    kind: NormKind,
-    eps: f32,
-    shift: bool,
-}
-
 /// Normalise one row into `nrm` (no weight); returns the reciprocal std.
 #[inline(always)]
 fn normalize_row(kind: NormKind, eps: f32, x: &[f32], nrm: &mut [f32]) -> f32 {
     let d = x.len() as f32;
     match kind {
         NormKind::Rms => {
-            let ms = dot(x, x) / d;
-            let r = 1.0 / (ms + eps).sqrt();
+            let r = 1.0 / (dot(x, x) / d + eps).sqrt();
             for (o, v) in nrm.iter_mut().zip(x) {
                 *o = v * r;
             }
@@ -755,20 +764,121 @@ fn normalize_row(kind: NormKind, eps: f32, x: &[f32], nrm: &mut [f32]) -> f32 {
     }
 }
 
-impl NormModulate {
-    fn check(&self, lx: &Layout, lw: &Layout, lm: &Layout) -> Result<(usize, usize, usize, usize)> {
-        let (b, n, d) = lx.shape().dims3()?;
-        let (bm, t, k) = lm.shape().dims3()?;
-        let want_k = if self.shift { 2 * d } else { d };
-        if bm != b || !(t == 1 || t == n) || k != want_k || lw.shape().elem_count() != d {
-            bail!(
-                "norm_modulate: x {:?}, weight {:?}, modulation {:?}",
-                lx.dims(),
-                lw.dims(),
-                lm.dims()
-            );
+/// Settings of one norm + modulation call.
+#[derive(Clone, Copy)]
+struct NormSpec {
+    kind: NormKind,
+    eps: f32,
+    shift: bool,
+    /// tokens per sample
+    n: usize,
+    d: usize,
+}
+
+multiversion! {
+    /// Rows `r0..` of the forward into `out` (whole rows).
+    fn norm_mod_fwd_rows(spec: NormSpec, r0: usize, x: &[f32], w: &[f32], m: Rows3, out: &mut [f32]) {
+        let NormSpec { kind, eps, shift, n, d } = spec;
+        let k = if shift { 2 * d } else { d };
+        for (j, orow) in out.chunks_exact_mut(d).enumerate() {
+            let r = r0 + j;
+            normalize_row(kind, eps, &x[r * d..(r + 1) * d], orow);
+            let mr = m.row(r / n, r % n, k);
+            let (sh, sc) = if shift { mr.split_at(d) } else { (&mr[..0], mr) };
+            if kind == NormKind::Rms {
+                for i in 0..d {
+                    orow[i] *= w[i];
+                }
+            }
+            if shift {
+                for i in 0..d {
+                    orow[i] = orow[i] * (1.0 + sc[i]) + sh[i];
+                }
+            } else {
+                for i in 0..d {
+                    orow[i] *= 1.0 + sc[i];
+                }
+            }
         }
-        Ok((b, n, d, t))
+    }
+}
+
+multiversion! {
+    /// Rows `r0..r1` of the backward: dx rows (written), dm rows (added to:
+    /// per token, or per sample when the modulation is broadcast), dw
+    /// (added to).
+    fn norm_mod_bwd_rows(
+        spec: NormSpec,
+        r0: usize,
+        r1: usize,
+        x: &[f32],
+        w: &[f32],
+        m: Rows3,
+        per_token: bool,
+        g: &[f32],
+        dx: SendPtr,
+        dm: SendPtr,
+        dw: &mut [f32],
+        nrm: &mut [f32],
+        dn: &mut [f32],
+    ) {
+        let NormSpec { kind, eps, shift, n, d } = spec;
+        let k = if shift { 2 * d } else { d };
+        let rms = kind == NormKind::Rms;
+        for r in r0..r1 {
+            let xr = &x[r * d..(r + 1) * d];
+            let gr = &g[r * d..(r + 1) * d];
+            let rinv = normalize_row(kind, eps, xr, nrm);
+            let mrow = if per_token { r } else { r / n };
+            let sc = &m.row(r / n, r % n, k)[k - d..];
+            let dmr = dm.slice(mrow * k, k);
+            let (dsh, dsc) = dmr.split_at_mut(k - d);
+            if shift {
+                for i in 0..d {
+                    dsh[i] += gr[i];
+                }
+            }
+            for i in 0..d {
+                let wi = if rms { w[i] } else { 1.0 };
+                dsc[i] += gr[i] * nrm[i] * wi;
+                let da = gr[i] * (1.0 + sc[i]);
+                dw[i] += da * nrm[i];
+                dn[i] = da * wi;
+            }
+            let df = d as f32;
+            let dotv = dot(dn, nrm) / df;
+            let mean_dn = if rms { 0.0 } else { sum(dn) / df };
+            let dxr = dx.slice(r * d, d);
+            for i in 0..d {
+                dxr[i] = rinv * (dn[i] - mean_dn - nrm[i] * dotv);
+            }
+        }
+    }
+}
+
+struct NormModulate {
+    kind: NormKind,
+    eps: f32,
+    shift: bool,
+}
+
+impl NormModulate {
+    fn spec(&self, x: &[usize], w: &[usize], m: &[usize]) -> Result<(usize, usize, NormSpec)> {
+        let (&[b, n, d], &[bm, t, k]) = (x, m) else {
+            bail!("norm_modulate: x {x:?}, modulation {m:?}");
+        };
+        let want_k = if self.shift { 2 * d } else { d };
+        if bm != b || !(t == 1 || t == n) || k != want_k || w.iter().product::<usize>() != d {
+            bail!("norm_modulate: x {x:?}, weight {w:?}, modulation {m:?}");
+        }
+        let spec = NormSpec {
+            kind: self.kind,
+            eps: self.eps,
+            shift: self.shift,
+            n,
+            d,
+        };
+        Ok((b, t, spec))
     }
 }
 
@@ -786,42 +896,16 @@ impl CustomOp3 for NormModulate {
         sm: &CpuStorage,
         lm: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, n, d, _) = self.check(lx, lw, lm)?;
+        let (b, _, spec) = self.spec(lx.dims(), lw.dims(), lm.dims())?;
+        let (n, d) = (spec.n, spec.d);
         let x = slice_of(sx, lx)?;
         let w = slice_of(sw, lw)?;
         let m = Rows3::new(sm, lm)?;
-        let k = if self.shift { 2 * d } else { d };
-        let mut out = vec![0f32; b * n * d];
-        let rows_per = 32usize;
+        let mut out = output_vec(b * n * d);
+        let rows_per = 64;
         out.par_chunks_mut(rows_per * d)
             .enumerate()
-            .for_each(|(ci, oc)| {
-                simd(|| {
-                    for (j, orow) in oc.chunks_exact_mut(d).enumerate() {
-                        let r = ci * rows_per + j;
-                        let (bi, ni) = (r / n, r % n);
-                        normalize_row(self.kind, self.eps, &x[r * d..(r + 1) * d], orow);
-                        let mr = m.row(bi, ni, k);
-                        let (sh, sc) = if self.shift {
-                            (Some(&mr[..d]), &mr[d..])
-                        } else {
-                            (None, mr)
-                        };
-                        for i in 0..d {
-                            let a = if self.kind == NormKind::Rms {
-                                orow[i] * w[i]
-                            } else {
-                                orow[i]
-                            };
-                            let y = a * (1.0 + sc[i]);
-                            orow[i] = match sh {
-                                Some(s) => y + s[i],
-                                None => y,
-                            };
-                        }
-                    }
-                })
-            });
+            .for_each(|(ci, oc)| norm_mod_fwd_rows(spec, ci * rows_per, x, w, m, oc));
         Ok((CpuStorage::F32(out), Shape::from((b, n, d))))
     }
 
@@ -833,81 +917,37 @@ impl CustomOp3 for NormModulate {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, n, d) = x.dims3()?;
-        let (_, t, k) = m.dims3()?;
+        let (b, t, spec) = self.spec(x.dims(), w.dims(), m.dims())?;
+        let (n, d) = (spec.n, spec.d);
+        let k = m.dim(2)?;
         let rms = self.kind == NormKind::Rms;
-        let mut dx = vec![0f32; b * n * d];
+        let mut dx = output_vec(b * n * d);
         let mut dm = vec![0f32; b * t * k];
-        let dxp = SendPtr(dx.as_mut_ptr());
-        let dmp = SendPtr(dm.as_mut_ptr());
-        // tasks: one batch element each when the modulation is per sample (its
-        // dm row is a sum over tokens), else blocks of rows.
-        let rows_per = if t == 1 { n } else { 32 };
+        let (dxp, dmp) = (SendPtr(dx.as_mut_ptr()), SendPtr(dm.as_mut_ptr()));
+        let per_token = t != 1;
+        // One task per sample when the modulation is per sample (its dm row
+        // sums over the sample's tokens), else blocks of rows.
+        let rows_per = if per_token { 64 } else { n };
         let tasks = (b * n).div_ceil(rows_per);
         let dw = with_data(x, |x| {
             with_data(w, |w| {
                 with_data(m, |mm| {
                     with_data(grad, |g| {
-                        let dw = (0..tasks)
+                        let m = Rows3::contiguous(mm, t, k);
+                        Ok((0..tasks)
                             .into_par_iter()
                             .map(|task| {
                                 let mut dw = vec![0f32; d];
-                                let mut nrm = vec![0f32; d];
-                                let mut dn = vec![0f32; d];
-                                simd(|| {
-                                    let r0 = task * rows_per;
-                                    for r in r0..(r0 + rows_per).min(b * n) {
-                                        let bi = r / n;
-                                        let xr = &x[r * d..(r + 1) * d];
-                                        let gr = &g[r * d..(r + 1) * d];
-                                        let rinv = normalize_row(self.kind, self.eps, xr, &mut nrm);
-                                        let mrow = if t == 1 { bi } else { r };
-                                        let mr = &mm[mrow * k..(mrow + 1) * k];
-                                        let dmr = unsafe {
-                                            std::slice::from_raw_parts_mut(dmp.at(mrow * k), k)
-                                        };
-                                        let (dsh, dsc, sc) = if self.shift {
-                                            let (a, bb) = dmr.split_at_mut(d);
-                                            (Some(a), bb, &mr[d..])
-                                        } else {
-                                            (None, dmr, mr)
-                                        };
-                                        if let Some(dsh) = dsh {
-                                            for i in 0..d {
-                                                dsh[i] += gr[i];
-                                            }
-                                        }
-                                        for i in 0..d {
-                                            let wi = if rms { w[i] } else { 1.0 };
-                                            let a = nrm[i] * wi;
-                                            dsc[i] += gr[i] * a;
-                                            let da = gr[i] * (1.0 + sc[i]);
-                                            dw[i] += da * nrm[i];
-                                            dn[i] = da * wi;
-                                        }
-                                        let df = d as f32;
-                                        let dot = dot(&dn, &nrm) / df;
-                                        let mean_dn = if rms { 0.0 } else { sum(&dn) / df };
-                                        let dxr = unsafe {
-                                            std::slice::from_raw_parts_mut(dxp.at(r * d), d)
-                                        };
-                                        for i in 0..d {
-                                            dxr[i] = rinv * (dn[i] - mean_dn - nrm[i] * dot);
-                                        }
-                                    }
-                                });
+                                let (mut nrm, mut dn) = (vec![0f32; d], vec![0f32; d]);
+                                let r0 = task * rows_per;
+                                let r1 = (r0 + rows_per).min(b * n);
+                                norm_mod_bwd_rows(
+                                    spec, r0, r1, x, w, m, per_token, g, dxp, dmp, &mut dw,
+                                    &mut nrm, &mut dn,
+                                );
                                 dw
                             })
-                            .reduce(
-                                || vec![0f32; d],
-                                |mut a, bb| {
-                                    for (x, y) in a.iter_mut().zip(bb) {
-                                        *x += y;
-                                    }
-                                    a
-                                },
-                            );
-                        Ok(dw)
+                            .reduce(|| vec![0f32; d], add_vecs))
                     })
                 })
             })
@@ -953,6 +993,46 @@ pub fn norm_modulate(
 
 // --------------------------------------------------------- gated residual
 
+multiversion! {
+    fn gated_fwd_rows(r0: usize, n: usize, d: usize, x: &[f32], y: &[f32], gate: Rows3, out: &mut [f32]) {
+        for (j, orow) in out.chunks_exact_mut(d).enumerate() {
+            let r = r0 + j;
+            let gr = gate.row(r / n, r % n, d);
+            let (xr, yr) = (&x[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
+            for i in 0..d {
+                orow[i] = xr[i] + yr[i] * gr[i];
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn gated_bwd_rows(
+        r0: usize,
+        r1: usize,
+        n: usize,
+        d: usize,
+        per_token: bool,
+        y: &[f32],
+        gate: &[f32],
+        g: &[f32],
+        dy: SendPtr,
+        dgate: SendPtr,
+    ) {
+        for r in r0..r1 {
+            let grow = if per_token { r } else { r / n };
+            let gar = &gate[grow * d..(grow + 1) * d];
+            let dgr = dgate.slice(grow * d, d);
+            let dyr = dy.slice(r * d, d);
+            let (gr, yr) = (&g[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
+            for i in 0..d {
+                dyr[i] = gr[i] * gar[i];
+                dgr[i] += gr[i] * yr[i];
+            }
+        }
+    }
+}
+
 struct GatedResidual;
 
 impl CustomOp3 for GatedResidual {
@@ -970,28 +1050,23 @@ impl CustomOp3 for GatedResidual {
         lg: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, n, d) = lx.shape().dims3()?;
-        if ly.dims() != lx.dims() {
-            bail!("gated_residual: x {:?} vs y {:?}", lx.dims(), ly.dims());
+        let (bg, t, dg) = lg.shape().dims3()?;
+        if ly.dims() != lx.dims() || bg != b || dg != d || !(t == 1 || t == n) {
+            bail!(
+                "gated_residual: x {:?}, y {:?}, gate {:?}",
+                lx.dims(),
+                ly.dims(),
+                lg.dims()
+            );
         }
         let x = slice_of(sx, lx)?;
         let y = slice_of(sy, ly)?;
         let g = Rows3::new(sg, lg)?;
-        let mut out = vec![0f32; b * n * d];
+        let mut out = output_vec(b * n * d);
         let rows_per = 64;
         out.par_chunks_mut(rows_per * d)
             .enumerate()
-            .for_each(|(ci, oc)| {
-                simd(|| {
-                    for (j, orow) in oc.chunks_exact_mut(d).enumerate() {
-                        let r = ci * rows_per + j;
-                        let gr = g.row(r / n, r % n, d);
-                        let (xr, yr) = (&x[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
-                        for i in 0..d {
-                            orow[i] = xr[i] + yr[i] * gr[i];
-                        }
-                    }
-                })
-            });
+            .for_each(|(ci, oc)| gated_fwd_rows(ci * rows_per, n, d, x, y, g, oc));
         Ok((CpuStorage::F32(out), Shape::from((b, n, d))))
     }
 
@@ -1004,33 +1079,20 @@ impl CustomOp3 for GatedResidual {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, n, d) = y.dims3()?;
-        let (_, t, _) = gate.dims3()?;
-        let mut dy = vec![0f32; b * n * d];
+        let t = gate.dim(1)?;
+        let mut dy = output_vec(b * n * d);
         let mut dg = vec![0f32; b * t * d];
-        let dyp = SendPtr(dy.as_mut_ptr());
-        let dgp = SendPtr(dg.as_mut_ptr());
-        let rows_per = if t == 1 { n } else { 64 };
+        let (dyp, dgp) = (SendPtr(dy.as_mut_ptr()), SendPtr(dg.as_mut_ptr()));
+        let per_token = t != 1;
+        let rows_per = if per_token { 64 } else { n };
         let tasks = (b * n).div_ceil(rows_per);
         with_data(y, |y| {
             with_data(gate, |ga| {
                 with_data(grad, |g| {
                     (0..tasks).into_par_iter().for_each(|task| {
-                        simd(|| {
-                            let r0 = task * rows_per;
-                            for r in r0..(r0 + rows_per).min(b * n) {
-                                let grow = if t == 1 { r / n } else { r };
-                                let gar = &ga[grow * d..(grow + 1) * d];
-                                let dgr =
-                                    unsafe { std::slice::from_raw_parts_mut(dgp.at(grow * d), d) };
-                                let dyr =
-                                    unsafe { std::slice::from_raw_parts_mut(dyp.at(r * d), d) };
-                                let (gr, yr) = (&g[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
-                                for i in 0..d {
-                                    dyr[i] = gr[i] * gar[i];
-                                    dgr[i] += gr[i] * yr[i];
-                                }
-                            }
-                        })
+                        let r0 = task * rows_per;
+                        let r1 = (r0 + rows_per).min(b * n);
+                        gated_bwd_rows(r0, r1, n, d, per_token, y, ga, g, dyp, dgp);
                     });
                     Ok(())
                 })
@@ -1058,6 +1120,31 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
 
 // ------------------------------------------------------------------ SwiGLU
 
+multiversion! {
+    fn swiglu_fwd_rows(h: usize, x: &[f32], out: &mut [f32]) {
+        for (xr, orow) in x.chunks_exact(2 * h).zip(out.chunks_exact_mut(h)) {
+            let (x1, x2) = xr.split_at(h);
+            for i in 0..h {
+                orow[i] = x1[i] * sigmoid(x1[i]) * x2[i];
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn swiglu_bwd_rows(h: usize, x: &[f32], g: &[f32], dx: &mut [f32]) {
+        for ((xr, gr), drow) in x.chunks_exact(2 * h).zip(g.chunks_exact(h)).zip(dx.chunks_exact_mut(2 * h)) {
+            let (x1, x2) = xr.split_at(h);
+            let (d1, d2) = drow.split_at_mut(h);
+            for i in 0..h {
+                let s = sigmoid(x1[i]);
+                d2[i] = gr[i] * x1[i] * s;
+                d1[i] = gr[i] * x2[i] * (s * (1.0 + x1[i] * (1.0 - s)));
+            }
+        }
+    }
+}
+
 struct SwiGlu;
 
 impl CustomOp1 for SwiGlu {
@@ -1069,23 +1156,16 @@ impl CustomOp1 for SwiGlu {
         let x = slice_of(s, l)?;
         let dims = l.dims();
         let h2 = *dims.last().unwrap_or(&0);
+        if h2 % 2 != 0 || h2 == 0 {
+            bail!("swiglu: odd last dim {h2}");
+        }
         let h = h2 / 2;
-        let rows = x.len() / h2.max(1);
-        let mut out = vec![0f32; rows * h];
-        let rows_per = 32;
+        let rows = x.len() / h2;
+        let mut out = output_vec(rows * h);
+        let rows_per = 64;
         out.par_chunks_mut(rows_per * h)
-            .enumerate()
-            .for_each(|(ci, oc)| {
-                simd(|| {
-                    for (j, orow) in oc.chunks_exact_mut(h).enumerate() {
-                        let r = ci * rows_per + j;
-                        let (x1, x2) = x[r * h2..(r + 1) * h2].split_at(h);
-                        for i in 0..h {
-                            orow[i] = x1[i] * sigmoid(x1[i]) * x2[i];
-                        }
-                    }
-                })
-            });
+            .zip(x.par_chunks(rows_per * h2))
+            .for_each(|(oc, xc)| swiglu_fwd_rows(h, xc, oc));
         let mut od = dims.to_vec();
         *od.last_mut().unwrap() = h;
         Ok((CpuStorage::F32(out), Shape::from(od)))
@@ -1094,25 +1174,14 @@ impl CustomOp1 for SwiGlu {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let h2 = arg.dim(candle_core::D::Minus1)?;
         let h = h2 / 2;
-        let mut dx = vec![0f32; arg.elem_count()];
+        let mut dx = output_vec(arg.elem_count());
+        let rows_per = 64;
         with_data(arg, |x| {
             with_data(grad, |g| {
-                dx.par_chunks_mut(32 * h2).enumerate().for_each(|(ci, dc)| {
-                    simd(|| {
-                        for (j, drow) in dc.chunks_exact_mut(h2).enumerate() {
-                            let r = ci * 32 + j;
-                            let (x1, x2) = x[r * h2..(r + 1) * h2].split_at(h);
-                            let gr = &g[r * h..(r + 1) * h];
-                            let (d1, d2) = drow.split_at_mut(h);
-                            for i in 0..h {
-                                let s = sigmoid(x1[i]);
-                                let silu = x1[i] * s;
-                                d2[i] = gr[i] * silu;
-                                d1[i] = gr[i] * x2[i] * (s * (1.0 + x1[i] * (1.0 - s)));
-                            }
-                        }
-                    })
-                });
+                dx.par_chunks_mut(rows_per * h2)
+                    .zip(x.par_chunks(rows_per * h2))
+                    .zip(g.par_chunks(rows_per * h))
+                    .for_each(|((dc, xc), gc)| swiglu_bwd_rows(h, xc, gc, dc));
                 Ok(())
             })
         })?;
@@ -1127,49 +1196,135 @@ pub fn swiglu(x12: &Tensor) -> Result<Tensor> {
 
 // ------------------------------------------------------------------ Linear
 
-struct LinearOp {
-    bias: bool,
-}
-
-impl LinearOp {
-    /// y[rows, out] = x[rows, in] w[out, in]^T (+ b), threaded GEMM.
-    fn forward(
-        x: &[f32],
-        w: &[f32],
-        b: Option<&[f32]>,
-        rows: usize,
-        din: usize,
-        dout: usize,
-    ) -> Vec<f32> {
-        let mut y = vec![0f32; rows * dout];
-        if let Some(b) = b {
-            for row in y.chunks_exact_mut(dout) {
-                row.copy_from_slice(b);
+multiversion! {
+    fn add_rows_into(cols: usize, g: &[f32], acc: &mut [f32]) {
+        for row in g.chunks_exact(cols) {
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a += v;
             }
         }
-        unsafe {
-            sgemm(
-                rows,
-                dout,
-                din,
-                y.as_mut_ptr(),
-                dout,
-                b.is_some(),
-                x.as_ptr(),
-                din,
-                1,
-                w.as_ptr(),
-                1,
-                din,
-                1.0,
-                parallelism(),
-            )
-        };
-        y
     }
 }
 
-impl CustomOp3 for LinearOp {
+/// Sums over rows of a `[rows, cols]` matrix, threaded over row blocks.
+fn column_sums(g: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let per = 256usize.max(rows.div_ceil(rayon::current_num_threads().max(1) * 4));
+    g.par_chunks(per * cols)
+        .map(|blk| {
+            let mut s = vec![0f32; cols];
+            add_rows_into(cols, blk, &mut s);
+            s
+        })
+        .reduce(|| vec![0f32; cols], add_vecs)
+}
+
+/// y[rows, out] = x[rows, in] w[out, in]^T (+ b), threaded GEMM.
+fn linear_fwd(x: &[f32], w: &[f32], b: Option<&[f32]>, din: usize, dout: usize) -> Vec<f32> {
+    let rows = x.len() / din.max(1);
+    let mut y = output_vec(rows * dout);
+    if let Some(b) = b {
+        for row in y.chunks_exact_mut(dout) {
+            row.copy_from_slice(b);
+        }
+    }
+    unsafe {
+        sgemm(
+            rows,
+            dout,
+            din,
+            y.as_mut_ptr(),
+            dout,
+            b.is_some(),
+            x.as_ptr(),
+            din,
+            1,
+            w.as_ptr(),
+            1,
+            din,
+            1.0,
+            parallelism(),
+        )
+    };
+    y
+}
+
+/// dx = g w, dW = g^T x, db = column sums of g.
+fn linear_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    bias: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let (dout, din) = w.dims2()?;
+    let rows = x.elem_count() / din.max(1);
+    let (dx, dw, db) = with_data(x, |xs| {
+        with_data(w, |ws| {
+            with_data(grad, |g| {
+                let par = parallelism();
+                let mut dx = output_vec(rows * din);
+                let mut dw = output_vec(dout * din);
+                unsafe {
+                    sgemm(
+                        rows,
+                        din,
+                        dout,
+                        dx.as_mut_ptr(),
+                        din,
+                        false,
+                        g.as_ptr(),
+                        dout,
+                        1,
+                        ws.as_ptr(),
+                        din,
+                        1,
+                        1.0,
+                        par,
+                    );
+                    sgemm(
+                        dout,
+                        din,
+                        rows,
+                        dw.as_mut_ptr(),
+                        din,
+                        false,
+                        g.as_ptr(),
+                        1,
+                        dout,
+                        xs.as_ptr(),
+                        din,
+                        1,
+                        1.0,
+                        par,
+                    );
+                }
+                let db = bias.then(|| column_sums(g, rows, dout));
+                Ok((dx, dw, db))
+            })
+        })
+    })?;
+    let dx = cpu_tensor(dx, x.shape().clone())?;
+    let dw = cpu_tensor(dw, (dout, din))?;
+    let db = match db {
+        Some(v) => Some(cpu_tensor(v, dout)?),
+        None => None,
+    };
+    Ok((dx, dw, db))
+}
+
+fn linear_shape(lx: &Layout, lw: &Layout) -> Result<(usize, usize, Vec<usize>)> {
+    let (dout, din) = lw.shape().dims2()?;
+    let dims = lx.dims();
+    if dims.last() != Some(&din) {
+        bail!("linear: x {:?} vs weight {:?}", dims, lw.dims());
+    }
+    let mut od = dims.to_vec();
+    *od.last_mut().unwrap() = dout;
+    Ok((din, dout, od))
+}
+
+struct LinearBias;
+
+impl CustomOp3 for LinearBias {
     fn name(&self) -> &'static str {
         "fused-linear"
     }
@@ -1183,22 +1338,12 @@ impl CustomOp3 for LinearOp {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = slice_of(sx, lx)?;
-        let w = slice_of(sw, lw)?;
-        let (dout, din) = lw.shape().dims2()?;
-        let dims = lx.dims();
-        if dims.last() != Some(&din) {
-            bail!("linear: x {:?} vs weight {:?}", dims, lw.dims());
+        let (din, dout, od) = linear_shape(lx, lw)?;
+        let b = slice_of(sb, lb)?;
+        if b.len() != dout {
+            bail!("linear: bias {:?} for {dout} outputs", lb.dims());
         }
-        let rows = x.len() / din.max(1);
-        let b = if self.bias {
-            Some(slice_of(sb, lb)?)
-        } else {
-            None
-        };
-        let y = Self::forward(x, w, b, rows, din, dout);
-        let mut od = dims.to_vec();
-        *od.last_mut().unwrap() = dout;
+        let y = linear_fwd(slice_of(sx, lx)?, slice_of(sw, lw)?, Some(b), din, dout);
         Ok((CpuStorage::F32(y), Shape::from(od)))
     }
 
@@ -1210,103 +1355,8 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dout, din) = w.dims2()?;
-        let rows = x.elem_count() / din.max(1);
-        let (dx, dw, db) = with_data(x, |xs| {
-            with_data(w, |ws| {
-                with_data(grad, |g| {
-                    let par = parallelism();
-                    // dx = g w
-                    let mut dx = vec![0f32; rows * din];
-                    // dW = g^T x
-                    let mut dw = vec![0f32; dout * din];
-                    unsafe {
-                        sgemm(
-                            rows,
-                            din,
-                            dout,
-                            dx.as_mut_ptr(),
-                            din,
-                            false,
-                            g.as_ptr(),
-                            dout,
-                            1,
-                            ws.as_ptr(),
-                            din,
-                            1,
-                            1.0,
-                            par,
-                        );
-                        sgemm(
-                            dout,
-                            din,
-                            rows,
-                            dw.as_mut_ptr(),
-                            din,
-                            false,
-                            g.as_ptr(),
-                            1,
-                            dout,
-                            xs.as_ptr(),
-                            din,
-                            1,
-                            1.0,
-                            par,
-                        );
-                    }
-                    let db = if self.bias {
-                        Some(column_sums(g, rows, dout))
-                    } else {
-                        None
-                    };
-                    Ok((dx, dw, db))
-                })
-            })
-        })?;
-        let dx = cpu_tensor(dx, x.shape().clone())?;
-        let dw = cpu_tensor(dw, (dout, din))?;
-        let db = match db {
-            Some(v) => Some(cpu_tensor(v, dout)?),
-            None => None,
-        };
+        let (dx, dw, db) = linear_bwd(x, w, grad, true)?;
         Ok((Some(dx), Some(dw), db))
-    }
-}
-
-/// Sums over rows of a `[rows, cols]` matrix, threaded over row blocks.
-fn column_sums(g: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let per = 256usize.max(rows.div_ceil(rayon::current_num_threads().max(1) * 4));
-    g.par_chunks(per * cols)
-        .map(|blk| {
-            let mut s = vec![0f32; cols];
-            simd(|| {
-                for row in blk.chunks_exact(cols) {
-                    for (a, v) in s.iter_mut().zip(row) {
-                        *a += v;
-                    }
-                }
-            });
-            s
-        })
-        .reduce(
-            || vec![0f32; cols],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
-                a
-            },
-        )
-}
-
-/// `x W^T + b` over the last dim of `x` (any leading dims). `bias` None: no
-/// bias. f32 CPU only (see [`applies`]).
-pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    let w = w.contiguous()?;
-    match bias {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearOp { bias: true }),
-        None => x.apply_op2(&w, LinearNoBias),
     }
 }
 
@@ -1324,18 +1374,31 @@ impl CustomOp2 for LinearNoBias {
         sw: &CpuStorage,
         lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        LinearOp { bias: false }.cpu_fwd(sx, lx, sw, lw, sw, lw)
+        let (din, dout, od) = linear_shape(lx, lw)?;
+        let y = linear_fwd(slice_of(sx, lx)?, slice_of(sw, lw)?, None, din, dout);
+        Ok((CpuStorage::F32(y), Shape::from(od)))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
         w: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = LinearOp { bias: false }.bwd(x, w, w, res, grad)?;
-        Ok((dx, dw))
+        let (dx, dw, _) = linear_bwd(x, w, grad, false)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `x W^T + b` over the last dim of `x` (any leading dims). `bias` None: no
+/// bias. f32 CPU only (see [`applies`]).
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    match bias {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBias),
+        None => x.apply_op2(&w, LinearNoBias),
     }
 }
 
