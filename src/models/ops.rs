@@ -31,7 +31,6 @@ use candle_core::{
     Tensor, bail,
 };
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 /// Whether the fused CPU kernels are enabled (`RAE_FUSED_CPU=0` turns them off).
 pub fn enabled() -> bool {
@@ -84,7 +83,7 @@ fn tune_allocator() {
 
 // ------------------------------------------------------------------ helpers
 
-/// A raw pointer that rayon tasks may share: every task writes a disjoint
+/// A raw pointer that parallel tasks may share: every task writes a disjoint
 /// part of the buffer behind it.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -350,13 +349,55 @@ unsafe fn sgemm(
     }
 }
 
-fn parallelism() -> Parallelism {
-    let n = rayon::current_num_threads();
-    if n > 1 {
-        Parallelism::Rayon(n)
-    } else {
-        Parallelism::None
+/// Threads of candle's CPU worker pool: its workers and the calling thread.
+fn pool_threads() -> usize {
+    candle_core::utils::barrier_pool().n_workers() + 1
+}
+
+/// `f(i)` for `i` in `0..n` on candle's CPU worker pool: the threads its own
+/// element-wise ops use, which spin between ops and pick work up in well
+/// under a microsecond. (With rayon for these kernels the two pools' idle
+/// threads spun against each other: a 2-thread step burnt ~50% more CPU
+/// than a 1-thread one.) Nested calls run inline.
+fn par_for(n: usize, f: impl Fn(usize) + Sync) {
+    match n {
+        0 => {}
+        1 => f(0),
+        _ => candle_core::utils::barrier_pool().execute_chunked(n, |r| r.for_each(&f)),
     }
+}
+
+/// `f(chunk index, chunk)` over consecutive `chunk_len`-float chunks of `out`
+/// (the last one may be shorter), in parallel.
+fn par_chunks(out: &mut [f32], chunk_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let len = out.len();
+    let p = SendPtr(out.as_mut_ptr());
+    par_for(len.div_ceil(chunk_len.max(1)), |i| {
+        let s = i * chunk_len;
+        f(i, p.slice(s, chunk_len.min(len - s)))
+    });
+}
+
+/// The sum over tasks `0..n` of the `len`-float vectors `f` adds into
+/// (zeroed per task), in parallel; summed in task order (deterministic).
+fn par_sum(n: usize, len: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut parts = vec![0f32; n * len];
+    par_chunks(&mut parts, len, f);
+    let mut total = vec![0f32; len];
+    for part in parts.chunks_exact(len.max(1)) {
+        for (t, v) in total.iter_mut().zip(part) {
+            *t += v;
+        }
+    }
+    total
+}
+
+/// Split `len` into about `parts` blocks of a multiple of `align`:
+/// (block length, block count).
+fn blocks(len: usize, parts: usize, align: usize) -> (usize, usize) {
+    let per = len.div_ceil(parts.max(1)).div_ceil(align) * align;
+    let per = per.max(align).min(len.max(1));
+    (per, len.div_ceil(per))
 }
 
 thread_local! {
@@ -386,14 +427,6 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 /// A second per-thread scratch (the probabilities when they are not kept).
 fn with_scratch_p<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     scratch_in(&SCRATCH_P, len, f)
-}
-
-/// Sum `src` vectors into one (a rayon reduce step).
-fn add_vecs(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
-    for (x, y) in a.iter_mut().zip(b) {
-        *x += y;
-    }
-    a
 }
 
 // ---------------------------------------------------------------- attention
@@ -652,15 +685,10 @@ impl CustomOp1 for Attention {
         };
         if self.save {
             let mut probs = output_vec(b * hs * n * n);
-            probs
-                .par_chunks_mut(n * n)
-                .enumerate()
-                .for_each(|(bh, p)| task(bh, p));
+            par_chunks(&mut probs, n * n, task);
             *self.probs.lock().unwrap() = Some(probs);
         } else {
-            (0..b * hs)
-                .into_par_iter()
-                .for_each(|bh| with_scratch_p(n * n, |p| task(bh, p)));
+            par_for(b * hs, |bh| with_scratch_p(n * n, |p| task(bh, p)));
         }
         Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
     }
@@ -676,7 +704,7 @@ impl CustomOp1 for Attention {
         with_data(arg, |qkv| {
             with_data(res, |o| {
                 with_data(grad, |g| {
-                    (0..b * hs).into_par_iter().for_each(|bh| {
+                    par_for(b * hs, |bh| {
                         let (bi, h) = (bh / hs, bh % hs);
                         // scratch: [P (if not saved) | dS | qb | kb | dq | dk | D]
                         let own_p = if saved.is_some() { 0 } else { n * n };
@@ -903,9 +931,9 @@ impl CustomOp3 for NormModulate {
         let m = Rows3::new(sm, lm)?;
         let mut out = output_vec(b * n * d);
         let rows_per = 64;
-        out.par_chunks_mut(rows_per * d)
-            .enumerate()
-            .for_each(|(ci, oc)| norm_mod_fwd_rows(spec, ci * rows_per, x, w, m, oc));
+        par_chunks(&mut out, rows_per * d, |ci, oc| {
+            norm_mod_fwd_rows(spec, ci * rows_per, x, w, m, oc)
+        });
         Ok((CpuStorage::F32(out), Shape::from((b, n, d))))
     }
 
@@ -934,20 +962,15 @@ impl CustomOp3 for NormModulate {
                 with_data(m, |mm| {
                     with_data(grad, |g| {
                         let m = Rows3::contiguous(mm, t, k);
-                        Ok((0..tasks)
-                            .into_par_iter()
-                            .map(|task| {
-                                let mut dw = vec![0f32; d];
-                                let (mut nrm, mut dn) = (vec![0f32; d], vec![0f32; d]);
-                                let r0 = task * rows_per;
-                                let r1 = (r0 + rows_per).min(b * n);
-                                norm_mod_bwd_rows(
-                                    spec, r0, r1, x, w, m, per_token, g, dxp, dmp, &mut dw,
-                                    &mut nrm, &mut dn,
-                                );
-                                dw
-                            })
-                            .reduce(|| vec![0f32; d], add_vecs))
+                        Ok(par_sum(tasks, d, |task, dw| {
+                            let (mut nrm, mut dn) = (vec![0f32; d], vec![0f32; d]);
+                            let r0 = task * rows_per;
+                            let r1 = (r0 + rows_per).min(b * n);
+                            norm_mod_bwd_rows(
+                                spec, r0, r1, x, w, m, per_token, g, dxp, dmp, dw, &mut nrm,
+                                &mut dn,
+                            );
+                        }))
                     })
                 })
             })
@@ -1064,9 +1087,9 @@ impl CustomOp3 for GatedResidual {
         let g = Rows3::new(sg, lg)?;
         let mut out = output_vec(b * n * d);
         let rows_per = 64;
-        out.par_chunks_mut(rows_per * d)
-            .enumerate()
-            .for_each(|(ci, oc)| gated_fwd_rows(ci * rows_per, n, d, x, y, g, oc));
+        par_chunks(&mut out, rows_per * d, |ci, oc| {
+            gated_fwd_rows(ci * rows_per, n, d, x, y, g, oc)
+        });
         Ok((CpuStorage::F32(out), Shape::from((b, n, d))))
     }
 
@@ -1089,7 +1112,7 @@ impl CustomOp3 for GatedResidual {
         with_data(y, |y| {
             with_data(gate, |ga| {
                 with_data(grad, |g| {
-                    (0..tasks).into_par_iter().for_each(|task| {
+                    par_for(tasks, |task| {
                         let r0 = task * rows_per;
                         let r1 = (r0 + rows_per).min(b * n);
                         gated_bwd_rows(r0, r1, n, d, per_token, y, ga, g, dyp, dgp);
@@ -1163,9 +1186,10 @@ impl CustomOp1 for SwiGlu {
         let rows = x.len() / h2;
         let mut out = output_vec(rows * h);
         let rows_per = 64;
-        out.par_chunks_mut(rows_per * h)
-            .zip(x.par_chunks(rows_per * h2))
-            .for_each(|(oc, xc)| swiglu_fwd_rows(h, xc, oc));
+        par_chunks(&mut out, rows_per * h, |ci, oc| {
+            let r0 = ci * rows_per;
+            swiglu_fwd_rows(h, &x[r0 * h2..(r0 * h2 + oc.len() * 2)], oc)
+        });
         let mut od = dims.to_vec();
         *od.last_mut().unwrap() = h;
         Ok((CpuStorage::F32(out), Shape::from(od)))
@@ -1178,10 +1202,10 @@ impl CustomOp1 for SwiGlu {
         let rows_per = 64;
         with_data(arg, |x| {
             with_data(grad, |g| {
-                dx.par_chunks_mut(rows_per * h2)
-                    .zip(x.par_chunks(rows_per * h2))
-                    .zip(g.par_chunks(rows_per * h))
-                    .for_each(|((dc, xc), gc)| swiglu_bwd_rows(h, xc, gc, dc));
+                par_chunks(&mut dx, rows_per * h2, |ci, dc| {
+                    let (r0, r1) = (ci * rows_per, ci * rows_per + dc.len() / h2);
+                    swiglu_bwd_rows(h, &x[r0 * h2..r1 * h2], &g[r0 * h..r1 * h], dc)
+                });
                 Ok(())
             })
         })?;
@@ -1208,14 +1232,12 @@ multiversion! {
 
 /// Sums over rows of a `[rows, cols]` matrix, threaded over row blocks.
 fn column_sums(g: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let per = 256usize.max(rows.div_ceil(rayon::current_num_threads().max(1) * 4));
-    g.par_chunks(per * cols)
-        .map(|blk| {
-            let mut s = vec![0f32; cols];
-            add_rows_into(cols, blk, &mut s);
-            s
-        })
-        .reduce(|| vec![0f32; cols], add_vecs)
+    let (per, nb) = blocks(rows, 2 * pool_threads(), 64);
+    par_sum(nb, cols, |i, s| {
+        let r0 = i * per;
+        let r1 = (r0 + per).min(rows);
+        add_rows_into(cols, &g[r0 * cols..r1 * cols], s)
+    })
 }
 
 /// y[rows, out] = x[rows, in] w[out, in]^T (+ b), threaded GEMM.
@@ -1227,24 +1249,31 @@ fn linear_fwd(x: &[f32], w: &[f32], b: Option<&[f32]>, din: usize, dout: usize) 
             row.copy_from_slice(b);
         }
     }
-    unsafe {
-        sgemm(
-            rows,
-            dout,
-            din,
-            y.as_mut_ptr(),
-            dout,
-            b.is_some(),
-            x.as_ptr(),
-            din,
-            1,
-            w.as_ptr(),
-            1,
-            din,
-            1.0,
-            parallelism(),
-        )
-    };
+    // row blocks, one GEMM each, on the worker pool
+    let (per, nb) = blocks(rows, 2 * pool_threads(), 16);
+    let yp = SendPtr(y.as_mut_ptr());
+    par_for(nb, |i| {
+        let r0 = i * per;
+        let m = per.min(rows - r0);
+        unsafe {
+            sgemm(
+                m,
+                dout,
+                din,
+                yp.at(r0 * dout),
+                dout,
+                b.is_some(),
+                x[r0 * din..].as_ptr(),
+                din,
+                1,
+                w.as_ptr(),
+                1,
+                din,
+                1.0,
+                Parallelism::None,
+            )
+        }
+    });
     y
 }
 
@@ -1260,43 +1289,56 @@ fn linear_bwd(
     let (dx, dw, db) = with_data(x, |xs| {
         with_data(w, |ws| {
             with_data(grad, |g| {
-                let par = parallelism();
                 let mut dx = output_vec(rows * din);
                 let mut dw = output_vec(dout * din);
-                unsafe {
-                    sgemm(
-                        rows,
-                        din,
-                        dout,
-                        dx.as_mut_ptr(),
-                        din,
-                        false,
-                        g.as_ptr(),
-                        dout,
-                        1,
-                        ws.as_ptr(),
-                        din,
-                        1,
-                        1.0,
-                        par,
-                    );
-                    sgemm(
-                        dout,
-                        din,
-                        rows,
-                        dw.as_mut_ptr(),
-                        din,
-                        false,
-                        g.as_ptr(),
-                        1,
-                        dout,
-                        xs.as_ptr(),
-                        din,
-                        1,
-                        1.0,
-                        par,
-                    );
-                }
+                let (dxp, dwp) = (SendPtr(dx.as_mut_ptr()), SendPtr(dw.as_mut_ptr()));
+                // dx in row blocks, dW in blocks of its rows, all in one parallel loop
+                let threads = pool_threads();
+                let (xper, nx) = blocks(rows, 2 * threads, 16);
+                let (wper, nw) = blocks(dout, 2 * threads, 16);
+                par_for(nx + nw, |i| unsafe {
+                    if i < nx {
+                        let r0 = i * xper;
+                        let m = xper.min(rows - r0);
+                        // dx = g w
+                        sgemm(
+                            m,
+                            din,
+                            dout,
+                            dxp.at(r0 * din),
+                            din,
+                            false,
+                            g[r0 * dout..].as_ptr(),
+                            dout,
+                            1,
+                            ws.as_ptr(),
+                            din,
+                            1,
+                            1.0,
+                            Parallelism::None,
+                        );
+                    } else {
+                        let o0 = (i - nx) * wper;
+                        let m = wper.min(dout - o0);
+                        // dW = g^T x
+                        sgemm(
+                            m,
+                            din,
+                            rows,
+                            dwp.at(o0 * din),
+                            din,
+                            false,
+                            g[o0..].as_ptr(),
+                            1,
+                            dout,
+                            xs.as_ptr(),
+                            din,
+                            1,
+                            1.0,
+                            Parallelism::None,
+                        );
+                    }
+                });
                 let db = bias.then(|| column_sums(g, rows, dout));
                 Ok((dx, dw, db))
             })
