@@ -60,6 +60,7 @@ impl NormAttention {
     /// Whether [`Self::forward_fused_cpu`] can run this layer on `x`.
     fn fused_cpu(&self, x: &Tensor, rope: Option<&Rope2d>) -> bool {
         ops::applies(&[x])
+            && x.rank() == 3
             && self.q_norm.is_none()
             && self.k_norm.is_none()
             && rope.is_none_or(|r| r.host_tables().is_some())
@@ -150,7 +151,7 @@ impl DitBlock {
         rope: Option<&Rope2d>,
         fused: bool,
     ) -> Result<Tensor> {
-        if self.attn.fused_cpu(x, rope) && ops::applies(&[c]) {
+        if self.attn.fused_cpu(x, rope) && ops::applies(&[c]) && c.rank() == 3 {
             let d = x.dim(D::Minus1)?;
             if let (Some(n1), Some(n2)) =
                 (self.norm1.fused_parts(d, x)?, self.norm2.fused_parts(d, x)?)
@@ -257,7 +258,7 @@ impl FinalLayer {
     }
 
     pub fn forward(&self, x: &Tensor, c: &Tensor, fused: bool) -> Result<Tensor> {
-        if ops::applies(&[x, c]) {
+        if ops::applies(&[x, c]) && x.rank() == 3 && c.rank() == 3 {
             let d = x.dim(D::Minus1)?;
             if let Some((k, w, eps)) = self.norm.fused_parts(d, x)? {
                 let m = self.ada.forward(&candle_nn::ops::silu(c)?)?;

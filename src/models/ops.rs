@@ -1244,17 +1244,18 @@ fn column_sums(g: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 fn linear_fwd(x: &[f32], w: &[f32], b: Option<&[f32]>, din: usize, dout: usize) -> Vec<f32> {
     let rows = x.len() / din.max(1);
     let mut y = output_vec(rows * dout);
-    if let Some(b) = b {
-        for row in y.chunks_exact_mut(dout) {
-            row.copy_from_slice(b);
-        }
-    }
     // row blocks, one GEMM each, on the worker pool
     let (per, nb) = blocks(rows, 2 * pool_threads(), 16);
     let yp = SendPtr(y.as_mut_ptr());
     par_for(nb, |i| {
         let r0 = i * per;
         let m = per.min(rows - r0);
+        if let Some(b) = b {
+            // the bias first, then the GEMM accumulates onto it
+            for row in yp.slice(r0 * dout, m * dout).chunks_exact_mut(dout) {
+                row.copy_from_slice(b);
+            }
+        }
         unsafe {
             sgemm(
                 m,
