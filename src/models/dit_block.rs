@@ -215,7 +215,7 @@ impl DitBlock {
         (k2, w2, e2): FusedNorm,
     ) -> Result<Tensor> {
         let d = x.dim(D::Minus1)?;
-        let sc = candle_nn::ops::silu(c)?;
+        let sc = ops::silu(c)?;
         let shift = !self.wo_shift;
         // chunk layout: [shift, scale, gate] x 2, or [scale, gate] x 2
         let per = if shift { 3 } else { 2 };
@@ -261,7 +261,7 @@ impl FinalLayer {
         if ops::applies(&[x, c]) && x.rank() == 3 && c.rank() == 3 {
             let d = x.dim(D::Minus1)?;
             if let Some((k, w, eps)) = self.norm.fused_parts(d, x)? {
-                let m = self.ada.forward(&candle_nn::ops::silu(c)?)?;
+                let m = self.ada.forward(&ops::silu(c)?)?;
                 let h = ops::norm_modulate(x, &w, &m, k, eps, true)?;
                 return self.linear.forward(&h);
             }

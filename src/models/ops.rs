@@ -1218,6 +1218,73 @@ pub fn swiglu(x12: &Tensor) -> Result<Tensor> {
     x12.contiguous()?.apply_op1(SwiGlu)
 }
 
+// -------------------------------------------------------------------- SiLU
+
+multiversion! {
+    fn silu_fwd_chunk(x: &[f32], out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v * sigmoid(v);
+        }
+    }
+}
+
+multiversion! {
+    fn silu_bwd_chunk(x: &[f32], g: &[f32], dx: &mut [f32]) {
+        for ((d, &v), &gv) in dx.iter_mut().zip(x).zip(g) {
+            let s = sigmoid(v);
+            *d = gv * (s * (1.0 + v * (1.0 - s)));
+        }
+    }
+}
+
+struct Silu;
+
+const SILU_CHUNK: usize = 16 * 1024;
+
+impl CustomOp1 for Silu {
+    fn name(&self) -> &'static str {
+        "fused-silu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice_of(s, l)?;
+        let mut out = output_vec(x.len());
+        par_chunks(&mut out, SILU_CHUNK, |i, oc| {
+            let o = i * SILU_CHUNK;
+            silu_fwd_chunk(&x[o..o + oc.len()], oc)
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let mut dx = output_vec(arg.elem_count());
+        with_data(arg, |x| {
+            with_data(grad, |g| {
+                par_chunks(&mut dx, SILU_CHUNK, |i, dc| {
+                    let o = i * SILU_CHUNK;
+                    silu_bwd_chunk(&x[o..o + dc.len()], &g[o..o + dc.len()], dc)
+                });
+                Ok(())
+            })
+        })?;
+        cpu_tensor(dx, arg.shape().clone()).map(Some)
+    }
+}
+
+/// x * sigmoid(x) (f32 CPU only, see [`applies`]).
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Silu)
+}
+
+/// SiLU from [`silu`] where it applies, else candle's.
+pub fn silu_any(x: &Tensor) -> Result<Tensor> {
+    if applies(&[x]) {
+        silu(x)
+    } else {
+        candle_nn::ops::silu(x)
+    }
+}
+
 // ------------------------------------------------------------------ Linear
 
 multiversion! {
@@ -1696,6 +1763,18 @@ mod tests {
                 );
                 candle_nn::ops::silu(&x1)? * x2
             },
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn silu_matches_composition() {
+        let x = (randn(&[3, 50, 700], 4) * 4.0).unwrap();
+        check(
+            "silu",
+            &[x],
+            |t| silu(&t[0]),
+            |t| candle_nn::ops::silu(&t[0]),
             1e-5,
         );
     }
