@@ -18,17 +18,41 @@ fn main() -> anyhow::Result<()> {
     let runs: usize = a.get(5).map(|s| s.parse()).transpose()?.unwrap_or(3);
     let dev = Device::Cpu;
     let vm = VarMap::new();
-    let mut model = DitModel::new(&cfg, SeededVarMap::var_builder(&vm, 0, DType::F32, &dev))?;
+    // creates the seeded variables in `vm`
+    let _init = DitModel::new(&cfg, SeededVarMap::var_builder(&vm, 0, DType::F32, &dev))?;
     // Zero-initialised adaLN / output layers would make the blocks trivial:
     // give every weight random values so the work is that of a trained model.
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1);
-    let mut names: Vec<_> = vm.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut names: Vec<_> = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     names.sort_by(|a, b| a.0.cmp(&b.0));
     for (k, v) in names {
         if k.ends_with("weight") || k.ends_with("bias") {
-            v.set(&rae_cache::bench_models::randn_cpu(&mut rng, v.dims(), 0.05)?)?;
+            v.set(&rae_cache::bench_models::randn_cpu(
+                &mut rng,
+                v.dims(),
+                0.05,
+            )?)?;
         }
     }
+    // Inference as `rae-cache sample` loads it: plain tensors, not variables
+    // (a model on Vars would record every step's graph).
+    let tensors: std::collections::HashMap<String, Tensor> = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let mut model = DitModel::new(
+        &cfg,
+        candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &dev),
+    )?;
     model.set_fused(true);
     let (c, s) = (cfg.in_channels(), cfg.input_size());
     let z0 = rae_cache::bench_models::randn_cpu(&mut rng, &[b, c, s, s], 1.0)?;
