@@ -306,7 +306,14 @@ def bench_train(a, dev):
     if a.tiny:
         spec, in_ch, grid, classes = dict(hidden=(48, 64), depth=(2, 1), heads=(4, 4)), 24, 4, 10
     else:
-        spec, in_ch, grid, classes = DITDH[a.ditdh], 768, 16, 1000
+        spec, in_ch, grid, classes = dict(DITDH[a.ditdh]), 768, 16, 1000
+    # Explicit shape options override the preset (e.g. the issue-10 small model:
+    # --hidden 64,96 --depth 2,1 --heads 4,6 --in-channels 64 --grid 16 --classes 4).
+    pair = lambda s: tuple(int(v) for v in s.split(","))
+    for key, val in (("hidden", a.hidden), ("depth", a.depth), ("heads", a.heads)):
+        if val:
+            spec[key] = pair(val)
+    in_ch, grid, classes = a.in_channels or in_ch, a.grid or grid, a.classes or classes
     model = DitDh(spec["hidden"], spec["depth"], spec["heads"], in_ch, grid, classes).to(dev)
     params = n_params(model)
     ema = [p.detach().clone() for p in model.parameters()]
@@ -335,6 +342,9 @@ def bench_train(a, dev):
 
     secs = time_iters(dev, a.warmup, a.iters, step)
     name = "ditdh-tiny" if a.tiny else "ditdh-" + a.ditdh
+    if any((a.hidden, a.depth, a.heads, a.in_channels, a.grid, a.classes)):
+        name = (f"ditdh h{spec['hidden']} d{spec['depth']} heads{spec['heads']} "
+                f"{grid}x{grid}x{in_ch} {classes} classes")
     mode = f"{a.precision} autocast" if amp else "f32"
     return report("train", name, dev, a.precision, b, a.warmup, secs, params,
                   f"fwd+bwd+clip+AdamW+EMA, f32 weights, {mode}, sdpa; fixed inputs (no loader)")
@@ -426,11 +436,20 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--ditdh", default="xl", choices=sorted(DITDH))
     p.add_argument("--decoder", default="vit-xl", choices=sorted(DECODER))
+    p.add_argument("--hidden", help="train: backbone,head widths (overrides --ditdh), e.g. 64,96")
+    p.add_argument("--depth", help="train: backbone,head depths, e.g. 2,1")
+    p.add_argument("--heads", help="train: backbone,head head counts, e.g. 4,6")
+    p.add_argument("--in-channels", type=int, help="train: latent channels (default 768)")
+    p.add_argument("--grid", type=int, help="train: latent grid side (default 16)")
+    p.add_argument("--classes", type=int, help="train: number of classes (default 1000)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--tiny", action="store_true", help="small shapes for a CPU smoke test")
     p.add_argument("--params-only", action="store_true", help="print parameter counts and exit")
     a = p.parse_args()
     if a.batch:
         a.batch_encoder = a.batch_train = a.batch_decoder = a.batch
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

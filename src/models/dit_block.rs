@@ -7,6 +7,7 @@ use candle_nn::VarBuilder;
 
 use super::embed::Rope2d;
 use super::layers::{FeedForward, Linear, LinearInit, Norm, attention, merge_heads, modulate};
+use super::ops;
 
 /// Hyper-parameters of one block.
 #[derive(Debug, Clone, Copy)]
@@ -56,7 +57,27 @@ impl NormAttention {
         })
     }
 
+    /// Whether [`Self::forward_fused_cpu`] can run this layer on `x`.
+    fn fused_cpu(&self, x: &Tensor, rope: Option<&Rope2d>) -> bool {
+        ops::applies(&[x])
+            && x.rank() == 3
+            && self.q_norm.is_none()
+            && self.k_norm.is_none()
+            && rope.is_none_or(|r| r.host_tables().is_some())
+    }
+
+    /// qkv projection -> fused rope + attention -> proj (f32 CPU).
+    fn forward_fused_cpu(&self, x: &Tensor, rope: Option<&Rope2d>) -> Result<Tensor> {
+        let qkv = self.qkv.forward(x)?;
+        let tables = rope.and_then(|r| r.host_tables());
+        self.proj
+            .forward(&ops::attention_qkv(&qkv, self.heads, tables)?)
+    }
+
     pub fn forward(&self, x: &Tensor, rope: Option<&Rope2d>, fused: bool) -> Result<Tensor> {
+        if self.fused_cpu(x, rope) {
+            return self.forward_fused_cpu(x, rope);
+        }
         let (b, n, c) = x.dims3()?;
         let dh = c / self.heads;
         // [B,N,3,H,Dh] -> [3,B,H,N,Dh]
@@ -130,6 +151,14 @@ impl DitBlock {
         rope: Option<&Rope2d>,
         fused: bool,
     ) -> Result<Tensor> {
+        if self.attn.fused_cpu(x, rope) && ops::applies(&[c]) && c.rank() == 3 {
+            let d = x.dim(D::Minus1)?;
+            if let (Some(n1), Some(n2)) =
+                (self.norm1.fused_parts(d, x)?, self.norm2.fused_parts(d, x)?)
+            {
+                return self.forward_fused_cpu(x, c, rope, n1, n2);
+            }
+        }
         let m = self.ada.forward(&candle_nn::ops::silu(c)?)?;
         let (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = if self.wo_shift {
             let m = chunks(&m, 4)?;
@@ -170,6 +199,40 @@ impl DitBlock {
     }
 }
 
+type FusedNorm = (ops::NormKind, Tensor, f64);
+
+impl DitBlock {
+    /// The block from the fused f32 CPU kernels: adaLN as one projection per
+    /// use ([shift|scale] pairs and gates, so no modulation gradient is padded
+    /// to the full 6D width), norm + modulation, fused attention, gated
+    /// residuals, fused SwiGLU.
+    fn forward_fused_cpu(
+        &self,
+        x: &Tensor,
+        c: &Tensor,
+        rope: Option<&Rope2d>,
+        (k1, w1, e1): FusedNorm,
+        (k2, w2, e2): FusedNorm,
+    ) -> Result<Tensor> {
+        let d = x.dim(D::Minus1)?;
+        let sc = ops::silu(c)?;
+        let shift = !self.wo_shift;
+        // chunk layout: [shift, scale, gate] x 2, or [scale, gate] x 2
+        let per = if shift { 3 } else { 2 };
+        let ss = if shift { 2 * d } else { d };
+        let mod1 = self.ada.rows(0, ss)?.forward(&sc)?;
+        let gate1 = self.ada.rows(ss, d)?.forward(&sc)?;
+        let mod2 = self.ada.rows(per * d, ss)?.forward(&sc)?;
+        let gate2 = self.ada.rows(per * d + ss, d)?.forward(&sc)?;
+        let h = ops::norm_modulate(x, &w1, &mod1, k1, e1, shift)?;
+        let a = self.attn.forward_fused_cpu(&h, rope)?;
+        let x = ops::gated_residual(x, &a, &gate1)?;
+        let h = ops::norm_modulate(&x, &w2, &mod2, k2, e2, shift)?;
+        let f = self.mlp.forward(&h)?;
+        ops::gated_residual(&x, &f, &gate2)
+    }
+}
+
 /// Final adaLN layer (`norm_final`, `adaLN_modulation.1`, `linear`): shift
 /// and scale, no gate.
 #[derive(Debug, Clone)]
@@ -195,6 +258,14 @@ impl FinalLayer {
     }
 
     pub fn forward(&self, x: &Tensor, c: &Tensor, fused: bool) -> Result<Tensor> {
+        if ops::applies(&[x, c]) && x.rank() == 3 && c.rank() == 3 {
+            let d = x.dim(D::Minus1)?;
+            if let Some((k, w, eps)) = self.norm.fused_parts(d, x)? {
+                let m = self.ada.forward(&ops::silu(c)?)?;
+                let h = ops::norm_modulate(x, &w, &m, k, eps, true)?;
+                return self.linear.forward(&h);
+            }
+        }
         let m = chunks(&self.ada.forward(&candle_nn::ops::silu(c)?)?, 2)?;
         let h = modulate(&self.norm.forward(x, fused)?, Some(&m[0]), &m[1])?;
         self.linear.forward(&h)

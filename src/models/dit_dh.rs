@@ -159,7 +159,7 @@ impl DitDh {
         for b in &self.enc_blocks {
             s = b.forward(&s, &c, self.enc_rope.as_ref(), f)?;
         }
-        let mut s = candle_nn::ops::silu(&s.broadcast_add(&t_emb.unsqueeze(1)?)?)?;
+        let mut s = super::ops::silu_any(&s.broadcast_add(&t_emb.unsqueeze(1)?)?)?;
         if let Some(proj) = &self.s_projector {
             s = proj.forward(&s)?;
         }

@@ -61,6 +61,8 @@ pub struct Rope2d {
     /// `[N, dh/2]` (one entry per pair) for the fused kernel.
     cos_half: Tensor,
     sin_half: Tensor,
+    /// Host copies of `cos`/`sin` for the fused CPU attention (f32 CPU models).
+    host: Option<super::ops::RopeTables>,
 }
 
 impl Rope2d {
@@ -91,6 +93,10 @@ impl Rope2d {
         }
         let cos: Vec<f32> = angles.iter().map(|a| (*a as f32).cos()).collect();
         let sin: Vec<f32> = angles.iter().map(|a| (*a as f32).sin()).collect();
+        let host = (device.is_cpu() && dtype == DType::F32).then(|| super::ops::RopeTables {
+            cos: std::sync::Arc::new(cos.clone()),
+            sin: std::sync::Arc::new(sin.clone()),
+        });
         let cos = Tensor::from_vec(cos, (n, head_dim), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (n, head_dim), device)?.to_dtype(dtype)?;
         let pick_even = |t: &Tensor| -> Result<Tensor> {
@@ -104,7 +110,13 @@ impl Rope2d {
             sin_half: pick_even(&sin)?,
             cos,
             sin,
+            host,
         })
+    }
+
+    /// The f32 host tables for [`super::ops::attention_qkv`] (f32 CPU models only).
+    pub fn host_tables(&self) -> Option<&super::ops::RopeTables> {
+        self.host.as_ref()
     }
 
     /// `[N, dh]` cos and sin tables (compare with the stored buffers).

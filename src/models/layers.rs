@@ -79,6 +79,23 @@ impl Linear {
     pub fn weight(&self) -> &Tensor {
         self.inner.weight()
     }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+
+    /// Output rows `start..start + len` of this layer as a layer of its own
+    /// (views of the weight and bias: gradients flow back into them).
+    pub fn rows(&self, start: usize, len: usize) -> Result<Self> {
+        let w = self.inner.weight().narrow(0, start, len)?;
+        let b = match self.inner.bias() {
+            Some(b) => Some(b.narrow(0, start, len)?),
+            None => None,
+        };
+        Ok(Self {
+            inner: candle_nn::Linear::new(w, b),
+        })
+    }
 }
 
 impl Module for Linear {
@@ -86,6 +103,9 @@ impl Module for Linear {
         // One 2D GEMM over all leading dims: faster than candle's batched
         // broadcast matmul, and avoids its wrong results on some transposed
         // (non-contiguous) inputs in candle 0.11 (e.g. [B,C,T]->[B,T,C]).
+        if super::ops::applies(&[x, self.inner.weight()]) {
+            return super::ops::linear(x, self.inner.weight(), self.inner.bias());
+        }
         let dims = x.dims().to_vec();
         let Some((&in_dim, lead)) = dims.split_last() else {
             candle_core::bail!("linear: scalar input");
@@ -144,6 +164,27 @@ impl Norm {
         } else {
             Ok(Self::layer_no_affine(1e-6))
         }
+    }
+
+    /// What [`super::ops::norm_modulate`] needs: the kind, a `[dim]` weight
+    /// (ones for LayerNorm without affine) and eps; None for a LayerNorm with
+    /// affine (not fused).
+    pub fn fused_parts(
+        &self,
+        dim: usize,
+        x: &Tensor,
+    ) -> Result<Option<(super::ops::NormKind, Tensor, f64)>> {
+        Ok(match self {
+            Self::Rms { weight, eps } => Some((super::ops::NormKind::Rms, weight.clone(), *eps)),
+            Self::Layer { affine: None, eps } => Some((
+                super::ops::NormKind::Layer,
+                Tensor::ones(dim, x.dtype(), x.device())?,
+                *eps,
+            )),
+            Self::Layer {
+                affine: Some(_), ..
+            } => None,
+        })
     }
 
     pub fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
@@ -261,6 +302,9 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Self::SwiGlu { w12, w3 } if super::ops::applies(&[x]) => {
+                w3.forward(&super::ops::swiglu(&w12.forward(x)?)?)
+            }
             Self::SwiGlu { w12, w3 } => {
                 let x12 = w12.forward(x)?;
                 let h = x12.dim(D::Minus1)? / 2;

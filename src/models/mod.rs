@@ -14,6 +14,7 @@ pub mod dit_dh;
 pub mod embed;
 pub mod layers;
 pub mod lightning_dit;
+pub mod ops;
 
 use std::path::{Path, PathBuf};
 
