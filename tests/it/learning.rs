@@ -85,7 +85,11 @@ fn dist2(a: &[f32], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (*x as f64 - y).powi(2)).sum()
 }
 
+/// Minutes of training: run it with a release build,
+/// `cargo test --release --test it learning:: -- --ignored --nocapture`
+/// (about 2 minutes on 2 cores; 0.635 class accuracy on 2026-12-03).
 #[test]
+#[ignore = "a 1,000-step training run: cargo test --release --test it learning:: -- --ignored"]
 fn generated_latents_have_their_class() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
@@ -109,10 +113,10 @@ fn generated_latents_have_their_class() {
     let dim = real[0].1.len();
     let channels = dim / 256;
 
-    // A DiT-DH small enough for CI (patch 4 over the 16x16 token grid).
+    // A small DiT-DH (patch 2 over the 16x16 token grid).
     let model = t.join("model.json");
     let cfg = serde_json::json!({
-        "input_size": 16, "patch_size": 4, "in_channels": channels,
+        "input_size": 16, "patch_size": 2, "in_channels": channels,
         "hidden_size": [64, 96], "depth": [2, 1], "num_heads": [4, 6],
         "num_classes": CLASSES,
     });
@@ -131,7 +135,7 @@ fn generated_latents_have_their_class() {
         "--lr",
         "2e-3",
         "--steps",
-        "400",
+        "1000",
         "--seed",
         "1",
         "--device",
@@ -143,9 +147,7 @@ fn generated_latents_have_their_class() {
     // run samples from the raw weights (the EMA is still mostly the init).
     let samples = t.join("samples");
     let per_class = 24;
-    let labels: Vec<String> = (0..CLASSES * per_class)
-        .map(|i| (i % CLASSES).to_string())
-        .collect();
+    let num = (CLASSES * per_class).to_string();
     run_ok(&[
         "sample",
         "--model",
@@ -153,11 +155,13 @@ fn generated_latents_have_their_class() {
         "--out",
         &s(&samples),
         "--labels",
-        &labels.join(","),
+        "all",
+        "--num",
+        &num,
         "--steps",
         "26",
         "--cfg-scale",
-        "2.0",
+        "4.0",
         "--stats",
         &s(&cache.join("stats.safetensors")),
         "--seed",
