@@ -5,9 +5,11 @@ use std::process::ExitCode;
 
 use rae_cache::dist::tcp::TcpGroup;
 use rae_cache::dist::{Collective, DistEnv};
-use rae_cache::pipeline::{self, BuildConfig, BuildProgress, BuildSummary, HFlip, PartSpec};
+use rae_cache::pipeline::{self, BuildConfig, BuildSummary, HFlip, PartSpec};
 use rae_cache::precision::Precision;
 use rae_cache::shards::LatentDType;
+
+use super::progress::Bar;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -120,7 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(_) => None,
     };
     // One bar per job: rank 0's.
-    let mut bar = Bar::new(job.as_ref().is_none_or(|d| d.rank == 0));
+    let mut bar = Bar::images(job.as_ref().is_none_or(|d| d.rank == 0));
     let group = match &job {
         Some(d) => {
             cfg.part = Some(PartSpec {
@@ -218,43 +220,4 @@ fn report_rejected(s: &BuildSummary, strict: bool) -> bool {
         );
     }
     strict
-}
-
-/// The build's progress bar on stderr: images done, images/s and ETA.
-struct Bar {
-    show: bool,
-    bar: Option<indicatif::ProgressBar>,
-}
-
-impl Bar {
-    fn new(show: bool) -> Self {
-        Self { show, bar: None }
-    }
-}
-
-impl BuildProgress for Bar {
-    fn start(&mut self, images: u64) {
-        if !self.show {
-            return;
-        }
-        let bar = indicatif::ProgressBar::new(images);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{spinner} {bar:40} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",
-        ) {
-            bar.set_style(style);
-        }
-        self.bar = Some(bar);
-    }
-
-    fn image_done(&mut self) {
-        if let Some(bar) = &self.bar {
-            bar.inc(1);
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-    }
 }

@@ -9,6 +9,8 @@ use rae_cache::models::config::load_config;
 use rae_cache::models::{DecoderConfig, WeightsKey, load_decoder};
 use rae_cache::precision::Precision;
 
+use super::progress::Bar;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A shard file, a directory of shards, or a cache / sample directory.
@@ -95,9 +97,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         limit: a.limit,
         grid: a.grid,
         rounding,
-        progress: true,
     };
-    let s = decode_shards(&decoder, &shards, &opts, &device)?;
+    let s = decode_shards(
+        &decoder,
+        &shards,
+        &opts,
+        &device,
+        &mut Bar::labelled("decode", true),
+    )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {

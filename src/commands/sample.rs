@@ -14,6 +14,8 @@ use rae_cache::precision::Precision;
 use rae_cache::shards::{LatentDType, LatentStats};
 use rae_cache::train::checkpoint::open_trained;
 
+use super::progress::Bar;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// DiT / DiT-DH checkpoint (.safetensors or .pt), or a `rae-cache
@@ -289,14 +291,21 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         size: main.cfg.input_size(),
         num_classes: main.cfg.num_classes(),
         rows_per_shard: a.shard_rows,
-        progress: group.as_ref().is_none_or(|g| g.rank() == 0),
         provenance,
         part: group.as_ref().map(|g| (g.rank(), g.world_size())),
     };
 
     // Sample; rank 0 reports.
     let g = guide.as_ref().map(|g| &g.model as &dyn VelocityModel);
-    let Some(s) = run_sampling_job(&main.model, g, &opts, &device, group.as_ref())? else {
+    let Some(s) = run_sampling_job(
+        &main.model,
+        g,
+        &opts,
+        &device,
+        group.as_ref(),
+        &mut Bar::labelled("sample", group.as_ref().is_none_or(|g| g.rank() == 0)),
+    )?
+    else {
         return Ok(ExitCode::SUCCESS);
     };
     if a.json {

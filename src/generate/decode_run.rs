@@ -17,6 +17,7 @@ use super::GenerateError;
 use super::npz::NpzWriter;
 use super::pixels::{Rounding, chw_to_hwc_u8, grid, image_stem};
 use crate::models::RaeDecoder;
+use crate::progress::Progress;
 use crate::shards::{LatentBatch, ShardReader};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -57,7 +58,6 @@ pub struct DecodeOptions {
     /// Contact sheet of the first `grid` images (0: none).
     pub grid: usize,
     pub rounding: Rounding,
-    pub progress: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -341,12 +341,14 @@ fn writer_loop(mut sink: Sink, rx: Receiver<Decoded>) -> Result<Option<PathBuf>,
     sink.finish()
 }
 
-/// Decode every row of `shards` (in order, up to `opts.limit`).
+/// Decode every row of `shards` (in order, up to `opts.limit`), reporting
+/// images decoded to `progress`.
 pub fn decode_shards(
     decoder: &RaeDecoder,
     shards: &[PathBuf],
     opts: &DecodeOptions,
     device: &Device,
+    progress: &mut dyn Progress,
 ) -> Result<DecodeSummary, GenerateError> {
     let cfg = decoder.config();
     let readers: Vec<ShardReader> = shards
@@ -381,7 +383,7 @@ pub fn decode_shards(
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| GenerateError::io(&opts.out_dir, e))?;
     let sink = Sink::new(opts, n, h, w)?;
 
-    let bar = super::progress_bar("decode", n as u64, opts.progress);
+    progress.start(n as u64);
     let start = Instant::now();
     let (tx_in, rx_in) = bounded::<Chunk>(2);
     let (tx_out, rx_out) = bounded::<Decoded>(2);
@@ -399,24 +401,25 @@ pub fn decode_shards(
                 pixels: vec![],
             };
             let mut lat: Vec<f32> = Vec::new();
-            let flush = |pend: &mut Decoded, lat: &mut Vec<f32>| -> Result<bool, GenerateError> {
-                let b = pend.keys.len();
-                if b == 0 {
-                    return Ok(true);
-                }
-                let z = Tensor::from_slice(lat.as_slice(), (b, t, c), device)?;
-                let px = decoder.forward(&z)?.to_dtype(candle_core::DType::F32)?;
-                let pixels: Vec<f32> = px.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?;
-                lat.clear();
-                let d = Decoded {
-                    keys: std::mem::take(&mut pend.keys),
-                    labels: std::mem::take(&mut pend.labels),
-                    flips: std::mem::take(&mut pend.flips),
-                    pixels,
+            let mut flush =
+                |pend: &mut Decoded, lat: &mut Vec<f32>| -> Result<bool, GenerateError> {
+                    let b = pend.keys.len();
+                    if b == 0 {
+                        return Ok(true);
+                    }
+                    let z = Tensor::from_slice(lat.as_slice(), (b, t, c), device)?;
+                    let px = decoder.forward(&z)?.to_dtype(candle_core::DType::F32)?;
+                    let pixels: Vec<f32> = px.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?;
+                    lat.clear();
+                    let d = Decoded {
+                        keys: std::mem::take(&mut pend.keys),
+                        labels: std::mem::take(&mut pend.labels),
+                        flips: std::mem::take(&mut pend.flips),
+                        pixels,
+                    };
+                    progress.advance(b as u64);
+                    Ok(tx_out.send(d).is_ok())
                 };
-                bar.inc(b as u64);
-                Ok(tx_out.send(d).is_ok())
-            };
             for chunk in rx_in {
                 let chunk = chunk?;
                 let per = chunk.tokens * chunk.channels;
@@ -441,7 +444,7 @@ pub fn decode_shards(
     });
     main_res?;
     let grid_path = grid_res?;
-    bar.finish_and_clear();
+    progress.finish();
     let seconds = start.elapsed().as_secs_f64();
     Ok(DecodeSummary {
         out_dir: opts.out_dir.clone(),

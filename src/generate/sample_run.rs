@@ -18,6 +18,7 @@ use super::labels::LabelSpec;
 use super::noise::noise_for;
 use crate::diffusion::{Guidance, SamplerConfig, SamplerMethod, sample};
 use crate::models::VelocityModel;
+use crate::progress::Progress;
 use crate::shards::manifest::{HflipMode, MANIFEST_FILE, shard_file_name};
 use crate::shards::{
     EncoderInfo, LatentDType, LatentRow, LatentStats, Manifest, ShardInfo, ShardWriter,
@@ -52,7 +53,6 @@ pub struct SampleOptions {
     pub size: usize,
     pub num_classes: usize,
     pub rows_per_shard: usize,
-    pub progress: bool,
     /// Free-form description (model path, config, guide, ...) for the
     /// manifest and footers.
     pub provenance: serde_json::Value,
@@ -150,8 +150,9 @@ pub fn run_sampling_job(
     opts: &SampleOptions,
     device: &Device,
     group: Option<&crate::dist::tcp::TcpGroup>,
+    progress: &mut dyn Progress,
 ) -> Result<Option<SampleSummary>, GenerateError> {
-    let mut s = run_sampling(model, guide, opts, device)?;
+    let mut s = run_sampling(model, guide, opts, device, progress)?;
     let Some(group) = group else {
         return Ok(Some(s));
     };
@@ -171,12 +172,14 @@ pub fn run_sampling_job(
     Ok(Some(s))
 }
 
-/// Run the sampler over all N samples in batches and write the shards.
+/// Run the sampler over all N samples in batches and write the shards,
+/// reporting samples done to `progress`.
 pub fn run_sampling(
     model: &dyn VelocityModel,
     guide: Option<&dyn VelocityModel>,
     opts: &SampleOptions,
     device: &Device,
+    progress: &mut dyn Progress,
 ) -> Result<SampleSummary, GenerateError> {
     let (c, h) = (opts.channels, opts.size);
     let n = match &opts.noise {
@@ -240,7 +243,7 @@ pub fn run_sampling(
     let mut writer: Option<ShardWriter> = None;
     let mut written = 0usize;
     let mut i0 = first_shard * opts.rows_per_shard;
-    let bar = super::progress_bar("sample", end.saturating_sub(i0) as u64, opts.progress);
+    progress.start(end.saturating_sub(i0) as u64);
     let start = Instant::now();
     while i0 < end {
         let b = opts.batch_size.min(end - i0);
@@ -288,13 +291,13 @@ pub fn run_sampling(
             }
             written += 1;
         }
-        bar.inc(b as u64);
+        progress.advance(b as u64);
         i0 += b;
     }
     if let Some(w) = writer.take() {
         shards.push(w.finish()?);
     }
-    bar.finish_and_clear();
+    progress.finish();
     let seconds = start.elapsed().as_secs_f64();
 
     // Shard paths in the manifest are relative to the output directory.
