@@ -255,45 +255,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         })
         .transpose()?;
 
-    // Sampler, noise, statistics, provenance.
-    let sampler = sampler_config(&a, &main.cfg, guidance(&a, &main.cfg, guide.is_some())?)?;
-    let noise = read_noise(&a.noise)?;
-    if noise.is_none() && a.num == 0 {
-        bail!("--num N (or --noise FILE) is required");
-    }
-    let stats = a
-        .stats
-        .as_ref()
-        .map(|p| LatentStats::load(p).with_context(|| format!("reading --stats {}", p.display())))
-        .transpose()?;
-    let provenance = serde_json::json!({
-        "model": main.file.display().to_string(),
-        "model_config": main.src,
-        "model_config_sha256": config_sha256(&main.src)?,
-        "guide_model": guide.as_ref().map(|g| g.file.display().to_string()),
-        "guide_config": guide.as_ref().map(|g| g.src.clone()),
-        "stats": a.stats.as_ref().map(|p| p.display().to_string()),
-        "noise": a.noise.as_ref().map(|p| p.display().to_string()),
-        "precision": compute.as_str(),
-        "tf32": rae_cache::precision::tf32_enabled(),
-    });
-    let opts = SampleOptions {
-        out_dir: a.out.clone(),
-        num: a.num,
-        labels: LabelSpec::parse(&a.labels)?,
-        sampler,
-        seed: a.seed,
-        batch_size: a.batch_size,
-        dtype,
-        noise,
-        stats,
-        channels: main.cfg.in_channels(),
-        size: main.cfg.input_size(),
-        num_classes: main.cfg.num_classes(),
-        rows_per_shard: a.shard_rows,
-        provenance,
-        part: group.as_ref().map(|g| (g.rank(), g.world_size())),
-    };
+    let part = group.as_ref().map(|g| (g.rank(), g.world_size()));
+    let opts = sample_options(&a, &main, guide.as_ref(), dtype, compute, part)?;
 
     // Sample; rank 0 reports.
     let g = guide.as_ref().map(|g| &g.model as &dyn VelocityModel);
@@ -325,4 +288,54 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The sampling run: sampler, noise, statistics, provenance, and which
+/// `part` (rank, world size) of a job this process samples.
+fn sample_options(
+    a: &Args,
+    main: &Loaded,
+    guide: Option<&Loaded>,
+    dtype: LatentDType,
+    compute: DType,
+    part: Option<(usize, usize)>,
+) -> anyhow::Result<SampleOptions> {
+    let sampler = sampler_config(a, &main.cfg, guidance(a, &main.cfg, guide.is_some())?)?;
+    let noise = read_noise(&a.noise)?;
+    if noise.is_none() && a.num == 0 {
+        bail!("--num N (or --noise FILE) is required");
+    }
+    let stats = a
+        .stats
+        .as_ref()
+        .map(|p| LatentStats::load(p).with_context(|| format!("reading --stats {}", p.display())))
+        .transpose()?;
+    let provenance = serde_json::json!({
+        "model": main.file.display().to_string(),
+        "model_config": main.src,
+        "model_config_sha256": config_sha256(&main.src)?,
+        "guide_model": guide.map(|g| g.file.display().to_string()),
+        "guide_config": guide.map(|g| g.src.clone()),
+        "stats": a.stats.as_ref().map(|p| p.display().to_string()),
+        "noise": a.noise.as_ref().map(|p| p.display().to_string()),
+        "precision": compute.as_str(),
+        "tf32": rae_cache::precision::tf32_enabled(),
+    });
+    Ok(SampleOptions {
+        out_dir: a.out.clone(),
+        num: a.num,
+        labels: LabelSpec::parse(&a.labels)?,
+        sampler,
+        seed: a.seed,
+        batch_size: a.batch_size,
+        dtype,
+        noise,
+        stats,
+        channels: main.cfg.in_channels(),
+        size: main.cfg.input_size(),
+        num_classes: main.cfg.num_classes(),
+        rows_per_shard: a.shard_rows,
+        provenance,
+        part,
+    })
 }
