@@ -47,9 +47,9 @@ pub struct Args {
     /// Grid points N (N-1 Euler steps).
     #[arg(long, default_value_t = 50)]
     steps: usize,
-    /// euler | heun | sde
-    #[arg(long, default_value = "euler")]
-    sampler: String,
+    /// Euler ODE, Heun ODE or Euler-Maruyama SDE.
+    #[arg(long, value_enum, default_value_t = SamplerMethod::EulerOde)]
+    sampler: SamplerMethod,
     /// Time shift (default sqrt(tokens * C / 4096), as the reference).
     #[arg(long)]
     shift: Option<f64>,
@@ -78,8 +78,8 @@ pub struct Args {
     #[arg(long)]
     stats: Option<PathBuf>,
     /// Stored latent dtype: f16 | f32 | bf16.
-    #[arg(long, default_value = "f16")]
-    dtype: String,
+    #[arg(long, default_value = "f16", value_parser = <LatentDType as std::str::FromStr>::from_str)]
+    dtype: LatentDType,
     /// Rows per shard.
     #[arg(long, default_value_t = 1024)]
     shard_rows: usize,
@@ -193,21 +193,15 @@ fn guidance(a: &Args, cfg: &DitConfig, with_guide: bool) -> anyhow::Result<Guida
     })
 }
 
-fn sampler_config(a: &Args, cfg: &DitConfig, guidance: Guidance) -> anyhow::Result<SamplerConfig> {
-    let method = match a.sampler.as_str() {
-        "euler" => SamplerMethod::EulerOde,
-        "heun" => SamplerMethod::HeunOde,
-        "sde" => SamplerMethod::EulerMaruyama,
-        o => bail!("--sampler {o:?}: expected euler, heun or sde"),
-    };
+fn sampler_config(a: &Args, cfg: &DitConfig, guidance: Guidance) -> SamplerConfig {
     let (c, h) = (cfg.in_channels(), cfg.input_size());
-    Ok(SamplerConfig {
-        method,
+    SamplerConfig {
+        method: a.sampler,
         num_steps: a.steps,
         time_shift: a.shift.unwrap_or_else(|| default_shift(h * h, c)),
         guidance,
         ..Default::default()
-    })
+    }
 }
 
 /// `--noise FILE`: its `z0` tensor.
@@ -226,7 +220,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let job = DistEnv::from_env()?;
     let device = rae_cache::device::for_job(&a.device, job.as_ref().map(|d| d.local_rank))?;
     let group = job.as_ref().map(TcpGroup::connect).transpose()?;
-    let dtype: LatentDType = a.dtype.parse().map_err(anyhow::Error::msg)?;
+    let dtype = a.dtype;
     if dtype == LatentDType::Int8 {
         bail!("--dtype: sampled latents are stored as f16, f32 or bf16");
     }
@@ -300,7 +294,7 @@ fn sample_options(
     compute: DType,
     part: Option<(usize, usize)>,
 ) -> anyhow::Result<SampleOptions> {
-    let sampler = sampler_config(a, &main.cfg, guidance(a, &main.cfg, guide.is_some())?)?;
+    let sampler = sampler_config(a, &main.cfg, guidance(a, &main.cfg, guide.is_some())?);
     let noise = read_noise(&a.noise)?;
     if noise.is_none() && a.num == 0 {
         bail!("--num N (or --noise FILE) is required");

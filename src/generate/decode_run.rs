@@ -20,8 +20,10 @@ use crate::models::{DecoderConfig, RaeDecoder};
 use crate::progress::Progress;
 use crate::shards::{LatentBatch, ShardReader};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// What `decode` writes (`--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lowercase")]
 pub enum DecodeFormat {
     /// One PNG per row, named by key.
     Png,
@@ -30,17 +32,6 @@ pub enum DecodeFormat {
     /// `pixels.safetensors`: f32 `[N,3,H,W]` (decoder output, unclamped)
     /// and `labels` i32 `[N]`.
     Safetensors,
-}
-
-impl DecodeFormat {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "png" => Some(Self::Png),
-            "npz" => Some(Self::Npz),
-            "safetensors" => Some(Self::Safetensors),
-            _ => None,
-        }
-    }
 }
 
 pub const NPZ_FILE: &str = "images.npz";

@@ -79,14 +79,6 @@ pub fn sample_key(i: usize, n: usize) -> String {
     format!("sample/{i:0w$}")
 }
 
-fn method_name(m: SamplerMethod) -> &'static str {
-    match m {
-        SamplerMethod::EulerOde => "euler",
-        SamplerMethod::HeunOde => "heun",
-        SamplerMethod::EulerMaruyama => "sde",
-    }
-}
-
 /// The sampler settings as JSON (manifest / footer).
 pub fn sampler_json(cfg: &SamplerConfig) -> serde_json::Value {
     let guidance = match cfg.guidance {
@@ -107,7 +99,7 @@ pub fn sampler_json(cfg: &SamplerConfig) -> serde_json::Value {
         }
     };
     serde_json::json!({
-        "method": method_name(cfg.method),
+        "method": cfg.method.name(),
         "num_steps": cfg.num_steps,
         "time_shift": cfg.time_shift,
         "guidance": guidance,
