@@ -14,7 +14,8 @@ use std::time::Instant;
 use candle_core::DType;
 use rae_cache::encoders::{crops_to_tensor, load_encoder};
 use rae_cache::images::{DecodeOptions, adm_center_crop, decode_rgb8, discover};
-use rae_cache::pipeline::{BuildConfig, HFlip, NoProgress, run_build};
+use rae_cache::pipeline::{BuildConfig, HFlip, run_build};
+use rae_cache::progress::NoProgress;
 use rae_cache::shards::LatentDType;
 
 fn env_or(name: &str, default: &str) -> String {

@@ -12,7 +12,7 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::models::checkpoint::trainable_vars;
+use crate::models::state_dict::trainable_vars;
 use crate::models::{DecoderConfig, DitConfig, DitModel, RaeDecoder};
 use crate::train::{FlowBatch, TrainConfig, TrainState, TrainStateConfig};
 

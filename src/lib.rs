@@ -14,6 +14,7 @@ pub mod memory;
 pub mod models;
 pub mod pipeline;
 pub mod precision;
+pub mod progress;
 pub mod shards;
 pub mod train;
 pub mod weights;

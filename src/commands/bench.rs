@@ -192,35 +192,39 @@ fn parse_shape(s: &str) -> anyhow::Result<Dinov2Shape> {
     }
 }
 
-/// The JSON line every timing mode prints.
-#[allow(clippy::too_many_arguments)]
-fn report(
-    what: &str,
-    model: &str,
-    device: &Device,
+/// What a timing mode measured, for the JSON line every mode prints.
+struct Report<'a> {
+    what: &'a str,
+    model: &'a str,
+    device: &'a Device,
     dtype: DType,
     batch: usize,
-    t: &rae_cache::bench_models::Timing,
     params: usize,
-    notes: &str,
-) -> Value {
-    json!({
-        "what": what,
-        "model": model,
-        "device": device_name(device),
-        "precision": dtype_name(dtype),
-        "batch": batch,
-        "warmup": t.warmup,
-        "iters": t.iters,
-        "seconds_per_iter": t.mean_s,
-        "min_seconds_per_iter": t.min_s,
-        "images_per_s": batch as f64 / t.mean_s.max(1e-12),
-        "params": params,
-        "peak_rss_bytes": peak_rss_bytes(),
-        // candle exposes no device-memory statistics: gpu-check.sh samples nvidia-smi.
-        "peak_device_bytes": Value::Null,
-        "notes": notes,
-    })
+    notes: String,
+}
+
+impl Report<'_> {
+    /// The JSON line, with the timing `t`.
+    fn json(&self, t: &rae_cache::bench_models::Timing) -> Value {
+        let batch = self.batch;
+        json!({
+            "what": self.what,
+            "model": self.model,
+            "device": device_name(self.device),
+            "precision": dtype_name(self.dtype),
+            "batch": batch,
+            "warmup": t.warmup,
+            "iters": t.iters,
+            "seconds_per_iter": t.mean_s,
+            "min_seconds_per_iter": t.min_s,
+            "images_per_s": batch as f64 / t.mean_s.max(1e-12),
+            "params": self.params,
+            "peak_rss_bytes": peak_rss_bytes(),
+            // candle exposes no device-memory statistics: gpu-check.sh samples nvidia-smi.
+            "peak_device_bytes": Value::Null,
+            "notes": self.notes,
+        })
+    }
 }
 
 /// A temporary directory removed on drop (tempfile is a dev-dependency only).
@@ -275,16 +279,16 @@ fn encoder(a: EncoderArgs) -> anyhow::Result<Value> {
             .map(|_| ())
             .map_err(|e| rae_cache::bench_models::BenchError::Other(e.to_string()))
     })?;
-    Ok(report(
-        "encoder",
-        &model,
-        &device,
+    Ok(Report {
+        what: "encoder",
+        model: &model,
+        device: &device,
         dtype,
-        c.batch,
-        &timing,
+        batch: c.batch,
         params,
-        &format!("input {crop}x{crop} crops -> encoder resize/normalise/forward"),
-    ))
+        notes: format!("input {crop}x{crop} crops -> encoder resize/normalise/forward"),
+    }
+    .json(&timing))
 }
 
 /// Total elements in a directory's `model.safetensors` (0 when unreadable:
@@ -387,20 +391,20 @@ fn train(a: TrainArgs) -> anyhow::Result<Value> {
         );
     }
     let timing = time_iters(&device, c.warmup, c.iters, || step.step().map(|_| ()))?;
-    let mut v = report(
-        "train",
-        &a.preset,
-        &device,
+    let mut v = Report {
+        what: "train",
+        model: &a.preset,
+        device: &device,
         dtype,
         batch,
-        &timing,
         params,
-        &format!(
+        notes: format!(
             "fwd+bwd+clip+AdamW{}; weights {}, AdamW moments f32; fixed inputs (no loader)",
             if a.no_ema { "" } else { "+EMA" },
             dtype_name(dtype)
         ),
-    );
+    }
+    .json(&timing);
     if a.find_max_batch {
         v["max_batch_search"] = Value::Array(tried);
     }
@@ -503,21 +507,21 @@ fn decoder(a: DecoderArgs) -> anyhow::Result<Value> {
     let timing = time_iters(&device, c.warmup, c.iters, || {
         dec.forward(&z).map(|_| ()).map_err(Into::into)
     })?;
-    Ok(report(
-        "decoder",
-        &model,
-        &device,
+    Ok(Report {
+        what: "decoder",
+        model: &model,
+        device: &device,
         dtype,
-        c.batch,
-        &timing,
+        batch: c.batch,
         params,
-        &format!(
+        notes: format!(
             "{} tokens x {} -> {}px, random weights",
             cfg.num_patches,
             cfg.latent_dim,
             cfg.image_size()
         ),
-    ))
+    }
+    .json(&timing))
 }
 
 fn params(a: ParamsArgs) -> anyhow::Result<Value> {

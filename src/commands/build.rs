@@ -5,9 +5,11 @@ use std::process::ExitCode;
 
 use rae_cache::dist::tcp::TcpGroup;
 use rae_cache::dist::{Collective, DistEnv};
-use rae_cache::pipeline::{self, BuildConfig, BuildProgress, BuildSummary, HFlip, PartSpec};
+use rae_cache::pipeline::{self, BuildConfig, BuildSummary, HFlip, PartSpec};
 use rae_cache::precision::Precision;
 use rae_cache::shards::LatentDType;
+
+use super::progress::Bar;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -120,7 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(_) => None,
     };
     // One bar per job: rank 0's.
-    let mut bar = Bar::new(job.as_ref().is_none_or(|d| d.rank == 0));
+    let mut bar = Bar::images(job.as_ref().is_none_or(|d| d.rank == 0));
     let group = match &job {
         Some(d) => {
             cfg.part = Some(PartSpec {
@@ -136,64 +138,80 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let s = pipeline::run_build(&cfg, &mut bar)?;
     if let Some(g) = group {
-        // Warnings only here: --strict is judged on the merged total below.
-        report_rejected(&s, false);
-        g.barrier()?; // every part is built
-        if g.rank() != 0 {
-            return Ok(ExitCode::SUCCESS);
-        }
-        let m = pipeline::merge::merge_parts(&cfg.out)?;
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&m)?);
-        } else {
-            eprintln!(
-                "built {} parts on {} processes and merged them into {}: {} images ({} rejected), {} rows in {} shards, {:.1} MB",
-                m.parts,
-                g.world_size(),
-                m.cache_dir.display(),
-                m.images_encoded,
-                m.images_rejected,
-                m.rows,
-                m.shards,
-                m.bytes as f64 / 1e6
-            );
-        }
-        return Ok(if args.strict && m.images_rejected > 0 {
-            ExitCode::from(2)
-        } else {
-            ExitCode::SUCCESS
-        });
+        return merge_job(&args, &cfg, &s, &g);
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
-        let what = match s.part {
-            Some(p) => format!("part {} of {}", p.index, p.count),
-            None => "cache".into(),
-        };
-        eprintln!(
-            "built {what} {}: {} images, {} rows in {} shards, {:.1} MB ({:.2}x smaller than raw f32), {:.1} images/s",
-            s.cache_dir.display(),
-            s.images_encoded,
-            s.rows,
-            s.shards,
-            s.bytes as f64 / 1e6,
-            s.compression_ratio,
-            s.images_per_second
-        );
-        if let Some(p) = s.part {
-            if p.index + 1 == p.count {
-                eprintln!(
-                    "when every part is built: rae-cache merge {}",
-                    s.cache_dir.display()
-                );
-            }
-        }
+        print_built(&s);
     }
     if report_rejected(&s, args.strict) {
         return Ok(ExitCode::from(2));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The end of one process of a job, whose part `s` is built: wait for every
+/// part, then rank 0 merges them and reports the merged cache.
+fn merge_job(
+    args: &Args,
+    cfg: &BuildConfig,
+    s: &BuildSummary,
+    g: &TcpGroup,
+) -> anyhow::Result<ExitCode> {
+    // Warnings only here: --strict is judged on the merged total below.
+    report_rejected(s, false);
+    g.barrier()?; // every part is built
+    if g.rank() != 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let m = pipeline::merge::merge_parts(&cfg.out)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        eprintln!(
+            "built {} parts on {} processes and merged them into {}: {} images ({} rejected), {} rows in {} shards, {:.1} MB",
+            m.parts,
+            g.world_size(),
+            m.cache_dir.display(),
+            m.images_encoded,
+            m.images_rejected,
+            m.rows,
+            m.shards,
+            m.bytes as f64 / 1e6
+        );
+    }
+    Ok(if args.strict && m.images_rejected > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The one-line summary of a build (or part) on stderr.
+fn print_built(s: &BuildSummary) {
+    let what = match s.part {
+        Some(p) => format!("part {} of {}", p.index, p.count),
+        None => "cache".into(),
+    };
+    eprintln!(
+        "built {what} {}: {} images, {} rows in {} shards, {:.1} MB ({:.2}x smaller than raw f32), {:.1} images/s",
+        s.cache_dir.display(),
+        s.images_encoded,
+        s.rows,
+        s.shards,
+        s.bytes as f64 / 1e6,
+        s.compression_ratio,
+        s.images_per_second
+    );
+    if let Some(p) = s.part
+        && p.index + 1 == p.count
+    {
+        eprintln!(
+            "when every part is built: rae-cache merge {}",
+            s.cache_dir.display()
+        );
+    }
 }
 
 /// Warn about rejected inputs; true when `--strict` makes that an error.
@@ -218,43 +236,4 @@ fn report_rejected(s: &BuildSummary, strict: bool) -> bool {
         );
     }
     strict
-}
-
-/// The build's progress bar on stderr: images done, images/s and ETA.
-struct Bar {
-    show: bool,
-    bar: Option<indicatif::ProgressBar>,
-}
-
-impl Bar {
-    fn new(show: bool) -> Self {
-        Self { show, bar: None }
-    }
-}
-
-impl BuildProgress for Bar {
-    fn start(&mut self, images: u64) {
-        if !self.show {
-            return;
-        }
-        let bar = indicatif::ProgressBar::new(images);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{spinner} {bar:40} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",
-        ) {
-            bar.set_style(style);
-        }
-        self.bar = Some(bar);
-    }
-
-    fn image_done(&mut self) {
-        if let Some(bar) = &self.bar {
-            bar.inc(1);
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-    }
 }

@@ -9,6 +9,8 @@ use rae_cache::models::config::load_config;
 use rae_cache::models::{DecoderConfig, WeightsKey, load_decoder};
 use rae_cache::precision::Precision;
 
+use super::progress::Bar;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A shard file, a directory of shards, or a cache / sample directory.
@@ -31,9 +33,9 @@ pub struct Args {
     weights_key: String,
     #[arg(long)]
     out: PathBuf,
-    /// png | npz | safetensors
-    #[arg(long, default_value = "png")]
-    format: String,
+    /// One PNG per row, an ADM-evaluator `.npz`, or f32 `.safetensors`.
+    #[arg(long, value_enum, default_value_t = DecodeFormat::Png)]
+    format: DecodeFormat,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
     /// Decode only the first N rows.
@@ -43,8 +45,8 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     grid: usize,
     /// Float -> byte: trunc (the reference's `.mul(255).to(uint8)`) or round.
-    #[arg(long, default_value = "trunc")]
-    rounding: String,
+    #[arg(long, value_enum, default_value_t = Rounding::Trunc)]
+    rounding: Rounding,
     #[arg(long, default_value = "auto")]
     device: String,
     /// Decoder compute precision: auto (bf16 on CUDA, f32 on CPU), f32,
@@ -62,10 +64,6 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let device = rae_cache::device::parse_device(&a.device)?;
-    let format = DecodeFormat::parse(&a.format)
-        .with_context(|| format!("--format {:?}: expected png, npz or safetensors", a.format))?;
-    let rounding = Rounding::parse(&a.rounding)
-        .with_context(|| format!("--rounding {:?}: expected trunc or round", a.rounding))?;
     let cfg: DecoderConfig = match (&a.decoder_config, &a.preset) {
         (Some(p), _) => load_config(p)?,
         (None, Some(name)) => DecoderConfig::preset(name, a.patch_size)
@@ -90,14 +88,19 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let shards = resolve_shards(&a.input)?;
     let opts = DecodeOptions {
         out_dir: a.out.clone(),
-        format,
+        format: a.format,
         batch_size: a.batch_size,
         limit: a.limit,
         grid: a.grid,
-        rounding,
-        progress: true,
+        rounding: a.rounding,
     };
-    let s = decode_shards(&decoder, &shards, &opts, &device)?;
+    let s = decode_shards(
+        &decoder,
+        &shards,
+        &opts,
+        &device,
+        &mut Bar::labelled("decode", true),
+    )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {

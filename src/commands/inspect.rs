@@ -146,90 +146,102 @@ fn print_human(v: &serde_json::Value) {
         g("path").as_str().unwrap_or("")
     );
     if g("kind") == "cache" {
-        println!("  complete:       {}", g("complete"));
-        println!(
-            "  encoder:        {} ({})",
-            v["encoder"]["id"].as_str().unwrap_or(""),
-            v["encoder"]["kind"].as_str().unwrap_or("")
-        );
-        println!(
-            "  dtype:          {}   latent [tokens, C] = {}",
-            g("dtype").as_str().unwrap_or(""),
-            g("latent_shape")
-        );
-        println!("  schema:");
-        for c in g("schema").as_array().into_iter().flatten() {
-            println!(
-                "    {:<8} {}",
-                c["name"].as_str().unwrap_or(""),
-                c["type"].as_str().unwrap_or("")
-            );
-        }
-        println!(
-            "  images:         {} encoded, {} rejected, {} classes",
-            g("images_encoded"),
-            g("images_rejected"),
-            g("classes")
-        );
-        println!("  rows:           {} in {} shards", g("rows"), g("shards"));
-        println!(
-            "  size:           {:.1} MB stored, {:.1} MB as raw f32, ratio {:.2}x, {:.0} bytes/image",
-            g("stored_bytes").as_f64().unwrap_or(0.0) / 1e6,
-            g("raw_f32_bytes").as_f64().unwrap_or(0.0) / 1e6,
-            g("compression_ratio").as_f64().unwrap_or(0.0),
-            g("bytes_per_image").as_f64().unwrap_or(0.0)
-        );
-        let st = g("stats");
-        if !st.is_null() {
-            println!(
-                "  stats:          count {}, mean in {}, std in {}",
-                st["count"], st["mean_range"], st["std_range"]
-            );
-        }
-        let rej = g("rejected");
-        let rej = rej.as_array().cloned().unwrap_or_default();
-        if !rej.is_empty() {
-            println!("  rejected inputs:");
-            for r in rej {
-                println!(
-                    "    {}: {}",
-                    r["key"].as_str().unwrap_or(""),
-                    r["reason"].as_str().unwrap_or("")
-                );
-            }
-        }
+        print_cache(v);
     } else {
+        print_shard(v);
+    }
+}
+
+/// The lines under the heading for a cache directory.
+fn print_cache(v: &serde_json::Value) {
+    let g = |k: &str| v.get(k).cloned().unwrap_or(serde_json::Value::Null);
+    println!("  complete:       {}", g("complete"));
+    println!(
+        "  encoder:        {} ({})",
+        v["encoder"]["id"].as_str().unwrap_or(""),
+        v["encoder"]["kind"].as_str().unwrap_or("")
+    );
+    println!(
+        "  dtype:          {}   latent [tokens, C] = {}",
+        g("dtype").as_str().unwrap_or(""),
+        g("latent_shape")
+    );
+    println!("  schema:");
+    for c in g("schema").as_array().into_iter().flatten() {
         println!(
-            "  rows:           {} in {} row groups ({} images, {} flipped rows, {} classes)",
-            g("rows"),
-            g("row_groups"),
-            g("images"),
-            g("flipped_rows"),
-            g("classes")
+            "    {:<8} {}",
+            c["name"].as_str().unwrap_or(""),
+            c["type"].as_str().unwrap_or("")
         );
-        println!("  latent:         {}", g("latent_shape"));
+    }
+    println!(
+        "  images:         {} encoded, {} rejected, {} classes",
+        g("images_encoded"),
+        g("images_rejected"),
+        g("classes")
+    );
+    println!("  rows:           {} in {} shards", g("rows"), g("shards"));
+    println!(
+        "  size:           {:.1} MB stored, {:.1} MB as raw f32, ratio {:.2}x, {:.0} bytes/image",
+        g("stored_bytes").as_f64().unwrap_or(0.0) / 1e6,
+        g("raw_f32_bytes").as_f64().unwrap_or(0.0) / 1e6,
+        g("compression_ratio").as_f64().unwrap_or(0.0),
+        g("bytes_per_image").as_f64().unwrap_or(0.0)
+    );
+    let st = g("stats");
+    if !st.is_null() {
         println!(
-            "  size:           {:.1} MB stored, ratio {:.2}x vs raw f32, {:.0} bytes/image",
-            g("stored_bytes").as_f64().unwrap_or(0.0) / 1e6,
-            g("compression_ratio").as_f64().unwrap_or(0.0),
-            g("bytes_per_image").as_f64().unwrap_or(0.0)
+            "  stats:          count {}, mean in {}, std in {}",
+            st["count"], st["mean_range"], st["std_range"]
         );
-        println!(
-            "  values:         range {}, mean {}",
-            g("value_range"),
-            g("value_mean")
-        );
-        if let Some(md) = g("metadata").as_object() {
-            println!("  metadata:");
-            for (k, val) in md {
-                let s = val.as_str().unwrap_or("");
-                let s = if s.len() > 100 {
-                    format!("{}...", &s[..s.floor_char_boundary(100)])
-                } else {
-                    s.to_string()
-                };
-                println!("    {k}: {s}");
-            }
+    }
+    let rej = g("rejected");
+    let rej = rej.as_array().cloned().unwrap_or_default();
+    if !rej.is_empty() {
+        println!("  rejected inputs:");
+        for r in rej {
+            println!(
+                "    {}: {}",
+                r["key"].as_str().unwrap_or(""),
+                r["reason"].as_str().unwrap_or("")
+            );
+        }
+    }
+}
+
+/// The lines under the heading for one shard file.
+fn print_shard(v: &serde_json::Value) {
+    let g = |k: &str| v.get(k).cloned().unwrap_or(serde_json::Value::Null);
+    println!(
+        "  rows:           {} in {} row groups ({} images, {} flipped rows, {} classes)",
+        g("rows"),
+        g("row_groups"),
+        g("images"),
+        g("flipped_rows"),
+        g("classes")
+    );
+    println!("  latent:         {}", g("latent_shape"));
+    println!(
+        "  size:           {:.1} MB stored, ratio {:.2}x vs raw f32, {:.0} bytes/image",
+        g("stored_bytes").as_f64().unwrap_or(0.0) / 1e6,
+        g("compression_ratio").as_f64().unwrap_or(0.0),
+        g("bytes_per_image").as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "  values:         range {}, mean {}",
+        g("value_range"),
+        g("value_mean")
+    );
+    if let Some(md) = g("metadata").as_object() {
+        println!("  metadata:");
+        for (k, val) in md {
+            let s = val.as_str().unwrap_or("");
+            let s = if s.len() > 100 {
+                format!("{}...", &s[..s.floor_char_boundary(100)])
+            } else {
+                s.to_string()
+            };
+            println!("    {k}: {s}");
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod decode;
 pub mod inspect;
 pub mod launch;
 pub mod merge;
+pub mod progress;
 pub mod sample;
 pub mod train;
 pub mod verify;

@@ -14,6 +14,8 @@ use rae_cache::precision::Precision;
 use rae_cache::shards::{LatentDType, LatentStats};
 use rae_cache::train::checkpoint::open_trained;
 
+use super::progress::Bar;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// DiT / DiT-DH checkpoint (.safetensors or .pt), or a `rae-cache
@@ -45,9 +47,9 @@ pub struct Args {
     /// Grid points N (N-1 Euler steps).
     #[arg(long, default_value_t = 50)]
     steps: usize,
-    /// euler | heun | sde
-    #[arg(long, default_value = "euler")]
-    sampler: String,
+    /// Euler ODE, Heun ODE or Euler-Maruyama SDE.
+    #[arg(long, value_enum, default_value_t = SamplerMethod::EulerOde)]
+    sampler: SamplerMethod,
     /// Time shift (default sqrt(tokens * C / 4096), as the reference).
     #[arg(long)]
     shift: Option<f64>,
@@ -76,8 +78,8 @@ pub struct Args {
     #[arg(long)]
     stats: Option<PathBuf>,
     /// Stored latent dtype: f16 | f32 | bf16.
-    #[arg(long, default_value = "f16")]
-    dtype: String,
+    #[arg(long, default_value = "f16", value_parser = <LatentDType as std::str::FromStr>::from_str)]
+    dtype: LatentDType,
     /// Rows per shard.
     #[arg(long, default_value_t = 1024)]
     shard_rows: usize,
@@ -191,21 +193,15 @@ fn guidance(a: &Args, cfg: &DitConfig, with_guide: bool) -> anyhow::Result<Guida
     })
 }
 
-fn sampler_config(a: &Args, cfg: &DitConfig, guidance: Guidance) -> anyhow::Result<SamplerConfig> {
-    let method = match a.sampler.as_str() {
-        "euler" => SamplerMethod::EulerOde,
-        "heun" => SamplerMethod::HeunOde,
-        "sde" => SamplerMethod::EulerMaruyama,
-        o => bail!("--sampler {o:?}: expected euler, heun or sde"),
-    };
+fn sampler_config(a: &Args, cfg: &DitConfig, guidance: Guidance) -> SamplerConfig {
     let (c, h) = (cfg.in_channels(), cfg.input_size());
-    Ok(SamplerConfig {
-        method,
+    SamplerConfig {
+        method: a.sampler,
         num_steps: a.steps,
         time_shift: a.shift.unwrap_or_else(|| default_shift(h * h, c)),
         guidance,
         ..Default::default()
-    })
+    }
 }
 
 /// `--noise FILE`: its `z0` tensor.
@@ -224,7 +220,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let job = DistEnv::from_env()?;
     let device = rae_cache::device::for_job(&a.device, job.as_ref().map(|d| d.local_rank))?;
     let group = job.as_ref().map(TcpGroup::connect).transpose()?;
-    let dtype: LatentDType = a.dtype.parse().map_err(anyhow::Error::msg)?;
+    let dtype = a.dtype;
     if dtype == LatentDType::Int8 {
         bail!("--dtype: sampled latents are stored as f16, f32 or bf16");
     }
@@ -253,50 +249,20 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         })
         .transpose()?;
 
-    // Sampler, noise, statistics, provenance.
-    let sampler = sampler_config(&a, &main.cfg, guidance(&a, &main.cfg, guide.is_some())?)?;
-    let noise = read_noise(&a.noise)?;
-    if noise.is_none() && a.num == 0 {
-        bail!("--num N (or --noise FILE) is required");
-    }
-    let stats = a
-        .stats
-        .as_ref()
-        .map(|p| LatentStats::load(p).with_context(|| format!("reading --stats {}", p.display())))
-        .transpose()?;
-    let provenance = serde_json::json!({
-        "model": main.file.display().to_string(),
-        "model_config": main.src,
-        "model_config_sha256": config_sha256(&main.src)?,
-        "guide_model": guide.as_ref().map(|g| g.file.display().to_string()),
-        "guide_config": guide.as_ref().map(|g| g.src.clone()),
-        "stats": a.stats.as_ref().map(|p| p.display().to_string()),
-        "noise": a.noise.as_ref().map(|p| p.display().to_string()),
-        "precision": compute.as_str(),
-        "tf32": rae_cache::precision::tf32_enabled(),
-    });
-    let opts = SampleOptions {
-        out_dir: a.out.clone(),
-        num: a.num,
-        labels: LabelSpec::parse(&a.labels)?,
-        sampler,
-        seed: a.seed,
-        batch_size: a.batch_size,
-        dtype,
-        noise,
-        stats,
-        channels: main.cfg.in_channels(),
-        size: main.cfg.input_size(),
-        num_classes: main.cfg.num_classes(),
-        rows_per_shard: a.shard_rows,
-        progress: group.as_ref().is_none_or(|g| g.rank() == 0),
-        provenance,
-        part: group.as_ref().map(|g| (g.rank(), g.world_size())),
-    };
+    let part = group.as_ref().map(|g| (g.rank(), g.world_size()));
+    let opts = sample_options(&a, &main, guide.as_ref(), dtype, compute, part)?;
 
     // Sample; rank 0 reports.
     let g = guide.as_ref().map(|g| &g.model as &dyn VelocityModel);
-    let Some(s) = run_sampling_job(&main.model, g, &opts, &device, group.as_ref())? else {
+    let Some(s) = run_sampling_job(
+        &main.model,
+        g,
+        &opts,
+        &device,
+        group.as_ref(),
+        &mut Bar::labelled("sample", group.as_ref().is_none_or(|g| g.rank() == 0)),
+    )?
+    else {
         return Ok(ExitCode::SUCCESS);
     };
     if a.json {
@@ -316,4 +282,54 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The sampling run: sampler, noise, statistics, provenance, and which
+/// `part` (rank, world size) of a job this process samples.
+fn sample_options(
+    a: &Args,
+    main: &Loaded,
+    guide: Option<&Loaded>,
+    dtype: LatentDType,
+    compute: DType,
+    part: Option<(usize, usize)>,
+) -> anyhow::Result<SampleOptions> {
+    let sampler = sampler_config(a, &main.cfg, guidance(a, &main.cfg, guide.is_some())?);
+    let noise = read_noise(&a.noise)?;
+    if noise.is_none() && a.num == 0 {
+        bail!("--num N (or --noise FILE) is required");
+    }
+    let stats = a
+        .stats
+        .as_ref()
+        .map(|p| LatentStats::load(p).with_context(|| format!("reading --stats {}", p.display())))
+        .transpose()?;
+    let provenance = serde_json::json!({
+        "model": main.file.display().to_string(),
+        "model_config": main.src,
+        "model_config_sha256": config_sha256(&main.src)?,
+        "guide_model": guide.map(|g| g.file.display().to_string()),
+        "guide_config": guide.map(|g| g.src.clone()),
+        "stats": a.stats.as_ref().map(|p| p.display().to_string()),
+        "noise": a.noise.as_ref().map(|p| p.display().to_string()),
+        "precision": compute.as_str(),
+        "tf32": rae_cache::precision::tf32_enabled(),
+    });
+    Ok(SampleOptions {
+        out_dir: a.out.clone(),
+        num: a.num,
+        labels: LabelSpec::parse(&a.labels)?,
+        sampler,
+        seed: a.seed,
+        batch_size: a.batch_size,
+        dtype,
+        noise,
+        stats,
+        channels: main.cfg.in_channels(),
+        size: main.cfg.input_size(),
+        num_classes: main.cfg.num_classes(),
+        rows_per_shard: a.shard_rows,
+        provenance,
+        part,
+    })
 }

@@ -39,8 +39,8 @@ pub struct Args {
     #[arg(long)]
     lr: Option<f64>,
     /// constant | linear | cosine (decay to --final-lr after --warmup-steps).
-    #[arg(long)]
-    lr_schedule: Option<String>,
+    #[arg(long, value_enum)]
+    lr_schedule: Option<ScheduleKind>,
     #[arg(long)]
     final_lr: Option<f64>,
     #[arg(long)]
@@ -119,13 +119,8 @@ impl Args {
             keep_checkpoints,
             device
         );
-        if let Some(s) = &self.lr_schedule {
-            c.lr_schedule = match s.as_str() {
-                "constant" => ScheduleKind::Constant,
-                "linear" => ScheduleKind::Linear,
-                "cosine" => ScheduleKind::Cosine,
-                _ => bail!("--lr-schedule {s:?}: expected constant, linear or cosine"),
-            };
+        if let Some(k) = self.lr_schedule {
+            c.lr_schedule = k;
         }
         if self.tf32 {
             c.tf32 = true;

@@ -18,6 +18,28 @@ pub enum SamplerMethod {
     EulerMaruyama,
 }
 
+impl SamplerMethod {
+    /// The name on the command line (`--sampler`) and in manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            SamplerMethod::EulerOde => "euler",
+            SamplerMethod::HeunOde => "heun",
+            SamplerMethod::EulerMaruyama => "sde",
+        }
+    }
+}
+
+/// `--sampler euler|heun|sde`, by [`SamplerMethod::name`].
+impl clap::ValueEnum for SamplerMethod {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::EulerOde, Self::HeunOde, Self::EulerMaruyama]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
 /// The SDE's diffusion coefficient w(t) and last step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SdeConfig {

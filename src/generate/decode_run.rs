@@ -16,11 +16,14 @@ use rayon::prelude::*;
 use super::GenerateError;
 use super::npz::NpzWriter;
 use super::pixels::{Rounding, chw_to_hwc_u8, grid, image_stem};
-use crate::models::RaeDecoder;
+use crate::models::{DecoderConfig, RaeDecoder};
+use crate::progress::Progress;
 use crate::shards::{LatentBatch, ShardReader};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// What `decode` writes (`--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lowercase")]
 pub enum DecodeFormat {
     /// One PNG per row, named by key.
     Png,
@@ -29,17 +32,6 @@ pub enum DecodeFormat {
     /// `pixels.safetensors`: f32 `[N,3,H,W]` (decoder output, unclamped)
     /// and `labels` i32 `[N]`.
     Safetensors,
-}
-
-impl DecodeFormat {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "png" => Some(Self::Png),
-            "npz" => Some(Self::Npz),
-            "safetensors" => Some(Self::Safetensors),
-            _ => None,
-        }
-    }
 }
 
 pub const NPZ_FILE: &str = "images.npz";
@@ -57,7 +49,6 @@ pub struct DecodeOptions {
     /// Contact sheet of the first `grid` images (0: none).
     pub grid: usize,
     pub rounding: Rounding,
-    pub progress: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -138,6 +129,7 @@ pub fn resolve_shards(input: &Path) -> Result<Vec<PathBuf>, GenerateError> {
 type Chunk = Result<LatentBatch, GenerateError>;
 
 /// Decoded pixels going to the writer: `[b,3,H,W]` f32 in row order.
+#[derive(Default)]
 struct Decoded {
     keys: Vec<String>,
     labels: Vec<i32>,
@@ -341,14 +333,73 @@ fn writer_loop(mut sink: Sink, rx: Receiver<Decoded>) -> Result<Option<PathBuf>,
     sink.finish()
 }
 
-/// Decode every row of `shards` (in order, up to `opts.limit`).
+/// Decode every row of `shards` (in order, up to `opts.limit`), reporting
+/// images decoded to `progress`.
 pub fn decode_shards(
     decoder: &RaeDecoder,
     shards: &[PathBuf],
     opts: &DecodeOptions,
     device: &Device,
+    progress: &mut dyn Progress,
 ) -> Result<DecodeSummary, GenerateError> {
     let cfg = decoder.config();
+    let readers = open_readers(shards, cfg)?;
+    if opts.batch_size == 0 {
+        return Err(GenerateError::Invalid("batch size must be positive".into()));
+    }
+    let total: usize = readers.iter().map(|r| r.num_rows() as usize).sum();
+    let n = opts.limit.map_or(total, |l| l.min(total));
+    let (h, w) = (cfg.image_size(), cfg.image_size());
+    std::fs::create_dir_all(&opts.out_dir).map_err(|e| GenerateError::io(&opts.out_dir, e))?;
+    let sink = Sink::new(opts, n, h, w)?;
+
+    progress.start(n as u64);
+    let start = Instant::now();
+    let (tx_in, rx_in) = bounded::<Chunk>(2);
+    let (tx_out, rx_out) = bounded::<Decoded>(2);
+    let stage = DecodeStage {
+        decoder,
+        device,
+        batch_size: opts.batch_size,
+        tx: tx_out,
+        progress: &mut *progress,
+        pending: Decoded::default(),
+        latents: Vec::new(),
+    };
+    let (main_res, grid_res) = std::thread::scope(|s| {
+        let readers = &readers;
+        s.spawn(move || reader_loop(readers, n, tx_in));
+        let writer = s.spawn(move || writer_loop(sink, rx_out));
+        // Ends the writer's input when it returns, even on an error.
+        let main_res = stage.run(rx_in);
+        let grid_res = writer
+            .join()
+            .unwrap_or_else(|_| Err(GenerateError::Invalid("writer thread panicked".into())));
+        (main_res, grid_res)
+    });
+    main_res?;
+    let grid_path = grid_res?;
+    progress.finish();
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(DecodeSummary {
+        out_dir: opts.out_dir.clone(),
+        format: opts.format,
+        images: n,
+        height: h,
+        width: w,
+        shards: readers.len(),
+        grid: grid_path,
+        seconds,
+        images_per_second: n as f64 / seconds.max(1e-9),
+    })
+}
+
+/// Open `shards`, checking that their latents fit the decoder (and warning
+/// about samples that were never de-normalised).
+fn open_readers(
+    shards: &[PathBuf],
+    cfg: &DecoderConfig,
+) -> Result<Vec<ShardReader>, GenerateError> {
     let readers: Vec<ShardReader> = shards
         .iter()
         .map(|p| ShardReader::open(p))
@@ -372,86 +423,69 @@ pub fn decode_shards(
             tracing::warn!(shard = %r.path().display(), "latents were sampled without --stats (normalised): images will be wrong");
         }
     }
-    if opts.batch_size == 0 {
-        return Err(GenerateError::Invalid("batch size must be positive".into()));
-    }
-    let total: usize = readers.iter().map(|r| r.num_rows() as usize).sum();
-    let n = opts.limit.map_or(total, |l| l.min(total));
-    let (h, w) = (cfg.image_size(), cfg.image_size());
-    std::fs::create_dir_all(&opts.out_dir).map_err(|e| GenerateError::io(&opts.out_dir, e))?;
-    let sink = Sink::new(opts, n, h, w)?;
+    Ok(readers)
+}
 
-    let bar = super::progress_bar("decode", n as u64, opts.progress);
-    let start = Instant::now();
-    let (tx_in, rx_in) = bounded::<Chunk>(2);
-    let (tx_out, rx_out) = bounded::<Decoded>(2);
-    let (t, c) = (cfg.num_patches, cfg.latent_dim);
+/// The middle stage, on the caller's thread: rows from the reader into
+/// batches of `batch_size`, each decoded and sent on to the writer.
+struct DecodeStage<'a> {
+    decoder: &'a RaeDecoder,
+    device: &'a Device,
+    batch_size: usize,
+    tx: Sender<Decoded>,
+    progress: &'a mut dyn Progress,
+    /// The rows of the batch being gathered (`pixels` unused).
+    pending: Decoded,
+    /// Their latents, `[rows, tokens, channels]` flat.
+    latents: Vec<f32>,
+}
 
-    let (main_res, grid_res) = std::thread::scope(|s| {
-        let readers = &readers;
-        s.spawn(move || reader_loop(readers, n, tx_in));
-        let writer = s.spawn(move || writer_loop(sink, rx_out));
-        let main_res = (|| -> Result<(), GenerateError> {
-            let mut pend = Decoded {
-                keys: vec![],
-                labels: vec![],
-                flips: vec![],
-                pixels: vec![],
-            };
-            let mut lat: Vec<f32> = Vec::new();
-            let flush = |pend: &mut Decoded, lat: &mut Vec<f32>| -> Result<bool, GenerateError> {
-                let b = pend.keys.len();
-                if b == 0 {
-                    return Ok(true);
-                }
-                let z = Tensor::from_slice(lat.as_slice(), (b, t, c), device)?;
-                let px = decoder.forward(&z)?.to_dtype(candle_core::DType::F32)?;
-                let pixels: Vec<f32> = px.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?;
-                lat.clear();
-                let d = Decoded {
-                    keys: std::mem::take(&mut pend.keys),
-                    labels: std::mem::take(&mut pend.labels),
-                    flips: std::mem::take(&mut pend.flips),
-                    pixels,
-                };
-                bar.inc(b as u64);
-                Ok(tx_out.send(d).is_ok())
-            };
-            for chunk in rx_in {
-                let chunk = chunk?;
-                let per = chunk.tokens * chunk.channels;
-                for i in 0..chunk.len() {
-                    pend.keys.push(chunk.keys[i].clone());
-                    pend.labels.push(chunk.labels[i]);
-                    pend.flips.push(chunk.flips[i]);
-                    lat.extend_from_slice(&chunk.latents[i * per..(i + 1) * per]);
-                    if pend.keys.len() == opts.batch_size && !flush(&mut pend, &mut lat)? {
-                        return Ok(()); // the writer failed; its error is reported below
-                    }
+impl DecodeStage<'_> {
+    /// Decode every chunk of `rx`. Stops early, without an error, when the
+    /// writer has gone: the writer's own error is the one to report.
+    fn run(mut self, rx: Receiver<Chunk>) -> Result<(), GenerateError> {
+        for chunk in rx {
+            let chunk = chunk?;
+            let per = chunk.tokens * chunk.channels;
+            for i in 0..chunk.len() {
+                self.pending.keys.push(chunk.keys[i].clone());
+                self.pending.labels.push(chunk.labels[i]);
+                self.pending.flips.push(chunk.flips[i]);
+                self.latents
+                    .extend_from_slice(&chunk.latents[i * per..(i + 1) * per]);
+                if self.pending.keys.len() == self.batch_size && !self.flush()? {
+                    return Ok(());
                 }
             }
-            flush(&mut pend, &mut lat)?;
-            Ok(())
-        })();
-        drop(tx_out);
-        let grid_res = writer
-            .join()
-            .unwrap_or_else(|_| Err(GenerateError::Invalid("writer thread panicked".into())));
-        (main_res, grid_res)
-    });
-    main_res?;
-    let grid_path = grid_res?;
-    bar.finish_and_clear();
-    let seconds = start.elapsed().as_secs_f64();
-    Ok(DecodeSummary {
-        out_dir: opts.out_dir.clone(),
-        format: opts.format,
-        images: n,
-        height: h,
-        width: w,
-        shards: readers.len(),
-        grid: grid_path,
-        seconds,
-        images_per_second: n as f64 / seconds.max(1e-9),
-    })
+        }
+        self.flush()?;
+        Ok(())
+    }
+
+    /// Decode the pending rows and send them on; false when the writer has
+    /// gone.
+    fn flush(&mut self) -> Result<bool, GenerateError> {
+        let b = self.pending.keys.len();
+        if b == 0 {
+            return Ok(true);
+        }
+        let cfg = self.decoder.config();
+        let z = Tensor::from_slice(
+            self.latents.as_slice(),
+            (b, cfg.num_patches, cfg.latent_dim),
+            self.device,
+        )?;
+        let px = self
+            .decoder
+            .forward(&z)?
+            .to_dtype(candle_core::DType::F32)?;
+        let pixels: Vec<f32> = px.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?;
+        self.latents.clear();
+        let d = Decoded {
+            pixels,
+            ..std::mem::take(&mut self.pending)
+        };
+        self.progress.advance(b as u64);
+        Ok(self.tx.send(d).is_ok())
+    }
 }

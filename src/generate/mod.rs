@@ -51,19 +51,3 @@ impl GenerateError {
         }
     }
 }
-
-/// A progress bar for `n` items with throughput and ETA (hidden when off).
-pub(crate) fn progress_bar(label: &str, n: u64, enabled: bool) -> indicatif::ProgressBar {
-    let bar = if enabled {
-        indicatif::ProgressBar::new(n)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(&format!(
-            "{label} {{bar:40}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}] {{per_sec}}"
-        ))
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar
-}

@@ -2,26 +2,18 @@
 
 use std::path::{Component, Path, PathBuf};
 
-/// How [0,1] floats become bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How [0,1] floats become bytes (`--rounding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[value(rename_all = "lowercase")]
 pub enum Rounding {
     /// `clamp(0,1) * 255` then truncate: the reference's
     /// `.mul(255).to(torch.uint8)` in `sample_ddp.py` / `eval`, so FID
     /// numbers compare with the paper's.
     #[default]
+    #[value(alias = "truncate")]
     Trunc,
     /// `clamp(0,1) * 255` rounded to nearest.
     Round,
-}
-
-impl Rounding {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "trunc" | "truncate" => Some(Self::Trunc),
-            "round" => Some(Self::Round),
-            _ => None,
-        }
-    }
 }
 
 /// One channel value to a byte (NaN -> 0).

@@ -18,6 +18,8 @@ use super::labels::LabelSpec;
 use super::noise::noise_for;
 use crate::diffusion::{Guidance, SamplerConfig, SamplerMethod, sample};
 use crate::models::VelocityModel;
+use crate::pipeline::plan::{PartSpec, ShardPlan};
+use crate::progress::Progress;
 use crate::shards::manifest::{HflipMode, MANIFEST_FILE, shard_file_name};
 use crate::shards::{
     EncoderInfo, LatentDType, LatentRow, LatentStats, Manifest, ShardInfo, ShardWriter,
@@ -52,7 +54,6 @@ pub struct SampleOptions {
     pub size: usize,
     pub num_classes: usize,
     pub rows_per_shard: usize,
-    pub progress: bool,
     /// Free-form description (model path, config, guide, ...) for the
     /// manifest and footers.
     pub provenance: serde_json::Value,
@@ -78,14 +79,6 @@ pub fn sample_key(i: usize, n: usize) -> String {
     format!("sample/{i:0w$}")
 }
 
-fn method_name(m: SamplerMethod) -> &'static str {
-    match m {
-        SamplerMethod::EulerOde => "euler",
-        SamplerMethod::HeunOde => "heun",
-        SamplerMethod::EulerMaruyama => "sde",
-    }
-}
-
 /// The sampler settings as JSON (manifest / footer).
 pub fn sampler_json(cfg: &SamplerConfig) -> serde_json::Value {
     let guidance = match cfg.guidance {
@@ -106,7 +99,7 @@ pub fn sampler_json(cfg: &SamplerConfig) -> serde_json::Value {
         }
     };
     serde_json::json!({
-        "method": method_name(cfg.method),
+        "method": cfg.method.name(),
         "num_steps": cfg.num_steps,
         "time_shift": cfg.time_shift,
         "guidance": guidance,
@@ -150,8 +143,9 @@ pub fn run_sampling_job(
     opts: &SampleOptions,
     device: &Device,
     group: Option<&crate::dist::tcp::TcpGroup>,
+    progress: &mut dyn Progress,
 ) -> Result<Option<SampleSummary>, GenerateError> {
-    let mut s = run_sampling(model, guide, opts, device)?;
+    let mut s = run_sampling(model, guide, opts, device, progress)?;
     let Some(group) = group else {
         return Ok(Some(s));
     };
@@ -171,13 +165,84 @@ pub fn run_sampling_job(
     Ok(Some(s))
 }
 
-/// Run the sampler over all N samples in batches and write the shards.
+/// Run the sampler over all N samples in batches and write the shards,
+/// reporting samples done to `progress`.
 pub fn run_sampling(
     model: &dyn VelocityModel,
     guide: Option<&dyn VelocityModel>,
     opts: &SampleOptions,
     device: &Device,
+    progress: &mut dyn Progress,
 ) -> Result<SampleSummary, GenerateError> {
+    let n = sample_count(opts)?;
+    // This process's samples: whole shards, so every part numbers its
+    // shards globally and the union is the single-process output.
+    let part = opts.part.map(|(index, count)| PartSpec { index, count });
+    let plan = ShardPlan::new(n, opts.rows_per_shard, part)
+        .map_err(|e| GenerateError::Invalid(format!("sampling part: {e}")))?;
+    let labels = opts.labels.labels(n, opts.num_classes, opts.seed)?;
+    let stats = opts
+        .stats
+        .as_ref()
+        .map(|s| stats_tensors(s, opts.channels, opts.size, device))
+        .transpose()?;
+    if stats.is_none() {
+        tracing::warn!("no --stats: shards hold NORMALISED latents (decode needs raw ones)");
+    }
+    let denormalised = stats.is_some();
+    let batches = Batches {
+        model,
+        guide,
+        opts,
+        labels: &labels,
+        stats,
+        device,
+    };
+
+    let shard_dir = opts.out_dir.join(SHARDS_DIR);
+    std::fs::create_dir_all(&shard_dir).map_err(|e| GenerateError::io(&shard_dir, e))?;
+    let wopts = writer_options(opts, denormalised);
+    let mut out = ShardRoller::new(shard_dir, wopts, plan.shards.start, opts.rows_per_shard);
+    let todo = plan.images();
+    let per = opts.size * opts.size * opts.channels;
+    progress.start(todo.len() as u64);
+    let start = Instant::now();
+    let mut i0 = todo.start;
+    while i0 < todo.end {
+        let b = opts.batch_size.min(todo.end - i0);
+        let rows = batches.sample(i0, b)?;
+        for (i, latent) in (i0..i0 + b).zip(rows.chunks_exact(per)) {
+            out.write(&LatentRow {
+                key: &sample_key(i, n),
+                label: labels[i] as i32,
+                flip: false,
+                latent,
+            })?;
+        }
+        progress.advance(b as u64);
+        i0 += b;
+    }
+    let shards = out.finish()?;
+    progress.finish();
+    let seconds = start.elapsed().as_secs_f64();
+
+    let listed = relative_to_out_dir(shards);
+    if opts.part.is_none() {
+        write_sample_manifest(opts, &listed, n, denormalised)?;
+    }
+    Ok(SampleSummary {
+        out_dir: opts.out_dir.clone(),
+        samples: todo.len(),
+        shards: listed,
+        denormalised,
+        seconds,
+        samples_per_second: todo.len() as f64 / seconds.max(1e-9),
+    })
+}
+
+/// N, the number of samples (the batch of `--noise` when given), checked
+/// with the batch and shard sizes.
+fn sample_count(opts: &SampleOptions) -> Result<usize, GenerateError> {
     let (c, h) = (opts.channels, opts.size);
     let n = match &opts.noise {
         Some(z) => {
@@ -199,51 +264,40 @@ pub fn run_sampling(
             "batch size and shard size must be positive".into(),
         ));
     }
-    let labels = opts.labels.labels(n, opts.num_classes, opts.seed)?;
-    let stats = opts
-        .stats
-        .as_ref()
-        .map(|s| stats_tensors(s, c, h, device))
-        .transpose()?;
-    if stats.is_none() {
-        tracing::warn!("no --stats: shards hold NORMALISED latents (decode needs raw ones)");
-    }
+    Ok(n)
+}
 
-    let shard_dir = opts.out_dir.join(SHARDS_DIR);
-    std::fs::create_dir_all(&shard_dir).map_err(|e| GenerateError::io(&shard_dir, e))?;
+/// Shard writer options, with the footer keys of sampled shards.
+fn writer_options(opts: &SampleOptions, denormalised: bool) -> WriterOptions {
     let mut meta = BTreeMap::new();
     meta.insert(META_SOURCE.to_string(), "sample".to_string());
-    meta.insert(META_DENORMALISED.to_string(), stats.is_some().to_string());
+    meta.insert(META_DENORMALISED.to_string(), denormalised.to_string());
     let desc = serde_json::json!({
         "provenance": opts.provenance, "sampler": sampler_json(&opts.sampler), "seed": opts.seed,
     });
     meta.insert(META_SAMPLE.to_string(), desc.to_string());
-    let mut wopts = WriterOptions::new(opts.dtype, h * h, c);
+    let mut wopts = WriterOptions::new(opts.dtype, opts.size * opts.size, opts.channels);
     wopts.metadata = meta;
+    wopts
+}
 
-    // This process's samples: whole shards, so every part numbers its
-    // shards globally and the union is the single-process output.
-    let (first_shard, end) = match opts.part {
-        None => (0, n),
-        Some((index, count)) => {
-            if count == 0 || index >= count {
-                return Err(GenerateError::Invalid(format!(
-                    "part {index} of {count} is not a valid split"
-                )));
-            }
-            let total = n.div_ceil(opts.rows_per_shard);
-            let (s0, s1) = (index * total / count, (index + 1) * total / count);
-            (s0, (s1 * opts.rows_per_shard).min(n))
-        }
-    };
-    let mut shards = Vec::new();
-    let mut writer: Option<ShardWriter> = None;
-    let mut written = 0usize;
-    let mut i0 = first_shard * opts.rows_per_shard;
-    let bar = super::progress_bar("sample", end.saturating_sub(i0) as u64, opts.progress);
-    let start = Instant::now();
-    while i0 < end {
-        let b = opts.batch_size.min(end - i0);
+/// What one batch of samples needs: the models, labels, statistics.
+struct Batches<'a> {
+    model: &'a dyn VelocityModel,
+    guide: Option<&'a dyn VelocityModel>,
+    opts: &'a SampleOptions,
+    labels: &'a [u32],
+    /// (sqrt(var + eps), mean) `[1,C,H,W]`: de-normalise the samples.
+    stats: Option<(Tensor, Tensor)>,
+    device: &'a Device,
+}
+
+impl Batches<'_> {
+    /// Samples `i0..i0 + b` as shard rows: `b` blocks of `[H*W, C]`,
+    /// token-major.
+    fn sample(&self, i0: usize, b: usize) -> Result<Vec<f32>, GenerateError> {
+        let (opts, device) = (self.opts, self.device);
+        let (c, h) = (opts.channels, opts.size);
         let z0 = match &opts.noise {
             Some(z) => z
                 .narrow(0, i0, b)?
@@ -251,55 +305,79 @@ pub fn run_sampling(
                 .to_device(device)?,
             None => noise_for(opts.seed, i0 as u64..(i0 + b) as u64, &[c, h, h], device)?,
         };
-        let y = Tensor::from_slice(&labels[i0..i0 + b], b, device)?;
+        let y = Tensor::from_slice(&self.labels[i0..i0 + b], b, device)?;
         let mut cfg = opts.sampler.clone();
         // SDE noise: seeded per batch start (deterministic for a given batch size)
         cfg.seed = opts.seed.wrapping_add(i0 as u64);
-        let mut x = sample(model, guide, &z0, &y, &cfg)?.to_dtype(DType::F32)?;
-        if let Some((std, mean)) = &stats {
+        let mut x = sample(self.model, self.guide, &z0, &y, &cfg)?.to_dtype(DType::F32)?;
+        if let Some((std, mean)) = &self.stats {
             x = x.broadcast_mul(std)?.broadcast_add(mean)?;
         }
         // [B,C,H,W] -> [B,H*W,C], token-major
-        let rows: Vec<f32> = x
-            .permute((0, 2, 3, 1))?
+        Ok(x.permute((0, 2, 3, 1))?
             .flatten_all()?
             .to_device(&Device::Cpu)?
-            .to_vec1()?;
-        let per = h * h * c;
-        for j in 0..b {
-            let i = i0 + j;
-            if writer.is_none() {
-                let p = shard_dir.join(shard_file_name(first_shard + shards.len()));
-                writer = Some(ShardWriter::create(&p, wopts.clone())?);
-            }
-            let key = sample_key(i, n);
-            if let Some(w) = writer.as_mut() {
-                w.write_rows(&[LatentRow {
-                    key: &key,
-                    label: labels[i] as i32,
-                    flip: false,
-                    latent: &rows[j * per..(j + 1) * per],
-                }])?;
-                if w.rows() as usize >= opts.rows_per_shard {
-                    if let Some(w) = writer.take() {
-                        shards.push(w.finish()?);
-                    }
-                }
-            }
-            written += 1;
-        }
-        bar.inc(b as u64);
-        i0 += b;
+            .to_vec1()?)
     }
-    if let Some(w) = writer.take() {
-        shards.push(w.finish()?);
-    }
-    bar.finish_and_clear();
-    let seconds = start.elapsed().as_secs_f64();
+}
 
-    // Shard paths in the manifest are relative to the output directory.
-    let mut listed = shards.clone();
-    for s in &mut listed {
+/// Rows in order into shards of `rows_per_shard` rows, numbered from
+/// `first` (global shard numbers), each opened at its first row.
+struct ShardRoller {
+    dir: PathBuf,
+    opts: WriterOptions,
+    first: usize,
+    rows_per_shard: usize,
+    current: Option<ShardWriter>,
+    done: Vec<ShardInfo>,
+}
+
+impl ShardRoller {
+    fn new(dir: PathBuf, opts: WriterOptions, first: usize, rows_per_shard: usize) -> Self {
+        Self {
+            dir,
+            opts,
+            first,
+            rows_per_shard,
+            current: None,
+            done: Vec::new(),
+        }
+    }
+
+    fn write(&mut self, row: &LatentRow<'_>) -> Result<(), GenerateError> {
+        let w = match &mut self.current {
+            Some(w) => w,
+            None => {
+                let p = self.dir.join(shard_file_name(self.first + self.done.len()));
+                self.current
+                    .insert(ShardWriter::create(&p, self.opts.clone())?)
+            }
+        };
+        w.write_rows(std::slice::from_ref(row))?;
+        if w.rows() as usize >= self.rows_per_shard {
+            self.finish_current()?;
+        }
+        Ok(())
+    }
+
+    fn finish_current(&mut self) -> Result<(), GenerateError> {
+        if let Some(w) = self.current.take() {
+            self.done.push(w.finish()?);
+        }
+        Ok(())
+    }
+
+    /// Every shard written, in order.
+    fn finish(mut self) -> Result<Vec<ShardInfo>, GenerateError> {
+        self.finish_current()?;
+        Ok(self.done)
+    }
+}
+
+/// Shard paths as the manifest lists them: relative to the output
+/// directory.
+fn relative_to_out_dir(mut shards: Vec<ShardInfo>) -> Vec<ShardInfo> {
+    for s in &mut shards {
         s.file = format!(
             "{SHARDS_DIR}/{}",
             Path::new(&s.file)
@@ -308,17 +386,7 @@ pub fn run_sampling(
                 .unwrap_or_else(|| s.file.clone())
         );
     }
-    if opts.part.is_none() {
-        write_sample_manifest(opts, &listed, n, stats.is_some())?;
-    }
-    Ok(SampleSummary {
-        out_dir: opts.out_dir.clone(),
-        samples: written,
-        shards: listed,
-        denormalised: stats.is_some(),
-        seconds,
-        samples_per_second: written as f64 / seconds.max(1e-9),
-    })
+    shards
 }
 
 /// The manifest keeps the `build` schema: the "encoder" names the sampling

@@ -39,16 +39,8 @@ pub fn adm_center_crop(img: &RgbImage, size: u32) -> RgbImage {
     let s = size as usize;
     let top = nh.saturating_sub(s) / 2;
     let left = nw.saturating_sub(s) / 2;
-    let buf = resample::resize_rgb8_window(
-        cur.as_raw(),
-        w as usize,
-        h as usize,
-        nw,
-        nh,
-        Filter::Bicubic,
-        left..left + s,
-        top..top + s,
-    );
+    let buf =
+        resample::resize_rgb8_window(&cur, nw, nh, Filter::Bicubic, left..left + s, top..top + s);
     // The window is `size` x `size` unless the resized image were smaller
     // than `size` (impossible: its short side rounds to `size`).
     RgbImage::from_raw(size, size, buf).unwrap_or_else(|| RgbImage::new(size, size))

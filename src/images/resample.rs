@@ -279,21 +279,18 @@ unsafe fn accumulate_avx2(acc: &mut [i32], row: &[u8], w: i32) {
     accumulate_generic(acc, row, w)
 }
 
-/// Resize an RGB8 image (`src` tightly packed, `src_w` x `src_h`) to
-/// `dst_w` x `dst_h` exactly as Pillow's `Image.resize(size, filter)` and
+/// Resize an RGB8 image to `dst_w` x `dst_h` exactly as Pillow's `Image.resize(size, filter)` and
 /// return only the window `xs` x `ys` of the result (tightly packed,
 /// `xs.len()` x `ys.len()`). Ranges must lie inside the destination.
 pub fn resize_rgb8_window(
-    src: &[u8],
-    src_w: usize,
-    src_h: usize,
+    img: &image::RgbImage,
     dst_w: usize,
     dst_h: usize,
     filter: Filter,
     xs: Range<usize>,
     ys: Range<usize>,
 ) -> Vec<u8> {
-    debug_assert_eq!(src.len(), src_w * src_h * 3);
+    let (src, src_w, src_h) = (img.as_raw(), img.width() as usize, img.height() as usize);
     let xs = xs.start.min(dst_w)..xs.end.min(dst_w);
     let ys = ys.start.min(dst_h)..ys.end.min(dst_h);
     if xs.is_empty() || ys.is_empty() || src_w == 0 || src_h == 0 {
@@ -361,11 +358,8 @@ fn halve_box_even(src: &[u8], src_w: usize, xs: Range<usize>, ys: Range<usize>) 
 
 /// Full Pillow-exact resize of an RGB8 image.
 pub fn resize(img: &image::RgbImage, dst_w: u32, dst_h: u32, filter: Filter) -> image::RgbImage {
-    let (w, h) = (img.width() as usize, img.height() as usize);
     let buf = resize_rgb8_window(
-        img.as_raw(),
-        w,
-        h,
+        img,
         dst_w as usize,
         dst_h as usize,
         filter,
@@ -381,13 +375,17 @@ pub fn resize(img: &image::RgbImage, dst_w: u32, dst_h: u32, filter: Filter) -> 
 mod tests {
     use super::*;
 
+    fn rgb(w: usize, h: usize, raw: Vec<u8>) -> image::RgbImage {
+        image::RgbImage::from_raw(w as u32, h as u32, raw).expect("w * h * 3 bytes")
+    }
+
     #[test]
     fn box_halving_of_even_width_averages_pairs_rounding_half_up() {
         let src: Vec<u8> = [10u8, 11, 200, 255]
             .iter()
             .flat_map(|&v| [v, v, v])
             .collect();
-        let out = resize_rgb8_window(&src, 4, 1, 2, 1, Filter::Box, 0..2, 0..1);
+        let out = resize_rgb8_window(&rgb(4, 1, src), 2, 1, Filter::Box, 0..2, 0..1);
         assert_eq!(out, vec![11, 11, 11, 228, 228, 228]);
     }
 
@@ -397,7 +395,14 @@ mod tests {
         let src: Vec<u8> = (0..w * h * 3)
             .map(|i| ((i * 7919 + 13) % 256) as u8)
             .collect();
-        let fast = resize_rgb8_window(&src, w, h, w / 2, h / 2, Filter::Box, 0..w / 2, 0..h / 2);
+        let fast = resize_rgb8_window(
+            &rgb(w, h, src.clone()),
+            w / 2,
+            h / 2,
+            Filter::Box,
+            0..w / 2,
+            0..h / 2,
+        );
         let cy = Coeffs::new(h, h / 2, Filter::Box, 0..h / 2);
         let cx = Coeffs::new(w, w / 2, Filter::Box, 0..w / 2);
         let rows = cy.source_span();
@@ -441,11 +446,11 @@ mod tests {
     fn window_equals_crop_of_full_resize() {
         let (w, h) = (37usize, 23usize);
         let src: Vec<u8> = (0..w * h * 3).map(|i| ((i * 7919) % 251) as u8).collect();
+        let img = rgb(w, h, src);
         for (dw, dh) in [(20, 13), (37, 50), (60, 23), (64, 40)] {
-            let full = resize_rgb8_window(&src, w, h, dw, dh, Filter::Bicubic, 0..dw, 0..dh);
+            let full = resize_rgb8_window(&img, dw, dh, Filter::Bicubic, 0..dw, 0..dh);
             let (xs, ys) = (3..dw - 2, 1..dh - 4);
-            let win =
-                resize_rgb8_window(&src, w, h, dw, dh, Filter::Bicubic, xs.clone(), ys.clone());
+            let win = resize_rgb8_window(&img, dw, dh, Filter::Bicubic, xs.clone(), ys.clone());
             let mut expect = Vec::new();
             for y in ys {
                 expect.extend_from_slice(&full[(y * dw + xs.start) * 3..(y * dw + xs.end) * 3]);

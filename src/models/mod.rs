@@ -2,11 +2,10 @@
 //! with reference (bytetriper/RAE) state-dict names.
 //!
 //! Models are built from a `VarBuilder`: from loaded tensors for inference
-//! (`checkpoint::var_builder`) or from a `VarMap` for training
+//! (`state_dict::var_builder`) or from a `VarMap` for training
 //! (`VarBuilder::from_varmap`; missing entries are initialised as the
-//! reference does). Frozen tensors (`checkpoint::is_frozen`) are detached.
+//! reference does). Frozen tensors (`state_dict::is_frozen`) are detached.
 
-pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod dit_block;
@@ -15,17 +14,18 @@ pub mod embed;
 pub mod layers;
 pub mod lightning_dit;
 pub mod ops;
+pub mod state_dict;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-pub use checkpoint::{WeightsKey, is_frozen, load_state_dict};
 pub use config::{DitConfig, DitDhConfig, LightningDitConfig};
 pub use decoder::{DecoderConfig, RaeDecoder};
 pub use dit_dh::DitDh;
 pub use lightning_dit::LightningDit;
+pub use state_dict::{WeightsKey, is_frozen, load_state_dict};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -110,8 +110,8 @@ pub fn load_dit(
 ) -> Result<DitModel, ModelError> {
     let cfg = DitConfig::load(config)?;
     let sd = load_state_dict(weights, key, device)?;
-    let vb = checkpoint::var_builder(sd, dtype, device);
-    DitModel::new(&cfg, vb).map_err(|e| checkpoint::with_file(weights, e))
+    let vb = state_dict::var_builder(sd, dtype, device);
+    DitModel::new(&cfg, vb).map_err(|e| state_dict::with_file(weights, e))
 }
 
 /// Load the RAE decoder from a weights file and its config.
@@ -123,6 +123,6 @@ pub fn load_decoder(
     device: &Device,
 ) -> Result<RaeDecoder, ModelError> {
     let sd = load_state_dict(weights, key, device)?;
-    let vb = checkpoint::var_builder(sd, dtype, device);
-    RaeDecoder::new(cfg, vb).map_err(|e| checkpoint::with_file(weights, e))
+    let vb = state_dict::var_builder(sd, dtype, device);
+    RaeDecoder::new(cfg, vb).map_err(|e| state_dict::with_file(weights, e))
 }

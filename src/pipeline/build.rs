@@ -19,6 +19,7 @@ use super::plan::{self, Inputs, PartSpec};
 use super::{PipelineError, io_err, merge, sink, stages};
 use crate::encoders::{Encoder, EncoderSpec};
 use crate::images::{DecodeOptions, ImageEntry, Skipped};
+use crate::progress::Progress;
 use crate::shards::{LatentDType, WriterOptions};
 
 /// What a build did, for the CLI's report and `--json`.
@@ -44,30 +45,11 @@ pub struct BuildSummary {
     pub rejected: Vec<Skipped>,
 }
 
-/// Where a build reports its progress, for the caller to show (as
-/// `Trainer::run`'s `on_step` does for training): `rae-cache build` draws
-/// its progress bar from these calls.
-pub trait BuildProgress {
-    /// This run will encode `images` images (after a resume, those left).
-    fn start(&mut self, images: u64) {
-        let _ = images;
-    }
-    /// One more image, in key order, was encoded or rejected.
-    fn image_done(&mut self) {}
-    /// Every shard of this run is written (the statistics follow).
-    fn finish(&mut self) {}
-}
-
-/// Reports nothing.
-pub struct NoProgress;
-
-impl BuildProgress for NoProgress {}
-
 /// Run (or resume) a build, reporting to `progress`. Holds the directory
 /// lock throughout.
 pub fn run_build(
     cfg: &BuildConfig,
-    progress: &mut dyn BuildProgress,
+    progress: &mut dyn Progress,
 ) -> Result<BuildSummary, PipelineError> {
     let started = Instant::now();
     let plan = cfg.resolve()?;
@@ -439,7 +421,7 @@ fn encode_and_write(
     job: &Job,
     m: &mut BuildManifest,
     todo: Range<usize>,
-    progress: &mut dyn BuildProgress,
+    progress: &mut dyn Progress,
 ) -> Result<RunClock, PipelineError> {
     let enc = &job.encoder;
     tracing::info!(

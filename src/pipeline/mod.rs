@@ -1,7 +1,8 @@
 //! The build pipeline: image folder -> Parquet latent shards + manifest +
 //! statistics, crash-safe and resumable, deterministic whatever the thread
 //! count. `rae-cache build` is a thin layer over [`run_build`], which takes
-//! a [`BuildConfig`] and reports its progress to a [`BuildProgress`].
+//! a [`BuildConfig`] and reports its progress to a
+//! [`Progress`](crate::progress::Progress).
 //!
 //! * [`config`]: the settings and their defaults, resolved and checked into
 //!   a [`BuildPlan`] before anything is touched.
@@ -49,7 +50,7 @@ use crate::encoders::EncoderError;
 use crate::images::ImageError;
 use crate::shards::ShardError;
 
-pub use build::{BuildProgress, BuildSummary, NoProgress, run_build};
+pub use build::{BuildSummary, run_build};
 pub use build_state::{BuildManifest, HFlip};
 pub use config::{
     BuildConfig, BuildPlan, DEFAULT_BATCH_SIZE_CPU, DEFAULT_BATCH_SIZE_CUDA, DEFAULT_DEVICE,

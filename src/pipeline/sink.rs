@@ -12,13 +12,13 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 
-use super::build::BuildProgress;
 use super::build_state::{self, BuildManifest, RunClock, ShardEntry};
 use super::config::BuildPlan;
 use super::plan::{self, Inputs};
 use super::stages::Encoded;
 use super::{PipelineError, state_file};
 use crate::images::{ImageEntry, Skipped};
+use crate::progress::Progress;
 use crate::shards::{LatentRow, ShardReader, ShardWriter, StatsAccumulator, WriterOptions, quant};
 
 /// Images queued per shard writer (backpressure on the encoder beyond it).
@@ -62,7 +62,7 @@ pub(super) struct ShardSink<'a> {
     /// Finished shards waiting for their predecessors.
     finished: BTreeMap<usize, ShardEntry>,
     clock: RunClock,
-    progress: &'a mut dyn BuildProgress,
+    progress: &'a mut dyn Progress,
 }
 
 impl<'a> ShardSink<'a> {
@@ -75,7 +75,7 @@ impl<'a> ShardSink<'a> {
         opts: WriterOptions,
         manifest: &'a mut BuildManifest,
         clock: RunClock,
-        progress: &'a mut dyn BuildProgress,
+        progress: &'a mut dyn Progress,
     ) -> Self {
         let (done_tx, done_rx) = unbounded();
         Self {
@@ -133,7 +133,7 @@ impl<'a> ShardSink<'a> {
             }
         };
         self.send(job)?;
-        self.progress.image_done();
+        self.progress.advance(1);
         if idx + 1 == self.plan.images_of(shard).end {
             self.send(Job::Finish)?;
             self.current = None; // the thread finishes the file on its own

@@ -14,7 +14,7 @@ use super::checkpoint::Checkpoint;
 use super::init::{CastVars, SeededVarMap};
 use super::{AdamW, AdamWConfig, Ema, Gradients, ParamGroup, Result, TrainError};
 use crate::diffusion::schedule::{interpolate, velocity_target};
-use crate::models::checkpoint::sorted_vars;
+use crate::models::state_dict::sorted_vars;
 use crate::models::{DitConfig, DitModel, VelocityModel, is_frozen};
 
 /// What a [`TrainState`] is built from.

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::{fixture, io_on, read_json};
 use rae_cache::diffusion::{interpolate, velocity_target};
-use rae_cache::models::checkpoint::{fill_varmap, is_frozen, load_state_dict, trainable_vars};
+use rae_cache::models::state_dict::{fill_varmap, is_frozen, load_state_dict, trainable_vars};
 use rae_cache::models::{DitConfig, DitDh, WeightsKey};
 
 /// The fixture's DiT-DH config and its trainstep starting weights (f32).

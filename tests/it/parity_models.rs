@@ -12,8 +12,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use common::{HalfTol, assert_close, fixture, io, max_abs_diff, test_device, test_dtype};
-use rae_cache::models::checkpoint::{load_state_dict, var_builder};
 use rae_cache::models::config::load_config;
+use rae_cache::models::state_dict::{load_state_dict, var_builder};
 use rae_cache::models::{
     DecoderConfig, DitConfig, DitDh, DitModel, LightningDit, RaeDecoder, VelocityModel, WeightsKey,
 };
