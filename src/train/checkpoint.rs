@@ -594,4 +594,39 @@ mod tests {
         assert!(read_config(&p).is_err());
         assert!(latest(dir.path()).unwrap().is_none());
     }
+
+    /// A run directory, its checkpoints/ and the `latest` pointer all name
+    /// the newest checkpoint; `auto` takes the EMA only once decay^step is
+    /// at most 1%.
+    #[test]
+    fn run_dir_resolves_and_auto_picks_weights_by_ema_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let rng = ChaCha8Rng::seed_from_u64(1);
+        let mut ck = sample(1500, &rng);
+        ck.config = r#"{"ema":0.9995,"model":"ditdh-s"}"#.into();
+        save(dir.path(), &ck, 0).unwrap();
+        ck.step = 10_000;
+        let newest = save(dir.path(), &ck, 0).unwrap();
+        let run = dir.path();
+        for p in [
+            run.to_path_buf(),
+            checkpoint_dir(run),
+            checkpoint_dir(run).join(LATEST),
+        ] {
+            assert_eq!(resolve(&p).unwrap(), newest, "{}", p.display());
+        }
+        assert_eq!(resolve(&newest).unwrap(), newest);
+        let t = open_trained(run, &WeightsKey::Auto).unwrap();
+        assert_eq!(t.model.as_deref(), Some("ditdh-s"));
+        assert_eq!(t.weights, WeightsKey::Key("ema".into())); // 0.9995^10000 = 0.7%
+        let old = checkpoint_dir(run).join(file_name(1500));
+        let t = open_trained(&old, &WeightsKey::Auto).unwrap();
+        assert_eq!(t.weights, WeightsKey::Key("model".into())); // 47% initial
+        assert!(t.reason.unwrap().contains("47.2%"));
+        let forced = open_trained(&old, &WeightsKey::Key("ema".into())).unwrap();
+        assert_eq!(forced.weights, WeightsKey::Key("ema".into()));
+        let empty = tempfile::tempdir().unwrap();
+        std::fs::create_dir(checkpoint_dir(empty.path())).unwrap();
+        assert!(resolve(empty.path()).is_err());
+    }
 }
