@@ -16,30 +16,43 @@ use crate::models::state_dict::trainable_vars;
 use crate::models::{DecoderConfig, DitConfig, DitModel, RaeDecoder};
 use crate::train::{FlowBatch, TrainConfig, TrainState, TrainStateConfig};
 
+/// Errors of the benchmark helpers.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
+    /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// Building or stepping the training state failed.
     #[error(transparent)]
     Train(#[from] crate::train::TrainError),
+    /// Writing random weights failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: std::path::PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// Anything else.
     #[error("{0}")]
     Other(String),
 }
 
+/// Results of this module.
 pub type Result<T> = std::result::Result<T, BenchError>;
 
 /// The shape of a DINOv2-with-registers encoder (HF config keys).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dinov2Shape {
+    /// Channels per token.
     pub hidden: usize,
+    /// Transformer blocks.
     pub layers: usize,
+    /// Attention heads.
     pub heads: usize,
+    /// Register tokens.
     pub registers: usize,
+    /// Patch side in pixels.
     pub patch: usize,
     /// The position table's training size (518 for the released models);
     /// inputs are 224 and the table is interpolated, as for real weights.
@@ -272,6 +285,7 @@ impl TrainStep {
         })
     }
 
+    /// Elements of the trainable weights.
     pub fn trainable_params(&self) -> usize {
         self.state.trainable_params()
     }
@@ -299,6 +313,7 @@ impl TrainStep {
         Ok(())
     }
 
+    /// The batch size of the current inputs, if drawn.
     pub fn batch(&self) -> Option<usize> {
         self.inputs.as_ref().map(|i| i.0)
     }
@@ -317,11 +332,15 @@ impl TrainStep {
 /// Timings of `iters` calls after `warmup` untimed ones.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Timing {
+    /// Untimed calls first.
     pub warmup: usize,
+    /// Timed calls.
     pub iters: usize,
     /// Wall seconds of each timed iteration.
     pub seconds: Vec<f64>,
+    /// Mean of `seconds`.
     pub mean_s: f64,
+    /// Minimum of `seconds`.
     pub min_s: f64,
 }
 

@@ -2,12 +2,20 @@
 
 use candle_core::Device;
 
+/// Why a `--device` spec cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
+    /// Not `cpu`, `cuda`, `cuda:N` or `auto`.
     #[error("unknown device {0:?}: expected `cpu`, `cuda`, `cuda:N` or `auto`")]
     Unknown(String),
+    /// A CUDA device that this binary or machine cannot open.
     #[error("device {spec:?} is not available: {reason}")]
-    Unavailable { spec: String, reason: String },
+    Unavailable {
+        /// The spec as given.
+        spec: String,
+        /// candle's error, or why CUDA is missing.
+        reason: String,
+    },
 }
 
 /// Parse a device string. `auto` picks CUDA device 0 when this binary was

@@ -1,6 +1,8 @@
 //! rae-cache: pre-encode image datasets through a frozen representation
 //! encoder into Parquet latent shards, train DiT-DH from them, sample and
-//! decode. See README.md and DESIGN (shared) for the data flow.
+//! decode. See README.md and docs/DESIGN.md for the data flow.
+
+#![warn(missing_docs)]
 
 pub mod bench_models;
 pub mod device;
@@ -16,5 +18,7 @@ pub mod pipeline;
 pub mod precision;
 pub mod progress;
 pub mod shards;
+// docs pending: src/train is being edited on the lead's branch
+#[allow(missing_docs)]
 pub mod train;
 pub mod weights;

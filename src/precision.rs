@@ -20,11 +20,15 @@ pub enum Precision {
     /// CPU (candle's CPU bf16 matmul is slower than f32 and gains nothing).
     #[default]
     Auto,
+    /// f32 throughout.
     F32,
+    /// bfloat16 weights and activations.
     Bf16,
+    /// float16 weights and activations.
     F16,
 }
 
+/// A `--precision` value that is not one of the names.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown precision {0:?}: expected auto, f32, bf16 or f16")]
 pub struct PrecisionError(pub String);
@@ -40,6 +44,7 @@ impl Precision {
         }
     }
 
+    /// The name on the command line and in logs.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Auto => "auto",

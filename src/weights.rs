@@ -9,27 +9,46 @@
 
 use std::path::{Path, PathBuf};
 
+/// Why a model directory cannot be found or used.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
+    /// Neither a directory nor in the local Hugging Face cache.
     #[error("model {id:?} not found; looked in: {looked}. {hint}")]
     NotFound {
+        /// The directory or repo id asked for.
         id: String,
+        /// The places searched.
         looked: String,
+        /// What to do about it.
         hint: String,
     },
+    /// The directory exists but lacks a file or holds a bad one.
     #[error("{path}: {reason}")]
-    Invalid { path: PathBuf, reason: String },
+    Invalid {
+        /// The offending path.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// `--allow-download` given to a build without the `download` feature,
     /// or the download itself failed.
     #[error("cannot download {id:?}: {reason}")]
-    Download { id: String, reason: String },
+    Download {
+        /// The repo id.
+        id: String,
+        /// Why it failed.
+        reason: String,
+    },
 }
 
 /// A resolved model directory (local or inside the HF cache snapshot).
 #[derive(Debug, Clone)]
 pub struct ResolvedModel {
+    /// The directory holding the model files.
     pub dir: PathBuf,
+    /// The id it was asked for by (a path or a repo id).
     pub id: String,
+    /// The HF cache snapshot (commit) it came from, if any.
     pub revision: Option<String>,
 }
 
@@ -40,6 +59,9 @@ pub const MODEL_FILES: [&str; 3] = [
     "preprocessor_config.json",
 ];
 
+/// Find a model directory: a local folder, else a repo id in the local
+/// Hugging Face cache (downloaded first when `allow_download` and built with
+/// the `download` feature).
 pub fn resolve_model(id_or_dir: &str, allow_download: bool) -> Result<ResolvedModel, WeightsError> {
     let local = Path::new(id_or_dir);
     if local.is_dir() {

@@ -8,6 +8,7 @@ use candle_core::{Result, Tensor};
 use super::schedule::{NoiseRng, time_grid};
 use crate::models::VelocityModel;
 
+/// How the sampler integrates from noise (t = 1) to data (t = 0).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum SamplerMethod {
     /// x_{k+1} = x_k + (t_{k+1} - t_k) v(x_k, t_k); torchdiffeq `euler`.
@@ -67,30 +68,42 @@ impl Default for SdeConfig {
 /// (inclusive, as the reference `torch.where((t >= min) & (t <= max))`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Guidance {
+    /// The conditional velocity only.
     None,
     /// v = v_uncond + scale (v_cond - v_uncond), unconditional = `null_class`.
     Cfg {
+        /// Guidance scale (> 1 strengthens the condition).
         scale: f64,
+        /// Start of the interval where guidance applies.
         t_min: f64,
+        /// End of that interval.
         t_max: f64,
+        /// The label of the unconditional branch.
         null_class: u32,
     },
     /// v = v_guide + scale (v_model - v_guide), guide = a second (weaker) model.
     Auto {
+        /// Guidance scale.
         scale: f64,
+        /// Start of the interval where guidance applies.
         t_min: f64,
+        /// End of that interval.
         t_max: f64,
     },
 }
 
+/// How to sample: method, grid, guidance and SDE settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplerConfig {
+    /// The integrator.
     pub method: SamplerMethod,
     /// Grid points (N); N-1 model steps for Euler.
     pub num_steps: usize,
     /// Time shift a (see `schedule::default_shift`).
     pub time_shift: f64,
+    /// Classifier-free guidance or AutoGuidance, if any.
     pub guidance: Guidance,
+    /// Used by [`SamplerMethod::EulerMaruyama`] only.
     pub sde: SdeConfig,
     /// Seeds the SDE noise (the ODE samplers are deterministic given z0).
     pub seed: u64,

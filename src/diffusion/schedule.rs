@@ -68,10 +68,13 @@ pub fn velocity_target(x0: &Tensor, eps: &Tensor) -> Result<Tensor> {
 /// How training times are drawn (before the shift).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum TimeDist {
+    /// t ~ U(0, 1).
     Uniform,
     /// sigmoid(N(mean, std)) (reference `logit-normal_0_1`).
     LogitNormal {
+        /// Mean of the normal before the sigmoid.
         mean: f64,
+        /// Standard deviation of the normal before the sigmoid.
         std: f64,
     },
 }
@@ -103,6 +106,7 @@ pub struct NoiseRng {
 }
 
 impl NoiseRng {
+    /// A generator seeded with `seed` (ChaCha8: the same stream everywhere).
     pub fn new(seed: u64) -> Self {
         Self {
             rng: ChaCha8Rng::seed_from_u64(seed),
@@ -110,6 +114,7 @@ impl NoiseRng {
         }
     }
 
+    /// A uniform draw in [0, 1).
     pub fn uniform(&mut self) -> f64 {
         self.rng.random::<f64>()
     }

@@ -20,24 +20,42 @@ use candle_core::Tensor;
 
 pub use rendezvous::InitMethod;
 
+/// Errors of rendezvous and collectives.
 #[derive(Debug, thiserror::Error)]
 pub enum DistError {
+    /// A missing or malformed torchrun variable.
     #[error("distributed environment: {0}")]
     Env(String),
+    /// Connecting the ranks failed.
     #[error("rendezvous ({what}): {reason}")]
-    Rendezvous { what: String, reason: String },
+    Rendezvous {
+        /// The step that failed (listen, connect, handshake, ...).
+        what: String,
+        /// The underlying error.
+        reason: String,
+    },
+    /// A collective failed after the group was up.
     #[error("collective {op} failed: {reason}")]
-    Collective { op: &'static str, reason: String },
+    Collective {
+        /// The collective (`all_reduce_sum`, `broadcast`, ...).
+        op: &'static str,
+        /// The underlying error.
+        reason: String,
+    },
+    /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 
+/// Results of this module.
 pub type Result<T, E = DistError> = std::result::Result<T, E>;
 
 /// The collectives of data-parallel training. Every rank calls each method
 /// in the same order with tensors of the same shape and dtype.
 pub trait Collective: Send {
+    /// This process's rank, 0-based.
     fn rank(&self) -> usize;
+    /// Number of processes in the group.
     fn world_size(&self) -> usize;
     /// Element-wise sum over all ranks; every rank gets the same result.
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
@@ -45,6 +63,7 @@ pub trait Collective: Send {
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
     /// Returns when every rank has called it.
     fn barrier(&self) -> Result<()>;
+    /// Name of the transport, for logs (`single`, `tcp`, `nccl`).
     fn backend(&self) -> &'static str;
 }
 
@@ -78,10 +97,13 @@ impl Collective for SingleProcess {
 /// `MASTER_ADDR`/`MASTER_PORT` or `RAE_DIST_INIT=file:///shared/path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DistEnv {
+    /// `RANK`: this process's global index.
     pub rank: usize,
+    /// `WORLD_SIZE`: processes in the job.
     pub world_size: usize,
     /// GPU index on this machine (`cuda:LOCAL_RANK`).
     pub local_rank: usize,
+    /// Where to meet rank 0.
     pub init: InitMethod,
     /// How long to wait for the other ranks.
     pub timeout: Duration,

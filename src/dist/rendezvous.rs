@@ -18,7 +18,12 @@ const MAGIC: &[u8; 8] = b"RAEDIST1";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InitMethod {
     /// `MASTER_ADDR:MASTER_PORT`: rank 0 listens on that port.
-    Tcp { addr: String, port: u16 },
+    Tcp {
+        /// `MASTER_ADDR`.
+        addr: String,
+        /// `MASTER_PORT`.
+        port: u16,
+    },
     /// `file:///path`: rank 0 writes `host:port` there.
     File(PathBuf),
 }
@@ -55,8 +60,16 @@ impl InitMethod {
 /// (index `rank - 1`), every other rank one stream to rank 0.
 #[derive(Debug)]
 pub enum Link {
-    Root { peers: Vec<TcpStream> },
-    Leaf { root: TcpStream },
+    /// Rank 0.
+    Root {
+        /// One stream per other rank, index `rank - 1`.
+        peers: Vec<TcpStream>,
+    },
+    /// Any rank but 0.
+    Leaf {
+        /// The stream to rank 0.
+        root: TcpStream,
+    },
 }
 
 fn rdv_err(what: impl Into<String>, reason: impl std::fmt::Display) -> DistError {

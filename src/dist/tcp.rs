@@ -12,6 +12,8 @@ use candle_core::{DType, Tensor};
 use super::rendezvous::{self, Link, recv_msg, send_msg};
 use super::{Collective, DistEnv, DistError, Result};
 
+/// Collectives over plain TCP through rank 0 (no GPU transport needed;
+/// several ranks may share a device).
 pub struct TcpGroup {
     rank: usize,
     world_size: usize,
@@ -60,6 +62,7 @@ impl TcpGroup {
         Ok(Self::from_link(env.rank, env.world_size, link))
     }
 
+    /// A group over streams that are already connected.
     pub fn from_link(rank: usize, world_size: usize, link: Link) -> Self {
         Self {
             rank,

@@ -28,6 +28,7 @@ impl Activation {
         }
     }
 
+    /// Apply it element-wise.
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::GeluErf => x.gelu_erf(),

@@ -35,28 +35,41 @@ pub struct EncoderSpec {
     pub kind: String,
     /// Where it came from (HF repo id or directory) and its revision if known.
     pub id: String,
+    /// The HF cache snapshot (commit), when it came from there.
     pub revision: Option<String>,
     /// sha256 of config.json, recorded in shard metadata.
     pub config_hash: String,
     /// The crop size fed to `encode` (256) and the encoder's own input size.
     pub crop_size: usize,
+    /// Side the encoder takes (224 for patch 14, 256 for patch 16).
     pub input_size: usize,
+    /// Patch size in pixels.
     pub patch_size: usize,
+    /// Patch tokens per image (special tokens dropped).
     pub tokens: usize,
+    /// Channels per token (the hidden size).
     pub channels: usize,
+    /// Per-channel normalisation mean (preprocessor_config.json).
     pub image_mean: [f32; 3],
+    /// Per-channel normalisation std.
     pub image_std: [f32; 3],
 }
 
+/// Errors loading or running an encoder.
 #[derive(Debug, thiserror::Error)]
 pub enum EncoderError {
+    /// A config file that cannot be read or is not supported.
     #[error("{path}: {reason}")]
     Config {
+        /// The file.
         path: std::path::PathBuf,
+        /// What is wrong.
         reason: String,
     },
+    /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The model directory cannot be found or used.
     #[error(transparent)]
     Weights(#[from] crate::weights::WeightsError),
     /// Crops of the wrong shape or an empty batch.
@@ -64,7 +77,9 @@ pub enum EncoderError {
     Input(String),
 }
 
+/// A frozen representation encoder: crops in, patch-token latents out.
 pub trait Encoder: Send + Sync {
+    /// What it produces and needs.
     fn spec(&self) -> &EncoderSpec;
     /// The compute dtype of weights and activations (the latent is f32).
     fn dtype(&self) -> DType;

@@ -97,6 +97,8 @@ pub struct Preprocessor {
 }
 
 impl Preprocessor {
+    /// A preprocessor from `crop_size` to `input_size` with the encoder's
+    /// normalisation, its tables on `device`.
     pub fn new(
         crop_size: usize,
         input_size: usize,

@@ -34,33 +34,52 @@ pub enum DecodeFormat {
     Safetensors,
 }
 
+/// `--format npz`: the ADM evaluator's file.
 pub const NPZ_FILE: &str = "images.npz";
+/// `--format safetensors`: the pixels and labels.
 pub const SAFETENSORS_FILE: &str = "pixels.safetensors";
 /// Row keys in output order (npz / safetensors), `_flip` marking flipped rows.
 pub const KEYS_FILE: &str = "keys.txt";
+/// `--grid N`: the contact sheet.
 pub const GRID_FILE: &str = "grid.png";
 
+/// Everything `decode_shards` needs besides the decoder.
 #[derive(Debug, Clone)]
 pub struct DecodeOptions {
+    /// Where the images go.
     pub out_dir: PathBuf,
+    /// What to write.
     pub format: DecodeFormat,
+    /// Rows per decoder forward.
     pub batch_size: usize,
+    /// Decode only the first N rows.
     pub limit: Option<usize>,
     /// Contact sheet of the first `grid` images (0: none).
     pub grid: usize,
+    /// How floats become bytes (PNG, npz and the grid).
     pub rounding: Rounding,
 }
 
+/// What a decode did, for the CLI's report and `--json`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DecodeSummary {
+    /// The output directory.
     pub out_dir: PathBuf,
+    /// What was written.
     pub format: DecodeFormat,
+    /// Images decoded.
     pub images: usize,
+    /// Image height in pixels.
     pub height: usize,
+    /// Image width in pixels.
     pub width: usize,
+    /// Shard files read.
     pub shards: usize,
+    /// The contact sheet, if one was written.
     pub grid: Option<PathBuf>,
+    /// Wall time.
     pub seconds: f64,
+    /// Throughput.
     pub images_per_second: f64,
 }
 

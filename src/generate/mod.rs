@@ -24,21 +24,30 @@ pub use sample_run::{
     SampleOptions, SampleSummary, run_sampling, run_sampling_job, write_sample_manifest,
 };
 
+/// Errors of sampling and decoding.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
+    /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// Reading or writing a shard failed.
     #[error(transparent)]
     Shard(#[from] crate::shards::ShardError),
+    /// Loading a model failed.
     #[error(transparent)]
     Model(#[from] crate::models::ModelError),
+    /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A collective of a multi-process run failed.
     #[error(transparent)]
     Dist(#[from] crate::dist::DistError),
+    /// Invalid options or inputs.
     #[error("{0}")]
     Invalid(String),
 }

@@ -46,6 +46,7 @@ pub struct NpzWriter {
 }
 
 impl NpzWriter {
+    /// Start an `.npz` at `path` for `n` images of `h x w` RGB8.
     pub fn create(path: &Path, n: usize, h: usize, w: usize) -> Result<Self, GenerateError> {
         let file = File::create(path).map_err(|e| GenerateError::io(path, e))?;
         let mut zip = zip::ZipWriter::new(BufWriter::with_capacity(1 << 20, file));
@@ -67,6 +68,7 @@ impl NpzWriter {
         })
     }
 
+    /// Append one image, `h*w*3` bytes, HWC.
     pub fn push(&mut self, hwc: &[u8]) -> Result<(), GenerateError> {
         if hwc.len() != self.image_bytes || self.written == self.expected {
             return Err(GenerateError::Invalid(format!(
@@ -83,6 +85,7 @@ impl NpzWriter {
         Ok(())
     }
 
+    /// Close the archive; fails unless exactly `n` images were pushed.
     pub fn finish(self) -> Result<(), GenerateError> {
         if self.written != self.expected {
             return Err(GenerateError::Invalid(format!(

@@ -30,29 +30,42 @@ use crate::shards::{
 pub const STATS_EPS: f64 = 1e-5;
 /// Sub-directory holding the shards.
 pub const SHARDS_DIR: &str = "shards";
-/// Footer keys specific to sampled shards.
+/// Footer key of sampled shards (also `META_DENORMALISED`, `META_SAMPLE`):
+/// where the rows came from, `sample`.
 pub const META_SOURCE: &str = "rae_cache.source";
+/// `true` when the latents were de-normalised with dataset statistics.
 pub const META_DENORMALISED: &str = "rae_cache.denormalised";
+/// The sampling settings and provenance, as JSON.
 pub const META_SAMPLE: &str = "rae_cache.sample";
 
 /// Everything `run_sampling` needs besides the models.
 #[derive(Debug, Clone)]
 pub struct SampleOptions {
+    /// Where `shards/` and `manifest.json` go.
     pub out_dir: PathBuf,
     /// Ignored when `noise` is given (N = its batch).
     pub num: usize,
+    /// Class label of each sample.
     pub labels: LabelSpec,
+    /// Method, steps, shift and guidance.
     pub sampler: SamplerConfig,
+    /// Seeds the labels (`equal`), the initial noise and the SDE noise.
     pub seed: u64,
+    /// Samples per model batch.
     pub batch_size: usize,
+    /// Storage type of the sampled latents.
     pub dtype: LatentDType,
     /// Exact initial noise `[N,C,H,W]`.
     pub noise: Option<Tensor>,
+    /// Dataset statistics: de-normalise the samples to raw encoder latents.
     pub stats: Option<LatentStats>,
     /// Latent grid of the model: channels, height = width.
     pub channels: usize,
+    /// Latent height and width.
     pub size: usize,
+    /// Number of classes of the model.
     pub num_classes: usize,
+    /// Rows per shard.
     pub rows_per_shard: usize,
     /// Free-form description (model path, config, guide, ...) for the
     /// manifest and footers.
@@ -63,13 +76,20 @@ pub struct SampleOptions {
     pub part: Option<(usize, usize)>,
 }
 
+/// What a sampling run did, for the CLI's report and `--json`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SampleSummary {
+    /// The output directory.
     pub out_dir: PathBuf,
+    /// Samples written (all parts, on rank 0 of a job).
     pub samples: usize,
+    /// The shards, paths relative to `out_dir`.
     pub shards: Vec<ShardInfo>,
+    /// Whether the latents were de-normalised.
     pub denormalised: bool,
+    /// Wall time of the sampling loop.
     pub seconds: f64,
+    /// Throughput of this process.
     pub samples_per_second: f64,
 }
 

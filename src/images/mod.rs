@@ -33,43 +33,74 @@ pub struct ImageEntry {
 /// A file that was seen but not taken, with the reason.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Skipped {
+    /// Path relative to the dataset root.
     pub key: String,
+    /// Why it was skipped or rejected.
     pub reason: String,
 }
 
+/// The images found under a dataset root.
 #[derive(Debug, Clone)]
 pub struct Discovery {
+    /// The folder that was listed.
     pub root: PathBuf,
     /// Sorted class folder names (empty for a flat folder).
     pub classes: Vec<String>,
     /// Sorted by key.
     pub entries: Vec<ImageEntry>,
+    /// Files that are not images.
     pub skipped: Vec<Skipped>,
 }
 
+/// Why an image cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// Reading the file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The image file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// A format no decoder here handles.
     #[error("{path}: not a supported image ({reason})")]
-    Unsupported { path: PathBuf, reason: String },
+    Unsupported {
+        /// The image file.
+        path: PathBuf,
+        /// The decoder's message.
+        reason: String,
+    },
+    /// The decoder gave up part-way.
     #[error("{path}: corrupt or truncated image: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        /// The image file.
+        path: PathBuf,
+        /// The decoder's message.
+        reason: String,
+    },
+    /// More pixels than `--max-pixels` allows.
     #[error(
         "{path}: {width}x{height} = {pixels} pixels exceeds the limit of {limit} (decompression-bomb guard, see --max-pixels)"
     )]
     TooLarge {
+        /// The image file.
         path: PathBuf,
+        /// Width from the header.
         width: u32,
+        /// Height from the header.
         height: u32,
+        /// `width * height`.
         pixels: u64,
+        /// The limit it exceeds.
         limit: u64,
     },
+    /// A zero-byte file.
     #[error("{path}: empty file")]
-    Empty { path: PathBuf },
+    Empty {
+        /// The image file.
+        path: PathBuf,
+    },
 }
 
 impl ImageError {
@@ -96,6 +127,7 @@ impl ImageError {
     }
 }
 
+/// Limits applied while decoding an image.
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeOptions {
     /// Refuse images with more pixels than this.

@@ -29,29 +29,44 @@ fn classes() -> usize {
 /// LightningDiT (`stage2.models.lightningDiT.LightningDiT`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LightningDitConfig {
+    /// Latent height and width.
     pub input_size: usize,
+    /// Patch side in latent cells.
     #[serde(default = "one")]
     pub patch_size: usize,
+    /// Latent channels.
     pub in_channels: usize,
+    /// Transformer width.
     pub hidden_size: usize,
+    /// Number of blocks.
     pub depth: usize,
+    /// Attention heads.
     pub num_heads: usize,
+    /// Class labels (the null class is this index).
     #[serde(default = "classes")]
     pub num_classes: usize,
+    /// MLP width over the transformer width.
     #[serde(default = "four")]
     pub mlp_ratio: f64,
+    /// Label dropout during training (classifier-free guidance).
     #[serde(default = "dropout")]
     pub class_dropout_prob: f64,
+    /// Also predict a variance (doubles the output channels).
     #[serde(default = "no")]
     pub learn_sigma: bool,
+    /// RMS-normalise queries and keys.
     #[serde(default = "no")]
     pub use_qknorm: bool,
+    /// SwiGLU MLPs instead of GELU.
     #[serde(default = "yes")]
     pub use_swiglu: bool,
+    /// 2-D rotary position embedding in attention.
     #[serde(default = "yes")]
     pub use_rope: bool,
+    /// RMSNorm instead of LayerNorm.
     #[serde(default = "yes")]
     pub use_rmsnorm: bool,
+    /// adaLN modulation without the shift term.
     #[serde(default = "no")]
     pub wo_shift: bool,
 }
@@ -60,11 +75,14 @@ pub struct LightningDitConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum OneOrPair {
+    /// The same for both stacks.
     One(usize),
+    /// `[backbone, head]`.
     Pair([usize; 2]),
 }
 
 impl OneOrPair {
+    /// As `[backbone, head]`.
     pub fn pair(&self) -> [usize; 2] {
         match *self {
             Self::One(v) => [v, v],
@@ -76,29 +94,44 @@ impl OneOrPair {
 /// DiT-DH (`stage2.models.DDT.DiTwDDTHead`): `[backbone, head]` pairs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DitDhConfig {
+    /// Latent height and width.
     pub input_size: usize,
+    /// Patch side in latent cells.
     #[serde(default = "one")]
     pub patch_size: usize,
+    /// Latent channels.
     pub in_channels: usize,
+    /// `[backbone, head]` widths.
     pub hidden_size: [usize; 2],
+    /// `[backbone, head]` block counts.
     pub depth: [usize; 2],
+    /// Attention heads of each stack.
     pub num_heads: OneOrPair,
+    /// Class labels (the null class is this index).
     #[serde(default = "classes")]
     pub num_classes: usize,
+    /// MLP width over the transformer width.
     #[serde(default = "four")]
     pub mlp_ratio: f64,
+    /// Label dropout during training (classifier-free guidance).
     #[serde(default = "dropout")]
     pub class_dropout_prob: f64,
+    /// RMS-normalise queries and keys.
     #[serde(default = "no")]
     pub use_qknorm: bool,
+    /// SwiGLU MLPs instead of GELU.
     #[serde(default = "yes")]
     pub use_swiglu: bool,
+    /// 2-D rotary position embedding in attention.
     #[serde(default = "yes")]
     pub use_rope: bool,
+    /// RMSNorm instead of LayerNorm.
     #[serde(default = "yes")]
     pub use_rmsnorm: bool,
+    /// adaLN modulation without the shift term.
     #[serde(default = "no")]
     pub wo_shift: bool,
+    /// Add the fixed sin-cos position table to the tokens.
     #[serde(default = "yes")]
     pub use_pos_embed: bool,
 }
@@ -169,11 +202,14 @@ impl LightningDitConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum DitConfig {
+    /// DiT with a denoising head.
     DitDh(DitDhConfig),
+    /// LightningDiT.
     Lightning(LightningDitConfig),
 }
 
 impl DitConfig {
+    /// The config a JSON object describes (`origin` names it in errors).
     pub fn from_value(v: serde_json::Value, origin: &str) -> Result<Self, ModelError> {
         let bad = |e: serde_json::Error| ModelError::Config {
             path: origin.to_string(),
@@ -209,6 +245,7 @@ impl DitConfig {
         Self::from_value(v, name_or_path)
     }
 
+    /// Class labels of the model.
     pub fn num_classes(&self) -> usize {
         match self {
             Self::DitDh(c) => c.num_classes,
@@ -216,6 +253,7 @@ impl DitConfig {
         }
     }
 
+    /// Latent channels the model samples.
     pub fn in_channels(&self) -> usize {
         match self {
             Self::DitDh(c) => c.in_channels,
@@ -223,6 +261,7 @@ impl DitConfig {
         }
     }
 
+    /// Latent height and width.
     pub fn input_size(&self) -> usize {
         match self {
             Self::DitDh(c) => c.input_size,

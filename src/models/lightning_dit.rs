@@ -11,6 +11,7 @@ use super::embed::{
     LabelEmbedder, PatchEmbed, Rope2d, TimestepEmbedder, frozen_or, sincos_2d, unpatchify,
 };
 
+/// LightningDiT: a DiT with optional RMSNorm, SwiGLU, QK-norm and 2-D RoPE.
 #[derive(Debug, Clone)]
 pub struct LightningDit {
     cfg: LightningDitConfig,
@@ -27,6 +28,7 @@ pub struct LightningDit {
 }
 
 impl LightningDit {
+    /// Build it from `vb` (a checkpoint's tensors or a fresh VarMap).
     pub fn new(cfg: &LightningDitConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let grid = cfg.input_size / cfg.patch_size;
@@ -76,6 +78,7 @@ impl LightningDit {
         })
     }
 
+    /// Its constructor keys.
     pub fn config(&self) -> &LightningDitConfig {
         &self.cfg
     }

@@ -23,6 +23,7 @@ pub enum WeightsKey {
 }
 
 impl WeightsKey {
+    /// `auto` (or empty), `root` (or `none`), else the name of an entry.
     pub fn parse(s: &str) -> Self {
         match s {
             "" | "auto" => Self::Auto,

@@ -25,23 +25,39 @@ use crate::shards::{LatentDType, WriterOptions};
 /// What a build did, for the CLI's report and `--json`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BuildSummary {
+    /// The output directory (`--out`).
     pub cache_dir: PathBuf,
+    /// Its `manifest.json` (a part's, for a part).
     pub manifest: PathBuf,
+    /// `stats.safetensors`, once a whole build is complete.
     pub stats: Option<PathBuf>,
+    /// Every planned shard is written.
     pub complete: bool,
+    /// The part built, for `--num-parts`.
     pub part: Option<PartSpec>,
+    /// The first shard this run wrote, when it resumed a build.
     pub resumed_from_shard: Option<usize>,
+    /// Shard files written, all runs.
     pub shards: usize,
+    /// Images encoded, all runs.
     pub images_encoded: u64,
+    /// Images that could not be decoded, all runs.
     pub images_rejected: u64,
+    /// Rows stored (one per image and flip).
     pub rows: u64,
+    /// Bytes of the shard files.
     pub bytes: u64,
+    /// Bytes the latents would take as raw f32.
     pub raw_f32_bytes: u64,
+    /// `raw_f32_bytes / bytes`.
     pub compression_ratio: f64,
     /// This run only.
     pub images_this_run: u64,
+    /// Wall time of this run.
     pub seconds_this_run: f64,
+    /// Encoding throughput of this run.
     pub images_per_second: f64,
+    /// The rejected inputs, with reasons.
     pub rejected: Vec<Skipped>,
 }
 

@@ -19,10 +19,15 @@ use crate::shards::LatentDType;
 use super::plan::PartSpec;
 
 pub use crate::shards::manifest::{MANIFEST_FILE, STATS_FILE};
+/// The builder's record of a build, next to `manifest.json`.
 pub const BUILD_STATE_FILE: &str = "build-state.json";
+/// Sub-directory of the cache holding the shard files.
 pub const SHARDS_DIR: &str = "shards";
+/// Sub-directory holding each part's record (`parts/I/`).
 pub const PARTS_DIR: &str = "parts";
+/// Sub-directory holding the per-shard statistics accumulators.
 pub const STATE_DIR: &str = "state";
+/// The directory lock file.
 pub const LOCK_FILE: &str = ".lock";
 
 /// Which crops of an image are stored: `Both`, the crop and its left-right
@@ -33,11 +38,14 @@ pub const LOCK_FILE: &str = ".lock";
 #[serde(rename_all = "lowercase")]
 #[value(rename_all = "lowercase")]
 pub enum HFlip {
+    /// The crop and its flip.
     Both,
+    /// The crop only.
     None,
 }
 
 impl HFlip {
+    /// The rows of one image in order: `false` the crop, `true` its flip.
     pub fn flips(self) -> &'static [bool] {
         match self {
             HFlip::Both => &[false, true],
@@ -50,21 +58,35 @@ impl HFlip {
 /// when any of them differs from the manifest's.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BuildSettings {
+    /// Directory or repo id of the encoder.
     pub encoder_id: String,
+    /// Encoder family (`dinov2-reg`, `siglip2`, `mae`).
     pub encoder_kind: String,
+    /// sha256 of the encoder's config.json.
     pub encoder_config_sha256: String,
+    /// Storage type of the latents.
     pub dtype: LatentDType,
+    /// Which crops are stored.
     pub hflip: HFlip,
+    /// Side of the center crop, in pixels.
     pub crop_size: usize,
+    /// Rows per shard.
     pub rows_per_shard: usize,
+    /// Rows per Parquet row group.
     pub rows_per_group: usize,
+    /// zstd compression level.
     pub zstd_level: i32,
+    /// The decompression-bomb limit (it decides which images are rejected).
     pub max_pixels: u64,
+    /// `--limit`: only the first N images.
     pub limit: Option<usize>,
+    /// `--num-parts`.
     pub num_parts: Option<usize>,
+    /// `--part`.
     pub part: Option<usize>,
     /// sha256 over the sorted (key, label) list after `--limit`.
     pub image_list_sha256: String,
+    /// Images listed after `--limit`.
     pub num_images: usize,
 }
 
@@ -86,31 +108,46 @@ impl BuildSettings {
     }
 }
 
+/// The image folder a cache was built from.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Dataset {
+    /// Its canonical path.
     pub root: String,
+    /// Sorted class folder names (label = index).
     pub classes: Vec<String>,
     /// Images listed (after `--limit`), all parts together.
     pub images: usize,
 }
 
+/// How an image becomes the encoder's input.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Preprocessing {
+    /// The crop, in words.
     pub crop: String,
+    /// Side of the center crop, in pixels.
     pub crop_size: usize,
+    /// Side the encoder resizes the crop to.
     pub encoder_input_size: usize,
+    /// Which crops are stored.
     pub hflip: HFlip,
+    /// What the flip rows are, in words.
     pub notes: String,
 }
 
+/// How rows are split into shards and row groups.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Layout {
+    /// Rows per shard.
     pub rows_per_shard: usize,
+    /// Images per shard.
     pub images_per_shard: usize,
+    /// Rows per Parquet row group.
     pub rows_per_group: usize,
+    /// zstd compression level.
     pub zstd_level: i32,
     /// Global shard range of this manifest, `[first, end)`.
     pub first_shard: usize,
+    /// End of that range (exclusive).
     pub end_shard: usize,
     /// Shards of the whole build (all parts).
     pub total_shards: usize,
@@ -120,21 +157,32 @@ pub struct Layout {
 /// the shard was rejected (no file is written then).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ShardEntry {
+    /// Global shard index.
     pub index: usize,
+    /// Shard file, relative to the cache directory.
     pub file: Option<String>,
+    /// Rows written.
     pub rows: u64,
+    /// Size of the file.
     pub bytes: u64,
+    /// sha256 of the file.
     pub sha256: Option<String>,
     /// Images of this shard that were encoded.
     pub images: u64,
+    /// Images of this shard that could not be encoded.
     pub rejected: Vec<Skipped>,
 }
 
+/// Sums over the complete shards.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Totals {
+    /// Images encoded.
     pub images_encoded: u64,
+    /// Images rejected.
     pub images_rejected: u64,
+    /// Rows stored.
     pub rows: u64,
+    /// Bytes of the shard files.
     pub bytes: u64,
     /// rows * tokens * C * 4: the latents as raw f32.
     pub raw_f32_bytes: u64,
@@ -143,13 +191,21 @@ pub struct Totals {
 /// Clock- and machine-dependent facts, excluded from reproducibility checks.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BuildLog {
+    /// Version of rae-cache of the last run.
     pub tool_version: String,
+    /// When the first run started.
     pub started_unix: u64,
+    /// When the state was last saved.
     pub updated_unix: u64,
+    /// Seconds spent writing, all runs together.
     pub seconds: f64,
+    /// Runs so far (1 + resumes).
     pub runs: u32,
+    /// Decode threads of the last run.
     pub threads: usize,
+    /// Encoder batch size of the last run.
     pub batch_size: usize,
+    /// Device of the last run.
     pub device: String,
     /// The encoder's compute dtype (`f32`, `bf16`, `f16`) of the last run.
     #[serde(default)]
@@ -171,46 +227,71 @@ impl BuildLog {
 /// this one started writing.
 #[derive(Debug, Clone, Copy)]
 pub struct RunClock {
+    /// Seconds of the earlier runs.
     pub seconds_before: f64,
+    /// When this run started writing.
     pub start: std::time::Instant,
 }
 
+/// The contents of `build-state.json`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BuildManifest {
+    /// Always `rae-cache`.
     pub format: String,
+    /// [`crate::shards::SCHEMA_VERSION`] when written.
     pub schema_version: String,
+    /// Every planned shard is written (and, for a whole build, the statistics).
     pub complete: bool,
+    /// The image folder.
     pub dataset: Dataset,
+    /// The encoder.
     pub encoder: EncoderSpec,
+    /// Image to encoder input.
     pub preprocessing: Preprocessing,
+    /// Storage type of the latents.
     pub dtype: LatentDType,
     /// [tokens, C]
     pub latent_shape: [usize; 2],
+    /// Shards and row groups.
     pub layout: Layout,
+    /// The part this record is for.
     pub part: Option<PartSpec>,
+    /// What `--resume` must find unchanged.
     pub settings: BuildSettings,
+    /// The complete shards, in order.
     pub shards: Vec<ShardEntry>,
+    /// Sums over `shards`.
     pub totals: Totals,
+    /// Every shard's rejected inputs, in order.
     pub rejected: Vec<Skipped>,
     /// Files under the dataset root that are not images.
     pub skipped: Vec<Skipped>,
     /// `stats.safetensors` once complete (not for parts).
     pub stats: Option<String>,
+    /// Timings and machine facts.
     pub build_log: BuildLog,
 }
 
+/// Why `build-state.json` cannot be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
+    /// Reading or writing failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: std::path::PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// Not valid JSON for a build state.
     #[error("{path}: not a rae-cache build state: {reason}")]
     Format {
+        /// The file.
         path: std::path::PathBuf,
+        /// The parser's message.
         reason: String,
     },
+    /// Writing the derived `manifest.json` failed.
     #[error(transparent)]
     Shard(#[from] crate::shards::ShardError),
 }

@@ -41,12 +41,17 @@ pub const DEFAULT_PRECISION: Precision = Precision::Auto;
 /// [`BuildConfig::new`] fills in the defaults.
 #[derive(Debug, Clone)]
 pub struct BuildConfig {
+    /// The image folder.
     pub images: PathBuf,
+    /// The cache directory to create (or resume).
     pub out: PathBuf,
     /// Local directory or Hugging Face repo id.
     pub encoder: String,
+    /// Fetch the encoder from the Hub when it is not cached.
     pub allow_download: bool,
+    /// Storage type of the latents.
     pub dtype: LatentDType,
+    /// Which crops of each image are stored.
     pub hflip: HFlip,
     /// Images per encoder batch (each contributes one crop per flip); 0:
     /// [`DEFAULT_BATCH_SIZE_CUDA`] on CUDA, [`DEFAULT_BATCH_SIZE_CPU`] on the CPU.
@@ -54,25 +59,33 @@ pub struct BuildConfig {
     /// Rows per shard; `None`: [`DEFAULT_IMAGES_PER_SHARD`] images' rows.
     /// Must be a multiple of the number of flips.
     pub rows_per_shard: Option<usize>,
+    /// Rows per Parquet row group.
     pub rows_per_group: usize,
+    /// zstd compression level of the shards.
     pub zstd_level: i32,
     /// Decode threads; 0 = all cores.
     pub threads: usize,
     /// Shards written (compressed) at once; 0 = half the cores, 2 to 16.
     pub writers: usize,
+    /// `cpu`, `cuda:N` or `auto`.
     pub device: String,
     /// Encoder compute dtype (`auto`: bf16 on CUDA, f32 on the CPU). The
     /// latents leave the encoder as f32 whatever it is.
     pub precision: Precision,
     /// Allow TF32 f32 matrix products on CUDA (process-wide; no-op on CPU).
     pub tf32: bool,
+    /// Build only this part of a multi-machine build.
     pub part: Option<PartSpec>,
+    /// Only the first N images (sorted by key).
     pub limit: Option<usize>,
+    /// Refuse images with more pixels than this (decompression-bomb guard).
     pub max_pixels: u64,
+    /// Continue the build already in `out`.
     pub resume: bool,
 }
 
 impl BuildConfig {
+    /// A build of `images` into `out` with every other setting at its default.
     pub fn new(images: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
         Self {
             images: images.into(),
@@ -161,7 +174,9 @@ pub struct BuildPlan {
     pub shards_dir: PathBuf,
     /// The rows of one image, in order (`false`: the crop, `true`: its flip).
     pub flips: &'static [bool],
+    /// Rows per shard (images per shard times flips).
     pub rows_per_shard: usize,
+    /// Images per shard.
     pub images_per_shard: usize,
     /// Decode threads.
     pub threads: usize,

@@ -3,15 +3,23 @@
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
+/// Why a directory could not be locked.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
+    /// Another process holds the lock.
     #[error(
         "{path} is locked by another rae-cache process (a build or merge is running on this directory); wait for it or stop it first"
     )]
-    Held { path: PathBuf },
+    Held {
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// Creating or locking the lock file failed.
     #[error("{path}: cannot lock: {source}")]
     Io {
+        /// The lock file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
 }
@@ -21,9 +29,12 @@ pub enum LockError {
 #[derive(Debug)]
 pub struct DirLock {
     _file: File,
+    /// The lock file.
     pub path: PathBuf,
 }
 
+/// Take the exclusive lock on `dir/name` without waiting: fails with
+/// [`LockError::Held`] when another process has it.
 pub fn lock_dir(dir: &Path, name: &str) -> Result<DirLock, LockError> {
     let path = dir.join(name);
     let file = OpenOptions::new()

@@ -29,14 +29,22 @@ pub fn fold_states(parts: &[(&Path, &BuildManifest)]) -> Result<StatsAccumulator
     Ok(acc)
 }
 
+/// What a merge did, for the CLI's report and `--json`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MergeSummary {
+    /// The merged cache.
     pub cache_dir: PathBuf,
+    /// Parts merged.
     pub parts: usize,
+    /// Shard files, all parts.
     pub shards: usize,
+    /// Rows, all parts.
     pub rows: u64,
+    /// Images encoded, all parts.
     pub images_encoded: u64,
+    /// Images rejected, all parts.
     pub images_rejected: u64,
+    /// Bytes of the shard files.
     pub bytes: u64,
 }
 

@@ -59,46 +59,79 @@ pub use config::{
 };
 pub use plan::{Inputs, PartSpec, ShardPlan};
 
+/// Errors of a build, merge or verify.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
+    /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// Listing the image folder failed (unreadable images are rejected, not errors).
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// Loading or running the encoder failed.
     #[error("encoder: {0}")]
     Encoder(#[from] EncoderError),
+    /// The encoder's directory cannot be found or used.
     #[error(transparent)]
     Weights(#[from] crate::weights::WeightsError),
+    /// The `--device` cannot be used.
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
+    /// Writing or reading a shard failed.
     #[error(transparent)]
     Shard(#[from] ShardError),
+    /// The cache directory is locked by another process.
     #[error(transparent)]
     Lock(#[from] lock::LockError),
+    /// `build-state.json` cannot be read or written.
     #[error(transparent)]
     Manifest(#[from] build_state::ManifestError),
+    /// Invalid settings.
     #[error("{0}")]
     Invalid(String),
+    /// `--out` holds files and `--resume` was not given.
     #[error(
         "{path} is not empty; use --resume to continue the build that is there, or choose another --out directory"
     )]
-    NotEmpty { path: PathBuf },
+    NotEmpty {
+        /// The output directory.
+        path: PathBuf,
+    },
+    /// `--resume` on a directory without a build.
     #[error("cannot resume: {path} has no manifest.json (not a rae-cache build directory)")]
-    NoManifest { path: PathBuf },
+    NoManifest {
+        /// The output directory.
+        path: PathBuf,
+    },
+    /// `--resume` with settings that differ from the build's.
     #[error("cannot resume {path}: it was built with different arguments:\n  {}", .differences.join("\n  "))]
     ResumeMismatch {
+        /// The output directory.
         path: PathBuf,
+        /// Each setting that differs, with both values.
         differences: Vec<String>,
     },
+    /// A shard on disk does not match its build-state entry.
     #[error(
         "cannot resume: shard {path} does not match the manifest ({reason}); the cache is damaged, rebuild it"
     )]
-    DamagedShard { path: PathBuf, reason: String },
+    DamagedShard {
+        /// The shard file.
+        path: PathBuf,
+        /// What does not match.
+        reason: String,
+    },
+    /// The image folder holds no image.
     #[error("no images found under {path}")]
-    NoImages { path: PathBuf },
+    NoImages {
+        /// The image folder.
+        path: PathBuf,
+    },
 }
 
 impl From<candle_core::Error> for PipelineError {
@@ -122,6 +155,8 @@ pub fn build_root(out: &Path, part: Option<PartSpec>) -> PathBuf {
     }
 }
 
+/// The exact per-shard statistics accumulator of shard `shard` under a
+/// build root: `state/stats-NNNNN.safetensors`.
 pub fn state_file(root: &Path, shard: usize) -> PathBuf {
     root.join(build_state::STATE_DIR)
         .join(format!("stats-{shard:05}.safetensors"))

@@ -16,13 +16,18 @@ use crate::images::{Discovery, ImageEntry};
 /// Part `index` of `count` in a multi-machine build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PartSpec {
+    /// Which part, 0-based.
     pub index: usize,
+    /// How many parts.
     pub count: usize,
 }
 
+/// Which images go to which shard, and which shards this build writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardPlan {
+    /// Images of the whole build (all parts).
     pub num_images: usize,
+    /// Images per shard (the last shard may hold fewer).
     pub images_per_shard: usize,
     /// Shards this build writes (global shard indices).
     pub shards: Range<usize>,
@@ -66,6 +71,7 @@ impl ShardPlan {
         self.num_images.div_ceil(self.images_per_shard)
     }
 
+    /// The shard image `image` (global index) goes to.
     pub fn shard_of(&self, image: usize) -> usize {
         image / self.images_per_shard
     }
@@ -102,6 +108,7 @@ impl ShardPlan {
 pub struct Inputs {
     /// The image folder's listing; its `entries` are the images encoded.
     pub images: Discovery,
+    /// Their shards.
     pub shards: ShardPlan,
 }
 
@@ -128,6 +135,7 @@ impl Inputs {
         Ok(Self { images, shards })
     }
 
+    /// The images, sorted by key.
     pub fn entries(&self) -> &[ImageEntry] {
         &self.images.entries
     }

@@ -10,15 +10,21 @@ use crate::shards::{LatentStats, Manifest, ShardInfo, ShardReader};
 use super::PipelineError;
 use super::build_state::{self, BuildManifest};
 
+/// What a verify found.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct VerifyReport {
+    /// The cache checked.
     pub cache_dir: PathBuf,
+    /// Shards re-hashed and read.
     pub shards_checked: usize,
+    /// Rows decoded.
     pub rows_checked: u64,
+    /// Every mismatch found, one line each (empty: the cache is sound).
     pub problems: Vec<String>,
 }
 
 impl VerifyReport {
+    /// True when nothing is wrong.
     pub fn ok(&self) -> bool {
         self.problems.is_empty()
     }

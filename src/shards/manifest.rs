@@ -5,7 +5,9 @@ use std::path::Path;
 
 use super::{LatentDType, SCHEMA_VERSION, ShardError, ShardInfo};
 
+/// The public manifest of a cache directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// The dataset statistics (mean, var `[C,H,W]`, count).
 pub const STATS_FILE: &str = "stats.safetensors";
 /// Accumulator state next to the stats, for exact resume (see stats.rs).
 pub const STATS_STATE_FILE: &str = "stats-state.safetensors";
@@ -17,6 +19,7 @@ pub fn shard_file_name(index: usize) -> String {
     format!("part-{index:05}.parquet")
 }
 
+/// What the flip rows are, for `hflip_note`.
 pub const HFLIP_NOTE: &str = "Both the center crop and its left-right mirror are encoded and stored \
 (flip = false / true rows). The reference trains with random horizontal flips of the image, and the \
 encoder's latent of a flipped image is not the flipped latent (ViT features are not mirror-equivariant), \
@@ -29,14 +32,19 @@ pub struct EncoderInfo {
     pub kind: String,
     /// HF repo id or local directory.
     pub id: String,
+    /// The HF cache snapshot (commit), if the encoder came from there.
     pub revision: Option<String>,
     /// sha256 of the encoder's config.json.
     pub config_hash: String,
+    /// Tokens per image (patch tokens; special tokens are dropped).
     pub tokens: usize,
+    /// Channels per token.
     pub channels: usize,
     /// Crop size fed to the encoder pipeline and the encoder's own input size.
     pub crop_size: usize,
+    /// Side the encoder resizes the crop to.
     pub input_size: usize,
+    /// Encoder patch size in pixels.
     pub patch_size: usize,
 }
 
@@ -56,6 +64,7 @@ impl From<&crate::encoders::EncoderSpec> for EncoderInfo {
     }
 }
 
+/// Which crops the cache stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HflipMode {
@@ -65,24 +74,32 @@ pub enum HflipMode {
     Both,
 }
 
+/// Sums over the shards.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Totals {
+    /// Images encoded.
     pub images: u64,
+    /// Rows stored.
     pub rows: u64,
+    /// Bytes of the shard files.
     pub bytes: u64,
 }
 
 /// An input file left out of the cache, and why.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RejectedInput {
+    /// Path relative to the dataset root.
     pub key: String,
+    /// Why it was left out.
     pub reason: String,
 }
 
 /// Which slice of the dataset this cache holds (`--num-parts/--part`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PartInfo {
+    /// How many parts the dataset was split into.
     pub num_parts: usize,
+    /// Which part this is, 0-based.
     pub part: usize,
 }
 
@@ -95,27 +112,38 @@ impl Default for PartInfo {
     }
 }
 
+/// manifest.json, as schemas/manifest.schema.json describes it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {
     /// Always [`MANIFEST_FORMAT`].
     pub format: String,
     /// The shard schema version ([`SCHEMA_VERSION`]).
     pub schema_version: String,
+    /// Version of rae-cache that wrote it.
     pub tool_version: String,
+    /// The image folder (canonical path); empty for samples.
     pub dataset_root: String,
     /// Sorted class folder names; label i is classes[i].
     pub classes: Vec<String>,
+    /// The encoder (for samples: the sampling model).
     pub encoder: EncoderInfo,
     /// Free-form description of the crop/resize/normalisation steps.
     pub preprocessing: serde_json::Value,
+    /// Storage type of the latents.
     pub dtype: LatentDType,
+    /// Which crops are stored.
     pub hflip: HflipMode,
+    /// What the flip rows are, in words.
     pub hflip_note: String,
+    /// The shard files, in order.
     pub shards: Vec<ShardInfo>,
+    /// Sums over `shards`.
     pub totals: Totals,
+    /// Input files left out, with reasons.
     pub rejected: Vec<RejectedInput>,
     /// The build's arguments, as a JSON object.
     pub build_args: serde_json::Value,
+    /// Which part of the dataset this holds.
     pub part: PartInfo,
 }
 
@@ -162,6 +190,7 @@ impl Manifest {
         crate::fsutil::write_atomic(path, json.as_bytes()).map_err(|e| ShardError::io(path, e))
     }
 
+    /// Read and parse a manifest.json.
     pub fn load(path: &Path) -> Result<Self, ShardError> {
         let text = std::fs::read_to_string(path).map_err(|e| ShardError::io(path, e))?;
         // Check the identity first so a wrong file gets a clear message.

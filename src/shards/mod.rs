@@ -37,9 +37,13 @@ pub const SCHEMA_VERSION: &str = "1";
 #[serde(rename_all = "lowercase")]
 #[value(rename_all = "lowercase")]
 pub enum LatentDType {
+    /// IEEE half precision.
     F16,
+    /// bfloat16, stored as its u16 bit patterns.
     Bf16,
+    /// Full f32.
     F32,
+    /// Symmetric int8 with one f32 scale per token.
     Int8,
 }
 
@@ -85,18 +89,31 @@ impl std::str::FromStr for LatentDType {
     }
 }
 
+/// Errors reading or writing shards, manifests and statistics.
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
+    /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The file breaks the shard contract (schema, footer keys, shapes).
     #[error("{path}: {reason}")]
-    Format { path: PathBuf, reason: String },
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The Parquet library failed.
     #[error("{path}: parquet: {source}")]
     Parquet {
+        /// The file.
         path: PathBuf,
+        /// Its error.
         source: parquet::errors::ParquetError,
     },
     /// Bad in-memory input not tied to a file (e.g. stats of the wrong shape).
@@ -125,12 +142,18 @@ impl ShardError {
     }
 }
 
+/// How a [`ShardWriter`] writes one shard.
 #[derive(Debug, Clone)]
 pub struct WriterOptions {
+    /// Storage type of the latents.
     pub dtype: LatentDType,
+    /// Tokens per row.
     pub tokens: usize,
+    /// Channels per token.
     pub channels: usize,
+    /// zstd compression level.
     pub zstd_level: i32,
+    /// Rows per Parquet row group (the loader's unit of random access).
     pub rows_per_row_group: usize,
     /// Extra footer key-value metadata (encoder id, preprocessing, ...).
     pub metadata: BTreeMap<String, String>,
@@ -159,36 +182,52 @@ impl Default for WriterOptions {
 
 /// One row to write; `latent` is tokens*C raw f32 values, token-major.
 pub struct LatentRow<'a> {
+    /// Row key: the image path relative to the dataset root.
     pub key: &'a str,
+    /// Class index, -1 when unlabelled.
     pub label: i32,
+    /// Whether the latent is of the left-right flipped crop.
     pub flip: bool,
+    /// tokens*C values, token-major.
     pub latent: &'a [f32],
 }
 
 /// A finished shard, as listed in the manifest.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ShardInfo {
+    /// File name (the manifest lists it relative to the cache directory).
     pub file: String,
+    /// Rows in the shard.
     pub rows: u64,
+    /// Size of the file.
     pub bytes: u64,
+    /// sha256 of the file, hex.
     pub sha256: String,
 }
 
 /// A decoded row group: `latents` holds rows*tokens*C f32 (dequantised).
 #[derive(Debug, Clone)]
 pub struct LatentBatch {
+    /// Row keys.
     pub keys: Vec<String>,
+    /// Class indices (-1: unlabelled).
     pub labels: Vec<i32>,
+    /// Whether each row is the flipped crop.
     pub flips: Vec<bool>,
+    /// rows*tokens*C values, token-major.
     pub latents: Vec<f32>,
+    /// Tokens per row.
     pub tokens: usize,
+    /// Channels per token.
     pub channels: usize,
 }
 
 impl LatentBatch {
+    /// Number of rows.
     pub fn len(&self) -> usize {
         self.keys.len()
     }
+    /// True when there are no rows.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }

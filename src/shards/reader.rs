@@ -20,11 +20,15 @@ use super::{LatentBatch, LatentDType, ShardError, pages, quant};
 /// Keys, labels and flips of a shard, without latents (cheap to read).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RowIndex {
+    /// Row keys.
     pub keys: Vec<String>,
+    /// Class indices.
     pub labels: Vec<i32>,
+    /// Whether each row is the flipped crop.
     pub flips: Vec<bool>,
 }
 
+/// Reads one shard: footer checked on open, then row groups on demand.
 pub struct ShardReader {
     path: PathBuf,
     meta: ArrowReaderMetadata,
@@ -33,6 +37,7 @@ pub struct ShardReader {
 }
 
 impl ShardReader {
+    /// Open `path` and validate its footer and schema.
     pub fn open(path: &Path) -> Result<Self, ShardError> {
         let file = File::open(path).map_err(|e| ShardError::io(path, e))?;
         let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
@@ -56,24 +61,31 @@ impl ShardReader {
         })
     }
 
+    /// The shard file.
     pub fn path(&self) -> &Path {
         &self.path
     }
+    /// dtype and shape from the footer.
     pub fn layout(&self) -> Layout {
         self.layout
     }
+    /// Storage type of the latents.
     pub fn dtype(&self) -> LatentDType {
         self.layout.dtype
     }
+    /// Tokens per row.
     pub fn tokens(&self) -> usize {
         self.layout.tokens
     }
+    /// Channels per token.
     pub fn channels(&self) -> usize {
         self.layout.channels
     }
+    /// Rows in the shard.
     pub fn num_rows(&self) -> u64 {
         self.meta.metadata().file_metadata().num_rows().max(0) as u64
     }
+    /// Parquet row groups in the shard.
     pub fn num_row_groups(&self) -> usize {
         self.meta.metadata().num_row_groups()
     }
@@ -95,6 +107,7 @@ impl ShardReader {
         self.meta.metadata()
     }
 
+    /// Row group `i`, with latents dequantised to f32.
     pub fn read_row_group(&self, i: usize) -> Result<LatentBatch, ShardError> {
         self.check_group(i)?;
         let rows = self.row_group_rows(i) as usize;

@@ -9,18 +9,28 @@ use arrow::datatypes::{DataType, Field, Schema};
 
 use super::{LatentDType, SCHEMA_VERSION, ShardError};
 
+/// Column: the row key (utf8).
 pub const COL_KEY: &str = "key";
+/// Column: the class index (int32).
 pub const COL_LABEL: &str = "label";
+/// Column: whether the row is the flipped crop (bool).
 pub const COL_FLIP: &str = "flip";
+/// Column: the latent, a fixed-size list of tokens*C values.
 pub const COL_LATENT: &str = "latent";
+/// Column: per-token f32 scales (int8 shards only).
 pub const COL_SCALE: &str = "scale";
 /// Name of the list item field (Arrow's and pyarrow's default).
 pub const ITEM: &str = "item";
 
+/// Footer key: the shard schema version.
 pub const META_SCHEMA_VERSION: &str = "rae_cache.schema_version";
+/// Footer key: the latent dtype name.
 pub const META_DTYPE: &str = "rae_cache.dtype";
+/// Footer key: tokens per row.
 pub const META_TOKENS: &str = "rae_cache.tokens";
+/// Footer key: channels per token.
 pub const META_CHANNELS: &str = "rae_cache.channels";
+/// Footer key: the version of rae-cache that wrote the shard.
 pub const META_TOOL_VERSION: &str = "rae_cache.tool_version";
 /// Keys every shard carries; callers add more (encoder, preprocessing...).
 pub const REQUIRED_METADATA: [&str; 5] = [
@@ -33,9 +43,12 @@ pub const REQUIRED_METADATA: [&str; 5] = [
 
 /// Canonical Arrow extension that makes readers see a [tokens, C] tensor.
 pub const EXTENSION_NAME_KEY: &str = "ARROW:extension:name";
+/// Arrow field metadata key holding the extension's parameters (the shape).
 pub const EXTENSION_METADATA_KEY: &str = "ARROW:extension:metadata";
+/// The extension's name.
 pub const FIXED_SHAPE_TENSOR: &str = "arrow.fixed_shape_tensor";
 
+/// This crate's version, written into every shard and manifest.
 pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Physical element type of the `latent` list for a dtype.
@@ -114,8 +127,11 @@ pub fn footer_metadata(
 /// What a shard's footer says about its layout, validated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
+    /// Storage type of the latents.
     pub dtype: LatentDType,
+    /// Tokens per row.
     pub tokens: usize,
+    /// Channels per token.
     pub channels: usize,
 }
 

@@ -19,10 +19,15 @@ use super::ShardError;
 /// Running statistics over latents shaped [tokens, C] (token-major).
 #[derive(Debug, Clone)]
 pub struct StatsAccumulator {
+    /// Rows accumulated.
     pub count: u64,
+    /// Running mean per element, `[tokens, C]`.
     pub mean: Vec<f64>,
+    /// Running sum of squared deviations per element (Welford).
     pub m2: Vec<f64>,
+    /// Tokens per row.
     pub tokens: usize,
+    /// Channels per token.
     pub channels: usize,
 }
 
@@ -33,9 +38,13 @@ pub struct LatentStats {
     pub mean: Vec<f32>,
     /// [C, H, W], f32, population variance.
     pub var: Vec<f32>,
+    /// Rows the statistics are over.
     pub count: u64,
+    /// C.
     pub channels: usize,
+    /// H (sqrt(tokens)).
     pub height: usize,
+    /// W (sqrt(tokens)).
     pub width: usize,
 }
 
@@ -46,6 +55,7 @@ const STATE_NOTE_KEY: &str = "rae_cache.stats_state";
 const STATE_NOTE: &str = "accumulator state: count, f64 mean and M2 over [tokens,C]";
 
 impl StatsAccumulator {
+    /// An empty accumulator for rows of `tokens x channels`.
     pub fn new(tokens: usize, channels: usize) -> Self {
         let n = tokens * channels;
         StatsAccumulator {
@@ -159,6 +169,7 @@ impl StatsAccumulator {
         write_safetensors(path, tensors, STATE_NOTE_KEY, STATE_NOTE)
     }
 
+    /// Read an accumulator written by `save_state`.
     pub fn load_state(path: &Path) -> Result<Self, ShardError> {
         let bytes = std::fs::read(path).map_err(|e| ShardError::io(path, e))?;
         let st = SafeTensors::deserialize(&bytes)
@@ -204,6 +215,7 @@ impl LatentStats {
         write_safetensors(path, tensors, STATS_NOTE_KEY, STATS_NOTE)
     }
 
+    /// Read a `stats.safetensors`.
     pub fn load(path: &Path) -> Result<Self, ShardError> {
         let bytes = std::fs::read(path).map_err(|e| ShardError::io(path, e))?;
         let st = SafeTensors::deserialize(&bytes)

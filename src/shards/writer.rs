@@ -97,6 +97,7 @@ pub struct ShardWriter {
 }
 
 impl ShardWriter {
+    /// Start a shard at `path` (written under a temporary name until [`Self::finish`]).
     pub fn create(path: &Path, opts: WriterOptions) -> Result<Self, ShardError> {
         if opts.tokens == 0 || opts.channels == 0 {
             return Err(ShardError::format(
@@ -189,10 +190,13 @@ impl ShardWriter {
         self.rows
     }
 
+    /// The final path of the shard.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Append rows; every latent must hold tokens*C values. Full row groups
+    /// are compressed and written as they fill.
     pub fn write_rows(&mut self, rows: &[LatentRow<'_>]) -> Result<(), ShardError> {
         let n = self.opts.tokens * self.opts.channels;
         // Check everything first: a bad row leaves the writer untouched.
@@ -325,6 +329,8 @@ impl ShardWriter {
         Ok(())
     }
 
+    /// Write the last row group and the footer, fsync, rename into place;
+    /// returns the shard's size and sha256.
     pub fn finish(mut self) -> Result<ShardInfo, ShardError> {
         self.flush_group()?;
         let writer = self

@@ -1,4 +1,4 @@
-//! The training loop: flow matching on cached latents (DESIGN.md),
+//! The training loop: flow matching on cached latents (docs/DESIGN.md),
 //! AdamW with global-norm clipping, gradient accumulation, EMA, periodic
 //! checkpoints, `log.jsonl`, and exact resume.
 //!
