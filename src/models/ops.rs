@@ -435,7 +435,9 @@ fn with_scratch_p<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 /// (x0, x1) -> (-x1, x0)), as [`super::embed::Rope2d`] applies them.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
+    /// cos of each position's angles, `[N, dh]` row-major.
     pub cos: std::sync::Arc<Vec<f32>>,
+    /// sin of each position's angles, `[N, dh]` row-major.
     pub sin: std::sync::Arc<Vec<f32>>,
 }
 
