@@ -323,7 +323,7 @@ fn safetensors_header(n: usize, h: usize, w: usize) -> Vec<u8> {
         "labels": {"dtype": "I32", "shape": [n], "data_offsets": [pix, pix + 4 * n]},
     });
     let mut s = json.to_string().into_bytes();
-    while s.len() % 8 != 0 {
+    while !s.len().is_multiple_of(8) {
         s.push(b' ');
     }
     let mut out = (s.len() as u64).to_le_bytes().to_vec();

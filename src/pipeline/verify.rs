@@ -209,10 +209,10 @@ fn check_rows(
                 ));
             }
             if !want_flip {
-                if let Some(p) = &prev_key {
-                    if p >= key {
-                        return Err(format!("row {n}: key {key:?} is not after {p:?}"));
-                    }
+                if let Some(p) = &prev_key
+                    && p >= key
+                {
+                    return Err(format!("row {n}: key {key:?} is not after {p:?}"));
                 }
                 prev_key = Some(key.clone());
             } else if prev_key.as_ref() != Some(key) {
