@@ -1,12 +1,13 @@
-//! The progress bars `build`, `sample` and `decode` draw on stderr from the
-//! library's [`Progress`] calls.
+//! The progress bars `build`, `sample`, `decode` and `verify` draw on
+//! stderr from the library's [`Progress`] calls.
 
 use rae_cache::progress::Progress;
 
 /// An indicatif bar started by [`Progress::start`]; draws nothing when
 /// `show` is false (the ranks of a job other than 0).
 pub struct Bar {
-    template: String,
+    /// indicatif's template; `None`: its default bar.
+    template: Option<String>,
     show: bool,
     bar: Option<indicatif::ProgressBar>,
 }
@@ -30,11 +31,19 @@ impl Bar {
         )
     }
 
-    fn new(template: &str, show: bool) -> Self {
+    /// indicatif's default bar: a bar and items done of all.
+    pub fn plain(show: bool) -> Self {
         Self {
-            template: template.to_string(),
+            template: None,
             show,
             bar: None,
+        }
+    }
+
+    fn new(template: &str, show: bool) -> Self {
+        Self {
+            template: Some(template.to_string()),
+            ..Self::plain(show)
         }
     }
 }
@@ -45,7 +54,11 @@ impl Progress for Bar {
             return;
         }
         let bar = indicatif::ProgressBar::new(total);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(&self.template) {
+        if let Some(Ok(style)) = self
+            .template
+            .as_deref()
+            .map(indicatif::ProgressStyle::with_template)
+        {
             bar.set_style(style);
         }
         self.bar = Some(bar);

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use super::progress::Bar;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Cache directory (or a part's directory, CACHE/parts/I).
@@ -13,12 +15,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let bar = indicatif::ProgressBar::new(0);
-    let report = rae_cache::pipeline::verify::verify_cache(&args.cache_dir, |i, n| {
-        bar.set_length(n as u64);
-        bar.set_position(i as u64);
-    })?;
-    bar.finish_and_clear();
+    let report = rae_cache::pipeline::verify::verify_cache(&args.cache_dir, &mut Bar::plain(true))?;
     if args.json {
         let mut v = serde_json::to_value(&report)?;
         v["ok"] = serde_json::Value::Bool(report.ok());

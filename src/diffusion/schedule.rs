@@ -229,32 +229,14 @@ mod tests {
     #[test]
     fn rng_is_seeded_and_distributions_are_sane() {
         let dev = Device::Cpu;
-        let mut a = NoiseRng::new(3);
-        let mut b = NoiseRng::new(3);
-        let ta = a
-            .sample_times(
-                64,
-                TimeDist::LogitNormal {
-                    mean: 0.0,
-                    std: 1.0,
-                },
-                0.999,
-                1.0,
-                &dev,
-            )
-            .unwrap();
-        let tb = b
-            .sample_times(
-                64,
-                TimeDist::LogitNormal {
-                    mean: 0.0,
-                    std: 1.0,
-                },
-                0.999,
-                1.0,
-                &dev,
-            )
-            .unwrap();
+        let logit_normal = TimeDist::LogitNormal {
+            mean: 0.0,
+            std: 1.0,
+        };
+        let times =
+            |r: &mut NoiseRng, n: usize| r.sample_times(n, logit_normal, 0.999, 1.0, &dev).unwrap();
+        let ta = times(&mut NoiseRng::new(3), 64);
+        let tb = times(&mut NoiseRng::new(3), 64);
         assert_eq!(ta.to_vec1::<f32>().unwrap(), tb.to_vec1::<f32>().unwrap());
         assert!(
             ta.to_vec1::<f32>()
@@ -273,18 +255,7 @@ mod tests {
             "mean {mean} var {var}"
         );
         // logit-normal(0,1) has median 0.5; shift moves mass towards noise
-        let t = r
-            .sample_times(
-                4000,
-                TimeDist::LogitNormal {
-                    mean: 0.0,
-                    std: 1.0,
-                },
-                0.999,
-                1.0,
-                &dev,
-            )
-            .unwrap();
+        let t = times(&mut r, 4000);
         let med_frac = t
             .to_vec1::<f32>()
             .unwrap()

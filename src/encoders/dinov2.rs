@@ -11,8 +11,8 @@ use candle_core::{DType, Device, Tensor};
 use super::EncoderError;
 use super::config::{ModelFiles, VitConfig, parse_json};
 use super::resample::{bicubic_aa_matrix, bicubic_matrix, widen};
-use super::vit::{Loader, VitEncoder, common};
-use super::vit_layers::{BlockNames, PatchEmbed};
+use super::vit::{Keys, Loader, VitEncoder, common};
+use super::vit_layers::BlockNames;
 
 const NAMES: BlockNames = BlockNames {
     norm1: "norm1",
@@ -75,21 +75,10 @@ pub(super) fn load(
         cls
     };
 
-    let patch = PatchEmbed::load(
-        ld.vb.pp("embeddings.patch_embeddings.projection"),
-        cfg.num_channels,
-        hid,
-        cfg.patch_size,
-    )?;
-    let blocks = ld.blocks("encoder.layer", &c.block, &NAMES, cfg.num_hidden_layers)?;
-    Ok(VitEncoder {
-        spec: c.spec,
-        pre: c.pre,
-        patch,
-        pos,
-        prefix: Some(prefix),
-        blocks,
-        norm: c.norm,
-        dtype,
-    })
+    let keys = Keys {
+        patch: "embeddings.patch_embeddings.projection",
+        layers: "encoder.layer",
+        names: &NAMES,
+    };
+    c.assemble(&ld, &cfg, keys, pos, Some(prefix))
 }

@@ -11,8 +11,8 @@ use candle_core::{DType, Device};
 use super::EncoderError;
 use super::config::{ModelFiles, VitConfig, parse_json};
 use super::resample::{bicubic_matrix, widen};
-use super::vit::{Loader, VitEncoder, common};
-use super::vit_layers::{BlockNames, PatchEmbed};
+use super::vit::{Keys, Loader, VitEncoder, common};
+use super::vit_layers::BlockNames;
 
 const NAMES: BlockNames = BlockNames {
     norm1: "layernorm_before",
@@ -64,27 +64,10 @@ pub(super) fn load(
     let pos = ld.upload(grid_pos, g * g, hid)?;
     let prefix = ld.token_with_position(&format!("{root}embeddings.cls_token"), hid, &cls_pos)?;
 
-    let patch = PatchEmbed::load(
-        ld.vb
-            .pp(format!("{root}embeddings.patch_embeddings.projection")),
-        cfg.num_channels,
-        hid,
-        cfg.patch_size,
-    )?;
-    let blocks = ld.blocks(
-        &format!("{root}encoder.layer"),
-        &c.block,
-        &NAMES,
-        cfg.num_hidden_layers,
-    )?;
-    Ok(VitEncoder {
-        spec: c.spec,
-        pre: c.pre,
-        patch,
-        pos,
-        prefix: Some(prefix),
-        blocks,
-        norm: c.norm,
-        dtype,
-    })
+    let keys = Keys {
+        patch: &format!("{root}embeddings.patch_embeddings.projection"),
+        layers: &format!("{root}encoder.layer"),
+        names: &NAMES,
+    };
+    c.assemble(&ld, &cfg, keys, pos, Some(prefix))
 }

@@ -6,8 +6,8 @@ use candle_core::{DType, Device};
 
 use super::EncoderError;
 use super::config::{ModelFiles, ModelTypeProbe, VitConfig, config_err, from_value, parse_json};
-use super::vit::{Loader, VitEncoder, common};
-use super::vit_layers::{BlockNames, PatchEmbed};
+use super::vit::{Keys, Loader, VitEncoder, common};
+use super::vit_layers::BlockNames;
 
 const NAMES: BlockNames = BlockNames {
     norm1: "layer_norm1",
@@ -60,26 +60,10 @@ pub(super) fn load(
         )));
     }
     let pos = pos.unsqueeze(0)?;
-    let patch = PatchEmbed::load(
-        ld.vb.pp("vision_model.embeddings.patch_embedding"),
-        cfg.num_channels,
-        hid,
-        cfg.patch_size,
-    )?;
-    let blocks = ld.blocks(
-        "vision_model.encoder.layers",
-        &c.block,
-        &NAMES,
-        cfg.num_hidden_layers,
-    )?;
-    Ok(VitEncoder {
-        spec: c.spec,
-        pre: c.pre,
-        patch,
-        pos,
-        prefix: None,
-        blocks,
-        norm: c.norm,
-        dtype,
-    })
+    let keys = Keys {
+        patch: "vision_model.embeddings.patch_embedding",
+        layers: "vision_model.encoder.layers",
+        names: &NAMES,
+    };
+    c.assemble(&ld, &cfg, keys, pos, None)
 }

@@ -177,6 +177,48 @@ pub(super) struct Common {
     pub norm: PlainLayerNorm,
 }
 
+/// Where a family's checkpoint keeps the patch embedding and the blocks.
+pub(super) struct Keys<'a> {
+    /// The patch projection (a strided conv).
+    pub patch: &'a str,
+    /// The blocks, `{layers}.{i}`.
+    pub layers: &'a str,
+    /// The tensor names inside a block.
+    pub names: &'a BlockNames,
+}
+
+impl Common {
+    /// The encoder: the patch embedding and blocks loaded from `ld` under
+    /// `keys`, with the family's patch positions `pos` (`[1, tokens, C]`)
+    /// and prefix tokens.
+    pub fn assemble(
+        self,
+        ld: &Loader,
+        cfg: &VitConfig,
+        keys: Keys,
+        pos: Tensor,
+        prefix: Option<Tensor>,
+    ) -> Result<VitEncoder, EncoderError> {
+        let patch = PatchEmbed::load(
+            ld.vb.pp(keys.patch),
+            cfg.num_channels,
+            cfg.hidden_size,
+            cfg.patch_size,
+        )?;
+        let blocks = ld.blocks(keys.layers, &self.block, keys.names, cfg.num_hidden_layers)?;
+        Ok(VitEncoder {
+            spec: self.spec,
+            pre: self.pre,
+            patch,
+            pos,
+            prefix,
+            blocks,
+            norm: self.norm,
+            dtype: ld.dtype,
+        })
+    }
+}
+
 pub(super) fn common(
     kind: &str,
     cfg: &VitConfig,

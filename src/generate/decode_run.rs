@@ -18,6 +18,7 @@ use super::npz::NpzWriter;
 use super::pixels::{Rounding, chw_to_hwc_u8, grid, image_stem};
 use crate::models::{DecoderConfig, RaeDecoder};
 use crate::progress::Progress;
+use crate::shards::manifest::{MANIFEST_FILE, SHARDS_DIR};
 use crate::shards::{LatentBatch, ShardReader};
 
 /// What `decode` writes (`--format`).
@@ -95,7 +96,7 @@ pub fn resolve_shards(input: &Path) -> Result<Vec<PathBuf>, GenerateError> {
             input.display()
         )));
     }
-    let manifest = input.join("manifest.json");
+    let manifest = input.join(MANIFEST_FILE);
     if manifest.is_file() {
         // Only `shards[].file` is read, so either manifest layout works.
         let text =
@@ -109,7 +110,7 @@ pub fn resolve_shards(input: &Path) -> Result<Vec<PathBuf>, GenerateError> {
                 .filter_map(|s| s.get("file").and_then(|f| f.as_str()))
             {
                 let direct = input.join(f);
-                let nested = input.join("shards").join(f);
+                let nested = input.join(SHARDS_DIR).join(f);
                 match (direct.is_file(), nested.is_file()) {
                     (true, _) => out.push(direct),
                     (false, true) => out.push(nested),
@@ -124,7 +125,7 @@ pub fn resolve_shards(input: &Path) -> Result<Vec<PathBuf>, GenerateError> {
             return Ok(out);
         }
     }
-    for dir in [input.join("shards"), input.to_path_buf()] {
+    for dir in [input.join(SHARDS_DIR), input.to_path_buf()] {
         if !dir.is_dir() {
             continue;
         }
@@ -322,7 +323,7 @@ fn safetensors_header(n: usize, h: usize, w: usize) -> Vec<u8> {
         "labels": {"dtype": "I32", "shape": [n], "data_offsets": [pix, pix + 4 * n]},
     });
     let mut s = json.to_string().into_bytes();
-    while s.len() % 8 != 0 {
+    while !s.len().is_multiple_of(8) {
         s.push(b' ');
     }
     let mut out = (s.len() as u64).to_le_bytes().to_vec();

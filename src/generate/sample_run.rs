@@ -20,7 +20,7 @@ use crate::diffusion::{Guidance, SamplerConfig, SamplerMethod, sample};
 use crate::models::VelocityModel;
 use crate::pipeline::plan::{PartSpec, ShardPlan};
 use crate::progress::Progress;
-use crate::shards::manifest::{HflipMode, MANIFEST_FILE, shard_file_name};
+use crate::shards::manifest::{HFlip, MANIFEST_FILE, SHARDS_DIR, shard_file_name};
 use crate::shards::{
     EncoderInfo, LatentDType, LatentRow, LatentStats, Manifest, ShardInfo, ShardWriter,
     WriterOptions,
@@ -28,8 +28,6 @@ use crate::shards::{
 
 /// The reference `RAE` eps in sqrt(var + eps).
 pub const STATS_EPS: f64 = 1e-5;
-/// Sub-directory holding the shards.
-pub const SHARDS_DIR: &str = "shards";
 /// Footer key of sampled shards (also `META_DENORMALISED`, `META_SAMPLE`):
 /// where the rows came from, `sample`.
 pub const META_SOURCE: &str = "rae_cache.source";
@@ -442,7 +440,7 @@ pub fn write_sample_manifest(
         patch_size: 1,
     };
     let classes = (0..opts.num_classes).map(|i| i.to_string()).collect();
-    let mut m = Manifest::new("", classes, encoder, opts.dtype, HflipMode::None);
+    let mut m = Manifest::new("", classes, encoder, opts.dtype, HFlip::None);
     m.hflip_note = "sampled latents: no flipped rows".into();
     m.preprocessing = serde_json::json!({
         "source": "sample",

@@ -18,41 +18,15 @@ use crate::shards::LatentDType;
 
 use super::plan::PartSpec;
 
-pub use crate::shards::manifest::{MANIFEST_FILE, STATS_FILE};
+pub use crate::shards::manifest::{HFlip, MANIFEST_FILE, SHARDS_DIR, STATS_FILE};
 /// The builder's record of a build, next to `manifest.json`.
 pub const BUILD_STATE_FILE: &str = "build-state.json";
-/// Sub-directory of the cache holding the shard files.
-pub const SHARDS_DIR: &str = "shards";
 /// Sub-directory holding each part's record (`parts/I/`).
 pub const PARTS_DIR: &str = "parts";
 /// Sub-directory holding the per-shard statistics accumulators.
 pub const STATE_DIR: &str = "state";
 /// The directory lock file.
 pub const LOCK_FILE: &str = ".lock";
-
-/// Which crops of an image are stored: `Both`, the crop and its left-right
-/// flip (two rows per image); `None`, the crop only. (`--hflip both|none`.)
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-#[value(rename_all = "lowercase")]
-pub enum HFlip {
-    /// The crop and its flip.
-    Both,
-    /// The crop only.
-    None,
-}
-
-impl HFlip {
-    /// The rows of one image in order: `false` the crop, `true` its flip.
-    pub fn flips(self) -> &'static [bool] {
-        match self {
-            HFlip::Both => &[false, true],
-            HFlip::None => &[false],
-        }
-    }
-}
 
 /// The arguments that decide the bytes of the output. `--resume` refuses
 /// when any of them differs from the manifest's.
@@ -329,18 +303,13 @@ impl BuildManifest {
     /// The public manifest (schemas/manifest.schema.json). Shard files are
     /// named relative to the cache directory: `shards/part-NNNNN.parquet`.
     pub fn to_public(&self) -> crate::shards::Manifest {
-        use crate::shards::manifest::{
-            EncoderInfo, HflipMode, PartInfo, RejectedInput, Totals as PubTotals,
-        };
+        use crate::shards::manifest::{EncoderInfo, PartInfo, RejectedInput, Totals as PubTotals};
         let mut m = crate::shards::Manifest::new(
             self.dataset.root.clone(),
             self.dataset.classes.clone(),
             EncoderInfo::from(&self.encoder),
             self.dtype,
-            match self.settings.hflip {
-                HFlip::Both => HflipMode::Both,
-                HFlip::None => HflipMode::None,
-            },
+            self.settings.hflip,
         );
         m.preprocessing = serde_json::to_value(&self.preprocessing).unwrap_or_default();
         m.shards = self

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::shards::manifest::HflipMode;
+use crate::progress::Progress;
 use crate::shards::{LatentStats, Manifest, ShardInfo, ShardReader};
 
 use super::PipelineError;
@@ -40,11 +40,12 @@ pub fn data_root(dir: &Path, m: &Manifest) -> PathBuf {
     }
 }
 
-/// Verify `dir`. Problems with the data are collected in the report; only
-/// an unreadable manifest is an error.
+/// Verify `dir`, reporting shards checked to `progress`. Problems with the
+/// data are collected in the report; only an unreadable manifest is an
+/// error.
 pub fn verify_cache(
     dir: &Path,
-    mut progress: impl FnMut(usize, usize),
+    progress: &mut dyn Progress,
 ) -> Result<VerifyReport, PipelineError> {
     let m = Manifest::load(&dir.join(build_state::MANIFEST_FILE))?;
     let root = data_root(dir, &m);
@@ -52,10 +53,7 @@ pub fn verify_cache(
         cache_dir: dir.to_path_buf(),
         ..Default::default()
     };
-    let flips: &[bool] = match m.hflip {
-        HflipMode::Both => &[false, true],
-        HflipMode::None => &[false],
-    };
+    let flips = m.hflip.flips();
     if let Some(st) = BuildManifest::load(dir).ok().filter(|st| !st.complete) {
         r.problems.push(format!(
             "the build is incomplete: {} of {} shards done (resume it with `rae-cache build ... --resume`)",
@@ -64,14 +62,16 @@ pub fn verify_cache(
         ));
     }
     let mut seen = std::collections::BTreeSet::new();
-    for (i, s) in m.shards.iter().enumerate() {
-        progress(i, m.shards.len());
+    progress.start(m.shards.len() as u64);
+    for s in &m.shards {
         if !seen.insert(s.file.clone()) {
             r.problems.push(format!("{}: listed twice", s.file));
         }
         r.shards_checked += 1;
         check_shard(&mut r, &root.join(&s.file), s, &m, flips);
+        progress.advance(1);
     }
+    progress.finish();
     let rows: u64 = m.shards.iter().map(|s| s.rows).sum();
     if rows != m.totals.rows {
         r.problems.push(format!(
@@ -209,10 +209,10 @@ fn check_rows(
                 ));
             }
             if !want_flip {
-                if let Some(p) = &prev_key {
-                    if p >= key {
-                        return Err(format!("row {n}: key {key:?} is not after {p:?}"));
-                    }
+                if let Some(p) = &prev_key
+                    && p >= key
+                {
+                    return Err(format!("row {n}: key {key:?} is not after {p:?}"));
                 }
                 prev_key = Some(key.clone());
             } else if prev_key.as_ref() != Some(key) {

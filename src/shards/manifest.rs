@@ -9,6 +9,8 @@ use super::{LatentDType, SCHEMA_VERSION, ShardError, ShardInfo};
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The dataset statistics (mean, var `[C,H,W]`, count).
 pub const STATS_FILE: &str = "stats.safetensors";
+/// Sub-directory of a cache or sample directory holding the shard files.
+pub const SHARDS_DIR: &str = "shards";
 /// Accumulator state next to the stats, for exact resume (see stats.rs).
 pub const STATS_STATE_FILE: &str = "stats-state.safetensors";
 /// `format` field value: identifies the file type.
@@ -64,14 +66,28 @@ impl From<&crate::encoders::EncoderSpec> for EncoderInfo {
     }
 }
 
-/// Which crops the cache stores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Which crops of an image are stored: `Both`, the crop and its left-right
+/// flip (two rows per image); `None`, the crop only. (`--hflip both|none`.)
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
-pub enum HflipMode {
-    /// Only the unflipped crop.
-    None,
-    /// The crop and its mirror, as two rows.
+#[value(rename_all = "lowercase")]
+pub enum HFlip {
+    /// The crop and its flip.
     Both,
+    /// The crop only.
+    None,
+}
+
+impl HFlip {
+    /// The rows of one image in order: `false` the crop, `true` its flip.
+    pub fn flips(self) -> &'static [bool] {
+        match self {
+            HFlip::Both => &[false, true],
+            HFlip::None => &[false],
+        }
+    }
 }
 
 /// Sums over the shards.
@@ -132,7 +148,7 @@ pub struct Manifest {
     /// Storage type of the latents.
     pub dtype: LatentDType,
     /// Which crops are stored.
-    pub hflip: HflipMode,
+    pub hflip: HFlip,
     /// What the flip rows are, in words.
     pub hflip_note: String,
     /// The shard files, in order.
@@ -154,7 +170,7 @@ impl Manifest {
         classes: Vec<String>,
         encoder: EncoderInfo,
         dtype: LatentDType,
-        hflip: HflipMode,
+        hflip: HFlip,
     ) -> Self {
         Manifest {
             format: MANIFEST_FORMAT.into(),

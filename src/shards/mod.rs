@@ -7,7 +7,7 @@
 //! * [`writer`]: [`ShardWriter`] (temp file, fsync, rename, sha256).
 //! * [`reader`]: [`ShardReader`] (validated, row-group reads, projections).
 //! * [`stats`]: exact, mergeable per-element mean/variance.
-//! * [`manifest`]: manifest.json.
+//! * [`manifest`]: the public `manifest.json`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -229,7 +229,7 @@ impl LatentStats {
             ));
         }
         // `count` is optional: a reference stat.pt converted to safetensors lacks it.
-        let count = if st.names().iter().any(|n| *n == "count") {
+        let count = if st.names().contains(&"count") {
             read_i64_scalar(path, &st, "count")?
         } else {
             0

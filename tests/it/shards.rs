@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use parquet::basic::{Compression, Encoding};
-use rae_cache::shards::manifest::{HflipMode, MANIFEST_FORMAT};
+use rae_cache::shards::manifest::{HFlip, MANIFEST_FORMAT};
 use rae_cache::shards::schema::{self, META_DTYPE, META_SCHEMA_VERSION};
 use rae_cache::shards::*;
 use rand::{Rng, SeedableRng};
@@ -863,7 +863,7 @@ fn sample_manifest() -> Manifest {
         vec!["n01440764".into(), "n01443537".into()],
         encoder,
         LatentDType::F16,
-        HflipMode::Both,
+        HFlip::Both,
     );
     m.preprocessing =
         serde_json::json!({"crop": "adm_center_crop", "size": 256, "resize": "bicubic"});

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use rae_cache::shards::manifest::{HflipMode, MANIFEST_FILE, STATS_FILE};
+use rae_cache::shards::manifest::{HFlip, MANIFEST_FILE, STATS_FILE};
 use rae_cache::shards::{
     EncoderInfo, LatentDType, LatentRow, Manifest, ShardWriter, StatsAccumulator, WriterOptions,
 };
@@ -89,9 +89,9 @@ pub fn write(dir: &Path, spec: &Spec) -> Manifest {
     };
     let classes = (0..spec.classes).map(|c| format!("class{c}")).collect();
     let mode = if spec.both_flips {
-        HflipMode::Both
+        HFlip::Both
     } else {
-        HflipMode::None
+        HFlip::None
     };
     let mut m = Manifest::new("/tiny", classes, encoder, spec.dtype, mode);
     let mut stats = StatsAccumulator::new(spec.tokens, spec.channels);
