@@ -135,25 +135,25 @@ struct Loaded {
     file: PathBuf,
 }
 
+/// One model's flags: its checkpoint, config file or preset, and the
+/// names of those two flags (for the error when neither is given).
+struct ModelFlags<'a> {
+    path: &'a std::path::Path,
+    config: &'a Option<String>,
+    preset: &'a Option<String>,
+    flag_names: &'a str,
+}
+
 fn load_model(
-    path: &std::path::Path,
-    config: &Option<String>,
-    preset: &Option<String>,
-    what: &str,
+    m: ModelFlags,
     key: &WeightsKey,
     compute: DType,
     device: &Device,
 ) -> anyhow::Result<Loaded> {
-    let trained = open_trained(path, key).with_context(|| format!("{what} {}", path.display()))?;
-    let src = match (config, preset, &trained.model) {
+    let trained = open_trained(m.path, key).with_context(|| m.path.display().to_string())?;
+    let src = match (m.config, m.preset, &trained.model) {
         (None, None, Some(run_model)) => run_model.clone(),
-        _ => {
-            let flags = match what {
-                "model" => "--model-config/--preset",
-                _ => "--guide-config/--guide-preset",
-            };
-            config_source(config, preset, flags)?
-        }
+        _ => config_source(m.config, m.preset, m.flag_names)?,
     };
     if let Some(why) = &trained.reason {
         tracing::info!("{}: {why}", trained.file.display());
@@ -231,21 +231,24 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 
     // Models.
     let key = WeightsKey::parse(&a.weights_key);
-    let (model, preset) = (&a.model_config, &a.preset);
-    let main = load_model(&a.model, model, preset, "model", &key, compute, &device)?;
+    let main = ModelFlags {
+        path: &a.model,
+        config: &a.model_config,
+        preset: &a.preset,
+        flag_names: "--model-config/--preset",
+    };
+    let main = load_model(main, &key, compute, &device)?;
     let guide = a
         .guide_model
         .as_ref()
-        .map(|p| {
-            load_model(
-                p,
-                &a.guide_config,
-                &a.guide_preset,
-                "guide",
-                &key,
-                compute,
-                &device,
-            )
+        .map(|path| {
+            let flags = ModelFlags {
+                path,
+                config: &a.guide_config,
+                preset: &a.guide_preset,
+                flag_names: "--guide-config/--guide-preset",
+            };
+            load_model(flags, &key, compute, &device)
         })
         .transpose()?;
 

@@ -56,7 +56,8 @@ fn clean_name(name: &str) -> String {
     }
 }
 
-fn is_pickle(path: &Path) -> bool {
+/// Whether `path` names a PyTorch pickle (`.pt`, `.pth`, `.bin`, `.ckpt`).
+pub(crate) fn is_pickle(path: &Path) -> bool {
     matches!(
         path.extension()
             .and_then(|e| e.to_str())

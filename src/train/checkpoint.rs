@@ -331,7 +331,7 @@ pub struct TrainedModel {
 /// weights by the EMA's remaining share of the initial weights.
 pub fn open_trained(path: &Path, requested: &WeightsKey) -> Result<TrainedModel> {
     let file = resolve(path)?;
-    let meta = if file.is_file() && !is_pickle_name(&file) {
+    let meta = if file.is_file() && !crate::models::state_dict::is_pickle(&file) {
         read_metadata(&file)?
     } else {
         None
@@ -375,15 +375,6 @@ pub fn open_trained(path: &Path, requested: &WeightsKey) -> Result<TrainedModel>
         model: config["model"].as_str().map(str::to_string),
         weights,
         reason,
-    })
-}
-
-fn is_pickle_name(path: &Path) -> bool {
-    path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-        matches!(
-            e.to_ascii_lowercase().as_str(),
-            "pt" | "pth" | "bin" | "ckpt"
-        )
     })
 }
 

@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use common::{fixture, io_on, read_json};
+use common::{fixture, io_on, max_abs, read_json};
 use rae_cache::diffusion::{interpolate, velocity_target};
 use rae_cache::models::state_dict::{fill_varmap, is_frozen, load_state_dict, trainable_vars};
 use rae_cache::models::{DitConfig, DitDh, WeightsKey};
@@ -28,17 +28,6 @@ fn fixture_model_vars(dev: &Device) -> (rae_cache::models::DitDhConfig, VarMap) 
     let varmap = VarMap::new();
     fill_varmap(&varmap, &theta0, DType::F32).unwrap();
     (cfg, varmap)
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

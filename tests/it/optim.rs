@@ -41,17 +41,6 @@ fn clip_max_norm(spec: &serde_json::Value) -> f64 {
     num.trim_end_matches('.').parse().expect("max norm parses")
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn trainstep_clip_and_adamw_match_reference() {
     let cfg = common::read_json("trainstep.json");
@@ -125,7 +114,7 @@ fn trainstep_clip_and_adamw_match_reference() {
         // Weights to 1e-4 relative to the tensor's scale, and the update itself
         // (theta1 - theta0, ~lr) to 1e-3 of its own scale so a wrong step shows.
         let err = common::max_abs_diff(got, want);
-        let scale = max_abs(want).max(1e-6);
+        let scale = common::max_abs(want).max(1e-6);
         assert!(
             err <= 1e-4 * scale,
             "{name}: weights differ by {err} (scale {scale})"
@@ -133,7 +122,7 @@ fn trainstep_clip_and_adamw_match_reference() {
         let d_got = (got - before).unwrap();
         let d_want = (want - before).unwrap();
         let derr = common::max_abs_diff(&d_got, &d_want);
-        let dscale = max_abs(&d_want).max(1e-12);
+        let dscale = common::max_abs(&d_want).max(1e-12);
         assert!(
             derr <= 1e-3 * dscale,
             "{name}: update differs by {derr} (update scale {dscale})"

@@ -205,3 +205,15 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// Largest absolute value of a tensor (f32).
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
