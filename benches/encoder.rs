@@ -7,9 +7,13 @@
 //! `encoder_parts` times the pieces of one layer at the same shapes to
 //! show where the time goes.
 
+// Shared with the `bench` subcommand; each bench uses a part of it.
+#[allow(dead_code, unused_imports)]
+mod support;
+
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rae_cache::bench_models::{Dinov2Shape, randn_cpu, random_crops, write_random_dinov2};
+use support::{Dinov2Shape, randn_cpu, random_crops, write_random_dinov2};
 use rae_cache::encoders::load_encoder;
 use rand::SeedableRng;
 

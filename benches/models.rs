@@ -3,13 +3,17 @@
 //! Run: RAYON_NUM_THREADS=2 cargo bench --bench models [-- --quick fused]
 //! (`--profile dev` also works: the math lives in dependencies built at opt-level 3.)
 
+// Shared with the `bench` subcommand; each bench uses a part of it.
+#[allow(dead_code, unused_imports)]
+mod support;
+
 use std::hint::black_box;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rae_cache::bench_models::random_decoder;
+use support::random_decoder;
 use rae_cache::models::{DecoderConfig, DitDh, DitDhConfig};
 
 fn decoder(c: &mut Criterion) {

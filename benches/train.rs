@@ -10,10 +10,15 @@
 //! default cpu; BENCH_LOADER_IMAGES, default 256; BENCH_SKIP_STEP=1;
 //! BENCH_NOISE_SAMPLES, default 64).
 
+// Shared with the `bench` subcommand; each bench uses a part of it.
+#[allow(dead_code, unused_imports)]
+mod support;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use rae_cache::bench_models::{BenchError, TrainStep, peak_rss_bytes, time_iters};
+use rae_cache::memory::peak_rss_bytes;
+use support::{BenchError, TrainStep, time_iters};
 use rae_cache::models::{DitConfig, DitDhConfig};
 use rae_cache::shards::LatentDType;
 use rae_cache::train::checkpoint::LoaderCursor;

@@ -1,6 +1,10 @@
 //! Euler ODE sampling speed of a DiT with random weights, as `rae-cache
 //! sample` runs it (fused inference kernels on), best of R runs.
 //!   cargo run --release --example sample_speed -- <config> <batch> [steps] [cfg_scale] [runs]
+#[allow(dead_code)]
+#[path = "../benches/support/mod.rs"]
+mod support;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -33,7 +37,7 @@ fn main() -> anyhow::Result<()> {
     names.sort_by(|a, b| a.0.cmp(&b.0));
     for (k, v) in names {
         if k.ends_with("weight") || k.ends_with("bias") {
-            v.set(&rae_cache::bench_models::randn_cpu(
+            v.set(&support::randn_cpu(
                 &mut rng,
                 v.dims(),
                 0.05,
@@ -55,7 +59,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     model.set_fused(true);
     let (c, s) = (cfg.in_channels(), cfg.input_size());
-    let z0 = rae_cache::bench_models::randn_cpu(&mut rng, &[b, c, s, s], 1.0)?;
+    let z0 = support::randn_cpu(&mut rng, &[b, c, s, s], 1.0)?;
     let y = Tensor::from_vec(
         (0..b as u32)
             .map(|i| i % cfg.num_classes() as u32)

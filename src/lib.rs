@@ -4,7 +4,6 @@
 
 #![warn(missing_docs)]
 
-pub mod bench_models;
 pub mod device;
 pub mod diffusion;
 pub mod dist;

@@ -1,5 +1,10 @@
 //! `rae-cache` command line: a thin layer over the library.
 
+// Benchmark scaffolding lives with the benches; the `bench` subcommand
+// compiles the same file so both measure the same models.
+#[allow(dead_code)]
+#[path = "../benches/support/mod.rs"]
+mod bench_support;
 mod commands;
 
 use clap::{Parser, Subcommand};

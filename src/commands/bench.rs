@@ -12,11 +12,12 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
-use rae_cache::bench_models::{
-    Dinov2Shape, TrainStep, is_out_of_memory, peak_rss_bytes, random_crops, random_decoder,
+use crate::bench_support::{
+    Dinov2Shape, TrainStep, is_out_of_memory, random_crops, random_decoder,
     time_iters, write_random_dinov2,
 };
 use rae_cache::device::{device_name, parse_device};
+use rae_cache::memory::{peak_rss_bytes, rss_bytes};
 use rae_cache::encoders::load_encoder;
 use rae_cache::models::config::load_config;
 use rae_cache::models::{DecoderConfig, DitConfig};
@@ -205,7 +206,7 @@ struct Report<'a> {
 
 impl Report<'_> {
     /// The JSON line, with the timing `t`.
-    fn json(&self, t: &rae_cache::bench_models::Timing) -> Value {
+    fn json(&self, t: &crate::bench_support::Timing) -> Value {
         let batch = self.batch;
         json!({
             "what": self.what,
@@ -277,7 +278,7 @@ fn encoder(a: EncoderArgs) -> anyhow::Result<Value> {
         // The result stays on the device; time_iters synchronises.
         enc.encode(&x)
             .map(|_| ())
-            .map_err(|e| rae_cache::bench_models::BenchError::Other(e.to_string()))
+            .map_err(|e| crate::bench_support::BenchError::Other(e.to_string()))
     })?;
     Ok(Report {
         what: "encoder",
@@ -430,7 +431,7 @@ fn soak(
             device.synchronize()?;
             let k = if i % every == 0 { every } else { i % every };
             let step_s = window.elapsed().as_secs_f64() / k as f64;
-            let rss = rae_cache::bench_models::rss_bytes().unwrap_or(0);
+            let rss = rss_bytes().unwrap_or(0);
             let graphs = step.state().tensors_with_graph().len();
             eprintln!(
                 "soak: step {i:>7}  rss {:>8.1} MB  step {:.4} s  tensors with a graph {graphs}",
@@ -493,7 +494,7 @@ fn decoder(a: DecoderArgs) -> anyhow::Result<Value> {
             a.preset.clone(),
         ),
     };
-    let params = rae_cache::bench_models::decoder_param_count(&cfg)?;
+    let params = crate::bench_support::decoder_param_count(&cfg)?;
     let mut dec = random_decoder(&cfg, dtype, &device)?;
     // Inference path, as `rae-cache decode`.
     dec.set_fused(true);
@@ -529,9 +530,9 @@ fn params(a: ParamsArgs) -> anyhow::Result<Value> {
     let dcfg = DecoderConfig::preset(&a.decoder_preset, a.patch_size)
         .with_context(|| format!("--decoder-preset {:?}", a.decoder_preset))?;
     let mut v = json!({"what": "params", "impl": "rae-cache"});
-    v[a.preset.to_ascii_lowercase()] = rae_cache::bench_models::dit_param_count(&cfg)?.into();
+    v[a.preset.to_ascii_lowercase()] = crate::bench_support::dit_param_count(&cfg)?.into();
     v[a.decoder_preset.to_ascii_lowercase()] =
-        rae_cache::bench_models::decoder_param_count(&dcfg)?.into();
+        crate::bench_support::decoder_param_count(&dcfg)?.into();
     Ok(v)
 }
 

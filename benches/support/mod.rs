@@ -12,9 +12,9 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::models::state_dict::trainable_vars;
-use crate::models::{DecoderConfig, DitConfig, DitModel, RaeDecoder};
-use crate::train::{FlowBatch, TrainConfig, TrainState, TrainStateConfig};
+use rae_cache::models::state_dict::trainable_vars;
+use rae_cache::models::{DecoderConfig, DitConfig, DitModel, RaeDecoder};
+use rae_cache::train::{FlowBatch, TrainConfig, TrainState, TrainStateConfig};
 
 /// Errors of the benchmark helpers.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +24,7 @@ pub enum BenchError {
     Candle(#[from] candle_core::Error),
     /// Building or stepping the training state failed.
     #[error(transparent)]
-    Train(#[from] crate::train::TrainError),
+    Train(#[from] rae_cache::train::TrainError),
     /// Writing random weights failed.
     #[error("{path}: {source}")]
     Io {
@@ -375,8 +375,6 @@ pub fn time_iters(
     })
 }
 
-pub use crate::memory::{peak_rss_bytes, rss_bytes};
-
 /// Whether an error reads like a device allocation failure (CUDA reports
 /// `CUDA_ERROR_OUT_OF_MEMORY`; the CPU allocator aborts instead, so on the
 /// CPU this never matches).
@@ -408,14 +406,14 @@ mod tests {
 
     #[test]
     fn train_step_runs_and_times() {
-        let cfg = DitConfig::DitDh(crate::models::DitDhConfig {
+        let cfg = DitConfig::DitDh(rae_cache::models::DitDhConfig {
             input_size: 4,
             in_channels: 8,
             hidden_size: [16, 24],
             depth: [1, 1],
-            num_heads: crate::models::config::OneOrPair::Pair([2, 2]),
+            num_heads: rae_cache::models::config::OneOrPair::Pair([2, 2]),
             num_classes: 3,
-            ..crate::models::DitDhConfig::preset("ditdh-s").unwrap()
+            ..rae_cache::models::DitDhConfig::preset("ditdh-s").unwrap()
         });
         let dev = Device::Cpu;
         let mut s = TrainStep::new(&cfg, 0, DType::F32, &dev, true).unwrap();
