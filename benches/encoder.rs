@@ -13,9 +13,9 @@ mod support;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use support::{Dinov2Shape, randn_cpu, random_crops, write_random_dinov2};
 use rae_cache::encoders::load_encoder;
 use rand::SeedableRng;
+use support::{Dinov2Shape, randn_cpu, random_crops, write_random_dinov2};
 
 const HIDDEN: usize = Dinov2Shape::BASE.hidden;
 const HEADS: usize = Dinov2Shape::BASE.heads;

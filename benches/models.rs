@@ -13,8 +13,8 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use support::random_decoder;
 use rae_cache::models::{DecoderConfig, DitDh, DitDhConfig};
+use support::random_decoder;
 
 fn decoder(c: &mut Criterion) {
     let dev = Device::Cpu;

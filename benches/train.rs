@@ -18,11 +18,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use rae_cache::memory::peak_rss_bytes;
-use support::{BenchError, TrainStep, time_iters};
 use rae_cache::models::{DitConfig, DitDhConfig};
 use rae_cache::shards::LatentDType;
 use rae_cache::train::checkpoint::LoaderCursor;
 use rae_cache::train::loader::{CacheSet, Loader, LoaderConfig};
+use support::{BenchError, TrainStep, time_iters};
 
 /// The tiny latent cache writer of the tests.
 #[path = "../tests/it/common/tiny_cache.rs"]

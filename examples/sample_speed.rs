@@ -37,11 +37,7 @@ fn main() -> anyhow::Result<()> {
     names.sort_by(|a, b| a.0.cmp(&b.0));
     for (k, v) in names {
         if k.ends_with("weight") || k.ends_with("bias") {
-            v.set(&support::randn_cpu(
-                &mut rng,
-                v.dims(),
-                0.05,
-            )?)?;
+            v.set(&support::randn_cpu(&mut rng, v.dims(), 0.05)?)?;
         }
     }
     // Inference as `rae-cache sample` loads it: plain tensors, not variables

@@ -10,17 +10,18 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use crate::bench_support::{
+    Dinov2Shape, TrainStep, is_out_of_memory, random_crops, random_decoder, time_iters,
+    write_random_dinov2,
+};
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
-use crate::bench_support::{
-    Dinov2Shape, TrainStep, is_out_of_memory, random_crops, random_decoder,
-    time_iters, write_random_dinov2,
-};
 use rae_cache::device::{device_name, parse_device};
-use rae_cache::memory::{peak_rss_bytes, rss_bytes};
 use rae_cache::encoders::load_encoder;
+use rae_cache::memory::{peak_rss_bytes, rss_bytes};
 use rae_cache::models::config::load_config;
 use rae_cache::models::{DecoderConfig, DitConfig};
+use rae_cache::precision::Precision;
 use rayon::prelude::*;
 use serde_json::{Value, json};
 
@@ -71,7 +72,33 @@ struct Common {
     /// f32 | bf16 | f16 | auto (auto: bf16 on CUDA, f32 on the CPU; for
     /// `train`, f32 as the trainer).
     #[arg(long, default_value = "auto")]
-    precision: String,
+    precision: Precision,
+}
+
+/// `--shape` of the random DINOv2-with-registers encoder.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ShapeArg {
+    /// DINOv2-B-reg (`facebook/dinov2-with-registers-base`).
+    #[value(alias = "b")]
+    Base,
+    /// Two layers, 48 wide (smoke tests).
+    Tiny,
+}
+
+impl ShapeArg {
+    fn shape(self) -> Dinov2Shape {
+        match self {
+            Self::Base => Dinov2Shape::BASE,
+            Self::Tiny => Dinov2Shape::TINY,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Base => "base",
+            Self::Tiny => "tiny",
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -83,8 +110,8 @@ struct EncoderArgs {
     #[arg(long)]
     encoder: Option<PathBuf>,
     /// With no --encoder: `base` (DINOv2-B-reg) or `tiny` (smoke tests).
-    #[arg(long, default_value = "base")]
-    shape: String,
+    #[arg(long, value_enum, default_value = "base")]
+    shape: ShapeArg,
 }
 
 #[derive(clap::Args, Debug)]
@@ -92,8 +119,8 @@ struct RandomEncoderArgs {
     #[arg(long)]
     out: PathBuf,
     /// `base` (DINOv2-B-reg) or `tiny`.
-    #[arg(long, default_value = "base")]
-    shape: String,
+    #[arg(long, value_enum, default_value = "base")]
+    shape: ShapeArg,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -171,25 +198,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 
 /// `--precision` to a candle dtype: the library's rule (`auto` = bf16 on
 /// CUDA, f32 on the CPU; for `train`, bf16 means autocast from f32 masters).
-fn parse_precision(s: &str, device: &Device) -> anyhow::Result<DType> {
-    let p: rae_cache::precision::Precision = s.parse().map_err(anyhow::Error::msg)?;
-    Ok(p.resolve(device))
-}
-
 fn dtype_name(d: DType) -> &'static str {
     match d {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
         DType::F16 => "f16",
         _ => "other",
-    }
-}
-
-fn parse_shape(s: &str) -> anyhow::Result<Dinov2Shape> {
-    match s.to_ascii_lowercase().as_str() {
-        "base" | "b" => Ok(Dinov2Shape::BASE),
-        "tiny" => Ok(Dinov2Shape::TINY),
-        other => bail!("--shape {other:?}: expected base or tiny"),
     }
 }
 
@@ -253,8 +267,8 @@ impl Drop for TempDir {
 fn encoder(a: EncoderArgs) -> anyhow::Result<Value> {
     let c = &a.common;
     let device = parse_device(&c.device)?;
-    let dtype = parse_precision(&c.precision, &device)?;
-    let shape = parse_shape(&a.shape)?;
+    let dtype = c.precision.resolve(&device);
+    let shape = a.shape.shape();
     let mut _tmp = None;
     let (dir, model, params) = match &a.encoder {
         Some(d) => (d.clone(), d.display().to_string(), count_safetensors(d)),
@@ -265,7 +279,7 @@ fn encoder(a: EncoderArgs) -> anyhow::Result<Value> {
             _tmp = Some(t);
             (
                 d,
-                format!("dinov2-reg-{}-random", a.shape),
+                format!("dinov2-reg-{}-random", a.shape.name()),
                 shape.param_count(),
             )
         }
@@ -301,13 +315,13 @@ fn count_safetensors(dir: &Path) -> usize {
 }
 
 fn random_encoder(a: RandomEncoderArgs) -> anyhow::Result<Value> {
-    let shape = parse_shape(&a.shape)?;
+    let shape = a.shape.shape();
     let start = Instant::now();
     write_random_dinov2(&a.out, &shape, a.seed)?;
     Ok(json!({
         "what": "random-encoder",
         "out": a.out.display().to_string(),
-        "shape": a.shape,
+        "shape": a.shape.name(),
         "params": shape.param_count(),
         "seconds": start.elapsed().as_secs_f64(),
     }))
@@ -325,7 +339,7 @@ fn train(a: TrainArgs) -> anyhow::Result<Value> {
     let c = &a.common;
     let device = parse_device(&c.device)?;
     // The trainer keeps f32 weights: that is what `auto` measures.
-    let dtype = parse_precision(&c.precision, &device)?;
+    let dtype = c.precision.resolve(&device);
     let cfg = DitConfig::load(&a.preset).with_context(|| format!("model {:?}", a.preset))?;
     let mut step = TrainStep::new(&cfg, a.seed, dtype, &device, !a.no_ema)?;
     let params = step.trainable_params();
@@ -484,7 +498,7 @@ fn slope(p: &[(f64, f64)]) -> f64 {
 fn decoder(a: DecoderArgs) -> anyhow::Result<Value> {
     let c = &a.common;
     let device = parse_device(&c.device)?;
-    let dtype = parse_precision(&c.precision, &device)?;
+    let dtype = c.precision.resolve(&device);
     let (cfg, model): (DecoderConfig, String) = match &a.decoder_config {
         Some(p) => (load_config(p)?, p.display().to_string()),
         None => (
@@ -638,13 +652,5 @@ mod tests {
         assert_eq!(a, synth_image(32, 24, 7));
         assert_ne!(a, synth_image(32, 24, 8));
         assert_eq!(a.len(), 32 * 24 * 3);
-    }
-
-    #[test]
-    fn precisions() {
-        let cpu = Device::Cpu;
-        assert_eq!(parse_precision("bf16", &cpu).unwrap(), DType::BF16);
-        assert_eq!(parse_precision("auto", &cpu).unwrap(), DType::F32);
-        assert!(parse_precision("f8", &cpu).is_err());
     }
 }

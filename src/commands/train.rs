@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
+use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use rae_cache::dist::{Collective, DistEnv, SingleProcess};
+use rae_cache::precision::Precision;
 use rae_cache::train::checkpoint::{self, latest};
-use rae_cache::train::trainer::Trainer;
+use rae_cache::train::trainer::{StepStats, Trainer};
 use rae_cache::train::{ScheduleKind, TrainConfig};
 
 #[derive(clap::Args, Debug)]
@@ -80,7 +82,7 @@ pub struct Args {
     /// Compute dtype of forward and backward: auto (bf16 on CUDA, f32 on
     /// the CPU), f32 or bf16; master weights and optimizer state stay f32.
     #[arg(long)]
-    precision: Option<String>,
+    precision: Option<Precision>,
     /// TOML file with the same keys as these flags (snake_case).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -125,8 +127,8 @@ impl Args {
         if self.tf32 {
             c.tf32 = true;
         }
-        if let Some(p) = &self.precision {
-            c.precision = p.parse().map_err(anyhow::Error::msg)?;
+        if let Some(p) = self.precision {
+            c.precision = p;
         }
         if let Some(g) = self.global_batch {
             c.global_batch = Some(g);
@@ -154,6 +156,20 @@ impl Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let (cfg, resume_from) = resolve(&args)?;
+    let (device, comm) = join_job(&cfg.device)?;
+    let rank = comm.rank();
+    let mut trainer = Trainer::with_collective(cfg, &device, resume_from.as_deref(), comm)?;
+    let last = train_with_bar(&mut trainer, !args.json && rank == 0)?;
+    if rank == 0 {
+        report(&trainer, last, args.json)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The run's config (a stored run's config with today's flags on top when
+/// resuming) and the checkpoint to resume from.
+fn resolve(args: &Args) -> anyhow::Result<(TrainConfig, Option<PathBuf>)> {
     let mut cfg = match &args.config {
         Some(p) => TrainConfig::from_toml_file(p)?,
         None => TrainConfig::default(),
@@ -162,8 +178,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if cfg.out.as_os_str().is_empty() {
         bail!("give --out RUN_DIR (or `out` in --config)");
     }
-    let existing = latest(&cfg.out)?;
-    let resume_from = match (args.resume, existing) {
+    match (args.resume, latest(&cfg.out)?) {
         (true, Some(p)) => {
             // The stored config defines the run; flags given now override it
             // (e.g. more --steps).
@@ -171,24 +186,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 checkpoint::read_config(&p).with_context(|| format!("reading {}", p.display()))?;
             let mut stored = TrainConfig::from_json(&stored)?;
             args.apply(&mut stored)?;
-            cfg = stored;
-            Some(p)
+            Ok((stored, Some(p)))
         }
         (true, None) => {
             tracing::info!("no checkpoint in {}: starting a new run", cfg.out.display());
-            None
+            Ok((cfg, None))
         }
         (false, Some(p)) => bail!(
             "{} already holds checkpoints ({}); pass --resume to continue or choose another --out",
             cfg.out.display(),
             p.display()
         ),
-        (false, None) => None,
-    };
-    // One process of a data-parallel job (RANK / WORLD_SIZE / LOCAL_RANK
-    // from torchrun, `rae-cache launch` or a cluster wrapper)?
+        (false, None) => Ok((cfg, None)),
+    }
+}
+
+/// This process's device and collective: one process of a data-parallel
+/// job (RANK / WORLD_SIZE / LOCAL_RANK from torchrun, `rae-cache launch` or
+/// a cluster wrapper), or a single process.
+fn join_job(device_spec: &str) -> anyhow::Result<(Device, Box<dyn Collective>)> {
     let dist = DistEnv::from_env()?;
-    let device = rae_cache::device::for_job(&cfg.device, dist.as_ref().map(|d| d.local_rank))?;
+    let device = rae_cache::device::for_job(device_spec, dist.as_ref().map(|d| d.local_rank))?;
     let comm: Box<dyn Collective> = match &dist {
         Some(d) => {
             tracing::info!(
@@ -202,14 +220,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         None => Box::new(SingleProcess),
     };
-    let rank = comm.rank();
-    let mut trainer = Trainer::with_collective(cfg, &device, resume_from.as_deref(), comm)?;
+    Ok((device, comm))
+}
 
-    let total = trainer.total_steps();
-    let bar = if args.json || rank != 0 {
-        ProgressBar::hidden()
+/// Runs the trainer to its last step under a progress bar (hidden unless
+/// `show`); the last step's statistics.
+fn train_with_bar(trainer: &mut Trainer, show: bool) -> anyhow::Result<Option<StepStats>> {
+    let bar = if show {
+        ProgressBar::new(trainer.total_steps())
     } else {
-        ProgressBar::new(total)
+        ProgressBar::hidden()
     };
     bar.set_style(
         ProgressStyle::with_template(
@@ -231,12 +251,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ));
     })?;
     bar.finish();
-    if rank != 0 {
-        return Ok(ExitCode::SUCCESS);
-    }
+    Ok(last)
+}
+
+/// The summary on stdout (`--json`) or one line on stderr.
+fn report(trainer: &Trainer, last: Option<StepStats>, json: bool) -> anyhow::Result<()> {
     let out = &trainer.config().out;
     let ck = latest(out)?;
-    if args.json {
+    if json {
         let summary = serde_json::json!({
             "run_dir": out,
             "steps": trainer.step(),
@@ -253,9 +275,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
     } else {
         eprintln!(
-            "nothing to do: already at step {} of {total}",
-            trainer.step()
+            "nothing to do: already at step {} of {}",
+            trainer.step(),
+            trainer.total_steps()
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

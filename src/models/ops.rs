@@ -196,14 +196,11 @@ fn has_avx2() -> bool {
 macro_rules! multiversion {
     ($(#[$m:meta])* fn $name:ident($($a:ident : $t:ty),* $(,)?) $body:block) => {
         $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
         fn $name($($a: $t),*) {
-            #[allow(clippy::too_many_arguments)]
             #[inline(always)]
             fn body($($a: $t),*) $body
             #[cfg(target_arch = "x86_64")]
             {
-                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn fast($($a: $t),*) {
                     body($($a),*)
@@ -304,23 +301,49 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp_f32(-x))
 }
 
-/// dst[m, n] = (read_dst ? dst : 0) + beta * lhs[m, k] rhs[k, n], row-major
-/// strides (rs, cs) for each.
-#[allow(clippy::too_many_arguments)]
+/// A GEMM operand: its first element and its row and column strides (in
+/// elements), so a transpose is a swap of strides.
+#[derive(Clone, Copy)]
+struct Operand {
+    ptr: *const f32,
+    rs: usize,
+    cs: usize,
+}
+
+impl Operand {
+    #[inline(always)]
+    fn new(ptr: *const f32, rs: usize, cs: usize) -> Self {
+        Self { ptr, rs, cs }
+    }
+}
+
+/// A GEMM destination (unit column stride): its first element, its row
+/// stride, and whether the product is added to what it holds.
+#[derive(Clone, Copy)]
+struct Dst {
+    ptr: *mut f32,
+    rs: usize,
+    accumulate: bool,
+}
+
+impl Dst {
+    #[inline(always)]
+    fn new(ptr: *mut f32, rs: usize, accumulate: bool) -> Self {
+        Self {
+            ptr,
+            rs,
+            accumulate,
+        }
+    }
+}
+
+/// dst[m, n] = (accumulate ? dst : 0) + beta * lhs[m, k] rhs[k, n].
 #[inline]
 unsafe fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    read_dst: bool,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
+    (m, n, k): (usize, usize, usize),
+    dst: Dst,
+    lhs: Operand,
+    rhs: Operand,
     beta: f32,
     par: Parallelism,
 ) {
@@ -329,17 +352,17 @@ unsafe fn sgemm(
             m,
             n,
             k,
-            dst,
+            dst.ptr,
             1,
-            dst_rs as isize,
-            read_dst,
-            lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            if read_dst { 1.0 } else { 0.0 },
+            dst.rs as isize,
+            dst.accumulate,
+            lhs.ptr,
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.ptr,
+            rhs.cs as isize,
+            rhs.rs as isize,
+            if dst.accumulate { 1.0 } else { 0.0 },
             beta,
             false,
             false,
@@ -507,19 +530,37 @@ struct AttnDims {
     dh: usize,
 }
 
+/// One attention head: sample `bi`, head `h`, the sizes and the rope tables.
+#[derive(Clone, Copy)]
+struct Head<'a> {
+    bi: usize,
+    h: usize,
+    dims: AttnDims,
+    rope: Option<&'a RopeTables>,
+}
+
+/// What the backward of a head reads from its forward: the probabilities
+/// `p` `[n, n]` and the rotated q and k `[n, dh]`.
+#[derive(Clone, Copy)]
+struct HeadFwd<'a> {
+    p: &'a [f32],
+    qb: &'a [f32],
+    kb: &'a [f32],
+}
+
+/// Scratch of a head's backward: dS `[n, n]`, dq and dk `[n, dh]`, D `[n]`.
+struct HeadScratch<'a> {
+    ds: &'a mut [f32],
+    dq: &'a mut [f32],
+    dk: &'a mut [f32],
+    dd: &'a mut [f32],
+}
+
 multiversion! {
     /// Probabilities of head (bi, h) into `p` `[n, n]`; q and k rotated into
     /// `qb`, `kb` `[n, dh]`.
-    fn attn_probs(
-        qkv: &[f32],
-        bi: usize,
-        h: usize,
-        dims: AttnDims,
-        rope: Option<&RopeTables>,
-        p: &mut [f32],
-        qb: &mut [f32],
-        kb: &mut [f32],
-    ) {
+    fn attn_probs(qkv: &[f32], head: Head<'_>, p: &mut [f32], qb: &mut [f32], kb: &mut [f32]) {
+        let Head { bi, h, dims, rope } = head;
         let AttnDims { n, c, dh } = dims;
         let base = bi * n * 3 * c;
         gather_rope(&qkv[base + h * dh..], 3 * c, n, dh, rope, qb);
@@ -527,10 +568,7 @@ multiversion! {
         let scale = 1.0 / (dh as f32).sqrt();
         // S = scale * q k^T
         unsafe {
-            sgemm(
-                n, n, dh, p.as_mut_ptr(), n, false, qb.as_ptr(), dh, 1, kb.as_ptr(), 1, dh, scale,
-                Parallelism::None,
-            )
+            sgemm((n, n, dh), Dst::new(p.as_mut_ptr(), n, false), Operand::new(qb.as_ptr(), dh, 1), Operand::new(kb.as_ptr(), 1, dh), scale, Parallelism::None)
         };
         for row in p.chunks_exact_mut(n) {
             let max = max_of(row);
@@ -552,19 +590,14 @@ multiversion! {
         qkv: &[f32],
         o: &[f32],
         g: &[f32],
-        bi: usize,
-        h: usize,
-        dims: AttnDims,
-        rope: Option<&RopeTables>,
-        p: &[f32],
-        qb: &[f32],
-        kb: &[f32],
-        ds: &mut [f32],
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dd: &mut [f32],
+        head: Head<'_>,
+        fwd: HeadFwd<'_>,
+        scratch: HeadScratch<'_>,
         dqkv: SendPtr,
     ) {
+        let Head { bi, h, dims, rope } = head;
+        let HeadFwd { p, qb, kb } = fwd;
+        let HeadScratch { ds, dq, dk, dd } = scratch;
         let AttnDims { n, c, dh } = dims;
         let scale = 1.0 / (dh as f32).sqrt();
         let ob = bi * n * c + h * dh; // head (b, h) in o / grad [B, N, C]
@@ -577,15 +610,9 @@ multiversion! {
         }
         unsafe {
             // dV = P^T dO  -> v slot of dqkv
-            sgemm(
-                n, dh, n, dqkv.at(qkv_b + 2 * c + h * dh), 3 * c, false, p.as_ptr(), 1, n,
-                g[ob..].as_ptr(), c, 1, 1.0, Parallelism::None,
-            );
+            sgemm((n, dh, n), Dst::new(dqkv.at(qkv_b + 2 * c + h * dh), 3 * c, false), Operand::new(p.as_ptr(), 1, n), Operand::new(g[ob..].as_ptr(), c, 1), 1.0, Parallelism::None);
             // dP = dO V^T
-            sgemm(
-                n, n, dh, ds.as_mut_ptr(), n, false, g[ob..].as_ptr(), c, 1, v.as_ptr(), 1, 3 * c,
-                1.0, Parallelism::None,
-            );
+            sgemm((n, n, dh), Dst::new(ds.as_mut_ptr(), n, false), Operand::new(g[ob..].as_ptr(), c, 1), Operand::new(v.as_ptr(), 1, 3 * c), 1.0, Parallelism::None);
         }
         // dS = P * (dP - D)
         for i in 0..n {
@@ -597,14 +624,8 @@ multiversion! {
         }
         unsafe {
             // d(rotated q) = scale * dS k ; d(rotated k) = scale * dS^T q
-            sgemm(
-                n, dh, n, dq.as_mut_ptr(), dh, false, ds.as_ptr(), n, 1, kb.as_ptr(), dh, 1, scale,
-                Parallelism::None,
-            );
-            sgemm(
-                n, dh, n, dk.as_mut_ptr(), dh, false, ds.as_ptr(), 1, n, qb.as_ptr(), dh, 1, scale,
-                Parallelism::None,
-            );
+            sgemm((n, dh, n), Dst::new(dq.as_mut_ptr(), dh, false), Operand::new(ds.as_ptr(), n, 1), Operand::new(kb.as_ptr(), dh, 1), scale, Parallelism::None);
+            sgemm((n, dh, n), Dst::new(dk.as_mut_ptr(), dh, false), Operand::new(ds.as_ptr(), 1, n), Operand::new(qb.as_ptr(), dh, 1), scale, Parallelism::None);
         }
         scatter_unrope(dq, n, dh, rope, SendPtr(dqkv.at(qkv_b + h * dh)), 3 * c);
         scatter_unrope(dk, n, dh, rope, SendPtr(dqkv.at(qkv_b + c + h * dh)), 3 * c);
@@ -662,24 +683,16 @@ impl CustomOp1 for Attention {
             let (bi, h) = (bh / hs, bh % hs);
             with_scratch(2 * n * dh, |qk| {
                 let (qb, kb) = qk.split_at_mut(n * dh);
-                attn_probs(qkv, bi, h, dims, rope, p, qb, kb);
+                attn_probs(qkv, Head { bi, h, dims, rope }, p, qb, kb);
             });
             // O = P V, written into the merged-heads output
             let v = &qkv[bi * n * 3 * c + 2 * c + h * dh..];
             unsafe {
                 sgemm(
-                    n,
-                    dh,
-                    n,
-                    outp.at(bi * n * c + h * dh),
-                    c,
-                    false,
-                    p.as_ptr(),
-                    n,
-                    1,
-                    v.as_ptr(),
-                    3 * c,
-                    1,
+                    (n, dh, n),
+                    Dst::new(outp.at(bi * n * c + h * dh), c, false),
+                    Operand::new(p.as_ptr(), n, 1),
+                    Operand::new(v.as_ptr(), 3 * c, 1),
                     1.0,
                     Parallelism::None,
                 )
@@ -727,12 +740,18 @@ impl CustomOp1 for Attention {
                                 None => {
                                     #[cfg(test)]
                                     RECOMPUTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                    attn_probs(qkv, bi, h, dims, rope, pbuf, qb, kb);
+                                    attn_probs(qkv, Head { bi, h, dims, rope }, pbuf, qb, kb);
                                     pbuf
                                 }
                             };
                             attn_bwd_head(
-                                qkv, o, g, bi, h, dims, rope, p, qb, kb, ds, dq, dk, dd, dp,
+                                qkv,
+                                o,
+                                g,
+                                Head { bi, h, dims, rope },
+                                HeadFwd { p, qb, kb },
+                                HeadScratch { ds, dq, dk, dd },
+                                dp,
                             );
                         });
                     });
@@ -805,6 +824,33 @@ struct NormSpec {
     d: usize,
 }
 
+/// Rows `r0..r1` of a `[B * N, D]` backward task; `per_token`: the
+/// modulation (or gate) has a row per token, else one per sample.
+#[derive(Clone, Copy)]
+struct RowBlock {
+    r0: usize,
+    r1: usize,
+    per_token: bool,
+}
+
+/// The inputs of the norm + modulation backward: x, weight, modulation and
+/// the output's gradient.
+#[derive(Clone, Copy)]
+struct NormModInputs<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    m: Rows3<'a>,
+    g: &'a [f32],
+}
+
+/// Where the norm + modulation backward writes: dx and dm rows (disjoint per
+/// task) and this task's share of dw.
+struct NormModGrads<'a> {
+    dx: SendPtr,
+    dm: SendPtr,
+    dw: &'a mut [f32],
+}
+
 multiversion! {
     /// Rows `r0..` of the forward into `out` (whole rows).
     fn norm_mod_fwd_rows(spec: NormSpec, r0: usize, x: &[f32], w: &[f32], m: Rows3, out: &mut [f32]) {
@@ -839,20 +885,16 @@ multiversion! {
     /// (added to).
     fn norm_mod_bwd_rows(
         spec: NormSpec,
-        r0: usize,
-        r1: usize,
-        x: &[f32],
-        w: &[f32],
-        m: Rows3,
-        per_token: bool,
-        g: &[f32],
-        dx: SendPtr,
-        dm: SendPtr,
-        dw: &mut [f32],
+        rows: RowBlock,
+        inp: NormModInputs<'_>,
+        out: NormModGrads<'_>,
         nrm: &mut [f32],
         dn: &mut [f32],
     ) {
         let NormSpec { kind, eps, shift, n, d } = spec;
+        let RowBlock { r0, r1, per_token } = rows;
+        let NormModInputs { x, w, m, g } = inp;
+        let NormModGrads { dx, dm, dw } = out;
         let k = if shift { 2 * d } else { d };
         let rms = kind == NormKind::Rms;
         for r in r0..r1 {
@@ -968,10 +1010,14 @@ impl CustomOp3 for NormModulate {
                             let (mut nrm, mut dn) = (vec![0f32; d], vec![0f32; d]);
                             let r0 = task * rows_per;
                             let r1 = (r0 + rows_per).min(b * n);
-                            norm_mod_bwd_rows(
-                                spec, r0, r1, x, w, m, per_token, g, dxp, dmp, dw, &mut nrm,
-                                &mut dn,
-                            );
+                            let rows = RowBlock { r0, r1, per_token };
+                            let inp = NormModInputs { x, w, m, g };
+                            let out = NormModGrads {
+                                dx: dxp,
+                                dm: dmp,
+                                dw,
+                            };
+                            norm_mod_bwd_rows(spec, rows, inp, out, &mut nrm, &mut dn);
                         }))
                     })
                 })
@@ -1032,18 +1078,17 @@ multiversion! {
 }
 
 multiversion! {
+    /// dy = g * gate and dgate += g * y over `rows` (`[.., n, d]`).
     fn gated_bwd_rows(
-        r0: usize,
-        r1: usize,
-        n: usize,
-        d: usize,
-        per_token: bool,
+        rows: RowBlock,
+        nd: (usize, usize),
         y: &[f32],
         gate: &[f32],
         g: &[f32],
-        dy: SendPtr,
-        dgate: SendPtr,
+        out: (SendPtr, SendPtr),
     ) {
+        let RowBlock { r0, r1, per_token } = rows;
+        let ((n, d), (dy, dgate)) = (nd, out);
         for r in r0..r1 {
             let grow = if per_token { r } else { r / n };
             let gar = &gate[grow * d..(grow + 1) * d];
@@ -1117,7 +1162,8 @@ impl CustomOp3 for GatedResidual {
                     par_for(tasks, |task| {
                         let r0 = task * rows_per;
                         let r1 = (r0 + rows_per).min(b * n);
-                        gated_bwd_rows(r0, r1, n, d, per_token, y, ga, g, dyp, dgp);
+                        let rows = RowBlock { r0, r1, per_token };
+                        gated_bwd_rows(rows, (n, d), y, ga, g, (dyp, dgp));
                     });
                     Ok(())
                 })
@@ -1327,18 +1373,10 @@ fn linear_fwd(x: &[f32], w: &[f32], b: Option<&[f32]>, din: usize, dout: usize) 
         }
         unsafe {
             sgemm(
-                m,
-                dout,
-                din,
-                yp.at(r0 * dout),
-                dout,
-                b.is_some(),
-                x[r0 * din..].as_ptr(),
-                din,
-                1,
-                w.as_ptr(),
-                1,
-                din,
+                (m, dout, din),
+                Dst::new(yp.at(r0 * dout), dout, b.is_some()),
+                Operand::new(x[r0 * din..].as_ptr(), din, 1),
+                Operand::new(w.as_ptr(), 1, din),
                 1.0,
                 Parallelism::None,
             )
@@ -1372,18 +1410,10 @@ fn linear_bwd(
                         let m = xper.min(rows - r0);
                         // dx = g w
                         sgemm(
-                            m,
-                            din,
-                            dout,
-                            dxp.at(r0 * din),
-                            din,
-                            false,
-                            g[r0 * dout..].as_ptr(),
-                            dout,
-                            1,
-                            ws.as_ptr(),
-                            din,
-                            1,
+                            (m, din, dout),
+                            Dst::new(dxp.at(r0 * din), din, false),
+                            Operand::new(g[r0 * dout..].as_ptr(), dout, 1),
+                            Operand::new(ws.as_ptr(), din, 1),
                             1.0,
                             Parallelism::None,
                         );
@@ -1392,18 +1422,10 @@ fn linear_bwd(
                         let m = wper.min(dout - o0);
                         // dW = g^T x
                         sgemm(
-                            m,
-                            din,
-                            rows,
-                            dwp.at(o0 * din),
-                            din,
-                            false,
-                            g[o0..].as_ptr(),
-                            1,
-                            dout,
-                            xs.as_ptr(),
-                            din,
-                            1,
+                            (m, din, rows),
+                            Dst::new(dwp.at(o0 * din), din, false),
+                            Operand::new(g[o0..].as_ptr(), 1, dout),
+                            Operand::new(xs.as_ptr(), din, 1),
                             1.0,
                             Parallelism::None,
                         );
