@@ -7,7 +7,6 @@ use anyhow::{Context, bail};
 use rae_cache::generate::{DecodeFormat, DecodeOptions, Rounding, decode_shards, resolve_shards};
 use rae_cache::models::config::load_config;
 use rae_cache::models::{DecoderConfig, WeightsKey, load_decoder};
-use rae_cache::precision::Precision;
 
 use super::progress::Bar;
 
@@ -47,30 +46,22 @@ pub struct Args {
     /// Float -> byte: trunc (the reference's `.mul(255).to(uint8)`) or round.
     #[arg(long, value_enum, default_value_t = Rounding::Trunc)]
     rounding: Rounding,
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// Decoder compute precision: auto (bf16 on CUDA, f32 on CPU), f32,
-    /// bf16 or f16. Norms, softmax and the pixels stay f32.
-    #[arg(long, default_value = "auto")]
-    precision: Precision,
-    /// Allow TF32 tensor-core math in f32 matrix products (CUDA only; a
-    /// no-op on the CPU).
-    #[arg(long)]
-    tf32: bool,
+    #[command(flatten)]
+    compute: super::ComputeArgs,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let device = rae_cache::device::parse_device(&a.device)?;
+    let device = rae_cache::device::parse_device(&a.compute.device)?;
     let cfg: DecoderConfig = match (&a.decoder_config, &a.preset) {
         (Some(p), _) => load_config(p)?,
         (None, Some(name)) => DecoderConfig::preset(name, a.patch_size)
             .with_context(|| format!("--preset {name:?}: expected ViT-B, ViT-L or ViT-XL"))?,
         (None, None) => bail!("give --decoder-config FILE or --preset NAME"),
     };
-    if a.tf32 {
+    if a.compute.tf32 {
         rae_cache::precision::set_tf32(true);
     }
     // A run directory, its checkpoints/ or `latest` name the newest checkpoint.
@@ -80,7 +71,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         &weights,
         &cfg,
         &WeightsKey::parse(&a.weights_key),
-        a.precision.resolve(&device),
+        a.compute.precision.resolve(&device),
         &device,
     )
     .with_context(|| format!("loading {}", weights.display()))?;

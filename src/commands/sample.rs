@@ -10,7 +10,6 @@ use rae_cache::dist::tcp::TcpGroup;
 use rae_cache::dist::{Collective, DistEnv};
 use rae_cache::generate::{LabelSpec, SampleOptions, run_sampling_job};
 use rae_cache::models::{DitConfig, DitModel, VelocityModel, WeightsKey, load_dit};
-use rae_cache::precision::Precision;
 use rae_cache::shards::{LatentDType, LatentStats};
 use rae_cache::train::checkpoint::open_trained;
 
@@ -83,16 +82,8 @@ pub struct Args {
     /// Rows per shard.
     #[arg(long, default_value_t = 1024)]
     shard_rows: usize,
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// Model compute precision: auto (bf16 on CUDA, f32 on CPU), f32, bf16
-    /// or f16. The sampler state, time embedding, norms and softmax stay f32.
-    #[arg(long, default_value = "auto")]
-    precision: Precision,
-    /// Allow TF32 tensor-core math in f32 matrix products (CUDA only; a
-    /// no-op on the CPU).
-    #[arg(long)]
-    tf32: bool,
+    #[command(flatten)]
+    compute: super::ComputeArgs,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -218,14 +209,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     // One process of a job (`rae-cache launch`, torchrun): sample part RANK
     // of WORLD_SIZE on this rank's GPU; rank 0 writes the manifest.
     let job = DistEnv::from_env()?;
-    let device = rae_cache::device::for_job(&a.device, job.as_ref().map(|d| d.local_rank))?;
+    let device = rae_cache::device::for_job(&a.compute.device, job.as_ref().map(|d| d.local_rank))?;
     let group = job.as_ref().map(TcpGroup::connect).transpose()?;
     let dtype = a.dtype;
     if dtype == LatentDType::Int8 {
         bail!("--dtype: sampled latents are stored as f16, f32 or bf16");
     }
-    let compute = a.precision.resolve(&device);
-    if a.tf32 {
+    let compute = a.compute.precision.resolve(&device);
+    if a.compute.tf32 {
         rae_cache::precision::set_tf32(true);
     }
 
