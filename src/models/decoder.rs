@@ -257,7 +257,7 @@ impl RaeDecoder {
     }
 
     /// Raw latent tokens `[B, T, C]` -> de-normalised f32 pixels
-    /// `[B, 3, H, W]` (about [0,1]; not clamped).
+    /// `[B, 3, H, W]` (about `[0, 1]`; not clamped).
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let logits = self.forward_logits(z)?.to_dtype(DType::F32)?;
         let img = unpatchify(&logits, self.cfg.patch_size, 3)?;

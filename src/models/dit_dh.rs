@@ -15,8 +15,9 @@ use super::layers::{Linear, LinearInit};
 use candle_core::Module;
 
 /// DiT-DH: `depth[0]` backbone blocks at width `hidden_size[0]` conditioned on
-/// t + y, then `depth[1]` head blocks at `hidden_size[1]` conditioned per token
-/// on the backbone output (reference `DiTwDDTHead` state-dict names).
+/// silu(t_emb + y_emb), then `depth[1]` head blocks at `hidden_size[1]`
+/// conditioned per token on the backbone output (reference `DiTwDDTHead`
+/// state-dict names).
 #[derive(Debug, Clone)]
 pub struct DitDh {
     cfg: DitDhConfig,

@@ -277,8 +277,8 @@ pub fn layer_norm_diff(x: &Tensor, eps: f64) -> Result<Tensor> {
     xc.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
-/// x * (1 + scale) + shift; `shift`/`scale` broadcast over tokens ([B,1,D])
-/// or are per token ([B,N,D], the DiT-DH head). `shift` None: no shift.
+/// x * (1 + scale) + shift; `shift`/`scale` broadcast over tokens (`[B, 1, D]`)
+/// or are per token (`[B, N, D]`, the DiT-DH head). `shift` None: no shift.
 pub fn modulate(x: &Tensor, shift: Option<&Tensor>, scale: &Tensor) -> Result<Tensor> {
     let y = x.broadcast_mul(&(scale + 1.0)?)?;
     match shift {
@@ -345,7 +345,7 @@ impl Module for FeedForward {
     }
 }
 
-/// softmax(q k^T / sqrt(d)) v over [B,H,N,Dh] tensors.
+/// softmax(q k^T / sqrt(d)) v over `[B, H, N, Dh]` tensors.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, fused: bool) -> Result<Tensor> {
     let dh = q.dim(D::Minus1)?;
     let q = (q * (1.0 / (dh as f64).sqrt()))?;
@@ -366,13 +366,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, fused: bool) -> Result<Tens
     probs.to_dtype(dt)?.matmul(&v.contiguous()?)
 }
 
-/// [B,N,H*Dh] -> [B,H,N,Dh]
+/// `[B, N, H*Dh]` -> `[B, H, N, Dh]`
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, c) = x.dims3()?;
     x.reshape((b, n, heads, c / heads))?.transpose(1, 2)
 }
 
-/// [B,H,N,Dh] -> [B,N,H*Dh]
+/// `[B, H, N, Dh]` -> `[B, N, H*Dh]`
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, n, d) = x.dims4()?;
     x.transpose(1, 2)?.reshape((b, n, h * d))
