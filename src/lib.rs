@@ -17,7 +17,5 @@ pub mod pipeline;
 pub mod precision;
 pub mod progress;
 pub mod shards;
-// docs pending: src/train is being edited on the lead's branch
-#[allow(missing_docs)]
 pub mod train;
 pub mod weights;

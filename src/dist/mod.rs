@@ -5,7 +5,7 @@
 //!
 //! Backends: [`tcp::TcpGroup`] stages tensors through the host and sums on
 //! rank 0 over TCP (any device; meant for CPU runs and tests), and, with the
-//! `nccl` feature, [`nccl::NcclGroup`] all-reduces on the GPUs.
+//! `nccl` feature, `nccl::NcclGroup` all-reduces on the GPUs.
 
 pub mod rendezvous;
 pub mod tcp;

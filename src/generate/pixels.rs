@@ -2,7 +2,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-/// How [0,1] floats become bytes (`--rounding`).
+/// How `[0, 1]` floats become bytes (`--rounding`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 #[value(rename_all = "lowercase")]
 pub enum Rounding {

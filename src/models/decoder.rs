@@ -13,7 +13,9 @@ use super::embed::{frozen_or, sincos_2d, unpatchify};
 use super::layers::{Linear, LinearInit, Norm, attention, merge_heads, split_heads};
 use crate::encoders::Activation;
 
+/// Per-channel RGB mean the encoder normalises images with (ImageNet; DINOv2, MAE).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// Per-channel RGB std the encoder normalises images with (ImageNet; DINOv2, MAE).
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 fn ln_eps() -> f64 {
@@ -33,19 +35,30 @@ fn imagenet_std() -> [f32; 3] {
 /// `hidden_size`, the encoder width).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecoderConfig {
+    /// Width of the input latent tokens (the encoder's hidden size; 768 for DINOv2-B).
     pub latent_dim: usize,
+    /// Width of the decoder ViT (768/1024/1152 for ViT-B/L/XL).
     pub decoder_hidden_size: usize,
+    /// Number of ViT layers (12/24/28 for ViT-B/L/XL).
     pub decoder_num_hidden_layers: usize,
+    /// Attention heads per layer (12/16/16 for ViT-B/L/XL).
     pub decoder_num_attention_heads: usize,
+    /// MLP hidden width (3072/4096/4096 for ViT-B/L/XL).
     pub decoder_intermediate_size: usize,
+    /// Pixel patch side each latent token decodes to (16 gives 256 px from 256 tokens).
     pub patch_size: usize,
+    /// Latent tokens per image, a square number (256 for a 16x16 grid).
     pub num_patches: usize,
+    /// LayerNorm epsilon (default 1e-12, as HF ViTMAE).
     #[serde(default = "ln_eps")]
     pub layer_norm_eps: f64,
+    /// MLP activation, HF name (default `gelu`).
     #[serde(default = "gelu")]
     pub hidden_act: String,
+    /// RGB mean the output pixels are de-normalised with (default ImageNet).
     #[serde(default = "imagenet_mean")]
     pub image_mean: [f32; 3],
+    /// RGB std the output pixels are de-normalised with (default ImageNet).
     #[serde(default = "imagenet_std")]
     pub image_std: [f32; 3],
 }
@@ -76,10 +89,12 @@ impl DecoderConfig {
         })
     }
 
+    /// Output image side in pixels (`grid * patch_size`).
     pub fn image_size(&self) -> usize {
         self.grid() * self.patch_size
     }
 
+    /// Side of the square latent token grid (`sqrt(num_patches)`).
     pub fn grid(&self) -> usize {
         (self.num_patches as f64).sqrt().round() as usize
     }
@@ -155,6 +170,8 @@ pub struct RaeDecoder {
 }
 
 impl RaeDecoder {
+    /// Build the decoder from `vb` (reference key names); a missing `decoder_pos_embed`
+    /// is the fixed 2D sin-cos table with a zero CLS row.
     pub fn new(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.decoder_hidden_size;
         let n = cfg.num_patches;
@@ -199,6 +216,7 @@ impl RaeDecoder {
         })
     }
 
+    /// The config the decoder was built with.
     pub fn config(&self) -> &DecoderConfig {
         &self.cfg
     }
@@ -239,7 +257,7 @@ impl RaeDecoder {
     }
 
     /// Raw latent tokens `[B, T, C]` -> de-normalised f32 pixels
-    /// `[B, 3, H, W]` (about [0,1]; not clamped).
+    /// `[B, 3, H, W]` (about `[0, 1]`; not clamped).
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let logits = self.forward_logits(z)?.to_dtype(DType::F32)?;
         let img = unpatchify(&logits, self.cfg.patch_size, 3)?;

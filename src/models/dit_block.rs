@@ -12,12 +12,19 @@ use super::ops;
 /// Hyper-parameters of one block.
 #[derive(Debug, Clone, Copy)]
 pub struct BlockSpec {
+    /// Token width D.
     pub hidden: usize,
+    /// Attention heads (head dim D / heads).
     pub heads: usize,
+    /// MLP hidden width as a multiple of D (SwiGLU takes 2/3 of it).
     pub mlp_ratio: f64,
+    /// Normalise q and k per head before rope (reference `use_qknorm`).
     pub use_qknorm: bool,
+    /// SwiGLU feed-forward instead of the tanh-GELU MLP.
     pub use_swiglu: bool,
+    /// RMSNorm (eps 1e-6) instead of LayerNorm without affine, also for q/k norm.
     pub use_rmsnorm: bool,
+    /// adaLN without shift: 4 modulation chunks (scale, gate) x 2 instead of 6.
     pub wo_shift: bool,
 }
 
@@ -33,6 +40,8 @@ pub struct NormAttention {
 }
 
 impl NormAttention {
+    /// `qkv` `D -> 3D` and `proj` `D -> D` (xavier init), plus `q_norm`/`k_norm` over the
+    /// head dim when `use_qknorm` (RMSNorm eps 1e-6, else LayerNorm eps 1e-5).
     pub fn new(spec: &BlockSpec, vb: VarBuilder) -> Result<Self> {
         let d = spec.hidden;
         let dh = d / spec.heads;
@@ -74,6 +83,7 @@ impl NormAttention {
             .forward(&ops::attention_qkv(&qkv, self.heads, tables)?)
     }
 
+    /// x: `[B, N, D]` -> `[B, N, D]`; `rope` rotates q and k. `fused`: inference only.
     pub fn forward(&self, x: &Tensor, rope: Option<&Rope2d>, fused: bool) -> Result<Tensor> {
         if self.fused_cpu(x, rope) {
             return self.forward_fused_cpu(x, rope);
@@ -123,6 +133,8 @@ pub struct DitBlock {
 }
 
 impl DitBlock {
+    /// Build the block under `vb`; the adaLN projection is zero-initialised, so a
+    /// fresh block is the identity.
     pub fn new(spec: &BlockSpec, vb: VarBuilder) -> Result<Self> {
         let d = spec.hidden;
         let n_mod = if spec.wo_shift { 4 } else { 6 };
@@ -243,6 +255,7 @@ pub struct FinalLayer {
 }
 
 impl FinalLayer {
+    /// `hidden -> out` per token (out = p*p*C); adaLN and `linear` zero-initialised.
     pub fn new(hidden: usize, out: usize, use_rmsnorm: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             norm: Norm::dit(hidden, use_rmsnorm, vb.pp("norm_final"))?,
@@ -257,6 +270,8 @@ impl FinalLayer {
         })
     }
 
+    /// x: `[B, N, hidden]`, c: `[B, 1, hidden]` or `[B, N, hidden]` -> `[B, N, out]`
+    /// (SiLU on `c` applied here). `fused`: inference only.
     pub fn forward(&self, x: &Tensor, c: &Tensor, fused: bool) -> Result<Tensor> {
         if ops::applies(&[x, c]) && x.rank() == 3 && c.rank() == 3 {
             let d = x.dim(D::Minus1)?;

@@ -1,6 +1,6 @@
-//! DiT-DH (reference `DiTwDDTHead`): a LightningDiT backbone on the clean
-//! tokens `s`, then a wide head that re-embeds x_t at head width and is
-//! modulated per token by proj(silu(t_emb + s)).
+//! DiT-DH (reference `DiTwDDTHead`): a LightningDiT backbone maps x_t to
+//! tokens `s`, then a wide head re-embeds x_t at head width and is
+//! modulated per token by proj(silu(s + t_emb)).
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -14,6 +14,10 @@ use super::embed::{
 use super::layers::{Linear, LinearInit};
 use candle_core::Module;
 
+/// DiT-DH: `depth[0]` backbone blocks at width `hidden_size[0]` conditioned on
+/// silu(t_emb + y_emb), then `depth[1]` head blocks at `hidden_size[1]`
+/// conditioned per token on the backbone output (reference `DiTwDDTHead`
+/// state-dict names).
 #[derive(Debug, Clone)]
 pub struct DitDh {
     cfg: DitDhConfig,
@@ -35,6 +39,8 @@ pub struct DitDh {
 }
 
 impl DitDh {
+    /// Build from `vb`; the frozen `pos_embed` and rope tables are computed when
+    /// `vb` does not hold them.
     pub fn new(cfg: &DitDhConfig, vb: VarBuilder) -> Result<Self> {
         let [de, dd] = cfg.hidden_size;
         let [ne, nd] = cfg.depth;
@@ -102,6 +108,7 @@ impl DitDh {
         })
     }
 
+    /// The config the model was built with.
     pub fn config(&self) -> &DitDhConfig {
         &self.cfg
     }

@@ -66,6 +66,8 @@ pub struct Rope2d {
 }
 
 impl Rope2d {
+    /// Tables for head dim `head_dim` on a `grid x grid` grid, in `dtype` on `device`
+    /// (f32 host copies kept too when the model is f32 on CPU).
     pub fn new(head_dim: usize, grid: usize, device: &Device, dtype: DType) -> Result<Self> {
         let dim = head_dim / 2; // the reference's `dim` = half head dim
         let freqs: Vec<f64> = (0..dim / 2)
@@ -149,8 +151,11 @@ pub struct TimestepEmbedder {
 }
 
 impl TimestepEmbedder {
+    /// Number of Fourier features, 128 sin + 128 cos (reference `frequency_embedding_size`).
     pub const EMBEDDING_SIZE: usize = 256;
 
+    /// Frozen `W` (`N(0, 1)` when not loaded) and the MLP `mlp.0`/`mlp.2`
+    /// (`N(0, 0.02)` init), mapping to width `hidden`.
     pub fn new(hidden: usize, vb: VarBuilder) -> Result<Self> {
         let e = Self::EMBEDDING_SIZE;
         // The frequencies stay f32 whatever the model dtype: 2*pi*t*W reaches
@@ -213,6 +218,7 @@ pub struct LabelEmbedder {
 }
 
 impl LabelEmbedder {
+    /// `embedding_table.weight` `[num_classes + 1, hidden]` (`N(0, 0.02)` init).
     pub fn new(num_classes: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
         let table = vb.get_with_hints(
             (num_classes + 1, hidden),
@@ -225,6 +231,7 @@ impl LabelEmbedder {
         Ok(Self { table })
     }
 
+    /// Integer labels `[B]` (any dtype, cast to u32) -> `[B, hidden]`.
     pub fn forward(&self, y: &Tensor) -> Result<Tensor> {
         self.table
             .index_select(&y.to_dtype(DType::U32)?.flatten_all()?, 0)
@@ -267,6 +274,8 @@ pub struct PatchEmbed {
 }
 
 impl PatchEmbed {
+    /// A `patch x patch` stride-`patch` conv from `in_ch` to `hidden` channels, stored
+    /// under `proj.{weight,bias}` in conv layout.
     pub fn new(in_ch: usize, hidden: usize, patch: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             proj: Linear::from_conv(in_ch, hidden, patch, vb.pp("proj"))?,
@@ -274,6 +283,7 @@ impl PatchEmbed {
         })
     }
 
+    /// `[B, C, H, W]` -> tokens `[B, (H/p)*(W/p), hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.proj.forward(&patchify(x, self.patch)?)
     }

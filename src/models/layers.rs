@@ -27,6 +27,8 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// `weight` `[out_dim, in_dim]` and optional `bias` `[out_dim]` from `vb`, created
+    /// with `init` when absent.
     pub fn new(
         in_dim: usize,
         out_dim: usize,
@@ -76,10 +78,12 @@ impl Linear {
         })
     }
 
+    /// The weight `[out_dim, in_dim]`.
     pub fn weight(&self) -> &Tensor {
         self.inner.weight()
     }
 
+    /// The bias `[out_dim]`, if the layer has one.
     pub fn bias(&self) -> Option<&Tensor> {
         self.inner.bias()
     }
@@ -127,15 +131,23 @@ impl Module for Linear {
 #[derive(Debug, Clone)]
 pub enum Norm {
     /// RMSNorm with a learned scale (reference `RMSNorm`, no bias).
-    Rms { weight: Tensor, eps: f64 },
+    Rms {
+        /// Per-channel scale `[dim]`.
+        weight: Tensor,
+        /// Added to the mean square before the root.
+        eps: f64,
+    },
     /// LayerNorm; `affine` is None for `elementwise_affine=False`.
     Layer {
+        /// Per-channel `(weight, bias)`, each `[dim]`.
         affine: Option<(Tensor, Tensor)>,
+        /// Added to the variance before the root.
         eps: f64,
     },
 }
 
 impl Norm {
+    /// RMSNorm over `dim` channels; scale `weight` initialised to ones.
     pub fn rms(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self::Rms {
             weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
@@ -143,6 +155,7 @@ impl Norm {
         })
     }
 
+    /// LayerNorm over `dim` channels with affine `weight` (ones) and `bias` (zeros).
     pub fn layer(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         let w = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
         let b = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
@@ -152,6 +165,7 @@ impl Norm {
         })
     }
 
+    /// LayerNorm without learned parameters (reference `elementwise_affine=False`).
     pub fn layer_no_affine(eps: f64) -> Self {
         Self::Layer { affine: None, eps }
     }
@@ -187,6 +201,8 @@ impl Norm {
         })
     }
 
+    /// Normalise over the last dim; half inputs are normalised in f32 unless a fused
+    /// kernel already keeps f32 statistics. `fused`: inference only (no backward).
     pub fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
         let dt = x.dtype();
         // Half inputs: candle's fused LayerNorm keeps its statistics in f32
@@ -261,8 +277,8 @@ pub fn layer_norm_diff(x: &Tensor, eps: f64) -> Result<Tensor> {
     xc.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
-/// x * (1 + scale) + shift; `shift`/`scale` broadcast over tokens ([B,1,D])
-/// or are per token ([B,N,D], the DiT-DH head). `shift` None: no shift.
+/// x * (1 + scale) + shift; `shift`/`scale` broadcast over tokens (`[B, 1, D]`)
+/// or are per token (`[B, N, D]`, the DiT-DH head). `shift` None: no shift.
 pub fn modulate(x: &Tensor, shift: Option<&Tensor>, scale: &Tensor) -> Result<Tensor> {
     let y = x.broadcast_mul(&(scale + 1.0)?)?;
     match shift {
@@ -275,8 +291,20 @@ pub fn modulate(x: &Tensor, shift: Option<&Tensor>, scale: &Tensor) -> Result<Te
 /// (`fc1`, tanh-GELU, `fc2`).
 #[derive(Debug, Clone)]
 pub enum FeedForward {
-    SwiGlu { w12: Linear, w3: Linear },
-    Gelu { fc1: Linear, fc2: Linear },
+    /// `w3(silu(a) * b)` where `w12(x)` = `[a | b]`.
+    SwiGlu {
+        /// Fused gate and value projection, `dim -> 2h`.
+        w12: Linear,
+        /// Output projection, `h -> dim`.
+        w3: Linear,
+    },
+    /// `fc2(gelu_tanh(fc1(x)))`.
+    Gelu {
+        /// `dim -> hidden`.
+        fc1: Linear,
+        /// `hidden -> dim`.
+        fc2: Linear,
+    },
 }
 
 impl FeedForward {
@@ -317,7 +345,7 @@ impl Module for FeedForward {
     }
 }
 
-/// softmax(q k^T / sqrt(d)) v over [B,H,N,Dh] tensors.
+/// softmax(q k^T / sqrt(d)) v over `[B, H, N, Dh]` tensors.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, fused: bool) -> Result<Tensor> {
     let dh = q.dim(D::Minus1)?;
     let q = (q * (1.0 / (dh as f64).sqrt()))?;
@@ -338,13 +366,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, fused: bool) -> Result<Tens
     probs.to_dtype(dt)?.matmul(&v.contiguous()?)
 }
 
-/// [B,N,H*Dh] -> [B,H,N,Dh]
+/// `[B, N, H*Dh]` -> `[B, H, N, Dh]`
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, c) = x.dims3()?;
     x.reshape((b, n, heads, c / heads))?.transpose(1, 2)
 }
 
-/// [B,H,N,Dh] -> [B,N,H*Dh]
+/// `[B, H, N, Dh]` -> `[B, N, H*Dh]`
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, n, d) = x.dims4()?;
     x.transpose(1, 2)?.reshape((b, n, h * d))

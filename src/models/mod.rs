@@ -7,20 +7,10 @@
 //! reference does). Frozen tensors (`state_dict::is_frozen`) are detached.
 
 pub mod config;
-// docs pending: being optimised on another branch
-#[allow(missing_docs)]
 pub mod decoder;
-// docs pending: being optimised on another branch
-#[allow(missing_docs)]
 pub mod dit_block;
-// docs pending: being optimised on another branch
-#[allow(missing_docs)]
 pub mod dit_dh;
-// docs pending: being optimised on another branch
-#[allow(missing_docs)]
 pub mod embed;
-// docs pending: being optimised on another branch
-#[allow(missing_docs)]
 pub mod layers;
 pub mod lightning_dit;
 pub mod ops;

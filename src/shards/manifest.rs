@@ -139,7 +139,7 @@ pub struct Manifest {
     pub tool_version: String,
     /// The image folder (canonical path); empty for samples.
     pub dataset_root: String,
-    /// Sorted class folder names; label i is classes[i].
+    /// Sorted class folder names; label `i` is `classes[i]`.
     pub classes: Vec<String>,
     /// The encoder (for samples: the sampling model).
     pub encoder: EncoderInfo,

@@ -62,7 +62,7 @@ pub fn latent_item_type(dtype: LatentDType) -> DataType {
     }
 }
 
-/// FixedSizeList<item>(len) with a nullable item field: the layout pyarrow
+/// `FixedSizeList<item>(len)` with a nullable item field: the layout pyarrow
 /// produces for tensors, so readers accept it without casting.
 pub fn fixed_list(item: DataType, len: usize) -> DataType {
     DataType::FixedSizeList(Arc::new(Field::new(ITEM, item, true)), len as i32)

@@ -201,7 +201,7 @@ impl StatsAccumulator {
 }
 
 impl LatentStats {
-    /// stats.safetensors: `mean`, `var` f32 [C,H,W], `count` i64 [1].
+    /// stats.safetensors: `mean`, `var` f32 `[C, H, W]`, `count` i64 `[1]`.
     pub fn save(&self, path: &Path) -> Result<(), ShardError> {
         let shape = vec![self.channels, self.height, self.width];
         let mean = f32_bytes(&self.mean);

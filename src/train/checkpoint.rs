@@ -1,9 +1,10 @@
 //! Run-dir checkpoints: one safetensors file per save holding the model
 //! weights (`model.*`), the EMA weights (`ema.*`), the AdamW moments
 //! (`optim.m.*`, `optim.v.*`), and in the metadata the step, the loader
-//! cursor, the RNG state, per-parameter optimizer step counts and the run
-//! config (JSON). Written to a temp name, fsynced, renamed; a `latest` file
-//! names the newest; only the last K are kept. Tensors round-trip bit-exactly.
+//! cursor, an optional RNG state, per-parameter optimizer step counts and
+//! the run config (JSON). Written to a temp name, fsynced, renamed; a
+//! `latest` file names the newest; only the last K are kept. Tensors
+//! round-trip bit-exactly.
 //!
 //! Layout: `RUN_DIR/checkpoints/step-00001000.safetensors`,
 //! `RUN_DIR/checkpoints/latest` (the file name, one line).
@@ -21,7 +22,9 @@ use super::{Result, TrainError, io_err};
 use crate::fsutil;
 use crate::models::WeightsKey;
 
+/// Value of the `format` metadata key that marks a training checkpoint.
 pub const FORMAT: &str = "rae-cache-train-checkpoint";
+/// Value of the `format_version` metadata key; loading requires this one.
 pub const FORMAT_VERSION: &str = "1";
 const DIR: &str = "checkpoints";
 const LATEST: &str = "latest";
@@ -30,7 +33,9 @@ const LATEST: &str = "latest";
 /// epoch `epoch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct LoaderCursor {
+    /// Epoch (0-based) of the next batch.
     pub epoch: u64,
+    /// Optimizer step (global batch) within that epoch.
     pub step_in_epoch: u64,
 }
 
@@ -40,12 +45,14 @@ pub struct LoaderCursor {
 pub struct RngState {
     /// 32-byte seed, hex.
     pub seed: String,
+    /// ChaCha8 stream number.
     pub stream: u64,
     /// 128-bit word position, decimal (JSON numbers are not 128-bit safe).
     pub word_pos: String,
 }
 
 impl RngState {
+    /// Record `rng`'s seed, stream and position.
     pub fn capture(rng: &ChaCha8Rng) -> Self {
         let seed = crate::fsutil::hex(&rng.get_seed());
         Self {
@@ -55,6 +62,7 @@ impl RngState {
         }
     }
 
+    /// A generator at exactly the recorded position.
     pub fn restore(&self) -> Result<ChaCha8Rng> {
         use rand::SeedableRng;
         let bad = |what: &str| TrainError::State(format!("rng state: bad {what}"));
@@ -78,10 +86,16 @@ impl RngState {
 pub struct Checkpoint {
     /// Optimizer steps taken.
     pub step: u64,
+    /// Model weights by reference name (trainable and frozen).
     pub model: BTreeMap<String, Tensor>,
+    /// EMA weights by reference name (empty when the run keeps no EMA).
     pub ema: BTreeMap<String, Tensor>,
+    /// AdamW moments and step counts.
     pub optim: AdamWState,
+    /// Where the loader resumes (the first step not yet taken).
     pub cursor: LoaderCursor,
+    /// A generator to resume, if the run keeps one (the trainer derives all its
+    /// randomness from the seed and stores none).
     pub rng: Option<RngState>,
     /// The run configuration, JSON.
     pub config: String,
@@ -89,6 +103,7 @@ pub struct Checkpoint {
     pub extra: BTreeMap<String, String>,
 }
 
+/// `RUN_DIR/checkpoints`.
 pub fn checkpoint_dir(run_dir: &Path) -> PathBuf {
     run_dir.join(DIR)
 }

@@ -10,6 +10,8 @@ use super::lr::{LrSchedule, ScheduleKind};
 use super::optim::AdamWConfig;
 use super::{Result, TrainError};
 
+/// Settings of a training run; defaults follow the reference
+/// `configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml` where it has one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
@@ -28,23 +30,31 @@ pub struct TrainConfig {
     /// on another number of processes keeps its global batch; when unset it
     /// is fixed from the first run's layout.
     pub global_batch: Option<usize>,
+    /// Peak (base) learning rate (default and reference 2e-4).
     pub lr: f64,
     /// Learning-rate schedule after warmup: constant, linear, cosine.
     pub lr_schedule: ScheduleKind,
     /// Final lr of a linear / cosine decay (default: lr).
     pub final_lr: Option<f64>,
+    /// Optimizer steps of warmup (default 0; the reference uses 40 epochs).
     pub warmup_steps: u64,
+    /// Ramp the lr from 0 during warmup; else hold `lr` (default false, as the reference).
     pub warmup_from_zero: bool,
     /// Step at which the decay reaches final_lr (default: the last step).
     pub decay_end_steps: Option<u64>,
+    /// AdamW (beta1, beta2) (default and reference [0.9, 0.95]).
     pub betas: [f64; 2],
+    /// AdamW epsilon (default 1e-8, PyTorch's).
     pub eps: f64,
+    /// AdamW decoupled weight decay (default and reference 0).
     pub weight_decay: f64,
     /// Global gradient-norm clip (0 = off).
     pub clip_grad: f64,
     /// Total optimizer steps (takes precedence over epochs).
     pub steps: Option<u64>,
+    /// Passes over the data, used when `steps` is unset (the reference trains 1400).
     pub epochs: Option<u64>,
+    /// EMA decay per optimizer step (default and reference 0.9995).
     pub ema: f64,
     /// `logit-normal` (= logit-normal_0_1), `logit-normal_<mu>_<sigma>`, `uniform`.
     pub time_dist: String,
@@ -52,6 +62,8 @@ pub struct TrainConfig {
     pub shift: Option<f64>,
     /// Probability of replacing a label by the null class.
     pub label_dropout: f64,
+    /// Seed of the weight init, data order, time, label dropout and noise draws
+    /// (default 0; reference 42).
     pub seed: u64,
     /// Checkpoint every N optimizer steps (0 = only at the end).
     pub ckpt_every: u64,
@@ -59,6 +71,7 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Log a line every N optimizer steps.
     pub log_every: u64,
+    /// Device: `auto` (CUDA 0 if available, else CPU), `cpu`, `cuda` or `cuda:N`.
     pub device: String,
     /// Allow TF32 tensor-core math in the f32 matrix products on CUDA
     /// (process-wide; master weights, optimizer and loss stay f32; a no-op
@@ -68,12 +81,15 @@ pub struct TrainConfig {
     /// CUDA, f32 on the CPU), `f32` or `bf16`. Master weights, gradients,
     /// optimizer state, loss and EMA stay f32 (autocast).
     pub precision: crate::precision::Precision,
-    /// Loader: row groups per shuffle window, reader threads, prefetch.
+    /// Loader: row groups per shuffle window (default 64).
     pub shuffle_window: usize,
+    /// Loader reader threads (default 2).
     pub workers: usize,
+    /// Batches the loader prepares ahead (default 4).
     pub prefetch: usize,
-    /// Data parallel position (world_size 1 = single process).
+    /// This process's data-parallel rank, `0..world_size`.
     pub rank: usize,
+    /// Number of data-parallel processes (default 1: a single process).
     pub world_size: usize,
 }
 
@@ -128,15 +144,18 @@ impl TrainConfig {
         })
     }
 
+    /// The config as one-line JSON (stored in checkpoints and the run directory).
     pub fn to_json(&self) -> String {
         // Serialising plain data with string keys cannot fail.
         serde_json::to_string(self).unwrap_or_default()
     }
 
+    /// Parse a config stored by [`Self::to_json`].
     pub fn from_json(s: &str) -> Result<Self> {
         serde_json::from_str(s).map_err(|e| TrainError::Config(format!("stored config: {e}")))
     }
 
+    /// Check the settings before training starts; the first bad one is an error.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
         if self.data.is_empty() {
@@ -228,6 +247,7 @@ impl TrainConfig {
         }
     }
 
+    /// The AdamW hyper-parameters of this config.
     pub fn optimizer(&self) -> AdamWConfig {
         AdamWConfig {
             lr: self.lr,
@@ -238,6 +258,8 @@ impl TrainConfig {
         }
     }
 
+    /// The lr schedule of this config, decaying until `decay_end_steps` or else
+    /// `total_steps`.
     pub fn schedule(&self, total_steps: u64) -> LrSchedule {
         LrSchedule {
             kind: self.lr_schedule,

@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor, Var};
 
 use super::{Result, TrainError};
 
+/// The f32 shadow weights (reference `ema` model) by parameter name.
 #[derive(Debug, Clone)]
 pub struct Ema {
     decay: f64,
@@ -35,6 +36,7 @@ impl Ema {
         Ok(Self { decay, shadow })
     }
 
+    /// The decay per update (reference `ema_decay`).
     pub fn decay(&self) -> f64 {
         self.decay
     }
@@ -61,6 +63,7 @@ impl Ema {
         Ok(())
     }
 
+    /// The shadow weights by reference parameter name.
     pub fn tensors(&self) -> &BTreeMap<String, Tensor> {
         &self.shadow
     }

@@ -21,6 +21,7 @@ pub struct CastVars {
 }
 
 impl CastVars {
+    /// A VarBuilder over `vars` that casts each variable to `dtype` on `device`.
     pub fn var_builder(
         vars: &[(String, Var)],
         dtype: DType,
@@ -56,12 +57,15 @@ impl SimpleBackend for CastVars {
     }
 }
 
+/// A VarBuilder backend over a `VarMap` that creates each missing variable from a
+/// ChaCha8 stream seeded by (seed, name), so one seed gives one initial model.
 pub struct SeededVarMap {
     map: VarMap,
     seed: u64,
 }
 
 impl SeededVarMap {
+    /// Wrap `map`, drawing missing variables from `seed`.
     pub fn new(map: VarMap, seed: u64) -> Self {
         Self { map, seed }
     }

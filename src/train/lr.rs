@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Shape of the lr after warmup (reference `scheduler.type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 #[value(rename_all = "lowercase")]
@@ -11,16 +12,23 @@ pub enum ScheduleKind {
     /// `base_lr` for ever (warmup still applies if `warmup_from_zero`).
     #[default]
     Constant,
+    /// Linear from `base_lr` to `final_lr` at `decay_end_steps`, then `final_lr`.
     Linear,
+    /// Half-cosine from `base_lr` to `final_lr` at `decay_end_steps`, then `final_lr`.
     Cosine,
 }
 
+/// A schedule evaluated per optimizer step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct LrSchedule {
+    /// Shape after warmup.
     pub kind: ScheduleKind,
+    /// Peak learning rate (reference `base_lr`).
     pub base_lr: f64,
+    /// Learning rate at and after `decay_end_steps` (linear / cosine only).
     pub final_lr: f64,
+    /// Optimizer steps of warmup.
     pub warmup_steps: u64,
     /// Step at which the decay reaches `final_lr` (clamped to >= warmup).
     pub decay_end_steps: u64,
@@ -36,6 +44,7 @@ impl Default for LrSchedule {
 }
 
 impl LrSchedule {
+    /// `lr` at every step, no warmup.
     pub fn constant(lr: f64) -> Self {
         Self {
             kind: ScheduleKind::Constant,

@@ -1,6 +1,7 @@
 //! Training machinery for DiT / DiT-DH on cached latents: optimizer (AdamW,
-//! clipping, accumulation), learning-rate schedules, EMA, run-dir
-//! checkpoints, the shard loader and the training loop.
+//! clipping, accumulation), learning-rate schedules, EMA, seeded weight
+//! init, run-dir checkpoints, the shard loader, the flow-matching step
+//! (`state`) and the training loop (`trainer`).
 
 pub mod checkpoint;
 pub mod config;
@@ -23,31 +24,52 @@ use std::path::PathBuf;
 /// Errors of the training machinery.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// The underlying error.
         source: std::io::Error,
     },
+    /// A file that exists but cannot be parsed (config, checkpoint, shard).
     #[error("{path}: {reason}")]
-    Format { path: PathBuf, reason: String },
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Reading a latent shard failed.
     #[error(transparent)]
     Shard(#[from] crate::shards::ShardError),
+    /// A distributed (multi-rank) operation failed.
     #[error(transparent)]
     Dist(#[from] crate::dist::DistError),
+    /// Settings that are invalid or inconsistent with each other.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// Training state that does not fit (missing or mismatched tensors, a
+    /// stopped loader, an unserialisable log line).
     #[error("{0}")]
     State(String),
+    /// A loss or gradient norm became NaN/inf; training stops rather than
+    /// writing a poisoned checkpoint.
     #[error("non-finite {what} at step {step}; last good checkpoint: {last_good}")]
     NonFinite {
+        /// The optimizer step it happened at.
         step: u64,
+        /// The quantity and its value (e.g. `loss NaN`).
         what: String,
+        /// Path of the last checkpoint written, or a note that none was.
         last_good: String,
     },
 }
 
+/// Result with a [`TrainError`].
 pub type Result<T> = std::result::Result<T, TrainError>;
 
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {

@@ -18,10 +18,16 @@ use super::{Result, TrainError};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AdamWConfig {
+    /// Base learning rate; the trainer passes the scheduled value to each step
+    /// (default and reference 2e-4).
     pub lr: f64,
+    /// First-moment decay (default and reference 0.9).
     pub beta1: f64,
+    /// Second-moment decay (default and reference 0.95).
     pub beta2: f64,
+    /// Added to the bias-corrected sqrt(v) (default 1e-8, torch's).
     pub eps: f64,
+    /// Decoupled weight decay, applied as `p *= 1 - lr * wd` (default and reference 0).
     pub weight_decay: f64,
 }
 
@@ -41,13 +47,16 @@ impl Default for AdamWConfig {
 /// Frozen tensors are simply in no group.
 #[derive(Debug, Clone)]
 pub struct ParamGroup {
+    /// (reference name, variable) pairs.
     pub params: Vec<(String, Var)>,
+    /// Multiplier on the scheduled lr (default 1).
     pub lr_mult: f64,
     /// `None`: the optimizer's `weight_decay`.
     pub weight_decay: Option<f64>,
 }
 
 impl ParamGroup {
+    /// A group of `params` with lr multiplier 1 and the optimizer's weight decay.
     pub fn new(params: Vec<(String, Var)>) -> Self {
         Self {
             params,
@@ -56,11 +65,13 @@ impl ParamGroup {
         }
     }
 
+    /// Set the lr multiplier.
     pub fn with_lr_mult(mut self, m: f64) -> Self {
         self.lr_mult = m;
         self
     }
 
+    /// Override the optimizer's weight decay for this group.
     pub fn with_weight_decay(mut self, wd: f64) -> Self {
         self.weight_decay = Some(wd);
         self
@@ -84,6 +95,7 @@ pub struct Gradients {
 }
 
 impl Gradients {
+    /// No gradients.
     pub fn new() -> Self {
         Self::default()
     }
@@ -101,23 +113,28 @@ impl Gradients {
         Ok(Self { grads })
     }
 
+    /// Set the gradient of `name`, stored as f32.
     pub fn insert(&mut self, name: impl Into<String>, grad: Tensor) -> Result<()> {
         self.grads.insert(name.into(), grad.to_dtype(DType::F32)?);
         Ok(())
     }
 
+    /// The gradient of `name`, if the loss depends on it.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.grads.get(name)
     }
 
+    /// Number of parameters with a gradient.
     pub fn len(&self) -> usize {
         self.grads.len()
     }
 
+    /// True when no parameter has a gradient.
     pub fn is_empty(&self) -> bool {
         self.grads.is_empty()
     }
 
+    /// (name, gradient) pairs in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
         self.grads.iter()
     }
@@ -178,14 +195,17 @@ pub struct GradAccumulator {
 }
 
 impl GradAccumulator {
+    /// An empty accumulator.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Micro-batches added since the last [`Self::finish`].
     pub fn micro_steps(&self) -> usize {
         self.micro_steps
     }
 
+    /// Add one micro-batch's gradients to the sums (in f32).
     pub fn add(&mut self, grads: &Gradients) -> Result<()> {
         for (name, g) in grads.iter() {
             let sum = match self.sums.remove(name) {
@@ -215,8 +235,11 @@ impl GradAccumulator {
 /// of updates this parameter has received (torch keeps it per parameter).
 #[derive(Debug, Clone)]
 pub struct ParamState {
+    /// First moment (torch `exp_avg`), f32, shaped as the parameter.
     pub m: Tensor,
+    /// Second moment (torch `exp_avg_sq`), f32, shaped as the parameter.
     pub v: Tensor,
+    /// Updates this parameter received (bias-correction exponent).
     pub step: u64,
 }
 
@@ -225,9 +248,11 @@ pub struct ParamState {
 pub struct AdamWState {
     /// Optimizer steps taken.
     pub step: u64,
+    /// Per-parameter state by name; parameters never updated have none.
     pub params: BTreeMap<String, ParamState>,
 }
 
+/// AdamW over parameter groups (torch `AdamW` semantics, moments in f32).
 #[derive(Debug)]
 pub struct AdamW {
     cfg: AdamWConfig,
@@ -236,6 +261,7 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// An optimizer over `groups`, which must not share a parameter name.
     pub fn new(groups: Vec<ParamGroup>, cfg: AdamWConfig) -> Result<Self> {
         let mut seen = std::collections::BTreeSet::new();
         for g in &groups {
@@ -254,10 +280,12 @@ impl AdamW {
         })
     }
 
+    /// The shared hyper-parameters.
     pub fn config(&self) -> &AdamWConfig {
         &self.cfg
     }
 
+    /// The parameter groups.
     pub fn groups(&self) -> &[ParamGroup] {
         &self.groups
     }
@@ -267,10 +295,12 @@ impl AdamW {
         self.groups.iter().flat_map(|g| g.params.iter())
     }
 
+    /// The state to checkpoint.
     pub fn state(&self) -> &AdamWState {
         &self.state
     }
 
+    /// Optimizer steps taken so far.
     pub fn step_count(&self) -> u64 {
         self.state.step
     }

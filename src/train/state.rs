@@ -22,6 +22,7 @@ use crate::models::{DitConfig, DitModel, VelocityModel, is_frozen};
 pub struct TrainStateConfig {
     /// Seed of the weight initialisation.
     pub seed: u64,
+    /// AdamW hyper-parameters (the lr is scheduled per step by the caller).
     pub optimizer: AdamWConfig,
     /// EMA decay; `None`: no EMA (non-zero ranks, benchmarks without one).
     pub ema: Option<f64>,
@@ -35,15 +36,20 @@ pub struct TrainStateConfig {
 /// `t` and (already dropped) labels `y`.
 #[derive(Debug, Clone)]
 pub struct FlowBatch {
+    /// Normalised clean latents `[B, C, H, W]`, f32.
     pub x: Tensor,
+    /// Gaussian noise shaped as `x`.
     pub eps: Tensor,
+    /// Times `[B]` in [0, 1] (1 = pure noise).
     pub t: Tensor,
+    /// Class labels `[B]`, dropped ones replaced by the null class `num_classes`.
     pub y: Tensor,
 }
 
 /// Loss and gradient norm of one optimizer step.
 #[derive(Debug, Clone, Copy)]
 pub struct StepMetrics {
+    /// Flow-matching MSE of the step's micro-batch.
     pub loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
@@ -186,14 +192,17 @@ impl TrainState {
         Ok(StepMetrics { loss, grad_norm })
     }
 
+    /// The model's config.
     pub fn model_config(&self) -> &DitConfig {
         &self.model_cfg
     }
 
+    /// Forward/backward dtype.
     pub fn compute(&self) -> DType {
         self.compute
     }
 
+    /// Device of the weights and the step.
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -203,18 +212,22 @@ impl TrainState {
         &self.all_vars
     }
 
+    /// The trained variables (everything but the frozen buffers), sorted by name.
     pub fn trainable(&self) -> &[(String, Var)] {
         &self.trainable
     }
 
+    /// Number of trainable scalars.
     pub fn trainable_params(&self) -> usize {
         self.trainable.iter().map(|(_, v)| v.elem_count()).sum()
     }
 
+    /// The optimizer (its state goes into checkpoints).
     pub fn optimizer(&self) -> &AdamW {
         &self.opt
     }
 
+    /// The EMA, when this state keeps one.
     pub fn ema(&self) -> Option<&Ema> {
         self.ema.as_ref()
     }

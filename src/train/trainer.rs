@@ -38,14 +38,19 @@ pub const T_MAX: f64 = 1.0 - 1.0 / 1000.0;
 pub struct StepStats {
     /// Optimizer steps done after this one.
     pub step: u64,
+    /// Epoch (0-based) of the step's data.
     pub epoch: u64,
-    /// Mean loss over the micro-batches.
+    /// Mean loss over the micro-batches (and ranks).
     pub loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Learning rate the step used.
     pub lr: f64,
+    /// Images of the global batch per second of the step's wall time.
     pub images_per_s: f64,
+    /// Throughput in latent tokens (images x tokens per image) per second.
     pub tokens_per_s: f64,
+    /// Wall time of the step, seconds.
     pub seconds: f64,
     /// Resident memory of the process after the step (Linux), bytes: flat
     /// over a healthy run.
@@ -53,6 +58,7 @@ pub struct StepStats {
     pub rss_bytes: Option<u64>,
 }
 
+/// One rank of a training run: state, loader, schedule, collective and run log.
 pub struct Trainer {
     cfg: TrainConfig,
     /// Model, master weights, optimizer and (rank 0) EMA.
@@ -251,18 +257,22 @@ impl Trainer {
         })
     }
 
+    /// Optimizer steps done so far (resumed runs count from the checkpoint).
     pub fn step(&self) -> u64 {
         self.step
     }
 
+    /// Steps the run trains for (`steps`, or `epochs` x steps per epoch).
     pub fn total_steps(&self) -> u64 {
         self.total_steps
     }
 
+    /// The resolved config (rank, world size, accumulation fixed).
     pub fn config(&self) -> &TrainConfig {
         &self.cfg
     }
 
+    /// The time shift in use (`shift`, or the default from the latent size).
     pub fn shift(&self) -> f64 {
         self.shift
     }
@@ -286,6 +296,7 @@ impl Trainer {
         &self.state
     }
 
+    /// This process's data-parallel rank.
     pub fn rank(&self) -> usize {
         self.cfg.rank
     }

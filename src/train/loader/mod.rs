@@ -24,11 +24,13 @@ use pipeline::{Pipeline, PipelineConfig};
 /// Added to the variance before the square root, as the reference.
 pub const NORM_EPS: f64 = 1e-5;
 
+/// Settings of one rank's loader (see [`super::TrainConfig::loader`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct LoaderConfig {
     /// Per-rank micro-batch size.
     pub batch_size: usize,
+    /// Seed of the shuffle, flip choice and noise (the run seed).
     pub seed: u64,
     /// Row groups per shuffle window.
     pub shuffle_window: usize,
@@ -36,7 +38,10 @@ pub struct LoaderConfig {
     pub workers: usize,
     /// Batches prepared ahead.
     pub prefetch: usize,
+    /// This process's data-parallel rank, `0..world_size`.
     pub rank: usize,
+    /// Number of data-parallel processes; each rank reads a disjoint slice of each
+    /// global batch.
     pub world_size: usize,
     /// Micro-batches per optimizer step (the global batch is
     /// `batch_size * world_size * accum`).
@@ -100,7 +105,9 @@ pub struct Batch {
     /// The same labels on the host (reading `y` back would wait for the
     /// device).
     pub labels: Vec<i64>,
+    /// Image keys (paths relative to the dataset root, as the shards store them).
     pub keys: Vec<String>,
+    /// Whether each sample is the stored horizontally flipped latent.
     pub flips: Vec<bool>,
     /// Layout-independent sample names (seeds of per-sample noise).
     pub sample_ids: Vec<u64>,
@@ -116,10 +123,15 @@ pub struct Batch {
 /// Per-element statistics of the latents, `[C, H, W]` each.
 #[derive(Debug, Clone)]
 pub struct Normalizer {
+    /// Per-element mean `[C*H*W]`, channel-major.
     pub mean: Vec<f32>,
+    /// Per-element variance `[C*H*W]`; the loader divides by `sqrt(var + NORM_EPS)`.
     pub var: Vec<f32>,
+    /// C, the latent channels.
     pub channels: usize,
+    /// H of the latent grid.
     pub height: usize,
+    /// W of the latent grid.
     pub width: usize,
 }
 

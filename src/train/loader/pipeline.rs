@@ -23,9 +23,13 @@ pub trait RowGroupSource: Send + Sync + 'static {
 /// A batch on the host: latents token-major `[B, tokens, C]`.
 #[derive(Debug, Clone)]
 pub struct HostBatch {
+    /// `B * row_len` values, sample-major.
     pub latents: Vec<f32>,
+    /// Class labels (-1 where the cache has none).
     pub labels: Vec<i64>,
+    /// Image keys, as the shards store them.
     pub keys: Vec<String>,
+    /// Whether each sample is the stored horizontally flipped latent.
     pub flips: Vec<bool>,
     /// Layout-independent sample names ([`sample_id`]): seeds of their noise.
     pub sample_ids: Vec<u64>,
@@ -38,9 +42,12 @@ pub struct HostBatch {
     pub micro: usize,
 }
 
+/// Settings of a [`Pipeline`].
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
+    /// Seed of the epoch order and flip choice.
     pub seed: u64,
+    /// Batch layout over ranks and micro-batches.
     pub sharding: Sharding,
     /// Row groups per shuffle window (also the read-ahead depth).
     pub window: usize,
@@ -55,12 +62,14 @@ pub struct PipelineConfig {
     pub noise_seed: Option<u64>,
 }
 
+/// The running background loader; dropping it stops and joins its threads.
 pub struct Pipeline {
     rx: Option<Receiver<Result<HostBatch>>>,
     producer: Option<JoinHandle<()>>,
 }
 
 impl Pipeline {
+    /// Start the producer at `start`; an error when the data cannot fill one global batch.
     pub fn start(
         index: Arc<DataIndex>,
         source: Arc<dyn RowGroupSource>,
@@ -88,6 +97,7 @@ impl Pipeline {
         })
     }
 
+    /// The next micro-batch of this rank, waiting for it if needed.
     pub fn next(&self) -> Result<HostBatch> {
         let rx = self
             .rx

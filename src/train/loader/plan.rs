@@ -14,14 +14,18 @@ use rand_chacha::ChaCha8Rng;
 /// A row: global row-group id and row within that group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Loc {
+    /// Row group, numbered across all shards of the cache set.
     pub rg: u32,
+    /// Row within that row group.
     pub row: u32,
 }
 
 /// The stored rows of one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SampleRows {
+    /// The unflipped image's row, if stored.
     pub plain: Option<Loc>,
+    /// The horizontally flipped image's row, if stored.
     pub flipped: Option<Loc>,
 }
 
@@ -49,7 +53,9 @@ impl SampleRows {
 /// Images of a dataset and where their rows live.
 #[derive(Debug, Clone, Default)]
 pub struct DataIndex {
+    /// One entry per image, in cache order.
     pub samples: Vec<SampleRows>,
+    /// Row groups over all shards (the range of [`Loc::rg`]).
     pub num_row_groups: usize,
 }
 
@@ -125,7 +131,9 @@ pub fn epoch_order(index: &DataIndex, seed: u64, epoch: u64, window: usize) -> V
 pub struct Sharding {
     /// Per-rank micro-batch.
     pub batch: usize,
+    /// This process's rank, `0..world_size`.
     pub rank: usize,
+    /// Number of data-parallel processes.
     pub world_size: usize,
     /// Micro-batches per optimizer step.
     pub accum: usize,
@@ -135,11 +143,14 @@ pub struct Sharding {
 /// a name for it that does not depend on the layout) and where it lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Planned {
+    /// Position in the epoch order.
     pub pos: usize,
+    /// The row read for it.
     pub loc: Loc,
 }
 
 impl Sharding {
+    /// Samples per optimizer step over all ranks (`batch * world_size * accum`).
     pub fn global_batch(&self) -> usize {
         self.batch * self.world_size * self.accum.max(1)
     }

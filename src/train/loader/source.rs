@@ -57,6 +57,9 @@ fn fmt_err(path: &Path, reason: impl Into<String>) -> TrainError {
 }
 
 impl CacheSet {
+    /// Open `dirs` (each with `manifest.json`, `stats.safetensors` and its
+    /// shards); a cache that disagrees with the first (encoder, latent shape,
+    /// dtype, classes) is refused, naming its directory.
     pub fn open(dirs: &[PathBuf]) -> Result<Self> {
         let Some(first_dir) = dirs.first() else {
             return Err(TrainError::Config("no cache directory given".into()));
@@ -111,18 +114,22 @@ impl CacheSet {
         })
     }
 
+    /// The cache directories, in the order given.
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
     }
 
+    /// Their manifests, in the same order.
     pub fn manifests(&self) -> &[Manifest] {
         &self.manifests
     }
 
+    /// Images over all caches (an image's flipped and unflipped rows count once).
     pub fn num_images(&self) -> usize {
         self.index.samples.len()
     }
 
+    /// Images whose label is a class index (not -1).
     pub fn num_labelled(&self) -> usize {
         self.labelled
     }
@@ -132,22 +139,27 @@ impl CacheSet {
         self.manifests.first().map(|m| m.classes.len()).unwrap_or(0)
     }
 
+    /// Latent tokens per image (H x W).
     pub fn tokens(&self) -> usize {
         self.norm.height * self.norm.width
     }
 
+    /// Latent channels C.
     pub fn channels(&self) -> usize {
         self.norm.channels
     }
 
+    /// The pooled latent statistics the loader normalises with.
     pub fn normalizer(&self) -> &Normalizer {
         &self.norm
     }
 
+    /// Where every image's rows live.
     pub fn index(&self) -> Arc<DataIndex> {
         self.index.clone()
     }
 
+    /// The shards, as a row-group source for the loader.
     pub fn source(&self) -> Arc<dyn RowGroupSource> {
         self.source.clone()
     }
