@@ -26,6 +26,40 @@ fn classes() -> usize {
     1000
 }
 
+/// The block options LightningDiT and DiT-DH share, under their reference
+/// constructor keys and defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BlockOptions {
+    /// RMS-normalise queries and keys.
+    #[serde(default = "no")]
+    pub use_qknorm: bool,
+    /// SwiGLU MLPs instead of GELU.
+    #[serde(default = "yes")]
+    pub use_swiglu: bool,
+    /// 2-D rotary position embedding in attention.
+    #[serde(default = "yes")]
+    pub use_rope: bool,
+    /// RMSNorm instead of LayerNorm.
+    #[serde(default = "yes")]
+    pub use_rmsnorm: bool,
+    /// adaLN modulation without the shift term.
+    #[serde(default = "no")]
+    pub wo_shift: bool,
+}
+
+impl Default for BlockOptions {
+    /// The reference defaults: SwiGLU, rope, RMSNorm; no q/k norm, shift kept.
+    fn default() -> Self {
+        Self {
+            use_qknorm: false,
+            use_swiglu: true,
+            use_rope: true,
+            use_rmsnorm: true,
+            wo_shift: false,
+        }
+    }
+}
+
 /// LightningDiT (`stage2.models.lightningDiT.LightningDiT`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LightningDitConfig {
@@ -54,21 +88,9 @@ pub struct LightningDitConfig {
     /// Also predict a variance (doubles the output channels).
     #[serde(default = "no")]
     pub learn_sigma: bool,
-    /// RMS-normalise queries and keys.
-    #[serde(default = "no")]
-    pub use_qknorm: bool,
-    /// SwiGLU MLPs instead of GELU.
-    #[serde(default = "yes")]
-    pub use_swiglu: bool,
-    /// 2-D rotary position embedding in attention.
-    #[serde(default = "yes")]
-    pub use_rope: bool,
-    /// RMSNorm instead of LayerNorm.
-    #[serde(default = "yes")]
-    pub use_rmsnorm: bool,
-    /// adaLN modulation without the shift term.
-    #[serde(default = "no")]
-    pub wo_shift: bool,
+    /// Block options (flattened: the same constructor keys).
+    #[serde(flatten)]
+    pub block: BlockOptions,
 }
 
 /// `num_heads` may be one number for both stacks or a `[backbone, head]` pair.
@@ -116,21 +138,9 @@ pub struct DitDhConfig {
     /// Label dropout during training (classifier-free guidance).
     #[serde(default = "dropout")]
     pub class_dropout_prob: f64,
-    /// RMS-normalise queries and keys.
-    #[serde(default = "no")]
-    pub use_qknorm: bool,
-    /// SwiGLU MLPs instead of GELU.
-    #[serde(default = "yes")]
-    pub use_swiglu: bool,
-    /// 2-D rotary position embedding in attention.
-    #[serde(default = "yes")]
-    pub use_rope: bool,
-    /// RMSNorm instead of LayerNorm.
-    #[serde(default = "yes")]
-    pub use_rmsnorm: bool,
-    /// adaLN modulation without the shift term.
-    #[serde(default = "no")]
-    pub wo_shift: bool,
+    /// Block options (flattened: the same constructor keys).
+    #[serde(flatten)]
+    pub block: BlockOptions,
     /// Add the fixed sin-cos position table to the tokens.
     #[serde(default = "yes")]
     pub use_pos_embed: bool,
@@ -157,11 +167,7 @@ impl DitDhConfig {
             num_classes: 1000,
             mlp_ratio: 4.0,
             class_dropout_prob: 0.1,
-            use_qknorm: false,
-            use_swiglu: true,
-            use_rope: true,
-            use_rmsnorm: true,
-            wo_shift: false,
+            block: BlockOptions::default(),
             use_pos_embed: true,
         })
     }
@@ -188,11 +194,7 @@ impl LightningDitConfig {
             mlp_ratio: 4.0,
             class_dropout_prob: 0.1,
             learn_sigma: false,
-            use_qknorm: false,
-            use_swiglu: true,
-            use_rope: true,
-            use_rmsnorm: true,
-            wo_shift: false,
+            block: BlockOptions::default(),
         })
     }
 }
@@ -343,7 +345,7 @@ mod tests {
             panic!()
         };
         assert_eq!(c.num_heads.pair(), [4, 4]);
-        assert!(c.use_rope && c.use_swiglu && c.use_pos_embed && !c.wo_shift);
+        assert!(c.block.use_rope && c.block.use_swiglu && c.use_pos_embed && !c.block.wo_shift);
 
         let bad = dir.path().join("bad.json");
         std::fs::write(&bad, "{\"input_size\": 4}").unwrap();

@@ -5,6 +5,7 @@
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::config::BlockOptions;
 use super::embed::Rope2d;
 use super::layers::{FeedForward, Linear, LinearInit, Norm, attention, merge_heads, modulate};
 use super::ops;
@@ -18,14 +19,10 @@ pub struct BlockSpec {
     pub heads: usize,
     /// MLP hidden width as a multiple of D (SwiGLU takes 2/3 of it).
     pub mlp_ratio: f64,
-    /// Normalise q and k per head before rope (reference `use_qknorm`).
-    pub use_qknorm: bool,
-    /// SwiGLU feed-forward instead of the tanh-GELU MLP.
-    pub use_swiglu: bool,
-    /// RMSNorm (eps 1e-6) instead of LayerNorm without affine, also for q/k norm.
-    pub use_rmsnorm: bool,
-    /// adaLN without shift: 4 modulation chunks (scale, gate) x 2 instead of 6.
-    pub wo_shift: bool,
+    /// q/k norm, SwiGLU, RMSNorm (eps 1e-6, else LayerNorm without affine,
+    /// also for q/k norm), adaLN without shift (4 modulation chunks instead
+    /// of 6); `use_rope` is the model's (it owns the tables).
+    pub options: BlockOptions,
 }
 
 /// Self-attention with a fused qkv projection (`qkv`, `proj`), optional
@@ -45,9 +42,9 @@ impl NormAttention {
     pub fn new(spec: &BlockSpec, vb: VarBuilder) -> Result<Self> {
         let d = spec.hidden;
         let dh = d / spec.heads;
-        let (q_norm, k_norm) = if spec.use_qknorm {
+        let (q_norm, k_norm) = if spec.options.use_qknorm {
             let mk = |name: &str| -> Result<Norm> {
-                if spec.use_rmsnorm {
+                if spec.options.use_rmsnorm {
                     Norm::rms(dh, 1e-6, vb.pp(name))
                 } else {
                     Norm::layer(dh, 1e-5, vb.pp(name))
@@ -137,12 +134,12 @@ impl DitBlock {
     /// fresh block is the identity.
     pub fn new(spec: &BlockSpec, vb: VarBuilder) -> Result<Self> {
         let d = spec.hidden;
-        let n_mod = if spec.wo_shift { 4 } else { 6 };
+        let n_mod = if spec.options.wo_shift { 4 } else { 6 };
         Ok(Self {
-            norm1: Norm::dit(d, spec.use_rmsnorm, vb.pp("norm1"))?,
-            norm2: Norm::dit(d, spec.use_rmsnorm, vb.pp("norm2"))?,
+            norm1: Norm::dit(d, spec.options.use_rmsnorm, vb.pp("norm1"))?,
+            norm2: Norm::dit(d, spec.options.use_rmsnorm, vb.pp("norm2"))?,
             attn: NormAttention::new(spec, vb.pp("attn"))?,
-            mlp: FeedForward::new(d, spec.mlp_ratio, spec.use_swiglu, vb.pp("mlp"))?,
+            mlp: FeedForward::new(d, spec.mlp_ratio, spec.options.use_swiglu, vb.pp("mlp"))?,
             ada: Linear::new(
                 d,
                 n_mod * d,
@@ -150,7 +147,7 @@ impl DitBlock {
                 LinearInit::Zero,
                 vb.pp("adaLN_modulation.1"),
             )?,
-            wo_shift: spec.wo_shift,
+            wo_shift: spec.options.wo_shift,
         })
     }
 

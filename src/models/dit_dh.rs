@@ -51,10 +51,7 @@ impl DitDh {
             hidden,
             heads,
             mlp_ratio: cfg.mlp_ratio,
-            use_qknorm: cfg.use_qknorm,
-            use_swiglu: cfg.use_swiglu,
-            use_rmsnorm: cfg.use_rmsnorm,
-            wo_shift: cfg.wo_shift,
+            options: cfg.block,
         };
         let (se, sd) = (spec(de, he), spec(dd, hd));
         let pos_embed = if cfg.use_pos_embed {
@@ -67,7 +64,7 @@ impl DitDh {
         } else {
             None
         };
-        let (enc_rope, dec_rope) = if cfg.use_rope {
+        let (enc_rope, dec_rope) = if cfg.block.use_rope {
             (
                 Some(Rope2d::new(de / he, grid, vb.device(), vb.dtype())?),
                 Some(Rope2d::new(dd / hd, grid, vb.device(), vb.dtype())?),
@@ -101,7 +98,7 @@ impl DitDh {
             dec_blocks: (ne..ne + nd)
                 .map(|i| DitBlock::new(&sd, vb.pp(format!("blocks.{i}"))))
                 .collect::<Result<_>>()?,
-            final_layer: FinalLayer::new(dd, tok_ch, cfg.use_rmsnorm, vb.pp("final_layer"))?,
+            final_layer: FinalLayer::new(dd, tok_ch, cfg.block.use_rmsnorm, vb.pp("final_layer"))?,
             cfg: cfg.clone(),
             fused: false,
             dtype: vb.dtype(),

@@ -41,13 +41,10 @@ impl LightningDit {
             hidden: d,
             heads: cfg.num_heads,
             mlp_ratio: cfg.mlp_ratio,
-            use_qknorm: cfg.use_qknorm,
-            use_swiglu: cfg.use_swiglu,
-            use_rmsnorm: cfg.use_rmsnorm,
-            wo_shift: cfg.wo_shift,
+            options: cfg.block,
         };
         let pos = sincos_2d(d, grid, false, vb.device())?;
-        let rope = if cfg.use_rope {
+        let rope = if cfg.block.use_rope {
             Some(Rope2d::new(
                 d / cfg.num_heads,
                 grid,
@@ -69,7 +66,7 @@ impl LightningDit {
             final_layer: FinalLayer::new(
                 d,
                 cfg.patch_size * cfg.patch_size * out_ch,
-                cfg.use_rmsnorm,
+                cfg.block.use_rmsnorm,
                 vb.pp("final_layer"),
             )?,
             cfg: cfg.clone(),
