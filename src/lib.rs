@@ -17,5 +17,7 @@ pub mod pipeline;
 pub mod precision;
 pub mod progress;
 pub mod shards;
+#[cfg(test)]
+mod test_util;
 pub mod train;
 pub mod weights;

@@ -121,6 +121,7 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, act: Option<Activation>) -> Result<Te
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
     use candle_core::{DType, Device};
 
     #[test]
@@ -139,14 +140,7 @@ mod tests {
                 Some(a) => a.apply(&want).unwrap(),
             };
             let got = bias_act(&x, &b, act).unwrap();
-            let d = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&got, &want);
             assert!(d < 1e-6, "{act:?}: {d}");
             // Half precision goes through the same path.
             let got = bias_act(
@@ -155,13 +149,7 @@ mod tests {
                 act,
             )
             .unwrap();
-            let d = (got.to_dtype(DType::F32).unwrap() - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap();
-            assert!(d.to_scalar::<f32>().unwrap() < 0.05);
+            assert!(max_abs_diff(&got, &want) < 0.05);
         }
     }
 }

@@ -292,6 +292,7 @@ impl PatchEmbed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
 
     #[test]
     fn sincos_matches_reference_formula() {
@@ -316,24 +317,11 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 2, 9, 8), &dev).unwrap();
         let a = r.apply(&x, false).unwrap();
         let b = r.apply(&x, true).unwrap();
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&a, &b);
         assert!(d < 1e-6, "{d}");
         // token 0 sits at (0,0): rotation by angle 0 is the identity
         let y0 = r.apply(&x, false).unwrap().narrow(2, 0, 1).unwrap();
-        let d0 = (y0 - x.narrow(2, 0, 1).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(d0.to_scalar::<f32>().unwrap() < 1e-7);
+        assert!(max_abs_diff(&y0, &x.narrow(2, 0, 1).unwrap()) < 1e-7);
     }
 
     #[test]
@@ -363,8 +351,7 @@ mod tests {
         let a = f32_emb.features(&t).unwrap();
         let b = bf16_emb.features(&t).unwrap();
         assert_eq!(b.dtype(), DType::F32);
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(max_abs_diff(&a, &b), 0.0);
         assert_eq!(bf16_emb.forward(&t).unwrap().dtype(), DType::BF16);
     }
 
@@ -388,14 +375,7 @@ mod tests {
                 .reshape((b, n, 3 * p * p))
                 .unwrap();
             let y = unpatchify(&t, p, 3).unwrap();
-            let d = (y - &x)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&y, &x);
             assert_eq!(d, 0.0, "p={p}");
         }
     }
