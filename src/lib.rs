@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod precision;
 pub mod progress;
 pub mod shards;
+pub mod sources;
 #[cfg(test)]
 mod test_util;
 pub mod train;

@@ -8,13 +8,34 @@ use rae_cache::dist::{Collective, DistEnv};
 use rae_cache::pipeline::{self, BuildConfig, BuildSummary, HFlip, PartSpec};
 use rae_cache::precision::Precision;
 use rae_cache::shards::LatentDType;
+use rae_cache::sources::{self, InputFormat, SourceOptions};
 
 use super::progress::Bar;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Image folder: ImageNet layout (one sub-folder per class) or flat.
-    pub images: PathBuf,
+    /// The images: a folder (ImageNet layout, one sub-folder per class, or
+    /// flat); or tar archives (a tar of per-class tars such as
+    /// ILSVRC2012_img_train.tar, flat tars, WebDataset shards); or Parquet
+    /// files with an image column (Hugging Face `datasets` layout). Several
+    /// files, directories of them, or a quoted `*` pattern.
+    #[arg(required = true, num_args = 1..)]
+    pub images: Vec<PathBuf>,
+    /// How to read the inputs (`auto`: a directory with images is a folder,
+    /// `.tar` files are archives, `.parquet` files a Parquet dataset).
+    #[arg(long, value_enum, default_value_t = InputFormat::Auto)]
+    pub input_format: InputFormat,
+    /// Labels for tar members: `KEY<tab|comma|space>LABEL` lines, or one
+    /// label per line in sorted key order; labels are class indices, or
+    /// class names (sorted to indices).
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// Parquet: the image column (struct {bytes, path}, or binary).
+    #[arg(long, default_value = sources::DEFAULT_IMAGE_COLUMN)]
+    pub image_column: String,
+    /// Parquet: the integer label column ("" for none: label -1).
+    #[arg(long, default_value = sources::DEFAULT_LABEL_COLUMN)]
+    pub label_column: String,
     /// Cache directory to create (manifest.json, stats.safetensors, shards/).
     #[arg(long)]
     pub out: PathBuf,
@@ -87,7 +108,14 @@ pub struct Args {
 
 impl Args {
     pub fn to_config(&self) -> BuildConfig {
-        let mut c = BuildConfig::new(&self.images, &self.out);
+        let mut c = BuildConfig::new(&self.images[0], &self.out);
+        c.extra_inputs = self.images[1..].to_vec();
+        c.source = SourceOptions {
+            format: self.input_format,
+            labels: self.labels.clone(),
+            image_column: self.image_column.clone(),
+            label_column: self.label_column.clone(),
+        };
         c.encoder = self.encoder.clone();
         c.allow_download = self.allow_download;
         c.dtype = self.dtype;
@@ -145,7 +173,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         print_built(&s);
     }
-    if report_rejected(&s, args.strict) {
+    let strict_failed = report_rejected(&s, args.strict);
+    if let Some(cut) = &s.truncated {
+        eprintln!(
+            "error: the source ends early: {}: {}\n  built the {} whole shards before it; make the source complete and rerun with --resume",
+            cut.key, cut.reason, s.shards
+        );
+        return Ok(ExitCode::from(3));
+    }
+    if strict_failed {
         return Ok(ExitCode::from(2));
     }
     Ok(ExitCode::SUCCESS)

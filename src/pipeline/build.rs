@@ -31,8 +31,11 @@ pub struct BuildSummary {
     pub manifest: PathBuf,
     /// `stats.safetensors`, once a whole build is complete.
     pub stats: Option<PathBuf>,
-    /// Every planned shard is written.
+    /// Every planned shard is written (false when the source was cut short).
     pub complete: bool,
+    /// The source ended early (a truncated archive): where and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<Skipped>,
     /// The part built, for `--num-parts`.
     pub part: Option<PartSpec>,
     /// The first shard this run wrote, when it resumed a build.
@@ -70,7 +73,13 @@ pub fn run_build(
     let started = Instant::now();
     let plan = cfg.resolve()?;
     let dir = open_root(cfg, &plan)?;
-    let inputs = Inputs::discover(&cfg.images, cfg.limit, plan.images_per_shard, cfg.part)?;
+    let inputs = Inputs::list(
+        &cfg.inputs(),
+        &cfg.source,
+        cfg.limit,
+        plan.images_per_shard,
+        cfg.part,
+    )?;
     let encoder = LoadedEncoder::load(cfg)?;
     let job = Job::new(cfg, &plan, inputs, encoder);
     create_output_dirs(&plan)?;
@@ -206,6 +215,7 @@ impl Job {
             part: cfg.part.map(|p| p.index),
             image_list_sha256: image_list_sha256(inputs.entries()),
             num_images: inputs.entries().len(),
+            source: inputs.source.clone(),
         };
         let preprocessing = preprocessing(spec, cfg.hflip);
         let writer = WriterOptions {
@@ -311,6 +321,7 @@ fn fresh_state(cfg: &BuildConfig, plan: &BuildPlan, job: &Job) -> BuildManifest 
         rejected: Vec::new(),
         skipped: images.skipped.clone(),
         stats: None,
+        truncated: job.inputs.truncated.clone(),
         build_log: build_state::BuildLog {
             tool_version: env!("CARGO_PKG_VERSION").into(),
             started_unix: build_state::unix_now(),
@@ -326,8 +337,18 @@ fn resume_state(
     plan: &BuildPlan,
     job: &Job,
 ) -> Result<BuildManifest, PipelineError> {
-    let m = BuildManifest::load(&plan.root)?;
-    let differences = m.settings.differences(&job.settings);
+    let mut m = BuildManifest::load(&plan.root)?;
+    let mut differences = m.settings.differences(&job.settings);
+    if let (None, Some(cut)) = (&m.truncated, &job.inputs.truncated) {
+        return Err(PipelineError::Invalid(format!(
+            "cannot resume from a source cut short: {}: {}",
+            cut.key, cut.reason
+        )));
+    }
+    if m.truncated.is_some() {
+        differences.retain(|d| !extends_listing(d));
+        continue_truncated(&mut m, job)?;
+    }
     if !differences.is_empty() {
         return Err(PipelineError::ResumeMismatch {
             path: cfg.out.clone(),
@@ -336,6 +357,36 @@ fn resume_state(
     }
     prepare_resume(&m, &plan.shards_dir, &cfg.out, &plan.root)?;
     Ok(m)
+}
+
+/// A settings difference that a longer listing of a source that was cut
+/// short makes (checked by [`continue_truncated`]).
+fn extends_listing(difference: &str) -> bool {
+    difference.starts_with("num_images:") || difference.starts_with("image_list_sha256:")
+}
+
+/// Resuming a build whose source was cut short: this listing must begin
+/// with the images that build planned (same keys and labels, in order);
+/// the build state then takes the new listing's plan.
+fn continue_truncated(m: &mut BuildManifest, job: &Job) -> Result<(), PipelineError> {
+    let entries = job.inputs.entries();
+    let n = m.settings.num_images;
+    if entries.len() < n || image_list_sha256(&entries[..n]) != m.settings.image_list_sha256 {
+        return Err(PipelineError::Invalid(format!(
+            "cannot resume: the source no longer begins with the {n} images the build listed before it was cut short ({} listed now)",
+            entries.len()
+        )));
+    }
+    let shards = &job.inputs.shards;
+    m.settings.num_images = job.settings.num_images;
+    m.settings.image_list_sha256 = job.settings.image_list_sha256.clone();
+    m.dataset.images = entries.len();
+    m.dataset.classes = job.inputs.images.classes.clone();
+    m.layout.end_shard = shards.shards.end;
+    m.layout.total_shards = shards.total_shards();
+    m.skipped = job.inputs.images.skipped.clone();
+    m.truncated = job.inputs.truncated.clone();
+    Ok(())
 }
 
 /// Before resuming: the last complete shard must hash as listed; shard and
@@ -470,6 +521,7 @@ fn encode_and_write(
         sink::ShardSink::new(plan, &job.inputs, job.writer.clone(), m, clock, progress);
     stages::run(
         job.inputs.entries(),
+        job.inputs.reader.as_deref(),
         todo,
         enc.encoder.as_ref(),
         &stage_opts,
@@ -491,6 +543,19 @@ fn finish(
     clock: RunClock,
 ) -> Result<(), PipelineError> {
     let shards = &job.inputs.shards.shards;
+    if let Some(cut) = &job.inputs.truncated {
+        // Stop with the shards before the cut; `--resume` continues.
+        tracing::warn!(
+            "{}: {}; stopped after {} shards, rerun with --resume once the source is complete",
+            cut.key,
+            cut.reason,
+            m.shards.len()
+        );
+        m.truncated = Some(cut.clone());
+        m.build_log.stamp(clock);
+        m.save(&plan.root)?;
+        return Ok(());
+    }
     if m.next_shard() != shards.end {
         return Err(PipelineError::Invalid(format!(
             "build stopped at shard {} of {}..{}",
@@ -531,7 +596,8 @@ fn summary(cfg: &BuildConfig, plan: &BuildPlan, m: &BuildManifest, run: &ThisRun
             .stats
             .is_some()
             .then(|| cfg.out.join(build_state::STATS_FILE)),
-        complete: true,
+        complete: m.complete,
+        truncated: m.truncated.clone(),
         part: cfg.part,
         resumed_from_shard: run.resumed_from_shard,
         shards: m.shards.iter().filter(|s| s.file.is_some()).count(),

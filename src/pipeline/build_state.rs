@@ -62,6 +62,10 @@ pub struct BuildSettings {
     pub image_list_sha256: String,
     /// Images listed after `--limit`.
     pub num_images: usize,
+    /// A tar or Parquet source: its format, files and options (absent for
+    /// an image folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::sources::SourceSettings>,
 }
 
 impl BuildSettings {
@@ -242,6 +246,12 @@ pub struct BuildManifest {
     pub skipped: Vec<Skipped>,
     /// `stats.safetensors` once complete (not for parts).
     pub stats: Option<String>,
+    /// The source ended early (a truncated archive): where and why. The
+    /// build holds the whole shards before the cut and is not complete;
+    /// `--resume` continues once the source is whole (its listing must
+    /// start with this one's images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<Skipped>,
     /// Timings and machine facts.
     pub build_log: BuildLog,
 }
@@ -405,6 +415,7 @@ mod tests {
             part: None,
             image_list_sha256: "x".into(),
             num_images: 6,
+            source: None,
         }
     }
 

@@ -11,6 +11,7 @@ use crate::images::DecodeOptions;
 use crate::precision::Precision;
 use crate::shards::LatentDType;
 pub use crate::shards::writer::{DEFAULT_ROWS_PER_ROW_GROUP, DEFAULT_ZSTD_LEVEL};
+use crate::sources::SourceOptions;
 
 use super::build_state::{self, HFlip};
 use super::{PartSpec, PipelineError};
@@ -41,8 +42,12 @@ pub const DEFAULT_PRECISION: Precision = Precision::Auto;
 /// [`BuildConfig::new`] fills in the defaults.
 #[derive(Debug, Clone)]
 pub struct BuildConfig {
-    /// The image folder.
+    /// The image folder, or the first tar / Parquet input.
     pub images: PathBuf,
+    /// More tar or Parquet inputs (files, directories, `*` patterns).
+    pub extra_inputs: Vec<PathBuf>,
+    /// How the inputs are read (format, labels, Parquet columns).
+    pub source: SourceOptions,
     /// The cache directory to create (or resume).
     pub out: PathBuf,
     /// Local directory or Hugging Face repo id.
@@ -89,6 +94,8 @@ impl BuildConfig {
     pub fn new(images: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
         Self {
             images: images.into(),
+            extra_inputs: Vec::new(),
+            source: SourceOptions::default(),
             out: out.into(),
             encoder: DEFAULT_ENCODER.into(),
             allow_download: false,
@@ -108,6 +115,13 @@ impl BuildConfig {
             max_pixels: DecodeOptions::default().max_pixels,
             resume: false,
         }
+    }
+
+    /// Every input: `images` then `extra_inputs`.
+    pub fn inputs(&self) -> Vec<PathBuf> {
+        std::iter::once(self.images.clone())
+            .chain(self.extra_inputs.iter().cloned())
+            .collect()
     }
 
     /// Check the settings and fill in their defaults. Everything that needs

@@ -73,6 +73,9 @@ pub enum PipelineError {
     /// Listing the image folder failed (unreadable images are rejected, not errors).
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// Listing or reading a tar or Parquet source failed.
+    #[error(transparent)]
+    Source(#[from] crate::sources::SourceError),
     /// Loading or running the encoder failed.
     #[error("encoder: {0}")]
     Encoder(#[from] EncoderError),

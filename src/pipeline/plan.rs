@@ -8,10 +8,12 @@
 //! or split into parts — puts every image in the same shard.
 
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::PipelineError;
-use crate::images::{Discovery, ImageEntry};
+use crate::images::{Discovery, ImageEntry, Skipped};
+use crate::sources::{self, ItemReader, Resolved, SourceOptions, SourceSettings};
 
 /// Part `index` of `count` in a multi-machine build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -102,14 +104,33 @@ impl ShardPlan {
     }
 }
 
-/// The images a build encodes (sorted by key, after `--limit`) and the
+/// The images a build encodes (in listing order, after `--limit`) and the
 /// shards they go to.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Inputs {
-    /// The image folder's listing; its `entries` are the images encoded.
+    /// The listing; its `entries` are the images encoded.
     pub images: Discovery,
     /// Their shards.
     pub shards: ShardPlan,
+    /// Reads the images of an archive or Parquet source; `None`: a folder,
+    /// whose images are read by path.
+    pub reader: Option<Arc<dyn ItemReader>>,
+    /// What the source is (`None` for a folder).
+    pub source: Option<SourceSettings>,
+    /// The source ended early: the images are those of the whole shards
+    /// before the cut, and the build stops there (see `run_build`).
+    pub truncated: Option<Skipped>,
+}
+
+impl std::fmt::Debug for Inputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inputs")
+            .field("images", &self.images)
+            .field("shards", &self.shards)
+            .field("source", &self.source)
+            .field("truncated", &self.truncated)
+            .finish()
+    }
 }
 
 impl Inputs {
@@ -121,25 +142,100 @@ impl Inputs {
         images_per_shard: usize,
         part: Option<PartSpec>,
     ) -> Result<Self, PipelineError> {
-        let mut images = crate::images::discover(root)?;
+        let images = crate::images::discover(root)?;
+        Self::plan(images, None, limit, images_per_shard, part)
+    }
+
+    /// List the images of `inputs` (an image folder, tar archives or
+    /// Parquet files, see [`crate::sources`]) and plan their shards.
+    pub fn list(
+        inputs: &[PathBuf],
+        opts: &SourceOptions,
+        limit: Option<usize>,
+        images_per_shard: usize,
+        part: Option<PartSpec>,
+    ) -> Result<Self, PipelineError> {
+        let format = match sources::resolve(inputs, opts.format)? {
+            Resolved::Folder(root) => {
+                if opts.labels.is_some() {
+                    return Err(PipelineError::Invalid(
+                        "--labels applies to tar archives, not to an image folder".into(),
+                    ));
+                }
+                return Self::discover(&root, limit, images_per_shard, part);
+            }
+            Resolved::Files(f) => f,
+        };
+        let listing = sources::list(inputs, format, opts)?;
+        Self::plan(
+            listing.discovery,
+            Some((listing.reader, listing.settings, listing.truncated)),
+            limit,
+            images_per_shard,
+            part,
+        )
+    }
+
+    fn plan(
+        mut images: Discovery,
+        source: Option<SourceParts>,
+        limit: Option<usize>,
+        images_per_shard: usize,
+        part: Option<PartSpec>,
+    ) -> Result<Self, PipelineError> {
+        let (reader, settings, mut truncated) = source.unwrap_or((None, None, None));
         if let Some(n) = limit {
+            if images.entries.len() >= n {
+                truncated = None; // the cut is past the images asked for
+            }
             images.entries.truncate(n);
         }
-        if images.entries.is_empty() {
+        if let Some(cut) = &truncated {
+            if part.is_some() {
+                return Err(PipelineError::Invalid(format!(
+                    "{}: {}; parts need the complete source (its image count decides the split)",
+                    cut.key, cut.reason
+                )));
+            }
+            // Only whole shards: the last one's images may continue past
+            // the cut, and a shard is never rewritten on resume.
+            let whole = images.entries.len() / images_per_shard.max(1) * images_per_shard;
+            let left = images.entries.len() - whole;
+            images.entries.truncate(whole);
+            images.skipped.push(cut.clone());
+            tracing::warn!(
+                "{}: {}; building the {whole} images of the whole shards before it ({left} more listed wait for the rest)",
+                cut.key,
+                cut.reason
+            );
+        } else if images.entries.is_empty() {
             return Err(PipelineError::NoImages {
-                path: root.to_path_buf(),
+                path: images.root.clone(),
             });
         }
         let shards = ShardPlan::new(images.entries.len(), images_per_shard, part)
             .map_err(PipelineError::Invalid)?;
-        Ok(Self { images, shards })
+        Ok(Self {
+            images,
+            shards,
+            reader,
+            source: settings,
+            truncated,
+        })
     }
 
-    /// The images, sorted by key.
+    /// The images, in listing order.
     pub fn entries(&self) -> &[ImageEntry] {
         &self.images.entries
     }
 }
+
+/// What a non-folder listing adds: its reader, settings and cut.
+type SourceParts = (
+    Option<Arc<dyn ItemReader>>,
+    Option<SourceSettings>,
+    Option<Skipped>,
+);
 
 /// `shards/part-NNNNN.parquet`, relative to the cache directory.
 pub fn shard_file_name(index: usize) -> String {

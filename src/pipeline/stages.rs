@@ -23,7 +23,8 @@ use candle_core::{DType, Device};
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::encoders::{Encoder, crops_to_u8, u8_to_input};
-use crate::images::{DecodeOptions, ImageEntry, adm_center_crop, decode_rgb8};
+use crate::images::{DecodeOptions, ImageEntry, adm_center_crop, decode_rgb8, decode_rgb8_bytes};
+use crate::sources::ItemReader;
 
 use super::PipelineError;
 
@@ -55,10 +56,17 @@ pub struct StageOptions<'a> {
 
 type Decoded = (usize, Result<image::RgbImage, String>);
 
+/// What a decode worker gets: an index, and for a tar or Parquet source
+/// the image's bytes (or why there are none); `None`: read the file.
+type Fetched = (usize, Option<Result<Vec<u8>, String>>);
+
 /// Decode, crop and encode `entries[range]`, handing results to `sink` in
-/// index order. Returns the first error of any stage.
+/// index order. `reader` reads the images of a tar or Parquet source (one
+/// sequential stream, in the feeder); without it the decode workers read
+/// the files by path. Returns the first error of any stage.
 pub fn run(
     entries: &[ImageEntry],
+    reader: Option<&dyn ItemReader>,
     range: Range<usize>,
     encoder: &dyn Encoder,
     opts: &StageOptions<'_>,
@@ -81,7 +89,10 @@ pub fn run(
     for _ in 0..window {
         let _ = ticket_tx.send(());
     }
-    let (in_tx, in_rx) = bounded::<usize>(threads);
+    let (in_tx, in_rx) = bounded::<Fetched>(threads);
+    // A source that cannot be read any more stops the build (not a
+    // rejection: `--resume` continues once it is readable).
+    let source_failed: std::sync::Mutex<Option<crate::sources::SourceError>> = Default::default();
     let (dec_tx, dec_rx) = bounded::<Decoded>(window);
     // Two batches of encoded images between the encoder and the writer.
     let (enc_tx, enc_rx) = bounded::<Encoded>(2 * opts.batch_size);
@@ -89,13 +100,8 @@ pub fn run(
     std::thread::scope(|s| {
         let feeder = {
             let range = range.clone();
-            s.spawn(move || {
-                for idx in range {
-                    if ticket_rx.recv().is_err() || in_tx.send(idx).is_err() {
-                        return; // downstream stopped
-                    }
-                }
-            })
+            let source_failed = &source_failed;
+            s.spawn(move || feed(reader, range, &ticket_rx, &in_tx, source_failed))
         };
 
         let decoders = {
@@ -132,26 +138,74 @@ pub fn run(
         let _ = feeder.join();
         let _ = decoders.join();
         sink_result?;
+        if let Some(e) = source_failed.lock().ok().and_then(|mut g| g.take()) {
+            return Err(e.into());
+        }
         enc_result
     })
 }
 
+/// Hand out `range` to the decode workers, one ticket per image; with a
+/// `reader`, together with the image's bytes read in order.
+fn feed(
+    reader: Option<&dyn ItemReader>,
+    range: Range<usize>,
+    tickets: &Receiver<()>,
+    out: &Sender<Fetched>,
+    failed: &std::sync::Mutex<Option<crate::sources::SourceError>>,
+) {
+    let Some(reader) = reader else {
+        for idx in range {
+            if tickets.recv().is_err() || out.send((idx, None)).is_err() {
+                return; // downstream stopped
+            }
+        }
+        return;
+    };
+    for item in reader.stream(range) {
+        if tickets.recv().is_err() {
+            return;
+        }
+        match item {
+            Ok((idx, bytes)) => {
+                if out.send((idx, Some(bytes))).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                if let Ok(mut g) = failed.lock() {
+                    *g = Some(e);
+                }
+                return;
+            }
+        }
+    }
+}
+
 fn decode_worker(
     entries: &[ImageEntry],
-    in_rx: &Receiver<usize>,
+    in_rx: &Receiver<Fetched>,
     out: &Sender<Decoded>,
     opts: &StageOptions<'_>,
 ) {
-    for idx in in_rx.iter() {
+    for (idx, fetched) in in_rx.iter() {
         let e = &entries[idx];
         // A decoder bug on a hostile file must not take the build down.
         let res = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            decode_rgb8(&e.path, &opts.decode).map(|img| adm_center_crop(&img, opts.crop_size))
+            let img = match &fetched {
+                None => decode_rgb8(&e.path, &opts.decode)?,
+                Some(Ok(bytes)) => decode_rgb8_bytes(bytes, &e.path, &opts.decode)?,
+                Some(Err(_)) => return Ok(None),
+            };
+            Ok::<_, crate::images::ImageError>(Some(adm_center_crop(&img, opts.crop_size)))
         }));
-        let res = match res {
-            Ok(Ok(crop)) => Ok(crop),
-            Ok(Err(err)) => Err(reason_for(&err.to_string(), e)),
-            Err(_) => Err("the image decoder panicked on this file".to_string()),
+        let res = match (res, fetched) {
+            (Ok(Ok(Some(crop))), _) => Ok(crop),
+            (Ok(Ok(None)), Some(Err(reason))) => Err(reason),
+            (Ok(Ok(None)), _) => Err("unreadable image".to_string()),
+            (Ok(Err(err)), _) => Err(reason_for(&err.to_string(), e)),
+            (Err(_), _) => Err("the image decoder panicked on this file".to_string()),
         };
         if out.send((idx, res)).is_err() {
             return;
