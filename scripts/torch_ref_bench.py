@@ -8,6 +8,7 @@
            backbone, wide DDT head, SwiGLU, RMSNorm, 2D rope, adaLN), bf16 autocast, MSE on the
            flow-matching target, backward, grad clip 1.0, AdamW (0.9, 0.95), EMA.
   decoder  RAE ViT decoder (ViTMAE-style: decoder_embed, cls + sincos position, pre-LN blocks, decoder_pred).
+  sample   Euler sampling of the same DiT-DH with classifier-free guidance (doubled batch), no autograd.
 
 Prints one JSON line per workload with the same keys as `rae-cache bench`.
   python3 scripts/torch_ref_bench.py --what encoder,train,decoder --device cuda --batch-encoder 256 ...
@@ -17,6 +18,7 @@ Prints one JSON line per workload with the same keys as `rae-cache bench`.
 import argparse
 import json
 import math
+import resource
 import sys
 import time
 
@@ -77,6 +79,8 @@ def report(what, model, dev, precision, batch, warmup, secs, params, notes):
         "images_per_s": batch / max(mean, 1e-12),
         "params": params,
         "peak_device_bytes": peak,
+        # the process's peak resident memory (Linux reports KiB): one workload per process to read it alone
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "notes": notes,
     }
 
@@ -301,7 +305,8 @@ class DitDh(nn.Module):
         return out.transpose(1, 2).reshape(b, self.in_ch, self.grid, self.grid)
 
 
-def bench_train(a, dev):
+def build_ditdh(a, dev):
+    """The DiT-DH of --ditdh (or --tiny), with any explicit shape options; (model, name, in_ch, grid, classes)."""
     torch.manual_seed(0)
     if a.tiny:
         spec, in_ch, grid, classes = dict(hidden=(48, 64), depth=(2, 1), heads=(4, 4)), 24, 4, 10
@@ -315,6 +320,15 @@ def bench_train(a, dev):
             spec[key] = pair(val)
     in_ch, grid, classes = a.in_channels or in_ch, a.grid or grid, a.classes or classes
     model = DitDh(spec["hidden"], spec["depth"], spec["heads"], in_ch, grid, classes).to(dev)
+    name = "ditdh-tiny" if a.tiny else "ditdh-" + a.ditdh
+    if any((a.hidden, a.depth, a.heads, a.in_channels, a.grid, a.classes)):
+        name = (f"ditdh h{spec['hidden']} d{spec['depth']} heads{spec['heads']} "
+                f"{grid}x{grid}x{in_ch} {classes} classes")
+    return model, name, in_ch, grid, classes
+
+
+def bench_train(a, dev):
+    model, name, in_ch, grid, classes = build_ditdh(a, dev)
     params = n_params(model)
     ema = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0,
@@ -341,13 +355,37 @@ def bench_train(a, dev):
         return loss
 
     secs = time_iters(dev, a.warmup, a.iters, step)
-    name = "ditdh-tiny" if a.tiny else "ditdh-" + a.ditdh
-    if any((a.hidden, a.depth, a.heads, a.in_channels, a.grid, a.classes)):
-        name = (f"ditdh h{spec['hidden']} d{spec['depth']} heads{spec['heads']} "
-                f"{grid}x{grid}x{in_ch} {classes} classes")
     mode = f"{a.precision} autocast" if amp else "f32"
     return report("train", name, dev, a.precision, b, a.warmup, secs, params,
                   f"fwd+bwd+clip+AdamW+EMA, f32 weights, {mode}, sdpa; fixed inputs (no loader)")
+
+
+def bench_sample(a, dev):
+    """Euler ODE sampling with classifier-free guidance, as `rae-cache bench sample`: --steps grid points
+    (steps - 1 model calls on the doubled batch [cond | null]), random weights, no autograd."""
+    model, name, in_ch, grid, classes = build_ditdh(a, dev)
+    model.eval()
+    b = a.batch_sample
+    z0 = torch.randn(b, in_ch, grid, grid, device=dev)
+    y = torch.arange(b, device=dev) % classes
+    y2 = torch.cat([y, torch.full_like(y, classes)])
+    ts = torch.linspace(1.0, 0.0, a.steps, device=dev)  # noise (t=1) to data (t=0)
+    amp = a.precision in ("bf16", "f16")
+
+    @torch.no_grad()
+    def run():
+        x = z0
+        for i in range(a.steps - 1):
+            t = ts[i].expand(2 * b)
+            with torch.autocast(dev.type, dtype=dtype_of(a.precision), enabled=amp):
+                v = model(torch.cat([x, x]), t, y2).float()
+            vc, vu = v.chunk(2)
+            x = x + (ts[i + 1] - ts[i]) * (vu + a.cfg_scale * (vc - vu))
+        return x
+
+    secs = time_iters(dev, a.warmup, a.iters, run)
+    return report("sample", name, dev, a.precision, b, a.warmup, secs, n_params(model),
+                  f"Euler, {a.steps} grid points, cfg {a.cfg_scale} (model batch {2 * b}), random weights")
 
 
 # ---------------------------------------------------------------------------------------------- decoder
@@ -432,6 +470,9 @@ def main():
     p.add_argument("--batch-encoder", type=int, default=256)
     p.add_argument("--batch-train", type=int, default=64)
     p.add_argument("--batch-decoder", type=int, default=64)
+    p.add_argument("--batch-sample", type=int, default=16)
+    p.add_argument("--steps", type=int, default=50, help="sample: grid points (steps - 1 model calls)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="sample: guidance scale")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--ditdh", default="xl", choices=sorted(DITDH))
@@ -447,7 +488,7 @@ def main():
     p.add_argument("--params-only", action="store_true", help="print parameter counts and exit")
     a = p.parse_args()
     if a.batch:
-        a.batch_encoder = a.batch_train = a.batch_decoder = a.batch
+        a.batch_encoder = a.batch_train = a.batch_decoder = a.batch_sample = a.batch
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
@@ -465,7 +506,7 @@ def main():
                           a.decoder: n_params(dec)}), flush=True)
         return 0
 
-    benches = {"encoder": bench_encoder, "train": bench_train, "decoder": bench_decoder}
+    benches = {"encoder": bench_encoder, "train": bench_train, "decoder": bench_decoder, "sample": bench_sample}
     status = 0
     for w in [w.strip() for w in a.what.split(",") if w.strip()]:
         if w not in benches:

@@ -12,8 +12,9 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use rae_cache::models::state_dict::trainable_vars;
+use rae_cache::models::state_dict::{sorted_vars, trainable_vars};
 use rae_cache::models::{DecoderConfig, DitConfig, DitModel, RaeDecoder};
+use rae_cache::train::init::SeededVarMap;
 use rae_cache::train::{FlowBatch, TrainConfig, TrainState, TrainStateConfig};
 
 /// Errors of the benchmark helpers.
@@ -224,6 +225,38 @@ pub fn random_decoder(cfg: &DecoderConfig, dtype: DType, device: &Device) -> Res
         cfg,
         VarBuilder::from_varmap(&vm, dtype, device),
     )?)
+}
+
+/// A DiT for inference with every weight random (std 0.05; seeded), loaded
+/// from plain tensors as `rae-cache sample` loads a checkpoint, fused
+/// inference kernels on. The reference's zero-initialised adaLN and output
+/// layers would make the blocks trivial; random values give a trained
+/// model's work.
+pub fn random_sampling_model(
+    cfg: &DitConfig,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<DitModel> {
+    let vm = VarMap::new();
+    DitModel::new(
+        cfg,
+        SeededVarMap::var_builder(&vm, seed, DType::F32, &Device::Cpu),
+    )?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(1));
+    let mut vars = sorted_vars(&vm);
+    let mut tensors = HashMap::new();
+    for (k, v) in vars.drain(..) {
+        let t = if k.ends_with("weight") || k.ends_with("bias") {
+            randn_cpu(&mut rng, v.dims(), 0.05)?
+        } else {
+            v.as_tensor().detach()
+        };
+        tensors.insert(k, t.to_device(device)?);
+    }
+    let mut model = DitModel::new(cfg, VarBuilder::from_tensors(tensors, dtype, device))?;
+    model.set_fused(true);
+    Ok(model)
 }
 
 /// Parameter count of a decoder as built by [`random_decoder`] (frozen

@@ -41,6 +41,8 @@ enum Mode {
     Train(TrainArgs),
     /// RAE decoder forward on random latents.
     Decoder(DecoderArgs),
+    /// Euler sampling of a DiT (random weights), with CFG, as `sample` runs it.
+    Sample(SampleArgs),
     /// Deterministic synthetic JPEGs in an ImageNet-style class-folder layout.
     SynthImages(SynthArgs),
     /// Trainable parameter counts of a DiT preset and a decoder preset.
@@ -165,6 +167,23 @@ struct DecoderArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct SampleArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Model preset (ditdh-s|b|l|xl, dit-xl, ...) or a config file.
+    #[arg(long, default_value = "ditdh-s")]
+    preset: String,
+    /// Grid points (N-1 Euler steps), as `sample --steps`.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Classifier-free guidance scale (> 1: the model runs on a doubled batch).
+    #[arg(long, default_value_t = 4.0)]
+    cfg_scale: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(clap::Args, Debug)]
 struct SynthArgs {
     #[arg(long)]
     out: PathBuf,
@@ -187,6 +206,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         Mode::RandomEncoder(a) => random_encoder(a)?,
         Mode::Train(a) => train(a)?,
         Mode::Decoder(a) => decoder(a)?,
+        Mode::Sample(a) => sample_bench(a)?,
         Mode::SynthImages(a) => synth(a)?,
         Mode::Params(a) => params(a)?,
     };
@@ -534,6 +554,63 @@ fn decoder(a: DecoderArgs) -> anyhow::Result<Value> {
             cfg.num_patches,
             cfg.latent_dim,
             cfg.image_size()
+        ),
+    }
+    .json(&timing))
+}
+
+fn sample_bench(a: SampleArgs) -> anyhow::Result<Value> {
+    use rae_cache::diffusion::sampler::{Guidance, SamplerConfig, sample};
+    let c = &a.common;
+    let device = parse_device(&c.device)?;
+    let dtype = c.precision.resolve(&device);
+    let cfg = DitConfig::load(&a.preset).with_context(|| format!("model {:?}", a.preset))?;
+    let model = crate::bench_support::random_sampling_model(&cfg, a.seed, dtype, &device)?;
+    let (ch, s) = (cfg.in_channels(), cfg.input_size());
+    let z0 = Tensor::randn(0f32, 1.0, (c.batch, ch, s, s), &device)?;
+    let classes = cfg.num_classes() as u32;
+    let y = Tensor::from_vec(
+        (0..c.batch as u32).map(|i| i % classes).collect(),
+        c.batch,
+        &device,
+    )?;
+    let guidance = if a.cfg_scale > 1.0 {
+        Guidance::Cfg {
+            scale: a.cfg_scale,
+            t_min: 0.0,
+            t_max: 1.0,
+            null_class: classes,
+        }
+    } else {
+        Guidance::None
+    };
+    let sc = SamplerConfig {
+        num_steps: a.steps,
+        guidance,
+        ..Default::default()
+    };
+    let timing = time_iters(&device, c.warmup, c.iters, || {
+        sample(&model, None, &z0, &y, &sc)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    Ok(Report {
+        what: "sample",
+        model: &a.preset,
+        device: &device,
+        dtype,
+        batch: c.batch,
+        params: crate::bench_support::dit_param_count(&cfg)?,
+        notes: format!(
+            "Euler, {} grid points, cfg {} (model batch {}), random weights",
+            a.steps,
+            a.cfg_scale,
+            if a.cfg_scale > 1.0 {
+                2 * c.batch
+            } else {
+                c.batch
+            }
         ),
     }
     .json(&timing))

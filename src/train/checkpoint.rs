@@ -166,6 +166,7 @@ pub fn save(run_dir: &Path, ck: &Checkpoint, keep: usize) -> Result<PathBuf> {
     let tmp = fsutil::temp_path(&path);
     safetensors::serialize_to_file(tensors, Some(meta), &tmp)
         .map_err(|e| fmt_err(&tmp, format!("safetensors: {e}")))?;
+    fsutil::sort_safetensors_header(&tmp).map_err(io_err(&tmp))?;
     File::open(&tmp)
         .and_then(|f| f.sync_all())
         .map_err(io_err(&tmp))?;
