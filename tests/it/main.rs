@@ -12,6 +12,7 @@ mod arrow_readers;
 mod build_bad_inputs;
 mod build_e2e;
 mod build_resume;
+mod build_sources;
 mod cli_bench;
 mod cli_sample_decode;
 mod gradients;
