@@ -172,6 +172,24 @@ fn run(input: &Path, threads: usize) -> (usize, f64) {
     (done.into_inner(), t0.elapsed().as_secs_f64())
 }
 
+/// CPU seconds used by this process so far (all threads), from
+/// /proc/self/stat; 0 where there is none. Unlike wall time, not inflated
+/// by other processes' load.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the `(comm)`: utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() / 100.0 // USER_HZ
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -195,12 +213,17 @@ fn main() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (folder, tar, parquet) = write_sources(tmp.path(), &images);
     let sources = [("folder", &folder), ("nested tar", &tar), ("parquet", &parquet)];
-    println!("{n} JPEGs 500x375 q90, {rounds} interleaved rounds, median images/s (read+decode+crop, listing included)");
+    println!(
+        "{n} JPEGs 500x375 q90, {rounds} interleaved rounds, median images/s and total CPU per image (read+decode+crop, listing included)"
+    );
     for threads in [1usize, 2] {
         let mut rates = vec![Vec::new(); sources.len()];
+        let mut cpu = vec![0f64; sources.len()];
         for _ in 0..rounds {
             for (k, (_, path)) in sources.iter().enumerate() {
+                let c0 = cpu_seconds();
                 let (count, secs) = run(path, threads);
+                cpu[k] += cpu_seconds() - c0;
                 assert_eq!(count, n);
                 rates[k].push(count as f64 / secs);
             }
@@ -208,9 +231,11 @@ fn main() {
         let base = median(rates[0].clone());
         for (k, (name, _)) in sources.iter().enumerate() {
             let m = median(rates[k].clone());
+            let ms = 1e3 * cpu[k] / (rounds * n) as f64;
             println!(
-                "threads {threads}  {name:<10}  {m:8.1} images/s  {:.3}x folder",
-                m / base
+                "threads {threads}  {name:<10}  {m:8.1} images/s  {:.3}x folder   CPU {ms:.2} ms/image ({:.3}x folder)",
+                m / base,
+                cpu[k] / cpu[0]
             );
         }
     }
