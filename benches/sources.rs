@@ -79,8 +79,11 @@ fn write_sources(dir: &Path, images: &Images) -> (PathBuf, PathBuf, PathBuf) {
         })
         .collect();
     let tar = dir.join("train.tar");
-    std::fs::write(&tar, tar_of(inner.iter().map(|(n, b)| (n.clone(), b.as_slice()))))
-        .expect("write");
+    std::fs::write(
+        &tar,
+        tar_of(inner.iter().map(|(n, b)| (n.clone(), b.as_slice()))),
+    )
+    .expect("write");
     let parquet = dir.join("train.parquet");
     write_parquet(&parquet, images);
     (folder, tar, parquet)
@@ -108,8 +111,9 @@ fn write_parquet(path: &Path, images: &Images) {
         (Arc::new(fields[0].clone()), bytes),
         (Arc::new(fields[1].clone()), paths),
     ]);
-    let batch = arrow::record_batch::RecordBatch::try_new(schema.clone(), vec![Arc::new(image), labels])
-        .expect("batch");
+    let batch =
+        arrow::record_batch::RecordBatch::try_new(schema.clone(), vec![Arc::new(image), labels])
+            .expect("batch");
     // Row groups of 32 images (~4 MB), as image datasets are written.
     let props = parquet::file::properties::WriterProperties::builder()
         .set_max_row_group_row_count(Some(32))
@@ -205,14 +209,22 @@ fn main() {
     let images: Images = (0..n)
         .map(|i| {
             let class = format!("n{:08}", i % 4);
-            (class, format!("img_{i:05}.JPEG"), synthetic_jpeg(i as u64, 500, 375))
+            (
+                class,
+                format!("img_{i:05}.JPEG"),
+                synthetic_jpeg(i as u64, 500, 375),
+            )
         })
         .collect();
     let mut images = images;
     images.sort();
     let tmp = tempfile::tempdir().expect("tempdir");
     let (folder, tar, parquet) = write_sources(tmp.path(), &images);
-    let sources = [("folder", &folder), ("nested tar", &tar), ("parquet", &parquet)];
+    let sources = [
+        ("folder", &folder),
+        ("nested tar", &tar),
+        ("parquet", &parquet),
+    ];
     println!(
         "{n} JPEGs 500x375 q90, {rounds} interleaved rounds, median images/s and total CPU per image (read+decode+crop, listing included)"
     );

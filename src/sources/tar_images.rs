@@ -54,8 +54,9 @@ fn members(src: &Arc<dyn ByteSource>, start: u64, len: u64, name: &str) -> Membe
         cut: None,
         odd: Vec::new(),
     };
-    // Buffer the small header reads; `entries_with_seek` seeks over data.
-    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(8 << 10, region));
+    // Buffer the small header reads (a seek drops the buffer, so keep it
+    // near a header's size); `entries_with_seek` seeks over the data.
+    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(2048, region));
     let mut end = 0u64; // end of the last member's padded data (relative)
     let entries = match archive.entries_with_seek() {
         Ok(e) => e,
@@ -298,8 +299,7 @@ fn finish(
     } else if let Some(l) = &labels {
         l.apply(&mut c.entries)?
     } else {
-        for (e, m) in c.entries.iter_mut().zip(&c.members) {
-            let _ = m;
+        for e in c.entries.iter_mut() {
             if let Some(cls) = c.cls.get(sample_key(&e.key)) {
                 e.label = read_cls(&sources[cls.archive], cls).unwrap_or_else(|reason| {
                     tracing::warn!("{}: {reason}; label -1", e.path.display());

@@ -135,15 +135,18 @@ fn parquet_dataset(
         let bytes: Vec<Option<Vec<u8>>> = chunk
             .iter()
             .enumerate()
-            .map(|(r, i)| bad.get(&(first + r)).cloned().unwrap_or(Some(i.bytes.clone())))
+            .map(|(r, i)| {
+                bad.get(&(first + r))
+                    .cloned()
+                    .unwrap_or(Some(i.bytes.clone()))
+            })
             .collect();
         let bytes: ArrayRef = Arc::new(BinaryArray::from_iter(bytes.iter().map(|b| b.as_deref())));
         let paths: ArrayRef = Arc::new(StringArray::from_iter_values(chunk.iter().map(|i| &i.key)));
-        let labels: ArrayRef = Arc::new(Int64Array::from_iter_values(
-            chunk
-                .iter()
-                .map(|i| classes.iter().position(|c| *c == i.class).unwrap() as i64),
-        ));
+        let labels: ArrayRef =
+            Arc::new(Int64Array::from_iter_values(chunk.iter().map(|i| {
+                classes.iter().position(|c| *c == i.class).unwrap() as i64
+            })));
         let image = StructArray::from(vec![
             (Arc::new(fields[0].clone()), bytes),
             (Arc::new(fields[1].clone()), paths),
@@ -151,7 +154,10 @@ fn parquet_dataset(
         let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(image), labels]).unwrap();
         let props = WriterProperties::builder()
             .set_max_row_group_row_count(Some(3))
-            .set_key_value_metadata(Some(vec![KeyValue::new("huggingface".into(), hf.to_string())]))
+            .set_key_value_metadata(Some(vec![KeyValue::new(
+                "huggingface".into(),
+                hf.to_string(),
+            )]))
             .build();
         let file = std::fs::File::create(dir.join(format!("train-{f:05}.parquet"))).unwrap();
         let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props)).unwrap();
@@ -260,7 +266,10 @@ fn tar_webdataset_and_parquet_build_the_folder_bytes() {
     build_ok(&[&train], &out, &[]);
     assert_same_cache(&clean, &out, "nested tar");
     let m = read_json(&out.join("manifest.json"));
-    assert_eq!(m["build_args"]["settings"]["source"]["format"], "nested-tar");
+    assert_eq!(
+        m["build_args"]["settings"]["source"]["format"],
+        "nested-tar"
+    );
 
     // A flat tar with a labels file of class names (keys without extension).
     let flat = tmp.path().join("val.tar");
@@ -272,7 +281,11 @@ fn tar_webdataset_and_parquet_build_the_folder_bytes() {
     let labels = tmp.path().join("labels.csv");
     let mut text = String::from("ImageId,PredictionString\n");
     for i in images.iter().rev() {
-        text += &format!("{},{} 1 2 3 4\n", &i.key[..i.key.rfind('.').unwrap()], i.class);
+        text += &format!(
+            "{},{} 1 2 3 4\n",
+            &i.key[..i.key.rfind('.').unwrap()],
+            i.class
+        );
     }
     std::fs::write(&labels, text).unwrap();
     let out = tmp.path().join("flat-cache");
@@ -311,8 +324,10 @@ fn damaged_members_and_rows_are_rejected_not_fatal() {
     let garbage = b"\xff\xd8\xff\xe0 not really a jpeg".to_vec();
 
     // A flat tar with a corrupt member and a non-image member.
-    let mut members: Vec<(String, &[u8])> =
-        images.iter().map(|i| (i.key.clone(), i.bytes.as_slice())).collect();
+    let mut members: Vec<(String, &[u8])> = images
+        .iter()
+        .map(|i| (i.key.clone(), i.bytes.as_slice()))
+        .collect();
     members.insert(1, ("n01440764/broken.jpg".into(), garbage.as_slice()));
     members.push(("README.txt".into(), b"hello".as_slice()));
     let t = tmp.path().join("bad.tar");
@@ -341,11 +356,19 @@ fn damaged_members_and_rows_are_rejected_not_fatal() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["key"].as_str().unwrap().into(), r["reason"].as_str().unwrap().into()))
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap().into(),
+                r["reason"].as_str().unwrap().into(),
+            )
+        })
         .collect();
     assert_eq!(rejected.len(), 2, "{rejected:?}");
     assert_eq!(rejected[0].0, images[1].key);
-    assert_eq!(rejected[1], (images[2].key.clone(), "image bytes are null".into()));
+    assert_eq!(
+        rejected[1],
+        (images[2].key.clone(), "image bytes are null".into())
+    );
     assert_eq!(m["totals"]["images"], 2);
 }
 
@@ -366,23 +389,41 @@ fn truncated_archive_stops_then_resumes_once_complete() {
     let o = bin().args(args(&[&train], &out, &[])).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(3), "{err}");
-    assert!(err.contains("truncated") && err.contains("--resume"), "{err}");
+    assert!(
+        err.contains("truncated") && err.contains("--resume"),
+        "{err}"
+    );
     let state = read_json(&out.join("build-state.json"));
     assert_eq!(state["complete"], false);
-    assert!(state["truncated"]["reason"].as_str().unwrap().contains("truncated"));
+    assert!(
+        state["truncated"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("truncated")
+    );
     let written = state["shards"].as_array().unwrap().len();
     assert!(written >= 2, "{written} shards before the cut");
     assert!(!out.join("stats.safetensors").exists());
     let m = read_json(&out.join("manifest.json"));
     let skipped = m["build_args"]["skipped"].as_array().unwrap();
     assert!(
-        skipped.iter().any(|s| s["reason"].as_str().unwrap().contains("truncated")),
+        skipped
+            .iter()
+            .any(|s| s["reason"].as_str().unwrap().contains("truncated")),
         "{skipped:?}"
     );
 
     // Still cut: resuming stops again at the same place, nothing lost.
-    let o = bin().args(args(&[&train], &out, &["--resume"])).output().unwrap();
-    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = bin()
+        .args(args(&[&train], &out, &["--resume"]))
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // Complete again: --resume finishes the same bytes as a clean build.
     std::fs::write(&train, &whole).unwrap();
@@ -393,18 +434,25 @@ fn truncated_archive_stops_then_resumes_once_complete() {
     assert!(state.get("truncated").is_none());
 
     // A different archive under the same name is refused.
-    let mut other: Vec<Image> = images.iter().skip(1).map(|i| Image {
-        key: i.key.clone(),
-        class: i.class.clone(),
-        bytes: i.bytes.clone(),
-    }).collect();
+    let mut other: Vec<Image> = images
+        .iter()
+        .skip(1)
+        .map(|i| Image {
+            key: i.key.clone(),
+            class: i.class.clone(),
+            bytes: i.bytes.clone(),
+        })
+        .collect();
     other.truncate(8);
     std::fs::write(&train, nested_tar(&other)).unwrap();
     let cut = tmp.path().join("cut2");
     std::fs::write(&train, &whole[..whole.len() * 11 / 20]).unwrap();
     let _ = bin().args(args(&[&train], &cut, &[])).output().unwrap();
     std::fs::write(&train, nested_tar(&other)).unwrap();
-    let o = bin().args(args(&[&train], &cut, &["--resume"])).output().unwrap();
+    let o = bin()
+        .args(args(&[&train], &cut, &["--resume"]))
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("no longer begins"), "{err}");
