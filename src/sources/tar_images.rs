@@ -402,6 +402,54 @@ impl ItemReader for TarReader {
 mod tests {
     use super::*;
 
+    fn tar_of(members: &[(&str, usize)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, len) in members {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(*len as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, name, vec![7u8; *len].as_slice())
+                .unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn list_bytes(bytes: &[u8]) -> Members {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.tar");
+        std::fs::write(&p, bytes).unwrap();
+        let src = open_local(&p).unwrap();
+        members(&src, 0, src.len(), "a.tar")
+    }
+
+    #[test]
+    fn every_kind_of_cut_is_found_and_the_complete_members_kept() {
+        let whole = tar_of(&[("x/1.jpg", 1000), ("x/2.jpg", 600), ("x/3.jpg", 10)]);
+        let m = list_bytes(&whole);
+        assert!(m.cut.is_none());
+        assert_eq!(
+            m.files
+                .iter()
+                .map(|f| (f.path.as_str(), f.size))
+                .collect::<Vec<_>>(),
+            [("x/1.jpg", 1000), ("x/2.jpg", 600), ("x/3.jpg", 10)]
+        );
+        assert_eq!(&whole[m.files[1].offset as usize..][..600], &[7u8; 600][..]);
+        // Member 1 takes 512 + 1024 bytes, member 2 512 + 1024.
+        for (cut, kept, why) in [
+            (1536 + 1536, 2, "end-of-archive"), // between members 2 and 3
+            (1536 + 300, 1, "unreadable"),      // inside member 2's header
+            (1536 + 512 + 100, 1, "truncated"), // inside member 2's data
+            (4096, 3, "end-of-archive"),        // after the data, no end blocks
+            (4096 + 10, 3, "unreadable"),       // in the end blocks
+        ] {
+            let m = list_bytes(&whole[..cut]);
+            let (_, reason) = m.cut.expect("cut found");
+            assert_eq!(m.files.len(), kept, "cut at {cut}: {reason}");
+            assert!(reason.contains(why), "cut at {cut}: {reason}");
+        }
+    }
+
     #[test]
     fn webdataset_sample_keys() {
         assert_eq!(sample_key("a/b/x.seg.jpg"), "a/b/x");
