@@ -127,6 +127,16 @@ fn write_parquet(path: &Path, images: &Images) {
 /// List `input`, then read, decode and crop every image on `threads`
 /// threads; returns (images, seconds).
 fn run(input: &Path, threads: usize) -> (usize, f64) {
+    run_timed(input, threads).0
+}
+
+/// Seconds to list `input`.
+fn list_seconds(input: &Path) -> f64 {
+    run_timed(input, 0).1
+}
+
+/// ((images, seconds), listing seconds); `threads` 0: list only.
+fn run_timed(input: &Path, threads: usize) -> ((usize, f64), f64) {
     let t0 = Instant::now();
     let inputs = Inputs::list(
         &[input.to_path_buf()],
@@ -136,6 +146,10 @@ fn run(input: &Path, threads: usize) -> (usize, f64) {
         None,
     )
     .expect("list");
+    let listed = t0.elapsed().as_secs_f64();
+    if threads == 0 {
+        return ((0, 0.0), listed);
+    }
     let entries = inputs.entries();
     let opts = DecodeOptions::default();
     let (tx, rx) = bounded::<(usize, Option<Vec<u8>>)>(4 * threads);
@@ -173,7 +187,7 @@ fn run(input: &Path, threads: usize) -> (usize, f64) {
         }
         drop(rx);
     });
-    (done.into_inner(), t0.elapsed().as_secs_f64())
+    ((done.into_inner(), t0.elapsed().as_secs_f64()), listed)
 }
 
 /// CPU seconds used by this process so far (all threads), from
@@ -228,6 +242,13 @@ fn main() {
     println!(
         "{n} JPEGs 500x375 q90, {rounds} interleaved rounds, median images/s and total CPU per image (read+decode+crop, listing included)"
     );
+    for (name, path) in &sources {
+        let s = median((0..rounds).map(|_| list_seconds(path)).collect());
+        println!(
+            "listing     {name:<10}  {:8.1} us/image",
+            1e6 * s / n as f64
+        );
+    }
     for threads in [1usize, 2] {
         let mut rates = vec![Vec::new(); sources.len()];
         let mut cpu = vec![0f64; sources.len()];

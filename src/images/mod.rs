@@ -22,7 +22,9 @@ pub use discover::discover;
 /// One image found under the dataset root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageEntry {
-    /// Absolute (or root-joined) path to read.
+    /// Absolute (or root-joined) path to read; for a tar or Parquet source
+    /// (see [`crate::sources`]) the image's place in it, for messages only
+    /// (`train.tar/n01440764.tar/x.JPEG`, `train-00000.parquet#12`).
     pub path: PathBuf,
     /// Path relative to the root with `/` separators: the shard `key`.
     pub key: String,

@@ -466,6 +466,10 @@ fn resume_and_parts_from_a_tar() {
     std::fs::write(&train, nested_tar(&images)).unwrap();
     let clean = tmp.path().join("clean");
     build_ok(&[&train], &clean, &[]);
+    // One decode thread (the others use two): the same bytes.
+    let one = tmp.path().join("one-thread");
+    build_ok(&[&train], &one, &["--threads", "1", "--batch-size", "3"]);
+    assert_same_cache(&clean, &one, "--threads 1");
 
     // A crash after shard 1: the state keeps two shards, a stray temp file.
     let resumed = tmp.path().join("resumed");
