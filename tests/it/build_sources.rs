@@ -167,28 +167,24 @@ fn parquet_dataset(
 }
 
 /// `rae-cache build INPUTS --out OUT` with the tiny encoder, small shards
-/// (2 images each) and batches.
+/// (2 images each) and batches; `extra` adds to or overrides them.
 fn args(inputs: &[&Path], out: &Path, extra: &[&str]) -> Vec<String> {
     let encoder = common::fixture("encoder-dinov2reg");
     let mut v = vec!["build".to_string()];
     v.extend(inputs.iter().map(|p| p.to_str().unwrap().to_string()));
-    for s in [
-        "--out",
-        out.to_str().unwrap(),
-        "--encoder",
-        encoder.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--batch-size",
-        "2",
-        "--rows-per-shard",
-        "4",
-        "--rows-per-group",
-        "2",
-        "--threads",
-        "2",
-    ] {
-        v.push(s.into());
+    v.extend(["--out", out.to_str().unwrap()].map(String::from));
+    let defaults = [
+        ("--encoder", encoder.to_str().unwrap()),
+        ("--device", "cpu"),
+        ("--batch-size", "2"),
+        ("--rows-per-shard", "4"),
+        ("--rows-per-group", "2"),
+        ("--threads", "2"),
+    ];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            v.extend([flag, value].map(String::from));
+        }
     }
     v.extend(extra.iter().map(|s| s.to_string()));
     v
