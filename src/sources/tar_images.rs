@@ -40,6 +40,9 @@ struct Members {
     files: Vec<Raw>,
     /// (locator, reason) of the cut.
     cut: Option<(String, String)>,
+    /// The member whose data the cut falls in (its size as the header
+    /// says): a nested class tar is still read up to the cut.
+    cut_member: Option<Raw>,
     /// Members that are not regular files or not UTF-8 (locator, reason).
     odd: Vec<(String, String)>,
 }
@@ -52,6 +55,7 @@ fn members(src: &Arc<dyn ByteSource>, start: u64, len: u64, name: &str) -> Membe
     let mut out = Members {
         files: Vec::new(),
         cut: None,
+        cut_member: None,
         odd: Vec::new(),
     };
     // Buffer the small header reads (a seek drops the buffer, so keep it
@@ -106,6 +110,11 @@ fn members(src: &Arc<dyn ByteSource>, start: u64, len: u64, name: &str) -> Membe
                     start + region_len
                 ),
             ));
+            out.cut_member = Some(Raw {
+                path,
+                offset: start + pos,
+                size,
+            });
             return out;
         }
         out.files.push(Raw {
@@ -228,7 +237,10 @@ pub(super) fn list(
         let is_nested = *nested.get_or_insert(!webdataset && is_nested(&top));
         c.skip_odd(top.odd);
         if is_nested {
-            for inner in top.files {
+            // A class tar cut short is read up to the cut, then the
+            // listing stops (its `members` reports the cut).
+            let cut_inner = top.cut_member.into_iter();
+            for inner in top.files.into_iter().chain(cut_inner) {
                 let locator = format!("{}/{}", file.name, inner.path);
                 let lower = inner.path.to_ascii_lowercase();
                 if !lower.ends_with(".tar") {
