@@ -347,6 +347,10 @@ unsafe fn sgemm(
     beta: f32,
     par: Parallelism,
 ) {
+    #[cfg(feature = "mkl")]
+    if unsafe { mkl::sgemm((m, n, k), dst, lhs, rhs, beta, par) } {
+        return;
+    }
     unsafe {
         gemm::gemm(
             m,
@@ -369,6 +373,88 @@ unsafe fn sgemm(
             false,
             par,
         )
+    }
+}
+
+/// oneMKL's sgemm for the fused kernels' products (`--features mkl`).
+#[cfg(feature = "mkl")]
+mod mkl {
+    use super::{Dst, Operand, Parallelism};
+
+    unsafe extern "C" {
+        fn cblas_sgemm(
+            layout: i32,
+            trans_a: i32,
+            trans_b: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const f32,
+            lda: i32,
+            b: *const f32,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
+        fn MKL_Set_Num_Threads_Local(n: i32) -> i32;
+    }
+
+    const ROW_MAJOR: i32 = 101;
+    const NO_TRANS: i32 = 111;
+    const TRANS: i32 = 112;
+
+    /// A row-major operand of `cols` columns as (transpose flag, leading
+    /// dimension); `None` when neither stride is 1.
+    fn layout(op: Operand, rows: usize, cols: usize) -> Option<(i32, i32)> {
+        let ld = |v: usize, min: usize| i32::try_from(v.max(min).max(1)).ok();
+        if op.cs == 1 && (op.rs >= cols || rows == 1) {
+            Some((NO_TRANS, ld(op.rs, cols)?))
+        } else if op.rs == 1 && (op.cs >= rows || cols == 1) {
+            Some((TRANS, ld(op.cs, rows)?))
+        } else {
+            None
+        }
+    }
+
+    /// [`super::sgemm`] through cblas; false (nothing done) for a layout
+    /// cblas cannot take. Inside a parallel task (`Parallelism::None`) MKL
+    /// runs on the calling thread only, so the tasks do not oversubscribe.
+    pub(super) unsafe fn sgemm(
+        (m, n, k): (usize, usize, usize),
+        dst: Dst,
+        lhs: Operand,
+        rhs: Operand,
+        beta: f32,
+        par: Parallelism,
+    ) -> bool {
+        let (Some((ta, lda)), Some((tb, ldb))) = (layout(lhs, m, k), layout(rhs, k, n)) else {
+            return false;
+        };
+        if dst.rs < n && m > 1 {
+            return false;
+        }
+        let (Ok(mi), Ok(ni), Ok(ki), Ok(ldc)) = (
+            i32::try_from(m),
+            i32::try_from(n),
+            i32::try_from(k),
+            i32::try_from(dst.rs.max(n).max(1)),
+        ) else {
+            return false;
+        };
+        let c_beta = if dst.accumulate { 1.0 } else { 0.0 };
+        unsafe {
+            let prev = matches!(par, Parallelism::None).then(|| MKL_Set_Num_Threads_Local(1));
+            cblas_sgemm(
+                ROW_MAJOR, ta, tb, mi, ni, ki, beta, lhs.ptr, lda, rhs.ptr, ldb, c_beta, dst.ptr,
+                ldc,
+            );
+            if let Some(p) = prev {
+                MKL_Set_Num_Threads_Local(p);
+            }
+        }
+        true
     }
 }
 
