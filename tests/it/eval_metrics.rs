@@ -165,3 +165,20 @@ fn precision_recall_bad_inputs() {
     assert!(err.contains("non-finite") && err.contains("row 2"), "{err}");
     assert!(rae_cache::eval::precision_recall(&many, &many[..9], 2, &opts).is_err());
 }
+
+#[test]
+fn psnr_and_ssim_match_the_numpy_oracle() {
+    let (t, e) = (tensors(), expected());
+    let x = &t["rec.x"];
+    let (n, c, h, w) = x.dims4().unwrap();
+    let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let yv: Vec<f32> = t["rec.y"].flatten_all().unwrap().to_vec1().unwrap();
+    let p = rae_cache::eval::recon::psnr(&xv, &yv, n).unwrap();
+    let s = rae_cache::eval::recon::ssim_per_image(&xv, &yv, n, c, h, w).unwrap();
+    eprintln!("PSNR {p} vs {}, SSIM {s:?} vs {}", e["rec"]["psnr"], e["rec"]["ssim_per_image"]);
+    assert!((p - num(&e["rec"]["psnr"])).abs() < 1e-9);
+    for (g, want) in s.iter().zip(e["rec"]["ssim_per_image"].as_array().unwrap()) {
+        assert!((g - num(want)).abs() < 1e-9, "{g} vs {want}");
+    }
+    assert!(rae_cache::eval::recon::ssim(&xv, &yv[1..], n, c, h, w).is_err());
+}
