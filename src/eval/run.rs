@@ -189,6 +189,9 @@ fn latent_metrics(
     let Input::Shards { shards, .. } = samples else {
         return Err(EvalError::Invalid("latent metrics need sample shards (a sample or cache directory)".into()));
     };
+    if shards.is_empty() {
+        return Err(EvalError::Invalid("no sample shards".into()));
+    }
     let refl = match reference {
         Input::Shards { shards: rs, stats } => latent_reference_of_cache(rs, load_stats(stats)?, opts, progress)?,
         Input::RefFile(p) => Reference::load(p)?
@@ -196,6 +199,17 @@ fn latent_metrics(
             .ok_or_else(|| EvalError::format(p, "has no latent statistics (make it with eval-ref from a cache)"))?,
         _ => return Err(EvalError::Invalid("latent metrics need a latent cache or an eval-ref file made from one as --ref".into())),
     };
+    let first = crate::shards::ShardReader::open(&shards[0])?;
+    if (first.tokens(), first.channels()) != (refl.token_count, refl.channels) {
+        return Err(EvalError::Invalid(format!(
+            "{}: samples are [{}, {}] latents (tokens, channels), the reference [{}, {}]",
+            first.path().display(),
+            first.tokens(),
+            first.channels(),
+            refl.token_count,
+            refl.channels
+        )));
+    }
     let lo = LatentOptions {
         tokens: refl.tokens.is_some(),
         keep_pooled: opts.latent_pr && refl.pooled_rows.is_some(),

@@ -128,6 +128,7 @@ fn normalised_samples_are_denormalised_with_the_cache_stats() {
 fn fails_with(args: &[&std::ffi::OsStr], needle: &str) {
     let out = bin().arg("eval").args(args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}");
     assert!(!out.status.success() && err.contains(needle), "expected {needle:?} in:\n{err}");
 }
 
@@ -154,7 +155,7 @@ fn bad_inputs_give_clear_errors_and_write_nothing() {
     // mismatched latent shapes
     let other = dir.path().join("other");
     tiny_cache::write(&other, &Spec { channels: 4, ..spec() });
-    fails_with(&[&os(&other), "--ref".as_ref(), &os(&cache)], "latents");
+    fails_with(&[&os(&other), "--ref".as_ref(), &os(&cache)], "samples are [16, 4] latents (tokens, channels), the reference [16, 8]");
     // pixel metrics without the network
     let npz = dir.path().join("s.npz");
     let mut z = NpzWriter::create(&npz, 2, 4, 4).unwrap();
