@@ -217,12 +217,19 @@ def main():
 
     # --- PSNR / SSIM oracle (numpy): RAE averages per-image PSNR on [0,1]
     # (MSE clamped at 1e-10) and uses torchmetrics SSIM (Gaussian 11, sigma
-    # 1.5, k1 0.01, k2 0.03, data range 1, mean over the valid region).
+    # 1.5, k1 0.01, k2 0.03, data range 1, variances clamped at 0). Since
+    # torchmetrics 1.5 (PR #2721) the mean is over the whole reflect-padded
+    # image ("full"); before, and in skimage, over the valid region only.
     x = rng.uniform(size=(3, 3, 24, 20)).astype(np.float32)
     y = np.clip(x + rng.normal(scale=0.08, size=x.shape), 0, 1).astype(np.float32)
     y[2] = x[2]  # an exact reconstruction: PSNR from the 1e-10 clamp (100 dB)
     tensors["rec.x"], tensors["rec.y"] = x, y
-    expected["rec"] = {"psnr": psnr(x, y), "ssim": ssim(x, y), "ssim_per_image": [ssim(x[i : i + 1], y[i : i + 1]) for i in range(3)]}
+    expected["rec"] = {
+        "psnr": psnr(x, y),
+        "ssim": ssim(x, y),
+        "ssim_per_image": [ssim(x[i : i + 1], y[i : i + 1]) for i in range(3)],
+        "ssim_valid_per_image": [ssim(x[i : i + 1], y[i : i + 1], border="valid") for i in range(3)],
+    }
 
     for kname in list(tensors):
         t = tensors[kname]
@@ -254,14 +261,18 @@ def filt_valid(img, g):
     return sum(g[j] * rows[..., :, j : w - k + 1 + j] for j in range(k))
 
 
-def ssim(x, y, data_range=1.0):
+def ssim(x, y, data_range=1.0, border="full"):
     x = x.astype(np.float64)
     y = y.astype(np.float64)
+    if border == "full":
+        # torchmetrics >= 1.5 (PR #2721): reflect-pad by 5, mean over the whole image
+        pad = [(0, 0), (0, 0), (5, 5), (5, 5)]
+        x, y = np.pad(x, pad, mode="reflect"), np.pad(y, pad, mode="reflect")
     g = gauss()
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mx, my = filt_valid(x, g), filt_valid(y, g)
-    sxx = filt_valid(x * x, g) - mx * mx
-    syy = filt_valid(y * y, g) - my * my
+    sxx = np.maximum(filt_valid(x * x, g) - mx * mx, 0)
+    syy = np.maximum(filt_valid(y * y, g) - my * my, 0)
     sxy = filt_valid(x * y, g) - mx * my
     s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
     return float(s.reshape(len(x), -1).mean(1).mean())

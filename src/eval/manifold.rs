@@ -129,12 +129,13 @@ fn distances(
     };
     let lhs = faer::MatRef::from_row_major_slice(&src_a[r0 * d..r1 * d], r1 - r0, d);
     let rhs = faer::MatRef::from_row_major_slice(&src_b[c0 * d..c1 * d], c1 - c0, d);
-    let mut gram = faer::Mat::<f32>::zeros(r1 - r0, c1 - c0);
+    // (cols x rows), column-major: each row of distances is one contiguous column
+    let mut gram = faer::Mat::<f32>::zeros(c1 - c0, r1 - r0);
     faer::linalg::matmul::matmul(
         &mut gram,
         faer::Accum::Replace,
-        lhs,
-        rhs.transpose(),
+        rhs,
+        lhs.transpose(),
         1.0,
         faer::Par::rayon(0),
     );
@@ -145,8 +146,9 @@ fn distances(
         .enumerate()
         .map(|(i, row)| {
             let mut ok = true;
+            let g_row = gram.col_as_slice(i);
             for (j, o) in row.iter_mut().enumerate() {
-                let g = gram[(i, j)];
+                let g = g_row[j];
                 *o = match mode {
                     Distance::AdmF16 => {
                         let two = f16::from_f32(2.0) * f16::from_f32(g);

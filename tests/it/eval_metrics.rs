@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Tensor};
 use rae_cache::eval::manifold::{Prepared, manifold_radii};
+use rae_cache::eval::recon::SsimBorder;
 use rae_cache::eval::{Distance, Moments, PrOptions, frechet_distance, inception_score};
 
 fn dir() -> PathBuf {
@@ -174,11 +175,15 @@ fn psnr_and_ssim_match_the_numpy_oracle() {
     let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
     let yv: Vec<f32> = t["rec.y"].flatten_all().unwrap().to_vec1().unwrap();
     let p = rae_cache::eval::recon::psnr(&xv, &yv, n).unwrap();
-    let s = rae_cache::eval::recon::ssim_per_image(&xv, &yv, n, c, h, w).unwrap();
-    eprintln!("PSNR {p} vs {}, SSIM {s:?} vs {}", e["rec"]["psnr"], e["rec"]["ssim_per_image"]);
-    assert!((p - num(&e["rec"]["psnr"])).abs() < 1e-9);
-    for (g, want) in s.iter().zip(e["rec"]["ssim_per_image"].as_array().unwrap()) {
-        assert!((g - num(want)).abs() < 1e-9, "{g} vs {want}");
+    assert!((p - num(&e["rec"]["psnr"])).abs() < 1e-9, "PSNR {p} vs {}", e["rec"]["psnr"]);
+    for (border, key) in [(SsimBorder::Full, "ssim_per_image"), (SsimBorder::Valid, "ssim_valid_per_image")] {
+        let s = rae_cache::eval::recon::ssim_per_image(&xv, &yv, n, (c, h, w), border).unwrap();
+        eprintln!("SSIM {border:?} {s:?} vs {}", e["rec"][key]);
+        for (g, want) in s.iter().zip(e["rec"][key].as_array().unwrap()) {
+            assert!((g - num(want)).abs() < 1e-9, "{g} vs {want}");
+        }
     }
-    assert!(rae_cache::eval::recon::ssim(&xv, &yv[1..], n, c, h, w).is_err());
+    let mean = rae_cache::eval::recon::ssim(&xv, &yv, n, (c, h, w), SsimBorder::Full).unwrap();
+    assert!((mean - num(&e["rec"]["ssim"])).abs() < 1e-9);
+    assert!(rae_cache::eval::recon::ssim(&xv, &yv[1..], n, (c, h, w), SsimBorder::Full).is_err());
 }
