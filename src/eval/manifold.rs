@@ -15,7 +15,6 @@
 //!
 //! [`Distance::F32`] is the plain f32 distance (torch-fidelity-like).
 
-use half::f16;
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -71,6 +70,22 @@ pub struct PrResult {
     pub fallback_tiles: usize,
 }
 
+/// `x` rounded to the nearest f16 (ties to even), returned as f32: what
+/// `half::f16::from_f32(x).to_f32()` gives, without the conversions (the
+/// inner loop of the distance blocks runs it three times per distance).
+#[inline]
+pub fn round_f16(x: f32) -> f32 {
+    let a = x.abs();
+    if !(a >= 6.103_515_6e-5) {
+        // f16 subnormals (quantum 2^-24), zero, NaN
+        return if a.is_nan() { x } else { (x * 16_777_216.0).round_ties_even() / 16_777_216.0 };
+    }
+    let b = x.to_bits();
+    // round the 23-bit mantissa to 10 bits, ties to even
+    let r = f32::from_bits((b + 0x0FFF + ((b >> 13) & 1)) & !0x1FFF);
+    if r.abs() > 65504.0 { f32::INFINITY.copysign(x) } else { r }
+}
+
 /// Rows of the f32 product computed at once (bounds memory, not results).
 const SUB_ROWS: usize = 1024;
 
@@ -79,7 +94,8 @@ pub struct Prepared<'a> {
     raw: &'a [f32],
     /// Features rounded to f16 (held as f32, exactly).
     rounded: Vec<f32>,
-    norms16: Vec<f16>,
+    /// f16 values held as f32.
+    norms16: Vec<f32>,
     norms32: Vec<f32>,
     dim: usize,
 }
@@ -94,9 +110,9 @@ impl<'a> Prepared<'a> {
             )));
         }
         check_finite(what, raw, dim)?;
-        let rounded: Vec<f32> = raw.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+        let rounded: Vec<f32> = raw.iter().map(|&x| round_f16(x)).collect();
         let sq = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>();
-        let norms16 = rounded.chunks_exact(dim).map(|r| f16::from_f32(sq(r))).collect();
+        let norms16 = rounded.chunks_exact(dim).map(|r| round_f16(sq(r))).collect();
         let norms32 = raw.chunks_exact(dim).map(sq).collect();
         Ok(Prepared {
             raw,
@@ -151,10 +167,11 @@ fn distances(
                 let g = g_row[j];
                 *o = match mode {
                     Distance::AdmF16 => {
-                        let two = f16::from_f32(2.0) * f16::from_f32(g);
-                        let t = a.norms16[r0 + i] - two + b.norms16[c0 + j];
+                        // f16 ops: each result rounded to f16 (2 * x is exact up to overflow)
+                        let two = round_f16(2.0 * round_f16(g));
+                        let t = round_f16(round_f16(a.norms16[r0 + i] - two) + b.norms16[c0 + j]);
                         ok &= t.is_finite();
-                        if t > f16::ZERO { t.to_f32() } else { 0.0 }
+                        t.max(0.0)
                     }
                     Distance::F32 => {
                         let t = a.norms32[r0 + i] - 2.0 * g + b.norms32[c0 + j];
@@ -348,4 +365,31 @@ pub fn precision_recall(
         distance: opts.distance,
         fallback_tiles: fallbacks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_f16;
+    use half::f16;
+
+    #[test]
+    fn round_f16_matches_half() {
+        let mut s = 0x1234_5678u32;
+        let mut check = |x: f32| {
+            let want = f16::from_f32(x).to_f32();
+            let got = round_f16(x);
+            assert!(got == want || (got.is_nan() && want.is_nan()), "{x:e}: {got:e} vs {want:e}");
+        };
+        for x in [0.0, -0.0, 1.0, 65504.0, 65519.0, 65520.0, -65520.0, 1e-8, 3e-8, 6.1e-5, 6.2e-5, f32::INFINITY, f32::NAN, 2049.0, 2051.0] {
+            check(x);
+        }
+        for _ in 0..2_000_000 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            // exponents around the f16 range
+            let e = 100 + (s >> 24) % 50;
+            check(f32::from_bits((s & 0x8000_0000) | (e << 23) | (s & 0x7F_FFFF)));
+        }
+    }
 }
