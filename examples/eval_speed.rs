@@ -11,8 +11,15 @@ use rae_cache::shards::{LatentDType, LatentRow, ShardWriter, WriterOptions};
 use rand::{Rng, SeedableRng};
 
 fn main() -> anyhow::Result<()> {
-    let a: Vec<usize> = std::env::args().skip(1).map(|s| s.parse().unwrap()).collect();
-    let (dim, rows, cache_rows) = (*a.first().unwrap_or(&2048), *a.get(1).unwrap_or(&10_000), *a.get(2).unwrap_or(&2000));
+    let a: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let (dim, rows, cache_rows) = (
+        *a.first().unwrap_or(&2048),
+        *a.get(1).unwrap_or(&10_000),
+        *a.get(2).unwrap_or(&2000),
+    );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let feats: Vec<f32> = (0..rows * dim).map(|_| rng.random::<f32>() * 4.0).collect();
     let t = Instant::now();
@@ -26,31 +33,70 @@ fn main() -> anyhow::Result<()> {
     g2.mu.iter_mut().for_each(|x| *x += 0.01);
     let t = Instant::now();
     let fd = frechet_distance(&g1, &g2)?;
-    println!("FD {dim}-d: {:.2} s (value {fd:.6})", t.elapsed().as_secs_f64());
+    println!(
+        "FD {dim}-d: {:.2} s (value {fd:.6})",
+        t.elapsed().as_secs_f64()
+    );
     let n = rows / 2;
     let t = Instant::now();
-    let pr = precision_recall(&feats[..n * dim], &feats[n * dim..2 * n * dim], dim, &PrOptions::default());
+    let pr = precision_recall(
+        &feats[..n * dim],
+        &feats[n * dim..2 * n * dim],
+        dim,
+        &PrOptions::default(),
+    );
     if let Ok(pr) = pr {
-        println!("P/R {n} vs {n} x {dim} (adm-f16): {:.2} s (P {:.4} R {:.4})", t.elapsed().as_secs_f64(), pr.precision, pr.recall);
+        println!(
+            "P/R {n} vs {n} x {dim} (adm-f16): {:.2} s (P {:.4} R {:.4})",
+            t.elapsed().as_secs_f64(),
+            pr.precision,
+            pr.recall
+        );
     }
     // latent cache: cache_rows x 256 x 768 f16
     let dir = tempfile::tempdir()?;
     std::fs::create_dir_all(dir.path().join("shards"))?;
     let (tok, ch) = (256, 768);
     let t = Instant::now();
-    let mut w = ShardWriter::create(&dir.path().join("shards/part-00000.parquet"), WriterOptions::new(LatentDType::F16, tok, ch))?;
+    let mut w = ShardWriter::create(
+        &dir.path().join("shards/part-00000.parquet"),
+        WriterOptions::new(LatentDType::F16, tok, ch),
+    )?;
     let key = "k".to_string();
     for _ in 0..cache_rows.div_ceil(100) {
-        let lat: Vec<f32> = (0..100 * tok * ch).map(|_| rng.random::<f32>() - 0.5).collect();
-        let rows: Vec<LatentRow> = (0..100).map(|i| LatentRow { key: &key, label: 0, flip: false, latent: &lat[i * tok * ch..(i + 1) * tok * ch] }).collect();
+        let lat: Vec<f32> = (0..100 * tok * ch)
+            .map(|_| rng.random::<f32>() - 0.5)
+            .collect();
+        let rows: Vec<LatentRow> = (0..100)
+            .map(|i| LatentRow {
+                key: &key,
+                label: 0,
+                flip: false,
+                latent: &lat[i * tok * ch..(i + 1) * tok * ch],
+            })
+            .collect();
         w.write_rows(&rows)?;
     }
     w.finish()?;
-    println!("wrote a {cache_rows}-row cache: {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "wrote a {cache_rows}-row cache: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     for tokens in [false, true] {
-        let opts = EvalOptions { metrics: vec![Metric::Latent], latent_tokens: tokens, latent_pr: true, ..EvalOptions::default() };
+        let opts = EvalOptions {
+            metrics: vec![Metric::Latent],
+            latent_tokens: tokens,
+            latent_pr: true,
+            ..EvalOptions::default()
+        };
         let t = Instant::now();
-        let r = evaluate(dir.path(), dir.path(), &mut Networks::default(), &opts, &mut NoProgress)?;
+        let r = evaluate(
+            dir.path(),
+            dir.path(),
+            &mut Networks::default(),
+            &opts,
+            &mut NoProgress,
+        )?;
         println!(
             "latent eval of the cache against itself (both sides read; tokens={tokens}, pr on): {:.1} s, fd_pooled {}, fd_tokens {}",
             t.elapsed().as_secs_f64(),

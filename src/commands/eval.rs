@@ -17,8 +17,7 @@ pub const INCEPTION_HINT: &str = "pytorch-fid pt_inception-2015-12-05-6726825d.p
 https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth";
 
 /// Where the FD-DINOv2 weights are published.
-pub const DINOV2_HINT: &str =
-    "DINOv2 ViT-L/14: a Hugging Face facebook/dinov2-large directory (config.json + model.safetensors)";
+pub const DINOV2_HINT: &str = "DINOv2 ViT-L/14: a Hugging Face facebook/dinov2-large directory (config.json + model.safetensors)";
 
 /// Flags shared by `eval` and `eval-ref`.
 #[derive(clap::Args, Debug)]
@@ -95,7 +94,11 @@ impl Common {
         };
         Ok(EvalOptions {
             metrics,
-            pr: PrOptions { k: self.k, block: self.pr_block, distance: self.pr_distance },
+            pr: PrOptions {
+                k: self.k,
+                block: self.pr_block,
+                distance: self.pr_distance,
+            },
             latent_pr: !self.no_latent_pr,
             latent_tokens: !self.no_latent_tokens,
             batch: self.batch_size,
@@ -135,8 +138,14 @@ pub struct LoadedNetworks {
 impl LoadedNetworks {
     pub fn borrow(&mut self) -> Networks<'_> {
         Networks {
-            inception: self.inception.as_deref_mut().map(|n| n as &mut dyn ImageFeatures),
-            dinov2: self.dinov2.as_deref_mut().map(|n| n as &mut dyn ImageFeatures),
+            inception: self
+                .inception
+                .as_deref_mut()
+                .map(|n| n as &mut dyn ImageFeatures),
+            dinov2: self
+                .dinov2
+                .as_deref_mut()
+                .map(|n| n as &mut dyn ImageFeatures),
         }
     }
 }
@@ -193,10 +202,17 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         &opts,
         &mut Bar::labelled("eval", true),
     )
-    .with_context(|| format!("evaluating {} against {}", a.samples.display(), a.reference.display()))?;
+    .with_context(|| {
+        format!(
+            "evaluating {} against {}",
+            a.samples.display(),
+            a.reference.display()
+        )
+    })?;
     let text = serde_json::to_string_pretty(&report)?;
     if let Some(p) = &a.out {
-        rae_cache::fsutil::write_atomic(p, text.as_bytes()).with_context(|| format!("writing {}", p.display()))?;
+        rae_cache::fsutil::write_atomic(p, text.as_bytes())
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     if a.json {
         println!("{text}");

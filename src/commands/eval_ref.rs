@@ -31,8 +31,13 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let opts = a.common.options(&a.source)?;
     let mut nets = a.common.networks(&opts.metrics)?;
-    let r = build_reference(&a.source, &mut nets.borrow(), &opts, &mut Bar::labelled("eval-ref", true))
-        .with_context(|| format!("reference statistics of {}", a.source.display()))?;
+    let r = build_reference(
+        &a.source,
+        &mut nets.borrow(),
+        &opts,
+        &mut Bar::labelled("eval-ref", true),
+    )
+    .with_context(|| format!("reference statistics of {}", a.source.display()))?;
     r.save(&a.out, !a.f32_features)?;
     let summary = serde_json::json!({
         "out": a.out.display().to_string(),
@@ -44,7 +49,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        eprintln!("wrote {} ({} statistics sets)", a.out.display(), r.sets.len());
+        eprintln!(
+            "wrote {} ({} statistics sets)",
+            a.out.display(),
+            r.sets.len()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -61,18 +61,22 @@ impl ImageSource {
         if path.is_file() {
             return Ok(ImageSource::Npz(path.to_path_buf()));
         }
-        let d = crate::images::discover(path)
-            .map_err(|e| EvalError::format(path, e.to_string()))?;
+        let d =
+            crate::images::discover(path).map_err(|e| EvalError::format(path, e.to_string()))?;
         if d.entries.is_empty() {
             return Err(EvalError::format(path, "no images found"));
         }
-        Ok(ImageSource::Files(d.entries.into_iter().map(|e| e.path).collect()))
+        Ok(ImageSource::Files(
+            d.entries.into_iter().map(|e| e.path).collect(),
+        ))
     }
 
     /// A description for reports.
     pub fn describe(&self) -> serde_json::Value {
         match self {
-            ImageSource::Npz(p) => serde_json::json!({"kind": "npz", "path": p.display().to_string()}),
+            ImageSource::Npz(p) => {
+                serde_json::json!({"kind": "npz", "path": p.display().to_string()})
+            }
             ImageSource::Files(v) => serde_json::json!({"kind": "image-folder", "files": v.len()}),
         }
     }
@@ -95,7 +99,12 @@ impl ImageSource {
     ) -> Result<usize, EvalError> {
         match self {
             ImageSource::Npz(p) => npz::for_each_image_batch(p, batch, limit, |px, n, h, w| {
-                f(&ImageBatch { pixels: px, n, height: h, width: w })
+                f(&ImageBatch {
+                    pixels: px,
+                    n,
+                    height: h,
+                    width: w,
+                })
             }),
             ImageSource::Files(files) => {
                 let files = &files[..limit.map_or(files.len(), |l| l.min(files.len()))];
@@ -110,13 +119,24 @@ impl ImageSource {
                         if *size.get_or_insert(s) != s {
                             return Err(EvalError::format(
                                 p,
-                                format!("image is {}x{}, the first was {}x{}: sizes must match", s.1, s.0, size.unwrap_or(s).1, size.unwrap_or(s).0),
+                                format!(
+                                    "image is {}x{}, the first was {}x{}: sizes must match",
+                                    s.1,
+                                    s.0,
+                                    size.unwrap_or(s).1,
+                                    size.unwrap_or(s).0
+                                ),
                             ));
                         }
                         px.extend_from_slice(img.as_raw());
                     }
                     let (h, w) = size.unwrap_or((0, 0));
-                    f(&ImageBatch { pixels: &px, n: chunk.len(), height: h, width: w })?;
+                    f(&ImageBatch {
+                        pixels: &px,
+                        n: chunk.len(),
+                        height: h,
+                        width: w,
+                    })?;
                 }
                 Ok(files.len())
             }
@@ -152,11 +172,14 @@ pub struct Keep {
 }
 
 fn need<'a>(what: &str, v: &'a Option<Vec<f32>>, n: usize) -> Result<&'a [f32], EvalError> {
-    let v = v
-        .as_deref()
-        .ok_or_else(|| EvalError::Invalid(format!("the feature network gives no {what} features")))?;
+    let v = v.as_deref().ok_or_else(|| {
+        EvalError::Invalid(format!("the feature network gives no {what} features"))
+    })?;
     if n == 0 || v.len() % n != 0 {
-        return Err(EvalError::Invalid(format!("{what}: {} values for {n} images", v.len())));
+        return Err(EvalError::Invalid(format!(
+            "{what}: {} values for {n} images",
+            v.len()
+        )));
     }
     Ok(v)
 }
@@ -171,27 +194,42 @@ pub fn extract(
     progress: &mut dyn Progress,
 ) -> Result<FeatureSet, EvalError> {
     progress.start(source.len(limit)? as u64);
-    let mut set = FeatureSet { pool: None, spatial: None, pool_rows: None, logits: None, images: 0 };
+    let mut set = FeatureSet {
+        pool: None,
+        spatial: None,
+        pool_rows: None,
+        logits: None,
+        images: 0,
+    };
     source.for_each_batch(batch, limit, &mut |b| {
         let f = net.extract(b)?;
         let n = b.n;
         if keep.pool_stats || keep.pool_rows {
             let pool = need("pool", &f.pool, n)?;
             if keep.pool_stats {
-                set.pool.get_or_insert_with(|| Moments::new(pool.len() / n)).push("pool features", pool)?;
+                set.pool
+                    .get_or_insert_with(|| Moments::new(pool.len() / n))
+                    .push("pool features", pool)?;
             }
             if keep.pool_rows {
                 super::check_finite("pool features", pool, pool.len() / n)?;
-                set.pool_rows.get_or_insert_with(Vec::new).extend_from_slice(pool);
+                set.pool_rows
+                    .get_or_insert_with(Vec::new)
+                    .extend_from_slice(pool);
             }
         }
         if keep.spatial_stats {
             let sp = need("spatial", &f.spatial, n)?;
-            set.spatial.get_or_insert_with(|| Moments::new(sp.len() / n)).push("spatial features", sp)?;
+            set.spatial
+                .get_or_insert_with(|| Moments::new(sp.len() / n))
+                .push("spatial features", sp)?;
         }
         if keep.logits {
             let l = need("logits", &f.logits, n)?;
-            set.logits.get_or_insert_with(|| (Vec::new(), l.len() / n)).0.extend_from_slice(l);
+            set.logits
+                .get_or_insert_with(|| (Vec::new(), l.len() / n))
+                .0
+                .extend_from_slice(l);
         }
         set.images += n;
         progress.advance(n as u64);

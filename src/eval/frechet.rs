@@ -40,7 +40,9 @@ impl Gaussian {
             )));
         }
         if self.mu.iter().chain(&self.sigma).any(|x| !x.is_finite()) {
-            return Err(EvalError::Invalid(format!("{what}: non-finite mean or covariance")));
+            return Err(EvalError::Invalid(format!(
+                "{what}: non-finite mean or covariance"
+            )));
         }
         Ok(())
     }
@@ -60,7 +62,14 @@ pub fn trace_sqrt_product(s1: &Mat<f64>, s2: &Mat<f64>) -> Result<f64, EvalError
     // U diag(sqrt(max(s,0))) U^T
     let us = Mat::<f64>::from_fn(d, d, |i, j| u[(i, j)] * s[j].max(0.0).sqrt());
     let mut root = Mat::<f64>::zeros(d, d);
-    faer::linalg::matmul::matmul(&mut root, Accum::Replace, &us, u.transpose(), 1.0, Par::rayon(0));
+    faer::linalg::matmul::matmul(
+        &mut root,
+        Accum::Replace,
+        &us,
+        u.transpose(),
+        1.0,
+        Par::rayon(0),
+    );
     let mut tmp = Mat::<f64>::zeros(d, d);
     faer::linalg::matmul::matmul(&mut tmp, Accum::Replace, &root, s2, 1.0, Par::rayon(0));
     let mut a = Mat::<f64>::zeros(d, d);
@@ -105,13 +114,28 @@ mod tests {
             (0..d).for_each(|i| s[i * d + i] = v[i]);
             s
         };
-        let a = Gaussian { mu: vec![0.0; d], sigma: diag(&va), count: 0 };
-        let b = Gaussian { mu: vec![1.0; d], sigma: diag(&vb), count: 0 };
+        let a = Gaussian {
+            mu: vec![0.0; d],
+            sigma: diag(&va),
+            count: 0,
+        };
+        let b = Gaussian {
+            mu: vec![1.0; d],
+            sigma: diag(&vb),
+            count: 0,
+        };
         let want: f64 = d as f64
-            + va.iter().zip(&vb).map(|(x, y)| (x.sqrt() - y.sqrt()).powi(2)).sum::<f64>();
+            + va.iter()
+                .zip(&vb)
+                .map(|(x, y)| (x.sqrt() - y.sqrt()).powi(2))
+                .sum::<f64>();
         let got = frechet_distance(&a, &b).unwrap();
         assert!((got - want).abs() < 1e-12 * want, "{got} vs {want}");
-        let bad = Gaussian { mu: vec![0.0; d - 1], sigma: diag(&va), count: 0 };
+        let bad = Gaussian {
+            mu: vec![0.0; d - 1],
+            sigma: diag(&va),
+            count: 0,
+        };
         assert!(frechet_distance(&a, &bad).is_err());
     }
 }

@@ -15,7 +15,9 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::{EvalError, Gaussian, Moments, PrOptions, PrResult, frechet_distance, precision_recall};
+use super::{
+    EvalError, Gaussian, Moments, PrOptions, PrResult, frechet_distance, precision_recall,
+};
 use crate::generate::sample_run::{META_DENORMALISED, STATS_EPS};
 use crate::progress::Progress;
 use crate::shards::{LatentStats, ShardReader, StatsAccumulator};
@@ -64,11 +66,16 @@ fn denormalise(latents: &mut [f32], stats: &LatentStats, tokens: usize, channels
         .map(|e| {
             let (tok, ch) = (e / channels, e % channels);
             let i = ch * tokens + tok;
-            (((stats.var[i] as f64) + STATS_EPS).sqrt() as f32, stats.mean[i])
+            (
+                ((stats.var[i] as f64) + STATS_EPS).sqrt() as f32,
+                stats.mean[i],
+            )
         })
         .collect();
     for row in latents.chunks_exact_mut(per) {
-        row.iter_mut().zip(&scale).for_each(|(x, (s, m))| *x = *x * s + m);
+        row.iter_mut()
+            .zip(&scale)
+            .for_each(|(x, (s, m))| *x = *x * s + m);
     }
 }
 
@@ -76,7 +83,10 @@ fn open_all(shards: &[PathBuf]) -> Result<Vec<ShardReader>, EvalError> {
     if shards.is_empty() {
         return Err(EvalError::Invalid("no latent shards to read".into()));
     }
-    let readers: Vec<ShardReader> = shards.iter().map(|p| ShardReader::open(p)).collect::<Result<_, _>>()?;
+    let readers: Vec<ShardReader> = shards
+        .iter()
+        .map(|p| ShardReader::open(p))
+        .collect::<Result<_, _>>()?;
     let (t, c) = (readers[0].tokens(), readers[0].channels());
     for r in &readers {
         if (r.tokens(), r.channels()) != (t, c) {
@@ -141,7 +151,10 @@ pub fn scan(
             if opts.unflipped_only {
                 let per = t * c;
                 let keep: Vec<usize> = (0..b.flips.len()).filter(|&i| !b.flips[i]).collect();
-                b.latents = keep.iter().flat_map(|&i| b.latents[i * per..(i + 1) * per].to_vec()).collect();
+                b.latents = keep
+                    .iter()
+                    .flat_map(|&i| b.latents[i * per..(i + 1) * per].to_vec())
+                    .collect();
                 b.flips = vec![false; keep.len()];
             }
             let mut rows = b.flips.len();
@@ -163,7 +176,12 @@ pub fn scan(
     Ok(set)
 }
 
-fn push_rows(set: &mut LatentSet, latents: &[f32], rows: usize, r: &ShardReader) -> Result<(), EvalError> {
+fn push_rows(
+    set: &mut LatentSet,
+    latents: &[f32],
+    rows: usize,
+    r: &ShardReader,
+) -> Result<(), EvalError> {
     let (t, c) = (set.tokens, set.channels);
     let what = format!("{}", r.path().display());
     let mut pooled = vec![0f32; rows * c];
@@ -172,7 +190,9 @@ fn push_rows(set: &mut LatentSet, latents: &[f32], rows: usize, r: &ShardReader)
         for tok in row.chunks_exact(c) {
             acc.iter_mut().zip(tok).for_each(|(a, x)| *a += *x as f64);
         }
-        p.iter_mut().zip(&acc).for_each(|(p, a)| *p = (a / t as f64) as f32);
+        p.iter_mut()
+            .zip(&acc)
+            .for_each(|(p, a)| *p = (a / t as f64) as f32);
     }
     set.pooled.push(&what, &pooled)?;
     if let Some(m) = &mut set.token_moments {
@@ -208,10 +228,17 @@ pub struct LatentReference {
 
 impl LatentSet {
     /// Finish into the reference form (`stats`: the cache's statistics).
-    pub fn into_reference(self, stats: Option<LatentStats>, keep_rows: bool) -> Result<LatentReference, EvalError> {
+    pub fn into_reference(
+        self,
+        stats: Option<LatentStats>,
+        keep_rows: bool,
+    ) -> Result<LatentReference, EvalError> {
         Ok(LatentReference {
             pooled: self.pooled.finish("latent reference (pooled)")?,
-            tokens: self.token_moments.map(|m| m.finish("latent reference (tokens)")).transpose()?,
+            tokens: self
+                .token_moments
+                .map(|m| m.finish("latent reference (tokens)"))
+                .transpose()?,
             pooled_rows: keep_rows.then_some(self.pooled_rows),
             stats,
             token_count: self.tokens,
@@ -289,13 +316,21 @@ pub fn compare(
             samples.tokens, samples.channels, reference.token_count, reference.channels
         )));
     }
-    let fd_pooled = frechet_distance(&samples.pooled.finish("samples (pooled)")?, &reference.pooled)?;
+    let fd_pooled = frechet_distance(
+        &samples.pooled.finish("samples (pooled)")?,
+        &reference.pooled,
+    )?;
     let fd_tokens = match (&samples.token_moments, &reference.tokens) {
         (Some(m), Some(r)) => Some(frechet_distance(&m.finish("samples (tokens)")?, r)?),
         _ => None,
     };
     let pr = match (pr, &reference.pooled_rows) {
-        (Some(o), Some(real)) => Some(precision_recall(real, &samples.pooled_rows, samples.channels, o)?),
+        (Some(o), Some(real)) => Some(precision_recall(
+            real,
+            &samples.pooled_rows,
+            samples.channels,
+            o,
+        )?),
         (Some(_), None) => {
             return Err(EvalError::Invalid(
                 "latent precision/recall: the reference has no pooled vectors (make it with eval-ref --pr)".into(),

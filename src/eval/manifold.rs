@@ -78,12 +78,20 @@ pub fn round_f16(x: f32) -> f32 {
     let a = x.abs();
     if !(a >= 6.103_515_6e-5) {
         // f16 subnormals (quantum 2^-24), zero, NaN
-        return if a.is_nan() { x } else { (x * 16_777_216.0).round_ties_even() / 16_777_216.0 };
+        return if a.is_nan() {
+            x
+        } else {
+            (x * 16_777_216.0).round_ties_even() / 16_777_216.0
+        };
     }
     let b = x.to_bits();
     // round the 23-bit mantissa to 10 bits, ties to even
     let r = f32::from_bits((b + 0x0FFF + ((b >> 13) & 1)) & !0x1FFF);
-    if r.abs() > 65504.0 { f32::INFINITY.copysign(x) } else { r }
+    if r.abs() > 65504.0 {
+        f32::INFINITY.copysign(x)
+    } else {
+        r
+    }
 }
 
 /// Rows of the f32 product computed at once (bounds memory, not results).
@@ -112,7 +120,10 @@ impl<'a> Prepared<'a> {
         check_finite(what, raw, dim)?;
         let rounded: Vec<f32> = raw.iter().map(|&x| round_f16(x)).collect();
         let sq = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>();
-        let norms16 = rounded.chunks_exact(dim).map(|r| round_f16(sq(r))).collect();
+        let norms16 = rounded
+            .chunks_exact(dim)
+            .map(|r| round_f16(sq(r)))
+            .collect();
         let norms32 = raw.chunks_exact(dim).map(sq).collect();
         Ok(Prepared {
             raw,
@@ -378,9 +389,28 @@ mod tests {
         let mut check = |x: f32| {
             let want = f16::from_f32(x).to_f32();
             let got = round_f16(x);
-            assert!(got == want || (got.is_nan() && want.is_nan()), "{x:e}: {got:e} vs {want:e}");
+            assert!(
+                got == want || (got.is_nan() && want.is_nan()),
+                "{x:e}: {got:e} vs {want:e}"
+            );
         };
-        for x in [0.0, -0.0, 1.0, 65504.0, 65519.0, 65520.0, -65520.0, 1e-8, 3e-8, 6.1e-5, 6.2e-5, f32::INFINITY, f32::NAN, 2049.0, 2051.0] {
+        for x in [
+            0.0,
+            -0.0,
+            1.0,
+            65504.0,
+            65519.0,
+            65520.0,
+            -65520.0,
+            1e-8,
+            3e-8,
+            6.1e-5,
+            6.2e-5,
+            f32::INFINITY,
+            f32::NAN,
+            2049.0,
+            2051.0,
+        ] {
             check(x);
         }
         for _ in 0..2_000_000 {
@@ -389,7 +419,9 @@ mod tests {
             s ^= s << 5;
             // exponents around the f16 range
             let e = 100 + (s >> 24) % 50;
-            check(f32::from_bits((s & 0x8000_0000) | (e << 23) | (s & 0x7F_FFFF)));
+            check(f32::from_bits(
+                (s & 0x8000_0000) | (e << 23) | (s & 0x7F_FFFF),
+            ));
         }
     }
 }

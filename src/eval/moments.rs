@@ -85,7 +85,12 @@ impl Moments {
         self.merge_parts(other.count, &other.mean, other.m2.as_ref())
     }
 
-    fn merge_parts(&mut self, nb: u64, mean_b: &[f64], m2_b: MatRef<'_, f64>) -> Result<(), EvalError> {
+    fn merge_parts(
+        &mut self,
+        nb: u64,
+        mean_b: &[f64],
+        m2_b: MatRef<'_, f64>,
+    ) -> Result<(), EvalError> {
         if nb == 0 {
             return Ok(());
         }
@@ -155,7 +160,9 @@ mod tests {
         for i in 0..dim {
             for j in 0..dim {
                 let c: f64 = (0..rows)
-                    .map(|r| (data[r * dim + i] as f64 - mean[i]) * (data[r * dim + j] as f64 - mean[j]))
+                    .map(|r| {
+                        (data[r * dim + i] as f64 - mean[i]) * (data[r * dim + j] as f64 - mean[j])
+                    })
                     .sum::<f64>()
                     / (rows - 1) as f64;
                 assert!((a.sigma[i * dim + j] - c).abs() < 1e-12 * (1.0 + c.abs()));
@@ -169,8 +176,18 @@ mod tests {
     fn bad_inputs_are_errors() {
         let mut m = Moments::new(3);
         assert!(m.push("x", &[1.0, 2.0]).is_err());
-        assert!(m.push("x", &[1.0, f32::NAN, 2.0]).unwrap_err().to_string().contains("row 0, column 1"));
+        assert!(
+            m.push("x", &[1.0, f32::NAN, 2.0])
+                .unwrap_err()
+                .to_string()
+                .contains("row 0, column 1")
+        );
         m.push("x", &[1.0, 2.0, 3.0]).unwrap();
-        assert!(m.finish("x").unwrap_err().to_string().contains("at least 2"));
+        assert!(
+            m.finish("x")
+                .unwrap_err()
+                .to_string()
+                .contains("at least 2")
+        );
     }
 }

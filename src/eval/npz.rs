@@ -54,7 +54,8 @@ pub fn read_npy_header(r: &mut impl Read, what: &Path) -> Result<NpyHeader, Eval
         u32::from_le_bytes(b) as usize
     };
     let mut dict = vec![0u8; len];
-    r.read_exact(&mut dict).map_err(|e| EvalError::io(what, e))?;
+    r.read_exact(&mut dict)
+        .map_err(|e| EvalError::io(what, e))?;
     let dict = String::from_utf8_lossy(&dict).into_owned();
     let descr = field(&dict, "descr")
         .and_then(|s| s.strip_prefix('\''))
@@ -106,7 +107,10 @@ pub fn with_array<T>(
         .map_err(|_| EvalError::format(path, format!("no array {name:?} in the npz")))?;
     let h = read_npy_header(&mut member, path)?;
     if h.fortran {
-        return Err(EvalError::format(path, format!("{name}: Fortran-order arrays are not supported")));
+        return Err(EvalError::format(
+            path,
+            format!("{name}: Fortran-order arrays are not supported"),
+        ));
     }
     f(&h, &mut member)
 }
@@ -115,15 +119,37 @@ pub fn with_array<T>(
 pub fn read_f64(path: &Path, name: &str) -> Result<(Vec<f64>, Vec<usize>), EvalError> {
     with_array(path, name, |h, r| {
         let mut bytes = Vec::new();
-        r.read_to_end(&mut bytes).map_err(|e| EvalError::io(path, e))?;
+        r.read_to_end(&mut bytes)
+            .map_err(|e| EvalError::io(path, e))?;
         let v: Vec<f64> = match h.descr.as_str() {
-            "<f8" => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
-            "<f4" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as f64).collect(),
-            "<f2" => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
-            d => return Err(EvalError::format(path, format!("{name}: dtype {d}, expected a float array"))),
+            "<f8" => bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+            "<f4" => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as f64)
+                .collect(),
+            "<f2" => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
+            d => {
+                return Err(EvalError::format(
+                    path,
+                    format!("{name}: dtype {d}, expected a float array"),
+                ));
+            }
         };
         if v.len() != h.len() {
-            return Err(EvalError::format(path, format!("{name}: {} values for shape {:?} (truncated?)", v.len(), h.shape)));
+            return Err(EvalError::format(
+                path,
+                format!(
+                    "{name}: {} values for shape {:?} (truncated?)",
+                    v.len(),
+                    h.shape
+                ),
+            ));
         }
         Ok((v, h.shape.clone()))
     })
@@ -160,8 +186,9 @@ pub fn for_each_image_batch(
         let mut done = 0;
         while done < n {
             let b = batch.max(1).min(n - done);
-            r.read_exact(&mut buf[..b * per])
-                .map_err(|e| EvalError::format(path, format!("arr_0: image {done}: {e} (truncated?)")))?;
+            r.read_exact(&mut buf[..b * per]).map_err(|e| {
+                EvalError::format(path, format!("arr_0: image {done}: {e} (truncated?)"))
+            })?;
             f(&buf[..b * per], b, hh, w)?;
             done += b;
         }
@@ -192,14 +219,20 @@ mod tests {
         .unwrap();
         assert_eq!(n, 3);
         assert_eq!(seen, vec![(2, 0, 1), (1, 2, 2)]);
-        assert!(read_f64(&p, "mu").unwrap_err().to_string().contains("no array"));
+        assert!(
+            read_f64(&p, "mu")
+                .unwrap_err()
+                .to_string()
+                .contains("no array")
+        );
         // a deflated f64 member (np.savez_compressed)
         let q = dir.path().join("b.npz");
         let mut z = zip::ZipWriter::new(File::create(&q).unwrap());
         let opts = zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Deflated);
         z.start_file("mu.npy", opts).unwrap();
-        z.write_all(&crate::generate::npz::npy_header("<f8", &[2])).unwrap();
+        z.write_all(&crate::generate::npz::npy_header("<f8", &[2]))
+            .unwrap();
         z.write_all(&1.5f64.to_le_bytes()).unwrap();
         z.write_all(&(-2.0f64).to_le_bytes()).unwrap();
         z.finish().unwrap();

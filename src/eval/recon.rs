@@ -32,7 +32,12 @@ pub fn psnr_per_image(x: &[f32], y: &[f32], n: usize) -> Result<Vec<f64>, EvalEr
     Ok(x.chunks_exact(per)
         .zip(y.chunks_exact(per))
         .map(|(a, b)| {
-            let mse = a.iter().zip(b).map(|(p, q)| (*p as f64 - *q as f64).powi(2)).sum::<f64>() / per as f64;
+            let mse = a
+                .iter()
+                .zip(b)
+                .map(|(p, q)| (*p as f64 - *q as f64).powi(2))
+                .sum::<f64>()
+                / per as f64;
             20.0 * (1.0 / mse.max(1e-10).sqrt()).log10()
         })
         .collect())
@@ -62,7 +67,10 @@ fn filter_valid(p: &[f64], h: usize, w: usize, g: &[f64; 11]) -> Vec<f64> {
     for i in 0..oh {
         for (k, gk) in g.iter().enumerate() {
             let src = &p[(i + k) * w..(i + k + 1) * w];
-            rows[i * w..(i + 1) * w].iter_mut().zip(src).for_each(|(r, s)| *r += gk * s);
+            rows[i * w..(i + 1) * w]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(r, s)| *r += gk * s);
         }
     }
     let mut out = vec![0f64; oh * ow];
@@ -88,7 +96,13 @@ pub enum SsimBorder {
 fn reflect_pad(p: &[f64], h: usize, w: usize) -> Vec<f64> {
     let idx = |i: isize, n: usize| -> usize {
         let n = n as isize;
-        let j = if i < 0 { -i } else if i >= n { 2 * (n - 1) - i } else { i };
+        let j = if i < 0 {
+            -i
+        } else if i >= n {
+            2 * (n - 1) - i
+        } else {
+            i
+        };
         j as usize
     };
     let (ph, pw) = (h + 10, w + 10);
@@ -122,8 +136,14 @@ pub fn ssim_per_image(
     for (a, b) in x.chunks_exact(per).zip(y.chunks_exact(per)) {
         let mut total = 0f64;
         for c in 0..channels {
-            let mut pa: Vec<f64> = a[c * plane..(c + 1) * plane].iter().map(|v| *v as f64).collect();
-            let mut pb: Vec<f64> = b[c * plane..(c + 1) * plane].iter().map(|v| *v as f64).collect();
+            let mut pa: Vec<f64> = a[c * plane..(c + 1) * plane]
+                .iter()
+                .map(|v| *v as f64)
+                .collect();
+            let mut pb: Vec<f64> = b[c * plane..(c + 1) * plane]
+                .iter()
+                .map(|v| *v as f64)
+                .collect();
             let (fh, fw) = match border {
                 SsimBorder::Valid => (h, w),
                 SsimBorder::Full => {
@@ -132,7 +152,8 @@ pub fn ssim_per_image(
                     (h + 10, w + 10)
                 }
             };
-            let prod = |p: &[f64], q: &[f64]| p.iter().zip(q).map(|(u, v)| u * v).collect::<Vec<f64>>();
+            let prod =
+                |p: &[f64], q: &[f64]| p.iter().zip(q).map(|(u, v)| u * v).collect::<Vec<f64>>();
             let (mx, my) = (filter_valid(&pa, fh, fw, &g), filter_valid(&pb, fh, fw, &g));
             let sxx = filter_valid(&prod(&pa, &pa), fh, fw, &g);
             let syy = filter_valid(&prod(&pb, &pb), fh, fw, &g);
@@ -141,7 +162,8 @@ pub fn ssim_per_image(
                 let (ux, uy) = (mx[i], my[i]);
                 let (vx, vy) = ((sxx[i] - ux * ux).max(0.0), (syy[i] - uy * uy).max(0.0));
                 let cxy = sxy[i] - ux * uy;
-                total += ((2.0 * ux * uy + c1) * (2.0 * cxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2));
+                total += ((2.0 * ux * uy + c1) * (2.0 * cxy + c2))
+                    / ((ux * ux + uy * uy + c1) * (vx + vy + c2));
             }
         }
         let positions = match border {

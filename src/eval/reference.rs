@@ -75,7 +75,13 @@ impl Reference {
             self.sets.insert("latent_tokens".into(), t);
         }
         if let Some(rows) = l.pooled_rows {
-            self.features.insert("latent_pr".into(), FeatureRows { dim: l.channels, data: rows });
+            self.features.insert(
+                "latent_pr".into(),
+                FeatureRows {
+                    dim: l.channels,
+                    data: rows,
+                },
+            );
         }
         self.latent_stats = l.stats;
         self.provenance.insert(
@@ -91,25 +97,52 @@ impl Reference {
             g.validate(name)?;
             let d = g.dim();
             owned.push((format!("{name}.mu"), Dtype::F64, vec![d], bytes_f64(&g.mu)));
-            owned.push((format!("{name}.sigma"), Dtype::F64, vec![d, d], bytes_f64(&g.sigma)));
-            owned.push((format!("{name}.count"), Dtype::I64, vec![1], (g.count as i64).to_le_bytes().to_vec()));
+            owned.push((
+                format!("{name}.sigma"),
+                Dtype::F64,
+                vec![d, d],
+                bytes_f64(&g.sigma),
+            ));
+            owned.push((
+                format!("{name}.count"),
+                Dtype::I64,
+                vec![1],
+                (g.count as i64).to_le_bytes().to_vec(),
+            ));
         }
         for (name, f) in &self.features {
             let rows = f.data.len() / f.dim.max(1);
             let (dt, b) = if f16_features {
-                let b = f.data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect();
+                let b = f
+                    .data
+                    .iter()
+                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                    .collect();
                 (Dtype::F16, b)
             } else {
-                (Dtype::F32, f.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+                (
+                    Dtype::F32,
+                    f.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                )
             };
             owned.push((format!("{name}.features"), dt, vec![rows, f.dim], b));
         }
         if let Some(s) = &self.latent_stats {
             let shape = vec![s.channels, s.height, s.width];
             let f32b = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-            owned.push(("latent_stats.mean".into(), Dtype::F32, shape.clone(), f32b(&s.mean)));
+            owned.push((
+                "latent_stats.mean".into(),
+                Dtype::F32,
+                shape.clone(),
+                f32b(&s.mean),
+            ));
             owned.push(("latent_stats.var".into(), Dtype::F32, shape, f32b(&s.var)));
-            owned.push(("latent_stats.count".into(), Dtype::I64, vec![1], (s.count as i64).to_le_bytes().to_vec()));
+            owned.push((
+                "latent_stats.count".into(),
+                Dtype::I64,
+                vec![1],
+                (s.count as i64).to_le_bytes().to_vec(),
+            ));
         }
         let views = owned
             .iter()
@@ -119,66 +152,116 @@ impl Reference {
             META_KEY.to_string(),
             serde_json::Value::Object(self.provenance.clone()).to_string(),
         )]);
-        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| EvalError::format(path, e.to_string()))?;
+        let bytes = safetensors::serialize(views, Some(meta))
+            .map_err(|e| EvalError::format(path, e.to_string()))?;
         crate::fsutil::write_atomic(path, &bytes).map_err(|e| EvalError::io(path, e))
     }
 
     /// Read a file written by [`save`](Self::save).
     pub fn load(path: &Path) -> Result<Self, EvalError> {
         let bytes = std::fs::read(path).map_err(|e| EvalError::io(path, e))?;
-        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| EvalError::format(path, e.to_string()))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| EvalError::format(path, e.to_string()))?;
+        let (_, header) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| EvalError::format(path, e.to_string()))?;
+        let st =
+            SafeTensors::deserialize(&bytes).map_err(|e| EvalError::format(path, e.to_string()))?;
         let prov = header
             .metadata()
             .as_ref()
             .and_then(|m| m.get(META_KEY))
-            .ok_or_else(|| EvalError::format(path, format!("not an eval-ref file (no {META_KEY} metadata)")))?;
+            .ok_or_else(|| {
+                EvalError::format(
+                    path,
+                    format!("not an eval-ref file (no {META_KEY} metadata)"),
+                )
+            })?;
         let provenance = match serde_json::from_str(prov) {
             Ok(serde_json::Value::Object(m)) => m,
             _ => return Err(EvalError::format(path, "bad provenance JSON")),
         };
-        let mut r = Reference { provenance, ..Default::default() };
-        let get = |name: &str| st.tensor(name).map_err(|e| EvalError::format(path, format!("{name}: {e}")));
+        let mut r = Reference {
+            provenance,
+            ..Default::default()
+        };
+        let get = |name: &str| {
+            st.tensor(name)
+                .map_err(|e| EvalError::format(path, format!("{name}: {e}")))
+        };
         let f64s = |name: &str| -> Result<(Vec<f64>, Vec<usize>), EvalError> {
             let t = get(name)?;
             if t.dtype() != Dtype::F64 {
-                return Err(EvalError::format(path, format!("{name} is {:?}, expected F64", t.dtype())));
+                return Err(EvalError::format(
+                    path,
+                    format!("{name} is {:?}, expected F64", t.dtype()),
+                ));
             }
-            let v = t.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+            let v = t
+                .data()
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect();
             Ok((v, t.shape().to_vec()))
         };
         let i64_of = |name: &str| -> u64 {
             get(name)
                 .ok()
-                .and_then(|t| t.data().get(..8).map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])).max(0) as u64))
+                .and_then(|t| {
+                    t.data()
+                        .get(..8)
+                        .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])).max(0) as u64)
+                })
                 .unwrap_or(0)
         };
         for name in st.names() {
             if let Some(set) = name.strip_suffix(".mu") {
                 let (mu, _) = f64s(name)?;
                 let (sigma, _) = f64s(&format!("{set}.sigma"))?;
-                let g = Gaussian { mu, sigma, count: i64_of(&format!("{set}.count")) };
+                let g = Gaussian {
+                    mu,
+                    sigma,
+                    count: i64_of(&format!("{set}.count")),
+                };
                 g.validate(&format!("{}: {set}", path.display()))?;
                 r.sets.insert(set.to_string(), g);
             } else if let Some(feat) = name.strip_suffix(".features") {
                 let t = get(name)?;
                 let dim = t.shape().get(1).copied().unwrap_or(0);
                 let data: Vec<f32> = match t.dtype() {
-                    Dtype::F32 => t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                    Dtype::F16 => t.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                    d => return Err(EvalError::format(path, format!("{name} is {d:?}, expected F16/F32"))),
+                    Dtype::F32 => t
+                        .data()
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                    Dtype::F16 => t
+                        .data()
+                        .chunks_exact(2)
+                        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                        .collect(),
+                    d => {
+                        return Err(EvalError::format(
+                            path,
+                            format!("{name} is {d:?}, expected F16/F32"),
+                        ));
+                    }
                 };
-                r.features.insert(feat.to_string(), FeatureRows { dim, data });
+                r.features
+                    .insert(feat.to_string(), FeatureRows { dim, data });
             }
         }
         if st.names().contains(&"latent_stats.mean") {
             let t = get("latent_stats.mean")?;
             let shape = t.shape().to_vec();
             let f32s = |n: &str| -> Result<Vec<f32>, EvalError> {
-                Ok(get(n)?.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+                Ok(get(n)?
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect())
             };
             if shape.len() != 3 {
-                return Err(EvalError::format(path, format!("latent_stats.mean shape {shape:?}, expected [C,H,W]")));
+                return Err(EvalError::format(
+                    path,
+                    format!("latent_stats.mean shape {shape:?}, expected [C,H,W]"),
+                ));
             }
             r.latent_stats = Some(LatentStats {
                 mean: f32s("latent_stats.mean")?,
@@ -206,15 +289,26 @@ impl Reference {
             let (m, ms) = npz::read_f64(path, mu)?;
             let (s, ss) = npz::read_f64(path, sigma)?;
             if ms.len() != 1 || ss != [ms[0], ms[0]] {
-                return Err(EvalError::format(path, format!("{mu} {ms:?} / {sigma} {ss:?}: expected [d] and [d, d]")));
+                return Err(EvalError::format(
+                    path,
+                    format!("{mu} {ms:?} / {sigma} {ss:?}: expected [d] and [d, d]"),
+                ));
             }
-            let g = Gaussian { mu: m, sigma: s, count: 0 };
+            let g = Gaussian {
+                mu: m,
+                sigma: s,
+                count: 0,
+            };
             g.validate(&format!("{}: {set}", path.display()))?;
             r.sets.insert(set.into(), g);
         }
         r.provenance.insert("kind".into(), "adm-npz".into());
-        r.provenance.insert("source".into(), path.display().to_string().into());
-        r.provenance.insert("has_images".into(), names.iter().any(|n| n == "arr_0").into());
+        r.provenance
+            .insert("source".into(), path.display().to_string().into());
+        r.provenance.insert(
+            "has_images".into(),
+            names.iter().any(|n| n == "arr_0").into(),
+        );
         Ok(r)
     }
 }
@@ -228,8 +322,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("ref.safetensors");
         let mut r = Reference::default();
-        r.sets.insert("fid".into(), Gaussian { mu: vec![1.0, 2.0], sigma: vec![2.0, 0.5, 0.5, 1.0], count: 7 });
-        r.features.insert("pr".into(), FeatureRows { dim: 2, data: vec![0.5, 1.5, -2.0, 3.25] });
+        r.sets.insert(
+            "fid".into(),
+            Gaussian {
+                mu: vec![1.0, 2.0],
+                sigma: vec![2.0, 0.5, 0.5, 1.0],
+                count: 7,
+            },
+        );
+        r.features.insert(
+            "pr".into(),
+            FeatureRows {
+                dim: 2,
+                data: vec![0.5, 1.5, -2.0, 3.25],
+            },
+        );
         r.provenance.insert("extractor".into(), "test".into());
         r.save(&p, true).unwrap();
         let back = Reference::load(&p).unwrap();
@@ -239,7 +346,12 @@ mod tests {
         // NaN statistics are refused, and nothing is written
         r.sets.get_mut("fid").unwrap().mu[0] = f64::NAN;
         let q = dir.path().join("bad.safetensors");
-        assert!(r.save(&q, false).unwrap_err().to_string().contains("non-finite"));
+        assert!(
+            r.save(&q, false)
+                .unwrap_err()
+                .to_string()
+                .contains("non-finite")
+        );
         assert!(!q.exists());
     }
 }

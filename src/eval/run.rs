@@ -97,7 +97,8 @@ pub enum Input {
 fn has_shards(dir: &Path) -> bool {
     let any_parquet = |d: &Path| {
         std::fs::read_dir(d).is_ok_and(|it| {
-            it.filter_map(|e| e.ok()).any(|e| e.path().extension().is_some_and(|x| x == "parquet"))
+            it.filter_map(|e| e.ok())
+                .any(|e| e.path().extension().is_some_and(|x| x == "parquet"))
         })
     };
     dir.join(crate::shards::manifest::MANIFEST_FILE).is_file()
@@ -122,15 +123,22 @@ impl Input {
                         Ok(Input::Images(ImageSource::Npz(path.to_path_buf())))
                     }
                 }
-                "parquet" => Ok(Input::Shards { shards: vec![path.to_path_buf()], stats: None }),
-                _ => Err(EvalError::format(path, "expected a .npz, .safetensors (eval-ref) or .parquet file, or a directory")),
+                "parquet" => Ok(Input::Shards {
+                    shards: vec![path.to_path_buf()],
+                    stats: None,
+                }),
+                _ => Err(EvalError::format(
+                    path,
+                    "expected a .npz, .safetensors (eval-ref) or .parquet file, or a directory",
+                )),
             };
         }
         if !path.is_dir() {
             return Err(EvalError::format(path, "no such file or directory"));
         }
         if has_shards(path) {
-            let shards = crate::generate::resolve_shards(path).map_err(|e| EvalError::format(path, e.to_string()))?;
+            let shards = crate::generate::resolve_shards(path)
+                .map_err(|e| EvalError::format(path, e.to_string()))?;
             let stats = Some(path.join(STATS_FILE)).filter(|p| p.is_file());
             return Ok(Input::Shards { shards, stats });
         }
@@ -158,7 +166,9 @@ pub struct Networks<'a> {
 }
 
 fn load_stats(p: &Option<PathBuf>) -> Result<Option<LatentStats>, EvalError> {
-    p.as_ref().map(|p| LatentStats::load(p).map_err(EvalError::from)).transpose()
+    p.as_ref()
+        .map(|p| LatentStats::load(p).map_err(EvalError::from))
+        .transpose()
 }
 
 /// The latent reference of a cache: pooled and token statistics, pooled
@@ -187,17 +197,29 @@ fn latent_metrics(
     progress: &mut dyn Progress,
 ) -> Result<Value, EvalError> {
     let Input::Shards { shards, .. } = samples else {
-        return Err(EvalError::Invalid("latent metrics need sample shards (a sample or cache directory)".into()));
+        return Err(EvalError::Invalid(
+            "latent metrics need sample shards (a sample or cache directory)".into(),
+        ));
     };
     if shards.is_empty() {
         return Err(EvalError::Invalid("no sample shards".into()));
     }
     let refl = match reference {
-        Input::Shards { shards: rs, stats } => latent_reference_of_cache(rs, load_stats(stats)?, opts, progress)?,
-        Input::RefFile(p) => Reference::load(p)?
-            .latent()
-            .ok_or_else(|| EvalError::format(p, "has no latent statistics (make it with eval-ref from a cache)"))?,
-        _ => return Err(EvalError::Invalid("latent metrics need a latent cache or an eval-ref file made from one as --ref".into())),
+        Input::Shards { shards: rs, stats } => {
+            latent_reference_of_cache(rs, load_stats(stats)?, opts, progress)?
+        }
+        Input::RefFile(p) => Reference::load(p)?.latent().ok_or_else(|| {
+            EvalError::format(
+                p,
+                "has no latent statistics (make it with eval-ref from a cache)",
+            )
+        })?,
+        _ => {
+            return Err(EvalError::Invalid(
+                "latent metrics need a latent cache or an eval-ref file made from one as --ref"
+                    .into(),
+            ));
+        }
     };
     let first = crate::shards::ShardReader::open(&shards[0])?;
     if (first.tokens(), first.channels()) != (refl.token_count, refl.channels) {
@@ -243,20 +265,26 @@ fn inception_keep(metrics: &[Metric]) -> Keep {
 
 fn store(reference: &mut Reference, set: FeatureSet, pool_name: &str) -> Result<(), EvalError> {
     if let Some(m) = set.pool {
-        reference.sets.insert(pool_name.into(), m.finish(pool_name)?);
+        reference
+            .sets
+            .insert(pool_name.into(), m.finish(pool_name)?);
     }
     if let Some(m) = set.spatial {
         reference.sets.insert("sfid".into(), m.finish("sfid")?);
     }
     if let Some(rows) = set.pool_rows {
         let dim = rows.len() / set.images.max(1);
-        reference.features.insert("pr".into(), FeatureRows { dim, data: rows });
+        reference
+            .features
+            .insert("pr".into(), FeatureRows { dim, data: rows });
     }
     Ok(())
 }
 
 fn no_net(what: &str) -> EvalError {
-    EvalError::Invalid(format!("the {what} network is needed for the metrics asked (see --help)"))
+    EvalError::Invalid(format!(
+        "the {what} network is needed for the metrics asked (see --help)"
+    ))
 }
 
 /// Statistics of images through the networks, as a [`Reference`].
@@ -269,16 +297,28 @@ pub fn reference_of_images(
 ) -> Result<Reference, EvalError> {
     let mut r = Reference::default();
     if metrics.iter().any(|m| m.needs_inception()) {
-        let net = nets.inception.as_deref_mut().ok_or_else(|| no_net("Inception-v3"))?;
-        let keep = Keep { logits: false, ..inception_keep(metrics) };
+        let net = nets
+            .inception
+            .as_deref_mut()
+            .ok_or_else(|| no_net("Inception-v3"))?;
+        let keep = Keep {
+            logits: false,
+            ..inception_keep(metrics)
+        };
         let set = extract(source, net, keep, opts.batch, None, progress)?;
         r.provenance.insert("inception".into(), net.provenance());
         r.provenance.insert("images".into(), json!(set.images));
         store(&mut r, set, "fid")?;
     }
     if metrics.contains(&Metric::FdDinov2) {
-        let net = nets.dinov2.as_deref_mut().ok_or_else(|| no_net("DINOv2-L"))?;
-        let keep = Keep { pool_stats: true, ..Keep::default() };
+        let net = nets
+            .dinov2
+            .as_deref_mut()
+            .ok_or_else(|| no_net("DINOv2-L"))?;
+        let keep = Keep {
+            pool_stats: true,
+            ..Keep::default()
+        };
         let set = extract(source, net, keep, opts.batch, None, progress)?;
         r.provenance.insert("dinov2".into(), net.provenance());
         store(&mut r, set, "fd_dinov2")?;
@@ -293,7 +333,12 @@ fn pixel_reference(
     opts: &EvalOptions,
     progress: &mut dyn Progress,
 ) -> Result<PixelRef, EvalError> {
-    let pixel: Vec<Metric> = opts.metrics.iter().copied().filter(|m| *m != Metric::Latent).collect();
+    let pixel: Vec<Metric> = opts
+        .metrics
+        .iter()
+        .copied()
+        .filter(|m| *m != Metric::Latent)
+        .collect();
     match reference {
         Input::RefFile(p) => Ok(PixelRef { reference: Reference::load(p)?, kind: "eval-ref" }),
         Input::AdmNpz(p) => {
@@ -313,7 +358,9 @@ fn pixel_reference(
 }
 
 fn ref_set<'a>(r: &'a Reference, name: &str) -> Result<&'a super::Gaussian, EvalError> {
-    r.sets.get(name).ok_or_else(|| EvalError::Invalid(format!("the reference has no {name} statistics")))
+    r.sets
+        .get(name)
+        .ok_or_else(|| EvalError::Invalid(format!("the reference has no {name} statistics")))
 }
 
 fn pixel_metrics(
@@ -344,15 +391,29 @@ fn pixel_metrics(
     report["ref"]["provenance"] = Value::Object(r.provenance.clone());
     let t1 = Instant::now();
     if ms.iter().any(|m| m.needs_inception()) {
-        let net = nets.inception.as_deref_mut().ok_or_else(|| no_net("Inception-v3"))?;
-        let set = extract(src, net, inception_keep(ms), opts.batch, opts.limit, progress)?;
+        let net = nets
+            .inception
+            .as_deref_mut()
+            .ok_or_else(|| no_net("Inception-v3"))?;
+        let set = extract(
+            src,
+            net,
+            inception_keep(ms),
+            opts.batch,
+            opts.limit,
+            progress,
+        )?;
         report["protocol"]["inception"] = net.provenance();
         report["counts"]["samples"] = json!(set.images);
         if let Some(m) = &set.pool {
-            report["metrics"]["fid"] = json!(frechet_distance(&m.finish("samples")?, ref_set(r, "fid")?)?);
+            report["metrics"]["fid"] =
+                json!(frechet_distance(&m.finish("samples")?, ref_set(r, "fid")?)?);
         }
         if let Some(m) = &set.spatial {
-            report["metrics"]["sfid"] = json!(frechet_distance(&m.finish("samples")?, ref_set(r, "sfid")?)?);
+            report["metrics"]["sfid"] = json!(frechet_distance(
+                &m.finish("samples")?,
+                ref_set(r, "sfid")?
+            )?);
         }
         if let Some((logits, classes)) = &set.logits {
             let is = inception_score(logits, *classes, opts.is_split)?;
@@ -360,7 +421,9 @@ fn pixel_metrics(
             report["is_splits"] = json!(is.splits);
         }
         if let Some(rows) = &set.pool_rows {
-            let real = r.features.get("pr").ok_or_else(|| EvalError::Invalid("the reference has no precision/recall features".into()))?;
+            let real = r.features.get("pr").ok_or_else(|| {
+                EvalError::Invalid("the reference has no precision/recall features".into())
+            })?;
             let pr = precision_recall(&real.data, rows, real.dim, &opts.pr)?;
             report["metrics"]["precision"] = json!(pr.precision);
             report["metrics"]["recall"] = json!(pr.recall);
@@ -369,12 +432,21 @@ fn pixel_metrics(
         }
     }
     if ms.contains(&Metric::FdDinov2) {
-        let net = nets.dinov2.as_deref_mut().ok_or_else(|| no_net("DINOv2-L"))?;
-        let keep = Keep { pool_stats: true, ..Keep::default() };
+        let net = nets
+            .dinov2
+            .as_deref_mut()
+            .ok_or_else(|| no_net("DINOv2-L"))?;
+        let keep = Keep {
+            pool_stats: true,
+            ..Keep::default()
+        };
         let set = extract(src, net, keep, opts.batch, opts.limit, progress)?;
         report["protocol"]["dinov2"] = net.provenance();
         if let Some(m) = &set.pool {
-            report["metrics"]["fd_dinov2"] = json!(frechet_distance(&m.finish("samples")?, ref_set(r, "fd_dinov2")?)?);
+            report["metrics"]["fd_dinov2"] = json!(frechet_distance(
+                &m.finish("samples")?,
+                ref_set(r, "fd_dinov2")?
+            )?);
         }
     }
     report["timings_s"]["reference"] = json!((t1 - t0).as_secs_f64());
@@ -383,7 +455,13 @@ fn pixel_metrics(
 }
 
 /// The report skeleton: every key present, `null` until computed.
-pub fn empty_report(samples: &Path, s: &Input, reference: &Path, r: &Input, opts: &EvalOptions) -> Value {
+pub fn empty_report(
+    samples: &Path,
+    s: &Input,
+    reference: &Path,
+    r: &Input,
+    opts: &EvalOptions,
+) -> Value {
     json!({
         "metrics": {
             "fid": null, "sfid": null, "is": null, "precision": null, "recall": null,
@@ -458,7 +536,14 @@ pub fn build_reference(
             let l = latent_reference_of_cache(shards, stats, opts, progress)?;
             let mut r = Reference::default();
             r.provenance.insert("rows".into(), json!(l.pooled.count));
-            r.provenance.insert("flips".into(), json!(if opts.ref_unflipped_only { "unflipped" } else { "all" }));
+            r.provenance.insert(
+                "flips".into(),
+                json!(if opts.ref_unflipped_only {
+                    "unflipped"
+                } else {
+                    "all"
+                }),
+            );
             r.set_latent(l);
             r
         }
@@ -467,15 +552,28 @@ pub fn build_reference(
             let mut r = Reference::from_adm_npz(p)?;
             let want_pr = opts.metrics.contains(&Metric::Pr);
             if want_pr {
-                let imgs = reference_of_images(&ImageSource::Npz(p.clone()), nets, &[Metric::Pr], opts, progress)?;
+                let imgs = reference_of_images(
+                    &ImageSource::Npz(p.clone()),
+                    nets,
+                    &[Metric::Pr],
+                    opts,
+                    progress,
+                )?;
                 r.features.extend(imgs.features);
             }
             r
         }
-        Input::RefFile(p) => return Err(EvalError::format(p, "is already a reference statistics file")),
+        Input::RefFile(p) => {
+            return Err(EvalError::format(
+                p,
+                "is already a reference statistics file",
+            ));
+        }
     };
     r.provenance.insert("kind".into(), json!(input.kind()));
-    r.provenance.insert("source".into(), json!(source.display().to_string()));
-    r.provenance.insert("tool_version".into(), json!(env!("CARGO_PKG_VERSION")));
+    r.provenance
+        .insert("source".into(), json!(source.display().to_string()));
+    r.provenance
+        .insert("tool_version".into(), json!(env!("CARGO_PKG_VERSION")));
     Ok(r)
 }

@@ -29,7 +29,13 @@ fn expected() -> serde_json::Value {
 fn rows(t: &HashMap<String, Tensor>, name: &str) -> (usize, usize, Vec<f32>) {
     let x = &t[name];
     let (r, d) = x.dims2().unwrap();
-    let v = x.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let v = x
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     (r, d, v)
 }
 
@@ -50,13 +56,26 @@ fn num(v: &serde_json::Value) -> f64 {
 #[test]
 fn frechet_distance_matches_scipy_sqrtm() {
     let (t, e) = (tensors(), expected());
-    let (a, b, small) = (gaussian(&t, "fd.a"), gaussian(&t, "fd.b"), gaussian(&t, "fd.small"));
+    let (a, b, small) = (
+        gaussian(&t, "fd.a"),
+        gaussian(&t, "fd.b"),
+        gaussian(&t, "fd.small"),
+    );
     // moments against np.mean / np.cov in f64
     let mu: Vec<f64> = t["fd.mu_a"].to_vec1().unwrap();
     let sigma: Vec<f64> = t["fd.sigma_a"].flatten_all().unwrap().to_vec1().unwrap();
-    let err = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f64, f64::max);
+    let err = |x: &[f64], y: &[f64]| {
+        x.iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f64, f64::max)
+    };
     assert!(err(&a.mu, &mu) < 1e-12, "mean {}", err(&a.mu, &mu));
-    assert!(err(&a.sigma, &sigma) < 1e-12, "cov {}", err(&a.sigma, &sigma));
+    assert!(
+        err(&a.sigma, &sigma) < 1e-12,
+        "cov {}",
+        err(&a.sigma, &sigma)
+    );
     for (key, x, y) in [("a_b", &a, &b), ("b_a", &b, &a)] {
         let want = num(&e["fd"][key]);
         let got = frechet_distance(x, y).unwrap();
@@ -111,10 +130,15 @@ fn check_pr(t: &HashMap<String, Tensor>, e: &serde_json::Value, set: &str, mode:
     };
     let got = rae_cache::eval::precision_recall(&real, &fake, d, &opts).unwrap();
     let want = &e["pr"][&key];
-    eprintln!("P/R {key}: {:.6} {:.6} (fallback tiles {}) vs {want}", got.precision, got.recall, got.fallback_tiles);
+    eprintln!(
+        "P/R {key}: {:.6} {:.6} (fallback tiles {}) vs {want}",
+        got.precision, got.recall, got.fallback_tiles
+    );
     // radii: the f16 values exactly (quantised sets) or up to rare
     // summation-order flips (continuous set)
-    let radii = manifold_radii(&Prepared::new("r", &real, d).unwrap(), &opts).unwrap().0;
+    let radii = manifold_radii(&Prepared::new("r", &real, d).unwrap(), &opts)
+        .unwrap()
+        .0;
     let want_r: Vec<f32> = t[&format!("pr.{key}.radii_real")].to_vec1().unwrap();
     let differ = radii.iter().zip(&want_r).filter(|(a, b)| a != b).count();
     let exact = set != "cont";
@@ -122,11 +146,18 @@ fn check_pr(t: &HashMap<String, Tensor>, e: &serde_json::Value, set: &str, mode:
         assert_eq!(differ, 0, "{key}: {differ} radii differ");
         assert_eq!(got.precision, num(&want["precision"]), "{key} precision");
         assert_eq!(got.recall, num(&want["recall"]), "{key} recall");
-        assert_eq!(got.fallback_tiles as u64, want["fallback_tiles"].as_u64().unwrap());
+        assert_eq!(
+            got.fallback_tiles as u64,
+            want["fallback_tiles"].as_u64().unwrap()
+        );
     } else {
         if mode == Distance::F32 {
             // plain f32 sums: the order differs from numpy's, ulps apart
-            let rel = radii.iter().zip(&want_r).map(|(a, b)| ((a - b) / b).abs()).fold(0f32, f32::max);
+            let rel = radii
+                .iter()
+                .zip(&want_r)
+                .map(|(a, b)| ((a - b) / b).abs())
+                .fold(0f32, f32::max);
             assert!(rel < 1e-5, "{key}: radii rel err {rel}");
         } else {
             assert!(differ <= 2, "{key}: {differ} radii differ");
@@ -158,11 +189,15 @@ fn precision_recall_bad_inputs() {
     let opts = PrOptions::default();
     let few = vec![0f32; 3 * 2];
     let many = vec![1f32; 10 * 2];
-    let err = rae_cache::eval::precision_recall(&few, &many, 2, &opts).unwrap_err().to_string();
+    let err = rae_cache::eval::precision_recall(&few, &many, 2, &opts)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("at least 4"), "{err}");
     let mut nan = many.clone();
     nan[5] = f32::NAN;
-    let err = rae_cache::eval::precision_recall(&many, &nan, 2, &opts).unwrap_err().to_string();
+    let err = rae_cache::eval::precision_recall(&many, &nan, 2, &opts)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("non-finite") && err.contains("row 2"), "{err}");
     assert!(rae_cache::eval::precision_recall(&many, &many[..9], 2, &opts).is_err());
 }
@@ -175,8 +210,15 @@ fn psnr_and_ssim_match_the_numpy_oracle() {
     let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
     let yv: Vec<f32> = t["rec.y"].flatten_all().unwrap().to_vec1().unwrap();
     let p = rae_cache::eval::recon::psnr(&xv, &yv, n).unwrap();
-    assert!((p - num(&e["rec"]["psnr"])).abs() < 1e-9, "PSNR {p} vs {}", e["rec"]["psnr"]);
-    for (border, key) in [(SsimBorder::Full, "ssim_per_image"), (SsimBorder::Valid, "ssim_valid_per_image")] {
+    assert!(
+        (p - num(&e["rec"]["psnr"])).abs() < 1e-9,
+        "PSNR {p} vs {}",
+        e["rec"]["psnr"]
+    );
+    for (border, key) in [
+        (SsimBorder::Full, "ssim_per_image"),
+        (SsimBorder::Valid, "ssim_valid_per_image"),
+    ] {
         let s = rae_cache::eval::recon::ssim_per_image(&xv, &yv, n, (c, h, w), border).unwrap();
         eprintln!("SSIM {border:?} {s:?} vs {}", e["rec"][key]);
         for (g, want) in s.iter().zip(e["rec"][key].as_array().unwrap()) {
