@@ -15,7 +15,10 @@ use rand::{Rng, SeedableRng};
 fn cpu_s() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<f64> = after.split_whitespace().map(|x| x.parse().unwrap_or(0.0)).collect();
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
     // fields 14 and 15 (utime, stime) are at 11, 12 after the command name
     (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
 }
@@ -27,7 +30,11 @@ impl Clock {
         Clock(Instant::now(), cpu_s())
     }
     fn show(&self) -> String {
-        format!("{:.2} s wall, {:.2} s CPU", self.0.elapsed().as_secs_f64(), cpu_s() - self.1)
+        format!(
+            "{:.2} s wall, {:.2} s CPU",
+            self.0.elapsed().as_secs_f64(),
+            cpu_s() - self.1
+        )
     }
 }
 
@@ -54,10 +61,7 @@ fn main() -> anyhow::Result<()> {
     g2.mu.iter_mut().for_each(|x| *x += 0.01);
     let t = Clock::start();
     let fd = frechet_distance(&g1, &g2)?;
-    println!(
-        "FD {dim}-d: {} (value {fd:.6})",
-        t.show()
-    );
+    println!("FD {dim}-d: {} (value {fd:.6})", t.show());
     let n = rows / 2;
     let t = Clock::start();
     let pr = precision_recall(
@@ -99,10 +103,7 @@ fn main() -> anyhow::Result<()> {
         w.write_rows(&rows)?;
     }
     w.finish()?;
-    println!(
-        "wrote a {cache_rows}-row cache: {}",
-        t.show()
-    );
+    println!("wrote a {cache_rows}-row cache: {}", t.show());
     for tokens in [false, true] {
         let opts = EvalOptions {
             metrics: vec![Metric::Latent],

@@ -42,7 +42,8 @@ pub fn inception_score(
     classes: usize,
     split_size: usize,
 ) -> Result<InceptionScore, EvalError> {
-    if classes == 0 || split_size == 0 || logits.is_empty() || logits.len() % classes != 0 {
+    if classes == 0 || split_size == 0 || logits.is_empty() || !logits.len().is_multiple_of(classes)
+    {
         return Err(EvalError::Invalid(format!(
             "inception score: {} logits are not rows of {classes} classes (split size {split_size})",
             logits.len()

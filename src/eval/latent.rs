@@ -114,13 +114,13 @@ pub fn scan(
 ) -> Result<LatentSet, EvalError> {
     let readers = open_all(shards)?;
     let (t, c) = (readers[0].tokens(), readers[0].channels());
-    if let Some(s) = stats {
-        if s.channels != c || s.height * s.width != t {
-            return Err(EvalError::Invalid(format!(
-                "stats are [{}, {}, {}], the latents [{t} tokens, {c}]",
-                s.channels, s.height, s.width
-            )));
-        }
+    if let Some(s) = stats
+        && (s.channels != c || s.height * s.width != t)
+    {
+        return Err(EvalError::Invalid(format!(
+            "stats are [{}, {}, {}], the latents [{t} tokens, {c}]",
+            s.channels, s.height, s.width
+        )));
     }
     let total: u64 = readers.iter().map(|r| r.num_rows()).sum();
     progress.start(opts.limit.map_or(total, |l| (l as u64).min(total)));

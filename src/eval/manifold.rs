@@ -76,7 +76,7 @@ pub struct PrResult {
 #[inline]
 pub fn round_f16(x: f32) -> f32 {
     let a = x.abs();
-    if !(a >= 6.103_515_6e-5) {
+    if a.is_nan() || a < 6.103_515_6e-5 {
         // f16 subnormals (quantum 2^-24), zero, NaN
         return if a.is_nan() {
             x
@@ -111,7 +111,7 @@ pub struct Prepared<'a> {
 impl<'a> Prepared<'a> {
     /// `rows x dim` features (row-major); non-finite values are an error.
     pub fn new(what: &str, raw: &'a [f32], dim: usize) -> Result<Self, EvalError> {
-        if dim == 0 || raw.len() % dim != 0 {
+        if dim == 0 || !raw.len().is_multiple_of(dim) {
             return Err(EvalError::Invalid(format!(
                 "{what}: {} values are not rows of {dim} features",
                 raw.len()
@@ -386,7 +386,7 @@ mod tests {
     #[test]
     fn round_f16_matches_half() {
         let mut s = 0x1234_5678u32;
-        let mut check = |x: f32| {
+        let check = |x: f32| {
             let want = f16::from_f32(x).to_f32();
             let got = round_f16(x);
             assert!(

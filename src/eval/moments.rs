@@ -43,7 +43,7 @@ impl Moments {
     /// naming `what`.
     pub fn push(&mut self, what: &str, data: &[f32]) -> Result<(), EvalError> {
         let dim = self.dim;
-        if dim == 0 || data.len() % dim != 0 {
+        if dim == 0 || !data.len().is_multiple_of(dim) {
             return Err(EvalError::Invalid(format!(
                 "{what}: {} values are not rows of {dim} features",
                 data.len()

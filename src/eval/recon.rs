@@ -16,7 +16,7 @@
 use super::EvalError;
 
 fn check(x: &[f32], y: &[f32], n: usize) -> Result<usize, EvalError> {
-    if x.len() != y.len() || n == 0 || x.len() % n != 0 {
+    if x.len() != y.len() || n == 0 || !x.len().is_multiple_of(n) {
         return Err(EvalError::Invalid(format!(
             "reconstruction metrics: {} and {} values for {n} images",
             x.len(),
