@@ -51,6 +51,10 @@ pub struct Common {
     /// Skip latent precision/recall.
     #[arg(long)]
     pub no_latent_pr: bool,
+    /// Latent token FD and precision/recall use at most N rows per side
+    /// (evenly strided; 0: every row). The pooled FD always uses every row.
+    #[arg(long, default_value_t = 10_000)]
+    pub latent_subset: usize,
     /// Reference cache rows: all (both flips) or unflipped.
     #[arg(long, default_value = "all", value_parser = ["all", "unflipped"])]
     pub ref_flips: String,
@@ -103,6 +107,7 @@ impl Common {
             latent_tokens: !self.no_latent_tokens,
             batch: self.batch_size,
             ref_unflipped_only: self.ref_flips == "unflipped",
+            latent_subset: (self.latent_subset > 0).then_some(self.latent_subset),
             ..EvalOptions::default()
         })
     }

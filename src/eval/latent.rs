@@ -35,6 +35,10 @@ pub struct LatentOptions {
     pub limit: Option<usize>,
     /// Skip the flipped rows of a cache built with both flips.
     pub unflipped_only: bool,
+    /// At most this many rows, evenly strided over the set, feed the token
+    /// statistics and the kept pooled vectors (P/R is quadratic, tokens
+    /// cost `tokens x C^2` a row); the pooled FD always uses every row.
+    pub subset_rows: Option<usize>,
 }
 
 /// Statistics of one set of latent shards.
@@ -56,6 +60,10 @@ pub struct LatentSet {
     /// Shards that held normalised latents and were de-normalised.
     pub denormalised_shards: usize,
     keep_pooled: bool,
+    stride: u64,
+    cap: usize,
+    /// Rows in the strided subset.
+    pub subset: usize,
 }
 
 /// `x * sqrt(var + eps) + mean` per element of token-major rows, from
@@ -123,7 +131,16 @@ pub fn scan(
         )));
     }
     let total: u64 = readers.iter().map(|r| r.num_rows()).sum();
-    progress.start(opts.limit.map_or(total, |l| (l as u64).min(total)));
+    let to_read = opts.limit.map_or(total, |l| (l as u64).min(total));
+    progress.start(to_read);
+    let cap = opts.subset_rows.unwrap_or(usize::MAX).max(1);
+    // with both flips only about half the rows are read when unflipped_only
+    let expected = if opts.unflipped_only {
+        to_read.div_ceil(2)
+    } else {
+        to_read
+    };
+    let stride = expected.div_ceil(cap as u64).max(1);
     let mut set = LatentSet {
         rows: 0,
         tokens: t,
@@ -134,6 +151,9 @@ pub fn scan(
         elements: opts.elements.then(|| StatsAccumulator::new(t, c)),
         denormalised_shards: 0,
         keep_pooled: opts.keep_pooled,
+        stride,
+        cap,
+        subset: 0,
     };
     'shards: for r in &readers {
         let normalised = r.metadata().get(META_DENORMALISED).map(String::as_str) == Some("false");
@@ -195,14 +215,32 @@ fn push_rows(
             .for_each(|(p, a)| *p = (a / t as f64) as f32);
     }
     set.pooled.push(&what, &pooled)?;
-    if let Some(m) = &mut set.token_moments {
-        m.push(&what, latents)?;
-    }
     if let Some(e) = &mut set.elements {
         e.push_rows(latents, rows)?;
     }
+    // the strided subset: rows whose global index is a multiple of the stride
+    let (per, start) = (t * c, set.rows);
+    let picked: Vec<usize> = (0..rows)
+        .filter(|i| (start + *i as u64).is_multiple_of(set.stride))
+        .take(set.cap.saturating_sub(set.subset))
+        .collect();
+    set.subset += picked.len();
+    if let Some(m) = &mut set.token_moments {
+        if picked.len() == rows {
+            m.push(&what, latents)?;
+        } else {
+            let sub: Vec<f32> = picked
+                .iter()
+                .flat_map(|&i| latents[i * per..(i + 1) * per].iter().copied())
+                .collect();
+            m.push(&what, &sub)?;
+        }
+    }
     if set.keep_pooled {
-        set.pooled_rows.extend_from_slice(&pooled);
+        for &i in &picked {
+            set.pooled_rows
+                .extend_from_slice(&pooled[i * c..(i + 1) * c]);
+        }
     }
     set.rows += rows as u64;
     Ok(())
@@ -300,6 +338,12 @@ pub struct LatentMetrics {
     pub drift: Option<Drift>,
     /// Sample rows.
     pub samples: u64,
+    /// Sample rows in the strided subset (token FD, P/R).
+    pub samples_subset: usize,
+    /// Token rows behind the samples' token statistics.
+    pub token_rows_samples: Option<u64>,
+    /// Token rows behind the reference's token statistics.
+    pub token_rows_reference: Option<u64>,
     /// Reference rows (pooled statistics).
     pub reference: u64,
 }
@@ -316,6 +360,8 @@ pub fn compare(
             samples.tokens, samples.channels, reference.token_count, reference.channels
         )));
     }
+    let samples_subset = samples.subset;
+    let token_rows_samples = samples.token_moments.as_ref().map(|m| m.count());
     let fd_pooled = frechet_distance(
         &samples.pooled.finish("samples (pooled)")?,
         &reference.pooled,
@@ -348,6 +394,9 @@ pub fn compare(
         pr,
         drift,
         samples: samples.rows,
+        samples_subset,
+        token_rows_samples,
+        token_rows_reference: reference.tokens.as_ref().map(|g| g.count),
         reference: reference.pooled.count,
     })
 }

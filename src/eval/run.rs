@@ -58,6 +58,9 @@ pub struct EvalOptions {
     pub limit: Option<usize>,
     /// Reference cache: skip flipped rows.
     pub ref_unflipped_only: bool,
+    /// Latent token FD and P/R on at most this many rows per side (evenly
+    /// strided); the pooled FD uses every row.
+    pub latent_subset: Option<usize>,
 }
 
 impl Default for EvalOptions {
@@ -71,6 +74,7 @@ impl Default for EvalOptions {
             batch: 50,
             limit: None,
             ref_unflipped_only: false,
+            latent_subset: Some(10_000),
         }
     }
 }
@@ -185,6 +189,7 @@ pub fn latent_reference_of_cache(
         elements: false,
         limit: None,
         unflipped_only: opts.ref_unflipped_only,
+        subset_rows: opts.latent_subset,
     };
     let set = latent::scan(shards, stats.as_ref(), &lo, progress)?;
     set.into_reference(stats, opts.latent_pr)
@@ -238,6 +243,7 @@ fn latent_metrics(
         elements: refl.stats.is_some(),
         limit: opts.limit,
         unflipped_only: false,
+        subset_rows: opts.latent_subset,
     };
     let set = latent::scan(shards, refl.stats.as_ref(), &lo, progress)?;
     let denorm = set.denormalised_shards;

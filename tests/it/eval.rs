@@ -151,6 +151,27 @@ fn latent_metrics_end_to_end() {
         assert!((got - want).abs() < 1e-6 * want, "{k}: {got} vs {want}");
     }
 
+    // token FD and P/R on an evenly strided subset: 48 rows, at most 10
+    let r3 = json(&run_ok([
+        "eval".as_ref(),
+        shifted.as_os_str(),
+        "--ref".as_ref(),
+        cache.as_os_str(),
+        "--latent-subset".as_ref(),
+        "10".as_ref(),
+        "--json".as_ref(),
+    ]));
+    assert_eq!(r3["latent"]["samples_subset"], 10);
+    assert_eq!(r3["latent"]["token_rows_samples"], 10 * sp.tokens as u64);
+    assert_eq!(r3["latent"]["token_rows_reference"], 10 * sp.tokens as u64);
+    assert_eq!(r3["latent"]["pr"]["real"], 10);
+    assert_eq!(r3["latent"]["samples"], 48);
+    let got = metric(&r3, "latent_fd_tokens");
+    assert!(
+        (got - want).abs() < 1e-6 * want,
+        "subset token FD {got} vs {want}"
+    );
+
     // the reference as a file gives the same numbers
     let refp = dir.path().join("ref.safetensors");
     run_ok([
