@@ -8,6 +8,7 @@ pub mod device;
 pub mod diffusion;
 pub mod dist;
 pub mod encoders;
+pub mod eval;
 pub mod fsutil;
 pub mod generate;
 pub mod images;

@@ -42,6 +42,10 @@ enum Cmd {
     Sample(commands::sample::Args),
     /// Decode latent shards to images with an RAE decoder.
     Decode(commands::decode::Args),
+    /// Score samples: FID, sFID, IS, precision/recall, FD-DINOv2, latent metrics.
+    Eval(commands::eval::Args),
+    /// Reference statistics for `eval` (a cache, an image folder or an npz).
+    EvalRef(commands::eval_ref::Args),
     /// Throughput benchmarks with random weights (see scripts/gpu-check.sh).
     #[command(hide = true)]
     Bench(commands::bench::Args),
@@ -64,6 +68,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Launch(a) => commands::launch::run(a),
         Cmd::Sample(a) => commands::sample::run(a),
         Cmd::Decode(a) => commands::decode::run(a),
+        Cmd::Eval(a) => commands::eval::run(a),
+        Cmd::EvalRef(a) => commands::eval_ref::run(a),
         Cmd::Bench(a) => commands::bench::run(a),
     };
     match res {

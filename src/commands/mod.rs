@@ -4,6 +4,8 @@
 pub mod bench;
 pub mod build;
 pub mod decode;
+pub mod eval;
+pub mod eval_ref;
 pub mod inspect;
 pub mod launch;
 pub mod merge;

@@ -15,6 +15,8 @@ mod build_resume;
 mod build_sources;
 mod cli_bench;
 mod cli_sample_decode;
+mod eval;
+mod eval_metrics;
 mod gradients;
 mod images_decode;
 mod learning;

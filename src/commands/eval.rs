@@ -1,0 +1,228 @@
+//! `rae-cache eval`: FID, sFID, IS, precision/recall, FD-DINOv2 (through
+//! the feature networks) and latent-space metrics (from shards alone).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use rae_cache::eval::features::ImageFeatures;
+use rae_cache::eval::run::{EvalOptions, Input, Metric, Networks, evaluate};
+use rae_cache::eval::{Distance, PrOptions};
+use serde_json::Value;
+
+use super::progress::Bar;
+
+/// Where the Inception weights the FID protocol uses are published.
+pub const INCEPTION_HINT: &str = "pytorch-fid pt_inception-2015-12-05-6726825d.pth, published at \
+https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth";
+
+/// Where the FD-DINOv2 weights are published.
+pub const DINOV2_HINT: &str = "DINOv2 ViT-L/14: a Hugging Face facebook/dinov2-large directory (config.json + model.safetensors)";
+
+/// Flags shared by `eval` and `eval-ref`.
+#[derive(clap::Args, Debug)]
+pub struct Common {
+    /// Metrics, comma-separated: fid,sfid,is,pr,fd-dinov2,latent. Default:
+    /// latent for shards, fid,sfid,is,pr for images.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub metrics: Vec<Metric>,
+    /// Inception-v3 weights (FID/sFID/IS/P&R): pytorch-fid's
+    /// pt_inception-2015-12-05-6726825d.pth.
+    #[arg(long)]
+    pub inception: Option<PathBuf>,
+    /// DINOv2 ViT-L/14 weights (FD-DINOv2): a facebook/dinov2-large directory.
+    #[arg(long)]
+    pub dinov2: Option<PathBuf>,
+    /// Images per network batch.
+    #[arg(long, default_value_t = 50)]
+    pub batch_size: usize,
+    /// Precision/recall neighbourhood size.
+    #[arg(long, default_value_t = 3)]
+    pub k: usize,
+    /// Precision/recall distances: adm-f16 (ADM's float16 blocks) or f32.
+    #[arg(long, value_enum, default_value_t = Distance::AdmF16)]
+    pub pr_distance: Distance,
+    /// Tile side of the f16 overflow fallback (ADM: 10000).
+    #[arg(long, default_value_t = 10_000)]
+    pub pr_block: usize,
+    /// Skip the latent token-marginal FD (reads every token: the costly part).
+    #[arg(long)]
+    pub no_latent_tokens: bool,
+    /// Skip latent precision/recall.
+    #[arg(long)]
+    pub no_latent_pr: bool,
+    /// Latent token FD and precision/recall use at most N rows per side
+    /// (evenly strided; 0: every row). The pooled FD always uses every row.
+    #[arg(long, default_value_t = 10_000)]
+    pub latent_subset: usize,
+    /// Reference cache rows: all (both flips) or unflipped.
+    #[arg(long, default_value = "all", value_parser = ["all", "unflipped"])]
+    pub ref_flips: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Samples: a sample / cache directory (latent shards), an ADM-style
+    /// .npz (`arr_0` uint8) or a folder of images.
+    samples: PathBuf,
+    /// Reference: an eval-ref .safetensors, an ADM reference .npz, a latent
+    /// cache directory or an image folder / npz.
+    #[arg(long = "ref")]
+    reference: PathBuf,
+    #[command(flatten)]
+    common: Common,
+    /// IS split size (ADM: 5000 rows per split, in file order).
+    #[arg(long, default_value_t = 5000)]
+    is_split: usize,
+    /// Use at most N samples.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Print the JSON report on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+impl Common {
+    /// Options with `metrics` resolved against the input kind.
+    pub fn options(&self, input: &Path) -> anyhow::Result<EvalOptions> {
+        let metrics = if self.metrics.is_empty() {
+            match Input::detect(input)? {
+                Input::Shards { .. } => vec![Metric::Latent],
+                _ => vec![Metric::Fid, Metric::Sfid, Metric::Is, Metric::Pr],
+            }
+        } else {
+            self.metrics.clone()
+        };
+        Ok(EvalOptions {
+            metrics,
+            pr: PrOptions {
+                k: self.k,
+                block: self.pr_block,
+                distance: self.pr_distance,
+            },
+            latent_pr: !self.no_latent_pr,
+            latent_tokens: !self.no_latent_tokens,
+            batch: self.batch_size,
+            ref_unflipped_only: self.ref_flips == "unflipped",
+            latent_subset: (self.latent_subset > 0).then_some(self.latent_subset),
+            ..EvalOptions::default()
+        })
+    }
+
+    /// Load the networks the metrics need; a clear error naming the file
+    /// (and where it is published) when one is missing.
+    pub fn networks(&self, metrics: &[Metric]) -> anyhow::Result<LoadedNetworks> {
+        let mut nets = LoadedNetworks::default();
+        let inception = [Metric::Fid, Metric::Sfid, Metric::Is, Metric::Pr];
+        if metrics.iter().any(|m| inception.contains(m)) {
+            let Some(p) = &self.inception else {
+                bail!("inception weights needed: --inception FILE ({INCEPTION_HINT})");
+            };
+            nets.inception = Some(load_inception(p)?);
+        }
+        if metrics.contains(&Metric::FdDinov2) {
+            let Some(p) = &self.dinov2 else {
+                bail!("DINOv2 weights needed for fd-dinov2: --dinov2 DIR ({DINOV2_HINT})");
+            };
+            nets.dinov2 = Some(load_dinov2(p)?);
+        }
+        Ok(nets)
+    }
+}
+
+/// The networks, owned.
+#[derive(Default)]
+pub struct LoadedNetworks {
+    pub inception: Option<Box<dyn ImageFeatures>>,
+    pub dinov2: Option<Box<dyn ImageFeatures>>,
+}
+
+impl LoadedNetworks {
+    pub fn borrow(&mut self) -> Networks<'_> {
+        Networks {
+            inception: self
+                .inception
+                .as_deref_mut()
+                .map(|n| n as &mut dyn ImageFeatures),
+            dinov2: self
+                .dinov2
+                .as_deref_mut()
+                .map(|n| n as &mut dyn ImageFeatures),
+        }
+    }
+}
+
+/// Integration point: wrap `features::inception::InceptionV3` as an
+/// `ImageFeatures` (pool / spatial / unbiased logits) here.
+fn load_inception(path: &Path) -> anyhow::Result<Box<dyn ImageFeatures>> {
+    if !path.is_file() {
+        bail!("{}: no such file ({INCEPTION_HINT})", path.display());
+    }
+    bail!(
+        "{}: the Inception-v3 network is not wired into `eval` in this build yet",
+        path.display()
+    )
+}
+
+/// Integration point: wrap `features::dinov2_fd` as an `ImageFeatures`.
+fn load_dinov2(path: &Path) -> anyhow::Result<Box<dyn ImageFeatures>> {
+    if !path.exists() {
+        bail!("{}: not found ({DINOV2_HINT})", path.display());
+    }
+    bail!(
+        "{}: the DINOv2-L network is not wired into `eval` in this build yet",
+        path.display()
+    )
+}
+
+fn fmt(v: &Value) -> String {
+    v.as_f64().map_or_else(|| "-".into(), |x| format!("{x:.6}"))
+}
+
+/// The short table printed without --json.
+fn table(r: &Value) -> String {
+    let m = &r["metrics"];
+    let mut out = String::new();
+    for (k, v) in m.as_object().into_iter().flatten() {
+        if !v.is_null() {
+            out.push_str(&format!("{k:<18} {}\n", fmt(v)));
+        }
+    }
+    out.push_str(&format!("{:<18} {}\n", "samples", r["counts"]["samples"]));
+    out
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let mut opts = a.common.options(&a.samples)?;
+    opts.is_split = a.is_split;
+    opts.limit = a.limit;
+    let mut nets = a.common.networks(&opts.metrics)?;
+    let report = evaluate(
+        &a.samples,
+        &a.reference,
+        &mut nets.borrow(),
+        &opts,
+        &mut Bar::labelled("eval", true),
+    )
+    .with_context(|| {
+        format!(
+            "evaluating {} against {}",
+            a.samples.display(),
+            a.reference.display()
+        )
+    })?;
+    let text = serde_json::to_string_pretty(&report)?;
+    if let Some(p) = &a.out {
+        rae_cache::fsutil::write_atomic(p, text.as_bytes())
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if a.json {
+        println!("{text}");
+    } else {
+        print!("{}", table(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
