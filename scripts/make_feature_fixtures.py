@@ -207,6 +207,8 @@ def make_inception(out):
     # A non-contiguous view (stride != row-major), as a transposed weight.
     small["transposed"] = sd["Conv2d_2a_3x3.conv.weight"][:4, :3, 0, 0].t()
     small["half"] = sd["fc.bias"][:10].half()
+    # A view at an offset into a storage shared with another entry.
+    small["offset_view"] = sd["fc.bias"][3:9]
     torch.save(small, os.path.join(out, "pth-zip.pth"))
     torch.save(small, os.path.join(out, "pth-legacy.pth"), _use_new_zipfile_serialization=False)
     save_st(os.path.join(out, "pth-expected.safetensors"),

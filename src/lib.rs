@@ -9,6 +9,7 @@ pub mod device;
 pub mod diffusion;
 pub mod dist;
 pub mod encoders;
+pub mod features;
 pub mod fsutil;
 pub mod generate;
 pub mod images;

@@ -14,6 +14,7 @@ mod build_e2e;
 mod build_resume;
 mod cli_bench;
 mod cli_sample_decode;
+mod features;
 mod gradients;
 mod images_decode;
 mod learning;
