@@ -27,6 +27,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::conv_ops::{self, Geom, Pool, bias_act, pool3x3};
 use super::{FeatureError, check_images, legacy_pth};
 
 /// The network's input side.
@@ -101,62 +102,46 @@ fn tf1_taps(in_size: usize, out_size: usize) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
 /// Conv (no bias) + BatchNorm folded into weight and bias; ReLU applied by
 /// `forward`.
 struct Unit {
-    /// `[O, C]` for 1x1 stride-1 units (run as a matmul), else `[O, C, kh, kw]`.
+    /// `[O, C, kh, kw]` (candle's conv2d off the CPU).
     w: Tensor,
-    /// `[1, O, 1, 1]`.
+    /// `[O, C*kh*kw]`: the 1x1 matmul and the CPU im2col path.
+    w2: Tensor,
+    /// `[O]`.
     b: Tensor,
-    pointwise: bool,
-    stride: usize,
-    pad: (usize, usize),
+    geom: Geom,
 }
 
 impl Unit {
-    /// Conv + folded BN, before the ReLU.
-    fn linear(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = if self.pointwise {
+    /// The convolution alone (no bias, no ReLU).
+    fn conv(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let g = self.geom;
+        if g.k == (1, 1) && g.stride == 1 {
+            // A 1x1 conv on NCHW is W [O, C] @ x [C, H*W] per image.
             let (n, c, h, w) = x.dims4()?;
-            let o = self.w.dim(0)?;
             let x = x.reshape((n, c, h * w))?;
-            self.w.broadcast_left(n)?.matmul(&x)?.reshape((n, o, h, w))?
-        } else if self.pad.0 == self.pad.1 {
-            x.conv2d(&self.w, self.pad.0, self.stride, 1, 1)?
-        } else {
-            // 1x7 / 7x1 kernels: asymmetric SAME padding, done explicitly.
-            let x = x
-                .pad_with_zeros(2, self.pad.0, self.pad.0)?
-                .pad_with_zeros(3, self.pad.1, self.pad.1)?;
-            x.conv2d(&self.w, 0, self.stride, 1, 1)?
-        };
-        y.broadcast_add(&self.b)
+            let o = self.w2.dim(0)?;
+            return self.w2.broadcast_left(n)?.matmul(&x)?.reshape((n, o, h, w));
+        }
+        conv_ops::conv(x, &self.w, &self.w2, g)
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.linear(x)?.relu()
+        bias_act(&self.conv(x)?, &self.b, true)
+    }
+
+    /// The branch `pool -> unit` of the A/C/E_1 blocks, as `unit.conv ->
+    /// pool -> bias -> ReLU`: pooling and a 1x1 conv are both linear and
+    /// the pool weights sum to 1, so the order is free, and pooling the
+    /// narrower conv output is cheaper.
+    fn after_avg_pool(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let p = pool3x3(&self.conv(x)?, Pool::AvgExcludingPad, 1, 1)?;
+        bias_act(&p, &self.b, true)
     }
 }
 
-/// 3x3 stride-1 average pool with 1 pixel of padding that the divisor
-/// excludes (TF SAME average pooling, `count_include_pad=False`).
-fn avg_pool_excluding_pad(x: &Tensor) -> candle_core::Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    let count = |i: usize, n: usize| (if i > 0 { 1 } else { 0 }) + 1 + (if i + 1 < n { 1 } else { 0 });
-    // avg_pool2d divides by 9; rescale each position to its own count.
-    let factor: Vec<f32> = (0..h)
-        .flat_map(|y| (0..w).map(move |x| 9.0 / (count(y, h) * count(x, w)) as f32))
-        .collect();
-    let factor = Tensor::from_vec(factor, (1, 1, h, w), x.device())?;
-    x.pad_with_zeros(2, 1, 1)?
-        .pad_with_zeros(3, 1, 1)?
-        .avg_pool2d_with_stride(3, 1)?
-        .broadcast_mul(&factor)
-}
-
-/// 3x3 stride-1 max pool with 1 pixel of padding. Edge replication equals
-/// -inf padding for a max: the replicated value is inside the window.
-fn max_pool_same(x: &Tensor) -> candle_core::Result<Tensor> {
-    x.pad_with_same(2, 1, 1)?
-        .pad_with_same(3, 1, 1)?
-        .max_pool2d_with_stride(3, 1)
+/// The 3x3 stride-2 VALID max pool of the stem and the reductions.
+fn max_pool_s2(x: &Tensor) -> candle_core::Result<Tensor> {
+    pool3x3(x, Pool::Max, 2, 0)
 }
 
 /// `Mixed_5b/5c/5d` (TF `mixed`, `mixed_1`, `mixed_2`).
@@ -173,9 +158,7 @@ impl BlockA {
         let b5 = self.b5[1].forward(&self.b5[0].forward(x)?)?;
         let d = self.dbl[0].forward(x)?;
         let d = self.dbl[2].forward(&self.dbl[1].forward(&d)?)?;
-        // pool -> 1x1 conv -> bias equals 1x1 conv -> bias -> pool (both
-        // linear, pool weights sum to 1); pooling the narrower output is cheaper.
-        let p = avg_pool_excluding_pad(&self.pool.linear(x)?)?.relu()?;
+        let p = self.pool.after_avg_pool(x)?;
         Tensor::cat(&[&b1, &b5, &d, &p], 1)
     }
 }
@@ -191,7 +174,7 @@ impl BlockB {
         let b3 = self.b3.forward(x)?;
         let d = self.dbl[0].forward(x)?;
         let d = self.dbl[2].forward(&self.dbl[1].forward(&d)?)?;
-        let p = x.max_pool2d_with_stride(3, 2)?;
+        let p = max_pool_s2(x)?;
         Tensor::cat(&[&b3, &d, &p], 1)
     }
 }
@@ -216,7 +199,7 @@ impl BlockC {
         for u in &self.dbl[1..] {
             d = u.forward(&d)?;
         }
-        let p = avg_pool_excluding_pad(&self.pool.linear(x)?)?.relu()?;
+        let p = self.pool.after_avg_pool(x)?;
         Ok((Tensor::cat(&[&b1, &b7, &d, &p], 1)?, b1))
     }
 }
@@ -234,7 +217,7 @@ impl BlockD {
         for u in &self.b7[1..] {
             b7 = u.forward(&b7)?;
         }
-        let p = x.max_pool2d_with_stride(3, 2)?;
+        let p = max_pool_s2(x)?;
         Tensor::cat(&[&b3, &b7, &p], 1)
     }
 }
@@ -260,9 +243,10 @@ impl BlockE {
         let da = self.dblab[0].forward(&d)?;
         let db = self.dblab[1].forward(&d)?;
         let p = if self.max_pool {
-            self.pool.forward(&max_pool_same(x)?)?
+            // FIDInceptionE_2 / TF mixed_10: 3x3 stride-1 SAME max pool.
+            self.pool.forward(&pool3x3(x, Pool::Max, 1, 1)?)?
         } else {
-            avg_pool_excluding_pad(&self.pool.linear(x)?)?.relu()?
+            self.pool.after_avg_pool(x)?
         };
         Tensor::cat(&[&b1, &b3a, &b3b, &da, &db, &p], 1)
     }
@@ -330,18 +314,12 @@ impl Weights<'_> {
             }
             b[o] = (beta[o] as f64 - mean[o] as f64 * s) as f32;
         }
-        let pointwise = k == (1, 1) && stride == 1;
-        let w = if pointwise {
-            Tensor::from_vec(w, (cout, cin), self.device)?
-        } else {
-            Tensor::from_vec(w, (cout, cin, k.0, k.1), self.device)?
-        };
+        let w = Tensor::from_vec(w, (cout, cin, k.0, k.1), self.device)?;
         Ok(Unit {
+            w2: w.reshape((cout, cin * k.0 * k.1))?,
             w,
-            b: Tensor::from_vec(b, (1, cout, 1, 1), self.device)?,
-            pointwise,
-            stride,
-            pad,
+            b: Tensor::from_vec(b, cout, self.device)?,
+            geom: Geom { k, stride, pad },
         })
     }
 
@@ -562,7 +540,7 @@ impl InceptionV3 {
         for (i, u) in self.stem.iter().enumerate() {
             h = u.forward(&h)?;
             if i == 2 || i == 4 {
-                h = h.max_pool2d_with_stride(3, 2)?;
+                h = max_pool_s2(&h)?;
             }
         }
         for b in &self.mixed_5 {
@@ -611,24 +589,5 @@ mod tests {
         // Upsampling clamps the upper tap at the last input.
         let (_, hi, _) = tf1_taps(2, 5);
         assert_eq!(*hi.last().unwrap(), 1);
-    }
-
-    #[test]
-    fn avg_pool_divides_by_the_valid_count() -> candle_core::Result<()> {
-        let x = Tensor::ones((1, 1, 3, 4), DType::F32, &Device::Cpu)?;
-        // All ones: excluding the padding, every average is exactly 1.
-        let y = avg_pool_excluding_pad(&x)?.flatten_all()?.to_vec1::<f32>()?;
-        assert!(y.iter().all(|v| (v - 1.0).abs() < 1e-6), "{y:?}");
-        Ok(())
-    }
-
-    #[test]
-    fn max_pool_same_keeps_the_size() -> candle_core::Result<()> {
-        let x = Tensor::arange(0f32, 12.0, &Device::Cpu)?.reshape((1, 1, 3, 4))?.neg()?;
-        let y = max_pool_same(&x)?;
-        assert_eq!(y.dims(), &[1, 1, 3, 4]);
-        // Corner (0,0) of -x: max over {0,-1,-4,-5} = 0.
-        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?[0], 0.0);
-        Ok(())
     }
 }

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+mod conv_ops;
 pub mod dinov2_fd;
 pub mod inception;
 mod legacy_pth;

@@ -1,0 +1,329 @@
+//! The Inception's convolution, pooling and bias+ReLU, with CPU fast paths.
+//!
+//! On the CPU candle's conv2d (single-threaded im2col, an output
+//! transpose), its pools and its broadcast add / ReLU (single-threaded
+//! strided loops) cost more than the matrix products. Here the CPU path is:
+//! im2col spread over rayon threads into `[C*kh*kw, Ho*Wo]` per image, so
+//! that `W [O, C*kh*kw] @ cols` lands in NCHW with no transpose; 3x3 pools
+//! and bias+ReLU as single rayon passes. Other devices use candle's ops
+//! (same math).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// The contiguous f32 slice of a CPU storage.
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input not contiguous")))?;
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+/// Conv geometry: kernel, stride, padding (per side, height then width).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Geom {
+    pub k: (usize, usize),
+    pub stride: usize,
+    pub pad: (usize, usize),
+}
+
+impl Geom {
+    fn out(&self, h: usize, w: usize) -> (usize, usize) {
+        (
+            (h + 2 * self.pad.0 - self.k.0) / self.stride + 1,
+            (w + 2 * self.pad.1 - self.k.1) / self.stride + 1,
+        )
+    }
+}
+
+struct Im2Col(Geom);
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "inception-im2col"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let (n, c, h, w) = l.shape().dims4()?;
+        let g = self.0;
+        let (ho, wo) = g.out(h, w);
+        let (kh, kw) = g.k;
+        let plane = ho * wo;
+        let mut out = vec![0f32; n * c * kh * kw * plane];
+        // One (image, channel) input plane fills kh*kw consecutive rows.
+        out.par_chunks_mut(kh * kw * plane)
+            .enumerate()
+            .for_each(|(i, rows)| {
+                let src = &x[i * h * w..(i + 1) * h * w];
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let row = &mut rows[(ky * kw + kx) * plane..(ky * kw + kx + 1) * plane];
+                        fill_row(row, src, (h, w), (ho, wo), (ky, kx), &g);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, c * kh * kw, plane))))
+    }
+}
+
+/// One im2col row: the input shifted by kernel tap (ky, kx), zero outside.
+fn fill_row(
+    row: &mut [f32],
+    src: &[f32],
+    (h, w): (usize, usize),
+    (ho, wo): (usize, usize),
+    (ky, kx): (usize, usize),
+    g: &Geom,
+) {
+    let s = g.stride;
+    for oy in 0..ho {
+        let iy = (oy * s + ky) as isize - g.pad.0 as isize;
+        if iy < 0 || iy >= h as isize {
+            continue;
+        }
+        let src_row = &src[iy as usize * w..(iy as usize + 1) * w];
+        let dst = &mut row[oy * wo..(oy + 1) * wo];
+        if s == 1 {
+            // Valid output columns: 0 <= ox + kx - pad < w.
+            let lo = g.pad.1.saturating_sub(kx);
+            let hi = (w + g.pad.1).saturating_sub(kx).min(wo);
+            if lo < hi {
+                let start = lo + kx - g.pad.1;
+                dst[lo..hi].copy_from_slice(&src_row[start..start + (hi - lo)]);
+            }
+        } else {
+            for (ox, d) in dst.iter_mut().enumerate() {
+                let ix = (ox * s + kx) as isize - g.pad.1 as isize;
+                if ix >= 0 && (ix as usize) < w {
+                    *d = src_row[ix as usize];
+                }
+            }
+        }
+    }
+}
+
+/// Convolution of `x` `[N, C, H, W]` with `w` `[O, C, kh, kw]` (no bias).
+/// `w2`: the same weights as `[O, C*kh*kw]` (the CPU path's matrix).
+pub(super) fn conv(x: &Tensor, w: &Tensor, w2: &Tensor, g: Geom) -> Result<Tensor> {
+    if !matches!(x.device(), Device::Cpu) {
+        if g.pad.0 == g.pad.1 {
+            return x.conv2d(w, g.pad.0, g.stride, 1, 1);
+        }
+        // 1x7 / 7x1 kernels: asymmetric SAME padding, done explicitly.
+        let xp = x
+            .pad_with_zeros(2, g.pad.0, g.pad.0)?
+            .pad_with_zeros(3, g.pad.1, g.pad.1)?;
+        return xp.conv2d(w, 0, g.stride, 1, 1);
+    }
+    let (n, c, h, wd) = x.dims4()?;
+    let (ho, wo) = g.out(h, wd);
+    let o = w2.dim(0)?;
+    // Images per im2col chunk: keep the column buffer near 64 MiB.
+    let per_image = c * g.k.0 * g.k.1 * ho * wo * 4;
+    let chunk = (64 << 20) / per_image.max(1);
+    let chunk = chunk.clamp(1, n);
+    let x = x.contiguous()?;
+    let mut outs = Vec::with_capacity(n.div_ceil(chunk));
+    for start in (0..n).step_by(chunk) {
+        let m = chunk.min(n - start);
+        let cols = x.narrow(0, start, m)?.apply_op1_no_bwd(&Im2Col(g))?;
+        outs.push(w2.broadcast_left(m)?.matmul(&cols)?);
+    }
+    let y = if outs.len() == 1 {
+        outs.pop().unwrap_or_else(|| unreachable!())
+    } else {
+        Tensor::cat(&outs, 0)?
+    };
+    y.reshape((n, o, ho, wo))
+}
+
+/// 3x3 pooling flavours of the FID Inception.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pool {
+    /// Max over the window; padding never wins (as -inf padding).
+    Max,
+    /// Mean over the window's pixels inside the image (TF SAME average
+    /// pooling, `count_include_pad=False`).
+    AvgExcludingPad,
+}
+
+struct Pool3 {
+    kind: Pool,
+    stride: usize,
+    pad: usize,
+}
+
+impl Pool3 {
+    fn out(&self, n: usize) -> usize {
+        (n + 2 * self.pad - 3) / self.stride + 1
+    }
+}
+
+impl CustomOp1 for Pool3 {
+    fn name(&self) -> &'static str {
+        "inception-pool3x3"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let (n, c, h, w) = l.shape().dims4()?;
+        let (ho, wo) = (self.out(h), self.out(w));
+        let mut out = vec![0f32; n * c * ho * wo];
+        out.par_chunks_mut(ho * wo).enumerate().for_each(|(i, dst)| {
+            let src = &x[i * h * w..(i + 1) * h * w];
+            for oy in 0..ho {
+                let y0 = (oy * self.stride) as isize - self.pad as isize;
+                let (ya, yb) = (y0.max(0) as usize, ((y0 + 3) as usize).min(h));
+                for ox in 0..wo {
+                    let x0 = (ox * self.stride) as isize - self.pad as isize;
+                    let (xa, xb) = (x0.max(0) as usize, ((x0 + 3) as usize).min(w));
+                    let win = (ya..yb).flat_map(|y| src[y * w + xa..y * w + xb].iter().copied());
+                    dst[oy * wo + ox] = match self.kind {
+                        Pool::Max => win.fold(f32::NEG_INFINITY, f32::max),
+                        Pool::AvgExcludingPad => {
+                            win.sum::<f32>() / ((yb - ya) * (xb - xa)) as f32
+                        }
+                    };
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
+    }
+}
+
+/// 3x3 pool with `stride` and `pad` pixels of padding on each side.
+pub(super) fn pool3x3(x: &Tensor, kind: Pool, stride: usize, pad: usize) -> Result<Tensor> {
+    if matches!(x.device(), Device::Cpu) {
+        return x.contiguous()?.apply_op1_no_bwd(&Pool3 { kind, stride, pad });
+    }
+    match (kind, pad) {
+        (Pool::Max, 0) => x.max_pool2d_with_stride(3, stride),
+        // Edge replication equals -inf padding for a max.
+        (Pool::Max, p) => x
+            .pad_with_same(2, p, p)?
+            .pad_with_same(3, p, p)?
+            .max_pool2d_with_stride(3, stride),
+        (Pool::AvgExcludingPad, p) => {
+            let (_, _, h, w) = x.dims4()?;
+            let pool = Pool3 { kind, stride, pad };
+            let (ho, wo) = (pool.out(h), pool.out(w));
+            let count = |o: usize, n: usize| {
+                let a = (o * stride) as isize - p as isize;
+                ((a + 3).min(n as isize) - a.max(0)) as f32
+            };
+            // avg_pool2d divides by 9; rescale to each window's count.
+            let f: Vec<f32> = (0..ho)
+                .flat_map(|y| (0..wo).map(move |x| 9.0 / (count(y, h) * count(x, w))))
+                .collect();
+            let f = Tensor::from_vec(f, (1, 1, ho, wo), x.device())?;
+            x.pad_with_zeros(2, p, p)?
+                .pad_with_zeros(3, p, p)?
+                .avg_pool2d_with_stride(3, stride)?
+                .broadcast_mul(&f)
+        }
+    }
+}
+
+struct BiasAct {
+    relu: bool,
+}
+
+impl CustomOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "inception-bias-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let b = slice(s2, l2, self.name())?;
+        let (_, c, h, w) = l1.shape().dims4()?;
+        if b.len() != c {
+            candle_core::bail!("bias of {} for {c} channels", b.len());
+        }
+        let plane = h * w;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(plane)
+            .zip(x.par_chunks(plane))
+            .enumerate()
+            .for_each(|(i, (dst, src))| {
+                let bc = b[i % c];
+                if self.relu {
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d = (s + bc).max(0.0));
+                } else {
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d = s + bc);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `x + b` per channel (`x` `[N, C, H, W]`, `b` `[C]`), then ReLU if asked.
+pub(super) fn bias_act(x: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
+    if matches!(x.device(), Device::Cpu) {
+        return x.contiguous()?.apply_op2_no_bwd(b, &BiasAct { relu });
+    }
+    let y = x.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+    if relu { y.relu() } else { Ok(y) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CPU fast paths against candle's plain ops (the other-device path).
+    fn close(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn im2col_conv_matches_candle_conv2d() -> Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (3, 4, 11, 9), &Device::Cpu)?;
+        for (k, stride, pad) in [((3, 3), 1, (1, 1)), ((3, 3), 2, (0, 0)), ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0)), ((5, 5), 1, (2, 2))] {
+            let w = Tensor::randn(0f32, 1.0, (6, 4, k.0, k.1), &Device::Cpu)?;
+            let w2 = w.reshape((6, ()))?;
+            let g = Geom { k, stride, pad };
+            let got = conv(&x, &w, &w2, g)?;
+            let xp = x.pad_with_zeros(2, pad.0, pad.0)?.pad_with_zeros(3, pad.1, pad.1)?;
+            let want = xp.conv2d(&w, 0, stride, 1, 1)?;
+            assert_eq!(got.dims(), want.dims());
+            assert!(close(&got, &want) < 1e-4, "{k:?} {stride} {pad:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn pools_match_reference_semantics() -> Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 7, 6), &Device::Cpu)?;
+        let max2 = pool3x3(&x, Pool::Max, 2, 0)?;
+        assert!(close(&max2, &x.max_pool2d_with_stride(3, 2)?) == 0.0);
+        let max1 = pool3x3(&x, Pool::Max, 1, 1)?;
+        let want = x.pad_with_same(2, 1, 1)?.pad_with_same(3, 1, 1)?.max_pool2d_with_stride(3, 1)?;
+        assert!(close(&max1, &want) == 0.0);
+        // All ones: excluding the padding every average is exactly 1.
+        let ones = Tensor::ones((1, 2, 4, 5), candle_core::DType::F32, &Device::Cpu)?;
+        let avg = pool3x3(&ones, Pool::AvgExcludingPad, 1, 1)?;
+        assert!(close(&avg, &ones) < 1e-6);
+        // Corner of a ramp: mean of the 2x2 valid window.
+        let r = Tensor::arange(0f32, 20.0, &Device::Cpu)?.reshape((1, 1, 4, 5))?;
+        let a = pool3x3(&r, Pool::AvgExcludingPad, 1, 1)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(a[0], (0.0 + 1.0 + 5.0 + 6.0) / 4.0);
+        Ok(())
+    }
+
+    #[test]
+    fn bias_relu_matches_broadcast_ops() -> Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &Device::Cpu)?;
+        let b = Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu)?;
+        let want = x.broadcast_add(&b.reshape((1, 3, 1, 1))?)?;
+        assert!(close(&bias_act(&x, &b, false)?, &want) == 0.0);
+        assert!(close(&bias_act(&x, &b, true)?, &want.relu()?) == 0.0);
+        Ok(())
+    }
+}
