@@ -170,20 +170,27 @@ impl CustomOp1 for Pool3 {
         let (n, c, h, w) = l.shape().dims4()?;
         let (ho, wo) = (self.out(h), self.out(w));
         let mut out = vec![0f32; n * c * ho * wo];
+        let (stride, pad, kind) = (self.stride, self.pad, self.kind);
         out.par_chunks_mut(ho * wo).enumerate().for_each(|(i, dst)| {
             let src = &x[i * h * w..(i + 1) * h * w];
+            // Plain index loops: this crate builds at opt-level 1 in dev.
             for oy in 0..ho {
-                let y0 = (oy * self.stride) as isize - self.pad as isize;
+                let y0 = (oy * stride) as isize - pad as isize;
                 let (ya, yb) = (y0.max(0) as usize, ((y0 + 3) as usize).min(h));
                 for ox in 0..wo {
-                    let x0 = (ox * self.stride) as isize - self.pad as isize;
+                    let x0 = (ox * stride) as isize - pad as isize;
                     let (xa, xb) = (x0.max(0) as usize, ((x0 + 3) as usize).min(w));
-                    let win = (ya..yb).flat_map(|y| src[y * w + xa..y * w + xb].iter().copied());
-                    dst[oy * wo + ox] = match self.kind {
-                        Pool::Max => win.fold(f32::NEG_INFINITY, f32::max),
-                        Pool::AvgExcludingPad => {
-                            win.sum::<f32>() / ((yb - ya) * (xb - xa)) as f32
+                    let mut acc = if kind == Pool::Max { f32::NEG_INFINITY } else { 0.0 };
+                    for y in ya..yb {
+                        let row = &src[y * w + xa..y * w + xb];
+                        for &v in row {
+                            acc = if kind == Pool::Max { acc.max(v) } else { acc + v };
                         }
+                    }
+                    dst[oy * wo + ox] = if kind == Pool::Max {
+                        acc
+                    } else {
+                        acc / ((yb - ya) * (xb - xa)) as f32
                     };
                 }
             }

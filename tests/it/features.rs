@@ -214,36 +214,3 @@ fn throughput_inception() {
         batch as f64 / s
     );
 }
-
-#[test]
-#[ignore]
-fn scratch_ops() {
-    use std::time::Instant;
-    let d = Device::Cpu;
-    let t = |name: &str, f: &dyn Fn() -> Tensor| {
-        f();
-        let s = Instant::now();
-        let y = f();
-        println!("{name}: {:.3}s {:?}", s.elapsed().as_secs_f64(), y.dims());
-    };
-    let x = Tensor::rand(0f32, 1f32, (50, 64, 35, 35), &d).unwrap();
-    let w3 = Tensor::rand(0f32, 1f32, (96, 64, 3, 3), &d).unwrap();
-    t("conv3x3 64->96 35x35 (6.8 GF)", &|| x.conv2d(&w3, 1, 1, 1, 1).unwrap());
-    let x2 = Tensor::rand(0f32, 1f32, (50, 288, 35, 35), &d).unwrap();
-    let w1 = Tensor::rand(0f32, 1f32, (64, 288), &d).unwrap();
-    t("1x1 bcast matmul 288->64 (2.3 GF)", &|| w1.broadcast_left(50).unwrap().matmul(&x2.reshape((50, 288, 1225)).unwrap()).unwrap());
-    let w1c = w1.reshape((64, 288, 1, 1)).unwrap();
-    t("1x1 conv2d 288->64", &|| x2.conv2d(&w1c, 0, 1, 1, 1).unwrap());
-    t("pad+avgpool 288", &|| x2.pad_with_zeros(2, 1, 1).unwrap().pad_with_zeros(3, 1, 1).unwrap().avg_pool2d_with_stride(3, 1).unwrap());
-    t("cat", &|| Tensor::cat(&[&x2, &x2], 1).unwrap());
-    let b = Tensor::rand(0f32, 1f32, (1, 288, 1, 1), &d).unwrap();
-    t("bias+relu", &|| x2.broadcast_add(&b).unwrap().relu().unwrap());
-    let x7 = Tensor::rand(0f32, 1f32, (50, 160, 17, 17), &d).unwrap();
-    let w7 = Tensor::rand(0f32, 1f32, (160, 160, 1, 7), &d).unwrap();
-    t("conv1x7 160 17x17 (1.3 GF)", &|| x7.pad_with_zeros(3, 3, 3).unwrap().conv2d(&w7, 0, 1, 1, 1).unwrap());
-    let xs = Tensor::rand(0f32, 1f32, (50, 3, 299, 299), &d).unwrap();
-    let ws = Tensor::rand(0f32, 1f32, (32, 3, 3, 3), &d).unwrap();
-    t("stem conv s2 (0.96 GF)", &|| xs.conv2d(&ws, 0, 2, 1, 1).unwrap());
-    let xm = Tensor::rand(0f32, 1f32, (50, 64, 147, 147), &d).unwrap();
-    t("maxpool 3/2 64x147", &|| xm.max_pool2d_with_stride(3, 2).unwrap());
-}
