@@ -204,6 +204,11 @@ pub(super) fn pool3x3(x: &Tensor, kind: Pool, stride: usize, pad: usize) -> Resu
     if matches!(x.device(), Device::Cpu) {
         return x.contiguous()?.apply_op1_no_bwd(&Pool3 { kind, stride, pad });
     }
+    pool3x3_generic(x, kind, stride, pad)
+}
+
+/// `pool3x3` with candle's tensor ops (any device).
+fn pool3x3_generic(x: &Tensor, kind: Pool, stride: usize, pad: usize) -> Result<Tensor> {
     match (kind, pad) {
         (Pool::Max, 0) => x.max_pool2d_with_stride(3, stride),
         // Edge replication equals -inf padding for a max.
@@ -276,6 +281,11 @@ pub(super) fn bias_act(x: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
     if matches!(x.device(), Device::Cpu) {
         return x.contiguous()?.apply_op2_no_bwd(b, &BiasAct { relu });
     }
+    bias_act_generic(x, b, relu)
+}
+
+/// `bias_act` with candle's tensor ops (any device).
+fn bias_act_generic(x: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
     let y = x.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
     if relu { y.relu() } else { Ok(y) }
 }
@@ -308,11 +318,13 @@ mod tests {
     #[test]
     fn pools_match_reference_semantics() -> Result<()> {
         let x = Tensor::randn(0f32, 1.0, (2, 3, 7, 6), &Device::Cpu)?;
-        let max2 = pool3x3(&x, Pool::Max, 2, 0)?;
-        assert!(close(&max2, &x.max_pool2d_with_stride(3, 2)?) == 0.0);
-        let max1 = pool3x3(&x, Pool::Max, 1, 1)?;
-        let want = x.pad_with_same(2, 1, 1)?.pad_with_same(3, 1, 1)?.max_pool2d_with_stride(3, 1)?;
-        assert!(close(&max1, &want) == 0.0);
+        // The CPU kernel against the tensor-op path other devices take.
+        for (kind, stride, pad) in [(Pool::Max, 2, 0), (Pool::Max, 1, 1), (Pool::AvgExcludingPad, 1, 1)] {
+            let fast = pool3x3(&x, kind, stride, pad)?;
+            let generic = pool3x3_generic(&x, kind, stride, pad)?;
+            assert_eq!(fast.dims(), generic.dims());
+            assert!(close(&fast, &generic) < 1e-6, "{kind:?} {stride} {pad}");
+        }
         // All ones: excluding the padding every average is exactly 1.
         let ones = Tensor::ones((1, 2, 4, 5), candle_core::DType::F32, &Device::Cpu)?;
         let avg = pool3x3(&ones, Pool::AvgExcludingPad, 1, 1)?;
@@ -321,6 +333,8 @@ mod tests {
         let r = Tensor::arange(0f32, 20.0, &Device::Cpu)?.reshape((1, 1, 4, 5))?;
         let a = pool3x3(&r, Pool::AvgExcludingPad, 1, 1)?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(a[0], (0.0 + 1.0 + 5.0 + 6.0) / 4.0);
+        let a = pool3x3_generic(&r, Pool::AvgExcludingPad, 1, 1)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!((a[0] - 3.0).abs() < 1e-6);
         Ok(())
     }
 
@@ -331,6 +345,7 @@ mod tests {
         let want = x.broadcast_add(&b.reshape((1, 3, 1, 1))?)?;
         assert!(close(&bias_act(&x, &b, false)?, &want) == 0.0);
         assert!(close(&bias_act(&x, &b, true)?, &want.relu()?) == 0.0);
+        assert!(close(&bias_act_generic(&x, &b, true)?, &want.relu()?) == 0.0);
         Ok(())
     }
 }

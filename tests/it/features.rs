@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use rae_cache::features::{Dinov2Fd, FeatureError, InceptionV3, read_weights, tf1_resize_bilinear};
 
-use crate::common::{fixture, io, max_abs_diff, read_json};
+use crate::common::{fixture, io, max_abs_diff, read_json, test_device};
 
 fn fnv1a64(s: &str) -> u64 {
     s.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| {
@@ -116,7 +116,8 @@ fn inception_matches_pytorch_fid() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("inception.safetensors");
     candle_core::safetensors::save(&inception_weights(), &path).unwrap();
-    let net = InceptionV3::load(&path, &Device::Cpu).unwrap();
+    // RAE_TEST_DEVICE=cuda runs the device path (candle's conv/pool ops).
+    let net = InceptionV3::load(&path, &test_device()).unwrap();
     let want = io("features/inception-io.safetensors");
     let images = want["images"].to_dtype(DType::F32).unwrap();
     let t = std::time::Instant::now();
@@ -128,6 +129,7 @@ fn inception_matches_pytorch_fid() {
         ("logits", &out.logits),
     ] {
         let w = &want[name];
+        let got = &got.to_device(&Device::Cpu).unwrap();
         let (abs, rel) = (max_abs_diff(got, w), max_rel(got, w));
         println!("inception {name} {:?}: max abs {abs:e}, max rel {rel:e}", w.dims());
         assert!(rel <= 1e-4, "{name}: max rel error {rel} (abs {abs})");
@@ -168,7 +170,7 @@ fn inception_rejects_wrong_weights() {
 #[test]
 fn fd_dinov2_matches_hub_model() {
     let dir = fixture("features/dinov2-small");
-    let net = Dinov2Fd::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    let net = Dinov2Fd::load(dir.to_str().unwrap(), &test_device()).unwrap();
     let want = io("features/fd-dinov2-io.safetensors");
     let images = want["images"].to_dtype(DType::F32).unwrap();
 
@@ -177,7 +179,7 @@ fn fd_dinov2_matches_hub_model() {
     let d = max_abs_diff(&resized, &want["resized"].to_dtype(DType::F32).unwrap());
     assert_eq!(d, 0.0, "PIL bicubic resize differs by {d}");
 
-    let got = net.forward(&images).unwrap();
+    let got = net.forward(&images).unwrap().to_device(&Device::Cpu).unwrap();
     let w = &want["features"];
     let d = max_abs_diff(&got, w);
     let d_hf = max_abs_diff(&got, &want["features_hf_pos"]);
