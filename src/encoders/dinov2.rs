@@ -16,9 +16,9 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::{ModelFiles, VitConfig, parse_json};
 use super::resample::{bicubic_aa_matrix, bicubic_matrix, bicubic_matrix_scaled, widen};
-use super::{EncoderError, EncoderSpec};
 use super::vit::{Keys, Loader, VitEncoder, common};
 use super::vit_layers::BlockNames;
+use super::{EncoderError, EncoderSpec};
 
 const NAMES: BlockNames = BlockNames {
     norm1: "norm1",
@@ -39,7 +39,7 @@ const NAMES: BlockNames = BlockNames {
 fn mlp_hidden(cfg: &VitConfig) -> usize {
     let h = (cfg.hidden_size as f64 * cfg.mlp_ratio.unwrap_or(4.0)) as usize;
     if cfg.use_swiglu_ffn {
-        ((h as f64 * 2.0 / 3.0) as usize + 7) / 8 * 8
+        ((h as f64 * 2.0 / 3.0) as usize).div_ceil(8) * 8
     } else {
         h
     }
@@ -121,7 +121,10 @@ pub struct HubDinov2 {
 impl HubDinov2 {
     /// Load an HF `Dinov2Model` directory (`facebook/dinov2-large` for
     /// FD-DINOv2) found by `weights::resolve_model`.
-    pub fn load(model: &crate::weights::ResolvedModel, device: &Device) -> Result<Self, EncoderError> {
+    pub fn load(
+        model: &crate::weights::ResolvedModel,
+        device: &Device,
+    ) -> Result<Self, EncoderError> {
         let files = ModelFiles::open(&model.dir)?;
         let probe = files.probe()?;
         if probe.model_type.as_deref() != Some("dinov2") {

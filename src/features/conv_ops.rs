@@ -171,30 +171,40 @@ impl CustomOp1 for Pool3 {
         let (ho, wo) = (self.out(h), self.out(w));
         let mut out = vec![0f32; n * c * ho * wo];
         let (stride, pad, kind) = (self.stride, self.pad, self.kind);
-        out.par_chunks_mut(ho * wo).enumerate().for_each(|(i, dst)| {
-            let src = &x[i * h * w..(i + 1) * h * w];
-            // Plain index loops: this crate builds at opt-level 1 in dev.
-            for oy in 0..ho {
-                let y0 = (oy * stride) as isize - pad as isize;
-                let (ya, yb) = (y0.max(0) as usize, ((y0 + 3) as usize).min(h));
-                for ox in 0..wo {
-                    let x0 = (ox * stride) as isize - pad as isize;
-                    let (xa, xb) = (x0.max(0) as usize, ((x0 + 3) as usize).min(w));
-                    let mut acc = if kind == Pool::Max { f32::NEG_INFINITY } else { 0.0 };
-                    for y in ya..yb {
-                        let row = &src[y * w + xa..y * w + xb];
-                        for &v in row {
-                            acc = if kind == Pool::Max { acc.max(v) } else { acc + v };
+        out.par_chunks_mut(ho * wo)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                let src = &x[i * h * w..(i + 1) * h * w];
+                // Plain index loops: this crate builds at opt-level 1 in dev.
+                for oy in 0..ho {
+                    let y0 = (oy * stride) as isize - pad as isize;
+                    let (ya, yb) = (y0.max(0) as usize, ((y0 + 3) as usize).min(h));
+                    for ox in 0..wo {
+                        let x0 = (ox * stride) as isize - pad as isize;
+                        let (xa, xb) = (x0.max(0) as usize, ((x0 + 3) as usize).min(w));
+                        let mut acc = if kind == Pool::Max {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        };
+                        for y in ya..yb {
+                            let row = &src[y * w + xa..y * w + xb];
+                            for &v in row {
+                                acc = if kind == Pool::Max {
+                                    acc.max(v)
+                                } else {
+                                    acc + v
+                                };
+                            }
                         }
+                        dst[oy * wo + ox] = if kind == Pool::Max {
+                            acc
+                        } else {
+                            acc / ((yb - ya) * (xb - xa)) as f32
+                        };
                     }
-                    dst[oy * wo + ox] = if kind == Pool::Max {
-                        acc
-                    } else {
-                        acc / ((yb - ya) * (xb - xa)) as f32
-                    };
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
     }
 }
@@ -202,7 +212,9 @@ impl CustomOp1 for Pool3 {
 /// 3x3 pool with `stride` and `pad` pixels of padding on each side.
 pub(super) fn pool3x3(x: &Tensor, kind: Pool, stride: usize, pad: usize) -> Result<Tensor> {
     if matches!(x.device(), Device::Cpu) {
-        return x.contiguous()?.apply_op1_no_bwd(&Pool3 { kind, stride, pad });
+        return x
+            .contiguous()?
+            .apply_op1_no_bwd(&Pool3 { kind, stride, pad });
     }
     pool3x3_generic(x, kind, stride, pad)
 }
@@ -267,7 +279,9 @@ impl CustomOp2 for BiasAct {
             .for_each(|(i, (dst, src))| {
                 let bc = b[i % c];
                 if self.relu {
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d = (s + bc).max(0.0));
+                    dst.iter_mut()
+                        .zip(src)
+                        .for_each(|(d, s)| *d = (s + bc).max(0.0));
                 } else {
                     dst.iter_mut().zip(src).for_each(|(d, s)| *d = s + bc);
                 }
@@ -296,18 +310,33 @@ mod tests {
 
     /// CPU fast paths against candle's plain ops (the other-device path).
     fn close(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]
     fn im2col_conv_matches_candle_conv2d() -> Result<()> {
         let x = Tensor::randn(0f32, 1.0, (3, 4, 11, 9), &Device::Cpu)?;
-        for (k, stride, pad) in [((3, 3), 1, (1, 1)), ((3, 3), 2, (0, 0)), ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0)), ((5, 5), 1, (2, 2))] {
+        for (k, stride, pad) in [
+            ((3, 3), 1, (1, 1)),
+            ((3, 3), 2, (0, 0)),
+            ((1, 7), 1, (0, 3)),
+            ((7, 1), 1, (3, 0)),
+            ((5, 5), 1, (2, 2)),
+        ] {
             let w = Tensor::randn(0f32, 1.0, (6, 4, k.0, k.1), &Device::Cpu)?;
             let w2 = w.reshape((6, ()))?;
             let g = Geom { k, stride, pad };
             let got = conv(&x, &w, &w2, g)?;
-            let xp = x.pad_with_zeros(2, pad.0, pad.0)?.pad_with_zeros(3, pad.1, pad.1)?;
+            let xp = x
+                .pad_with_zeros(2, pad.0, pad.0)?
+                .pad_with_zeros(3, pad.1, pad.1)?;
             let want = xp.conv2d(&w, 0, stride, 1, 1)?;
             assert_eq!(got.dims(), want.dims());
             assert!(close(&got, &want) < 1e-4, "{k:?} {stride} {pad:?}");
@@ -319,7 +348,11 @@ mod tests {
     fn pools_match_reference_semantics() -> Result<()> {
         let x = Tensor::randn(0f32, 1.0, (2, 3, 7, 6), &Device::Cpu)?;
         // The CPU kernel against the tensor-op path other devices take.
-        for (kind, stride, pad) in [(Pool::Max, 2, 0), (Pool::Max, 1, 1), (Pool::AvgExcludingPad, 1, 1)] {
+        for (kind, stride, pad) in [
+            (Pool::Max, 2, 0),
+            (Pool::Max, 1, 1),
+            (Pool::AvgExcludingPad, 1, 1),
+        ] {
             let fast = pool3x3(&x, kind, stride, pad)?;
             let generic = pool3x3_generic(&x, kind, stride, pad)?;
             assert_eq!(fast.dims(), generic.dims());
@@ -331,9 +364,13 @@ mod tests {
         assert!(close(&avg, &ones) < 1e-6);
         // Corner of a ramp: mean of the 2x2 valid window.
         let r = Tensor::arange(0f32, 20.0, &Device::Cpu)?.reshape((1, 1, 4, 5))?;
-        let a = pool3x3(&r, Pool::AvgExcludingPad, 1, 1)?.flatten_all()?.to_vec1::<f32>()?;
+        let a = pool3x3(&r, Pool::AvgExcludingPad, 1, 1)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_eq!(a[0], (0.0 + 1.0 + 5.0 + 6.0) / 4.0);
-        let a = pool3x3_generic(&r, Pool::AvgExcludingPad, 1, 1)?.flatten_all()?.to_vec1::<f32>()?;
+        let a = pool3x3_generic(&r, Pool::AvgExcludingPad, 1, 1)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert!((a[0] - 3.0).abs() < 1e-6);
         Ok(())
     }

@@ -58,9 +58,7 @@ pub struct InceptionOutputs {
 pub fn tf1_resize_bilinear(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor, FeatureError> {
     let (_, _, h, w) = x.dims4()?;
     if out_h == 0 || out_w == 0 {
-        return Err(FeatureError::Input(format!(
-            "resize to {out_h}x{out_w}"
-        )));
+        return Err(FeatureError::Input(format!("resize to {out_h}x{out_w}")));
     }
     let dev = x.device();
     let (ylo, yhi, yl) = tf1_taps(h, out_h);
@@ -304,7 +302,12 @@ impl Weights<'_> {
     ) -> Result<Unit, FeatureError> {
         let mut w = self.host(&format!("{name}.conv.weight"), &[cout, cin, k.0, k.1])?;
         let bn = |p: &str| self.host(&format!("{name}.bn.{p}"), &[cout]);
-        let (gamma, beta, mean, var) = (bn("weight")?, bn("bias")?, bn("running_mean")?, bn("running_var")?);
+        let (gamma, beta, mean, var) = (
+            bn("weight")?,
+            bn("bias")?,
+            bn("running_mean")?,
+            bn("running_var")?,
+        );
         let per_out = cin * k.0 * k.1;
         let mut b = vec![0f32; cout];
         for o in 0..cout {
@@ -324,7 +327,12 @@ impl Weights<'_> {
     }
 
     /// A stride-1 SAME unit (padding half the kernel).
-    fn same(&self, name: &str, io: (usize, usize), k: (usize, usize)) -> Result<Unit, FeatureError> {
+    fn same(
+        &self,
+        name: &str,
+        io: (usize, usize),
+        k: (usize, usize),
+    ) -> Result<Unit, FeatureError> {
         self.unit(name, io, k, 1, (k.0 / 2, k.1 / 2))
     }
 
@@ -426,7 +434,12 @@ pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>, FeatureError
     };
     Ok(tensors
         .into_iter()
-        .map(|(k, v)| (k.strip_prefix("module.").map(str::to_string).unwrap_or(k), v))
+        .map(|(k, v)| {
+            (
+                k.strip_prefix("module.").map(str::to_string).unwrap_or(k),
+                v,
+            )
+        })
         .collect())
 }
 
@@ -491,7 +504,9 @@ impl InceptionV3 {
             w.block_e("Mixed_7c", 2048, true)?,
         ];
         let fc = w.host("fc.weight", &[1008, 2048])?;
-        let fc_t = Tensor::from_vec(fc, (1008, 2048), device)?.t()?.contiguous()?;
+        let fc_t = Tensor::from_vec(fc, (1008, 2048), device)?
+            .t()?
+            .contiguous()?;
         let fc_bias = Tensor::from_vec(w.host("fc.bias", &[1008])?, 1008, device)?;
         Ok(Self {
             stem,

@@ -48,7 +48,12 @@ fn read_pickle<R: BufRead>(r: &mut R, path: &Path, what: &str) -> Result<Object,
     stack
         .read_loop(r)
         .and_then(|_| stack.finalize())
-        .map_err(|e| err(path, format!("legacy torch file: cannot read the {what} pickle: {e}")))
+        .map_err(|e| {
+            err(
+                path,
+                format!("legacy torch file: cannot read the {what} pickle: {e}"),
+            )
+        })
 }
 
 /// Every tensor of the top-level dict (a state dict) of a legacy file, on
@@ -57,7 +62,8 @@ pub fn read_legacy(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>
     let file = std::fs::File::open(path).map_err(|e| err(path, e.to_string()))?;
     let mut r = BufReader::new(file);
     let mut head = [0u8; 15];
-    r.read_exact(&mut head).map_err(|e| err(path, e.to_string()))?;
+    r.read_exact(&mut head)
+        .map_err(|e| err(path, e.to_string()))?;
     if head != MAGIC {
         return Err(err(path, "not a legacy torch.save file (bad magic number)"));
     }
@@ -67,7 +73,10 @@ pub fn read_legacy(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>
     let keys = match read_pickle(&mut r, path, "storage keys")? {
         Object::List(v) => v
             .into_iter()
-            .map(|k| k.unicode().map_err(|_| err(path, "storage key is not a string")))
+            .map(|k| {
+                k.unicode()
+                    .map_err(|_| err(path, "storage key is not a string"))
+            })
             .collect::<Result<Vec<_>, _>>()?,
         _ => return Err(err(path, "storage key list is not a list")),
     };
@@ -87,12 +96,16 @@ pub fn read_legacy(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>
     // element size comes from the tensors that use them.
     let mut elem: HashMap<String, usize> = HashMap::new();
     for i in &infos {
-        elem.insert(i.path.trim_start_matches('/').to_string(), i.dtype.size_in_bytes());
+        elem.insert(
+            i.path.trim_start_matches('/').to_string(),
+            i.dtype.size_in_bytes(),
+        );
     }
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     for key in keys {
         let mut n = [0u8; 8];
-        r.read_exact(&mut n).map_err(|e| err(path, format!("storage {key}: {e}")))?;
+        r.read_exact(&mut n)
+            .map_err(|e| err(path, format!("storage {key}: {e}")))?;
         let numel = i64::from_le_bytes(n);
         let es = *elem.get(&key).unwrap_or(&1);
         let len = usize::try_from(numel)
@@ -157,8 +170,8 @@ fn strided(
     let mut out = Vec::with_capacity(numel * es);
     let mut idx = vec![0usize; dims.len()];
     for _ in 0..numel {
-        let off = layout.start_offset()
-            + idx.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>() * es;
+        let off =
+            layout.start_offset() + idx.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>() * es;
         let src = bytes
             .get(off..off + es)
             .ok_or_else(|| format!("view {dims:?} / {stride:?} runs past its storage"))?;

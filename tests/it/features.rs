@@ -58,7 +58,10 @@ fn inception_weights() -> HashMap<String, Tensor> {
             let off = t["offset"].as_f64().unwrap() as f32;
             let sc = t["scale"].as_f64().unwrap() as f32;
             let v = formula(name, n, off, sc, seed);
-            (name.to_string(), Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
+            (
+                name.to_string(),
+                Tensor::from_vec(v, shape, &Device::Cpu).unwrap(),
+            )
         })
         .collect()
 }
@@ -77,7 +80,10 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn tf1_resize_matches_numpy_transcription() {
     let cases = io("features/tf1-resize.safetensors");
-    let mut names: Vec<_> = cases.keys().filter_map(|k| k.strip_suffix(".input")).collect();
+    let mut names: Vec<_> = cases
+        .keys()
+        .filter_map(|k| k.strip_suffix(".input"))
+        .collect();
     names.sort();
     assert!(!names.is_empty());
     for c in names {
@@ -86,7 +92,11 @@ fn tf1_resize_matches_numpy_transcription() {
         let (_, _, oh, ow) = want.dims4().unwrap();
         let got = tf1_resize_bilinear(x, oh, ow).unwrap();
         let d = max_abs_diff(&got, want);
-        println!("tf1 resize {c} {:?} -> {:?}: max abs {d:e}", x.dims(), want.dims());
+        println!(
+            "tf1 resize {c} {:?} -> {:?}: max abs {d:e}",
+            x.dims(),
+            want.dims()
+        );
         assert!(d <= 1e-4, "{c}: {d}");
     }
 }
@@ -131,9 +141,20 @@ fn inception_matches_pytorch_fid() {
         let w = &want[name];
         let got = &got.to_device(&Device::Cpu).unwrap();
         let (abs, rel) = (max_abs_diff(got, w), max_rel(got, w));
-        println!("inception {name} {:?}: max abs {abs:e}, max rel {rel:e}", w.dims());
+        println!(
+            "inception {name} {:?}: max abs {abs:e}, max rel {rel:e}",
+            w.dims()
+        );
         assert!(rel <= 1e-4, "{name}: max rel error {rel} (abs {abs})");
     }
+    // Features do not depend on the batch: one image alone gives its row.
+    let one = net.forward(&images.narrow(0, 1, 1).unwrap()).unwrap();
+    let row = out.pool.narrow(0, 1, 1).unwrap();
+    assert_eq!(
+        max_abs_diff(&one.pool, &row),
+        0.0,
+        "batch-dependent features"
+    );
 }
 
 #[test]
@@ -143,16 +164,31 @@ fn inception_rejects_wrong_weights() {
     w.remove("Mixed_6d.branch1x1.bn.running_var");
     let path = dir.path().join("bad.safetensors");
     candle_core::safetensors::save(&w, &path).unwrap();
-    let e = InceptionV3::load(&path, &Device::Cpu).err().unwrap().to_string();
-    assert!(e.contains("bad.safetensors") && e.contains("Mixed_6d.branch1x1.bn.running_var"), "{e}");
+    let e = InceptionV3::load(&path, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("bad.safetensors") && e.contains("Mixed_6d.branch1x1.bn.running_var"),
+        "{e}"
+    );
 
     let garbage = dir.path().join("pt_inception.pth");
     std::fs::write(&garbage, b"not a checkpoint at all").unwrap();
-    let e = InceptionV3::load(&garbage, &Device::Cpu).err().unwrap().to_string();
-    assert!(e.contains("pt_inception.pth") && e.contains("not a safetensors"), "{e}");
+    let e = InceptionV3::load(&garbage, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("pt_inception.pth") && e.contains("not a safetensors"),
+        "{e}"
+    );
 
     let missing = dir.path().join("absent.pth");
-    let e = InceptionV3::load(&missing, &Device::Cpu).err().unwrap().to_string();
+    let e = InceptionV3::load(&missing, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("absent.pth") && e.contains("pytorch-fid"), "{e}");
 
     let net_err = |shape: &[usize]| {
@@ -179,11 +215,18 @@ fn fd_dinov2_matches_hub_model() {
     let d = max_abs_diff(&resized, &want["resized"].to_dtype(DType::F32).unwrap());
     assert_eq!(d, 0.0, "PIL bicubic resize differs by {d}");
 
-    let got = net.forward(&images).unwrap().to_device(&Device::Cpu).unwrap();
+    let got = net
+        .forward(&images)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
     let w = &want["features"];
     let d = max_abs_diff(&got, w);
     let d_hf = max_abs_diff(&got, &want["features_hf_pos"]);
-    println!("fd-dinov2 {:?}: max abs {d:e} (vs HF-style position resize: {d_hf:e})", w.dims());
+    println!(
+        "fd-dinov2 {:?}: max abs {d:e} (vs HF-style position resize: {d_hf:e})",
+        w.dims()
+    );
     assert_eq!(net.dim(), w.dim(1).unwrap());
     assert!(d <= 1e-4, "CLS features differ by {d}");
 }
@@ -195,9 +238,18 @@ fn fd_dinov2_matches_hub_model() {
 #[test]
 #[ignore]
 fn throughput_inception() {
-    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
-    let (batch, iters) = (env("FEATURE_BENCH_BATCH", 50), env("FEATURE_BENCH_ITERS", 3));
-    let net = InceptionV3::from_tensors(&inception_weights(), Path::new("formula"), &Device::Cpu).unwrap();
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (batch, iters) = (
+        env("FEATURE_BENCH_BATCH", 50),
+        env("FEATURE_BENCH_ITERS", 3),
+    );
+    let net = InceptionV3::from_tensors(&inception_weights(), Path::new("formula"), &Device::Cpu)
+        .unwrap();
     let x = (Tensor::rand(0f32, 255f32, (batch, 3, 256, 256), &Device::Cpu).unwrap())
         .round()
         .unwrap();
