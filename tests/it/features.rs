@@ -268,3 +268,57 @@ fn throughput_inception() {
         batch as f64 / s
     );
 }
+
+/// FD-DINOv2 throughput: ViT-L/14 (random weights in HF `Dinov2Model`
+/// layout) on 256x256 inputs (PIL resize to 224 included), f32 CPU, batch
+/// `FEATURE_BENCH_BATCH` (default 8), beside `scripts/feature_ref_bench.py
+/// --what fd-dinov2`:
+/// `RAYON_NUM_THREADS=2 cargo test --release --test it features::throughput_fd -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn throughput_fd_dinov2() {
+    use rae_cache::bench_models::{Dinov2Shape, write_random_dinov2};
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (batch, iters) = (env("FEATURE_BENCH_BATCH", 8), env("FEATURE_BENCH_ITERS", 3));
+    let dir = tempfile::tempdir().unwrap();
+    let large = Dinov2Shape {
+        hidden: 1024,
+        layers: 24,
+        heads: 16,
+        registers: 0,
+        ..Dinov2Shape::BASE
+    };
+    write_random_dinov2(dir.path(), &large, 0).unwrap();
+    // The writer makes a registers model (with 0 registers); FD-DINOv2
+    // takes plain DINOv2: relabel the config.
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["model_type"] = "dinov2".into();
+    cfg["architectures"] = serde_json::json!(["Dinov2Model"]);
+    std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let net = Dinov2Fd::load(dir.path().to_str().unwrap(), &Device::Cpu).unwrap();
+    let x = Tensor::rand(0f32, 255f32, (batch, 3, 256, 256), &Device::Cpu)
+        .unwrap()
+        .round()
+        .unwrap();
+    net.forward(&x).unwrap();
+    let mut secs: Vec<f64> = (0..iters)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            net.forward(&x).unwrap();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    secs.sort_by(f64::total_cmp);
+    let s = secs[secs.len() / 2];
+    println!(
+        "{{\"workload\": \"fd-dinov2\", \"impl\": \"rae-cache\", \"batch\": {batch}, \"seconds\": {s:.3}, \"images_per_s\": {:.2}}}",
+        batch as f64 / s
+    );
+}
