@@ -209,10 +209,15 @@ def make_inception(out):
     small["half"] = sd["fc.bias"][:10].half()
     # A view at an offset into a storage shared with another entry.
     small["offset_view"] = sd["fc.bias"][3:9]
+    # Saved like a module's state_dict(): an OrderedDict with `_metadata`.
+    import collections
+    expected = dict(small)
+    small = collections.OrderedDict(small)
+    small._metadata = collections.OrderedDict({"": {"version": 1}, "Conv2d_1a_3x3.bn": {"version": 2}})
     torch.save(small, os.path.join(out, "pth-zip.pth"))
     torch.save(small, os.path.join(out, "pth-legacy.pth"), _use_new_zipfile_serialization=False)
     save_st(os.path.join(out, "pth-expected.safetensors"),
-            {k: v.contiguous().numpy() for k, v in small.items() if k != "Conv2d_1a_3x3.bn.num_batches_tracked"})
+            {k: v.contiguous().numpy() for k, v in expected.items() if k != "Conv2d_1a_3x3.bn.num_batches_tracked"})
 
 
 def make_tf1_resize(out):

@@ -80,6 +80,9 @@ pub fn read_legacy(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>
             .collect::<Result<Vec<_>, _>>()?,
         _ => return Err(err(path, "storage key list is not a list")),
     };
+    // The element size of each storage: its class in the persistent id.
+    let mut elem: HashMap<String, usize> = HashMap::new();
+    storage_sizes(&obj, &mut elem);
     let Object::Dict(entries) = obj else {
         return Err(err(path, "the saved object is not a dict of tensors"));
     };
@@ -92,22 +95,16 @@ pub fn read_legacy(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>
             infos.push(info);
         }
     }
-    // The storages, in key order: i64 element count, then the bytes. Their
-    // element size comes from the tensors that use them.
-    let mut elem: HashMap<String, usize> = HashMap::new();
-    for i in &infos {
-        elem.insert(
-            i.path.trim_start_matches('/').to_string(),
-            i.dtype.size_in_bytes(),
-        );
-    }
+    // The storages, in key order: i64 element count, then the bytes.
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     for key in keys {
         let mut n = [0u8; 8];
         r.read_exact(&mut n)
             .map_err(|e| err(path, format!("storage {key}: {e}")))?;
         let numel = i64::from_le_bytes(n);
-        let es = *elem.get(&key).unwrap_or(&1);
+        let es = *elem
+            .get(&key)
+            .ok_or_else(|| err(path, format!("storage {key}: unknown element type")))?;
         let len = usize::try_from(numel)
             .ok()
             .and_then(|n| n.checked_mul(es))
@@ -129,6 +126,37 @@ pub fn read_legacy(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>
             Ok((i.name, t))
         })
         .collect()
+}
+
+/// Element size of every storage named by a persistent id
+/// `('storage', <module>.<Type>Storage, key, location, numel, ...)` in `obj`.
+fn storage_sizes(obj: &Object, out: &mut HashMap<String, usize>) {
+    match obj {
+        Object::PersistentLoad(id) => {
+            if let Object::Tuple(t) = id.as_ref()
+                && let (Some(Object::Class { class_name, .. }), Some(Object::Unicode(key))) =
+                    (t.get(1), t.get(2))
+            {
+                let size = match class_name.as_str() {
+                    "DoubleStorage" | "LongStorage" => 8,
+                    "FloatStorage" | "IntStorage" => 4,
+                    "HalfStorage" | "BFloat16Storage" | "ShortStorage" => 2,
+                    _ => 1,
+                };
+                out.insert(key.clone(), size);
+            }
+        }
+        Object::Tuple(v) | Object::List(v) => v.iter().for_each(|o| storage_sizes(o, out)),
+        Object::Dict(kv) => kv.iter().for_each(|(k, v)| {
+            storage_sizes(k, out);
+            storage_sizes(v, out);
+        }),
+        Object::Reduce { callable, args } | Object::Build { callable, args } => {
+            storage_sizes(callable, out);
+            storage_sizes(args, out);
+        }
+        _ => {}
+    }
 }
 
 /// Every tensor of the top-level dict of a PyTorch zip checkpoint.
