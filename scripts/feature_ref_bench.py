@@ -10,7 +10,8 @@
               LayerNorm, f32, batch 50 (the PIL resize is not timed).
 
   /work/venv-torch/bin/python scripts/feature_ref_bench.py --threads 2 --batch 50
-Prints one JSON line per workload: images/s (median of --iters timed runs).
+Prints one JSON line per workload: images/s and images per CPU-second (medians of --iters
+timed runs; on a shared machine the CPU-second figure is the steadier one).
 """
 
 import argparse
@@ -21,15 +22,18 @@ import torch
 
 
 def median_time(fn, warmup, iters):
+    """Median wall and CPU (process, all threads) seconds."""
     for _ in range(warmup):
         fn()
-    t = []
+    t, c = [], []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         t.append(time.perf_counter() - t0)
+        c.append(time.process_time() - c0)
     t.sort()
-    return t[len(t) // 2]
+    c.sort()
+    return t[len(t) // 2], c[len(c) // 2]
 
 
 def bench_inception(batch, warmup, iters):
@@ -84,10 +88,11 @@ def main():
     torch.set_num_threads(args.threads)
     for what in args.what.split(","):
         fn = {"inception": bench_inception, "fd-dinov2": bench_dinov2}[what]
-        secs = fn(args.batch, args.warmup, args.iters)
+        secs, cpu = fn(args.batch, args.warmup, args.iters)
         print(json.dumps({"workload": what, "impl": f"torch {torch.__version__}", "threads": args.threads,
                           "batch": args.batch, "seconds": round(secs, 3),
-                          "images_per_s": round(args.batch / secs, 2)}))
+                          "images_per_s": round(args.batch / secs, 2), "cpu_seconds": round(cpu, 2),
+                          "images_per_cpu_s": round(args.batch / cpu, 3)}))
 
 
 if __name__ == "__main__":

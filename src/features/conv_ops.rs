@@ -1,12 +1,18 @@
-//! The Inception's convolution, pooling and bias+ReLU, with CPU fast paths.
+//! The Inception's convolution, pooling and bias+ReLU on activations laid
+//! out **CNHW** (`[C, N, H, W]`: channel-major, the batch inside), with
+//! CPU fast paths.
+//!
+//! Why CNHW: a 1x1 convolution is then one matrix product `W [O, C] @
+//! x [C, N*H*W]` over the whole batch, and a kxk one is `W [O, C*kh*kw] @
+//! cols [C*kh*kw, N*Ho*Wo]`; per-image products at the 17x17 and 8x8
+//! stages (N = 289 or 64 columns) keep the GEMM far from its peak. Branch
+//! concatenation is along the outer axis (a plain append), and every
+//! (channel, image) plane is still a contiguous `H*W` block for pooling.
 //!
 //! On the CPU candle's conv2d (single-threaded im2col, an output
-//! transpose), its pools and its broadcast add / ReLU (single-threaded
-//! strided loops) cost more than the matrix products. Here the CPU path is:
-//! im2col spread over rayon threads into `[C*kh*kw, Ho*Wo]` per image, so
-//! that `W [O, C*kh*kw] @ cols` lands in NCHW with no transpose; 3x3 pools
-//! and bias+ReLU as single rayon passes. Other devices use candle's ops
-//! (same math).
+//! transpose), its pools and its broadcast add / ReLU run single-threaded;
+//! here im2col, the 3x3 pools and bias+ReLU are rayon passes. Other devices
+//! use candle's ops (same math; conv2d through an NCHW transpose).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -36,7 +42,14 @@ impl Geom {
     }
 }
 
-struct Im2Col(Geom);
+/// im2col of images `start..start + m` of a CNHW tensor: rows
+/// `c*kh*kw + ky*kw + kx` (the order of `W [O, C, kh, kw]` flattened),
+/// columns `j*Ho*Wo + p` for image `j` of the chunk.
+struct Im2Col {
+    g: Geom,
+    start: usize,
+    m: usize,
+}
 
 impl CustomOp1 for Im2Col {
     fn name(&self) -> &'static str {
@@ -45,25 +58,27 @@ impl CustomOp1 for Im2Col {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
-        let (n, c, h, w) = l.shape().dims4()?;
-        let g = self.0;
+        let (c, n, h, w) = l.shape().dims4()?;
+        let g = self.g;
         let (ho, wo) = g.out(h, w);
         let (kh, kw) = g.k;
         let plane = ho * wo;
-        let mut out = vec![0f32; n * c * kh * kw * plane];
-        // One (image, channel) input plane fills kh*kw consecutive rows.
-        out.par_chunks_mut(kh * kw * plane)
+        let (start, m) = (self.start, self.m);
+        if start + m > n {
+            candle_core::bail!("im2col images {start}..{} of {n}", start + m);
+        }
+        let mut out = vec![0f32; c * kh * kw * m * plane];
+        out.par_chunks_mut(m * plane)
             .enumerate()
-            .for_each(|(i, rows)| {
-                let src = &x[i * h * w..(i + 1) * h * w];
-                for ky in 0..kh {
-                    for kx in 0..kw {
-                        let row = &mut rows[(ky * kw + kx) * plane..(ky * kw + kx + 1) * plane];
-                        fill_row(row, src, (h, w), (ho, wo), (ky, kx), &g);
-                    }
+            .for_each(|(r, row)| {
+                let (ci, tap) = (r / (kh * kw), r % (kh * kw));
+                for (j, seg) in row.chunks_mut(plane).enumerate() {
+                    let p = (ci * n + start + j) * h * w;
+                    let src = &x[p..p + h * w];
+                    fill_row(seg, src, (h, w), (ho, wo), (tap / kw, tap % kw), &g);
                 }
             });
-        Ok((CpuStorage::F32(out), Shape::from((n, c * kh * kw, plane))))
+        Ok((CpuStorage::F32(out), Shape::from((c * kh * kw, m * plane))))
     }
 }
 
@@ -103,39 +118,46 @@ fn fill_row(
     }
 }
 
-/// Convolution of `x` `[N, C, H, W]` with `w` `[O, C, kh, kw]` (no bias).
-/// `w2`: the same weights as `[O, C*kh*kw]` (the CPU path's matrix).
+/// Convolution of CNHW `x` `[C, N, H, W]` with `w` `[O, C, kh, kw]` (no
+/// bias), CNHW out. `w2`: the same weights as `[O, C*kh*kw]`.
 pub(super) fn conv(x: &Tensor, w: &Tensor, w2: &Tensor, g: Geom) -> Result<Tensor> {
-    if !matches!(x.device(), Device::Cpu) {
-        if g.pad.0 == g.pad.1 {
-            return x.conv2d(w, g.pad.0, g.stride, 1, 1);
-        }
-        // 1x7 / 7x1 kernels: asymmetric SAME padding, done explicitly.
-        let xp = x
-            .pad_with_zeros(2, g.pad.0, g.pad.0)?
-            .pad_with_zeros(3, g.pad.1, g.pad.1)?;
-        return xp.conv2d(w, 0, g.stride, 1, 1);
-    }
-    let (n, c, h, wd) = x.dims4()?;
+    let (c, n, h, wd) = x.dims4()?;
     let (ho, wo) = g.out(h, wd);
     let o = w2.dim(0)?;
+    if g.k == (1, 1) && g.stride == 1 {
+        // Any device: one product over the whole batch.
+        return w2
+            .matmul(&x.reshape((c, n * h * wd))?)?
+            .reshape((o, n, h, wd));
+    }
+    if !matches!(x.device(), Device::Cpu) {
+        let x = x.transpose(0, 1)?.contiguous()?;
+        let y = if g.pad.0 == g.pad.1 {
+            x.conv2d(w, g.pad.0, g.stride, 1, 1)?
+        } else {
+            // 1x7 / 7x1 kernels: asymmetric SAME padding, done explicitly.
+            x.pad_with_zeros(2, g.pad.0, g.pad.0)?
+                .pad_with_zeros(3, g.pad.1, g.pad.1)?
+                .conv2d(w, 0, g.stride, 1, 1)?
+        };
+        return y.transpose(0, 1)?.contiguous();
+    }
     // Images per im2col chunk: keep the column buffer near 64 MiB.
     let per_image = c * g.k.0 * g.k.1 * ho * wo * 4;
-    let chunk = (64 << 20) / per_image.max(1);
-    let chunk = chunk.clamp(1, n);
+    let chunk = ((64 << 20) / per_image.max(1)).clamp(1, n);
     let x = x.contiguous()?;
     let mut outs = Vec::with_capacity(n.div_ceil(chunk));
     for start in (0..n).step_by(chunk) {
         let m = chunk.min(n - start);
-        let cols = x.narrow(0, start, m)?.apply_op1_no_bwd(&Im2Col(g))?;
-        outs.push(w2.broadcast_left(m)?.matmul(&cols)?);
+        let cols = x.apply_op1_no_bwd(&Im2Col { g, start, m })?;
+        outs.push(w2.matmul(&cols)?.reshape((o, m, ho * wo))?);
     }
     let y = if outs.len() == 1 {
         outs.pop().unwrap_or_else(|| unreachable!())
     } else {
-        Tensor::cat(&outs, 0)?
+        Tensor::cat(&outs, 1)?
     };
-    y.reshape((n, o, ho, wo))
+    y.reshape((o, n, ho, wo))
 }
 
 /// 3x3 pooling flavours of the FID Inception.
@@ -209,7 +231,8 @@ impl CustomOp1 for Pool3 {
     }
 }
 
-/// 3x3 pool with `stride` and `pad` pixels of padding on each side.
+/// 3x3 pool with `stride` and `pad` pixels of padding on each side, per
+/// `H x W` plane (layout-agnostic: CNHW and NCHW alike).
 pub(super) fn pool3x3(x: &Tensor, kind: Pool, stride: usize, pad: usize) -> Result<Tensor> {
     if matches!(x.device(), Device::Cpu) {
         return x
@@ -267,7 +290,7 @@ impl CustomOp2 for BiasAct {
     ) -> Result<(CpuStorage, Shape)> {
         let x = slice(s1, l1, self.name())?;
         let b = slice(s2, l2, self.name())?;
-        let (_, c, h, w) = l1.shape().dims4()?;
+        let (c, n, h, w) = l1.shape().dims4()?;
         if b.len() != c {
             candle_core::bail!("bias of {} for {c} channels", b.len());
         }
@@ -277,7 +300,7 @@ impl CustomOp2 for BiasAct {
             .zip(x.par_chunks(plane))
             .enumerate()
             .for_each(|(i, (dst, src))| {
-                let bc = b[i % c];
+                let bc = b[i / n];
                 if self.relu {
                     dst.iter_mut()
                         .zip(src)
@@ -290,7 +313,7 @@ impl CustomOp2 for BiasAct {
     }
 }
 
-/// `x + b` per channel (`x` `[N, C, H, W]`, `b` `[C]`), then ReLU if asked.
+/// `x + b` per channel (`x` CNHW `[C, N, H, W]`, `b` `[C]`), then ReLU if asked.
 pub(super) fn bias_act(x: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
     if matches!(x.device(), Device::Cpu) {
         return x.contiguous()?.apply_op2_no_bwd(b, &BiasAct { relu });
@@ -300,7 +323,7 @@ pub(super) fn bias_act(x: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
 
 /// `bias_act` with candle's tensor ops (any device).
 fn bias_act_generic(x: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
-    let y = x.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+    let y = x.broadcast_add(&b.reshape(((), 1, 1, 1))?)?;
     if relu { y.relu() } else { Ok(y) }
 }
 
@@ -322,24 +345,39 @@ mod tests {
 
     #[test]
     fn im2col_conv_matches_candle_conv2d() -> Result<()> {
+        // NCHW reference input, CNHW for ours.
         let x = Tensor::randn(0f32, 1.0, (3, 4, 11, 9), &Device::Cpu)?;
+        let x_cnhw = x.transpose(0, 1)?.contiguous()?;
         for (k, stride, pad) in [
             ((3, 3), 1, (1, 1)),
             ((3, 3), 2, (0, 0)),
             ((1, 7), 1, (0, 3)),
             ((7, 1), 1, (3, 0)),
             ((5, 5), 1, (2, 2)),
+            ((1, 1), 1, (0, 0)),
         ] {
             let w = Tensor::randn(0f32, 1.0, (6, 4, k.0, k.1), &Device::Cpu)?;
             let w2 = w.reshape((6, ()))?;
             let g = Geom { k, stride, pad };
-            let got = conv(&x, &w, &w2, g)?;
+            let got = conv(&x_cnhw, &w, &w2, g)?.transpose(0, 1)?;
             let xp = x
                 .pad_with_zeros(2, pad.0, pad.0)?
                 .pad_with_zeros(3, pad.1, pad.1)?;
             let want = xp.conv2d(&w, 0, stride, 1, 1)?;
             assert_eq!(got.dims(), want.dims());
             assert!(close(&got, &want) < 1e-4, "{k:?} {stride} {pad:?}");
+            // A chunk of one image at a time gives the same columns.
+            let one = Tensor::cat(
+                &(0..3)
+                    .map(|i| x_cnhw.apply_op1_no_bwd(&Im2Col { g, start: i, m: 1 }))
+                    .collect::<Result<Vec<_>>>()?
+                    .iter()
+                    .map(|c| c.unsqueeze(1))
+                    .collect::<Result<Vec<_>>>()?,
+                1,
+            )?;
+            let all = x_cnhw.apply_op1_no_bwd(&Im2Col { g, start: 0, m: 3 })?;
+            assert!(close(&one.reshape(all.dims())?, &all) == 0.0);
         }
         Ok(())
     }
@@ -377,9 +415,10 @@ mod tests {
 
     #[test]
     fn bias_relu_matches_broadcast_ops() -> Result<()> {
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &Device::Cpu)?;
+        // CNHW: 3 channels, 2 images.
+        let x = Tensor::randn(0f32, 1.0, (3, 2, 4, 5), &Device::Cpu)?;
         let b = Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu)?;
-        let want = x.broadcast_add(&b.reshape((1, 3, 1, 1))?)?;
+        let want = x.broadcast_add(&b.reshape((3, 1, 1, 1))?)?;
         assert!(close(&bias_act(&x, &b, false)?, &want) == 0.0);
         assert!(close(&bias_act(&x, &b, true)?, &want.relu()?) == 0.0);
         assert!(close(&bias_act_generic(&x, &b, true)?, &want.relu()?) == 0.0);

@@ -110,17 +110,9 @@ struct Unit {
 }
 
 impl Unit {
-    /// The convolution alone (no bias, no ReLU).
+    /// The convolution alone (no bias, no ReLU), CNHW in and out.
     fn conv(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let g = self.geom;
-        if g.k == (1, 1) && g.stride == 1 {
-            // A 1x1 conv on NCHW is W [O, C] @ x [C, H*W] per image.
-            let (n, c, h, w) = x.dims4()?;
-            let x = x.reshape((n, c, h * w))?;
-            let o = self.w2.dim(0)?;
-            return self.w2.broadcast_left(n)?.matmul(&x)?.reshape((n, o, h, w));
-        }
-        conv_ops::conv(x, &self.w, &self.w2, g)
+        conv_ops::conv(x, &self.w, &self.w2, self.geom)
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -157,7 +149,7 @@ impl BlockA {
         let d = self.dbl[0].forward(x)?;
         let d = self.dbl[2].forward(&self.dbl[1].forward(&d)?)?;
         let p = self.pool.after_avg_pool(x)?;
-        Tensor::cat(&[&b1, &b5, &d, &p], 1)
+        Tensor::cat(&[&b1, &b5, &d, &p], 0)
     }
 }
 
@@ -173,7 +165,7 @@ impl BlockB {
         let d = self.dbl[0].forward(x)?;
         let d = self.dbl[2].forward(&self.dbl[1].forward(&d)?)?;
         let p = max_pool_s2(x)?;
-        Tensor::cat(&[&b3, &d, &p], 1)
+        Tensor::cat(&[&b3, &d, &p], 0)
     }
 }
 
@@ -198,7 +190,7 @@ impl BlockC {
             d = u.forward(&d)?;
         }
         let p = self.pool.after_avg_pool(x)?;
-        Ok((Tensor::cat(&[&b1, &b7, &d, &p], 1)?, b1))
+        Ok((Tensor::cat(&[&b1, &b7, &d, &p], 0)?, b1))
     }
 }
 
@@ -216,7 +208,7 @@ impl BlockD {
             b7 = u.forward(&b7)?;
         }
         let p = max_pool_s2(x)?;
-        Tensor::cat(&[&b3, &b7, &p], 1)
+        Tensor::cat(&[&b3, &b7, &p], 0)
     }
 }
 
@@ -246,7 +238,7 @@ impl BlockE {
         } else {
             self.pool.after_avg_pool(x)?
         };
-        Tensor::cat(&[&b1, &b3a, &b3b, &da, &db, &p], 1)
+        Tensor::cat(&[&b1, &b3a, &b3b, &da, &db, &p], 0)
     }
 }
 
@@ -551,7 +543,9 @@ impl InceptionV3 {
     /// [-1, 1] (`[N, 3, 299, 299]`).
     pub fn forward_normalized(&self, x: &Tensor) -> Result<InceptionOutputs, FeatureError> {
         let n = x.dim(0)?;
-        let mut h = x.contiguous()?;
+        // Activations run CNHW (see conv_ops): channel-concatenation is an
+        // append and every conv one matrix product over the batch.
+        let mut h = x.transpose(0, 1)?.contiguous()?;
         for (i, u) in self.stem.iter().enumerate() {
             h = u.forward(&h)?;
             if i == 2 || i == 4 {
@@ -574,12 +568,14 @@ impl InceptionV3 {
         for b in &self.mixed_7 {
             h = b.forward(&h)?;
         }
-        let pool = h.mean((2, 3))?;
+        // [2048, N, 8, 8] -> pool_3 [N, 2048].
+        let pool = h.mean((2, 3))?.t()?.contiguous()?;
         let logits = pool.matmul(&self.fc_t)?;
         let tap = tap.ok_or_else(|| FeatureError::Input("Mixed_6d did not run".into()))?;
+        // [192, N, 17, 17] -> TF's NHWC, first 7 channels, (h, w, c) order.
         let spatial = tap
-            .narrow(1, 0, SPATIAL_CHANNELS)?
-            .permute((0, 2, 3, 1))?
+            .narrow(0, 0, SPATIAL_CHANNELS)?
+            .permute((1, 2, 3, 0))?
             .contiguous()?
             .reshape((n, ()))?;
         Ok(InceptionOutputs {

@@ -231,6 +231,35 @@ fn fd_dinov2_matches_hub_model() {
     assert!(d <= 1e-4, "CLS features differ by {d}");
 }
 
+/// CPU seconds used by this process so far (user + system, all threads),
+/// from /proc/self/stat (Linux; clock ticks at 100 Hz): on a shared
+/// machine throughput per CPU-second is steadier than per wall second.
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name: state is field 3,
+    // utime/stime are fields 14/15.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// Wall and CPU seconds (medians) of `iters` runs of `f` after one warm-up.
+fn time_runs(iters: usize, f: impl Fn()) -> (f64, f64) {
+    f();
+    let mut wall = Vec::new();
+    let mut cpu = Vec::new();
+    for _ in 0..iters {
+        let (t, c) = (std::time::Instant::now(), cpu_secs());
+        f();
+        wall.push(t.elapsed().as_secs_f64());
+        cpu.push(cpu_secs() - c);
+    }
+    wall.sort_by(f64::total_cmp);
+    cpu.sort_by(f64::total_cmp);
+    (wall[wall.len() / 2], cpu[cpu.len() / 2])
+}
+
 /// Throughput at batch 50 on 256x256 inputs (resize included), f32 on the
 /// CPU, beside `scripts/feature_ref_bench.py` in the same sitting:
 /// `RAYON_NUM_THREADS=2 cargo test --test it features::throughput -- --ignored --nocapture`
@@ -253,19 +282,13 @@ fn throughput_inception() {
     let x = (Tensor::rand(0f32, 255f32, (batch, 3, 256, 256), &Device::Cpu).unwrap())
         .round()
         .unwrap();
-    net.forward(&x).unwrap();
-    let mut secs: Vec<f64> = (0..iters)
-        .map(|_| {
-            let t = std::time::Instant::now();
-            net.forward(&x).unwrap();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    secs.sort_by(f64::total_cmp);
-    let s = secs[secs.len() / 2];
+    let (s, cpu) = time_runs(iters, || {
+        net.forward(&x).unwrap();
+    });
     println!(
-        "{{\"workload\": \"inception\", \"impl\": \"rae-cache\", \"batch\": {batch}, \"seconds\": {s:.3}, \"images_per_s\": {:.2}}}",
-        batch as f64 / s
+        "{{\"workload\": \"inception\", \"impl\": \"rae-cache\", \"batch\": {batch}, \"seconds\": {s:.3}, \"images_per_s\": {:.2}, \"cpu_seconds\": {cpu:.2}, \"images_per_cpu_s\": {:.3}}}",
+        batch as f64 / s,
+        batch as f64 / cpu
     );
 }
 
@@ -307,18 +330,12 @@ fn throughput_fd_dinov2() {
         .unwrap()
         .round()
         .unwrap();
-    net.forward(&x).unwrap();
-    let mut secs: Vec<f64> = (0..iters)
-        .map(|_| {
-            let t = std::time::Instant::now();
-            net.forward(&x).unwrap();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    secs.sort_by(f64::total_cmp);
-    let s = secs[secs.len() / 2];
+    let (s, cpu) = time_runs(iters, || {
+        net.forward(&x).unwrap();
+    });
     println!(
-        "{{\"workload\": \"fd-dinov2\", \"impl\": \"rae-cache\", \"batch\": {batch}, \"seconds\": {s:.3}, \"images_per_s\": {:.2}}}",
-        batch as f64 / s
+        "{{\"workload\": \"fd-dinov2\", \"impl\": \"rae-cache\", \"batch\": {batch}, \"seconds\": {s:.3}, \"images_per_s\": {:.2}, \"cpu_seconds\": {cpu:.2}, \"images_per_cpu_s\": {:.3}}}",
+        batch as f64 / s,
+        batch as f64 / cpu
     );
 }
