@@ -145,7 +145,7 @@ def save_st(path, tensors):
 
 
 # ---------------------------------------------------------------- Inception
-def make_inception(out):
+def make_inception(out, full_pth=None):
     import torchvision
     import pytorch_fid.inception as pfi
 
@@ -160,6 +160,12 @@ def make_inception(out):
         if name.endswith("num_batches_tracked"):
             sd[name] = torch.zeros_like(t)
     n_params = sum(int(np.prod(s["shape"])) for s in spec)
+    if full_pth:
+        import collections
+        os.makedirs(full_pth, exist_ok=True)
+        full = collections.OrderedDict(sd)
+        torch.save(full, os.path.join(full_pth, "inception-zip.pth"))
+        torch.save(full, os.path.join(full_pth, "inception-legacy.pth"), _use_new_zipfile_serialization=False)
 
     # pytorch-fid's own FID Inception, with our weights instead of the download.
     pfi.load_state_dict_from_url = lambda *a, **k: sd
@@ -342,6 +348,9 @@ def main():
     ap.add_argument("--dinov2-src", default=None,
                     help="a checkout holding dinov2/ (default: git archive of the fetched mirror)")
     ap.add_argument("--dinov2-git", default="/work/.mirror/facebookresearch+dinov2/repo")
+    ap.add_argument("--full-pth", default=None,
+                    help="also write the whole random Inception as DIR/inception-{zip,legacy}.pth (95 MB each, "
+                         "not committed) for the ignored test features::inception_from_pth")
     args = ap.parse_args()
     torch.set_num_threads(2)
     os.makedirs(args.out, exist_ok=True)
@@ -351,7 +360,7 @@ def main():
         subprocess.run(f"git --git-dir={args.dinov2_git} archive HEAD dinov2 | tar -x -C {src}",
                        shell=True, check=True)
     make_tf1_resize(args.out)
-    make_inception(args.out)
+    make_inception(args.out, args.full_pth)
     make_dinov2(args.out, src)
     print("wrote", os.path.abspath(args.out))
 

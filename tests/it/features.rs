@@ -157,6 +157,25 @@ fn inception_matches_pytorch_fid() {
     );
 }
 
+/// The whole random Inception as `torch.save` files (zip and legacy), made
+/// by `scripts/make_feature_fixtures.py --full-pth DIR` (95 MB each, so not
+/// committed): `RAE_INCEPTION_PTH_DIR=DIR cargo test --test it
+/// features::inception_from_pth -- --ignored`.
+#[test]
+#[ignore]
+fn inception_from_pth() {
+    let dir = std::env::var("RAE_INCEPTION_PTH_DIR").expect("set RAE_INCEPTION_PTH_DIR");
+    let want = io("features/inception-io.safetensors");
+    let images = want["images"].to_dtype(DType::F32).unwrap();
+    for file in ["inception-zip.pth", "inception-legacy.pth"] {
+        let net = InceptionV3::load(&Path::new(&dir).join(file), &Device::Cpu).unwrap();
+        let out = net.forward(&images).unwrap();
+        let rel = max_rel(&out.pool, &want["pool"]);
+        println!("{file}: pool max rel {rel:e}");
+        assert!(rel <= 1e-4, "{file}: {rel}");
+    }
+}
+
 #[test]
 fn inception_rejects_wrong_weights() {
     let dir = tempfile::tempdir().unwrap();
