@@ -9,6 +9,7 @@ pub mod diffusion;
 pub mod dist;
 pub mod encoders;
 pub mod eval;
+pub mod features;
 pub mod fsutil;
 pub mod generate;
 pub mod images;

@@ -20,6 +20,7 @@ mod vit;
 mod vit_layers;
 
 pub use activation::Activation;
+pub use dinov2::HubDinov2;
 pub use preprocess::{Preprocessor, crops_to_u8, u8_to_input};
 
 /// RAE's crop side: images are ADM-cropped to this before encoding.

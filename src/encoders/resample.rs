@@ -19,14 +19,21 @@ fn cubic_far(x: f64, a: f64) -> f64 {
 /// indices outside the input are clamped to the border (their weights pile
 /// up on the edge sample).
 pub fn bicubic_matrix(in_size: usize, out_size: usize) -> Vec<f32> {
+    // torch computes the scale and source coordinate in the input's
+    // opmath type (f32 for f32 inputs); follow it for identical taps.
+    bicubic_matrix_scaled(in_size, out_size, in_size as f32 / out_size as f32)
+}
+
+/// `bicubic_matrix` when `interpolate` is given `scale_factor=f` instead of
+/// a size: torch then maps output to input coordinates with `scale =
+/// f32(1 / f)`, not `in / out` (facebookresearch/dinov2 resizes its
+/// position table this way, with `f = (16 + 0.1) / 37` at 224 px).
+pub fn bicubic_matrix_scaled(in_size: usize, out_size: usize, scale: f32) -> Vec<f32> {
     const A: f64 = -0.75;
     let mut m = vec![0f32; out_size * in_size];
     if in_size == 0 || out_size == 0 {
         return m;
     }
-    // torch computes the scale and source coordinate in the input's
-    // opmath type (f32 for f32 inputs); follow it for identical taps.
-    let scale = in_size as f32 / out_size as f32;
     for o in 0..out_size {
         let real = scale * (o as f32 + 0.5) - 0.5;
         let idx = (real.floor() as i64).min(in_size as i64 - 1);

@@ -43,8 +43,19 @@ impl Encoder for VitEncoder {
 
     fn encode(&self, crops: &Tensor) -> Result<Tensor, EncoderError> {
         let x = self.pre.apply(crops)?.to_dtype(self.dtype)?;
+        let (h, n_prefix) = self.hidden_states(&x)?;
+        let h = h.narrow(1, n_prefix, self.spec.tokens)?;
+        Ok(self.norm.forward(&h)?)
+    }
+}
+
+impl VitEncoder {
+    /// Every token after the last block, before any final norm, prefix
+    /// tokens first, and how many prefix tokens there are. `x`: the input
+    /// at `input_size`, normalised, in the compute dtype.
+    pub(super) fn hidden_states(&self, x: &Tensor) -> Result<(Tensor, usize), EncoderError> {
         let b = x.dim(0)?;
-        let mut h = self.patch.forward(&x)?.broadcast_add(&self.pos)?;
+        let mut h = self.patch.forward(x)?.broadcast_add(&self.pos)?;
         let n_prefix = match &self.prefix {
             Some(p) => {
                 let (_, n, c) = p.dims3()?;
@@ -56,8 +67,7 @@ impl Encoder for VitEncoder {
         for block in &self.blocks {
             h = block.forward(&h)?;
         }
-        let h = h.narrow(1, n_prefix, self.spec.tokens)?;
-        Ok(self.norm.forward(&h)?)
+        Ok((h, n_prefix))
     }
 }
 

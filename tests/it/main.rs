@@ -17,6 +17,7 @@ mod cli_bench;
 mod cli_sample_decode;
 mod eval;
 mod eval_metrics;
+mod features;
 mod gradients;
 mod images_decode;
 mod learning;
