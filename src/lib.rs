@@ -7,6 +7,7 @@
 pub mod bench_models;
 pub mod device;
 pub mod diffusion;
+pub mod disc;
 pub mod dist;
 pub mod encoders;
 pub mod fsutil;
