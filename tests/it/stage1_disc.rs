@@ -120,7 +120,10 @@ fn generator_loss_and_image_gradient_match_reference() {
         .unwrap();
     close(&logits, &io["logits_g"], "G-step logits");
     let loss = disc.generator_loss(x.as_tensor(), &aug, &p).unwrap();
-    close(&loss.reshape(1).unwrap(), &io["g_loss"], "G loss");
+    // -mean(logits) of centred logits is a small difference of large terms:
+    // bound it on the logits' scale
+    let scale = max_abs(&io["logits_g"]);
+    close_at(&loss.reshape(1).unwrap(), &io["g_loss"], scale, "G loss");
     let grads = loss.backward().unwrap();
     let g = grads.get(x.as_tensor()).expect("gradient w.r.t. the image");
     close(g, &io["g_grad_image"], "dL_G / d image");
@@ -228,7 +231,11 @@ fn d_steps_match_reference() {
             let want = &io[&format!("d{step}_after.{name}")];
             let what = format!("step {step} {name}");
             if name.ends_with("weight_u") || name.ends_with("weight_v") {
-                close(got, want, &what); // power iteration: deterministic
+                // power iteration: deterministic given the weights; at step
+                // 1 these include step 0's noise-level moves (+-lr), which
+                // shift u, v by ~1e-4
+                let scale = max_abs(want) * if step == 0 { 1.0 } else { 10.0 };
+                close_at(got, want, scale, &what);
             } else if step == 0 {
                 let g = &io[&format!("d0_grad.{name}")];
                 check_first_update(&before[name], got, want, g, noise[name], lr as f32, &what);
