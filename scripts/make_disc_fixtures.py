@@ -285,6 +285,12 @@ def run(ref, backbone, seed):
     io["resize_in"] = rin
     io["resize_out"] = F.interpolate(rin, size=(224, 224), mode="bilinear", align_corners=False)
 
+    # --- DiffAug with cutout (off in the released config; ratio 0.2 here)
+    draws = aug_draws(gen, b)
+    io["aug_cut"] = draws[1].reshape(7, b)
+    with InjectRand(draws):
+        io["aug_cut_out"] = ref.diffaug.DiffAug(prob=1.0, cutout=0.2).aug(real01 * 2.0 - 1.0)
+
     return io, heads0, lrs, min(kink), min(hinge), g_loss.item(), lam.item()
 
 

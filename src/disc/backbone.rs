@@ -21,6 +21,77 @@ use candle_nn::VarBuilder;
 use super::{DiscError, Result};
 use crate::models::layers::{Linear, LinearInit, Norm};
 
+/// The default source of the DINO ViT-S/8 weights (a Hugging Face repo).
+pub const DEFAULT_DINO_WEIGHTS: &str = "timm/vit_small_patch8_224.dino";
+
+/// Weight files looked for in a directory / HF snapshot, in this order.
+const DINO_FILES: [&str; 4] = [
+    "model.safetensors",
+    "pytorch_model.bin",
+    "dino_deitsmall8_pretrain.pth",
+    "dino_vit_small_patch8_224.pth",
+];
+
+/// Find the DINO weights offline: a file; a directory holding one of
+/// `model.safetensors`, `pytorch_model.bin`, `dino_deitsmall8_pretrain.pth`;
+/// or a Hugging Face repo id (`org/name[@rev]`) in the local HF cache
+/// (`cache_root`, else the environment's, see [`crate::weights`]).
+pub fn resolve_dino_weights(spec: &str, cache_root: Option<&Path>) -> Result<std::path::PathBuf> {
+    let p = Path::new(spec);
+    if p.is_file() {
+        return Ok(p.to_path_buf());
+    }
+    let mut looked = Vec::new();
+    let in_dir = |dir: &Path, looked: &mut Vec<String>| {
+        let hit = DINO_FILES.iter().map(|f| dir.join(f)).find(|f| f.is_file());
+        if hit.is_none() {
+            looked.push(format!(
+                "{} (none of {})",
+                dir.display(),
+                DINO_FILES.join(", ")
+            ));
+        }
+        hit
+    };
+    if p.is_dir() {
+        if let Some(f) = in_dir(p, &mut looked) {
+            return Ok(f);
+        }
+    } else if let Some(root) = cache_root
+        .map(Path::to_path_buf)
+        .or_else(crate::weights::hf_cache_root)
+    {
+        let (repo, rev) = spec.split_once('@').unwrap_or((spec, "main"));
+        if repo.contains('/') && !repo.starts_with(['/', '.']) {
+            let dir = root.join(hf_hub::Repo::model(repo.to_string()).folder_name());
+            let commit = std::fs::read_to_string(dir.join("refs").join(rev))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| rev.to_string());
+            let snap = dir.join("snapshots").join(commit);
+            if let Some(f) = in_dir(&snap, &mut looked) {
+                return Ok(f);
+            }
+        } else {
+            looked.push(format!(
+                "{spec} (neither a file, a directory nor a repo id)"
+            ));
+        }
+    }
+    Err(DiscError::Weights {
+        path: spec.into(),
+        reason: format!(
+            "DINO ViT-S/8 weights for the discriminator not found; looked in: {}. \
+             Run `huggingface-cli download {DEFAULT_DINO_WEIGHTS}`, or download \
+             dino_deitsmall8_pretrain.pth (facebookresearch/dino) and pass its path",
+            if looked.is_empty() {
+                spec.to_string()
+            } else {
+                looked.join("; ")
+            }
+        ),
+    })
+}
+
 /// ImageNet mean / std (the reference's `x_scale`, `x_shift` constants).
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -192,12 +263,13 @@ fn clean(tensors: HashMap<String, Tensor>, c: usize) -> Result<HashMap<String, T
 impl DinoBackbone {
     /// Load from a weights file (`.safetensors` or `.pth`/`.pt`/`.bin`).
     pub fn from_file(cfg: DinoConfig, path: &Path, device: &Device) -> Result<Self> {
-        let tensors = crate::models::load_state_dict(path, &Default::default(), device).map_err(
-            |e| DiscError::Weights {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            },
-        )?;
+        let tensors =
+            crate::models::load_state_dict(path, &Default::default(), device).map_err(|e| {
+                DiscError::Weights {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                }
+            })?;
         Self::from_tensors(cfg, tensors, device).map_err(|e| match e {
             DiscError::Weights { reason, .. } => DiscError::Weights {
                 path: path.to_path_buf(),
@@ -220,8 +292,8 @@ impl DinoBackbone {
             reason: format!("not a DINO ViT with {cfg:?}: {e}"),
         };
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        let patch_embed = Linear::from_conv(3, c, cfg.patch_size, vb.pp("patch_embed.proj"))
-            .map_err(missing)?;
+        let patch_embed =
+            Linear::from_conv(3, c, cfg.patch_size, vb.pp("patch_embed.proj")).map_err(missing)?;
         let cls_token = vb.get((1, 1, c), "cls_token").map_err(missing)?;
         let pos_embed = vb
             .get((1, cfg.tokens() + 1, c), "pos_embed")
@@ -313,10 +385,7 @@ pub fn resize_bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
     let rw = Tensor::from_vec(bilinear_matrix(w, ow), (ow, w), dev)?.to_dtype(x.dtype())?;
     let rh = Tensor::from_vec(bilinear_matrix(h, oh), (oh, h), dev)?.to_dtype(x.dtype())?;
     // rows: [B*C*H, W] @ [W, ow]
-    let y = x
-        .contiguous()?
-        .reshape((b * c * h, w))?
-        .matmul(&rw.t()?)?;
+    let y = x.contiguous()?.reshape((b * c * h, w))?.matmul(&rw.t()?)?;
     // columns: [B*C*ow, H] @ [H, oh]
     let y = y
         .reshape((b * c, h, ow))?
@@ -324,9 +393,71 @@ pub fn resize_bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
         .contiguous()?
         .reshape((b * c * ow, h))?
         .matmul(&rh.t()?)?;
-    Ok(y
-        .reshape((b * c, ow, oh))?
+    Ok(y.reshape((b * c, ow, oh))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, c, oh, ow))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bilinear_rows_sum_to_one_and_identity_at_same_size() {
+        for (i, o) in [(256, 224), (64, 224), (7, 3)] {
+            let m = bilinear_matrix(i, o);
+            for r in 0..o {
+                let s: f32 = m[r * i..(r + 1) * i].iter().sum();
+                assert!((s - 1.0).abs() < 1e-6);
+            }
+        }
+        let m = bilinear_matrix(5, 5);
+        for r in 0..5 {
+            assert_eq!(m[r * 5 + r], 1.0);
+        }
+    }
+
+    #[test]
+    fn names_are_cleaned_and_key_bias_zeroed() {
+        let dev = Device::Cpu;
+        let mut m = HashMap::new();
+        let bias = Tensor::new(&[1f32, 2.0, 3.0, 4.0, 5.0, 6.0], &dev).unwrap();
+        m.insert("module.backbone.blocks.0.attn.qkv.bias".to_string(), bias);
+        m.insert(
+            "backbone.cls_token".to_string(),
+            Tensor::zeros(2, DType::F32, &dev).unwrap(),
+        );
+        let out = clean(m, 2).unwrap();
+        let b = out["blocks.0.attn.qkv.bias"].to_vec1::<f32>().unwrap();
+        assert_eq!(b, vec![1.0, 2.0, 0.0, 0.0, 5.0, 6.0]);
+        assert!(out.contains_key("cls_token"));
+    }
+
+    #[test]
+    fn weights_resolve_from_file_dir_and_hf_cache() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let snap = root.join("models--timm--vit_small_patch8_224.dino/snapshots/abc");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(root.join("models--timm--vit_small_patch8_224.dino/refs")).unwrap();
+        std::fs::write(
+            root.join("models--timm--vit_small_patch8_224.dino/refs/main"),
+            "abc\n",
+        )
+        .unwrap();
+        let err = resolve_dino_weights(DEFAULT_DINO_WEIGHTS, Some(root)).unwrap_err();
+        assert!(
+            err.to_string().contains("huggingface-cli download"),
+            "{err}"
+        );
+        std::fs::write(snap.join("model.safetensors"), b"x").unwrap();
+        let f = resolve_dino_weights(DEFAULT_DINO_WEIGHTS, Some(root)).unwrap();
+        assert_eq!(f, snap.join("model.safetensors"));
+        assert_eq!(
+            resolve_dino_weights(snap.to_str().unwrap(), None).unwrap(),
+            f
+        );
+        assert_eq!(resolve_dino_weights(f.to_str().unwrap(), None).unwrap(), f);
+    }
 }

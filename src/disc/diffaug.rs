@@ -110,10 +110,16 @@ impl DiffAug {
             x = x.broadcast_add(&bright)?;
             let sat = per_sample(col(3, |r| r * 2.0), &x)?;
             let m = x.mean_keepdim(1)?;
-            x = x.broadcast_sub(&m)?.broadcast_mul(&sat)?.broadcast_add(&m)?;
+            x = x
+                .broadcast_sub(&m)?
+                .broadcast_mul(&sat)?
+                .broadcast_add(&m)?;
             let con = per_sample(col(4, |r| r + 0.5), &x)?;
             let m = x.mean_keepdim((1, 2, 3))?;
-            x = x.broadcast_sub(&m)?.broadcast_mul(&con)?.broadcast_add(&m)?;
+            x = x
+                .broadcast_sub(&m)?
+                .broadcast_mul(&con)?
+                .broadcast_add(&m)?;
         }
         // The reference's `using_cutout` is `prob > 0`.
         if p.flags[2] && self.prob > 0.0 && self.cutout > 0.0 {
@@ -182,8 +188,20 @@ mod tests {
             rand: vec![r],
         };
         let y = DiffAug::default().apply(&x, &p).unwrap();
-        let y = y.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
-        let x = x.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let y = y
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let x = x
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(y[0][2], x[2][0]);
         assert_eq!(y[13][15], x[15][13]);
         assert_eq!(y[14][5], 0.0);

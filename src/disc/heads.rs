@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 
 use super::spectral::SpectralConv1d;
@@ -71,13 +71,19 @@ struct BatchNormLocal {
 }
 
 impl BatchNormLocal {
+    /// In f64 (the reference: f32): the gradient of a layer in front of a
+    /// norm is a small difference of large terms, and the statistics and
+    /// the backward reductions over the tokens are where f32 loses it.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        let x = x.to_dtype(DType::F64)?;
         let mean = x.mean_keepdim(1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(1)?;
         let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(y.broadcast_mul(self.weight.as_tensor())?
-            .broadcast_add(self.bias.as_tensor())?)
+        let w = self.weight.as_tensor().to_dtype(DType::F64)?;
+        let b = self.bias.as_tensor().to_dtype(DType::F64)?;
+        Ok(y.broadcast_mul(&w)?.broadcast_add(&b)?.to_dtype(dt)?)
     }
 }
 

@@ -148,10 +148,24 @@ impl SpectralConv1d {
     }
 
     /// `weight_orig / sigma` `[out, in, k]`, differentiable w.r.t. weight_orig.
+    /// Computed in f64 and rounded once: the backward pass through sigma is
+    /// a reduction over the whole weight that nearly cancels the direct term
+    /// when a norm follows the conv.
     pub fn weight(&self) -> Result<Tensor> {
-        let wv = self.matrix()?.matmul(&self.v.unsqueeze(1)?)?; // [out, 1]
-        let sigma = self.u.unsqueeze(0)?.matmul(&wv)?.reshape(())?;
-        Ok(self.weight_orig.as_tensor().broadcast_div(&sigma)?)
+        let f64 = candle_core::DType::F64;
+        let dt = self.weight_orig.dtype();
+        let w = self.weight_orig.as_tensor().to_dtype(f64)?;
+        let (out, cin, k) = w.dims3()?;
+        let wv = w
+            .reshape((out, cin * k))?
+            .matmul(&self.v.to_dtype(f64)?.unsqueeze(1)?)?; // [out, 1]
+        let sigma = self
+            .u
+            .to_dtype(f64)?
+            .unsqueeze(0)?
+            .matmul(&wv)?
+            .reshape(())?;
+        Ok(w.broadcast_div(&sigma)?.to_dtype(dt)?)
     }
 
     /// Convolution of `[B, L, in]` to `[B, L, out]`: circular padding
@@ -177,7 +191,10 @@ impl SpectralConv1d {
             Tensor::cat(&shifted, D::Minus1)?
         };
         // [out, in, k] -> [out, k, in] to match the (shift, channel) columns.
-        let w2 = w.permute((0, 2, 1))?.contiguous()?.reshape((out, k * cin))?;
+        let w2 = w
+            .permute((0, 2, 1))?
+            .contiguous()?
+            .reshape((out, k * cin))?;
         linear(&cols, &w2, self.bias.as_tensor())
     }
 }
@@ -214,8 +231,17 @@ mod tests {
         for _ in 0..30 {
             c.power_iteration().unwrap();
         }
-        let wn = c.weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!((wn[0] - 1.0).abs() < 1e-5 && (wn[3] - 1.0 / 3.0).abs() < 1e-5, "{wn:?}");
+        let wn = c
+            .weight()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            (wn[0] - 1.0).abs() < 1e-5 && (wn[3] - 1.0 / 3.0).abs() < 1e-5,
+            "{wn:?}"
+        );
     }
 
     #[test]
@@ -227,8 +253,17 @@ mod tests {
         let u = Tensor::new(&[1f32], &dev).unwrap();
         let v = Tensor::new(&[1f32, 0.0, 0.0], &dev).unwrap();
         let c = SpectralConv1d::from_parts(w, b, u, v, 1e-12, 1).unwrap();
-        let x = Tensor::new(&[1f32, 2.0, 3.0, 4.0], &dev).unwrap().reshape((1, 4, 1)).unwrap();
-        let y = c.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let x = Tensor::new(&[1f32, 2.0, 3.0, 4.0], &dev)
+            .unwrap()
+            .reshape((1, 4, 1))
+            .unwrap();
+        let y = c
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(y, vec![4.0, 1.0, 2.0, 3.0]);
     }
 }

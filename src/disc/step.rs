@@ -22,7 +22,15 @@ use crate::train::{AdamW, AdamWConfig, Gradients, LrSchedule, ParamGroup};
 
 /// Which counter indexes the discriminator's learning-rate schedule.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "kebab-case")]
 #[value(rename_all = "kebab-case")]

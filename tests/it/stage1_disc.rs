@@ -13,12 +13,14 @@ use candle_core::{Device, Tensor, Var};
 use common::{fixture, max_abs, max_abs_diff, read_json};
 use rae_cache::disc::backbone::resize_bilinear;
 use rae_cache::disc::{
-    AdversarialWeight, DiffAug, DiffAugParams, DinoBackbone, DinoConfig, DiscLrClock,
-    DiscTrainer, Discriminator, Heads, HeadsConfig, quantize_fake,
+    AdversarialWeight, DiffAug, DiffAugParams, DinoBackbone, DinoConfig, DiscLrClock, DiscTrainer,
+    Discriminator, Heads, HeadsConfig, quantize_fake,
 };
 use rae_cache::train::{AdamWConfig, LrSchedule, ScheduleKind};
 
 const REL: f32 = 1e-4;
+/// Per gradient tensor, relative to its own max (see `d_steps_match_reference`).
+const REL_GRAD: f32 = 5e-4;
 const DIR: &str = "stage1-disc";
 
 fn io() -> HashMap<String, Tensor> {
@@ -36,11 +38,19 @@ fn close(got: &Tensor, want: &Tensor, what: &str) -> f32 {
 
 /// Assert `got` within REL x `scale` of `want`.
 fn close_at(got: &Tensor, want: &Tensor, scale: f32, what: &str) -> f32 {
+    close_bound(got, want, scale, REL, what)
+}
+
+/// Assert `got` within `bound` x `scale` of `want`; returns the relative error.
+fn close_bound(got: &Tensor, want: &Tensor, scale: f32, bound: f32, what: &str) -> f32 {
     let err = max_abs_diff(got, want);
     let scale = scale.max(1e-12);
     let rel = err / scale;
     eprintln!("{what}: max abs {err:.3e}, rel {rel:.3e} (scale {scale:.3e})");
-    if std::env::var("DISC_NOASSERT").is_err() { assert!(rel <= REL, "{what}: max abs {err:.3e}, rel {rel:.3e} > {REL}"); }
+    assert!(
+        rel <= bound,
+        "{what}: max abs {err:.3e}, rel {rel:.3e} > {bound}"
+    );
     rel
 }
 
@@ -61,8 +71,9 @@ fn configs() -> (DinoConfig, HeadsConfig) {
 fn load_disc() -> Discriminator {
     let (bb, hc) = configs();
     let dev = Device::Cpu;
-    let backbone = DinoBackbone::from_file(bb, &fixture(&format!("{DIR}/dino-tiny.safetensors")), &dev)
-        .expect("backbone");
+    let backbone =
+        DinoBackbone::from_file(bb, &fixture(&format!("{DIR}/dino-tiny.safetensors")), &dev)
+            .expect("backbone");
     let sd = common::io(&format!("{DIR}/heads0.safetensors"));
     let heads = Heads::from_state_dict(hc, &sd, &dev).expect("heads");
     Discriminator::new(backbone, heads).expect("discriminator")
@@ -89,9 +100,25 @@ fn diffaug_and_quantisation_match_reference() {
     let got = aug.apply(&pm1(&io["recon_g01"]), &p).unwrap();
     close(&got, &io["aug_g_out"], "DiffAug (G step)");
     let fake = quantize_fake(&io["recon_d01"]).unwrap();
-    assert_eq!(max_abs_diff(&fake, &io["fake_q"]), 0.0, "8-bit quantised fake");
+    assert_eq!(
+        max_abs_diff(&fake, &io["fake_q"]),
+        0.0,
+        "8-bit quantised fake"
+    );
     let p = DiffAugParams::from_tensor(&io["d0_aug_fake"]).unwrap();
-    close(&aug.apply(&fake, &p).unwrap(), &io["d0_fake_in"], "DiffAug (D fake)");
+    close(
+        &aug.apply(&fake, &p).unwrap(),
+        &io["d0_fake_in"],
+        "DiffAug (D fake)",
+    );
+    // cutout (off in the released config)
+    let cut = DiffAug {
+        prob: 1.0,
+        cutout: 0.2,
+    };
+    let p = DiffAugParams::from_tensor(&io["aug_cut"]).unwrap();
+    let got = cut.apply(&pm1(&io["real01"]), &p).unwrap();
+    close(&got, &io["aug_cut_out"], "DiffAug with cutout 0.2");
 }
 
 #[test]
@@ -163,23 +190,44 @@ fn disc_trainer() -> DiscTrainer {
 /// reference's `want`, element by element. AdamW's first step moves a
 /// weight by `lr * g / (|g| + eps)`, i.e. by ~lr whatever |g|: where the
 /// reference gradient is below the gradients' rounding noise its sign is
-/// arbitrary in either implementation, so there the weight is only required
-/// to have moved by at most lr; elsewhere it must match to 1e-3 lr.
-fn check_first_update(before: &Tensor, got: &Tensor, want: &Tensor, g: &Tensor, noise: f32, lr: f32, what: &str) {
+/// arbitrary in either implementation, and where it is not far above
+/// AdamW's eps (1e-8) the update amplifies a gradient error `d` by
+/// `eps / g^2`; there the weight is only required to have moved by at most
+/// lr. Elsewhere (`|g| > 10 d` and `g^2 > 1e4 eps d`) it must match to
+/// 1e-3 lr.
+fn check_first_update(
+    before: &Tensor,
+    got: &Tensor,
+    want: &Tensor,
+    g: &Tensor,
+    noise: f32,
+    lr: f32,
+    what: &str,
+) {
     let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let (b, x, w, g) = (v(before), v(got), v(want), v(g));
     let mut worst = 0f32;
     let mut noisy = 0;
     for i in 0..x.len() {
-        if g[i].abs() > 10.0 * noise {
+        if g[i].abs() > 10.0 * noise && g[i] * g[i] > 1e4 * 1e-8 * noise {
             worst = worst.max((x[i] - w[i]).abs());
         } else {
             noisy += 1;
-            assert!((x[i] - b[i]).abs() <= 1.0001 * lr, "{what}[{i}] moved {}", x[i] - b[i]);
+            assert!(
+                (x[i] - b[i]).abs() <= 1.0001 * lr,
+                "{what}[{i}] moved {}",
+                x[i] - b[i]
+            );
         }
     }
-    eprintln!("{what}: update max abs err {worst:.3e} (lr {lr:.1e}), {noisy} of {} at noise level", x.len());
-    assert!(worst <= 1e-3 * lr, "{what}: update off by {worst:.3e} (lr {lr})");
+    eprintln!(
+        "{what}: update max abs err {worst:.3e} (lr {lr:.1e}), {noisy} of {} at noise level",
+        x.len()
+    );
+    assert!(
+        worst <= 1e-3 * lr,
+        "{what}: update off by {worst:.3e} (lr {lr})"
+    );
 }
 
 #[test]
@@ -191,9 +239,12 @@ fn d_steps_match_reference() {
     let real = pm1(&io["real01"]);
     let before: HashMap<String, Tensor> = t.disc.heads.state_dict().into_iter().collect();
     let params = t.disc.heads.named_params();
-    // gradients are compared relative to the largest head gradient: a conv
-    // in front of a per-sample norm has a gradient that is a difference of
-    // much larger terms (the norm makes its scale irrelevant)
+    // The gradient of a conv in front of a per-sample norm is a small
+    // difference of much larger terms (the norm makes the conv's scale
+    // irrelevant): measured against a float64 run of the reference, the
+    // reference's own f32 gradients are off by up to 1.1e-4 of their max
+    // there (ours: 1.3e-4). So each gradient tensor is bound at REL_GRAD of
+    // its own max, and at REL of the largest head gradient.
     let gscale = params
         .iter()
         .map(|(n, _)| max_abs(&io[&format!("d0_grad.{n}")]))
@@ -208,24 +259,43 @@ fn d_steps_match_reference() {
         assert!((stats.loss - want_loss).abs() <= REL * want_loss.abs());
         let mut noise: HashMap<String, f32> = HashMap::new();
         if step == 0 {
-            assert_eq!(grads.len(), params.len(), "every head parameter has a gradient");
+            assert_eq!(
+                grads.len(),
+                params.len(),
+                "every head parameter has a gradient"
+            );
             let mut worst = 0f32;
             for (name, _) in &params {
                 let want = &io[&format!("d0_grad.{name}")];
-                let got = grads.get(name).unwrap_or_else(|| panic!("no gradient for {name}"));
-                worst = worst.max(close_at(got, want, gscale, &format!("grad {name}")));
+                let got = grads
+                    .get(name)
+                    .unwrap_or_else(|| panic!("no gradient for {name}"));
+                close_at(got, want, gscale, &format!("grad {name} (of all)"));
+                let own = max_abs(want);
+                // an all-zero reference gradient (a conv bias in front of a
+                // norm) is bound on its conv weight's gradient scale
+                let own = if own < 1e-6 * gscale { gscale } else { own };
+                worst = worst.max(close_bound(
+                    got,
+                    want,
+                    own,
+                    REL_GRAD,
+                    &format!("grad {name}"),
+                ));
                 noise.insert(name.clone(), max_abs_diff(got, want));
             }
-            if let Ok(p) = std::env::var("DISC_DUMP") {
-                let m: HashMap<String, Tensor> = grads.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                candle_core::safetensors::save(&m, p).unwrap();
-            }
-            eprintln!("D step 0: {} head gradients, worst rel {worst:.3e} of {gscale:.3e}", params.len());
+            eprintln!(
+                "D step 0: {} head gradients, worst rel {worst:.3e} of own max",
+                params.len()
+            );
         }
         let lr = t.apply(&grads, 0).unwrap();
         lrs += lr;
         let want_lr = m["d_step_lrs"][step].as_f64().unwrap();
-        assert!((lr - want_lr).abs() < 1e-12, "D lr {lr} vs reference {want_lr}");
+        assert!(
+            (lr - want_lr).abs() < 1e-12,
+            "D lr {lr} vs reference {want_lr}"
+        );
         let after: HashMap<String, Tensor> = t.disc.heads.state_dict().into_iter().collect();
         for (name, got) in &after {
             let want = &io[&format!("d{step}_after.{name}")];
@@ -275,7 +345,11 @@ fn adaptive_weight_matches_reference() {
     assert!((aw.factor(gr, gg).unwrap() - 0.75 * want).abs() <= REL * want);
     let tiny = (gg * 1e-9).unwrap();
     let want = io["aw_lambda_clamped"].to_vec1::<f32>().unwrap()[0];
-    assert_eq!(aw.lambda(gr, &tiny).unwrap(), want, "clamped at max_d_weight");
+    assert_eq!(
+        aw.lambda(gr, &tiny).unwrap(),
+        want,
+        "clamped at max_d_weight"
+    );
 }
 
 #[test]
