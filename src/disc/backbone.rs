@@ -322,7 +322,10 @@ impl DinoBackbone {
 
     /// Features `[B, L, C]` (CLS dropped, token-major) of images
     /// `[B, 3, H, W]` in [-1, 1]: `[last block, key depths...]`.
+    /// Runs in f32 whatever the input dtype (gradients flow back through
+    /// the cast).
     pub fn forward(&self, x_pm1: &Tensor) -> Result<Vec<Tensor>> {
+        let x_pm1 = &x_pm1.to_dtype(DType::F32)?;
         let (b, ch, _, _) = x_pm1.dims4()?;
         if ch != 3 {
             return Err(DiscError::Config(format!(

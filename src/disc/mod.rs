@@ -95,6 +95,27 @@ impl Discriminator {
         Ok(Self { backbone, heads })
     }
 
+    /// The released discriminator: DINO ViT-S/8 from `dino_weights` (see
+    /// [`backbone::resolve_dino_weights`]) and fresh heads drawn from `seed`
+    /// (`ks` 9, five heads, spectral norm).
+    pub fn released(
+        dino_weights: &std::path::Path,
+        seed: u64,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let backbone = DinoBackbone::from_file(DinoConfig::default(), dino_weights, device)?;
+        let heads = Heads::init(
+            HeadsConfig {
+                channels: backbone.config().embed_dim,
+                count: backbone.config().feature_count(),
+                ..HeadsConfig::default()
+            },
+            seed,
+            device,
+        )?;
+        Self::new(backbone, heads)
+    }
+
     /// Logits `[B, heads * L]` of images `[B, 3, H, W]` in [-1, 1]
     /// (already augmented). `Mode::Train` advances the spectral-norm
     /// estimates first (needs `&mut`); see [`Self::logits_eval`].
