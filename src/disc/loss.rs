@@ -4,6 +4,7 @@
 use candle_core::Tensor;
 
 use super::{DiscError, Result};
+use crate::train::Gradients;
 
 /// Hinge discriminator loss (`disc_loss: hinge`):
 /// `0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake)))`, means over every
@@ -66,13 +67,15 @@ impl Default for AdversarialWeight {
     }
 }
 
-/// Frobenius norm in f32, as `torch.norm` of an f32 gradient.
+/// Frobenius norm, summed in f64 (a sequential f32 sum over the ~10^6
+/// entries of `decoder_pred.weight` would lose digits; torch sums
+/// pairwise) and rounded to f32 as `torch.norm` of an f32 gradient.
 fn norm(t: &Tensor) -> Result<f32> {
-    Ok(t.to_dtype(candle_core::DType::F32)?
+    Ok(t.to_dtype(candle_core::DType::F64)?
         .sqr()?
         .sum_all()?
         .sqrt()?
-        .to_scalar::<f32>()?)
+        .to_scalar::<f64>()? as f32)
 }
 
 impl AdversarialWeight {
@@ -93,5 +96,62 @@ impl AdversarialWeight {
     /// The factor on the generator loss: `disc_weight * lambda`.
     pub fn factor(&self, grad_rec: &Tensor, grad_gan: &Tensor) -> Result<f32> {
         Ok(self.disc_weight as f32 * self.lambda(grad_rec, grad_gan)?)
+    }
+}
+
+/// The gradients of `recon + factor * g_loss` from the gradients of each
+/// (the total is linear in them, so two backward passes, one per loss, give
+/// what the reference's `total_loss.backward()` gives, and the two
+/// `decoder_pred.weight` entries are what the adaptive weight needs).
+/// A parameter missing from one side takes the other's gradient alone.
+pub fn combine_gradients(rec: &Gradients, gan: &Gradients, factor: f32) -> Result<Gradients> {
+    let mut out = Gradients::new();
+    for (name, g) in rec.iter() {
+        let t = match gan.get(name) {
+            Some(a) => (g + (a * factor as f64)?)?,
+            None => g.clone(),
+        };
+        out.insert(name.clone(), t)?;
+    }
+    for (name, a) in gan.iter() {
+        if rec.get(name).is_none() {
+            out.insert(name.clone(), (a * factor as f64)?)?;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn gradients_combine_linearly() {
+        let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
+        let mut rec = Gradients::new();
+        rec.insert("a", t(&[1.0, 2.0])).unwrap();
+        rec.insert("b", t(&[3.0])).unwrap();
+        let mut gan = Gradients::new();
+        gan.insert("a", t(&[10.0, 20.0])).unwrap();
+        gan.insert("c", t(&[4.0])).unwrap();
+        let c = combine_gradients(&rec, &gan, 0.5).unwrap();
+        assert_eq!(
+            c.get("a").unwrap().to_vec1::<f32>().unwrap(),
+            vec![6.0, 12.0]
+        );
+        assert_eq!(c.get("b").unwrap().to_vec1::<f32>().unwrap(), vec![3.0]);
+        assert_eq!(c.get("c").unwrap().to_vec1::<f32>().unwrap(), vec![2.0]);
+    }
+
+    #[test]
+    fn quantisation_rounds_half_to_even_and_clamps() {
+        // 2x - 1 = 0 -> 127.5 -> 128 (even); 1.2 -> clamp 1 -> 255
+        let x = Tensor::new(&[0.5f32, 1.2, -0.3, 0.0], &Device::Cpu).unwrap();
+        let q = quantize_fake(&x).unwrap().to_vec1::<f32>().unwrap();
+        let want = [128.0f32 / 127.5 - 1.0, 1.0, -1.0, -1.0];
+        for (a, b) in q.iter().zip(want) {
+            assert!((a - b).abs() < 1e-7, "{q:?}");
+        }
     }
 }

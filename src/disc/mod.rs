@@ -30,8 +30,8 @@ use candle_core::Tensor;
 pub use backbone::{DinoBackbone, DinoConfig};
 pub use diffaug::{DiffAug, DiffAugParams};
 pub use heads::{Heads, HeadsConfig};
-pub use loss::{AdversarialWeight, g_loss, hinge_d_loss, quantize_fake};
-pub use step::{DiscLrClock, DiscStats, DiscTrainer};
+pub use loss::{AdversarialWeight, combine_gradients, g_loss, hinge_d_loss, quantize_fake};
+pub use step::{DiscLrClock, DiscState, DiscStats, DiscTrainer};
 
 /// Errors of the discriminator.
 #[derive(Debug, thiserror::Error)]
