@@ -188,14 +188,16 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let qkv = self.qkv.forward(&self.norm1.forward(x, false)?)?;
+    /// `fused`: candle's fused LayerNorm (no backward: only when nothing
+    /// upstream needs a gradient, the D step's detached images).
+    fn forward(&self, x: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+        let qkv = self.qkv.forward(&self.norm1.forward(x, fused)?)?;
         let a = attention(&qkv, self.heads)?;
         let x = (x + self.proj.forward(&a)?)?;
         // candle's `gelu` is the tanh approximation, as the reference MLP.
         let m = self
             .fc2
-            .forward(&self.fc1.forward(&self.norm2.forward(&x, false)?)?.gelu()?)?;
+            .forward(&self.fc1.forward(&self.norm2.forward(&x, fused)?)?.gelu()?)?;
         x + m
     }
 }
@@ -349,8 +351,11 @@ impl DinoBackbone {
         let mut x = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&self.pos_embed)?;
         let keys = self.cfg.used_key_depths();
         let mut feats = Vec::with_capacity(keys.len() + 1);
+        // The weights are constants: only a tracked input (the generator's
+        // reconstruction) needs the differentiable path.
+        let fused = !x_pm1.track_op();
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x)?;
+            x = block.forward(&x, fused)?;
             if keys.contains(&i) {
                 feats.push(x.narrow(1, 1, g * g)?);
             }
