@@ -6,6 +6,7 @@
 
 pub mod device;
 pub mod diffusion;
+pub mod disc;
 pub mod dist;
 pub mod encoders;
 pub mod eval;
