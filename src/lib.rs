@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod precision;
 pub mod progress;
 pub mod shards;
+pub mod stage1;
 // docs pending: src/train is being edited on the lead's branch
 #[allow(missing_docs)]
 pub mod train;

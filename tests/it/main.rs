@@ -24,5 +24,6 @@ mod parity_encoders;
 mod parity_models;
 mod parity_sampler;
 mod shards;
+mod stage1_gen;
 mod train_e2e;
 mod weights;
