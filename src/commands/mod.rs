@@ -10,4 +10,5 @@ pub mod merge;
 pub mod progress;
 pub mod sample;
 pub mod train;
+pub mod train_decoder;
 pub mod verify;

@@ -18,6 +18,7 @@
 //! gradients are the same.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -31,6 +32,7 @@ use crate::models::embed::sincos_2d;
 use crate::models::state_dict::{fill_varmap, sorted_vars};
 use crate::models::{DecoderConfig, RaeDecoder};
 use crate::train::init::SeededVarMap;
+use crate::train::optim::AdamWState;
 use crate::train::{AdamW, AdamWConfig, Ema, Gradients, ParamGroup};
 
 /// The reference's position-table name (frozen unless asked otherwise).
@@ -321,6 +323,39 @@ impl GeneratorState {
             .iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
             .collect()
+    }
+
+    /// Weights, EMA and optimizer state from a checkpoint read from `path`
+    /// (every weight must be there with its shape).
+    pub fn restore(
+        &mut self,
+        model: &BTreeMap<String, Tensor>,
+        ema: BTreeMap<String, Tensor>,
+        optim: AdamWState,
+        path: &Path,
+    ) -> Result<()> {
+        for (name, var) in &self.all_vars {
+            let t = model.get(name).ok_or_else(|| Stage1Error::BadWeights {
+                path: path.to_path_buf(),
+                reason: format!("no weights for {name}"),
+            })?;
+            if t.dims() != var.dims() {
+                return Err(Stage1Error::BadWeights {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "{name} is {:?}, the decoder wants {:?}",
+                        t.dims(),
+                        var.dims()
+                    ),
+                });
+            }
+            var.set(&t.to_dtype(DType::F32)?)?;
+        }
+        self.opt.load_state(optim)?;
+        if let Some(e) = &self.ema {
+            self.ema = Some(Ema::from_tensors(ema, e.decay())?);
+        }
+        Ok(())
     }
 
     /// Losses and gradients of one batch (see [`generator_grads`]).

@@ -9,6 +9,9 @@
 pub mod generator;
 pub mod lpips;
 pub mod noise;
+pub mod targets;
+pub mod train_config;
+pub mod trainer;
 pub mod vgg;
 
 pub use generator::{AdversarialLoss, GenBatch, GenLossConfig, GenLosses, GeneratorState};
@@ -39,6 +42,14 @@ pub enum Stage1Error {
         /// The file.
         path: PathBuf,
         /// What is wrong.
+        reason: String,
+    },
+    /// A target image that cannot be read.
+    #[error("{path}: {reason}")]
+    Image {
+        /// The image file.
+        path: PathBuf,
+        /// Why.
         reason: String,
     },
     /// Inputs of the wrong shape or an invalid setting.

@@ -9,6 +9,7 @@
 //! stream.
 
 use candle_core::{Device, Tensor};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{Result, Stage1Error};
@@ -55,6 +56,29 @@ impl NoiseDraws {
     }
 }
 
+impl NoiseDraws {
+    /// Draws for a batch of samples named by `ids` (the loader's
+    /// layout-independent sample ids), each from its own stream (stream 2 of
+    /// [`crate::train::loader::sample_seed`]): `u` then `row` normals. The
+    /// same sample gets the same noise whatever the batch, rank or resume.
+    pub fn for_samples(seed: u64, ids: &[u64], row: &[usize], device: &Device) -> Result<Self> {
+        let n: usize = row.iter().product();
+        let mut u = Vec::with_capacity(ids.len());
+        let mut eps = Vec::with_capacity(ids.len() * n);
+        for &id in ids {
+            let mut rng = ChaCha8Rng::seed_from_u64(crate::train::loader::sample_seed(seed, id, 2));
+            u.extend(crate::train::init::uniforms(&mut rng, 1, 0.0, 1.0));
+            eps.extend(crate::train::init::normals(&mut rng, n, 0.0, 1.0));
+        }
+        let mut shape = vec![ids.len()];
+        shape.extend_from_slice(row);
+        Ok(Self {
+            u: Tensor::from_vec(u, ids.len(), device)?,
+            eps: Tensor::from_vec(eps, shape, device)?,
+        })
+    }
+}
+
 impl NoiseAug {
     /// `z + tau * u[b] * eps` (f32 as the reference: sigma first, then the
     /// noise, then the sum). `tau <= 0` returns `z` unchanged.
@@ -86,7 +110,6 @@ impl NoiseAug {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
 
     #[test]
     fn one_sigma_per_sample_and_off_at_zero() {

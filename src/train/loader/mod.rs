@@ -44,6 +44,9 @@ pub struct LoaderConfig {
     /// Draw each sample's flow-matching noise in the loader's thread
     /// ([`Batch::noise`]), overlapping it with the training step.
     pub noise: bool,
+    /// Hand out the stored latents as they are, without the statistics'
+    /// normalisation (stage-1 decoder training decodes raw latents).
+    pub raw: bool,
 }
 
 impl Default for LoaderConfig {
@@ -58,6 +61,7 @@ impl Default for LoaderConfig {
             world_size: 1,
             accum: 1,
             noise: false,
+            raw: false,
         }
     }
 }
@@ -93,7 +97,7 @@ pub fn sample_noise(seed: u64, ids: &[u64], row: usize) -> Vec<f32> {
 /// A training batch on the device.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    /// Normalised latents `[B, C, H, W]`, f32.
+    /// Normalised (raw with [`LoaderConfig::raw`]) latents `[B, C, H, W]`, f32.
     pub x: Tensor,
     /// Labels `[B]`, i64 (-1 where the cache has none).
     pub y: Tensor,
@@ -134,6 +138,7 @@ pub struct Loader {
     steps_per_epoch: usize,
     accum: usize,
     next: LoaderCursor,
+    raw: bool,
 }
 
 impl Loader {
@@ -222,6 +227,7 @@ impl Loader {
             steps_per_epoch,
             accum: cfg.accum,
             next: start,
+            raw: cfg.raw,
         })
     }
 
@@ -266,10 +272,13 @@ impl Loader {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, c, h, w))?;
-        let x = z
-            .broadcast_sub(&self.mean)?
-            .broadcast_div(&self.std)?
-            .to_dtype(DType::F32)?;
+        let x = if self.raw {
+            z
+        } else {
+            z.broadcast_sub(&self.mean)?
+                .broadcast_div(&self.std)?
+                .to_dtype(DType::F32)?
+        };
         let y = Tensor::from_slice(&hb.labels, b, &self.device)?;
         let noise = if hb.noise.is_empty() {
             None
@@ -372,6 +381,7 @@ mod tests {
             world_size: 1,
             accum: 1,
             noise: false,
+            raw: false,
         }
     }
 
