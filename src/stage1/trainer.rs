@@ -24,7 +24,7 @@ use super::lpips::{Lpips, LpipsSource};
 use super::noise::{NoiseAug, NoiseDraws};
 use super::targets::TargetImages;
 use super::train_config::DecoderTrainConfig;
-use super::{GenBatch, GenLossConfig, Result, Stage1Error};
+use super::{AdversarialLoss, GenBatch, GenLossConfig, Result, Stage1Error};
 use crate::models::DecoderConfig;
 use crate::models::config::load_config;
 use crate::train::checkpoint::{self, Checkpoint, LoaderCursor};
@@ -76,6 +76,9 @@ pub struct DecoderTrainer {
     total_steps: u64,
     last_ckpt: Option<PathBuf>,
     log: File,
+    /// The adversarial term and the step from which it is added.
+    adversarial: Option<(Box<dyn AdversarialLoss + Send>, u64)>,
+    steps_per_epoch: u64,
 }
 
 /// The decoder for this cache: a config file, or a preset fitted to the
@@ -212,7 +215,17 @@ impl DecoderTrainer {
             step,
             last_ckpt,
             log,
+            adversarial: None,
+            steps_per_epoch: spe,
         })
+    }
+
+    /// Plug in the adversarial term (e.g. the DINO discriminator's
+    /// `-mean(D(DiffAug(x)))`), added with the adaptive weight from epoch
+    /// `start_epoch` on (reference `disc_start: 8`). Training the
+    /// discriminator itself is the caller's part of the step.
+    pub fn set_adversarial(&mut self, adv: Box<dyn AdversarialLoss + Send>, start_epoch: u64) {
+        self.adversarial = Some((adv, start_epoch * self.steps_per_epoch));
     }
 
     /// Optimizer steps done.
