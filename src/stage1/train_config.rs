@@ -150,7 +150,11 @@ impl DecoderTrainConfig {
         if self.batch_size == 0 {
             return bad("batch size must be >= 1");
         }
-        if !(self.lr.is_finite() && self.lr > 0.0 && self.final_lr.is_finite() && self.final_lr >= 0.0) {
+        if !(self.lr.is_finite()
+            && self.lr > 0.0
+            && self.final_lr.is_finite()
+            && self.final_lr >= 0.0)
+        {
             return bad("lr must be > 0 and final lr >= 0");
         }
         if !(0.0..=1.0).contains(&self.ema) {

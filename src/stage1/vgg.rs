@@ -70,7 +70,11 @@ impl FrozenConv {
 /// `x` `[B, C, H, W]` (contiguous f32) convolved with a 3x3 kernel given as
 /// `w_mat` `[O, C * 9]`, padding 1: im2col of each image (rows `c*9 + kh*3 +
 /// kw`, built in parallel) and one GEMM.
-fn conv3x3_im2col(x: &[f32], dims: (usize, usize, usize, usize), w_mat: &Tensor) -> candle_core::Result<Vec<f32>> {
+fn conv3x3_im2col(
+    x: &[f32],
+    dims: (usize, usize, usize, usize),
+    w_mat: &Tensor,
+) -> candle_core::Result<Vec<f32>> {
     use rayon::prelude::*;
     let (b, c, h, w) = dims;
     let o = w_mat.dim(0)?;
@@ -121,13 +125,25 @@ impl CustomOp1 for FrozenConv {
         };
         let (n, c, h, w) = l.shape().dims4()?;
         if c * 9 != self.w_mat.dim(1)? || h == 0 || w == 0 {
-            candle_core::bail!("frozen-conv3x3: input {:?} vs kernel {:?}", l.dims(), self.w.dims())
+            candle_core::bail!(
+                "frozen-conv3x3: input {:?} vs kernel {:?}",
+                l.dims(),
+                self.w.dims()
+            )
         }
         let y = conv3x3_im2col(&s.as_slice::<f32>()?[a..b], (n, c, h, w), &self.w_mat)?;
-        Ok((CpuStorage::F32(y), Shape::from((n, self.w_mat.dim(0)?, h, w))))
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((n, self.w_mat.dim(0)?, h, w)),
+        ))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(conv3x3_tensor(grad, &self.w_back_mat)?))
     }
 }
@@ -193,7 +209,10 @@ impl Vgg16Features {
             }
             in_ch = dims[0];
             let b4 = b.to_dtype(DType::F32)?.reshape((1, dims[0], 1, 1))?;
-            convs.push((FrozenConv::new(w.to_dtype(DType::F32)?.detach())?, b4.detach()));
+            convs.push((
+                FrozenConv::new(w.to_dtype(DType::F32)?.detach())?,
+                b4.detach(),
+            ));
         }
         Ok(Self { convs })
     }
@@ -266,7 +285,9 @@ mod tests {
     fn frozen_conv_matches_candle_conv_and_its_gradient() {
         let dev = Device::Cpu;
         let val = |n: usize, k: u64| -> Vec<f32> {
-            (0..n).map(|i| (((i as u64 * 2654435761 + k) % 1000) as f32 / 500.0) - 1.0).collect()
+            (0..n)
+                .map(|i| (((i as u64 * 2654435761 + k) % 1000) as f32 / 500.0) - 1.0)
+                .collect()
         };
         let w = Tensor::from_vec(val(4 * 3 * 9, 1), (4, 3, 3, 3), &dev).unwrap();
         let x = candle_core::Var::from_vec(val(2 * 3 * 5 * 7, 2), (2, 3, 5, 7), &dev).unwrap();
@@ -275,12 +296,27 @@ mod tests {
         let ours = conv.forward(x.as_tensor()).unwrap();
         let theirs = x.as_tensor().conv2d(&w, 1, 1, 1, 1).unwrap();
         let diff = |a: &Tensor, b: &Tensor| {
-            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
         };
         assert!(diff(&ours, &theirs) < 1e-5);
         let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let (g1, g2) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
+        let g2 = (theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (g1, g2) = (
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
         assert!(diff(g1, g2) < 1e-4, "{}", diff(g1, g2));
     }
 
