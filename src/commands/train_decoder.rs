@@ -77,6 +77,10 @@ pub struct Args {
     train_pos_embed: bool,
     #[arg(long)]
     seed: Option<u64>,
+    /// Reconstruct a fixed batch with the EMA decoder every N steps:
+    /// previews/step-N.png and `psnr` in log.jsonl (0 = never; 1000).
+    #[arg(long)]
+    preview_every: Option<u64>,
     /// Checkpoint every N steps (and always at the end).
     #[arg(long)]
     ckpt_every: Option<u64>,
@@ -138,6 +142,7 @@ impl Args {
             seed,
             ckpt_every,
             keep_checkpoints,
+            preview_every,
             device
         );
         if self.steps.is_some() {

@@ -9,6 +9,7 @@
 pub mod generator;
 pub mod lpips;
 pub mod noise;
+pub mod preview;
 pub mod targets;
 pub mod train_config;
 pub mod trainer;

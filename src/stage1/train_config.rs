@@ -72,6 +72,11 @@ pub struct DecoderTrainConfig {
     pub keep_checkpoints: usize,
     /// Log a line every N steps.
     pub log_every: u64,
+    /// Reconstruct a fixed batch with the EMA decoder every N steps (and at
+    /// the end): `previews/step-N.png` and `psnr` in the log (0: never).
+    pub preview_every: u64,
+    /// Images in that batch.
+    pub preview_count: usize,
     /// Loader reader threads.
     pub workers: usize,
     /// Row groups per shuffle window.
@@ -113,6 +118,8 @@ impl Default for DecoderTrainConfig {
             ckpt_every: 1000,
             keep_checkpoints: 3,
             log_every: 1,
+            preview_every: 1000,
+            preview_count: 8,
             workers: 2,
             shuffle_window: 64,
             device: "auto".into(),

@@ -22,6 +22,7 @@ use serde::Serialize;
 use super::generator::{GeneratorConfig, GeneratorState};
 use super::lpips::{Lpips, LpipsSource};
 use super::noise::{NoiseAug, NoiseDraws};
+use super::preview::Preview;
 use super::targets::TargetImages;
 use super::train_config::DecoderTrainConfig;
 use super::{AdversarialLoss, GenBatch, GenLossConfig, Result, Stage1Error};
@@ -59,6 +60,9 @@ pub struct DecoderStepStats {
     pub images_per_s: f64,
     /// Wall time of this step.
     pub seconds: f64,
+    /// Mean PSNR of the preview batch (EMA decoder), on preview steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psnr: Option<f64>,
 }
 
 /// Decoder, LPIPS, data and schedule of one run.
@@ -79,6 +83,7 @@ pub struct DecoderTrainer {
     /// The adversarial term and the step from which it is added.
     adversarial: Option<(Box<dyn AdversarialLoss + Send>, u64)>,
     steps_per_epoch: u64,
+    preview: Option<Preview>,
 }
 
 /// The decoder for this cache: a config file, or a preset fitted to the
@@ -201,6 +206,18 @@ impl DecoderTrainer {
         let loader = Loader::new(&set, &lcfg, cursor, device)?;
         let spe = loader.steps_per_epoch() as u64;
         let log = open_log(&cfg, &dec_cfg)?;
+        let preview = (cfg.preview_every > 0)
+            .then(|| {
+                Preview::new(
+                    &set,
+                    &targets,
+                    cfg.preview_count,
+                    cfg.seed,
+                    &cfg.out,
+                    device,
+                )
+            })
+            .transpose()?;
         Ok(Self {
             schedule: cfg.schedule(spe),
             total_steps: cfg.total_steps(spe),
@@ -217,6 +234,7 @@ impl DecoderTrainer {
             log,
             adversarial: None,
             steps_per_epoch: spe,
+            preview,
         })
     }
 
@@ -297,6 +315,7 @@ impl DecoderTrainer {
             lr,
             images_per_s: b as f64 / seconds.max(1e-9),
             seconds,
+            psnr: None,
         })
     }
 
@@ -355,7 +374,17 @@ impl DecoderTrainer {
     ) -> Result<Option<DecoderStepStats>> {
         let mut last = None;
         while self.step < self.total_steps {
-            let s = self.train_step()?;
+            let mut s = self.train_step()?;
+            let every = self.cfg.preview_every;
+            if let Some(p) = &self.preview
+                && (s.step % every == 0 || s.step == self.total_steps)
+            {
+                let weights = match self.state.ema() {
+                    Some(e) => e.tensors().clone(),
+                    None => self.state.state_dict(),
+                };
+                s.psnr = Some(p.run(&self.dec_cfg, &weights, s.step)?);
+            }
             if self.cfg.log_every > 0
                 && (s.step % self.cfg.log_every == 0 || s.step == self.total_steps)
             {

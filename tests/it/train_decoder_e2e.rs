@@ -79,6 +79,8 @@ fn train(cache: &Path, dec: &Path, out: &Path, steps: u64, extra: &[&str]) -> se
         "5".into(),
         "--device".into(),
         "cpu".into(),
+        "--preview-every".into(),
+        "8".into(),
         "--json".into(),
     ];
     args.extend(extra.iter().map(|a| a.to_string()));
