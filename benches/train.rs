@@ -103,6 +103,7 @@ fn bench_loader(images: usize) {
         world_size: 1,
         accum: 1,
         noise: false,
+        raw: false,
     };
     let mut l = Loader::new(&set, &cfg, LoaderCursor::default(), &Device::Cpu).unwrap();
     let steps = l.steps_per_epoch() * 2;

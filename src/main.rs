@@ -35,6 +35,8 @@ enum Cmd {
     Merge(commands::merge::Args),
     /// Train DiT / DiT-DH from cached latents.
     Train(commands::train::Args),
+    /// Train the RAE pixel decoder (stage 1) from a latent cache.
+    TrainDecoder(commands::train_decoder::Args),
     /// Start one process per GPU (torchrun-style environment), e.g.
     /// `launch --nproc-per-node 8 -- train ...`.
     Launch(commands::launch::Args),
@@ -65,6 +67,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Verify(a) => commands::verify::run(a),
         Cmd::Merge(a) => commands::merge::run(a),
         Cmd::Train(a) => commands::train::run(a),
+        Cmd::TrainDecoder(a) => commands::train_decoder::run(a),
         Cmd::Launch(a) => commands::launch::run(a),
         Cmd::Sample(a) => commands::sample::run(a),
         Cmd::Decode(a) => commands::decode::run(a),

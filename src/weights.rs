@@ -257,3 +257,105 @@ fn download(repo: &str, _rev: &str, _cache_root: &Path) -> Result<ResolvedModel,
         ),
     })
 }
+
+/// Find one weights file (a frozen network's checkpoint, e.g. VGG16 for
+/// LPIPS): `id_or_path` is the file itself, a directory holding one of
+/// `files`, or a Hugging Face repo id (`org/name[@rev]`) whose snapshot in
+/// the local cache holds one of them (offline). `files` are tried in order.
+/// The error lists every place looked at and ends with `hint` (what to
+/// download).
+pub fn resolve_file(id_or_path: &str, files: &[&str], hint: &str) -> Result<PathBuf, WeightsError> {
+    resolve_file_in(id_or_path, files, hint, hf_cache_root().as_deref())
+}
+
+/// [`resolve_file`] against an explicit Hugging Face cache root (`None`:
+/// no cache).
+pub fn resolve_file_in(
+    id_or_path: &str,
+    files: &[&str],
+    hint: &str,
+    cache_root: Option<&Path>,
+) -> Result<PathBuf, WeightsError> {
+    let local = Path::new(id_or_path);
+    if local.is_file() {
+        return Ok(local.to_path_buf());
+    }
+    let mut looked = Vec::new();
+    let first_in = |dir: &Path, looked: &mut Vec<String>| {
+        let found = files.iter().map(|f| dir.join(f)).find(|p| p.is_file());
+        if found.is_none() {
+            looked.push(format!(
+                "{} (holds none of {})",
+                dir.display(),
+                files.join(", ")
+            ));
+        }
+        found
+    };
+    if local.is_dir() {
+        if let Some(p) = first_in(local, &mut looked) {
+            return Ok(p);
+        }
+    } else {
+        looked.push(format!("{id_or_path} (no such file or directory)"));
+        let (repo, rev) = split_id(id_or_path);
+        let is_repo = repo.contains('/') && !repo.starts_with(['/', '.']) && !local.exists();
+        match cache_root {
+            Some(root) if is_repo => {
+                let repo_dir = root.join(hf_hub::Repo::model(repo.to_string()).folder_name());
+                let commit = std::fs::read_to_string(repo_dir.join("refs").join(rev))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_else(|_| rev.to_string());
+                if !commit.is_empty() && !commit.contains(['/', '\\']) && !commit.starts_with('.') {
+                    let snapshot = repo_dir.join("snapshots").join(&commit);
+                    if let Some(p) = first_in(&snapshot, &mut looked) {
+                        return Ok(p);
+                    }
+                }
+            }
+            None if is_repo => looked
+                .push("no Hugging Face cache (HF_HUB_CACHE, HF_HOME and HOME are unset)".into()),
+            _ => {}
+        }
+    }
+    Err(WeightsError::NotFound {
+        id: id_or_path.to_string(),
+        looked: looked.join("; "),
+        hint: hint.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod resolve_file_tests {
+    use super::*;
+
+    #[test]
+    fn file_dir_and_cache_snapshot() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("vgg.pth");
+        std::fs::write(&file, b"x").unwrap();
+        let files = ["model.safetensors", "vgg.pth"];
+        assert_eq!(
+            resolve_file_in(file.to_str().unwrap(), &files, "", None).unwrap(),
+            file
+        );
+        assert_eq!(
+            resolve_file_in(tmp.path().to_str().unwrap(), &files, "", None).unwrap(),
+            file
+        );
+        let root = tmp.path().join("hub");
+        let snap = root.join("models--timm--vgg16.tv_in1k/snapshots/abc");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(root.join("models--timm--vgg16.tv_in1k/refs")).unwrap();
+        std::fs::write(root.join("models--timm--vgg16.tv_in1k/refs/main"), "abc\n").unwrap();
+        std::fs::write(snap.join("model.safetensors"), b"x").unwrap();
+        let got = resolve_file_in("timm/vgg16.tv_in1k", &files, "", Some(&root)).unwrap();
+        assert_eq!(got, snap.join("model.safetensors"));
+        let err = resolve_file_in("timm/nothing", &files, "download it", Some(&root)).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("timm/nothing") && msg.contains("download it"),
+            "{msg}"
+        );
+    }
+}

@@ -12,6 +12,7 @@ pub mod merge;
 pub mod progress;
 pub mod sample;
 pub mod train;
+pub mod train_decoder;
 pub mod verify;
 
 use rae_cache::precision::Precision;

@@ -236,10 +236,37 @@ impl RaeDecoder {
         self.dtype
     }
 
+    /// Replace the position table (`[1, T+1, D]`), e.g. by a trainable
+    /// variable: the reference trains it (its `requires_grad_(True)` on the
+    /// whole decoder), which stage-1 training reproduces on request.
+    pub fn set_pos_embed(&mut self, pos: Tensor) -> Result<()> {
+        if pos.dims() != self.pos.dims() {
+            candle_core::bail!(
+                "decoder_pos_embed: {:?}, the decoder wants {:?}",
+                pos.dims(),
+                self.pos.dims()
+            );
+        }
+        self.pos = pos;
+        Ok(())
+    }
+
+    /// The output projection (`decoder_pred`), whose weight the stage-1
+    /// adaptive GAN weight is measured on.
+    pub fn pred(&self) -> &Linear {
+        &self.pred
+    }
+
     /// Raw latent tokens `[B, T, C]` (no latent statistics applied, any
     /// float dtype) -> pixel logits `[B, T, p*p*3]` in the compute dtype,
     /// before unpatchify / de-normalisation.
     pub fn forward_logits(&self, z: &Tensor) -> Result<Tensor> {
+        self.pred.forward(&self.forward_hidden(z)?)
+    }
+
+    /// The hidden states `[B, T, D]` after the final LayerNorm, CLS dropped:
+    /// the input of `decoder_pred`.
+    pub fn forward_hidden(&self, z: &Tensor) -> Result<Tensor> {
         let (b, t, _) = z.dims3()?;
         if t != self.cfg.num_patches {
             candle_core::bail!("decoder expects {} tokens, got {t}", self.cfg.num_patches);
@@ -252,15 +279,19 @@ impl RaeDecoder {
         for l in &self.layers {
             h = l.forward(&h, self.fused)?;
         }
-        let h = self.norm.forward(&h, self.fused)?;
-        self.pred.forward(&h.narrow(1, 1, t)?)
+        self.norm.forward(&h, self.fused)?.narrow(1, 1, t)
+    }
+
+    /// Pixel logits `[B, T, p*p*3]` -> de-normalised f32 pixels
+    /// `[B, 3, H, W]` (unpatchify, then `* std + mean`).
+    pub fn logits_to_pixels(&self, logits: &Tensor) -> Result<Tensor> {
+        let img = unpatchify(&logits.to_dtype(DType::F32)?, self.cfg.patch_size, 3)?;
+        img.broadcast_mul(&self.std)?.broadcast_add(&self.mean)
     }
 
     /// Raw latent tokens `[B, T, C]` -> de-normalised f32 pixels
     /// `[B, 3, H, W]` (about `[0, 1]`; not clamped).
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let logits = self.forward_logits(z)?.to_dtype(DType::F32)?;
-        let img = unpatchify(&logits, self.cfg.patch_size, 3)?;
-        img.broadcast_mul(&self.std)?.broadcast_add(&self.mean)
+        self.logits_to_pixels(&self.forward_logits(z)?)
     }
 }

@@ -244,6 +244,7 @@ impl TrainConfig {
             world_size: self.world_size,
             accum: self.accum,
             noise: true,
+            raw: false,
         }
     }
 

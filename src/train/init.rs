@@ -96,12 +96,12 @@ impl SeededVarMap {
     }
 }
 
-fn unit(rng: &mut ChaCha8Rng) -> f64 {
+pub(crate) fn unit(rng: &mut ChaCha8Rng) -> f64 {
     // 53 random bits in [0, 1)
     (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
-fn normals(rng: &mut ChaCha8Rng, n: usize, mean: f64, std: f64) -> Vec<f32> {
+pub(crate) fn normals(rng: &mut ChaCha8Rng, n: usize, mean: f64, std: f64) -> Vec<f32> {
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {
         // Box-Muller, both outputs used
@@ -116,7 +116,7 @@ fn normals(rng: &mut ChaCha8Rng, n: usize, mean: f64, std: f64) -> Vec<f32> {
     out
 }
 
-fn uniforms(rng: &mut ChaCha8Rng, n: usize, lo: f64, up: f64) -> Vec<f32> {
+pub(crate) fn uniforms(rng: &mut ChaCha8Rng, n: usize, lo: f64, up: f64) -> Vec<f32> {
     (0..n)
         .map(|_| (lo + (up - lo) * unit(rng)) as f32)
         .collect()

@@ -22,6 +22,7 @@ fn cfg(batch: usize, seed: u64) -> LoaderConfig {
         world_size: 1,
         accum: 1,
         noise: false,
+        raw: false,
     }
 }
 

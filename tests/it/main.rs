@@ -29,5 +29,7 @@ mod parity_models;
 mod parity_sampler;
 mod shards;
 mod stage1_disc;
+mod stage1_gen;
+mod train_decoder_e2e;
 mod train_e2e;
 mod weights;

@@ -49,6 +49,9 @@ pub struct LoaderConfig {
     /// Draw each sample's flow-matching noise in the loader's thread
     /// ([`Batch::noise`]), overlapping it with the training step.
     pub noise: bool,
+    /// Hand out the stored latents as they are, without the statistics'
+    /// normalisation (stage-1 decoder training decodes raw latents).
+    pub raw: bool,
 }
 
 impl Default for LoaderConfig {
@@ -63,6 +66,7 @@ impl Default for LoaderConfig {
             world_size: 1,
             accum: 1,
             noise: false,
+            raw: false,
         }
     }
 }
@@ -98,7 +102,7 @@ pub fn sample_noise(seed: u64, ids: &[u64], row: usize) -> Vec<f32> {
 /// A training batch on the device.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    /// Normalised latents `[B, C, H, W]`, f32.
+    /// Normalised (raw with [`LoaderConfig::raw`]) latents `[B, C, H, W]`, f32.
     pub x: Tensor,
     /// Labels `[B]`, i64 (-1 where the cache has none).
     pub y: Tensor,
@@ -146,6 +150,7 @@ pub struct Loader {
     steps_per_epoch: usize,
     accum: usize,
     next: LoaderCursor,
+    raw: bool,
 }
 
 impl Loader {
@@ -234,6 +239,7 @@ impl Loader {
             steps_per_epoch,
             accum: cfg.accum,
             next: start,
+            raw: cfg.raw,
         })
     }
 
@@ -278,10 +284,13 @@ impl Loader {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, c, h, w))?;
-        let x = z
-            .broadcast_sub(&self.mean)?
-            .broadcast_div(&self.std)?
-            .to_dtype(DType::F32)?;
+        let x = if self.raw {
+            z
+        } else {
+            z.broadcast_sub(&self.mean)?
+                .broadcast_div(&self.std)?
+                .to_dtype(DType::F32)?
+        };
         let y = Tensor::from_slice(&hb.labels, b, &self.device)?;
         let noise = if hb.noise.is_empty() {
             None
@@ -384,6 +393,7 @@ mod tests {
             world_size: 1,
             accum: 1,
             noise: false,
+            raw: false,
         }
     }
 

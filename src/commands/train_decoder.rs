@@ -1,0 +1,232 @@
+//! `rae-cache train-decoder`: stage-1 training of the RAE pixel decoder
+//! from a latent cache. Flags (or a TOML `--config` with the same keys,
+//! flags winning) -> DecoderTrainConfig -> DecoderTrainer, with a progress
+//! bar (images/s) and a summary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use rae_cache::stage1::train_config::DecoderTrainConfig;
+use rae_cache::stage1::trainer::DecoderTrainer;
+use rae_cache::train::checkpoint::{self, latest};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Cache directories (manifest.json + shards).
+    #[arg(long, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// The image folder the cache was built from (default: the manifest's).
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Run directory: checkpoints/, log.jsonl, config.json, decoder.json.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Decoder preset: ViT-B, ViT-L, ViT-XL (fitted to the cache's tokens
+    /// and channels).
+    #[arg(long, conflicts_with = "decoder_config")]
+    preset: Option<String>,
+    /// Decoder config (JSON/TOML with the decoder keys).
+    #[arg(long)]
+    decoder_config: Option<PathBuf>,
+    /// Decoder patch size with --preset (16: 256 px from 16x16 tokens).
+    #[arg(long)]
+    patch_size: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Total optimizer steps.
+    #[arg(long, conflicts_with = "epochs")]
+    steps: Option<u64>,
+    /// Epochs (default 16).
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// Peak learning rate (2e-4).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Learning rate at the end of the cosine (2e-5).
+    #[arg(long)]
+    final_lr: Option<f64>,
+    /// Linear warm-up from zero, epochs (1).
+    #[arg(long)]
+    warmup_epochs: Option<u64>,
+    /// Epoch at which the cosine reaches --final-lr (16).
+    #[arg(long)]
+    decay_end_epoch: Option<u64>,
+    /// EMA decay (0.9978).
+    #[arg(long)]
+    ema: Option<f64>,
+    /// Global gradient-norm clip, 0 = off (0).
+    #[arg(long)]
+    clip_grad: Option<f64>,
+    /// Noise augmentation: sigma = tau * U[0,1) per sample (0.8; 0 = off).
+    #[arg(long)]
+    noise_tau: Option<f64>,
+    /// LPIPS weight (1.0).
+    #[arg(long)]
+    perceptual_weight: Option<f64>,
+    /// LPIPS VGG16 weights: file, directory or HF repo id (timm/vgg16.tv_in1k).
+    #[arg(long)]
+    lpips_vgg: Option<String>,
+    /// LPIPS v0.1 linear weights `vgg.pth` (file or directory; default:
+    /// next to the VGG weights).
+    #[arg(long)]
+    lpips_lin: Option<String>,
+    /// Train the sin-cos position table, as the reference does.
+    #[arg(long)]
+    train_pos_embed: bool,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Reconstruct a fixed batch with the EMA decoder every N steps:
+    /// previews/step-N.png and `psnr` in log.jsonl (0 = never; 1000).
+    #[arg(long)]
+    preview_every: Option<u64>,
+    /// Checkpoint every N steps (and always at the end).
+    #[arg(long)]
+    ckpt_every: Option<u64>,
+    /// Checkpoints to keep (0 = all).
+    #[arg(long)]
+    keep_checkpoints: Option<usize>,
+    /// Continue from the run directory's latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// cpu | cuda | cuda:N | auto.
+    #[arg(long)]
+    device: Option<String>,
+    /// TOML file with the same keys as these flags (snake_case).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the final summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Args {
+    /// Flags given on the command line override `c`.
+    fn apply(&self, c: &mut DecoderTrainConfig) {
+        if !self.data.is_empty() {
+            c.data = self.data.clone();
+        }
+        if let Some(v) = &self.preset {
+            c.decoder = v.clone();
+        }
+        if let Some(v) = &self.decoder_config {
+            c.decoder = v.display().to_string();
+        }
+        if self.images.is_some() {
+            c.images = self.images.clone();
+        }
+        if self.lpips_lin.is_some() {
+            c.lpips_lin = self.lpips_lin.clone();
+        }
+        if self.train_pos_embed {
+            c.train_pos_embed = true;
+        }
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone().into(); } )* };
+        }
+        set!(
+            out,
+            patch_size,
+            batch_size,
+            epochs,
+            lr,
+            final_lr,
+            warmup_epochs,
+            decay_end_epoch,
+            ema,
+            clip_grad,
+            noise_tau,
+            perceptual_weight,
+            lpips_vgg,
+            seed,
+            ckpt_every,
+            keep_checkpoints,
+            preview_every,
+            device
+        );
+        if self.steps.is_some() {
+            c.steps = self.steps;
+        }
+        if self.epochs.is_some() {
+            c.steps = None;
+        }
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let mut cfg = match &args.config {
+        Some(p) => DecoderTrainConfig::from_toml_file(p)?,
+        None => DecoderTrainConfig::default(),
+    };
+    args.apply(&mut cfg);
+    if cfg.out.as_os_str().is_empty() {
+        bail!("give --out RUN_DIR (or `out` in --config)");
+    }
+    let resume_from = match (args.resume, latest(&cfg.out)?) {
+        (true, Some(p)) => {
+            // The stored config defines the run; flags given now override it.
+            let stored =
+                checkpoint::read_config(&p).with_context(|| format!("reading {}", p.display()))?;
+            cfg = DecoderTrainConfig::from_json(&stored)?;
+            args.apply(&mut cfg);
+            Some(p)
+        }
+        (true, None) => None,
+        (false, Some(p)) => bail!(
+            "{} already holds checkpoints ({}); pass --resume to continue or choose another --out",
+            cfg.out.display(),
+            p.display()
+        ),
+        (false, None) => None,
+    };
+    let device = rae_cache::device::parse_device(&cfg.device)?;
+    let mut trainer = DecoderTrainer::new(cfg, &device, resume_from.as_deref())?;
+    let total = trainer.total_steps();
+    let bar = if args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(trainer.step());
+    let last = trainer.run(|s| {
+        bar.set_position(s.step);
+        bar.set_message(format!(
+            "L1 {:.4} LPIPS {:.4} total {:.4} lr {:.2e} {:.1} img/s",
+            s.l1, s.lpips, s.total, s.lr, s.images_per_s
+        ));
+    })?;
+    bar.finish();
+    let out = trainer.config().out.clone();
+    let ck = latest(&out)?;
+    if args.json {
+        let summary = serde_json::json!({
+            "run_dir": out,
+            "steps": trainer.step(),
+            "last": last,
+            "checkpoint": ck,
+            "decoder_config": out.join(rae_cache::stage1::trainer::DECODER_CONFIG_FILE),
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else if let Some(s) = last {
+        eprintln!(
+            "trained to step {} (L1 {:.4}, LPIPS {:.4}); checkpoint {}",
+            s.step,
+            s.l1,
+            s.lpips,
+            ck.map(|p| p.display().to_string()).unwrap_or_default()
+        );
+    } else {
+        eprintln!(
+            "nothing to do: already at step {} of {total}",
+            trainer.step()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,213 @@
+//! The settings of `rae-cache train-decoder`, the same names in a TOML
+//! `--config` file and on the command line (flags win). Defaults are the
+//! reference recipe (`configs/stage1/training/DINOv2-B_decXL.yaml`). Stored
+//! as JSON in every checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{GenLossConfig, Result, Stage1Error};
+use crate::train::{AdamWConfig, LrSchedule, ScheduleKind};
+
+/// Every knob of a decoder training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecoderTrainConfig {
+    /// Cache directories (manifest.json + shards).
+    pub data: Vec<PathBuf>,
+    /// The folder the cache was built from (default: the manifest's
+    /// `dataset_root`).
+    pub images: Option<PathBuf>,
+    /// Run directory (checkpoints/, log.jsonl, config.json, decoder.json).
+    pub out: PathBuf,
+    /// Decoder: a preset (`ViT-B`, `ViT-L`, `ViT-XL`) or a JSON/TOML config
+    /// file with the decoder keys.
+    pub decoder: String,
+    /// Patch size of a preset (16: 256 px from 16x16 tokens).
+    pub patch_size: usize,
+    /// Per-step batch size.
+    pub batch_size: usize,
+    /// Total optimizer steps (takes precedence over epochs).
+    pub steps: Option<u64>,
+    /// Epochs (reference 16).
+    pub epochs: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay.
+    pub final_lr: f64,
+    /// Linear warm-up from zero, in epochs.
+    pub warmup_epochs: u64,
+    /// Epoch at which the cosine reaches `final_lr`.
+    pub decay_end_epoch: u64,
+    /// AdamW betas.
+    pub betas: [f64; 2],
+    /// AdamW epsilon.
+    pub eps: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0: off, the reference's `clip_grad: 0.0`).
+    pub clip_grad: f64,
+    /// EMA decay, every step.
+    pub ema: f64,
+    /// Noise augmentation strength (sigma = tau * U[0,1) per sample).
+    pub noise_tau: f64,
+    /// LPIPS weight.
+    pub perceptual_weight: f64,
+    /// Adversarial weight (used once a discriminator is plugged in).
+    pub disc_weight: f64,
+    /// Clamp of the adaptive weight.
+    pub max_d_weight: f64,
+    /// LPIPS VGG16 weights: file, directory or HF repo id.
+    pub lpips_vgg: String,
+    /// LPIPS v0.1 linear weights (`vgg.pth`): file or directory.
+    pub lpips_lin: Option<String>,
+    /// Train the sin-cos position table as the reference does.
+    pub train_pos_embed: bool,
+    /// Seed of the initialisation and of every per-sample draw.
+    pub seed: u64,
+    /// Checkpoint every N steps (0: only at the end).
+    pub ckpt_every: u64,
+    /// Checkpoints kept (0: all).
+    pub keep_checkpoints: usize,
+    /// Log a line every N steps.
+    pub log_every: u64,
+    /// Reconstruct a fixed batch with the EMA decoder every N steps (and at
+    /// the end): `previews/step-N.png` and `psnr` in the log (0: never).
+    pub preview_every: u64,
+    /// Images in that batch.
+    pub preview_count: usize,
+    /// Loader reader threads.
+    pub workers: usize,
+    /// Row groups per shuffle window.
+    pub shuffle_window: usize,
+    /// cpu | cuda | cuda:N | auto.
+    pub device: String,
+}
+
+impl Default for DecoderTrainConfig {
+    fn default() -> Self {
+        let opt = AdamWConfig::default();
+        let loss = GenLossConfig::default();
+        Self {
+            data: Vec::new(),
+            images: None,
+            out: PathBuf::new(),
+            decoder: "ViT-XL".into(),
+            patch_size: 16,
+            batch_size: 16,
+            steps: None,
+            epochs: 16,
+            lr: opt.lr,
+            final_lr: 2e-5,
+            warmup_epochs: 1,
+            decay_end_epoch: 16,
+            betas: [opt.beta1, opt.beta2],
+            eps: opt.eps,
+            weight_decay: opt.weight_decay,
+            clip_grad: 0.0,
+            ema: 0.9978,
+            noise_tau: super::noise::DEFAULT_TAU,
+            perceptual_weight: loss.perceptual_weight,
+            disc_weight: loss.disc_weight,
+            max_d_weight: loss.max_d_weight,
+            lpips_vgg: super::lpips::LpipsSource::default().vgg,
+            lpips_lin: None,
+            train_pos_embed: false,
+            seed: 0,
+            ckpt_every: 1000,
+            keep_checkpoints: 3,
+            log_every: 1,
+            preview_every: 1000,
+            preview_count: 8,
+            workers: 2,
+            shuffle_window: 64,
+            device: "auto".into(),
+        }
+    }
+}
+
+impl DecoderTrainConfig {
+    /// Read a TOML file with these keys.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Stage1Error::Invalid(format!("{}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Stage1Error::Invalid(format!("{}: {e}", path.display())))
+    }
+
+    /// As stored in checkpoints.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// From a checkpoint's stored config.
+    pub fn from_json(s: &str) -> Result<Self> {
+        serde_json::from_str(s).map_err(|e| Stage1Error::Invalid(format!("stored config: {e}")))
+    }
+
+    /// Refuse settings that cannot train.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Stage1Error::Invalid(m.to_string()));
+        if self.data.is_empty() {
+            return bad("no --data cache directory");
+        }
+        if self.out.as_os_str().is_empty() {
+            return bad("no --out run directory");
+        }
+        if self.batch_size == 0 {
+            return bad("batch size must be >= 1");
+        }
+        if !(self.lr.is_finite()
+            && self.lr > 0.0
+            && self.final_lr.is_finite()
+            && self.final_lr >= 0.0)
+        {
+            return bad("lr must be > 0 and final lr >= 0");
+        }
+        if !(0.0..=1.0).contains(&self.ema) {
+            return bad("EMA decay must lie in [0, 1]");
+        }
+        if self.noise_tau.is_nan() || self.noise_tau < 0.0 {
+            return bad("noise tau must be >= 0");
+        }
+        Ok(())
+    }
+
+    /// AdamW hyper-parameters.
+    pub fn optimizer(&self) -> AdamWConfig {
+        AdamWConfig {
+            lr: self.lr,
+            beta1: self.betas[0],
+            beta2: self.betas[1],
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+
+    /// Loss weights.
+    pub fn losses(&self) -> GenLossConfig {
+        GenLossConfig {
+            perceptual_weight: self.perceptual_weight,
+            disc_weight: self.disc_weight,
+            max_d_weight: self.max_d_weight,
+        }
+    }
+
+    /// The reference schedule: linear warm-up from zero over
+    /// `warmup_epochs`, cosine to `final_lr` at `decay_end_epoch`.
+    pub fn schedule(&self, steps_per_epoch: u64) -> LrSchedule {
+        LrSchedule {
+            kind: ScheduleKind::Cosine,
+            base_lr: self.lr,
+            final_lr: self.final_lr,
+            warmup_steps: self.warmup_epochs * steps_per_epoch,
+            decay_end_steps: self.decay_end_epoch * steps_per_epoch,
+            warmup_from_zero: true,
+        }
+    }
+
+    /// Total optimizer steps.
+    pub fn total_steps(&self, steps_per_epoch: u64) -> u64 {
+        self.steps.unwrap_or(self.epochs * steps_per_epoch)
+    }
+}

@@ -1,0 +1,407 @@
+//! The stage-1 training loop over a latent cache: batches of latent rows
+//! (raw, as the cache stores them) with the matching crops of their source
+//! images as targets ([`super::targets`]), the reference's noise
+//! augmentation, L1 + LPIPS (+ the adversarial term once a discriminator is
+//! plugged in), AdamW on the reference schedule, EMA, atomic checkpoints in
+//! the `train` run-directory layout, `log.jsonl`, exact resume.
+//!
+//! All randomness derives from the seed: the data order from (seed, epoch)
+//! (the cache loader), each sample's noise from (seed, sample id), the
+//! initialisation from the seed. A checkpoint holds the weights, the EMA,
+//! the AdamW moments, the step and the loader cursor, which is all a resumed
+//! run needs to compute exactly what the uninterrupted run would have.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use serde::Serialize;
+
+use super::generator::{GeneratorConfig, GeneratorState};
+use super::lpips::{Lpips, LpipsSource};
+use super::noise::{NoiseAug, NoiseDraws};
+use super::preview::Preview;
+use super::targets::TargetImages;
+use super::train_config::DecoderTrainConfig;
+use super::{AdversarialLoss, GenBatch, GenLossConfig, Result, Stage1Error};
+use crate::models::DecoderConfig;
+use crate::models::config::load_config;
+use crate::train::checkpoint::{self, Checkpoint, LoaderCursor};
+use crate::train::loader::{CacheSet, Loader, LoaderConfig};
+use crate::train::{LrSchedule, TrainError};
+
+/// The decoder config file written into the run directory (for `decode`).
+pub const DECODER_CONFIG_FILE: &str = "decoder.json";
+
+/// What one optimizer step did (a `log.jsonl` line).
+#[derive(Debug, Clone, Serialize)]
+pub struct DecoderStepStats {
+    /// Optimizer steps done after this one.
+    pub step: u64,
+    /// Epoch of the batch.
+    pub epoch: u64,
+    /// L1 on [0, 1] pixels.
+    pub l1: f64,
+    /// LPIPS.
+    pub lpips: f64,
+    /// Adversarial generator loss (0 without a discriminator).
+    pub gan: f64,
+    /// Adaptive weight (0 without a discriminator).
+    pub adaptive_weight: f64,
+    /// The optimised total.
+    pub total: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// Throughput of this step.
+    pub images_per_s: f64,
+    /// Wall time of this step.
+    pub seconds: f64,
+    /// Mean PSNR of the preview batch (EMA decoder), on preview steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psnr: Option<f64>,
+}
+
+/// Decoder, LPIPS, data and schedule of one run.
+pub struct DecoderTrainer {
+    cfg: DecoderTrainConfig,
+    dec_cfg: DecoderConfig,
+    state: GeneratorState,
+    lpips: Lpips,
+    loader: Loader,
+    targets: TargetImages,
+    schedule: LrSchedule,
+    noise: NoiseAug,
+    losses: GenLossConfig,
+    step: u64,
+    total_steps: u64,
+    last_ckpt: Option<PathBuf>,
+    log: File,
+    /// The adversarial term and the step from which it is added.
+    adversarial: Option<(Box<dyn AdversarialLoss + Send>, u64)>,
+    steps_per_epoch: u64,
+    preview: Option<Preview>,
+}
+
+/// The decoder for this cache: a config file, or a preset fitted to the
+/// cache's tokens and channels (image mean/std 0.5 for SigLIP2, ImageNet's
+/// otherwise, as the encoder normalised its input).
+pub fn decoder_config(cfg: &DecoderTrainConfig, set: &CacheSet) -> Result<DecoderConfig> {
+    let (tokens, channels) = (set.tokens(), set.channels());
+    let path = Path::new(&cfg.decoder);
+    let dc: DecoderConfig = if path.is_file() {
+        load_config(path)?
+    } else {
+        let mut dc = DecoderConfig::preset(&cfg.decoder, cfg.patch_size).ok_or_else(|| {
+            Stage1Error::Invalid(format!(
+                "decoder {:?}: neither a config file nor a preset (ViT-B, ViT-L, ViT-XL)",
+                cfg.decoder
+            ))
+        })?;
+        dc.latent_dim = channels;
+        dc.num_patches = tokens;
+        if set
+            .manifests()
+            .iter()
+            .any(|m| m.encoder.kind.contains("siglip"))
+        {
+            dc.image_mean = [0.5; 3];
+            dc.image_std = [0.5; 3];
+        }
+        dc
+    };
+    if dc.latent_dim != channels || dc.num_patches != tokens {
+        return Err(Stage1Error::Invalid(format!(
+            "decoder {} takes {} tokens x {}, the cache holds {tokens} x {channels}",
+            cfg.decoder, dc.num_patches, dc.latent_dim
+        )));
+    }
+    Ok(dc)
+}
+
+/// `--images`, else the folder every cache was built from.
+fn image_root(cfg: &DecoderTrainConfig, set: &CacheSet) -> Result<PathBuf> {
+    if let Some(p) = &cfg.images {
+        return Ok(p.clone());
+    }
+    let roots: std::collections::BTreeSet<&str> = set
+        .manifests()
+        .iter()
+        .map(|m| m.dataset_root.as_str())
+        .collect();
+    match roots.into_iter().collect::<Vec<_>>().as_slice() {
+        [one] => Ok(PathBuf::from(one)),
+        many => Err(Stage1Error::Invalid(format!(
+            "the caches were built from different folders ({}): pass --images",
+            many.join(", ")
+        ))),
+    }
+}
+
+fn open_log(cfg: &DecoderTrainConfig, dec_cfg: &DecoderConfig) -> Result<File> {
+    let write = |name: &str, text: String| {
+        let p = cfg.out.join(name);
+        crate::fsutil::write_atomic(&p, text.as_bytes())
+            .map_err(|e| Stage1Error::Invalid(format!("{}: {e}", p.display())))
+    };
+    write("config.json", cfg.to_json())?;
+    write(
+        DECODER_CONFIG_FILE,
+        serde_json::to_string_pretty(dec_cfg).unwrap_or_default(),
+    )?;
+    let p = cfg.out.join("log.jsonl");
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&p)
+        .map_err(|e| Stage1Error::Invalid(format!("{}: {e}", p.display())))
+}
+
+impl DecoderTrainer {
+    /// Build everything for `cfg` on `device`; with `resume`, restore the
+    /// state from that checkpoint.
+    pub fn new(cfg: DecoderTrainConfig, device: &Device, resume: Option<&Path>) -> Result<Self> {
+        cfg.validate()?;
+        std::fs::create_dir_all(&cfg.out)
+            .map_err(|e| Stage1Error::Invalid(format!("{}: {e}", cfg.out.display())))?;
+        let set = CacheSet::open(&cfg.data)?;
+        let dec_cfg = decoder_config(&cfg, &set)?;
+        let targets = TargetImages::new(&image_root(&cfg, &set)?, dec_cfg.image_size())?;
+        let lpips = Lpips::from_source(
+            &LpipsSource {
+                vgg: cfg.lpips_vgg.clone(),
+                lin: cfg.lpips_lin.clone(),
+            },
+            device,
+        )?;
+        let gcfg = GeneratorConfig {
+            seed: cfg.seed,
+            optimizer: cfg.optimizer(),
+            ema: Some(cfg.ema),
+            clip_grad: cfg.clip_grad,
+            train_pos_embed: cfg.train_pos_embed,
+        };
+        let mut state = GeneratorState::new(&dec_cfg, &gcfg, None, device)?;
+        let params: usize = state.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+        tracing::info!("decoder: {:.2}M trainable parameters", params as f64 / 1e6);
+        let (mut step, mut cursor, mut last_ckpt) = (0, LoaderCursor::default(), None);
+        if let Some(path) = resume {
+            let ck = checkpoint::load(path, device)?;
+            state.restore(&ck.model, ck.ema, ck.optim, path)?;
+            (step, cursor) = (ck.step, ck.cursor);
+            last_ckpt = Some(path.to_path_buf());
+            tracing::info!("resumed from {} at step {step}", path.display());
+        }
+        let lcfg = LoaderConfig {
+            batch_size: cfg.batch_size,
+            seed: cfg.seed,
+            shuffle_window: cfg.shuffle_window,
+            workers: cfg.workers,
+            raw: true,
+            ..Default::default()
+        };
+        let loader = Loader::new(&set, &lcfg, cursor, device)?;
+        let spe = loader.steps_per_epoch() as u64;
+        let log = open_log(&cfg, &dec_cfg)?;
+        let preview = (cfg.preview_every > 0)
+            .then(|| {
+                Preview::new(
+                    &set,
+                    &targets,
+                    cfg.preview_count,
+                    cfg.seed,
+                    &cfg.out,
+                    device,
+                )
+            })
+            .transpose()?;
+        Ok(Self {
+            schedule: cfg.schedule(spe),
+            total_steps: cfg.total_steps(spe),
+            noise: NoiseAug { tau: cfg.noise_tau },
+            losses: cfg.losses(),
+            cfg,
+            dec_cfg,
+            state,
+            lpips,
+            loader,
+            targets,
+            step,
+            last_ckpt,
+            log,
+            adversarial: None,
+            steps_per_epoch: spe,
+            preview,
+        })
+    }
+
+    /// Plug in the adversarial term (e.g. the DINO discriminator's
+    /// `-mean(D(DiffAug(x)))`), added with the adaptive weight from epoch
+    /// `start_epoch` on (reference `disc_start: 8`). Training the
+    /// discriminator itself is the caller's part of the step.
+    pub fn set_adversarial(&mut self, adv: Box<dyn AdversarialLoss + Send>, start_epoch: u64) {
+        self.adversarial = Some((adv, start_epoch * self.steps_per_epoch));
+    }
+
+    /// Optimizer steps done.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Steps of the whole run.
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    /// The run's settings.
+    pub fn config(&self) -> &DecoderTrainConfig {
+        &self.cfg
+    }
+
+    /// The decoder's config.
+    pub fn decoder_config(&self) -> &DecoderConfig {
+        &self.dec_cfg
+    }
+
+    /// Weights, optimizer and EMA.
+    pub fn state(&self) -> &GeneratorState {
+        &self.state
+    }
+
+    /// One optimizer step.
+    pub fn train_step(&mut self) -> Result<DecoderStepStats> {
+        let start = Instant::now();
+        let batch = self.loader.next_batch()?;
+        let dev = batch.x.device().clone();
+        // [B, C, h, w] -> tokens [B, T, C] (row-major grid, as stored)
+        let z = batch.x.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
+        let (b, t, c) = z.dims3()?;
+        let noise = NoiseDraws::for_samples(self.cfg.seed, &batch.sample_ids, &[t, c], &dev)?;
+        let images = self.targets.load(&batch.keys, &batch.flips, &dev)?;
+        let gb = GenBatch {
+            images,
+            z,
+            noise: Some(noise),
+        };
+        // The adversarial seam stays empty until a discriminator is wired in.
+        let (l, grads) = self
+            .state
+            .grads(&self.lpips, &gb, self.noise, &self.losses, None)?;
+        if !l.total.is_finite() {
+            return Err(self.non_finite(format!("loss {}", l.total)));
+        }
+        if self.step == 0 && grads.len() < self.state.trainable().len() {
+            tracing::warn!("some decoder tensors receive no gradient");
+        }
+        let lr = self.schedule.lr_at(self.step);
+        let grad_norm = self.state.update(grads, lr)?;
+        if !grad_norm.is_finite() {
+            return Err(self.non_finite(format!("gradient norm {grad_norm}")));
+        }
+        self.step += 1;
+        let seconds = start.elapsed().as_secs_f64();
+        Ok(DecoderStepStats {
+            step: self.step,
+            epoch: batch.cursor.epoch,
+            l1: l.l1,
+            lpips: l.lpips,
+            gan: l.gan,
+            adaptive_weight: l.adaptive_weight,
+            total: l.total,
+            grad_norm,
+            lr,
+            images_per_s: b as f64 / seconds.max(1e-9),
+            seconds,
+            psnr: None,
+        })
+    }
+
+    fn non_finite(&self, what: String) -> Stage1Error {
+        Stage1Error::Train(TrainError::NonFinite {
+            step: self.step,
+            what,
+            last_good: self
+                .last_ckpt
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "none (no checkpoint written yet)".into()),
+        })
+    }
+
+    /// Write a checkpoint (weights, EMA, AdamW, step, cursor, config).
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let ema = self
+            .state
+            .ema()
+            .map(|e| e.tensors().clone())
+            .unwrap_or_default();
+        let mut extra = std::collections::BTreeMap::new();
+        extra.insert("kind".to_string(), "rae-decoder".to_string());
+        extra.insert(
+            "decoder_config".to_string(),
+            serde_json::to_string(&self.dec_cfg).unwrap_or_default(),
+        );
+        let ck = Checkpoint {
+            step: self.step,
+            model: self.state.state_dict(),
+            ema,
+            optim: self.state.optimizer().state().clone(),
+            cursor: self.loader.cursor(),
+            rng: None, // every draw derives from the seed
+            config: self.cfg.to_json(),
+            extra,
+        };
+        let p = checkpoint::save(&self.cfg.out, &ck, self.cfg.keep_checkpoints)?;
+        self.last_ckpt = Some(p.clone());
+        Ok(p)
+    }
+
+    fn log_line(&mut self, s: &DecoderStepStats) -> Result<()> {
+        let line = serde_json::to_string(s).unwrap_or_default();
+        writeln!(self.log, "{line}").map_err(|e| {
+            Stage1Error::Invalid(format!("{}: {e}", self.cfg.out.join("log.jsonl").display()))
+        })
+    }
+
+    /// Train to the last step, checkpointing every `ckpt_every` steps and at
+    /// the end; `on_step` sees each step (progress display).
+    pub fn run(
+        &mut self,
+        mut on_step: impl FnMut(&DecoderStepStats),
+    ) -> Result<Option<DecoderStepStats>> {
+        let mut last = None;
+        while self.step < self.total_steps {
+            let mut s = self.train_step()?;
+            let every = self.cfg.preview_every;
+            if let Some(p) = &self.preview
+                && (s.step % every == 0 || s.step == self.total_steps)
+            {
+                let weights = match self.state.ema() {
+                    Some(e) => e.tensors().clone(),
+                    None => self.state.state_dict(),
+                };
+                s.psnr = Some(p.run(&self.dec_cfg, &weights, s.step)?);
+            }
+            if self.cfg.log_every > 0
+                && (s.step % self.cfg.log_every == 0 || s.step == self.total_steps)
+            {
+                self.log_line(&s)?;
+            }
+            on_step(&s);
+            if self.cfg.ckpt_every > 0
+                && s.step % self.cfg.ckpt_every == 0
+                && s.step < self.total_steps
+            {
+                self.save_checkpoint()?;
+            }
+            last = Some(s);
+        }
+        if last.is_some() {
+            self.save_checkpoint()?;
+        }
+        Ok(last)
+    }
+}
