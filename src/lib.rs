@@ -21,9 +21,9 @@ pub mod precision;
 pub mod progress;
 pub mod shards;
 pub mod sources;
+pub mod stage1;
 #[cfg(test)]
 mod test_util;
-pub mod stage1;
 // docs pending: src/train is being edited on the lead's branch
 #[allow(missing_docs)]
 pub mod train;

@@ -319,7 +319,7 @@ fn throughput_inception() {
 #[test]
 #[ignore]
 fn throughput_fd_dinov2() {
-    use rae_cache::bench_models::{Dinov2Shape, write_random_dinov2};
+    use crate::bench_support::{Dinov2Shape, write_random_dinov2};
     let env = |k: &str, d: usize| {
         std::env::var(k)
             .ok()

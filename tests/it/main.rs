@@ -7,6 +7,10 @@
 //! `cargo test --test it parity_models::`.
 
 mod common;
+// Random-weight models shared with the benches (the ignored throughput checks).
+#[allow(dead_code, unused_imports)]
+#[path = "../../benches/support/mod.rs"]
+mod bench_support;
 
 mod arrow_readers;
 mod build_bad_inputs;
