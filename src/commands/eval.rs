@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use rae_cache::eval::features::ImageFeatures;
+use rae_cache::eval::networks::{Dinov2Features, InceptionFeatures};
 use rae_cache::eval::run::{EvalOptions, Input, Metric, Networks, evaluate};
 use rae_cache::eval::{Distance, PrOptions};
 use serde_json::Value;
@@ -30,9 +31,14 @@ pub struct Common {
     /// pt_inception-2015-12-05-6726825d.pth.
     #[arg(long)]
     pub inception: Option<PathBuf>,
-    /// DINOv2 ViT-L/14 weights (FD-DINOv2): a facebook/dinov2-large directory.
+    /// DINOv2 ViT-L/14 weights (FD-DINOv2): a facebook/dinov2-large
+    /// directory, or that id in the local Hugging Face cache.
     #[arg(long)]
-    pub dinov2: Option<PathBuf>,
+    pub dinov2: Option<String>,
+    /// Where the feature networks run: cpu | cuda | cuda:N | auto. TF32
+    /// stays off (the protocol's f32).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
     /// Images per network batch.
     #[arg(long, default_value_t = 50)]
     pub batch_size: usize,
@@ -121,13 +127,13 @@ impl Common {
             let Some(p) = &self.inception else {
                 bail!("inception weights needed: --inception FILE ({INCEPTION_HINT})");
             };
-            nets.inception = Some(load_inception(p)?);
+            nets.inception = Some(load_inception(p, &self.device)?);
         }
         if metrics.contains(&Metric::FdDinov2) {
             let Some(p) = &self.dinov2 else {
                 bail!("DINOv2 weights needed for fd-dinov2: --dinov2 DIR ({DINOV2_HINT})");
             };
-            nets.dinov2 = Some(load_dinov2(p)?);
+            nets.dinov2 = Some(load_dinov2(p, &self.device)?);
         }
         Ok(nets)
     }
@@ -155,27 +161,21 @@ impl LoadedNetworks {
     }
 }
 
-/// Integration point: wrap `features::inception::InceptionV3` as an
-/// `ImageFeatures` (pool / spatial / unbiased logits) here.
-fn load_inception(path: &Path) -> anyhow::Result<Box<dyn ImageFeatures>> {
+/// The FID Inception (pool / spatial / unbiased logits) as `ImageFeatures`.
+fn load_inception(path: &Path, device: &str) -> anyhow::Result<Box<dyn ImageFeatures>> {
     if !path.is_file() {
         bail!("{}: no such file ({INCEPTION_HINT})", path.display());
     }
-    bail!(
-        "{}: the Inception-v3 network is not wired into `eval` in this build yet",
-        path.display()
-    )
+    let device = rae_cache::device::parse_device(device)?;
+    Ok(Box::new(InceptionFeatures::load(path, &device)?))
 }
 
-/// Integration point: wrap `features::dinov2_fd` as an `ImageFeatures`.
-fn load_dinov2(path: &Path) -> anyhow::Result<Box<dyn ImageFeatures>> {
-    if !path.exists() {
-        bail!("{}: not found ({DINOV2_HINT})", path.display());
-    }
-    bail!(
-        "{}: the DINOv2-L network is not wired into `eval` in this build yet",
-        path.display()
-    )
+/// The FD-DINOv2 extractor as `ImageFeatures`.
+fn load_dinov2(id_or_dir: &str, device: &str) -> anyhow::Result<Box<dyn ImageFeatures>> {
+    let device = rae_cache::device::parse_device(device)?;
+    Dinov2Features::load(id_or_dir, &device)
+        .map(|n| Box::new(n) as Box<dyn ImageFeatures>)
+        .with_context(|| format!("--dinov2 {id_or_dir} ({DINOV2_HINT})"))
 }
 
 fn fmt(v: &Value) -> String {

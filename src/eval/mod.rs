@@ -23,6 +23,7 @@ pub mod inception_score;
 pub mod latent;
 pub mod manifold;
 pub mod moments;
+pub mod networks;
 pub mod npz;
 pub mod recon;
 pub mod reference;

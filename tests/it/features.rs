@@ -358,3 +358,63 @@ fn throughput_fd_dinov2() {
         batch as f64 / cpu
     );
 }
+
+/// `rae-cache eval` with the real Inception wired in (formula weights as a
+/// safetensors file): a set against itself gives FID ~0 and the protocol
+/// records the weights' sha256; against another set a positive FID; IS is
+/// finite and at least 1.
+#[test]
+fn eval_cli_runs_the_inception() {
+    use rae_cache::generate::npz::NpzWriter;
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().join("inception.safetensors");
+    candle_core::safetensors::save(&inception_weights(), &w).unwrap();
+    let write = |name: &str, seed: u64| {
+        let p = dir.path().join(name);
+        let (n, h, wd) = (4, 20, 24);
+        let mut z = NpzWriter::create(&p, n, h, wd).unwrap();
+        let mut s = seed;
+        for _ in 0..n {
+            let img: Vec<u8> = (0..h * wd * 3)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (s >> 56) as u8
+                })
+                .collect();
+            z.push(&img).unwrap();
+        }
+        z.finish().unwrap();
+        p
+    };
+    let (a, b) = (write("a.npz", 1), write("b.npz", 2));
+    let eval = |s: &Path, r: &Path| {
+        crate::common::cli::json(&crate::common::cli::run_ok(&[
+            "eval".as_ref(),
+            s.as_os_str(),
+            "--ref".as_ref(),
+            r.as_os_str(),
+            "--inception".as_ref(),
+            w.as_os_str(),
+            "--metrics".as_ref(),
+            "fid,is".as_ref(),
+            "--is-split".as_ref(),
+            "2".as_ref(),
+            "--device".as_ref(),
+            "cpu".as_ref(),
+            "--json".as_ref(),
+        ]))
+    };
+    let same = eval(&a, &a);
+    let fid = same["metrics"]["fid"].as_f64().unwrap();
+    let other = eval(&a, &b)["metrics"]["fid"].as_f64().unwrap();
+    assert!(other > 1e-3, "FID of two different sets: {other}");
+    // 4 images in 2048 dims: rank-3 covariances, so "zero" is zero to the
+    // rounding of traces much larger than the distances.
+    assert!(fid.abs() < 1e-4 * other, "FID of a set with itself: {fid} (other {other})");
+    let sha = rae_cache::fsutil::sha256_file(&w).unwrap();
+    assert_eq!(same["protocol"]["inception"]["sha256"], sha.as_str());
+    let is = same["metrics"]["is"].as_f64().unwrap();
+    assert!(is.is_finite() && is >= 1.0 - 1e-9, "IS {is}");
+}
