@@ -5,7 +5,7 @@ usage: /work/venv-torch/bin/python scripts/make_stage1_fixtures.py [--rae-src DI
 Imports the reference implementation (bytetriper/RAE, `src/`) from a fetched
 copy at run time, e.g.
     git --git-dir=<mirror of bytetriper/RAE> archive HEAD src configs | tar -x -C /tmp/rae-ref
-and writes small safetensors/json files to tests/fixtures/stage1/ (see the
+and writes small safetensors/json files to tests/fixtures/rae-ref/stage1-gen/ (see the
 README written there). Nothing of the reference code is copied: every number
 comes from running it.
 
@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent
 ap = argparse.ArgumentParser()
 ap.add_argument("--rae-src", default="/tmp/rae-ref", help="a copy of bytetriper/RAE (holding src/ and configs/)")
-ap.add_argument("--out", default=str(ROOT / "tests/fixtures/stage1"))
+ap.add_argument("--out", default=str(ROOT / "tests/fixtures/rae-ref/stage1-gen"))
 args = ap.parse_args()
 RAE_SRC = Path(args.rae_src)
 OUT = Path(args.out)

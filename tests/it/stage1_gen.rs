@@ -1,6 +1,6 @@
 //! Stage-1 generator step against the reference (bytetriper/RAE
 //! `train_stage1.py`, `stage1/rae.py`, `disc/lpips.py`), fixtures made by
-//! `scripts/make_stage1_fixtures.py` in tests/fixtures/stage1/ (see its
+//! `scripts/make_stage1_fixtures.py` in tests/fixtures/rae-ref/stage1-gen/ (see its
 //! README): LPIPS (value, taps, input gradient), the noisy latent, L1,
 //! LPIPS, total, every decoder gradient, one AdamW step and the EMA, the
 //! adaptive GAN weight through the adversarial seam, the lr schedule.
@@ -17,12 +17,10 @@ use rae_cache::stage1::lpips::LpipsSource;
 use rae_cache::stage1::{GenBatch, GenLossConfig, GeneratorState, Lpips, NoiseAug, NoiseDraws};
 use rae_cache::train::{AdamWConfig, LrSchedule, ScheduleKind};
 
-/// `$RAE_STAGE1_FIXTURES` (e.g. a perturbed copy), else the repo's.
+/// `stage1-gen/` of the reference fixtures (`$RAE_REF_FIXTURES`, e.g. a
+/// perturbed copy; default the repo's).
 fn dir() -> PathBuf {
-    match std::env::var_os("RAE_STAGE1_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stage1"),
-    }
+    crate::common::fixture("stage1-gen")
 }
 
 fn spec() -> serde_json::Value {

@@ -16,9 +16,7 @@ fn s(p: &Path) -> String {
 }
 
 fn stage1(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/stage1")
-        .join(name)
+    crate::common::fixture("stage1-gen").join(name)
 }
 
 /// The cache (both flips) and a decoder config fitted to it.
