@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--sample-steps", type=int, default=50,
+                    help="grid points of the sampling row (50 as the issue; fewer for a quick run)")
     ap.add_argument("--json", action="store_true", help="print the raw results as JSON too")
     a = ap.parse_args()
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads),
@@ -77,6 +79,10 @@ def main():
     results = []
     for key in [r.strip() for r in a.rows.split(",") if r.strip()]:
         label, ours, theirs = ROWS[key]
+        if key == "sample-s" and a.sample_steps != 50:
+            fix = lambda args: [str(a.sample_steps) if v == "50" else v for v in args]
+            ours, theirs = fix(ours), fix(theirs)
+            label = label.replace("50 steps", f"{a.sample_steps} grid points")
         r = run([a.bin, "bench", *ours, "--precision", "f32", "--device", "cpu", *common], env)
         t = run([a.python, os.path.join(HERE, "torch_ref_bench.py"), *theirs, "--precision", "f32",
                  "--device", "cpu", "--threads", str(a.threads), *common], env)
