@@ -335,14 +335,7 @@ mod tests {
 
     /// CPU fast paths against candle's plain ops (the other-device path).
     fn close(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        crate::test_util::max_abs_diff(a, b)
     }
 
     #[test]

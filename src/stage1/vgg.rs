@@ -295,16 +295,7 @@ mod tests {
         let conv = FrozenConv::new(w.clone()).unwrap();
         let ours = conv.forward(x.as_tensor()).unwrap();
         let theirs = x.as_tensor().conv2d(&w, 1, 1, 1, 1).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let diff = crate::test_util::max_abs_diff;
         assert!(diff(&ours, &theirs) < 1e-5);
         let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (theirs * &r)

@@ -412,7 +412,10 @@ fn eval_cli_runs_the_inception() {
     assert!(other > 1e-3, "FID of two different sets: {other}");
     // 4 images in 2048 dims: rank-3 covariances, so "zero" is zero to the
     // rounding of traces much larger than the distances.
-    assert!(fid.abs() < 1e-4 * other, "FID of a set with itself: {fid} (other {other})");
+    assert!(
+        fid.abs() < 1e-4 * other,
+        "FID of a set with itself: {fid} (other {other})"
+    );
     let sha = rae_cache::fsutil::sha256_file(&w).unwrap();
     assert_eq!(same["protocol"]["inception"]["sha256"], sha.as_str());
     let is = same["metrics"]["is"].as_f64().unwrap();
