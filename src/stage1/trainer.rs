@@ -28,6 +28,7 @@ use super::train_config::DecoderTrainConfig;
 use super::{AdversarialLoss, GenBatch, GenLossConfig, Result, Stage1Error};
 use crate::models::DecoderConfig;
 use crate::models::config::load_config;
+use crate::train::cadence::Cadence;
 use crate::train::checkpoint::{self, Checkpoint, LoaderCursor};
 use crate::train::loader::{CacheSet, Loader, LoaderConfig};
 use crate::train::{LrSchedule, TrainError};
@@ -385,15 +386,21 @@ impl DecoderTrainer {
                 };
                 s.psnr = Some(p.run(&self.dec_cfg, &weights, s.step)?);
             }
-            if self.cfg.log_every > 0
-                && (s.step % self.cfg.log_every == 0 || s.step == self.total_steps)
+            let total = self.total_steps;
+            if (Cadence {
+                every: self.cfg.log_every,
+                total,
+            })
+            .log_due(s.step)
             {
                 self.log_line(&s)?;
             }
             on_step(&s);
-            if self.cfg.ckpt_every > 0
-                && s.step % self.cfg.ckpt_every == 0
-                && s.step < self.total_steps
+            if (Cadence {
+                every: self.cfg.ckpt_every,
+                total,
+            })
+            .checkpoint_due(s.step)
             {
                 self.save_checkpoint()?;
             }

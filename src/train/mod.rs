@@ -3,6 +3,7 @@
 //! init, run-dir checkpoints, the shard loader, the flow-matching step
 //! (`state`) and the training loop (`trainer`).
 
+pub mod cadence;
 pub mod checkpoint;
 pub mod config;
 pub mod ema;

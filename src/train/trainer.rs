@@ -21,6 +21,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
+use super::cadence::Cadence;
 use super::checkpoint::{self, Checkpoint, LoaderCursor};
 use super::config::TrainConfig;
 use super::loader::{CacheSet, Loader, sample_seed};
@@ -500,15 +501,21 @@ impl Trainer {
         let mut last = None;
         while self.step < self.total_steps {
             let stats = self.train_step()?;
-            if self.cfg.log_every > 0
-                && (stats.step % self.cfg.log_every == 0 || stats.step == self.total_steps)
+            let total = self.total_steps;
+            if (Cadence {
+                every: self.cfg.log_every,
+                total,
+            })
+            .log_due(stats.step)
             {
                 self.log(&stats)?;
             }
             on_step(&stats);
-            if self.cfg.ckpt_every > 0
-                && stats.step % self.cfg.ckpt_every == 0
-                && stats.step < self.total_steps
+            if (Cadence {
+                every: self.cfg.ckpt_every,
+                total,
+            })
+            .checkpoint_due(stats.step)
             {
                 self.save_checkpoint()?;
             }
