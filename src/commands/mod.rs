@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod launch;
 pub mod merge;
 pub mod progress;
+pub mod run_dir;
 pub mod sample;
 pub mod train;
 pub mod train_decoder;

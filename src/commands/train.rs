@@ -4,12 +4,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
 use candle_core::Device;
-use indicatif::{ProgressBar, ProgressStyle};
 use rae_cache::dist::{Collective, DistEnv, SingleProcess};
 use rae_cache::precision::Precision;
-use rae_cache::train::checkpoint::{self, latest};
+use rae_cache::train::checkpoint::latest;
 use rae_cache::train::trainer::{StepStats, Trainer};
 use rae_cache::train::{ScheduleKind, TrainConfig};
 
@@ -175,30 +173,14 @@ fn resolve(args: &Args) -> anyhow::Result<(TrainConfig, Option<PathBuf>)> {
         None => TrainConfig::default(),
     };
     args.apply(&mut cfg)?;
-    if cfg.out.as_os_str().is_empty() {
-        bail!("give --out RUN_DIR (or `out` in --config)");
-    }
-    match (args.resume, latest(&cfg.out)?) {
-        (true, Some(p)) => {
-            // The stored config defines the run; flags given now override it
-            // (e.g. more --steps).
-            let stored =
-                checkpoint::read_config(&p).with_context(|| format!("reading {}", p.display()))?;
-            let mut stored = TrainConfig::from_json(&stored)?;
-            args.apply(&mut stored)?;
-            Ok((stored, Some(p)))
-        }
-        (true, None) => {
-            tracing::info!("no checkpoint in {}: starting a new run", cfg.out.display());
-            Ok((cfg, None))
-        }
-        (false, Some(p)) => bail!(
-            "{} already holds checkpoints ({}); pass --resume to continue or choose another --out",
-            cfg.out.display(),
-            p.display()
-        ),
-        (false, None) => Ok((cfg, None)),
-    }
+    let out = cfg.out.clone();
+    super::run_dir::resolve_resume(
+        cfg,
+        &out,
+        args.resume,
+        |j| Ok(TrainConfig::from_json(j)?),
+        |c| args.apply(c),
+    )
 }
 
 /// This process's device and collective: one process of a data-parallel
@@ -226,18 +208,7 @@ fn join_job(device_spec: &str) -> anyhow::Result<(Device, Box<dyn Collective>)> 
 /// Runs the trainer to its last step under a progress bar (hidden unless
 /// `show`); the last step's statistics.
 fn train_with_bar(trainer: &mut Trainer, show: bool) -> anyhow::Result<Option<StepStats>> {
-    let bar = if show {
-        ProgressBar::new(trainer.total_steps())
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_position(trainer.step());
+    let bar = super::run_dir::step_bar(trainer.total_steps(), trainer.step(), show);
     let last = trainer.run(|s| {
         bar.set_position(s.step);
         bar.set_message(format!(

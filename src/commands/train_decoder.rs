@@ -6,11 +6,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use rae_cache::stage1::train_config::DecoderTrainConfig;
 use rae_cache::stage1::trainer::DecoderTrainer;
-use rae_cache::train::checkpoint::{self, latest};
+use rae_cache::train::checkpoint::latest;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -160,41 +158,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => DecoderTrainConfig::default(),
     };
     args.apply(&mut cfg);
-    if cfg.out.as_os_str().is_empty() {
-        bail!("give --out RUN_DIR (or `out` in --config)");
-    }
-    let resume_from = match (args.resume, latest(&cfg.out)?) {
-        (true, Some(p)) => {
-            // The stored config defines the run; flags given now override it.
-            let stored =
-                checkpoint::read_config(&p).with_context(|| format!("reading {}", p.display()))?;
-            cfg = DecoderTrainConfig::from_json(&stored)?;
-            args.apply(&mut cfg);
-            Some(p)
-        }
-        (true, None) => None,
-        (false, Some(p)) => bail!(
-            "{} already holds checkpoints ({}); pass --resume to continue or choose another --out",
-            cfg.out.display(),
-            p.display()
-        ),
-        (false, None) => None,
-    };
+    let out = cfg.out.clone();
+    let (cfg, resume_from) = super::run_dir::resolve_resume(
+        cfg,
+        &out,
+        args.resume,
+        |j| Ok(DecoderTrainConfig::from_json(j)?),
+        |c| {
+            args.apply(c);
+            Ok(())
+        },
+    )?;
     let device = rae_cache::device::parse_device(&cfg.device)?;
     let mut trainer = DecoderTrainer::new(cfg, &device, resume_from.as_deref())?;
     let total = trainer.total_steps();
-    let bar = if args.json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(total)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_position(trainer.step());
+    let bar = super::run_dir::step_bar(total, trainer.step(), !args.json);
     let last = trainer.run(|s| {
         bar.set_position(s.step);
         bar.set_message(format!(
