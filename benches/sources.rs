@@ -12,37 +12,19 @@
 //! compare. Files are in the page cache after the first round: this
 //! measures the CPU cost of the source, not the disk.
 
+// Shared with the other benches and the `bench` subcommand.
+#[allow(dead_code, unused_imports)]
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::bounded;
-use image::{ImageEncoder, RgbImage};
 use rae_cache::images::{DecodeOptions, adm_center_crop, decode_rgb8, decode_rgb8_bytes};
 use rae_cache::pipeline::Inputs;
 use rae_cache::sources::SourceOptions;
-
-fn synthetic_jpeg(seed: u64, w: u32, h: u32) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let img = RgbImage::from_fn(w, h, |x, y| {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        let n = (s % 41) as f32 - 20.0;
-        let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
-        let k = seed as f32 * 0.7;
-        let r = 128.0 + 90.0 * (6.0 * fx + k).sin() * (4.0 * fy).cos();
-        let g = 128.0 + 80.0 * (5.0 * fy - k).sin();
-        let b = 128.0 + 70.0 * (9.0 * (fx + fy) + k).cos();
-        let c = |v: f32| (v + n).clamp(0.0, 255.0) as u8;
-        image::Rgb([c(r), c(g), c(b)])
-    });
-    let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
-        .write_image(img.as_raw(), w, h, image::ExtendedColorType::Rgb8)
-        .expect("encode");
-    out
-}
+use support::synthetic_jpeg;
 
 /// (class, file, bytes), sorted.
 type Images = Vec<(String, String, Vec<u8>)>;
