@@ -96,6 +96,8 @@ pub struct Dinov2Features {
     net: Dinov2Fd,
     id: String,
     dir: Option<PathBuf>,
+    /// sha256 of `model.safetensors`, hashed once at load (over 1 GB for ViT-L).
+    sha256: Option<String>,
     device: Device,
 }
 
@@ -108,10 +110,14 @@ impl Dinov2Features {
         let dir = crate::weights::resolve_model(id_or_dir, false)
             .ok()
             .map(|m| m.dir);
+        let sha256 = dir
+            .as_ref()
+            .and_then(|d| crate::fsutil::sha256_file(&d.join("model.safetensors")).ok());
         Ok(Self {
             net,
             id: id_or_dir.to_string(),
             dir,
+            sha256,
             device: device.clone(),
         })
     }
@@ -123,14 +129,10 @@ impl ImageFeatures for Dinov2Features {
     }
 
     fn provenance(&self) -> serde_json::Value {
-        let sha = self
-            .dir
-            .as_ref()
-            .and_then(|d| crate::fsutil::sha256_file(&d.join("model.safetensors")).ok());
         json!({
             "model": self.id,
             "dir": self.dir,
-            "model_safetensors_sha256": sha,
+            "model_safetensors_sha256": self.sha256,
             "resize": "PIL bicubic to 224x224 (uint8), /255, ImageNet mean/std",
             "position_table": "torch.hub resize, scale_factor (16 + 0.1) / 37",
             "feature": "CLS after the final LayerNorm",
