@@ -9,6 +9,7 @@ pub mod diffusion;
 pub mod disc;
 pub mod dist;
 pub mod encoders;
+pub mod error;
 pub mod eval;
 pub mod features;
 pub mod fsutil;

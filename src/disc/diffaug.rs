@@ -188,20 +188,15 @@ mod tests {
             rand: vec![r],
         };
         let y = DiffAug::default().apply(&x, &p).unwrap();
-        let y = y
-            .squeeze(0)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let x = x
-            .squeeze(0)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
+        let plane = |t: &Tensor| {
+            t.squeeze(0)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        let (y, x) = (plane(&y), plane(&x));
         assert_eq!(y[0][2], x[2][0]);
         assert_eq!(y[13][15], x[15][13]);
         assert_eq!(y[14][5], 0.0);

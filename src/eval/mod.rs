@@ -29,8 +29,6 @@ pub mod recon;
 pub mod reference;
 pub mod run;
 
-use std::path::PathBuf;
-
 pub use frechet::{Gaussian, frechet_distance};
 pub use inception_score::{InceptionScore, inception_score};
 pub use manifold::{Distance, PrOptions, PrResult, precision_recall};
@@ -39,22 +37,9 @@ pub use moments::Moments;
 /// Errors of the evaluation code.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// A file's content is not what was expected.
-    #[error("{path}: {reason}")]
-    Format {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
+    /// A file could not be read or written, or its content is wrong.
+    #[error(transparent)]
+    File(#[from] crate::error::FileError),
     /// Reading a shard failed.
     #[error(transparent)]
     Shard(#[from] crate::shards::ShardError),
@@ -68,16 +53,10 @@ pub enum EvalError {
 
 impl EvalError {
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
-        EvalError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        crate::error::FileError::io(path, source).into()
     }
     pub(crate) fn format(path: &std::path::Path, reason: impl Into<String>) -> Self {
-        EvalError::Format {
-            path: path.to_path_buf(),
-            reason: reason.into(),
-        }
+        crate::error::FileError::format(path, reason).into()
     }
 }
 

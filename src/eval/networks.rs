@@ -28,10 +28,7 @@ fn rows(t: &Tensor) -> Result<Vec<f32>, EvalError> {
 }
 
 fn feature_err(path: &Path, e: crate::features::FeatureError) -> EvalError {
-    EvalError::Format {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    }
+    EvalError::format(path, e.to_string())
 }
 
 /// pytorch-fid's FID Inception weights on the ADM evaluator's input path.

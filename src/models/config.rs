@@ -146,17 +146,25 @@ pub struct DitDhConfig {
     pub use_pos_embed: bool,
 }
 
+/// The DiT-S/B/L/XL backbone (width, depth, heads) that `name` selects,
+/// given the prefixes its family is spelled with (case and `_`/`-` free).
+fn backbone_size(name: &str, prefixes: &[&str]) -> Option<(usize, usize, usize)> {
+    let name = name.to_ascii_uppercase().replace('_', "-");
+    let size = prefixes.iter().find_map(|p| name.strip_prefix(p))?;
+    match size {
+        "S" => Some((384, 12, 6)),
+        "B" => Some((768, 12, 12)),
+        "L" => Some((1024, 24, 16)),
+        "XL" => Some((1152, 28, 16)),
+        _ => None,
+    }
+}
+
 impl DitDhConfig {
     /// DiT-DH with a DiT-S/B/L/XL backbone and the reference's 2048-wide,
     /// 2-deep, 16-head head on 16x16x768 latents, 1000 classes.
     pub fn preset(name: &str) -> Option<Self> {
-        let (w, d, h) = match name.to_ascii_uppercase().replace('_', "-").as_str() {
-            "DIT-DH-S" | "DITDH-S" => (384, 12, 6),
-            "DIT-DH-B" | "DITDH-B" => (768, 12, 12),
-            "DIT-DH-L" | "DITDH-L" => (1024, 24, 16),
-            "DIT-DH-XL" | "DITDH-XL" => (1152, 28, 16),
-            _ => return None,
-        };
+        let (w, d, h) = backbone_size(name, &["DIT-DH-", "DITDH-"])?;
         Some(Self {
             input_size: 16,
             patch_size: 1,
@@ -176,13 +184,7 @@ impl DitDhConfig {
 impl LightningDitConfig {
     /// LightningDiT-S/B/L/XL on 16x16x768 latents (patch 1, 1000 classes).
     pub fn preset(name: &str) -> Option<Self> {
-        let (w, d, h) = match name.to_ascii_uppercase().replace('_', "-").as_str() {
-            "LIGHTNINGDIT-S" | "DIT-S" => (384, 12, 6),
-            "LIGHTNINGDIT-B" | "DIT-B" => (768, 12, 12),
-            "LIGHTNINGDIT-L" | "DIT-L" => (1024, 24, 16),
-            "LIGHTNINGDIT-XL" | "DIT-XL" => (1152, 28, 16),
-            _ => return None,
-        };
+        let (w, d, h) = backbone_size(name, &["LIGHTNINGDIT-", "DIT-"])?;
         Some(Self {
             input_size: 16,
             patch_size: 1,

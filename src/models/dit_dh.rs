@@ -33,9 +33,10 @@ pub struct DitDh {
     enc_blocks: Vec<DitBlock>,
     dec_blocks: Vec<DitBlock>,
     final_layer: FinalLayer,
-    fused: bool,
+    /// Fused kernels (inference only); set through `DitModel::set_fused`.
+    pub(super) fused: bool,
     /// Weights and activations (`vb.dtype()`); see `forward`.
-    dtype: DType,
+    pub(super) dtype: DType,
 }
 
 impl DitDh {
@@ -108,16 +109,6 @@ impl DitDh {
     /// The config the model was built with.
     pub fn config(&self) -> &DitDhConfig {
         &self.cfg
-    }
-
-    /// The compute dtype (weights and activations).
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    /// Use fused kernels (inference only: no gradients through them).
-    pub fn set_fused(&mut self, fused: bool) {
-        self.fused = fused;
     }
 
     /// The frozen buffers under their reference names (pos_embed, rope

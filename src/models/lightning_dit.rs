@@ -22,9 +22,10 @@ pub struct LightningDit {
     rope: Option<Rope2d>,
     blocks: Vec<DitBlock>,
     final_layer: FinalLayer,
-    fused: bool,
+    /// Fused kernels (inference only); set through `DitModel::set_fused`.
+    pub(super) fused: bool,
     /// Weights and activations (`vb.dtype()`); see `forward`.
-    dtype: DType,
+    pub(super) dtype: DType,
 }
 
 impl LightningDit {
@@ -78,16 +79,6 @@ impl LightningDit {
     /// Its constructor keys.
     pub fn config(&self) -> &LightningDitConfig {
         &self.cfg
-    }
-
-    /// The compute dtype (weights and activations).
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    /// Use fused kernels (inference only: no gradients through them).
-    pub fn set_fused(&mut self, fused: bool) {
-        self.fused = fused;
     }
 
     /// The frozen buffers under their reference names (pos_embed, rope

@@ -79,8 +79,8 @@ impl DitModel {
     /// Use fused kernels (inference only: no gradients through them).
     pub fn set_fused(&mut self, fused: bool) {
         match self {
-            Self::DitDh(m) => m.set_fused(fused),
-            Self::Lightning(m) => m.set_fused(fused),
+            Self::DitDh(m) => m.fused = fused,
+            Self::Lightning(m) => m.fused = fused,
         }
     }
 
@@ -95,8 +95,8 @@ impl DitModel {
     /// The compute dtype (weights and activations).
     pub fn dtype(&self) -> DType {
         match self {
-            Self::DitDh(m) => m.dtype(),
-            Self::Lightning(m) => m.dtype(),
+            Self::DitDh(m) => m.dtype,
+            Self::Lightning(m) => m.dtype,
         }
     }
 

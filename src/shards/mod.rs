@@ -92,22 +92,9 @@ impl std::str::FromStr for LatentDType {
 /// Errors reading or writing shards, manifests and statistics.
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
-    /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The file breaks the shard contract (schema, footer keys, shapes).
-    #[error("{path}: {reason}")]
-    Format {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
+    /// A file could not be read or written, or its content is wrong.
+    #[error(transparent)]
+    File(#[from] crate::error::FileError),
     /// The Parquet library failed.
     #[error("{path}: parquet: {source}")]
     Parquet {
@@ -123,16 +110,10 @@ pub enum ShardError {
 
 impl ShardError {
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
-        ShardError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        crate::error::FileError::io(path, source).into()
     }
     pub(crate) fn format(path: &std::path::Path, reason: impl Into<String>) -> Self {
-        ShardError::Format {
-            path: path.to_path_buf(),
-            reason: reason.into(),
-        }
+        crate::error::FileError::format(path, reason).into()
     }
     pub(crate) fn parquet(path: &std::path::Path, source: parquet::errors::ParquetError) -> Self {
         ShardError::Parquet {

@@ -280,12 +280,7 @@ impl ShardReader {
             .with_batch_size(largest.clamp(1, 1 << 16) as usize)
             .build()
             .map_err(|e| ShardError::parquet(&self.path, e))?;
-        Ok(reader.map(move |b| {
-            b.map_err(|e| ShardError::Format {
-                path: self.path.clone(),
-                reason: e.to_string(),
-            })
-        }))
+        Ok(reader.map(move |b| b.map_err(|e| ShardError::format(&self.path, e.to_string()))))
     }
 
     fn column<'a>(&self, batch: &'a RecordBatch, name: &str) -> Result<&'a dyn Array, ShardError> {

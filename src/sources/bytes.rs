@@ -3,6 +3,7 @@
 //! path, so a store that answers range requests (object storage) can stand
 //! in for a local file without touching the tar and Parquet readers.
 
+use crate::error::FileError;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -70,10 +71,7 @@ impl ByteSource for LocalFile {
 pub fn open_local(path: &Path) -> Result<Arc<dyn ByteSource>, super::SourceError> {
     LocalFile::open(path)
         .map(|f| Arc::new(f) as Arc<dyn ByteSource>)
-        .map_err(|source| super::SourceError::Io {
-            path: PathBuf::from(path),
-            source,
-        })
+        .map_err(|source| super::SourceError::from(FileError::io(PathBuf::from(path), source)))
 }
 
 /// `Read + Seek` over the region `start..start + len` of a [`ByteSource`]

@@ -16,6 +16,7 @@
 //! they are class names, and the label is the name's index in the sorted
 //! list of the names used (the order the folder layout gives class folders).
 
+use crate::error::FileError;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -48,13 +49,10 @@ fn split_tokens(line: &str) -> Vec<&str> {
 impl LabelsFile {
     /// Read and parse `path`.
     pub fn read(path: &Path) -> Result<Self, SourceError> {
-        let bytes = std::fs::read(path).map_err(|source| SourceError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let text = String::from_utf8(bytes.clone()).map_err(|_| SourceError::Format {
-            path: path.to_path_buf(),
-            reason: "labels file is not UTF-8 text".into(),
+        let bytes = std::fs::read(path)
+            .map_err(|source| SourceError::from(FileError::io(path.to_path_buf(), source)))?;
+        let text = String::from_utf8(bytes.clone()).map_err(|_| {
+            SourceError::from(FileError::format(path, "labels file is not UTF-8 text"))
         })?;
         let rows: Vec<(usize, Vec<&str>)> = text
             .lines()
@@ -70,10 +68,11 @@ impl LabelsFile {
             let mut v = Vec::with_capacity(rows.len());
             for (n, t) in &rows {
                 if t.len() < 2 {
-                    return Err(SourceError::Format {
-                        path: path.to_path_buf(),
-                        reason: format!("line {n}: expected KEY and LABEL, found one token"),
-                    });
+                    return Err(FileError::format(
+                        path,
+                        format!("line {n}: expected KEY and LABEL, found one token"),
+                    )
+                    .into());
                 }
                 v.push((t[0].to_string(), t[1].to_string()));
             }
@@ -93,14 +92,14 @@ impl LabelsFile {
         let raw: Vec<Option<&str>> = match &self.lines {
             Lines::Plain(labels) => {
                 if labels.len() != entries.len() {
-                    return Err(SourceError::Format {
-                        path: self.path.clone(),
-                        reason: format!(
+                    return Err(SourceError::from(FileError::format(
+                        self.path.clone(),
+                        format!(
                             "{} labels for {} images (a file of one label per line must have one line per image, in sorted key order)",
                             labels.len(),
                             entries.len()
                         ),
-                    });
+                    )));
                 }
                 let mut order: Vec<usize> = (0..entries.len()).collect();
                 order.sort_by(|&a, &b| entries[a].key.cmp(&entries[b].key));

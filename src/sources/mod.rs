@@ -32,6 +32,7 @@ mod labels;
 mod parquet_images;
 mod tar_images;
 
+use crate::error::FileError;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -121,22 +122,9 @@ pub struct SourceSettings {
 /// Why a source cannot be listed or read.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    /// Reading failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The file is not what it should be.
-    #[error("{path}: {reason}")]
-    Format {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
+    /// A file could not be read or written, or its content is wrong.
+    #[error(transparent)]
+    File(#[from] crate::error::FileError),
     /// The inputs or options do not fit together.
     #[error("{0}")]
     Invalid(String),
@@ -280,10 +268,7 @@ fn files_under(dir: &Path, ext: &str, deep: bool) -> Result<Vec<InputFile>, Sour
         deep: bool,
         out: &mut Vec<InputFile>,
     ) -> Result<(), SourceError> {
-        let io = |source| SourceError::Io {
-            path: dir.to_path_buf(),
-            source,
-        };
+        let io = |source| SourceError::from(FileError::io(dir.to_path_buf(), source));
         for e in std::fs::read_dir(dir).map_err(io)? {
             let e = e.map_err(io)?;
             let name = e.file_name().to_string_lossy().into_owned();
@@ -357,10 +342,7 @@ pub(crate) fn input_files(inputs: &[PathBuf], ext: &str) -> Result<Vec<InputFile
             let parent = input.parent().filter(|p| !p.as_os_str().is_empty());
             let parent = parent.unwrap_or(Path::new("."));
             let mut found: Vec<InputFile> = std::fs::read_dir(parent)
-                .map_err(|source| SourceError::Io {
-                    path: parent.to_path_buf(),
-                    source,
-                })?
+                .map_err(|source| SourceError::from(FileError::io(parent.to_path_buf(), source)))?
                 .flatten()
                 .filter_map(|e| {
                     let n = e.file_name().to_string_lossy().into_owned();
@@ -383,10 +365,10 @@ pub(crate) fn input_files(inputs: &[PathBuf], ext: &str) -> Result<Vec<InputFile
                 name,
             });
         } else {
-            return Err(SourceError::Io {
-                path: input.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-            });
+            return Err(SourceError::from(FileError::io(
+                input.clone(),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            )));
         }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name).then(a.path.cmp(&b.path)));

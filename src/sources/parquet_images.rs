@@ -7,6 +7,7 @@
 //! row group of the bytes column at a time, in file order, starting at the
 //! row group of the first image asked for.
 
+use crate::error::FileError;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,10 +38,7 @@ struct RowRef {
 }
 
 fn format_err(file: &InputFile, reason: impl Into<String>) -> SourceError {
-    SourceError::Format {
-        path: file.path.clone(),
-        reason: reason.into(),
-    }
+    SourceError::from(FileError::format(file.path.clone(), reason.into()))
 }
 
 /// The image column's `path` child exists (struct layout)?
@@ -225,7 +223,7 @@ pub(super) fn list(
             }
             // A file without a readable footer (cut short, still being
             // copied): list what came before it, as for a truncated tar.
-            Err(SourceError::Format { reason, .. })
+            Err(SourceError::File(FileError::Format { reason, .. }))
                 if reason.starts_with("not a readable Parquet") =>
             {
                 truncated = Some(Skipped {
@@ -322,10 +320,10 @@ impl ParquetReader {
         let bytes = match read() {
             Ok(a) => Ok(a),
             Err(parquet::errors::ParquetError::External(e)) if e.is::<std::io::Error>() => {
-                return Err(SourceError::Format {
-                    path: PathBuf::from(&f.name),
-                    reason: format!("cannot read row group {index}: {e}"),
-                });
+                return Err(SourceError::from(FileError::format(
+                    PathBuf::from(&f.name),
+                    format!("cannot read row group {index}: {e}"),
+                )));
             }
             Err(e) => Err(format!(
                 "row group {index} of {} is unreadable: {e}",

@@ -11,6 +11,7 @@
 //! data, or missing its end-of-archive block) or whose next header is
 //! damaged is listed up to the last complete member.
 
+use crate::error::FileError;
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 use std::path::PathBuf;
@@ -396,15 +397,13 @@ impl ItemReader for TarReader {
             let mut buf = vec![0u8; m.size as usize];
             match src.read_exact_at(m.offset, &mut buf) {
                 Ok(()) => Ok((idx, Ok(buf))),
-                Err(e) => Err(SourceError::Format {
-                    path: PathBuf::from(&self.names[m.archive]),
-                    reason: format!(
+                Err(e) => Err(SourceError::from(FileError::format(PathBuf::from(&self.names[m.archive]), format!(
                         "cannot read the member at bytes {}..{} (the archive is {} bytes as listed; truncated or changed since?): {e}",
                         m.offset,
                         m.offset + m.size,
                         src.len()
                     ),
-                }),
+                ))),
             }
         }))
     }

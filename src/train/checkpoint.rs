@@ -120,10 +120,7 @@ fn parse_step(name: &str) -> Option<u64> {
 }
 
 fn fmt_err(path: &Path, reason: impl Into<String>) -> TrainError {
-    TrainError::Format {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
+    crate::error::FileError::format(path, reason).into()
 }
 
 /// Write `ck` into `run_dir`, point `latest` at it, and delete all but the
@@ -198,10 +195,7 @@ fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
         Err(e) => {
-            return Err(TrainError::Io {
-                path: dir.to_path_buf(),
-                source: e,
-            });
+            return Err(crate::error::FileError::io(dir, e).into());
         }
     };
     for entry in rd {
@@ -245,10 +239,7 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
-            return Err(TrainError::Io {
-                path: pointer,
-                source: e,
-            });
+            return Err(crate::error::FileError::io(pointer, e).into());
         }
     }
     Ok(list_checkpoints(run_dir)?.pop().map(|(_, p)| p))

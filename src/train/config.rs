@@ -138,10 +138,8 @@ impl TrainConfig {
     /// Read a TOML file with the same keys (missing keys take defaults).
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(super::io_err(path))?;
-        toml::from_str(&text).map_err(|e| TrainError::Format {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })
+        toml::from_str(&text)
+            .map_err(|e| crate::error::FileError::format(path, e.to_string()).into())
     }
 
     /// The config as one-line JSON (stored in checkpoints and the run directory).

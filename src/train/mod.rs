@@ -28,22 +28,9 @@ pub enum TrainError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// A file that exists but cannot be parsed (config, checkpoint, shard).
-    #[error("{path}: {reason}")]
-    Format {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
+    /// A file could not be read or written, or its content is wrong.
+    #[error(transparent)]
+    File(#[from] crate::error::FileError),
     /// Reading a latent shard failed.
     #[error(transparent)]
     Shard(#[from] crate::shards::ShardError),
@@ -75,5 +62,5 @@ pub type Result<T> = std::result::Result<T, TrainError>;
 
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
     let path = path.into();
-    move |source| TrainError::Io { path, source }
+    move |source| crate::error::FileError::io(path, source).into()
 }

@@ -164,7 +164,10 @@ fn bf16_autocast_step_reaches_every_f32_master_weight() {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let model = DitDh::new(&cfg, CastVars::var_builder(&vars, DType::BF16, &dev)).unwrap();
+    use rae_cache::models::VelocityModel;
+    let model = rae_cache::models::DitModel::DitDh(
+        DitDh::new(&cfg, CastVars::var_builder(&vars, DType::BF16, &dev)).unwrap(),
+    );
     assert_eq!(model.dtype(), DType::BF16);
 
     let io: HashMap<String, Tensor> = io_on("trainstep-io.safetensors", &dev);

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use parquet::basic::{Compression, Encoding};
+use rae_cache::error::FileError;
 use rae_cache::shards::manifest::{HFlip, MANIFEST_FORMAT};
 use rae_cache::shards::schema::{self, META_DTYPE, META_SCHEMA_VERSION};
 use rae_cache::shards::*;
@@ -381,7 +382,10 @@ fn bad_inputs_are_clear_errors() {
             latent: &short,
         }])
         .unwrap_err();
-    assert!(matches!(err, ShardError::Format { .. }), "{err}");
+    assert!(
+        matches!(err, ShardError::File(FileError::Format { .. })),
+        "{err}"
+    );
     let msg = err.to_string();
     assert!(
         msg.contains("bad.parquet") && msg.contains("x/y.png") && msg.contains("24"),
@@ -417,7 +421,7 @@ fn bad_inputs_are_clear_errors() {
     // Missing file.
     assert!(matches!(
         ShardReader::open(&dir.path().join("nope.parquet")),
-        Err(ShardError::Io { .. })
+        Err(ShardError::File(FileError::Io { .. }))
     ));
 
     // Parquet, but not ours / another schema version.

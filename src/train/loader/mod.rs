@@ -348,20 +348,7 @@ mod tests {
         images: usize,
         per_rg: usize,
     ) -> (Arc<DataIndex>, Arc<dyn RowGroupSource>, Normalizer) {
-        let loc = |r: usize| Loc {
-            rg: (r / per_rg) as u32,
-            row: (r % per_rg) as u32,
-        };
-        let samples = (0..images)
-            .map(|i| SampleRows {
-                plain: Some(loc(2 * i)),
-                flipped: Some(loc(2 * i + 1)),
-            })
-            .collect();
-        let index = DataIndex {
-            samples,
-            num_row_groups: (2 * images).div_ceil(per_rg),
-        };
+        let index = plan::paired_index(images, per_rg);
         let (t, c) = (4, 3);
         let norm = Normalizer {
             mean: vec![0.0; t * c],

@@ -185,26 +185,32 @@ pub fn sample_id(epoch: u64, pos: usize) -> u64 {
     (epoch << 40) | pos as u64
 }
 
+/// `n` images, two rows each (plain then flipped, adjacent), `rows_per_rg`
+/// rows per group: the index the loader's unit tests run on.
+#[cfg(test)]
+pub(super) fn paired_index(n: usize, rows_per_rg: usize) -> DataIndex {
+    let loc = |r: usize| Loc {
+        rg: (r / rows_per_rg) as u32,
+        row: (r % rows_per_rg) as u32,
+    };
+    let samples = (0..n)
+        .map(|i| SampleRows {
+            plain: Some(loc(2 * i)),
+            flipped: Some(loc(2 * i + 1)),
+        })
+        .collect();
+    DataIndex {
+        samples,
+        num_row_groups: (2 * n).div_ceil(rows_per_rg),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// `n` images, two rows each (adjacent), `rows_per_rg` rows per group.
     fn index(n: usize, rows_per_rg: usize) -> DataIndex {
-        let loc = |r: usize| Loc {
-            rg: (r / rows_per_rg) as u32,
-            row: (r % rows_per_rg) as u32,
-        };
-        let samples = (0..n)
-            .map(|i| SampleRows {
-                plain: Some(loc(2 * i)),
-                flipped: Some(loc(2 * i + 1)),
-            })
-            .collect();
-        DataIndex {
-            samples,
-            num_row_groups: (2 * n).div_ceil(rows_per_rg),
-        }
+        paired_index(n, rows_per_rg)
     }
 
     fn image_of(l: &Loc, rows_per_rg: usize) -> usize {

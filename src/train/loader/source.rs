@@ -50,10 +50,7 @@ pub struct CacheSet {
 }
 
 fn fmt_err(path: &Path, reason: impl Into<String>) -> TrainError {
-    TrainError::Format {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
+    crate::error::FileError::format(path, reason).into()
 }
 
 impl CacheSet {
