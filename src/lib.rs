@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod demo;
 pub mod device;
 pub mod diffusion;
 pub mod disc;

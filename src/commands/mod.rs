@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod build;
 pub mod decode;
+pub mod demo;
 pub mod eval;
 pub mod eval_ref;
 pub mod inspect;

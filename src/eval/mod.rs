@@ -15,8 +15,10 @@
 //! * [`reference`]: the reference statistics file of `eval-ref`.
 //! * [`latent`]: latent-space metrics of sample shards against a cache.
 //! * [`recon`]: PSNR and SSIM.
+//! * [`centroid`]: nearest-centroid class accuracy of generated latents.
 //! * [`run`]: one evaluation from inputs to a [`run::EvalReport`].
 
+pub mod centroid;
 pub mod features;
 pub mod frechet;
 pub mod inception_score;

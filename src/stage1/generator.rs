@@ -127,10 +127,11 @@ fn pred_weight_grad_norm(g: &Tensor, h: &Tensor) -> Result<f64> {
 }
 
 /// The generator losses and the gradients of `params` (by name) for one
-/// batch. `adversarial`: the GAN term, `None` before its start.
+/// batch. `lpips`: the perceptual term, `None` when its weight is 0 (no
+/// VGG needed). `adversarial`: the GAN term, `None` before its start.
 pub fn generator_grads(
     decoder: &RaeDecoder,
-    lpips: &Lpips,
+    lpips: Option<&Lpips>,
     batch: &GenBatch,
     noise: NoiseAug,
     cfg: &GenLossConfig,
@@ -156,12 +157,20 @@ pub fn generator_grads(
     let x = batch.images.to_dtype(DType::F32)?;
     let l1 = (&recon - &x)?.abs()?.mean_all()?;
     let recon_pm1 = recon.affine(2.0, -1.0)?;
-    let lp = lpips.forward(&x.affine(2.0, -1.0)?, &recon_pm1)?;
-    let rec_total = (&l1 + lp.affine(cfg.perceptual_weight, 0.0)?)?;
+    let (rec_total, lp) = match lpips {
+        Some(net) => {
+            let lp = net.forward(&x.affine(2.0, -1.0)?, &recon_pm1)?;
+            (
+                (&l1 + lp.affine(cfg.perceptual_weight, 0.0)?)?,
+                scalar(&lp)?,
+            )
+        }
+        None => (l1.clone(), 0.0),
+    };
     let g_rec = grad_wrt(&rec_total, &leaf, "reconstruction loss")?;
     let mut losses = GenLosses {
         l1: scalar(&l1)?,
-        lpips: scalar(&lp)?,
+        lpips: lp,
         total: scalar(&rec_total)?,
         ..Default::default()
     };
@@ -361,7 +370,7 @@ impl GeneratorState {
     /// Losses and gradients of one batch (see [`generator_grads`]).
     pub fn grads(
         &self,
-        lpips: &Lpips,
+        lpips: Option<&Lpips>,
         batch: &GenBatch,
         noise: NoiseAug,
         cfg: &GenLossConfig,

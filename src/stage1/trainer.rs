@@ -71,7 +71,7 @@ pub struct DecoderTrainer {
     cfg: DecoderTrainConfig,
     dec_cfg: DecoderConfig,
     state: GeneratorState,
-    lpips: Lpips,
+    lpips: Option<Lpips>,
     loader: Loader,
     targets: TargetImages,
     schedule: LrSchedule,
@@ -171,13 +171,18 @@ impl DecoderTrainer {
         let set = CacheSet::open(&cfg.data)?;
         let dec_cfg = decoder_config(&cfg, &set)?;
         let targets = TargetImages::new(&image_root(&cfg, &set)?, dec_cfg.image_size())?;
-        let lpips = Lpips::from_source(
-            &LpipsSource {
-                vgg: cfg.lpips_vgg.clone(),
-                lin: cfg.lpips_lin.clone(),
-            },
-            device,
-        )?;
+        // A zero perceptual weight needs no VGG weights at all.
+        let lpips = if cfg.perceptual_weight > 0.0 {
+            Some(Lpips::from_source(
+                &LpipsSource {
+                    vgg: cfg.lpips_vgg.clone(),
+                    lin: cfg.lpips_lin.clone(),
+                },
+                device,
+            )?)
+        } else {
+            None
+        };
         let gcfg = GeneratorConfig {
             seed: cfg.seed,
             optimizer: cfg.optimizer(),
@@ -288,9 +293,9 @@ impl DecoderTrainer {
             noise: Some(noise),
         };
         // The adversarial seam stays empty until a discriminator is wired in.
-        let (l, grads) = self
-            .state
-            .grads(&self.lpips, &gb, self.noise, &self.losses, None)?;
+        let (l, grads) =
+            self.state
+                .grads(self.lpips.as_ref(), &gb, self.noise, &self.losses, None)?;
         if !l.total.is_finite() {
             return Err(self.non_finite(format!("loss {}", l.total)));
         }

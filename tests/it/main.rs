@@ -19,6 +19,7 @@ mod build_resume;
 mod build_sources;
 mod cli_bench;
 mod cli_sample_decode;
+mod demo;
 mod eval;
 mod eval_metrics;
 mod features;

@@ -290,7 +290,9 @@ fn generator_step_matches_reference() {
         "reconstruction",
     );
 
-    let (losses, grads) = st.grads(&lpips(), &b, noise, &loss_config(), None).unwrap();
+    let (losses, grads) = st
+        .grads(Some(&lpips()), &b, noise, &loss_config(), None)
+        .unwrap();
     close_scalar(losses.l1, first(&io["l1"]), "L1");
     close_scalar(losses.lpips, first(&io["lpips"]), "LPIPS");
     close_scalar(losses.total, first(&io["total"]), "total");
@@ -381,7 +383,7 @@ fn generator_default_freezes_pos_embed() {
         tau: num(&spec(), "noise_tau"),
     };
     let (_, grads) = st
-        .grads(&lpips(), &batch(&io), noise, &loss_config(), None)
+        .grads(Some(&lpips()), &batch(&io), noise, &loss_config(), None)
         .unwrap();
     check_grads(&st, &grads, &io_named("gen-grads.safetensors"));
     st.update(grads, schedule().lr_at(0)).unwrap();
@@ -424,7 +426,13 @@ fn generator_gan_seam_matches_reference() {
         tau: num(&spec(), "noise_tau"),
     };
     let (losses, grads) = st
-        .grads(&lpips(), &batch(&io), noise, &loss_config(), Some(&mut adv))
+        .grads(
+            Some(&lpips()),
+            &batch(&io),
+            noise,
+            &loss_config(),
+            Some(&mut adv),
+        )
         .unwrap();
     close_scalar(losses.gan, first(&io["gan_loss"]), "G loss");
     close_scalar(
