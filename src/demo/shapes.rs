@@ -76,12 +76,15 @@ impl ShapeSet {
         })
     }
 
-    /// Write every image as `DIR/<class name>/<index>.png` (an ordinary
-    /// class-folder layout) and return the class folder names.
+    /// Write every image as `DIR/<k>_<class name>/<index>.png` (an
+    /// ordinary class-folder layout; the `k_` prefix makes the sorted
+    /// folder order, which `build` labels by, the class order) and return
+    /// the folder names.
     pub fn write(&self, dir: &Path) -> Result<Vec<String>, FileError> {
         let mut names = Vec::new();
         for (class, (name, _)) in CLASSES.iter().enumerate().take(self.classes) {
-            let folder = dir.join(name);
+            let name = format!("{class}_{name}");
+            let folder = dir.join(&name);
             std::fs::create_dir_all(&folder).map_err(|e| FileError::io(&folder, e))?;
             for i in 0..self.per_class {
                 let path = folder.join(format!("{i:04}.png"));
@@ -89,7 +92,7 @@ impl ShapeSet {
                     .save(&path)
                     .map_err(|e| FileError::format(&path, e.to_string()))?;
             }
-            names.push(name.to_string());
+            names.push(name);
         }
         Ok(names)
     }
