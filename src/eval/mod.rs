@@ -58,6 +58,9 @@ pub enum EvalError {
     /// Reading a shard failed.
     #[error(transparent)]
     Shard(#[from] crate::shards::ShardError),
+    /// Decoding sample shards failed.
+    #[error(transparent)]
+    Decode(#[from] crate::generate::GenerateError),
     /// Bad inputs (too few rows, NaN features, mismatched dimensions, ...).
     #[error("{0}")]
     Invalid(String),

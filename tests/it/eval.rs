@@ -59,7 +59,7 @@ fn rewrite(cache: &Path, out: &Path, meta: &[(&str, &str)], f: impl Fn(usize, &m
     w.finish().unwrap();
 }
 
-fn metric(v: &serde_json::Value, k: &str) -> f64 {
+pub(crate) fn metric(v: &serde_json::Value, k: &str) -> f64 {
     v["metrics"][k]
         .as_f64()
         .unwrap_or_else(|| panic!("{k}: {}", v["metrics"]))
@@ -357,7 +357,7 @@ fn bad_inputs_give_clear_errors_and_write_nothing() {
 
 /// A stand-in feature network: per image, 6 channel statistics (pool),
 /// 4 (spatial) and 5 logits, all simple functions of the pixels.
-struct Toy;
+pub(crate) struct Toy;
 
 impl ImageFeatures for Toy {
     fn id(&self) -> String {
@@ -385,7 +385,7 @@ impl ImageFeatures for Toy {
     }
 }
 
-fn toy_features(img: &[u8]) -> Vec<f32> {
+pub(crate) fn toy_features(img: &[u8]) -> Vec<f32> {
     let mut f = vec![0f32; 6];
     for (i, p) in img.iter().enumerate() {
         f[i % 3] += *p as f32;
@@ -396,7 +396,7 @@ fn toy_features(img: &[u8]) -> Vec<f32> {
     f
 }
 
-fn write_npz(p: &Path, n: usize, seed: u64) -> Vec<Vec<u8>> {
+pub(crate) fn write_npz(p: &Path, n: usize, seed: u64) -> Vec<Vec<u8>> {
     let (h, w) = (6, 5);
     let mut z = NpzWriter::create(p, n, h, w).unwrap();
     let mut imgs = Vec::new();
@@ -439,7 +439,7 @@ fn pixel_metrics_through_a_feature_network() {
     };
     let mut nets = Networks {
         inception: Some(&mut toy),
-        dinov2: None,
+        ..Networks::default()
     };
     let r = evaluate(&sp, &rp, &mut nets, &opts, &mut NoProgress).unwrap();
     let fid = frechet_distance(
@@ -504,7 +504,7 @@ fn pixel_metrics_through_a_feature_network() {
     let mut toy = Toy;
     let mut nets = Networks {
         inception: Some(&mut toy),
-        dinov2: None,
+        ..Networks::default()
     };
     let r2 = evaluate(&sp, &adm, &mut nets, &opts, &mut NoProgress).unwrap();
     assert_eq!(r2["ref"]["kind"], "adm-npz");

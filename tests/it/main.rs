@@ -20,6 +20,7 @@ mod build_sources;
 mod cli_bench;
 mod cli_sample_decode;
 mod eval;
+mod eval_decoded;
 mod eval_metrics;
 mod features;
 mod gradients;
