@@ -48,6 +48,9 @@ enum Cmd {
     Eval(commands::eval::Args),
     /// Reference statistics for `eval` (a cache, an image folder or an npz).
     EvalRef(commands::eval_ref::Args),
+    /// Reconstruction metrics of a decoder (PSNR, SSIM, LPIPS, rFID) over an
+    /// image folder (encode -> decode) or a cache and its source images.
+    EvalRecon(commands::eval_recon::Args),
     /// Throughput benchmarks with random weights (see scripts/gpu-check.sh).
     #[command(hide = true)]
     Bench(commands::bench::Args),
@@ -73,6 +76,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Decode(a) => commands::decode::run(a),
         Cmd::Eval(a) => commands::eval::run(a),
         Cmd::EvalRef(a) => commands::eval_ref::run(a),
+        Cmd::EvalRecon(a) => commands::eval_recon::run(a),
         Cmd::Bench(a) => commands::bench::run(a),
     };
     match res {

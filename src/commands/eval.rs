@@ -184,7 +184,7 @@ impl LoadedNetworks {
 }
 
 /// The FID Inception (pool / spatial / unbiased logits) as `ImageFeatures`.
-fn load_inception(path: &Path, device: &str) -> anyhow::Result<Box<dyn ImageFeatures>> {
+pub fn load_inception(path: &Path, device: &str) -> anyhow::Result<Box<dyn ImageFeatures>> {
     if !path.is_file() {
         bail!("{}: no such file ({INCEPTION_HINT})", path.display());
     }
@@ -213,7 +213,9 @@ fn table(r: &Value) -> String {
             out.push_str(&format!("{k:<18} {}\n", fmt(v)));
         }
     }
-    out.push_str(&format!("{:<18} {}\n", "samples", r["counts"]["samples"]));
+    if let Some(n) = r.get("counts").map(|c| &c["samples"]) {
+        out.push_str(&format!("{:<18} {n}\n", "samples"));
+    }
     out
 }
 
@@ -270,15 +272,21 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             a.reference.display()
         )
     })?;
-    let text = serde_json::to_string_pretty(&report)?;
-    if let Some(p) = &a.out {
+    emit(&report, a.out.as_deref(), a.json)
+}
+
+/// Write the report to `out` (atomically) if given, and print it: the JSON
+/// with `json`, else the metric table.
+pub fn emit(report: &Value, out: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
+    let text = serde_json::to_string_pretty(report)?;
+    if let Some(p) = out {
         rae_cache::fsutil::write_atomic(p, text.as_bytes())
             .with_context(|| format!("writing {}", p.display()))?;
     }
-    if a.json {
+    if json {
         println!("{text}");
     } else {
-        print!("{}", table(&report));
+        print!("{}", table(report));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod build;
 pub mod decode;
 pub mod eval;
+pub mod eval_recon;
 pub mod eval_ref;
 pub mod inspect;
 pub mod launch;

@@ -15,6 +15,8 @@
 //! * [`reference`]: the reference statistics file of `eval-ref`.
 //! * [`latent`]: latent-space metrics of sample shards against a cache.
 //! * [`recon`]: PSNR and SSIM.
+//! * [`recon_run`]: a decoder's reconstruction metrics (PSNR, SSIM, LPIPS,
+//!   rFID) over round-tripped images or a cache and its source images.
 //! * [`run`]: one evaluation from inputs to a [`run::EvalReport`].
 
 pub mod features;
@@ -26,6 +28,7 @@ pub mod moments;
 pub mod networks;
 pub mod npz;
 pub mod recon;
+pub mod recon_run;
 pub mod reference;
 pub mod run;
 

@@ -352,7 +352,7 @@ impl Sink {
 
 /// Decoder output `[b, 3, H, W]` -> one `[H, W, 3]` byte image per row:
 /// the one float -> byte path of `decode` and `eval`.
-fn to_bytes(pixels: &[f32], h: usize, w: usize, r: Rounding) -> Vec<Vec<u8>> {
+pub(crate) fn to_bytes(pixels: &[f32], h: usize, w: usize, r: Rounding) -> Vec<Vec<u8>> {
     pixels
         .par_chunks(3 * h * w)
         .map(|chw| chw_to_hwc_u8(chw, h, w, r))
