@@ -22,6 +22,7 @@ mod cli_sample_decode;
 mod eval;
 mod eval_decoded;
 mod eval_metrics;
+mod eval_recon;
 mod features;
 mod gradients;
 mod images_decode;
