@@ -17,6 +17,7 @@
 //! * [`recon`]: PSNR and SSIM.
 //! * [`recon_run`]: a decoder's reconstruction metrics (PSNR, SSIM, LPIPS,
 //!   rFID) over round-tripped images or a cache and its source images.
+//! * [`probe`]: the latent probe of `train --eval-every`.
 //! * [`run`]: one evaluation from inputs to a [`run::EvalReport`].
 
 pub mod features;
@@ -27,6 +28,7 @@ pub mod manifold;
 pub mod moments;
 pub mod networks;
 pub mod npz;
+pub mod probe;
 pub mod recon;
 pub mod recon_run;
 pub mod reference;

@@ -199,37 +199,39 @@ pub fn latent_reference_of_cache(
     set.into_reference(stats, opts.latent_pr)
 }
 
-fn latent_metrics(
-    samples: &Input,
+/// The latent reference `--ref` names: a cache (scanned) or an eval-ref
+/// file made from one.
+pub fn latent_reference_of(
     reference: &Input,
     opts: &EvalOptions,
     progress: &mut dyn Progress,
-) -> Result<Value, EvalError> {
-    let Input::Shards { shards, .. } = samples else {
-        return Err(EvalError::Invalid(
-            "latent metrics need sample shards (a sample or cache directory)".into(),
-        ));
-    };
-    if shards.is_empty() {
-        return Err(EvalError::Invalid("no sample shards".into()));
-    }
-    let refl = match reference {
+) -> Result<LatentReference, EvalError> {
+    match reference {
         Input::Shards { shards: rs, stats } => {
-            latent_reference_of_cache(rs, load_stats(stats)?, opts, progress)?
+            latent_reference_of_cache(rs, load_stats(stats)?, opts, progress)
         }
         Input::RefFile(p) => Reference::load(p)?.latent().ok_or_else(|| {
             EvalError::format(
                 p,
                 "has no latent statistics (make it with eval-ref from a cache)",
             )
-        })?,
-        _ => {
-            return Err(EvalError::Invalid(
-                "latent metrics need a latent cache or an eval-ref file made from one as --ref"
-                    .into(),
-            ));
-        }
-    };
+        }),
+        _ => Err(EvalError::Invalid(
+            "latent metrics need a latent cache or an eval-ref file made from one as --ref".into(),
+        )),
+    }
+}
+
+/// Latent metrics of sample `shards` against `refl`, as report JSON.
+pub fn latent_against(
+    shards: &[PathBuf],
+    refl: &LatentReference,
+    opts: &EvalOptions,
+    progress: &mut dyn Progress,
+) -> Result<Value, EvalError> {
+    if shards.is_empty() {
+        return Err(EvalError::Invalid("no sample shards".into()));
+    }
     let first = crate::shards::ShardReader::open(&shards[0])?;
     if (first.tokens(), first.channels()) != (refl.token_count, refl.channels) {
         return Err(EvalError::Invalid(format!(
@@ -252,10 +254,28 @@ fn latent_metrics(
     let set = latent::scan(shards, refl.stats.as_ref(), &lo, progress)?;
     let denorm = set.denormalised_shards;
     let pr = lo.keep_pooled.then_some(&opts.pr);
-    let m = latent::compare(set, &refl, pr)?;
+    let m = latent::compare(set, refl, pr)?;
     let mut v = serde_json::to_value(&m).map_err(|e| EvalError::Invalid(e.to_string()))?;
     v["denormalised_shards"] = json!(denorm);
     Ok(v)
+}
+
+fn latent_metrics(
+    samples: &Input,
+    reference: &Input,
+    opts: &EvalOptions,
+    progress: &mut dyn Progress,
+) -> Result<Value, EvalError> {
+    let Input::Shards { shards, .. } = samples else {
+        return Err(EvalError::Invalid(
+            "latent metrics need sample shards (a sample or cache directory)".into(),
+        ));
+    };
+    if shards.is_empty() {
+        return Err(EvalError::Invalid("no sample shards".into()));
+    }
+    let refl = latent_reference_of(reference, opts, progress)?;
+    latent_against(shards, &refl, opts, progress)
 }
 
 /// Reference-side pixel statistics: Gaussians by set and P/R features.
