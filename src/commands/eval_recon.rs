@@ -88,9 +88,12 @@ fn load_lpips(a: &Args, device: &candle_core::Device) -> anyhow::Result<Lpips> {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let device = rae_cache::device::parse_device(&a.device)?;
     let has = |m| a.metrics.contains(&m);
-    let mut inception: Option<Box<dyn ImageFeatures>> = match (&a.inception, has(ReconMetric::Rfid)) {
+    let mut inception: Option<Box<dyn ImageFeatures>> = match (&a.inception, has(ReconMetric::Rfid))
+    {
         (Some(p), true) => Some(load_inception(p, &a.device)?),
-        (None, true) => bail!("inception weights needed for rfid: --inception FILE ({INCEPTION_HINT})"),
+        (None, true) => {
+            bail!("inception weights needed for rfid: --inception FILE ({INCEPTION_HINT})")
+        }
         _ => None,
     };
     let lpips = has(ReconMetric::Lpips)
@@ -104,7 +107,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         rounding: a.dec.rounding,
     };
     let mut nets = ReconNets {
-        inception: inception.as_deref_mut().map(|n| n as &mut dyn ImageFeatures),
+        inception: inception
+            .as_deref_mut()
+            .map(|n| n as &mut dyn ImageFeatures),
         lpips: lpips.as_ref().map(|l| (l, device.clone())),
     };
     let mut acc = ReconAccumulator::new(&a.metrics);
@@ -112,16 +117,35 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let mut bar = Bar::labelled("eval-recon", true);
     let t = Instant::now();
     let kind = if a.input.join(MANIFEST_FILE).is_file() {
-        cache_pairs(&a.input, a.images.as_deref(), &rec, (a.batch_size, a.limit), &mut bar, &mut push)?;
+        cache_pairs(
+            &a.input,
+            a.images.as_deref(),
+            &rec,
+            (a.batch_size, a.limit),
+            &mut bar,
+            &mut push,
+        )?;
         "cache"
     } else {
         let files = image_files(&a.input, a.limit)?;
         let Some(enc) = &a.encoder else {
-            bail!("{}: an image folder needs --encoder (the encoder the decoder was trained on)", a.input.display());
+            bail!(
+                "{}: an image folder needs --encoder (the encoder the decoder was trained on)",
+                a.input.display()
+            );
         };
-        let model = rae_cache::weights::resolve_model(enc, false).with_context(|| format!("--encoder {enc}"))?;
-        let encoder = rae_cache::encoders::load_resolved(&model, &device, a.precision.resolve(&device))?;
-        round_trip_images(&files, encoder.as_ref(), &rec, a.batch_size, &mut bar, &mut push)?;
+        let model = rae_cache::weights::resolve_model(enc, false)
+            .with_context(|| format!("--encoder {enc}"))?;
+        let encoder =
+            rae_cache::encoders::load_resolved(&model, &device, a.precision.resolve(&device))?;
+        round_trip_images(
+            &files,
+            encoder.as_ref(),
+            &rec,
+            a.batch_size,
+            &mut bar,
+            &mut push,
+        )?;
         "round-trip"
     };
     let r = acc.finish()?;

@@ -6,14 +6,14 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use candle_core::Device;
+use rae_cache::dist::{Collective, DistEnv, SingleProcess};
 use rae_cache::eval::probe::{LatentProbe, ProbeOptions};
 use rae_cache::models::DitConfig;
+use rae_cache::precision::Precision;
 use rae_cache::shards::LatentStats;
 use rae_cache::train::cadence::Cadence;
-use rae_cache::train::loader::source::CacheSet;
-use rae_cache::dist::{Collective, DistEnv, SingleProcess};
-use rae_cache::precision::Precision;
 use rae_cache::train::checkpoint::latest;
+use rae_cache::train::loader::source::CacheSet;
 use rae_cache::train::trainer::{StepStats, Trainer};
 use rae_cache::train::{ScheduleKind, TrainConfig};
 
@@ -192,7 +192,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         (0, _) | (_, 1..) => None,
         _ => Some(make_probe(&args.probe, &trainer)?),
     };
-    let last = train_with_bar(&mut trainer, !args.json && rank == 0, probe.as_ref(), &device)?;
+    let last = train_with_bar(
+        &mut trainer,
+        !args.json && rank == 0,
+        probe.as_ref(),
+        &device,
+    )?;
     if rank == 0 {
         report(&trainer, last, args.json)?;
     }

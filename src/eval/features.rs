@@ -110,7 +110,9 @@ impl ImageSource {
                 serde_json::json!({"kind": "npz", "path": p.display().to_string()})
             }
             ImageSource::Files(v) => serde_json::json!({"kind": "image-folder", "files": v.len()}),
-            ImageSource::Decoded { shards, decoder, .. } => serde_json::json!({
+            ImageSource::Decoded {
+                shards, decoder, ..
+            } => serde_json::json!({
                 "kind": "decoded-shards", "shards": shards.len(), "decoder": decoder.provenance,
             }),
         }
@@ -121,7 +123,9 @@ impl ImageSource {
         let n = match self {
             ImageSource::Npz(p) => npz::image_shape(p)?.0,
             ImageSource::Files(v) => v.len(),
-            ImageSource::Decoded { shards, .. } => crate::generate::decode_run::stream_rows(shards, None)?,
+            ImageSource::Decoded { shards, .. } => {
+                crate::generate::decode_run::stream_rows(shards, None)?
+            }
         };
         Ok(limit.map_or(n, |l| l.min(n)))
     }

@@ -82,7 +82,8 @@ impl LatentProbe {
             )));
         }
         let t = Instant::now();
-        let mut refl = latent_reference_of(&Input::detect(reference)?, &eval_options(), &mut NoProgress)?;
+        let mut refl =
+            latent_reference_of(&Input::detect(reference)?, &eval_options(), &mut NoProgress)?;
         if refl.stats.is_none() {
             refl.stats = Some(stats.clone());
         }
@@ -118,8 +119,10 @@ impl LatentProbe {
     ) -> Result<Value, EvalError> {
         let t = Instant::now();
         let err = |e: String| EvalError::Invalid(format!("probe at step {step}: {e}"));
-        let sd: HashMap<String, Tensor> =
-            weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let sd: HashMap<String, Tensor> = weights
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let vb = state_dict::var_builder(sd, DType::F32, device);
         let model = DitModel::new(&self.cfg, vb).map_err(|e| err(e.to_string()))?;
         if self.dir.exists() {

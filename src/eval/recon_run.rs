@@ -160,7 +160,9 @@ impl ReconAccumulator {
             )));
         }
         if *self.size.get_or_insert((dims.1, dims.2)) != (dims.1, dims.2) {
-            return Err(EvalError::Invalid("image sizes change between batches".into()));
+            return Err(EvalError::Invalid(
+                "image sizes change between batches".into(),
+            ));
         }
         let (x, y) = (unit_nchw(original), unit_nchw(recon));
         let has = |m| self.metrics.contains(&m);
@@ -210,7 +212,9 @@ impl ReconAccumulator {
 }
 
 fn no_net(what: &str) -> EvalError {
-    EvalError::Invalid(format!("the {what} network is needed for the metrics asked"))
+    EvalError::Invalid(format!(
+        "the {what} network is needed for the metrics asked"
+    ))
 }
 
 /// The decoder side of a reconstruction: model, device, byte conversion.
@@ -276,16 +280,23 @@ pub fn round_trip_images(
             .collect::<Result<Vec<_>, _>>()?;
         let refs: Vec<&image::RgbImage> = crops.iter().collect();
         let enc = |e: crate::encoders::EncoderError| EvalError::Invalid(format!("encoder: {e}"));
-        let input = u8_to_input(&crops_to_u8(&refs, rec.device).map_err(enc)?, &[false])
-            .map_err(enc)?;
+        let input =
+            u8_to_input(&crops_to_u8(&refs, rec.device).map_err(enc)?, &[false]).map_err(enc)?;
         let z = encoder.encode(&input).map_err(enc)?;
         let px = rec
             .decoder
             .forward(&z)
-            .and_then(|p| p.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1())
+            .and_then(|p| {
+                p.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()
+            })
             .map_err(cerr)?;
         let recon = to_bytes(&px, side, side, rec.rounding).concat();
-        let orig: Vec<u8> = crops.iter().flat_map(|c| c.as_raw().iter().copied()).collect();
+        let orig: Vec<u8> = crops
+            .iter()
+            .flat_map(|c| c.as_raw().iter().copied())
+            .collect();
         f(&batch(&orig, side), &batch(&recon, side))?;
         progress.advance(chunk.len() as u64);
     }
@@ -324,7 +335,10 @@ pub fn cache_pairs(
         for (key, &flip) in d.keys.iter().zip(d.flips) {
             let p = root.join(key);
             let mut c = load_crop(&p, side as u32, &DecodeOptions::default()).map_err(|e| {
-                EvalError::format(&p, format!("{e} (the cache's source image; --images DIR to point elsewhere)"))
+                EvalError::format(
+                    &p,
+                    format!("{e} (the cache's source image; --images DIR to point elsewhere)"),
+                )
             })?;
             if flip {
                 c = image::imageops::flip_horizontal(&c);

@@ -111,14 +111,25 @@ fn pixel_opts() -> EvalOptions {
     }
 }
 
-fn eval_with(samples: &Path, reference: &Path, dec: Option<Arc<SampleDecoder>>) -> serde_json::Value {
+fn eval_with(
+    samples: &Path,
+    reference: &Path,
+    dec: Option<Arc<SampleDecoder>>,
+) -> serde_json::Value {
     let mut toy = Toy;
     let mut nets = Networks {
         inception: Some(&mut toy),
         decoder: dec,
         ..Networks::default()
     };
-    evaluate(samples, reference, &mut nets, &pixel_opts(), &mut NoProgress).unwrap()
+    evaluate(
+        samples,
+        reference,
+        &mut nets,
+        &pixel_opts(),
+        &mut NoProgress,
+    )
+    .unwrap()
 }
 
 fn sample_decoder(stats: Option<LatentStats>) -> Arc<SampleDecoder> {
@@ -184,7 +195,14 @@ fn decoded_shards_score_like_the_png_folder_decode_writes() {
         inception: Some(&mut toy),
         ..Networks::default()
     };
-    let e = evaluate(&samples, &reference, &mut nets, &pixel_opts(), &mut NoProgress).unwrap_err();
+    let e = evaluate(
+        &samples,
+        &reference,
+        &mut nets,
+        &pixel_opts(),
+        &mut NoProgress,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("--decoder"), "{e}");
 }
 
@@ -208,7 +226,12 @@ fn cli_eval_of_sample_shards_with_the_inception() {
     let bs = BATCH.to_string();
     let mut a = vec!["decode".to_string(), s(&samples), "--out".into(), s(&pngs)];
     a.extend(dec.iter().cloned());
-    a.extend(["--batch-size".into(), bs.clone(), "--device".into(), "cpu".into()]);
+    a.extend([
+        "--batch-size".into(),
+        bs.clone(),
+        "--device".into(),
+        "cpu".into(),
+    ]);
     run_ok(&a);
     let reference = dir.path().join("ref.npz");
     write_npz(&reference, 3, 9);

@@ -54,8 +54,18 @@ fn recon_metrics_match_the_reference() {
     for (a, b) in [(0, split), (split, n)] {
         let (x, y) = (&orig[a * per..b * per], &recon[a * per..b * per]);
         let (x, y) = (
-            ImageBatch { pixels: x, n: b - a, height: h, width: w },
-            ImageBatch { pixels: y, n: b - a, height: h, width: w },
+            ImageBatch {
+                pixels: x,
+                n: b - a,
+                height: h,
+                width: w,
+            },
+            ImageBatch {
+                pixels: y,
+                n: b - a,
+                height: h,
+                width: w,
+            },
         );
         acc.push(&x, &y, &mut nets).unwrap();
     }
@@ -68,15 +78,33 @@ fn recon_metrics_match_the_reference() {
         // pixels go through f32 x / 255 as torchvision's to_tensor: 1e-7 off f64
         ("psnr vs f64 formula", got(r.psnr), f("psnr_f64"), 1e-6),
         ("psnr vs RAE (f32)", got(r.psnr), f("psnr"), 1e-4),
-        ("ssim vs torchmetrics (f64)", got(r.ssim), f("ssim_f64"), 1e-8),
-        ("ssim vs RAE/torchmetrics (f32)", got(r.ssim), f("ssim"), 1e-5),
+        (
+            "ssim vs torchmetrics (f64)",
+            got(r.ssim),
+            f("ssim_f64"),
+            1e-8,
+        ),
+        (
+            "ssim vs RAE/torchmetrics (f32)",
+            got(r.ssim),
+            f("ssim"),
+            1e-5,
+        ),
         ("lpips vs RAE LPIPS (f32)", got(r.lpips), f("lpips"), 1e-7),
-        ("rfid vs pytorch-fid + ADM FD", got(r.rfid), f("rfid"), 1e-4 * f("rfid")),
+        (
+            "rfid vs pytorch-fid + ADM FD",
+            got(r.rfid),
+            f("rfid"),
+            1e-4 * f("rfid"),
+        ),
     ];
     for (name, ours, reference, tol) in checks {
         let d = (ours - reference).abs();
         println!("{name}: ours {ours} reference {reference} |diff| {d:e}");
-        assert!(d <= tol, "{name}: {ours} vs {reference} (tolerance {tol:e})");
+        assert!(
+            d <= tol,
+            "{name}: {ours} vs {reference} (tolerance {tol:e})"
+        );
     }
 }
 
@@ -142,8 +170,18 @@ fn eval_recon_end_to_end() {
     let dec = ["--decoder", &weights, "--decoder-config", &cfg];
     let common = ["--device", "cpu", "--batch-size", "4", "--json"];
     let lp = fixtures_dir().join("stage1-gen");
-    let (vgg, lin) = (s(&lp.join("vgg16-small.pth")), s(&lp.join("lpips-lin-small.pth")));
-    let lpips = ["--metrics", "psnr,ssim,lpips", "--lpips-vgg", &vgg, "--lpips-lin", &lin];
+    let (vgg, lin) = (
+        s(&lp.join("vgg16-small.pth")),
+        s(&lp.join("lpips-lin-small.pth")),
+    );
+    let lpips = [
+        "--metrics",
+        "psnr,ssim,lpips",
+        "--lpips-vgg",
+        &vgg,
+        "--lpips-lin",
+        &lin,
+    ];
     let eval = |input: &Path, extra: &[&str]| {
         let mut a = vec!["eval-recon", &s(input)]
             .into_iter()
@@ -203,7 +241,14 @@ fn eval_recon_end_to_end() {
     }
     // an image folder without --encoder: a clear error
     let out = crate::common::bin()
-        .args(["eval-recon", &s(&images), "--decoder", &weights, "--decoder-config", &cfg])
+        .args([
+            "eval-recon",
+            &s(&images),
+            "--decoder",
+            &weights,
+            "--decoder-config",
+            &cfg,
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
