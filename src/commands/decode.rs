@@ -64,16 +64,30 @@ impl DecoderArgs {
     }
 }
 
+/// A required decoder checkpoint and how to build it (`decode`, `eval-recon`).
+#[derive(clap::Args, Debug)]
+pub struct DecoderFlags {
+    /// RAE decoder checkpoint (.safetensors or .pt), or a run directory,
+    /// its `checkpoints/` or `checkpoints/latest` (the newest checkpoint).
+    #[arg(long)]
+    pub decoder: PathBuf,
+    #[command(flatten)]
+    pub args: DecoderArgs,
+}
+
+impl DecoderFlags {
+    /// The decoder ([`DecoderArgs::load`]).
+    pub fn load(&self, precision: Precision, device: &Device) -> anyhow::Result<RaeDecoder> {
+        self.args.load(&self.decoder, precision, device)
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A shard file, a directory of shards, or a cache / sample directory.
     input: PathBuf,
-    /// RAE decoder checkpoint (.safetensors or .pt), or a run directory,
-    /// its `checkpoints/` or `checkpoints/latest` (the newest checkpoint).
-    #[arg(long)]
-    decoder: PathBuf,
     #[command(flatten)]
-    dec: DecoderArgs,
+    dec: DecoderFlags,
     #[arg(long)]
     out: PathBuf,
     /// One PNG per row, an ADM-evaluator `.npz`, or f32 `.safetensors`.
@@ -99,7 +113,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if a.compute.tf32 {
         rae_cache::precision::set_tf32(true);
     }
-    let decoder = a.dec.load(&a.decoder, a.compute.precision, &device)?;
+    let decoder = a.dec.load(a.compute.precision, &device)?;
     let shards = resolve_shards(&a.input)?;
     let opts = DecodeOptions {
         out_dir: a.out.clone(),
@@ -107,7 +121,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         batch_size: a.batch_size,
         limit: a.limit,
         grid: a.grid,
-        rounding: a.dec.rounding,
+        rounding: a.dec.args.rounding,
     };
     let s = decode_shards(
         &decoder,

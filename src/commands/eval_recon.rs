@@ -30,11 +30,8 @@ pub struct Args {
     /// An image folder (round trip through --encoder and the decoder) or a
     /// latent cache directory (its latents decoded against its source images).
     input: PathBuf,
-    /// RAE decoder checkpoint (file, run directory or `checkpoints/latest`).
-    #[arg(long)]
-    decoder: PathBuf,
     #[command(flatten)]
-    dec: super::decode::DecoderArgs,
+    dec: super::decode::DecoderFlags,
     /// Encoder for an image folder: a Hugging Face model directory or a
     /// repo id in the local cache (as `build --encoder`).
     #[arg(long)]
@@ -100,11 +97,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .then(|| load_lpips(&a, &device))
         .transpose()?;
     let inception_provenance = nets_provenance(inception.as_deref());
-    let decoder = a.dec.load(&a.decoder, a.precision, &device)?;
+    let decoder = a.dec.load(a.precision, &device)?;
     let rec = Reconstructor {
         decoder: &decoder,
         device: &device,
-        rounding: a.dec.rounding,
+        rounding: a.dec.args.rounding,
     };
     let mut nets = ReconNets {
         inception: inception
@@ -153,7 +150,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         "metrics": {"psnr": r.psnr, "ssim": r.ssim, "lpips": r.lpips, "rfid": r.rfid},
         "counts": {"samples": r.images},
         "input": {"path": a.input.display().to_string(), "kind": kind, "size": r.size},
-        "decoder": {"checkpoint": a.decoder.display().to_string(), "rounding": format!("{:?}", a.dec.rounding).to_lowercase(), "precision": format!("{:?}", decoder.dtype())},
+        "decoder": {"checkpoint": a.dec.decoder.display().to_string(), "rounding": format!("{:?}", a.dec.args.rounding).to_lowercase(), "precision": format!("{:?}", decoder.dtype())},
         "encoder": a.encoder,
         "protocol": {
             "pixels": "original and reconstruction as uint8 (decoder output clamped to [0,1], * 255, rounding as above)",

@@ -173,6 +173,18 @@ pub struct Networks<'a> {
     pub decoder: Option<Arc<SampleDecoder>>,
 }
 
+impl<'a> Networks<'a> {
+    fn inception_net(&mut self) -> Result<&mut (dyn ImageFeatures + 'a), EvalError> {
+        self.inception
+            .as_deref_mut()
+            .ok_or_else(|| no_net("Inception-v3"))
+    }
+
+    fn dinov2_net(&mut self) -> Result<&mut (dyn ImageFeatures + 'a), EvalError> {
+        self.dinov2.as_deref_mut().ok_or_else(|| no_net("DINOv2-L"))
+    }
+}
+
 fn load_stats(p: &Option<PathBuf>) -> Result<Option<LatentStats>, EvalError> {
     p.as_ref()
         .map(|p| LatentStats::load(p).map_err(EvalError::from))
@@ -325,10 +337,7 @@ fn dinov2_set(
     limit: Option<usize>,
     progress: &mut dyn Progress,
 ) -> Result<(FeatureSet, Value), EvalError> {
-    let net = nets
-        .dinov2
-        .as_deref_mut()
-        .ok_or_else(|| no_net("DINOv2-L"))?;
+    let net = nets.dinov2_net()?;
     let keep = Keep {
         pool_stats: true,
         ..Keep::default()
@@ -365,10 +374,7 @@ pub fn reference_of_images(
 ) -> Result<Reference, EvalError> {
     let mut r = Reference::default();
     if metrics.iter().any(|m| m.needs_inception()) {
-        let net = nets
-            .inception
-            .as_deref_mut()
-            .ok_or_else(|| no_net("Inception-v3"))?;
+        let net = nets.inception_net()?;
         let keep = Keep {
             logits: false,
             ..inception_keep(metrics)
@@ -462,10 +468,7 @@ fn pixel_metrics(
     report["ref"]["provenance"] = Value::Object(r.provenance.clone());
     let t1 = Instant::now();
     if ms.iter().any(|m| m.needs_inception()) {
-        let net = nets
-            .inception
-            .as_deref_mut()
-            .ok_or_else(|| no_net("Inception-v3"))?;
+        let net = nets.inception_net()?;
         let set = extract(
             &src,
             net,

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use rae_cache::eval::features::ImageBatch;
 use rae_cache::eval::networks::InceptionFeatures;
 use rae_cache::eval::recon_run::{ReconAccumulator, ReconMetric, ReconNets};
@@ -112,26 +112,6 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// A decoder with random weights whose images are the cache's crop size.
-fn random_decoder(dir: &Path, tokens: usize, channels: usize) -> (String, String) {
-    let mut cfg: rae_cache::models::DecoderConfig =
-        serde_json::from_value(read_json("decoder.json")).unwrap();
-    cfg.latent_dim = channels;
-    cfg.num_patches = tokens;
-    cfg.patch_size = rae_cache::encoders::CROP_SIZE / (tokens as f64).sqrt() as usize;
-    let cfg_path = dir.join("decoder.json");
-    std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
-    let vm = candle_nn::VarMap::new();
-    rae_cache::models::RaeDecoder::new(
-        &cfg,
-        candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
-    let weights = dir.join("decoder.safetensors");
-    vm.save(&weights).unwrap();
-    (s(&weights), s(&cfg_path))
-}
-
 fn mean_psnr(pairs: &[(Vec<u8>, Vec<u8>)]) -> f64 {
     let v: Vec<f64> = pairs
         .iter()
@@ -154,19 +134,14 @@ fn eval_recon_end_to_end() {
     let cache = tmp.path().join("cache");
     let images = fixture("images");
     let encoder = fixture("encoder-dinov2reg");
-    run_ok([
-        "build",
-        &s(&images),
-        "--encoder",
-        &s(&encoder),
-        "--out",
-        &s(&cache),
-        "--dtype",
-        "f32",
-    ]);
+    crate::common::cli::build_fixture_cache(&images, &cache, &["--dtype", "f32"]);
     let shards = rae_cache::generate::resolve_shards(&cache).unwrap();
     let first = rae_cache::shards::ShardReader::open(&shards[0]).unwrap();
-    let (weights, cfg) = random_decoder(tmp.path(), first.tokens(), first.channels());
+    // images of the crop size, so they compare with the crops
+    let (t, c) = (first.tokens(), first.channels());
+    let patch = rae_cache::encoders::CROP_SIZE / (t as f64).sqrt() as usize;
+    let (weights, cfg, _) = crate::common::random_decoder(tmp.path(), t, c, patch);
+    let (weights, cfg) = (s(&weights), s(&cfg));
     let dec = ["--decoder", &weights, "--decoder-config", &cfg];
     let common = ["--device", "cpu", "--batch-size", "4", "--json"];
     let lp = fixtures_dir().join("stage1-gen");
