@@ -51,6 +51,9 @@ enum Cmd {
     /// The whole pipeline on built-in data, from nothing to a page of
     /// generated pictures (minutes on a CPU, no download).
     Demo(commands::demo::Args),
+    /// Reconstruction metrics of a decoder (PSNR, SSIM, LPIPS, rFID) over an
+    /// image folder (encode -> decode) or a cache and its source images.
+    EvalRecon(commands::eval_recon::Args),
     /// Throughput benchmarks with random weights (see scripts/gpu-check.sh).
     #[command(hide = true)]
     Bench(commands::bench::Args),
@@ -77,6 +80,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Eval(a) => commands::eval::run(a),
         Cmd::EvalRef(a) => commands::eval_ref::run(a),
         Cmd::Demo(a) => commands::demo::run(a),
+        Cmd::EvalRecon(a) => commands::eval_recon::run(a),
         Cmd::Bench(a) => commands::bench::run(a),
     };
     match res {

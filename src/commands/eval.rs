@@ -5,11 +5,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use rae_cache::eval::features::ImageFeatures;
+use std::sync::Arc;
+
+use rae_cache::eval::features::{ImageFeatures, SampleDecoder};
 use rae_cache::eval::networks::{Dinov2Features, InceptionFeatures};
 use rae_cache::eval::run::{EvalOptions, Input, Metric, Networks, evaluate};
 use rae_cache::eval::{Distance, PrOptions};
-use serde_json::Value;
+use rae_cache::precision::Precision;
+use rae_cache::shards::LatentStats;
+use serde_json::{Value, json};
 
 use super::progress::Bar;
 
@@ -83,6 +87,23 @@ pub struct Args {
     /// Use at most N samples.
     #[arg(long)]
     limit: Option<usize>,
+    /// RAE decoder checkpoint (file, run directory or
+    /// `checkpoints/latest`): SAMPLES given as latent shards are decoded
+    /// in-process through `decode`'s pixel path (no files written) for the
+    /// pixel metrics; then fid,sfid,is,pr is the default metric set.
+    #[arg(long)]
+    decoder: Option<PathBuf>,
+    #[command(flatten)]
+    dec: super::decode::DecoderArgs,
+    /// Decoder compute precision: auto (bf16 on CUDA, f32 on CPU, as
+    /// `decode`), f32, bf16 or f16. The paper recommends f32 for low FIDs.
+    #[arg(long, default_value = "auto")]
+    decoder_precision: Precision,
+    /// The training cache's stats.safetensors: de-normalises sample shards
+    /// written without `sample --stats` (when the sample directory has no
+    /// stats.safetensors of its own).
+    #[arg(long)]
+    latent_stats: Option<PathBuf>,
     /// Print the JSON report on stdout.
     #[arg(long)]
     json: bool,
@@ -157,12 +178,13 @@ impl LoadedNetworks {
                 .dinov2
                 .as_deref_mut()
                 .map(|n| n as &mut dyn ImageFeatures),
+            decoder: None,
         }
     }
 }
 
 /// The FID Inception (pool / spatial / unbiased logits) as `ImageFeatures`.
-fn load_inception(path: &Path, device: &str) -> anyhow::Result<Box<dyn ImageFeatures>> {
+pub fn load_inception(path: &Path, device: &str) -> anyhow::Result<Box<dyn ImageFeatures>> {
     if !path.is_file() {
         bail!("{}: no such file ({INCEPTION_HINT})", path.display());
     }
@@ -191,19 +213,55 @@ fn table(r: &Value) -> String {
             out.push_str(&format!("{k:<18} {}\n", fmt(v)));
         }
     }
-    out.push_str(&format!("{:<18} {}\n", "samples", r["counts"]["samples"]));
+    if let Some(n) = r.get("counts").map(|c| &c["samples"]) {
+        out.push_str(&format!("{:<18} {n}\n", "samples"));
+    }
     out
+}
+
+/// The sample decoder of `--decoder`, with what the report records.
+fn sample_decoder(a: &Args, path: &Path) -> anyhow::Result<Arc<SampleDecoder>> {
+    let device = rae_cache::device::parse_device(&a.common.device)?;
+    let decoder = a.dec.load(path, a.decoder_precision, &device)?;
+    let stats = a
+        .latent_stats
+        .as_ref()
+        .map(|p| LatentStats::load(p).with_context(|| format!("--latent-stats {}", p.display())))
+        .transpose()?;
+    let provenance = json!({
+        "checkpoint": path.display().to_string(),
+        "config": a.dec.decoder_config.as_ref().map(|p| p.display().to_string()),
+        "preset": a.dec.preset,
+        "weights_key": a.dec.weights_key,
+        "precision": format!("{:?}", decoder.dtype()),
+        "rounding": format!("{:?}", a.dec.rounding).to_lowercase(),
+        "image_size": decoder.config().image_size(),
+    });
+    Ok(Arc::new(SampleDecoder {
+        decoder,
+        device,
+        rounding: a.dec.rounding,
+        stats,
+        provenance,
+    }))
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let mut opts = a.common.options(&a.samples)?;
     opts.is_split = a.is_split;
     opts.limit = a.limit;
+    if a.decoder.is_some() && a.common.metrics.is_empty() {
+        opts.metrics = vec![Metric::Fid, Metric::Sfid, Metric::Is, Metric::Pr];
+    }
     let mut nets = a.common.networks(&opts.metrics)?;
+    let mut borrowed = nets.borrow();
+    if let Some(p) = &a.decoder {
+        borrowed.decoder = Some(sample_decoder(&a, p)?);
+    }
     let report = evaluate(
         &a.samples,
         &a.reference,
-        &mut nets.borrow(),
+        &mut borrowed,
         &opts,
         &mut Bar::labelled("eval", true),
     )
@@ -214,15 +272,21 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             a.reference.display()
         )
     })?;
-    let text = serde_json::to_string_pretty(&report)?;
-    if let Some(p) = &a.out {
+    emit(&report, a.out.as_deref(), a.json)
+}
+
+/// Write the report to `out` (atomically) if given, and print it: the JSON
+/// with `json`, else the metric table.
+pub fn emit(report: &Value, out: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
+    let text = serde_json::to_string_pretty(report)?;
+    if let Some(p) = out {
         rae_cache::fsutil::write_atomic(p, text.as_bytes())
             .with_context(|| format!("writing {}", p.display()))?;
     }
-    if a.json {
+    if json {
         println!("{text}");
     } else {
-        print!("{}", table(&report));
+        print!("{}", table(report));
     }
     Ok(ExitCode::SUCCESS)
 }

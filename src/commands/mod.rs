@@ -6,6 +6,7 @@ pub mod build;
 pub mod decode;
 pub mod demo;
 pub mod eval;
+pub mod eval_recon;
 pub mod eval_ref;
 pub mod inspect;
 pub mod launch;

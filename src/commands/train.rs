@@ -4,10 +4,16 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use candle_core::Device;
 use rae_cache::dist::{Collective, DistEnv, SingleProcess};
+use rae_cache::eval::probe::{LatentProbe, ProbeOptions};
+use rae_cache::models::DitConfig;
 use rae_cache::precision::Precision;
+use rae_cache::shards::LatentStats;
+use rae_cache::train::cadence::Cadence;
 use rae_cache::train::checkpoint::latest;
+use rae_cache::train::loader::source::CacheSet;
 use rae_cache::train::trainer::{StepStats, Trainer};
 use rae_cache::train::{ScheduleKind, TrainConfig};
 
@@ -87,6 +93,30 @@ pub struct Args {
     /// Print the final summary as JSON on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    probe: ProbeArgs,
+}
+
+/// The latent probe: a few EMA samples scored in latent space every N steps
+/// (command-line only; not stored in the run's config).
+#[derive(clap::Args, Debug)]
+struct ProbeArgs {
+    /// Every N optimizer steps, sample --eval-samples latents from the EMA
+    /// weights and append their latent FD (pooled) and mean/variance drift
+    /// against the training cache to log.jsonl (`{"step", "probe"}`); 0: off.
+    #[arg(long, default_value_t = 0)]
+    eval_every: u64,
+    /// Samples per probe (fixed seed, labels equal over the classes).
+    #[arg(long, default_value_t = 256)]
+    eval_samples: usize,
+    /// ODE sampler steps of a probe.
+    #[arg(long, default_value_t = 25)]
+    eval_sampler_steps: usize,
+    /// The probe's reference: a cache directory or an `eval-ref` file made
+    /// from one (scanning a large cache at start is slow: make the file
+    /// once). Default: the first --data cache.
+    #[arg(long)]
+    eval_ref: Option<PathBuf>,
 }
 
 impl Args {
@@ -158,7 +188,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let (device, comm) = join_job(&cfg.device)?;
     let rank = comm.rank();
     let mut trainer = Trainer::with_collective(cfg, &device, resume_from.as_deref(), comm)?;
-    let last = train_with_bar(&mut trainer, !args.json && rank == 0)?;
+    let probe = match (args.probe.eval_every, rank) {
+        (0, _) | (_, 1..) => None,
+        _ => Some(make_probe(&args.probe, &trainer)?),
+    };
+    let last = train_with_bar(
+        &mut trainer,
+        !args.json && rank == 0,
+        probe.as_ref(),
+        &device,
+    )?;
     if rank == 0 {
         report(&trainer, last, args.json)?;
     }
@@ -205,11 +244,81 @@ fn join_job(device_spec: &str) -> anyhow::Result<(Device, Box<dyn Collective>)> 
     Ok((device, comm))
 }
 
+/// The latent probe of `--eval-every` (rank 0 only).
+fn make_probe(a: &ProbeArgs, trainer: &Trainer) -> anyhow::Result<LatentProbe> {
+    let cfg = trainer.config();
+    let set = CacheSet::open(&cfg.data)?;
+    let n = set.normalizer();
+    let stats = LatentStats {
+        mean: n.mean.clone(),
+        var: n.var.clone(),
+        count: set.num_images() as u64,
+        channels: n.channels,
+        height: n.height,
+        width: n.width,
+    };
+    let reference = a.eval_ref.clone().or_else(|| cfg.data.first().cloned());
+    let reference = reference.context("--eval-every needs a --data cache or --eval-ref")?;
+    let opts = ProbeOptions {
+        every: a.eval_every,
+        samples: a.eval_samples,
+        sampler_steps: a.eval_sampler_steps,
+        seed: cfg.seed,
+        batch_size: cfg.batch_size.max(1),
+    };
+    let model = DitConfig::load(&cfg.model)?;
+    LatentProbe::new(&cfg.out, &reference, stats, model, trainer.shift(), opts)
+        .with_context(|| format!("--eval-ref {}", reference.display()))
+}
+
+/// [`Trainer::run`] with the probe after each step it is due at: the same
+/// order of log line, callback and checkpoint as `run`, whose callback
+/// cannot reach the EMA weights. (With a `Trainer::run` callback that gets
+/// `&Trainer`, this becomes one line in the callback.)
+fn run_with_probe(
+    trainer: &mut Trainer,
+    probe: &LatentProbe,
+    device: &Device,
+    mut on_step: impl FnMut(&StepStats),
+) -> anyhow::Result<Option<StepStats>> {
+    let mut last = None;
+    let total = trainer.total_steps();
+    let (log, ckpt) = (trainer.config().log_every, trainer.config().ckpt_every);
+    while trainer.step() < total {
+        let stats = trainer.train_step()?;
+        if (Cadence { every: log, total }).log_due(stats.step) {
+            trainer.log(&stats)?;
+        }
+        if probe.due(stats.step) {
+            let weights = match trainer.ema() {
+                Some(e) => e.tensors().clone(),
+                None => trainer.weights().into_iter().collect(),
+            };
+            let line = probe.run(stats.step, &weights, device)?;
+            tracing::info!("probe: {}", line["probe"]["fd_pooled"]);
+        }
+        on_step(&stats);
+        if (Cadence { every: ckpt, total }).checkpoint_due(stats.step) {
+            trainer.save_checkpoint()?;
+        }
+        last = Some(stats);
+    }
+    if last.is_some() {
+        trainer.save_checkpoint()?;
+    }
+    Ok(last)
+}
+
 /// Runs the trainer to its last step under a progress bar (hidden unless
-/// `show`); the last step's statistics.
-fn train_with_bar(trainer: &mut Trainer, show: bool) -> anyhow::Result<Option<StepStats>> {
+/// `show`), with the latent probe when given; the last step's statistics.
+fn train_with_bar(
+    trainer: &mut Trainer,
+    show: bool,
+    probe: Option<&LatentProbe>,
+    device: &Device,
+) -> anyhow::Result<Option<StepStats>> {
     let bar = super::run_dir::step_bar(trainer.total_steps(), trainer.step(), show);
-    let last = trainer.run(|s| {
+    let update = |s: &StepStats| {
         bar.set_position(s.step);
         bar.set_message(format!(
             "loss {:.4} gn {:.3} lr {:.2e} {:.1} img/s {:.0} tok/s rss {:.0} MB",
@@ -220,7 +329,11 @@ fn train_with_bar(trainer: &mut Trainer, show: bool) -> anyhow::Result<Option<St
             s.tokens_per_s,
             s.rss_bytes.unwrap_or(0) as f64 / 1e6
         ));
-    })?;
+    };
+    let last = match probe {
+        Some(p) => run_with_probe(trainer, p, device, update)?,
+        None => trainer.run(update)?,
+    };
     bar.finish();
     Ok(last)
 }

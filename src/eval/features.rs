@@ -4,9 +4,15 @@
 //! per-set accumulation of their features.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
 
 use super::{EvalError, Moments, npz};
+use crate::generate::{Rounding, StreamOptions, decode_stream};
+use crate::models::RaeDecoder;
 use crate::progress::Progress;
+use crate::shards::LatentStats;
 
 /// A batch of RGB8 images, NHWC, row-major.
 #[derive(Debug, Clone, Copy)]
@@ -53,6 +59,32 @@ pub enum ImageSource {
     Npz(PathBuf),
     /// Image files (sorted), all of one size.
     Files(Vec<PathBuf>),
+    /// Latent shards decoded in-process, through the pixel path of
+    /// `decode` (no files written).
+    Decoded {
+        /// The shard files, in order.
+        shards: Vec<PathBuf>,
+        /// De-normalises shards written normalised.
+        stats: Option<LatentStats>,
+        /// The decoder and its byte conversion.
+        decoder: Arc<SampleDecoder>,
+    },
+}
+
+/// The decoder that turns sample shards into images for the pixel metrics.
+#[derive(Debug)]
+pub struct SampleDecoder {
+    /// The RAE decoder.
+    pub decoder: RaeDecoder,
+    /// Where it runs.
+    pub device: Device,
+    /// Float -> byte (`decode --rounding`; the reference truncates).
+    pub rounding: Rounding,
+    /// Latent statistics that de-normalise shards `sample` wrote
+    /// normalised, when the sample directory has none of its own.
+    pub stats: Option<LatentStats>,
+    /// Recorded in reports: checkpoint, config, rounding.
+    pub provenance: serde_json::Value,
 }
 
 impl ImageSource {
@@ -78,6 +110,11 @@ impl ImageSource {
                 serde_json::json!({"kind": "npz", "path": p.display().to_string()})
             }
             ImageSource::Files(v) => serde_json::json!({"kind": "image-folder", "files": v.len()}),
+            ImageSource::Decoded {
+                shards, decoder, ..
+            } => serde_json::json!({
+                "kind": "decoded-shards", "shards": shards.len(), "decoder": decoder.provenance,
+            }),
         }
     }
 
@@ -86,6 +123,9 @@ impl ImageSource {
         let n = match self {
             ImageSource::Npz(p) => npz::image_shape(p)?.0,
             ImageSource::Files(v) => v.len(),
+            ImageSource::Decoded { shards, .. } => {
+                crate::generate::decode_run::stream_rows(shards, None)?
+            }
         };
         Ok(limit.map_or(n, |l| l.min(n)))
     }
@@ -139,6 +179,26 @@ impl ImageSource {
                     })?;
                 }
                 Ok(files.len())
+            }
+            ImageSource::Decoded {
+                shards,
+                stats,
+                decoder,
+            } => {
+                let opts = StreamOptions {
+                    batch_size: batch.max(1),
+                    limit,
+                    rounding: decoder.rounding,
+                    stats: stats.clone(),
+                };
+                decode_stream(&decoder.decoder, shards, &opts, &decoder.device, |d| {
+                    f(&ImageBatch {
+                        pixels: d.pixels,
+                        n: d.keys.len(),
+                        height: d.height,
+                        width: d.width,
+                    })
+                })
             }
         }
     }

@@ -18,6 +18,7 @@ use serde::Serialize;
 use super::{
     EvalError, Gaussian, Moments, PrOptions, PrResult, frechet_distance, precision_recall,
 };
+use crate::generate::decode_run::denormalise;
 use crate::generate::sample_run::{META_DENORMALISED, STATS_EPS};
 use crate::progress::Progress;
 use crate::shards::{LatentStats, ShardReader, StatsAccumulator};
@@ -64,27 +65,6 @@ pub struct LatentSet {
     cap: usize,
     /// Rows in the strided subset.
     pub subset: usize,
-}
-
-/// `x * sqrt(var + eps) + mean` per element of token-major rows, from
-/// statistics laid out [C, H, W] (as `sample` de-normalises).
-fn denormalise(latents: &mut [f32], stats: &LatentStats, tokens: usize, channels: usize) {
-    let per = tokens * channels;
-    let scale: Vec<(f32, f32)> = (0..per)
-        .map(|e| {
-            let (tok, ch) = (e / channels, e % channels);
-            let i = ch * tokens + tok;
-            (
-                ((stats.var[i] as f64) + STATS_EPS).sqrt() as f32,
-                stats.mean[i],
-            )
-        })
-        .collect();
-    for row in latents.chunks_exact_mut(per) {
-        row.iter_mut()
-            .zip(&scale)
-            .for_each(|(x, (s, m))| *x = *x * s + m);
-    }
 }
 
 fn open_all(shards: &[PathBuf]) -> Result<Vec<ShardReader>, EvalError> {

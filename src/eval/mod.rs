@@ -16,6 +16,9 @@
 //! * [`latent`]: latent-space metrics of sample shards against a cache.
 //! * [`recon`]: PSNR and SSIM.
 //! * [`centroid`]: nearest-centroid class accuracy of generated latents.
+//! * [`recon_run`]: a decoder's reconstruction metrics (PSNR, SSIM, LPIPS,
+//!   rFID) over round-tripped images or a cache and its source images.
+//! * [`probe`]: the latent probe of `train --eval-every`.
 //! * [`run`]: one evaluation from inputs to a [`run::EvalReport`].
 
 pub mod centroid;
@@ -27,7 +30,9 @@ pub mod manifold;
 pub mod moments;
 pub mod networks;
 pub mod npz;
+pub mod probe;
 pub mod recon;
+pub mod recon_run;
 pub mod reference;
 pub mod run;
 
@@ -45,6 +50,9 @@ pub enum EvalError {
     /// Reading a shard failed.
     #[error(transparent)]
     Shard(#[from] crate::shards::ShardError),
+    /// Decoding sample shards failed.
+    #[error(transparent)]
+    Decode(#[from] crate::generate::GenerateError),
     /// Bad inputs (too few rows, NaN features, mismatched dimensions, ...).
     #[error("{0}")]
     Invalid(String),

@@ -13,6 +13,8 @@
 //!
 //! Images are `[N, C, H, W]` f32, row-major; computed in f64.
 
+use rayon::prelude::*;
+
 use super::EvalError;
 
 fn check(x: &[f32], y: &[f32], n: usize) -> Result<usize, EvalError> {
@@ -115,7 +117,54 @@ fn reflect_pad(p: &[f64], h: usize, w: usize) -> Vec<f64> {
     out
 }
 
-/// SSIM of each image pair, `[N, C, H, W]`.
+/// SSIM of one image pair `[C, H, W]`: the mean over channels and positions.
+fn ssim_image(
+    a: &[f32],
+    b: &[f32],
+    (channels, h, w): (usize, usize, usize),
+    border: SsimBorder,
+) -> f64 {
+    let g = gaussian_window();
+    let (c1, c2) = (0.01f64.powi(2), 0.03f64.powi(2));
+    let plane = h * w;
+    let mut total = 0f64;
+    for c in 0..channels {
+        let f64s = |v: &[f32]| {
+            v[c * plane..(c + 1) * plane]
+                .iter()
+                .map(|v| *v as f64)
+                .collect::<Vec<f64>>()
+        };
+        let (mut pa, mut pb) = (f64s(a), f64s(b));
+        let (fh, fw) = match border {
+            SsimBorder::Valid => (h, w),
+            SsimBorder::Full => {
+                pa = reflect_pad(&pa, h, w);
+                pb = reflect_pad(&pb, h, w);
+                (h + 10, w + 10)
+            }
+        };
+        let prod = |p: &[f64], q: &[f64]| p.iter().zip(q).map(|(u, v)| u * v).collect::<Vec<f64>>();
+        let (mx, my) = (filter_valid(&pa, fh, fw, &g), filter_valid(&pb, fh, fw, &g));
+        let sxx = filter_valid(&prod(&pa, &pa), fh, fw, &g);
+        let syy = filter_valid(&prod(&pb, &pb), fh, fw, &g);
+        let sxy = filter_valid(&prod(&pa, &pb), fh, fw, &g);
+        for i in 0..mx.len() {
+            let (ux, uy) = (mx[i], my[i]);
+            let (vx, vy) = ((sxx[i] - ux * ux).max(0.0), (syy[i] - uy * uy).max(0.0));
+            let cxy = sxy[i] - ux * uy;
+            total += ((2.0 * ux * uy + c1) * (2.0 * cxy + c2))
+                / ((ux * ux + uy * uy + c1) * (vx + vy + c2));
+        }
+    }
+    let positions = match border {
+        SsimBorder::Valid => (h - 10) * (w - 10),
+        SsimBorder::Full => h * w,
+    };
+    total / (channels * positions) as f64
+}
+
+/// SSIM of each image pair, `[N, C, H, W]` (images in parallel).
 pub fn ssim_per_image(
     x: &[f32],
     y: &[f32],
@@ -129,50 +178,10 @@ pub fn ssim_per_image(
             "SSIM: images of {per} values are not [{channels}, {h}, {w}] with sides >= 11"
         )));
     }
-    let g = gaussian_window();
-    let (c1, c2) = (0.01f64.powi(2), 0.03f64.powi(2));
-    let plane = h * w;
-    let mut out = Vec::with_capacity(n);
-    for (a, b) in x.chunks_exact(per).zip(y.chunks_exact(per)) {
-        let mut total = 0f64;
-        for c in 0..channels {
-            let mut pa: Vec<f64> = a[c * plane..(c + 1) * plane]
-                .iter()
-                .map(|v| *v as f64)
-                .collect();
-            let mut pb: Vec<f64> = b[c * plane..(c + 1) * plane]
-                .iter()
-                .map(|v| *v as f64)
-                .collect();
-            let (fh, fw) = match border {
-                SsimBorder::Valid => (h, w),
-                SsimBorder::Full => {
-                    pa = reflect_pad(&pa, h, w);
-                    pb = reflect_pad(&pb, h, w);
-                    (h + 10, w + 10)
-                }
-            };
-            let prod =
-                |p: &[f64], q: &[f64]| p.iter().zip(q).map(|(u, v)| u * v).collect::<Vec<f64>>();
-            let (mx, my) = (filter_valid(&pa, fh, fw, &g), filter_valid(&pb, fh, fw, &g));
-            let sxx = filter_valid(&prod(&pa, &pa), fh, fw, &g);
-            let syy = filter_valid(&prod(&pb, &pb), fh, fw, &g);
-            let sxy = filter_valid(&prod(&pa, &pb), fh, fw, &g);
-            for i in 0..mx.len() {
-                let (ux, uy) = (mx[i], my[i]);
-                let (vx, vy) = ((sxx[i] - ux * ux).max(0.0), (syy[i] - uy * uy).max(0.0));
-                let cxy = sxy[i] - ux * uy;
-                total += ((2.0 * ux * uy + c1) * (2.0 * cxy + c2))
-                    / ((ux * ux + uy * uy + c1) * (vx + vy + c2));
-            }
-        }
-        let positions = match border {
-            SsimBorder::Valid => (h - 10) * (w - 10),
-            SsimBorder::Full => h * w,
-        };
-        out.push(total / (channels * positions) as f64);
-    }
-    Ok(out)
+    Ok(x.par_chunks_exact(per)
+        .zip(y.par_chunks_exact(per))
+        .map(|(a, b)| ssim_image(a, b, (channels, h, w), border))
+        .collect())
 }
 
 /// Mean SSIM over images (RAE: [`SsimBorder::Full`]).

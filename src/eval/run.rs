@@ -3,11 +3,12 @@
 //! the [`ImageFeatures`] networks, latent scans, and every metric.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use super::features::{FeatureSet, ImageFeatures, ImageSource, Keep, extract};
+use super::features::{FeatureSet, ImageFeatures, ImageSource, Keep, SampleDecoder, extract};
 use super::latent::{self, LatentOptions, LatentReference};
 use super::reference::{FeatureRows, Reference};
 use super::{EvalError, PrOptions, frechet_distance, inception_score, precision_recall};
@@ -154,6 +155,7 @@ impl Input {
             Input::Shards { .. } => "latent-shards",
             Input::Images(ImageSource::Npz(_)) => "npz",
             Input::Images(ImageSource::Files(_)) => "image-folder",
+            Input::Images(ImageSource::Decoded { .. }) => "decoded-shards",
             Input::RefFile(_) => "eval-ref",
             Input::AdmNpz(_) => "adm-npz",
         }
@@ -167,6 +169,20 @@ pub struct Networks<'a> {
     pub inception: Option<&'a mut dyn ImageFeatures>,
     /// DINOv2 ViT-L/14 (FD-DINOv2).
     pub dinov2: Option<&'a mut dyn ImageFeatures>,
+    /// Decodes sample shards for the pixel metrics.
+    pub decoder: Option<Arc<SampleDecoder>>,
+}
+
+impl<'a> Networks<'a> {
+    fn inception_net(&mut self) -> Result<&mut (dyn ImageFeatures + 'a), EvalError> {
+        self.inception
+            .as_deref_mut()
+            .ok_or_else(|| no_net("Inception-v3"))
+    }
+
+    fn dinov2_net(&mut self) -> Result<&mut (dyn ImageFeatures + 'a), EvalError> {
+        self.dinov2.as_deref_mut().ok_or_else(|| no_net("DINOv2-L"))
+    }
 }
 
 fn load_stats(p: &Option<PathBuf>) -> Result<Option<LatentStats>, EvalError> {
@@ -195,37 +211,39 @@ pub fn latent_reference_of_cache(
     set.into_reference(stats, opts.latent_pr)
 }
 
-fn latent_metrics(
-    samples: &Input,
+/// The latent reference `--ref` names: a cache (scanned) or an eval-ref
+/// file made from one.
+pub fn latent_reference_of(
     reference: &Input,
     opts: &EvalOptions,
     progress: &mut dyn Progress,
-) -> Result<Value, EvalError> {
-    let Input::Shards { shards, .. } = samples else {
-        return Err(EvalError::Invalid(
-            "latent metrics need sample shards (a sample or cache directory)".into(),
-        ));
-    };
-    if shards.is_empty() {
-        return Err(EvalError::Invalid("no sample shards".into()));
-    }
-    let refl = match reference {
+) -> Result<LatentReference, EvalError> {
+    match reference {
         Input::Shards { shards: rs, stats } => {
-            latent_reference_of_cache(rs, load_stats(stats)?, opts, progress)?
+            latent_reference_of_cache(rs, load_stats(stats)?, opts, progress)
         }
         Input::RefFile(p) => Reference::load(p)?.latent().ok_or_else(|| {
             EvalError::format(
                 p,
                 "has no latent statistics (make it with eval-ref from a cache)",
             )
-        })?,
-        _ => {
-            return Err(EvalError::Invalid(
-                "latent metrics need a latent cache or an eval-ref file made from one as --ref"
-                    .into(),
-            ));
-        }
-    };
+        }),
+        _ => Err(EvalError::Invalid(
+            "latent metrics need a latent cache or an eval-ref file made from one as --ref".into(),
+        )),
+    }
+}
+
+/// Latent metrics of sample `shards` against `refl`, as report JSON.
+pub fn latent_against(
+    shards: &[PathBuf],
+    refl: &LatentReference,
+    opts: &EvalOptions,
+    progress: &mut dyn Progress,
+) -> Result<Value, EvalError> {
+    if shards.is_empty() {
+        return Err(EvalError::Invalid("no sample shards".into()));
+    }
     let first = crate::shards::ShardReader::open(&shards[0])?;
     if (first.tokens(), first.channels()) != (refl.token_count, refl.channels) {
         return Err(EvalError::Invalid(format!(
@@ -248,10 +266,28 @@ fn latent_metrics(
     let set = latent::scan(shards, refl.stats.as_ref(), &lo, progress)?;
     let denorm = set.denormalised_shards;
     let pr = lo.keep_pooled.then_some(&opts.pr);
-    let m = latent::compare(set, &refl, pr)?;
+    let m = latent::compare(set, refl, pr)?;
     let mut v = serde_json::to_value(&m).map_err(|e| EvalError::Invalid(e.to_string()))?;
     v["denormalised_shards"] = json!(denorm);
     Ok(v)
+}
+
+fn latent_metrics(
+    samples: &Input,
+    reference: &Input,
+    opts: &EvalOptions,
+    progress: &mut dyn Progress,
+) -> Result<Value, EvalError> {
+    let Input::Shards { shards, .. } = samples else {
+        return Err(EvalError::Invalid(
+            "latent metrics need sample shards (a sample or cache directory)".into(),
+        ));
+    };
+    if shards.is_empty() {
+        return Err(EvalError::Invalid("no sample shards".into()));
+    }
+    let refl = latent_reference_of(reference, opts, progress)?;
+    latent_against(shards, &refl, opts, progress)
 }
 
 /// Reference-side pixel statistics: Gaussians by set and P/R features.
@@ -293,6 +329,41 @@ fn no_net(what: &str) -> EvalError {
     ))
 }
 
+/// DINOv2 CLS statistics of `source`.
+fn dinov2_set(
+    source: &ImageSource,
+    nets: &mut Networks<'_>,
+    opts: &EvalOptions,
+    limit: Option<usize>,
+    progress: &mut dyn Progress,
+) -> Result<(FeatureSet, Value), EvalError> {
+    let net = nets.dinov2_net()?;
+    let keep = Keep {
+        pool_stats: true,
+        ..Keep::default()
+    };
+    let set = extract(source, net, keep, opts.batch, limit, progress)?;
+    Ok((set, net.provenance()))
+}
+
+/// An ADM reference batch: its precomputed statistics, and with `pr` the
+/// Inception features of its images (what precision/recall compares to).
+fn adm_reference(
+    p: &Path,
+    pr: bool,
+    nets: &mut Networks<'_>,
+    opts: &EvalOptions,
+    progress: &mut dyn Progress,
+) -> Result<Reference, EvalError> {
+    let mut r = Reference::from_adm_npz(p)?;
+    if pr {
+        let src = ImageSource::Npz(p.to_path_buf());
+        let imgs = reference_of_images(&src, nets, &[Metric::Pr], opts, progress)?;
+        r.features.extend(imgs.features);
+    }
+    Ok(r)
+}
+
 /// Statistics of images through the networks, as a [`Reference`].
 pub fn reference_of_images(
     source: &ImageSource,
@@ -303,10 +374,7 @@ pub fn reference_of_images(
 ) -> Result<Reference, EvalError> {
     let mut r = Reference::default();
     if metrics.iter().any(|m| m.needs_inception()) {
-        let net = nets
-            .inception
-            .as_deref_mut()
-            .ok_or_else(|| no_net("Inception-v3"))?;
+        let net = nets.inception_net()?;
         let keep = Keep {
             logits: false,
             ..inception_keep(metrics)
@@ -317,16 +385,8 @@ pub fn reference_of_images(
         store(&mut r, set, "fid")?;
     }
     if metrics.contains(&Metric::FdDinov2) {
-        let net = nets
-            .dinov2
-            .as_deref_mut()
-            .ok_or_else(|| no_net("DINOv2-L"))?;
-        let keep = Keep {
-            pool_stats: true,
-            ..Keep::default()
-        };
-        let set = extract(source, net, keep, opts.batch, None, progress)?;
-        r.provenance.insert("dinov2".into(), net.provenance());
+        let (set, prov) = dinov2_set(source, nets, opts, None, progress)?;
+        r.provenance.insert("dinov2".into(), prov);
         store(&mut r, set, "fd_dinov2")?;
     }
     r.provenance.insert("source".into(), source.describe());
@@ -347,15 +407,10 @@ fn pixel_reference(
         .collect();
     match reference {
         Input::RefFile(p) => Ok(PixelRef { reference: Reference::load(p)?, kind: "eval-ref" }),
-        Input::AdmNpz(p) => {
-            let mut r = Reference::from_adm_npz(p)?;
-            // P/R needs the reference images' features
-            if pixel.contains(&Metric::Pr) {
-                let imgs = reference_of_images(&ImageSource::Npz(p.clone()), nets, &[Metric::Pr], opts, progress)?;
-                r.features.extend(imgs.features);
-            }
-            Ok(PixelRef { reference: r, kind: "adm-npz" })
-        }
+        Input::AdmNpz(p) => Ok(PixelRef {
+            reference: adm_reference(p, pixel.contains(&Metric::Pr), nets, opts, progress)?,
+            kind: "adm-npz",
+        }),
         Input::Images(src) => Ok(PixelRef { reference: reference_of_images(src, nets, &pixel, opts, progress)?, kind: "images" }),
         Input::Shards { .. } => Err(EvalError::Invalid(
             "pixel metrics against a latent cache need decoded images: give an image folder, an npz or an eval-ref file as --ref".into(),
@@ -369,6 +424,25 @@ fn ref_set<'a>(r: &'a Reference, name: &str) -> Result<&'a super::Gaussian, Eval
         .ok_or_else(|| EvalError::Invalid(format!("the reference has no {name} statistics")))
 }
 
+/// The images of the sample side: images as they are, sample shards
+/// through the decoder.
+fn sample_images(samples: &Input, nets: &Networks<'_>) -> Result<ImageSource, EvalError> {
+    match (samples, &nets.decoder) {
+        (Input::Images(src), _) => Ok(src.clone()),
+        (Input::Shards { shards, stats }, Some(d)) => Ok(ImageSource::Decoded {
+            shards: shards.clone(),
+            stats: load_stats(stats)?.or_else(|| d.stats.clone()),
+            decoder: d.clone(),
+        }),
+        (Input::Shards { .. }, None) => Err(EvalError::Invalid(
+            "pixel metrics of sample shards need their decoder (--decoder with --decoder-config or --preset)".into(),
+        )),
+        _ => Err(EvalError::Invalid(
+            "pixel metrics need images: sample shards with --decoder, an npz or an image folder".into(),
+        )),
+    }
+}
+
 fn pixel_metrics(
     samples: &Input,
     reference: &Input,
@@ -377,11 +451,8 @@ fn pixel_metrics(
     progress: &mut dyn Progress,
     report: &mut Value,
 ) -> Result<(), EvalError> {
-    let Input::Images(src) = samples else {
-        return Err(EvalError::Invalid(
-            "pixel metrics need images: decode sample shards first (`rae-cache decode --format npz`) and pass the npz".into(),
-        ));
-    };
+    let src = sample_images(samples, nets)?;
+    report["samples"]["images"] = src.describe();
     let ms = &opts.metrics;
     // fail early on a missing network, before reading anything
     if ms.iter().any(|m| m.needs_inception()) && nets.inception.is_none() {
@@ -397,12 +468,9 @@ fn pixel_metrics(
     report["ref"]["provenance"] = Value::Object(r.provenance.clone());
     let t1 = Instant::now();
     if ms.iter().any(|m| m.needs_inception()) {
-        let net = nets
-            .inception
-            .as_deref_mut()
-            .ok_or_else(|| no_net("Inception-v3"))?;
+        let net = nets.inception_net()?;
         let set = extract(
-            src,
+            &src,
             net,
             inception_keep(ms),
             opts.batch,
@@ -438,16 +506,8 @@ fn pixel_metrics(
         }
     }
     if ms.contains(&Metric::FdDinov2) {
-        let net = nets
-            .dinov2
-            .as_deref_mut()
-            .ok_or_else(|| no_net("DINOv2-L"))?;
-        let keep = Keep {
-            pool_stats: true,
-            ..Keep::default()
-        };
-        let set = extract(src, net, keep, opts.batch, opts.limit, progress)?;
-        report["protocol"]["dinov2"] = net.provenance();
+        let (set, prov) = dinov2_set(&src, nets, opts, opts.limit, progress)?;
+        report["protocol"]["dinov2"] = prov;
         if let Some(m) = &set.pool {
             report["metrics"]["fd_dinov2"] = json!(frechet_distance(
                 &m.finish("samples")?,
@@ -555,19 +615,7 @@ pub fn build_reference(
         }
         Input::Images(src) => reference_of_images(src, nets, &opts.metrics, opts, progress)?,
         Input::AdmNpz(p) => {
-            let mut r = Reference::from_adm_npz(p)?;
-            let want_pr = opts.metrics.contains(&Metric::Pr);
-            if want_pr {
-                let imgs = reference_of_images(
-                    &ImageSource::Npz(p.clone()),
-                    nets,
-                    &[Metric::Pr],
-                    opts,
-                    progress,
-                )?;
-                r.features.extend(imgs.features);
-            }
-            r
+            adm_reference(p, opts.metrics.contains(&Metric::Pr), nets, opts, progress)?
         }
         Input::RefFile(p) => {
             return Err(EvalError::format(

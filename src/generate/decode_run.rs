@@ -16,10 +16,11 @@ use rayon::prelude::*;
 use super::GenerateError;
 use super::npz::NpzWriter;
 use super::pixels::{Rounding, chw_to_hwc_u8, grid, image_stem};
+use super::sample_run::STATS_EPS;
 use crate::models::{DecoderConfig, RaeDecoder};
 use crate::progress::Progress;
 use crate::shards::manifest::{MANIFEST_FILE, SHARDS_DIR};
-use crate::shards::{LatentBatch, ShardReader};
+use crate::shards::{LatentBatch, LatentStats, ShardReader};
 
 /// What `decode` writes (`--format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
@@ -157,9 +158,46 @@ struct Decoded {
     pixels: Vec<f32>,
 }
 
-fn reader_loop(readers: &[ShardReader], limit: usize, tx: Sender<Chunk>) {
+/// Whether `sample` wrote this shard's latents normalised (no `--stats`).
+fn is_normalised(r: &ShardReader) -> bool {
+    r.metadata()
+        .get(super::sample_run::META_DENORMALISED)
+        .map(String::as_str)
+        == Some("false")
+}
+
+/// `x * sqrt(var + eps) + mean` per element of token-major rows
+/// `[rows, tokens, channels]`, statistics laid out `[C, H, W]`: what
+/// `sample --stats` applies to the model's normalised output.
+pub fn denormalise(latents: &mut [f32], stats: &LatentStats, tokens: usize, channels: usize) {
+    let per = tokens * channels;
+    let scale: Vec<(f32, f32)> = (0..per)
+        .map(|e| {
+            let i = (e % channels) * tokens + e / channels;
+            (
+                ((stats.var[i] as f64) + STATS_EPS).sqrt() as f32,
+                stats.mean[i],
+            )
+        })
+        .collect();
+    for row in latents.chunks_exact_mut(per) {
+        row.iter_mut()
+            .zip(&scale)
+            .for_each(|(x, (s, m))| *x = *x * s + m);
+    }
+}
+
+/// Reads up to `limit` rows into `tx`; with `stats`, the rows of shards
+/// written normalised are de-normalised on the way.
+fn reader_loop(
+    readers: &[ShardReader],
+    limit: usize,
+    stats: Option<&LatentStats>,
+    tx: Sender<Chunk>,
+) {
     let mut left = limit;
     for r in readers {
+        let denorm = stats.filter(|_| is_normalised(r));
         for g in 0..r.num_row_groups() {
             if left == 0 {
                 return;
@@ -179,6 +217,9 @@ fn reader_loop(readers: &[ShardReader], limit: usize, tx: Sender<Chunk>) {
                 b.latents.truncate(left * n);
             }
             left -= b.len();
+            if let Some(st) = denorm {
+                denormalise(&mut b.latents, st, b.tokens, b.channels);
+            }
             if tx.send(Ok(b)).is_err() {
                 return; // the consumer stopped (an error downstream)
             }
@@ -229,14 +270,10 @@ impl Sink {
 
     fn push(&mut self, d: Decoded) -> Result<(), GenerateError> {
         let (h, w, r) = (self.h, self.w, self.opts.rounding);
-        let per = 3 * h * w;
         let need_u8 =
             self.opts.format != DecodeFormat::Safetensors || self.grid.len() < self.opts.grid;
         let bytes: Vec<Vec<u8>> = if need_u8 {
-            d.pixels
-                .par_chunks(per)
-                .map(|chw| chw_to_hwc_u8(chw, h, w, r))
-                .collect()
+            to_bytes(&d.pixels, h, w, r)
         } else {
             Vec::new()
         };
@@ -313,6 +350,15 @@ impl Sink {
     }
 }
 
+/// Decoder output `[b, 3, H, W]` -> one `[H, W, 3]` byte image per row:
+/// the one float -> byte path of `decode` and `eval`.
+pub(crate) fn to_bytes(pixels: &[f32], h: usize, w: usize, r: Rounding) -> Vec<Vec<u8>> {
+    pixels
+        .par_chunks(3 * h * w)
+        .map(|chw| chw_to_hwc_u8(chw, h, w, r))
+        .collect()
+}
+
 /// safetensors header: `pixels` f32 `[N,3,H,W]` then `labels` i32 `[N]`,
 /// JSON padded with spaces to 8 bytes.
 fn safetensors_header(n: usize, h: usize, w: usize) -> Vec<u8> {
@@ -377,21 +423,14 @@ pub fn decode_shards(
     let start = Instant::now();
     let (tx_in, rx_in) = bounded::<Chunk>(2);
     let (tx_out, rx_out) = bounded::<Decoded>(2);
-    let stage = DecodeStage {
-        decoder,
-        device,
-        batch_size: opts.batch_size,
-        tx: tx_out,
-        progress: &mut *progress,
-        pending: Decoded::default(),
-        latents: Vec::new(),
-    };
+    let stage = DecodeStage::new(decoder, device, opts.batch_size, &mut *progress);
     let (main_res, grid_res) = std::thread::scope(|s| {
         let readers = &readers;
-        s.spawn(move || reader_loop(readers, n, tx_in));
+        s.spawn(move || reader_loop(readers, n, None, tx_in));
         let writer = s.spawn(move || writer_loop(sink, rx_out));
-        // Ends the writer's input when it returns, even on an error.
-        let main_res = stage.run(rx_in);
+        // `run` drops the sender when it returns, even on an error, which
+        // ends the writer's input.
+        let main_res = stage.run(rx_in, move |d| Ok(tx_out.send(d).is_ok()));
         let grid_res = writer
             .join()
             .unwrap_or_else(|_| Err(GenerateError::Invalid("writer thread panicked".into())));
@@ -435,11 +474,7 @@ fn open_readers(
                 cfg.latent_dim
             )));
         }
-        if r.metadata()
-            .get(super::sample_run::META_DENORMALISED)
-            .map(String::as_str)
-            == Some("false")
-        {
+        if is_normalised(r) {
             tracing::warn!(shard = %r.path().display(), "latents were sampled without --stats (normalised): images will be wrong");
         }
     }
@@ -447,12 +482,13 @@ fn open_readers(
 }
 
 /// The middle stage, on the caller's thread: rows from the reader into
-/// batches of `batch_size`, each decoded and sent on to the writer.
+/// batches of `batch_size`, each decoded and handed to an `emit` callback
+/// (the writer's channel for `decode`, the caller's function for
+/// [`decode_stream`]).
 struct DecodeStage<'a> {
     decoder: &'a RaeDecoder,
     device: &'a Device,
     batch_size: usize,
-    tx: Sender<Decoded>,
     progress: &'a mut dyn Progress,
     /// The rows of the batch being gathered (`pixels` unused).
     pending: Decoded,
@@ -460,10 +496,34 @@ struct DecodeStage<'a> {
     latents: Vec<f32>,
 }
 
-impl DecodeStage<'_> {
-    /// Decode every chunk of `rx`. Stops early, without an error, when the
-    /// writer has gone: the writer's own error is the one to report.
-    fn run(mut self, rx: Receiver<Chunk>) -> Result<(), GenerateError> {
+/// Where decoded batches go; `Ok(false)` stops decoding without an error.
+type Emit<'e> = dyn FnMut(Decoded) -> Result<bool, GenerateError> + 'e;
+
+impl<'a> DecodeStage<'a> {
+    fn new(
+        decoder: &'a RaeDecoder,
+        device: &'a Device,
+        batch_size: usize,
+        progress: &'a mut dyn Progress,
+    ) -> Self {
+        DecodeStage {
+            decoder,
+            device,
+            batch_size,
+            progress,
+            pending: Decoded::default(),
+            latents: Vec::new(),
+        }
+    }
+
+    /// Decode every chunk of `rx`. Stops early, without an error, when
+    /// `emit` says so (for `decode`: the writer has gone, and its own error
+    /// is the one to report).
+    fn run(
+        mut self,
+        rx: Receiver<Chunk>,
+        mut emit: impl FnMut(Decoded) -> Result<bool, GenerateError>,
+    ) -> Result<(), GenerateError> {
         for chunk in rx {
             let chunk = chunk?;
             let per = chunk.tokens * chunk.channels;
@@ -473,18 +533,17 @@ impl DecodeStage<'_> {
                 self.pending.flips.push(chunk.flips[i]);
                 self.latents
                     .extend_from_slice(&chunk.latents[i * per..(i + 1) * per]);
-                if self.pending.keys.len() == self.batch_size && !self.flush()? {
+                if self.pending.keys.len() == self.batch_size && !self.flush(&mut emit)? {
                     return Ok(());
                 }
             }
         }
-        self.flush()?;
+        self.flush(&mut emit)?;
         Ok(())
     }
 
-    /// Decode the pending rows and send them on; false when the writer has
-    /// gone.
-    fn flush(&mut self) -> Result<bool, GenerateError> {
+    /// Decode the pending rows and emit them; false when `emit` says stop.
+    fn flush(&mut self, emit: &mut Emit<'_>) -> Result<bool, GenerateError> {
         let b = self.pending.keys.len();
         if b == 0 {
             return Ok(true);
@@ -506,6 +565,111 @@ impl DecodeStage<'_> {
             ..std::mem::take(&mut self.pending)
         };
         self.progress.advance(b as u64);
-        Ok(self.tx.send(d).is_ok())
+        emit(d)
+    }
+}
+
+/// Options of [`decode_stream`].
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Rows per decoder forward (and per callback).
+    pub batch_size: usize,
+    /// Decode only the first N rows.
+    pub limit: Option<usize>,
+    /// How floats become bytes.
+    pub rounding: Rounding,
+    /// De-normalises shards that `sample` wrote normalised (without
+    /// `--stats`); without it such shards are an error.
+    pub stats: Option<LatentStats>,
+}
+
+/// A batch of decoded images, the bytes `decode` would write.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodedImages<'a> {
+    /// Row keys.
+    pub keys: &'a [String],
+    /// Row labels.
+    pub labels: &'a [i32],
+    /// Row flips.
+    pub flips: &'a [bool],
+    /// `[n, height, width, 3]` bytes.
+    pub pixels: &'a [u8],
+    /// Image height.
+    pub height: usize,
+    /// Image width.
+    pub width: usize,
+}
+
+/// Rows `decode_stream` would decode from `shards` (at most `limit`).
+pub fn stream_rows(shards: &[PathBuf], limit: Option<usize>) -> Result<usize, GenerateError> {
+    let mut total = 0usize;
+    for p in shards {
+        total += ShardReader::open(p)?.num_rows() as usize;
+    }
+    Ok(limit.map_or(total, |l| l.min(total)))
+}
+
+/// Decode `shards` in order through the pixel path of `decode` (decoder
+/// forward, clamp, `* 255`, `opts.rounding`) and hand each batch of bytes
+/// to `f` instead of writing files; returns the rows decoded. An error of
+/// `f` stops decoding and is returned.
+pub fn decode_stream<E: From<GenerateError>>(
+    decoder: &RaeDecoder,
+    shards: &[PathBuf],
+    opts: &StreamOptions,
+    device: &Device,
+    mut f: impl FnMut(&DecodedImages<'_>) -> Result<(), E>,
+) -> Result<usize, E> {
+    let cfg = decoder.config();
+    let readers = open_readers(shards, cfg)?;
+    if opts.batch_size == 0 {
+        return Err(GenerateError::Invalid("batch size must be positive".into()).into());
+    }
+    if let (None, Some(r)) = (&opts.stats, readers.iter().find(|r| is_normalised(r))) {
+        return Err(GenerateError::Invalid(format!(
+            "{}: holds normalised latents (sampled without --stats); the latent statistics \
+             (stats.safetensors of the training cache) are needed to decode them",
+            r.path().display()
+        ))
+        .into());
+    }
+    let total: usize = readers.iter().map(|r| r.num_rows() as usize).sum();
+    let n = opts.limit.map_or(total, |l| l.min(total));
+    let (h, w, rounding) = (cfg.image_size(), cfg.image_size(), opts.rounding);
+    let (mut failure, mut done) = (None, 0usize);
+    let mut quiet = crate::progress::NoProgress;
+    let stage = DecodeStage::new(decoder, device, opts.batch_size, &mut quiet);
+    let (tx_in, rx_in) = bounded::<Chunk>(2);
+    let res = std::thread::scope(|s| {
+        let readers = &readers;
+        let stats = opts.stats.as_ref();
+        s.spawn(move || reader_loop(readers, n, stats, tx_in));
+        // returning drops the receiver, which stops the reader
+        stage.run(rx_in, |d| {
+            let pixels = to_bytes(&d.pixels, h, w, rounding).concat();
+            let batch = DecodedImages {
+                keys: &d.keys,
+                labels: &d.labels,
+                flips: &d.flips,
+                pixels: &pixels,
+                height: h,
+                width: w,
+            };
+            match f(&batch) {
+                Ok(()) => {
+                    done += d.keys.len();
+                    Ok(true)
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    Ok(false)
+                }
+            }
+        })
+    });
+    res?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(done),
     }
 }

@@ -17,7 +17,10 @@ pub mod sample_run;
 
 use std::path::PathBuf;
 
-pub use decode_run::{DecodeFormat, DecodeOptions, DecodeSummary, decode_shards, resolve_shards};
+pub use decode_run::{
+    DecodeFormat, DecodeOptions, DecodeSummary, DecodedImages, StreamOptions, decode_shards,
+    decode_stream, resolve_shards,
+};
 pub use labels::LabelSpec;
 pub use pixels::Rounding;
 pub use sample_run::{

@@ -473,18 +473,11 @@ fn decode_reads_sample_directories() {
 fn build_then_decode_round_trip() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
-    run_ok(&[
-        "build".into(),
-        s(&fixture("images")),
-        "--encoder".into(),
-        s(&fixture("encoder-dinov2reg")),
-        "--out".into(),
-        s(&cache),
-        "--dtype".into(),
-        "f32".into(),
-        "--hflip".into(),
-        "none".into(),
-    ]);
+    common::cli::build_fixture_cache(
+        &fixture("images"),
+        &cache,
+        &["--dtype", "f32", "--hflip", "none"],
+    );
     let shards = rae_cache::generate::resolve_shards(&cache).unwrap();
     let first = ShardReader::open(&shards[0]).unwrap();
     let (tokens, channels) = (first.tokens(), first.channels());
@@ -492,21 +485,8 @@ fn build_then_decode_round_trip() {
         .iter()
         .map(|p| ShardReader::open(p).unwrap().num_rows())
         .sum();
-    let small = read_json("decoder.json");
-    let mut cfg: rae_cache::models::DecoderConfig = serde_json::from_value(small).unwrap();
-    cfg.latent_dim = channels;
-    cfg.num_patches = tokens;
-    cfg.patch_size = 2; // keep the test light: 2 px per token
-    let cfg_path = tmp.path().join("decoder.json");
-    std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
-    let vm = candle_nn::VarMap::new();
-    rae_cache::models::RaeDecoder::new(
-        &cfg,
-        candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
-    let weights = tmp.path().join("decoder.safetensors");
-    vm.save(&weights).unwrap();
+    // keep the test light: 2 px per token
+    let (weights, cfg_path, cfg) = common::random_decoder(tmp.path(), tokens, channels, 2);
 
     let out = tmp.path().join("png");
     let summary = json(&run_ok([

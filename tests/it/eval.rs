@@ -59,7 +59,7 @@ fn rewrite(cache: &Path, out: &Path, meta: &[(&str, &str)], f: impl Fn(usize, &m
     w.finish().unwrap();
 }
 
-fn metric(v: &serde_json::Value, k: &str) -> f64 {
+pub(crate) fn metric(v: &serde_json::Value, k: &str) -> f64 {
     v["metrics"][k]
         .as_f64()
         .unwrap_or_else(|| panic!("{k}: {}", v["metrics"]))
@@ -357,7 +357,7 @@ fn bad_inputs_give_clear_errors_and_write_nothing() {
 
 /// A stand-in feature network: per image, 6 channel statistics (pool),
 /// 4 (spatial) and 5 logits, all simple functions of the pixels.
-struct Toy;
+pub(crate) struct Toy;
 
 impl ImageFeatures for Toy {
     fn id(&self) -> String {
@@ -385,7 +385,7 @@ impl ImageFeatures for Toy {
     }
 }
 
-fn toy_features(img: &[u8]) -> Vec<f32> {
+pub(crate) fn toy_features(img: &[u8]) -> Vec<f32> {
     let mut f = vec![0f32; 6];
     for (i, p) in img.iter().enumerate() {
         f[i % 3] += *p as f32;
@@ -396,7 +396,7 @@ fn toy_features(img: &[u8]) -> Vec<f32> {
     f
 }
 
-fn write_npz(p: &Path, n: usize, seed: u64) -> Vec<Vec<u8>> {
+pub(crate) fn write_npz(p: &Path, n: usize, seed: u64) -> Vec<Vec<u8>> {
     let (h, w) = (6, 5);
     let mut z = NpzWriter::create(p, n, h, w).unwrap();
     let mut imgs = Vec::new();
@@ -439,7 +439,7 @@ fn pixel_metrics_through_a_feature_network() {
     };
     let mut nets = Networks {
         inception: Some(&mut toy),
-        dinov2: None,
+        ..Networks::default()
     };
     let r = evaluate(&sp, &rp, &mut nets, &opts, &mut NoProgress).unwrap();
     let fid = frechet_distance(
@@ -504,10 +504,84 @@ fn pixel_metrics_through_a_feature_network() {
     let mut toy = Toy;
     let mut nets = Networks {
         inception: Some(&mut toy),
-        dinov2: None,
+        ..Networks::default()
     };
     let r2 = evaluate(&sp, &adm, &mut nets, &opts, &mut NoProgress).unwrap();
     assert_eq!(r2["ref"]["kind"], "adm-npz");
     assert!((metric(&r2, "fid") - fid).abs() < 1e-9 * fid);
     assert!((metric(&r2, "sfid") - sfid).abs() < 1e-9 * sfid);
+}
+
+/// `train --eval-every 2`: a probe line (latent FD, drift) in log.jsonl at
+/// steps 2 and 4, and the last probe's samples score the same through
+/// `eval` against the cache.
+#[test]
+fn train_probe_logs_latent_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::common::read_json("ditdh.json");
+    let side = model["input_size"].as_u64().unwrap() as usize;
+    let sp = Spec {
+        images: 16,
+        classes: (model["num_classes"].as_u64().unwrap() as usize).min(4),
+        tokens: side * side,
+        channels: model["in_channels"].as_u64().unwrap() as usize,
+        shards: 1,
+        ..Spec::default()
+    };
+    let cache = dir.path().join("cache");
+    tiny_cache::write(&cache, &sp);
+    let mpath = dir.path().join("ditdh.json");
+    std::fs::write(&mpath, model.to_string()).unwrap();
+    let run = dir.path().join("run");
+    let os = |p: &Path| p.display().to_string();
+    run_ok([
+        "train",
+        "--data",
+        &os(&cache),
+        "--out",
+        &os(&run),
+        "--model-config",
+        &os(&mpath),
+        "--batch-size",
+        "4",
+        "--steps",
+        "4",
+        "--ckpt-every",
+        "0",
+        "--device",
+        "cpu",
+        "--eval-every",
+        "2",
+        "--eval-samples",
+        "6",
+        "--eval-sampler-steps",
+        "3",
+        "--json",
+    ]);
+    let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    let probes: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("probe").is_some())
+        .collect();
+    let steps: Vec<u64> = probes.iter().map(|p| p["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [2, 4]);
+    // the trainer's own lines are intact around them
+    assert_eq!(log.lines().count(), 4 + 2);
+    let last = &probes[1]["probe"];
+    assert_eq!(last["samples"], 6);
+    let fd = last["fd_pooled"].as_f64().unwrap();
+    assert!(fd.is_finite() && fd > 0.0, "{last}");
+    assert!(last["drift"]["var_ratio_mean"].as_f64().unwrap() > 0.0);
+    let r = json(&run_ok([
+        "eval",
+        &os(&run.join("probe-samples")),
+        "--ref",
+        &os(&cache),
+        "--no-latent-tokens",
+        "--no-latent-pr",
+        "--json",
+    ]));
+    let again = metric(&r, "latent_fd_pooled");
+    assert!((again - fd).abs() <= 1e-9 * fd, "{again} vs {fd}");
 }

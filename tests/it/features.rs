@@ -39,7 +39,7 @@ fn formula(name: &str, n: usize, offset: f32, scale: f32, seed: u64) -> Vec<f32>
 }
 
 /// The random Inception state dict described by inception-weights.json.
-fn inception_weights() -> HashMap<String, Tensor> {
+pub(crate) fn inception_weights() -> HashMap<String, Tensor> {
     let spec = read_json("features/inception-weights.json");
     let seed = spec["seed"].as_u64().unwrap();
     spec["tensors"]

@@ -96,18 +96,8 @@ fn generated_latents_have_their_class() {
     let s = |p: &Path| p.display().to_string();
     let images = t.join("images");
     write_images(&images);
-    let encoder = common::fixture("encoder-dinov2reg");
     let cache = t.join("cache");
-    run_ok(&[
-        "build",
-        &s(&images),
-        "--encoder",
-        &s(&encoder),
-        "--out",
-        &s(&cache),
-        "--device",
-        "cpu",
-    ]);
+    common::cli::build_fixture_cache(&images, &cache, &["--device", "cpu"]);
     let real = rows(&cache);
     assert_eq!(real.len(), 2 * CLASSES * PER_CLASS);
     let dim = real[0].1.len();

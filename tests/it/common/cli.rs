@@ -55,3 +55,13 @@ pub fn json(out: &Output) -> serde_json::Value {
     let s = stdout(out);
     serde_json::from_str(&s).unwrap_or_else(|e| panic!("{e}: {s}"))
 }
+
+/// `rae-cache build IMAGES --encoder <the tiny fixture DINOv2> --out OUT
+/// EXTRA...`, asserted to succeed.
+pub fn build_fixture_cache(images: &Path, out: &Path, extra: &[&str]) -> Output {
+    let encoder = super::fixture("encoder-dinov2reg");
+    let mut args: Vec<OsString> = vec!["build".into(), images.into(), "--encoder".into()];
+    args.extend([encoder.into_os_string(), "--out".into(), out.into()]);
+    args.extend(extra.iter().map(OsString::from));
+    run_ok(args)
+}

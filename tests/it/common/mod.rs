@@ -217,3 +217,27 @@ pub fn max_abs(t: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// A decoder for `tokens x channels` latents with `patch` pixels per token
+/// (the rest of the fixture's `decoder.json`), random weights: the paths of
+/// its weights and config written under `dir`, and the config.
+pub fn random_decoder(
+    dir: &Path,
+    tokens: usize,
+    channels: usize,
+    patch: usize,
+) -> (PathBuf, PathBuf, rae_cache::models::DecoderConfig) {
+    let mut cfg: rae_cache::models::DecoderConfig =
+        serde_json::from_value(read_json("decoder.json")).unwrap();
+    cfg.latent_dim = channels;
+    cfg.num_patches = tokens;
+    cfg.patch_size = patch;
+    let cfg_path = dir.join("decoder.json");
+    std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let vm = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &Device::Cpu);
+    rae_cache::models::RaeDecoder::new(&cfg, vb).unwrap();
+    let weights = dir.join("decoder.safetensors");
+    vm.save(&weights).unwrap();
+    (weights, cfg_path, cfg)
+}
