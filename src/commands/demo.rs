@@ -114,12 +114,18 @@ struct Runner {
     exe: PathBuf,
     total: usize,
     stages: Vec<Stage>,
+    /// `--device` for the stages that run a model.
+    device: String,
 }
 
 impl Runner {
     /// Run `rae-cache ARGS` (stderr shown: progress bars and logs), parse
     /// its stdout as the stage's JSON summary.
-    fn run(&mut self, name: &'static str, args: &[String]) -> anyhow::Result<&Value> {
+    fn run(&mut self, name: &'static str, args: &[String], device: bool) -> anyhow::Result<&Value> {
+        let mut args = args.to_vec();
+        if device {
+            args.extend(["--device".to_string(), self.device.clone()]);
+        }
         let command = format!(
             "rae-cache {}",
             args.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" ")
@@ -131,7 +137,7 @@ impl Runner {
         );
         let start = Instant::now();
         let out = Command::new(&self.exe)
-            .args(args)
+            .args(&args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .output()
@@ -197,20 +203,34 @@ fn sample_labels(classes: usize, per_class: usize) -> Vec<usize> {
     v
 }
 
+/// `rae-cache ARGS...` as owned strings.
+fn argv(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|x| x.to_string()).collect()
+}
+
+/// The demo's folders, all under one root.
+struct Dirs(PathBuf);
+
+impl Dirs {
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    fn s(&self, name: &str) -> String {
+        s(&self.path(name))
+    }
+}
+
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     let plan = Plan::new(a.size);
     prepare_out(&a)?;
-    let out = std::fs::canonicalize(&a.out)?;
-    let p = |name: &str| out.join(name);
+    let d = Dirs(std::fs::canonicalize(&a.out)?);
     let mut r = Runner {
         exe: std::env::current_exe()?,
         total: 7,
         stages: Vec::new(),
+        device: a.device.clone(),
     };
-    let dev = ["--device".to_string(), a.device.clone()];
-
-    // 1. images
     let set = plan.images;
     eprintln!(
         "[0/{}] images: {} classes x {} images of {} px in {}",
@@ -218,220 +238,267 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         set.classes,
         set.per_class,
         set.side,
-        s(&p("images"))
+        d.s("images")
     );
-    let classes = set.write(&p("images"))?;
-    set.example_sheet(6).save(p("examples.png"))?;
+    let classes = set.write(&d.path("images"))?;
+    set.example_sheet(6).save(d.path("examples.png"))?;
 
-    // 2. encoder + build
-    r.run(
-        "random encoder",
-        &[
-            "bench".into(),
-            "random-encoder".into(),
-            "--shape".into(),
-            "tiny".into(),
-            "--seed".into(),
-            "0".into(),
-            "--out".into(),
-            s(&p("encoder")),
-        ],
-    )?;
-    let mut build = vec![
-        "build".into(),
-        s(&p("images")),
-        "--encoder".into(),
-        s(&p("encoder")),
-        "--out".into(),
-        s(&p("cache")),
-        "--json".into(),
-    ];
-    build.extend(dev.clone());
-    let b = r.run("build the latent cache", &build)?.clone();
-    let channels = b["encoder"]["channels"]
-        .as_u64()
-        .or_else(|| manifest_channels(&p("cache")))
-        .unwrap_or(48) as usize;
-    eprintln!(
-        "  cache: {} rows",
-        b["rows"]
-            .as_u64()
-            .or(b["totals"]["rows"].as_u64())
-            .unwrap_or(0)
-    );
+    let channels = build_cache(&mut r, &d)?;
+    let decoder = train_decoder(&mut r, &d, &plan, channels)?;
+    let train = train_dit(&mut r, &d, &plan, channels)?;
+    sample_and_decode(&mut r, &d, &plan)?;
+    let metrics = evaluate(&mut r, &d, set.classes)?;
 
-    // 3. decoder
-    let mut dec_cfg = plan.decoder.clone();
-    dec_cfg["latent_dim"] = json!(channels);
-    write_json(&p("decoder.json"), &dec_cfg)?;
-    let steps = plan.decoder_steps.to_string();
-    let mut td: Vec<String> = vec![
-        "train-decoder".into(),
-        "--data".into(),
-        s(&p("cache")),
-        "--out".into(),
-        s(&p("decoder-run")),
-        "--decoder-config".into(),
-        s(&p("decoder.json")),
-        "--batch-size".into(),
-        "16".into(),
-        "--steps".into(),
-        steps.clone(),
-        "--lr".into(),
-        "2e-3".into(),
-        "--warmup-epochs".into(),
-        "0".into(),
-        "--perceptual-weight".into(),
-        "0".into(),
-        "--preview-every".into(),
-        steps.clone(),
-        "--seed".into(),
-        "0".into(),
-        "--json".into(),
-    ];
-    td.extend(dev.clone());
-    let d = r.run("train the pixel decoder (stage 1)", &td)?.clone();
-    let psnr = d["last"]["psnr"].as_f64();
-    eprintln!(
-        "  decoder: L1 {:.4}, reconstruction PSNR {:.2} dB",
-        d["last"]["l1"].as_f64().unwrap_or(f64::NAN),
-        psnr.unwrap_or(f64::NAN)
-    );
-
-    // 4. DiT-DH
-    write_json(&p("model.json"), &(plan.model)(channels, set.classes))?;
-    let mut tr: Vec<String> = vec![
-        "train".into(),
-        "--data".into(),
-        s(&p("cache")),
-        "--out".into(),
-        s(&p("run")),
-        "--model-config".into(),
-        s(&p("model.json")),
-        "--batch-size".into(),
-        "16".into(),
-        "--lr".into(),
-        "2e-3".into(),
-        "--steps".into(),
-        plan.train_steps.to_string(),
-        "--seed".into(),
-        "1".into(),
-        "--json".into(),
-    ];
-    tr.extend(dev.clone());
-    let t = r
-        .run("train DiT-DH on the cached latents (stage 2)", &tr)?
-        .clone();
-    eprintln!("  DiT-DH: {} steps", t["steps"]);
-
-    // 5. sample + decode
-    let labels = sample_labels(set.classes, plan.samples_per_class);
-    let label_list = labels
-        .iter()
-        .map(|l| l.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut sa: Vec<String> = vec![
-        "sample".into(),
-        "--model".into(),
-        s(&p("run")),
-        "--out".into(),
-        s(&p("samples")),
-        "--labels".into(),
-        label_list,
-        "--num".into(),
-        labels.len().to_string(),
-        "--steps".into(),
-        "26".into(),
-        "--cfg-scale".into(),
-        "4.0".into(),
-        "--stats".into(),
-        s(&p("cache/stats.safetensors")),
-        "--seed".into(),
-        "5".into(),
-        "--json".into(),
-    ];
-    sa.extend(dev.clone());
-    r.run("sample latents per class with guidance", &sa)?;
-    let grid = (set.classes * set.classes.min(plan.samples_per_class)).to_string();
-    let mut de: Vec<String> = vec![
-        "decode".into(),
-        s(&p("samples")),
-        "--decoder".into(),
-        s(&p("decoder-run")),
-        "--out".into(),
-        s(&p("decoded")),
-        "--format".into(),
-        "png".into(),
-        "--grid".into(),
-        grid,
-        "--json".into(),
-    ];
-    de.extend(dev.clone());
-    r.run("decode the samples to pixels", &de)?;
-
-    // 6. evaluation
-    let e = r
-        .run(
-            "latent-space metrics against the cache",
-            &[
-                "eval".into(),
-                s(&p("samples")),
-                "--ref".into(),
-                s(&p("cache")),
-                "--metrics".into(),
-                "latent".into(),
-                "--json".into(),
-            ],
-        )?
-        .clone();
-    let real = LabelledRows::read(&shards(&p("cache"))?)?;
-    let generated = LabelledRows::read(&shards(&p("samples"))?)?;
-    let nc = NearestCentroid::fit(&real);
-    let acc = nc.accuracy(&generated)?;
-    let real_acc = nc.accuracy(&real)?;
-    eprintln!(
-        "\n  class accuracy of generated latents: {acc:.3} (chance {:.3}; the same classifier on real latents: {real_acc:.3})",
-        1.0 / set.classes as f64
-    );
-
-    // the page
-    let recon = latest_preview(&p("decoder-run"))?;
+    let recon = latest_preview(&d.path("decoder-run"))?;
     std::fs::write(
-        p("losses.svg"),
+        d.path("losses.svg"),
         report::loss_svg(&[
-            Curve::from_log("decoder L1 (stage 1)", &p("decoder-run/log.jsonl"), "l1")?,
-            Curve::from_log("DiT-DH flow loss (stage 2)", &p("run/log.jsonl"), "loss")?,
+            Curve::from_log(
+                "decoder L1 (stage 1)",
+                &d.path("decoder-run/log.jsonl"),
+                "l1",
+            )?,
+            Curve::from_log(
+                "DiT-DH flow loss (stage 2)",
+                &d.path("run/log.jsonl"),
+                "loss",
+            )?,
         ]),
     )?;
+    let mut metrics = metrics;
+    metrics["reconstruction_psnr"] = decoder["last"]["psnr"].clone();
     let summary = json!({
         "size": a.size,
-        "out": s(&out),
+        "out": s(&d.0),
         "seconds": start.elapsed().as_secs_f64(),
         "encoder": "random-weight DINOv2-with-registers (48 wide, 2 layers, seed 0): real use takes facebook/dinov2-with-registers-base",
         "images": {"classes": classes, "per_class": set.per_class, "side": set.side},
-        "decoder": {"steps": plan.decoder_steps, "l1": d["last"]["l1"], "psnr": psnr},
-        "train": {"steps": t["steps"], "last": t["last"]},
-        "metrics": {
-            "class_accuracy": acc, "chance": 1.0 / set.classes as f64, "real_class_accuracy": real_acc,
-            "latent": e["latent"], "reconstruction_psnr": psnr,
-        },
-        "files": {"index": "index.html", "examples": "examples.png", "reconstructions": rel(&out, &recon),
+        "decoder": {"steps": plan.decoder_steps, "l1": decoder["last"]["l1"], "psnr": decoder["last"]["psnr"]},
+        "train": {"steps": train["steps"], "last": train["last"]},
+        "metrics": metrics,
+        "files": {"index": "index.html", "examples": "examples.png", "reconstructions": rel(&d.0, &recon),
                   "generated": "decoded/grid.png", "losses": "losses.svg"},
         "stages": r.stages.iter().map(|st| json!({"name": st.name, "command": st.command, "seconds": st.seconds})).collect::<Vec<_>>(),
     });
-    write_json(&p("summary.json"), &summary)?;
+    write_json(&d.path("summary.json"), &summary)?;
     let page = page(&summary, &r, &classes);
-    rae_cache::fsutil::write_atomic(&p("index.html"), report::index_html(&page).as_bytes())?;
+    rae_cache::fsutil::write_atomic(&d.path("index.html"), report::index_html(&page).as_bytes())?;
     eprintln!(
         "\ndone in {:.0} s: open {}",
         start.elapsed().as_secs_f64(),
-        s(&p("index.html"))
+        d.s("index.html")
     );
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A random encoder, then the cache; returns the latent channels.
+fn build_cache(r: &mut Runner, d: &Dirs) -> anyhow::Result<usize> {
+    let enc = d.s("encoder");
+    r.run(
+        "random encoder",
+        &argv(&[
+            "bench",
+            "random-encoder",
+            "--shape",
+            "tiny",
+            "--seed",
+            "0",
+            "--out",
+            &enc,
+        ]),
+        false,
+    )?;
+    let (images, cache) = (d.s("images"), d.s("cache"));
+    let b = r.run(
+        "build the latent cache",
+        &argv(&[
+            "build",
+            &images,
+            "--encoder",
+            &enc,
+            "--out",
+            &cache,
+            "--json",
+        ]),
+        true,
+    )?;
+    eprintln!("  cache: {} images encoded", b["images_encoded"]);
+    let channels = manifest_channels(&d.path("cache"));
+    Ok(channels.context("the cache manifest names no channel count")? as usize)
+}
+
+fn train_decoder(r: &mut Runner, d: &Dirs, plan: &Plan, channels: usize) -> anyhow::Result<Value> {
+    let mut cfg = plan.decoder.clone();
+    cfg["latent_dim"] = json!(channels);
+    write_json(&d.path("decoder.json"), &cfg)?;
+    let steps = plan.decoder_steps.to_string();
+    let (cache, out, dec) = (d.s("cache"), d.s("decoder-run"), d.s("decoder.json"));
+    let v = r.run(
+        "train the pixel decoder (stage 1)",
+        &argv(&[
+            "train-decoder",
+            "--data",
+            &cache,
+            "--out",
+            &out,
+            "--decoder-config",
+            &dec,
+            "--batch-size",
+            "16",
+            "--steps",
+            &steps,
+            "--lr",
+            "2e-3",
+            "--warmup-epochs",
+            "0",
+            "--perceptual-weight",
+            "0",
+            "--preview-every",
+            &steps,
+            "--seed",
+            "0",
+            "--json",
+        ]),
+        true,
+    )?;
+    eprintln!(
+        "  decoder: L1 {:.4}, reconstruction PSNR {:.2} dB",
+        v["last"]["l1"].as_f64().unwrap_or(f64::NAN),
+        v["last"]["psnr"].as_f64().unwrap_or(f64::NAN)
+    );
+    Ok(v.clone())
+}
+
+fn train_dit(r: &mut Runner, d: &Dirs, plan: &Plan, channels: usize) -> anyhow::Result<Value> {
+    write_json(
+        &d.path("model.json"),
+        &(plan.model)(channels, plan.images.classes),
+    )?;
+    let steps = plan.train_steps.to_string();
+    let (cache, out, model) = (d.s("cache"), d.s("run"), d.s("model.json"));
+    let v = r.run(
+        "train DiT-DH on the cached latents (stage 2)",
+        &argv(&[
+            "train",
+            "--data",
+            &cache,
+            "--out",
+            &out,
+            "--model-config",
+            &model,
+            "--batch-size",
+            "16",
+            "--lr",
+            "2e-3",
+            "--steps",
+            &steps,
+            "--seed",
+            "1",
+            "--json",
+        ]),
+        true,
+    )?;
+    eprintln!(
+        "  DiT-DH: {} steps, last loss {}",
+        v["steps"],
+        fmt(&v["last"]["loss"])
+    );
+    Ok(v.clone())
+}
+
+fn sample_and_decode(r: &mut Runner, d: &Dirs, plan: &Plan) -> anyhow::Result<()> {
+    let classes = plan.images.classes;
+    let labels = sample_labels(classes, plan.samples_per_class);
+    let list = labels
+        .iter()
+        .map(|l| l.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let num = labels.len().to_string();
+    let (run, samples, stats) = (d.s("run"), d.s("samples"), d.s("cache/stats.safetensors"));
+    r.run(
+        "sample latents per class with guidance",
+        &argv(&[
+            "sample",
+            "--model",
+            &run,
+            "--out",
+            &samples,
+            "--labels",
+            &list,
+            "--num",
+            &num,
+            "--steps",
+            "26",
+            "--cfg-scale",
+            "4.0",
+            "--stats",
+            &stats,
+            "--seed",
+            "5",
+            "--json",
+        ]),
+        true,
+    )?;
+    let grid = (classes * classes.min(plan.samples_per_class)).to_string();
+    let (dec, cfg, out) = (
+        d.s("decoder-run"),
+        d.s("decoder-run/decoder.json"),
+        d.s("decoded"),
+    );
+    r.run(
+        "decode the samples to pixels",
+        &argv(&[
+            "decode",
+            &samples,
+            "--decoder",
+            &dec,
+            "--decoder-config",
+            &cfg,
+            "--out",
+            &out,
+            "--format",
+            "png",
+            "--grid",
+            &grid,
+            "--json",
+        ]),
+        true,
+    )?;
+    Ok(())
+}
+
+/// Latent metrics by `eval`, and the nearest-centroid class accuracy.
+fn evaluate(r: &mut Runner, d: &Dirs, classes: usize) -> anyhow::Result<Value> {
+    let (samples, cache) = (d.s("samples"), d.s("cache"));
+    let e = r.run(
+        "latent-space metrics against the cache",
+        &argv(&[
+            "eval",
+            &samples,
+            "--ref",
+            &cache,
+            "--metrics",
+            "latent",
+            "--json",
+        ]),
+        false,
+    )?;
+    let latent = e["latent"].clone();
+    let real = LabelledRows::read(&shards(&d.path("cache"))?)?;
+    let generated = LabelledRows::read(&shards(&d.path("samples"))?)?;
+    let nc = NearestCentroid::fit(&real);
+    let (acc, real_acc) = (nc.accuracy(&generated)?, nc.accuracy(&real)?);
+    let chance = 1.0 / classes as f64;
+    eprintln!(
+        "\n  class accuracy of generated latents: {acc:.3} (chance {chance:.3}; the same classifier on real latents: {real_acc:.3})"
+    );
+    Ok(json!({
+        "class_accuracy": acc, "chance": chance, "real_class_accuracy": real_acc, "latent": latent,
+    }))
 }
 
 fn manifest_channels(cache: &Path) -> Option<u64> {
