@@ -70,6 +70,32 @@ pub struct Args {
     /// next to the VGG weights).
     #[arg(long)]
     lpips_lin: Option<String>,
+    /// Adversarial weight (0.75); 0 trains without the discriminator.
+    #[arg(long)]
+    disc_weight: Option<f64>,
+    /// Clamp of the adaptive weight (1e4).
+    #[arg(long)]
+    max_d_weight: Option<f64>,
+    /// DINO ViT-S/8 weights of the discriminator's frozen backbone: file,
+    /// directory or HF repo id in the local cache
+    /// (timm/vit_small_patch8_224.dino; dino_deitsmall8_pretrain.pth works).
+    #[arg(long)]
+    dino_weights: Option<String>,
+    /// JSON/TOML file with the backbone's shape (depth, key_depths,
+    /// patch_size, embed_dim, num_heads, mlp_ratio, norm_eps, img_size);
+    /// default ViT-S/8 at 224.
+    #[arg(long)]
+    dino_config: Option<PathBuf>,
+    /// Epoch from which the discriminator trains (6).
+    #[arg(long)]
+    disc_start_epoch: Option<u64>,
+    /// Epoch from which the decoder's loss has the adversarial term (8).
+    #[arg(long)]
+    gan_start_epoch: Option<u64>,
+    /// What indexes the discriminator's lr schedule: global-step (the
+    /// decoder's schedule) or disc-updates (the reference's offset clock).
+    #[arg(long, value_enum)]
+    disc_lr_clock: Option<rae_cache::disc::DiscLrClock>,
     /// Train the sin-cos position table, as the reference does.
     #[arg(long)]
     train_pos_embed: bool,
@@ -101,7 +127,7 @@ pub struct Args {
 
 impl Args {
     /// Flags given on the command line override `c`.
-    fn apply(&self, c: &mut DecoderTrainConfig) {
+    fn apply(&self, c: &mut DecoderTrainConfig) -> anyhow::Result<()> {
         if !self.data.is_empty() {
             c.data = self.data.clone();
         }
@@ -120,6 +146,9 @@ impl Args {
         if self.train_pos_embed {
             c.train_pos_embed = true;
         }
+        if let Some(p) = &self.dino_config {
+            c.dino_config = Some(read_dino_config(p)?);
+        }
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone().into(); } )* };
         }
@@ -136,6 +165,12 @@ impl Args {
             clip_grad,
             noise_tau,
             perceptual_weight,
+            disc_weight,
+            max_d_weight,
+            dino_weights,
+            disc_start_epoch,
+            gan_start_epoch,
+            disc_lr_clock,
             lpips_vgg,
             seed,
             ckpt_every,
@@ -149,6 +184,19 @@ impl Args {
         if self.epochs.is_some() {
             c.steps = None;
         }
+        Ok(())
+    }
+}
+
+/// A DINO backbone shape from a JSON or TOML file.
+fn read_dino_config(p: &std::path::Path) -> anyhow::Result<rae_cache::disc::DinoConfig> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
+    let is_json = p.extension().is_some_and(|e| e == "json");
+    if is_json {
+        serde_json::from_str(&text).with_context(|| format!("{}: DINO config", p.display()))
+    } else {
+        toml::from_str(&text).with_context(|| format!("{}: DINO config", p.display()))
     }
 }
 
@@ -157,17 +205,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(p) => DecoderTrainConfig::from_toml_file(p)?,
         None => DecoderTrainConfig::default(),
     };
-    args.apply(&mut cfg);
+    args.apply(&mut cfg)?;
     let out = cfg.out.clone();
     let (cfg, resume_from) = super::run_dir::resolve_resume(
         cfg,
         &out,
         args.resume,
         |j| Ok(DecoderTrainConfig::from_json(j)?),
-        |c| {
-            args.apply(c);
-            Ok(())
-        },
+        |c| args.apply(c),
     )?;
     let device = rae_cache::device::parse_device(&cfg.device)?;
     let mut trainer = DecoderTrainer::new(cfg, &device, resume_from.as_deref())?;
@@ -175,8 +220,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let bar = super::run_dir::step_bar(total, trainer.step(), !args.json);
     let last = trainer.run(|s| {
         bar.set_position(s.step);
+        let d = s
+            .disc
+            .map(|d| format!(" D {:.4} lambda {:.3}", d.d_loss, s.adaptive_weight))
+            .unwrap_or_default();
         bar.set_message(format!(
-            "L1 {:.4} LPIPS {:.4} total {:.4} lr {:.2e} {:.1} img/s",
+            "L1 {:.4} LPIPS {:.4} total {:.4}{d} lr {:.2e} {:.1} img/s",
             s.l1, s.lpips, s.total, s.lr, s.images_per_s
         ));
     })?;

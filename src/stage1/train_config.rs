@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{GenLossConfig, Result, Stage1Error};
+use crate::disc::{DinoConfig, DiscLrClock};
 use crate::train::{AdamWConfig, LrSchedule, ScheduleKind};
 
 /// Every knob of a decoder training run.
@@ -54,10 +55,23 @@ pub struct DecoderTrainConfig {
     pub noise_tau: f64,
     /// LPIPS weight.
     pub perceptual_weight: f64,
-    /// Adversarial weight (used once a discriminator is plugged in).
+    /// Adversarial weight (0.75); 0 trains without the discriminator.
     pub disc_weight: f64,
     /// Clamp of the adaptive weight.
     pub max_d_weight: f64,
+    /// DINO ViT-S/8 weights of the discriminator's frozen backbone: file,
+    /// directory or HF repo id (needed when `disc_weight > 0`).
+    pub dino_weights: String,
+    /// Shape of that backbone (default: the reference's ViT-S/8 at 224).
+    pub dino_config: Option<DinoConfig>,
+    /// Epoch from which the discriminator trains (reference
+    /// `disc_upd_start`, 6).
+    pub disc_start_epoch: u64,
+    /// Epoch from which the decoder's loss has the adversarial term
+    /// (reference `disc_start`, 8).
+    pub gan_start_epoch: u64,
+    /// What indexes the discriminator's learning-rate schedule.
+    pub disc_lr_clock: DiscLrClock,
     /// LPIPS VGG16 weights: file, directory or HF repo id.
     pub lpips_vgg: String,
     /// LPIPS v0.1 linear weights (`vgg.pth`): file or directory.
@@ -111,6 +125,11 @@ impl Default for DecoderTrainConfig {
             perceptual_weight: loss.perceptual_weight,
             disc_weight: loss.disc_weight,
             max_d_weight: loss.max_d_weight,
+            dino_weights: crate::disc::backbone::DEFAULT_DINO_WEIGHTS.into(),
+            dino_config: None,
+            disc_start_epoch: 6,
+            gan_start_epoch: 8,
+            disc_lr_clock: DiscLrClock::default(),
             lpips_vgg: super::lpips::LpipsSource::default().vgg,
             lpips_lin: None,
             train_pos_embed: false,
@@ -169,6 +188,9 @@ impl DecoderTrainConfig {
         }
         if self.noise_tau.is_nan() || self.noise_tau < 0.0 {
             return bad("noise tau must be >= 0");
+        }
+        if self.disc_weight.is_nan() || self.disc_weight < 0.0 {
+            return bad("disc weight must be >= 0 (0: no discriminator)");
         }
         Ok(())
     }

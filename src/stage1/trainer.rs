@@ -1,15 +1,17 @@
 //! The stage-1 training loop over a latent cache: batches of latent rows
 //! (raw, as the cache stores them) with the matching crops of their source
 //! images as targets ([`super::targets`]), the reference's noise
-//! augmentation, L1 + LPIPS (+ the adversarial term once a discriminator is
-//! plugged in), AdamW on the reference schedule, EMA, atomic checkpoints in
-//! the `train` run-directory layout, `log.jsonl`, exact resume.
+//! augmentation, L1 + LPIPS (+ the DINO discriminator's adversarial term
+//! and the discriminator's own updates, [`super::gan`]), AdamW on the
+//! reference schedule, EMA, atomic checkpoints in the `train` run-directory
+//! layout, `log.jsonl`, exact resume.
 //!
 //! All randomness derives from the seed: the data order from (seed, epoch)
 //! (the cache loader), each sample's noise from (seed, sample id), the
-//! initialisation from the seed. A checkpoint holds the weights, the EMA,
-//! the AdamW moments, the step and the loader cursor, which is all a resumed
-//! run needs to compute exactly what the uninterrupted run would have.
+//! initialisation from the seed, DiffAug from (seed, step). A checkpoint
+//! holds the weights, the EMA, the AdamW moments, the discriminator's state,
+//! the step and the loader cursor, which is all a resumed run needs to
+//! compute exactly what the uninterrupted run would have.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -19,6 +21,7 @@ use std::time::Instant;
 use candle_core::Device;
 use serde::Serialize;
 
+use super::gan::{DiscLog, Gan};
 use super::generator::{GeneratorConfig, GeneratorState};
 use super::lpips::{Lpips, LpipsSource};
 use super::noise::{NoiseAug, NoiseDraws};
@@ -29,7 +32,7 @@ use super::{AdversarialLoss, GenBatch, GenLossConfig, Result, Stage1Error};
 use crate::models::DecoderConfig;
 use crate::models::config::load_config;
 use crate::train::cadence::Cadence;
-use crate::train::checkpoint::{self, Checkpoint, LoaderCursor};
+use crate::train::checkpoint::{self, Checkpoint};
 use crate::train::loader::{CacheSet, Loader, LoaderConfig};
 use crate::train::{LrSchedule, TrainError};
 
@@ -64,6 +67,9 @@ pub struct DecoderStepStats {
     /// Mean PSNR of the preview batch (EMA decoder), on preview steps.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub psnr: Option<f64>,
+    /// The discriminator's update of this step (from `disc_start_epoch`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub disc: Option<DiscLog>,
 }
 
 /// Decoder, LPIPS, data and schedule of one run.
@@ -81,9 +87,8 @@ pub struct DecoderTrainer {
     total_steps: u64,
     last_ckpt: Option<PathBuf>,
     log: File,
-    /// The adversarial term and the step from which it is added.
-    adversarial: Option<(Box<dyn AdversarialLoss + Send>, u64)>,
-    steps_per_epoch: u64,
+    /// The discriminator (`None` with `disc_weight` 0).
+    gan: Option<Gan>,
     preview: Option<Preview>,
 }
 
@@ -188,24 +193,23 @@ impl DecoderTrainer {
         let mut state = GeneratorState::new(&dec_cfg, &gcfg, None, device)?;
         let params: usize = state.trainable().iter().map(|(_, v)| v.elem_count()).sum();
         tracing::info!("decoder: {:.2}M trainable parameters", params as f64 / 1e6);
-        let (mut step, mut cursor, mut last_ckpt) = (0, LoaderCursor::default(), None);
-        if let Some(path) = resume {
-            let ck = checkpoint::load(path, device)?;
+        let ck = resume
+            .map(|p| checkpoint::load(p, device).map(|ck| (p, ck)))
+            .transpose()?;
+        let cursor = ck.as_ref().map(|(_, ck)| ck.cursor).unwrap_or_default();
+        let loader = Loader::new(&set, &Self::loader_config(&cfg), cursor, device)?;
+        let spe = loader.steps_per_epoch() as u64;
+        let mut gan = Gan::new(&cfg, spe, device)?;
+        let (mut step, mut last_ckpt) = (0, None);
+        if let Some((path, ck)) = ck {
+            if let Some(g) = &mut gan {
+                g.restore(&ck, path)?;
+            }
+            step = ck.step;
             state.restore(&ck.model, ck.ema, ck.optim, path)?;
-            (step, cursor) = (ck.step, ck.cursor);
             last_ckpt = Some(path.to_path_buf());
             tracing::info!("resumed from {} at step {step}", path.display());
         }
-        let lcfg = LoaderConfig {
-            batch_size: cfg.batch_size,
-            seed: cfg.seed,
-            shuffle_window: cfg.shuffle_window,
-            workers: cfg.workers,
-            raw: true,
-            ..Default::default()
-        };
-        let loader = Loader::new(&set, &lcfg, cursor, device)?;
-        let spe = loader.steps_per_epoch() as u64;
         let log = open_log(&cfg, &dec_cfg)?;
         let preview = (cfg.preview_every > 0)
             .then(|| {
@@ -233,18 +237,27 @@ impl DecoderTrainer {
             step,
             last_ckpt,
             log,
-            adversarial: None,
-            steps_per_epoch: spe,
+            gan,
             preview,
         })
     }
 
-    /// Plug in the adversarial term (e.g. the DINO discriminator's
-    /// `-mean(D(DiffAug(x)))`), added with the adaptive weight from epoch
-    /// `start_epoch` on (reference `disc_start: 8`). Training the
-    /// discriminator itself is the caller's part of the step.
-    pub fn set_adversarial(&mut self, adv: Box<dyn AdversarialLoss + Send>, start_epoch: u64) {
-        self.adversarial = Some((adv, start_epoch * self.steps_per_epoch));
+    /// The cache loader's settings (raw latents: the decoder sees them as
+    /// the encoder produced them).
+    fn loader_config(cfg: &DecoderTrainConfig) -> LoaderConfig {
+        LoaderConfig {
+            batch_size: cfg.batch_size,
+            seed: cfg.seed,
+            shuffle_window: cfg.shuffle_window,
+            workers: cfg.workers,
+            raw: true,
+            ..Default::default()
+        }
+    }
+
+    /// The discriminator, when the run has one.
+    pub fn gan(&self) -> Option<&Gan> {
+        self.gan.as_ref()
     }
 
     /// Optimizer steps done.
@@ -287,10 +300,19 @@ impl DecoderTrainer {
             z,
             noise: Some(noise),
         };
-        // The adversarial seam stays empty until a discriminator is wired in.
-        let (l, grads) = self
-            .state
-            .grads(&self.lpips, &gb, self.noise, &self.losses, None)?;
+        let mut aug_rng = self.gan.as_ref().map(|g| g.rng(self.step));
+        let mut adv = match (&self.gan, &mut aug_rng) {
+            (Some(g), Some(rng)) => g.generator_term(self.step, rng),
+            _ => None,
+        };
+        let (l, grads) = self.state.grads(
+            &self.lpips,
+            &gb,
+            self.noise,
+            &self.losses,
+            adv.as_mut().map(|a| a as &mut dyn AdversarialLoss),
+        )?;
+        drop(adv);
         if !l.total.is_finite() {
             return Err(self.non_finite(format!("loss {}", l.total)));
         }
@@ -301,6 +323,19 @@ impl DecoderTrainer {
         let grad_norm = self.state.update(grads, lr)?;
         if !grad_norm.is_finite() {
             return Err(self.non_finite(format!("gradient norm {grad_norm}")));
+        }
+        let disc = match (&mut self.gan, &mut aug_rng) {
+            (Some(g), Some(rng)) if g.trains_at(self.step) => {
+                // the post-update decoder, without the latent noise
+                let recon = self.state.decoder().forward(&gb.z)?.detach();
+                Some(g.disc_step(&recon, &gb.images, self.step, rng)?)
+            }
+            _ => None,
+        };
+        if let Some(d) = &disc
+            && !d.d_loss.is_finite()
+        {
+            return Err(self.non_finite(format!("discriminator loss {}", d.d_loss)));
         }
         self.step += 1;
         let seconds = start.elapsed().as_secs_f64();
@@ -317,6 +352,7 @@ impl DecoderTrainer {
             images_per_s: b as f64 / seconds.max(1e-9),
             seconds,
             psnr: None,
+            disc,
         })
     }
 
@@ -332,7 +368,8 @@ impl DecoderTrainer {
         })
     }
 
-    /// Write a checkpoint (weights, EMA, AdamW, step, cursor, config).
+    /// Write a checkpoint (weights, EMA, AdamW, discriminator, step, cursor,
+    /// config).
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let ema = self
             .state
@@ -345,7 +382,7 @@ impl DecoderTrainer {
             "decoder_config".to_string(),
             serde_json::to_string(&self.dec_cfg).unwrap_or_default(),
         );
-        let ck = Checkpoint {
+        let mut ck = Checkpoint {
             step: self.step,
             model: self.state.state_dict(),
             ema,
@@ -354,7 +391,11 @@ impl DecoderTrainer {
             rng: None, // every draw derives from the seed
             config: self.cfg.to_json(),
             extra,
+            aux: Default::default(),
         };
+        if let Some(g) = &self.gan {
+            g.save(&mut ck)?;
+        }
         let p = checkpoint::save(&self.cfg.out, &ck, self.cfg.keep_checkpoints)?;
         self.last_ckpt = Some(p.clone());
         Ok(p)

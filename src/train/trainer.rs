@@ -478,6 +478,7 @@ impl Trainer {
             rng: None, // all randomness derives from (seed, step): nothing to save
             config: self.cfg.to_json(),
             extra: Default::default(),
+            aux: Default::default(),
         };
         let p = checkpoint::save(&self.cfg.out, &ck, self.cfg.keep_checkpoints)?;
         self.last_ckpt = Some(p.clone());

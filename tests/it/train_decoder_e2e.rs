@@ -20,7 +20,7 @@ fn stage1(name: &str) -> PathBuf {
 }
 
 /// The cache (both flips) and a decoder config fitted to it.
-fn setup(dir: &Path) -> (PathBuf, PathBuf) {
+pub(crate) fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     let cache = dir.join("cache");
     run_ok([
         "build",
@@ -53,7 +53,13 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     (cache, dec_path)
 }
 
-fn train(cache: &Path, dec: &Path, out: &Path, steps: u64, extra: &[&str]) -> serde_json::Value {
+pub(crate) fn train(
+    cache: &Path,
+    dec: &Path,
+    out: &Path,
+    steps: u64,
+    extra: &[&str],
+) -> serde_json::Value {
     let steps = steps.to_string();
     let mut args = vec![
         "train-decoder".to_string(),
@@ -85,7 +91,7 @@ fn train(cache: &Path, dec: &Path, out: &Path, steps: u64, extra: &[&str]) -> se
     json(&run_ok(&args))
 }
 
-fn tensors(path: &Path) -> BTreeMap<String, Vec<u32>> {
+pub(crate) fn tensors(path: &Path) -> BTreeMap<String, Vec<u32>> {
     candle_core::safetensors::load(path, &Device::Cpu)
         .unwrap()
         .into_iter()
@@ -107,13 +113,16 @@ fn tensors(path: &Path) -> BTreeMap<String, Vec<u32>> {
         .collect()
 }
 
-fn log(run: &Path) -> Vec<serde_json::Value> {
+pub(crate) fn log(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("log.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// L1 + LPIPS only (the discriminator is `train_decoder_gan`'s).
+const NO_GAN: &[&str] = &["--disc-weight", "0"];
 
 #[test]
 fn train_decoder_learns_resumes_exactly_and_decodes() {
@@ -123,7 +132,7 @@ fn train_decoder_learns_resumes_exactly_and_decodes() {
 
     // uninterrupted
     let full = tmp.path().join("full");
-    let summary = train(&cache, &dec, &full, n, &[]);
+    let summary = train(&cache, &dec, &full, n, NO_GAN);
     assert_eq!(summary["steps"], n);
     let lines = log(&full);
     assert_eq!(lines.len() as u64, n);
@@ -150,7 +159,7 @@ fn train_decoder_learns_resumes_exactly_and_decodes() {
 
     // stopped at 10, resumed to n: the same bits (weights, EMA, moments)
     let part = tmp.path().join("part");
-    train(&cache, &dec, &part, 10, &[]);
+    train(&cache, &dec, &part, 10, NO_GAN);
     let resumed = train(&cache, &dec, &part, n, &["--resume"]);
     assert_eq!(resumed["steps"], n);
     let a = tensors(Path::new(summary["checkpoint"].as_str().unwrap()));
