@@ -16,9 +16,6 @@ pub struct Args {
     /// Cache directories to train on (manifest.json + shards + stats).
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
-    /// Run directory: checkpoints/, log.jsonl, config.json.
-    #[arg(long)]
-    out: Option<PathBuf>,
     /// Model preset: ditdh-s, ditdh-b, ditdh-l, ditdh-xl, dit-s ... dit-xl.
     #[arg(long, conflicts_with = "model_config")]
     preset: Option<String>,
@@ -61,15 +58,6 @@ pub struct Args {
     shift: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
-    /// Checkpoint every N optimizer steps (and always at the end).
-    #[arg(long)]
-    ckpt_every: Option<u64>,
-    /// Checkpoints to keep (0 = all).
-    #[arg(long)]
-    keep_checkpoints: Option<usize>,
-    /// Continue from the run directory's latest checkpoint.
-    #[arg(long)]
-    resume: bool,
     /// cpu | cuda | cuda:N | auto (in a data-parallel job: cuda:LOCAL_RANK).
     #[arg(long)]
     device: Option<String>,
@@ -81,12 +69,8 @@ pub struct Args {
     /// the CPU), f32 or bf16; master weights and optimizer state stay f32.
     #[arg(long)]
     precision: Option<Precision>,
-    /// TOML file with the same keys as these flags (snake_case).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Print the final summary as JSON on stdout.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    run: super::run_dir::RunDirArgs,
 }
 
 impl Args {
@@ -95,9 +79,8 @@ impl Args {
         if !self.data.is_empty() {
             c.data = self.data.clone();
         }
-        if let Some(v) = &self.out {
-            c.out = v.clone();
-        }
+        self.run
+            .apply(&mut c.out, &mut c.ckpt_every, &mut c.keep_checkpoints);
         if let Some(v) = &self.preset {
             c.model = v.clone();
         }
@@ -115,8 +98,6 @@ impl Args {
             ema,
             time_dist,
             seed,
-            ckpt_every,
-            keep_checkpoints,
             device
         );
         if let Some(k) = self.lr_schedule {
@@ -158,9 +139,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let (device, comm) = join_job(&cfg.device)?;
     let rank = comm.rank();
     let mut trainer = Trainer::with_collective(cfg, &device, resume_from.as_deref(), comm)?;
-    let last = train_with_bar(&mut trainer, !args.json && rank == 0)?;
+    let last = train_with_bar(&mut trainer, !args.run.json && rank == 0)?;
     if rank == 0 {
-        report(&trainer, last, args.json)?;
+        report(&trainer, last, args.run.json)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -168,18 +149,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// The run's config (a stored run's config with today's flags on top when
 /// resuming) and the checkpoint to resume from.
 fn resolve(args: &Args) -> anyhow::Result<(TrainConfig, Option<PathBuf>)> {
-    let mut cfg = match &args.config {
-        Some(p) => TrainConfig::from_toml_file(p)?,
-        None => TrainConfig::default(),
-    };
-    args.apply(&mut cfg)?;
-    let out = cfg.out.clone();
-    super::run_dir::resolve_resume(
-        cfg,
-        &out,
-        args.resume,
+    args.run.resolve(
+        |p| Ok(TrainConfig::from_toml_file(p)?),
         |j| Ok(TrainConfig::from_json(j)?),
         |c| args.apply(c),
+        |c| c.out.clone(),
     )
 }
 

@@ -18,9 +18,6 @@ pub struct Args {
     /// The image folder the cache was built from (default: the manifest's).
     #[arg(long)]
     images: Option<PathBuf>,
-    /// Run directory: checkpoints/, log.jsonl, config.json, decoder.json.
-    #[arg(long)]
-    out: Option<PathBuf>,
     /// Decoder preset: ViT-B, ViT-L, ViT-XL (fitted to the cache's tokens
     /// and channels).
     #[arg(long, conflicts_with = "decoder_config")]
@@ -105,24 +102,11 @@ pub struct Args {
     /// previews/step-N.png and `psnr` in log.jsonl (0 = never; 1000).
     #[arg(long)]
     preview_every: Option<u64>,
-    /// Checkpoint every N steps (and always at the end).
-    #[arg(long)]
-    ckpt_every: Option<u64>,
-    /// Checkpoints to keep (0 = all).
-    #[arg(long)]
-    keep_checkpoints: Option<usize>,
-    /// Continue from the run directory's latest checkpoint.
-    #[arg(long)]
-    resume: bool,
     /// cpu | cuda | cuda:N | auto.
     #[arg(long)]
     device: Option<String>,
-    /// TOML file with the same keys as these flags (snake_case).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Print the final summary as JSON on stdout.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    run: super::run_dir::RunDirArgs,
 }
 
 impl Args {
@@ -131,6 +115,8 @@ impl Args {
         if !self.data.is_empty() {
             c.data = self.data.clone();
         }
+        self.run
+            .apply(&mut c.out, &mut c.ckpt_every, &mut c.keep_checkpoints);
         if let Some(v) = &self.preset {
             c.decoder = v.clone();
         }
@@ -153,7 +139,6 @@ impl Args {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone().into(); } )* };
         }
         set!(
-            out,
             patch_size,
             batch_size,
             epochs,
@@ -173,8 +158,6 @@ impl Args {
             disc_lr_clock,
             lpips_vgg,
             seed,
-            ckpt_every,
-            keep_checkpoints,
             preview_every,
             device
         );
@@ -201,23 +184,16 @@ fn read_dino_config(p: &std::path::Path) -> anyhow::Result<rae_cache::disc::Dino
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let mut cfg = match &args.config {
-        Some(p) => DecoderTrainConfig::from_toml_file(p)?,
-        None => DecoderTrainConfig::default(),
-    };
-    args.apply(&mut cfg)?;
-    let out = cfg.out.clone();
-    let (cfg, resume_from) = super::run_dir::resolve_resume(
-        cfg,
-        &out,
-        args.resume,
+    let (cfg, resume_from) = args.run.resolve(
+        |p| Ok(DecoderTrainConfig::from_toml_file(p)?),
         |j| Ok(DecoderTrainConfig::from_json(j)?),
         |c| args.apply(c),
+        |c| c.out.clone(),
     )?;
     let device = rae_cache::device::parse_device(&cfg.device)?;
     let mut trainer = DecoderTrainer::new(cfg, &device, resume_from.as_deref())?;
     let total = trainer.total_steps();
-    let bar = super::run_dir::step_bar(total, trainer.step(), !args.json);
+    let bar = super::run_dir::step_bar(total, trainer.step(), !args.run.json);
     let last = trainer.run(|s| {
         bar.set_position(s.step);
         let d = s
@@ -232,7 +208,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     bar.finish();
     let out = trainer.config().out.clone();
     let ck = latest(&out)?;
-    if args.json {
+    if args.run.json {
         let summary = serde_json::json!({
             "run_dir": out,
             "steps": trainer.step(),

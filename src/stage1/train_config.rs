@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{GenLossConfig, Result, Stage1Error};
 use crate::disc::{DinoConfig, DiscLrClock};
+use crate::train::optim::AdamWSettings;
 use crate::train::{AdamWConfig, LrSchedule, ScheduleKind};
 
 /// Every knob of a decoder training run.
@@ -41,12 +42,9 @@ pub struct DecoderTrainConfig {
     pub warmup_epochs: u64,
     /// Epoch at which the cosine reaches `final_lr`.
     pub decay_end_epoch: u64,
-    /// AdamW betas.
-    pub betas: [f64; 2],
-    /// AdamW epsilon.
-    pub eps: f64,
-    /// AdamW decoupled weight decay.
-    pub weight_decay: f64,
+    /// AdamW betas, eps, weight decay (keys `betas`, `eps`, `weight_decay`).
+    #[serde(flatten)]
+    pub adamw: AdamWSettings,
     /// Global gradient-norm clip (0: off, the reference's `clip_grad: 0.0`).
     pub clip_grad: f64,
     /// EMA decay, every step.
@@ -116,9 +114,7 @@ impl Default for DecoderTrainConfig {
             final_lr: 2e-5,
             warmup_epochs: 1,
             decay_end_epoch: 16,
-            betas: [opt.beta1, opt.beta2],
-            eps: opt.eps,
-            weight_decay: opt.weight_decay,
+            adamw: AdamWSettings::default(),
             clip_grad: 0.0,
             ema: 0.9978,
             noise_tau: super::noise::DEFAULT_TAU,
@@ -197,13 +193,7 @@ impl DecoderTrainConfig {
 
     /// AdamW hyper-parameters.
     pub fn optimizer(&self) -> AdamWConfig {
-        AdamWConfig {
-            lr: self.lr,
-            beta1: self.betas[0],
-            beta2: self.betas[1],
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-        }
+        self.adamw.with_lr(self.lr)
     }
 
     /// Loss weights.

@@ -31,7 +31,7 @@ use super::train_config::DecoderTrainConfig;
 use super::{AdversarialLoss, GenBatch, GenLossConfig, Result, Stage1Error};
 use crate::models::DecoderConfig;
 use crate::models::config::load_config;
-use crate::train::cadence::Cadence;
+use crate::train::cadence::{RunSteps, run_steps};
 use crate::train::checkpoint::{self, Checkpoint};
 use crate::train::loader::{CacheSet, Loader, LoaderConfig};
 use crate::train::{LrSchedule, TrainError};
@@ -191,7 +191,12 @@ impl DecoderTrainer {
             train_pos_embed: cfg.train_pos_embed,
         };
         let mut state = GeneratorState::new(&dec_cfg, &gcfg, None, device)?;
-        let params: usize = state.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+        let params: usize = state
+            .params()
+            .trainable()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
         tracing::info!("decoder: {:.2}M trainable parameters", params as f64 / 1e6);
         let ck = resume
             .map(|p| checkpoint::load(p, device).map(|ck| (p, ck)))
@@ -206,7 +211,7 @@ impl DecoderTrainer {
                 g.restore(&ck, path)?;
             }
             step = ck.step;
-            state.restore(&ck.model, ck.ema, ck.optim, path)?;
+            state.restore(ck, path)?;
             last_ckpt = Some(path.to_path_buf());
             tracing::info!("resumed from {} at step {step}", path.display());
         }
@@ -316,7 +321,7 @@ impl DecoderTrainer {
         if !l.total.is_finite() {
             return Err(self.non_finite(format!("loss {}", l.total)));
         }
-        if self.step == 0 && grads.len() < self.state.trainable().len() {
+        if self.step == 0 && grads.len() < self.state.params().trainable().len() {
             tracing::warn!("some decoder tensors receive no gradient");
         }
         let lr = self.schedule.lr_at(self.step);
@@ -357,15 +362,7 @@ impl DecoderTrainer {
     }
 
     fn non_finite(&self, what: String) -> Stage1Error {
-        Stage1Error::Train(TrainError::NonFinite {
-            step: self.step,
-            what,
-            last_good: self
-                .last_ckpt
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "none (no checkpoint written yet)".into()),
-        })
+        TrainError::non_finite(self.step, what, self.last_ckpt.as_deref()).into()
     }
 
     /// Write a checkpoint (weights, EMA, AdamW, discriminator, step, cursor,
@@ -373,6 +370,7 @@ impl DecoderTrainer {
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let ema = self
             .state
+            .params()
             .ema()
             .map(|e| e.tensors().clone())
             .unwrap_or_default();
@@ -384,9 +382,9 @@ impl DecoderTrainer {
         );
         let mut ck = Checkpoint {
             step: self.step,
-            model: self.state.state_dict(),
+            model: self.state.params().state_dict(),
             ema,
-            optim: self.state.optimizer().state().clone(),
+            optim: self.state.params().optimizer().state().clone(),
             cursor: self.loader.cursor(),
             rng: None, // every draw derives from the seed
             config: self.cfg.to_json(),
@@ -401,55 +399,53 @@ impl DecoderTrainer {
         Ok(p)
     }
 
-    fn log_line(&mut self, s: &DecoderStepStats) -> Result<()> {
+    /// Train to the last step, checkpointing every `ckpt_every` steps and at
+    /// the end; `on_step` sees each step (progress display).
+    pub fn run(
+        &mut self,
+        on_step: impl FnMut(&DecoderStepStats),
+    ) -> Result<Option<DecoderStepStats>> {
+        run_steps(self, on_step)
+    }
+}
+
+impl RunSteps for DecoderTrainer {
+    type Stats = DecoderStepStats;
+    type Error = Stage1Error;
+
+    fn steps(&self) -> (u64, u64) {
+        (self.step, self.total_steps)
+    }
+
+    /// A step, then (on preview steps) the EMA decoder's preview and PSNR.
+    fn one_step(&mut self) -> Result<(u64, DecoderStepStats)> {
+        let mut s = self.train_step()?;
+        let every = self.cfg.preview_every;
+        if let Some(p) = &self.preview
+            && (s.step % every == 0 || s.step == self.total_steps)
+        {
+            let weights = match self.state.params().ema() {
+                Some(e) => e.tensors().clone(),
+                None => self.state.params().state_dict(),
+            };
+            s.psnr = Some(p.run(&self.dec_cfg, &weights, s.step)?);
+        }
+        Ok((s.step, s))
+    }
+
+    fn write_log(&mut self, s: &DecoderStepStats) -> Result<()> {
         let line = serde_json::to_string(s).unwrap_or_default();
         writeln!(self.log, "{line}").map_err(|e| {
             Stage1Error::Invalid(format!("{}: {e}", self.cfg.out.join("log.jsonl").display()))
         })
     }
 
-    /// Train to the last step, checkpointing every `ckpt_every` steps and at
-    /// the end; `on_step` sees each step (progress display).
-    pub fn run(
-        &mut self,
-        mut on_step: impl FnMut(&DecoderStepStats),
-    ) -> Result<Option<DecoderStepStats>> {
-        let mut last = None;
-        while self.step < self.total_steps {
-            let mut s = self.train_step()?;
-            let every = self.cfg.preview_every;
-            if let Some(p) = &self.preview
-                && (s.step % every == 0 || s.step == self.total_steps)
-            {
-                let weights = match self.state.ema() {
-                    Some(e) => e.tensors().clone(),
-                    None => self.state.state_dict(),
-                };
-                s.psnr = Some(p.run(&self.dec_cfg, &weights, s.step)?);
-            }
-            let total = self.total_steps;
-            if (Cadence {
-                every: self.cfg.log_every,
-                total,
-            })
-            .log_due(s.step)
-            {
-                self.log_line(&s)?;
-            }
-            on_step(&s);
-            if (Cadence {
-                every: self.cfg.ckpt_every,
-                total,
-            })
-            .checkpoint_due(s.step)
-            {
-                self.save_checkpoint()?;
-            }
-            last = Some(s);
-        }
-        if last.is_some() {
-            self.save_checkpoint()?;
-        }
-        Ok(last)
+    fn periods(&self) -> (u64, u64) {
+        (self.cfg.log_every, self.cfg.ckpt_every)
+    }
+
+    fn checkpoint(&mut self) -> Result<()> {
+        self.save_checkpoint()?;
+        Ok(())
     }
 }

@@ -21,7 +21,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use super::cadence::Cadence;
+use super::cadence::{RunSteps, run_steps};
 use super::checkpoint::{self, Checkpoint, LoaderCursor};
 use super::config::TrainConfig;
 use super::loader::{CacheSet, Loader, sample_seed};
@@ -452,15 +452,7 @@ impl Trainer {
     }
 
     fn non_finite(&self, what: String) -> TrainError {
-        TrainError::NonFinite {
-            step: self.step,
-            what,
-            last_good: self
-                .last_ckpt
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "none (no checkpoint written yet)".into()),
-        }
+        TrainError::non_finite(self.step, what, self.last_ckpt.as_deref())
     }
 
     /// Write a checkpoint of the current state into the run directory
@@ -498,33 +490,32 @@ impl Trainer {
 
     /// Train until `total_steps`, checkpointing every `ckpt_every` steps and
     /// at the end; `on_step` sees every step's stats (progress display).
-    pub fn run(&mut self, mut on_step: impl FnMut(&StepStats)) -> Result<Option<StepStats>> {
-        let mut last = None;
-        while self.step < self.total_steps {
-            let stats = self.train_step()?;
-            let total = self.total_steps;
-            if (Cadence {
-                every: self.cfg.log_every,
-                total,
-            })
-            .log_due(stats.step)
-            {
-                self.log(&stats)?;
-            }
-            on_step(&stats);
-            if (Cadence {
-                every: self.cfg.ckpt_every,
-                total,
-            })
-            .checkpoint_due(stats.step)
-            {
-                self.save_checkpoint()?;
-            }
-            last = Some(stats);
-        }
-        if last.is_some() {
-            self.save_checkpoint()?;
-        }
-        Ok(last)
+    pub fn run(&mut self, on_step: impl FnMut(&StepStats)) -> Result<Option<StepStats>> {
+        run_steps(self, on_step)
+    }
+}
+
+impl RunSteps for Trainer {
+    type Stats = StepStats;
+    type Error = TrainError;
+
+    fn periods(&self) -> (u64, u64) {
+        (self.cfg.log_every, self.cfg.ckpt_every)
+    }
+
+    fn steps(&self) -> (u64, u64) {
+        (self.step, self.total_steps)
+    }
+
+    fn one_step(&mut self) -> Result<(u64, StepStats)> {
+        self.train_step().map(|s| (s.step, s))
+    }
+
+    fn write_log(&mut self, stats: &StepStats) -> Result<()> {
+        self.log(stats)
+    }
+
+    fn checkpoint(&mut self) -> Result<()> {
+        self.save_checkpoint().map(drop)
     }
 }

@@ -53,14 +53,15 @@ pub(crate) fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     (cache, dec_path)
 }
 
-pub(crate) fn train(
+/// `train-decoder` arguments of the tests' runs (tiny decoder, the
+/// stage-1 fixture's LPIPS, seed 5, CPU), then `extra`.
+pub(crate) fn train_args(
     cache: &Path,
     dec: &Path,
     out: &Path,
     steps: u64,
     extra: &[&str],
-) -> serde_json::Value {
-    let steps = steps.to_string();
+) -> Vec<String> {
     let mut args = vec![
         "train-decoder".to_string(),
         "--data".into(),
@@ -72,7 +73,7 @@ pub(crate) fn train(
         "--batch-size".into(),
         "2".into(),
         "--steps".into(),
-        steps,
+        steps.to_string(),
         "--lr".into(),
         "2e-3".into(),
         "--lpips-vgg".into(),
@@ -88,7 +89,18 @@ pub(crate) fn train(
         "--json".into(),
     ];
     args.extend(extra.iter().map(|a| a.to_string()));
-    json(&run_ok(&args))
+    args
+}
+
+/// Run [`train_args`]; its JSON summary.
+pub(crate) fn train(
+    cache: &Path,
+    dec: &Path,
+    out: &Path,
+    steps: u64,
+    extra: &[&str],
+) -> serde_json::Value {
+    json(&run_ok(train_args(cache, dec, out, steps, extra)))
 }
 
 pub(crate) fn tensors(path: &Path) -> BTreeMap<String, Vec<u32>> {

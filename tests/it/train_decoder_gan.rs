@@ -9,7 +9,7 @@
 //! optimizers, heads and spectral-norm buffers, every logged loss).
 
 use crate::common::{self, fixture, read_json};
-use crate::train_decoder_e2e::{log, setup, tensors, train};
+use crate::train_decoder_e2e::{log, setup, tensors, train, train_args};
 
 use std::path::Path;
 
@@ -40,26 +40,15 @@ fn train_decoder_with_discriminator_trains_both_and_resumes_exactly() {
     // no weights where --dino-weights points: an error naming the place
     let missing = tmp.path().join("no-dino");
     std::fs::create_dir(&missing).unwrap();
+    let x = tmp.path().join("x");
     let o = common::bin()
-        .args([
-            "train-decoder",
-            "--data",
-            &s(&cache),
-            "--decoder-config",
-            &s(&dec),
-            "--out",
-            &s(&tmp.path().join("x")),
-            "--dino-weights",
-            &s(&missing),
-            "--batch-size",
-            "2",
-            "--lpips-vgg",
-            &s(&fixture("stage1-gen/vgg16-small.pth")),
-            "--lpips-lin",
-            &s(&fixture("stage1-gen/lpips-lin-small.pth")),
-            "--device",
-            "cpu",
-        ])
+        .args(train_args(
+            &cache,
+            &dec,
+            &x,
+            1,
+            &["--dino-weights", &s(&missing)],
+        ))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
