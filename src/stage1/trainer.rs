@@ -31,6 +31,7 @@ use super::train_config::DecoderTrainConfig;
 use super::{AdversarialLoss, GenBatch, GenLossConfig, Result, Stage1Error};
 use crate::models::DecoderConfig;
 use crate::models::config::load_config;
+use crate::sources::InputFormat;
 use crate::train::cadence::{RunSteps, run_steps};
 use crate::train::checkpoint::{self, Checkpoint};
 use crate::train::loader::{CacheSet, Loader, LoaderConfig};
@@ -128,18 +129,29 @@ pub fn decoder_config(cfg: &DecoderTrainConfig, set: &CacheSet) -> Result<Decode
     Ok(dc)
 }
 
-/// `--images`, else the folder every cache was built from.
-fn image_root(cfg: &DecoderTrainConfig, set: &CacheSet) -> Result<PathBuf> {
+/// `--images` (its format detected), else the folder or source every cache
+/// was built from, in the format the build read it.
+fn image_source(cfg: &DecoderTrainConfig, set: &CacheSet) -> Result<(PathBuf, InputFormat)> {
     if let Some(p) = &cfg.images {
-        return Ok(p.clone());
+        return Ok((p.clone(), InputFormat::Auto));
     }
+    let format = set
+        .manifests()
+        .iter()
+        .find_map(|m| m.build_args["settings"]["source"]["format"].as_str())
+        .map(|f| match f {
+            "webdataset" => InputFormat::Webdataset,
+            "parquet" => InputFormat::Parquet,
+            _ => InputFormat::Tar,
+        })
+        .unwrap_or(InputFormat::Auto);
     let roots: std::collections::BTreeSet<&str> = set
         .manifests()
         .iter()
         .map(|m| m.dataset_root.as_str())
         .collect();
     match roots.into_iter().collect::<Vec<_>>().as_slice() {
-        [one] => Ok(PathBuf::from(one)),
+        [one] => Ok((PathBuf::from(one), format)),
         many => Err(Stage1Error::Invalid(format!(
             "the caches were built from different folders ({}): pass --images",
             many.join(", ")
@@ -175,7 +187,8 @@ impl DecoderTrainer {
             .map_err(|e| Stage1Error::Invalid(format!("{}: {e}", cfg.out.display())))?;
         let set = CacheSet::open(&cfg.data)?;
         let dec_cfg = decoder_config(&cfg, &set)?;
-        let targets = TargetImages::new(&image_root(&cfg, &set)?, dec_cfg.image_size())?;
+        let (root, format) = image_source(&cfg, &set)?;
+        let targets = TargetImages::new(&root, format, dec_cfg.image_size())?;
         let lpips = Lpips::from_source(
             &LpipsSource {
                 vgg: cfg.lpips_vgg.clone(),

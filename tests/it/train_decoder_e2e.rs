@@ -19,26 +19,11 @@ fn stage1(name: &str) -> PathBuf {
     crate::common::fixture("stage1-gen").join(name)
 }
 
-/// The cache (both flips) and a decoder config fitted to it.
+/// The cache (both flips) of the fixture images and a decoder config
+/// fitted to it.
 pub(crate) fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     let cache = dir.join("cache");
-    run_ok([
-        "build",
-        &s(&common::fixture("images")),
-        "--encoder",
-        &s(&common::fixture("encoder-dinov2reg")),
-        "--out",
-        &s(&cache),
-        "--dtype",
-        "f32",
-        "--device",
-        "cpu",
-        "--batch-size",
-        "2",
-        "--rows-per-group",
-        "4",
-        "--json",
-    ]);
+    build(&common::fixture("images"), &cache);
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(cache.join("manifest.json")).unwrap()).unwrap();
     let tokens = manifest["encoder"]["tokens"].as_u64().unwrap();
@@ -51,6 +36,28 @@ pub(crate) fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     let dec_path = dir.join("decoder.json");
     std::fs::write(&dec_path, dec.to_string()).unwrap();
     (cache, dec_path)
+}
+
+/// Build a cache of `input` (a folder or a source) with the bundled tiny
+/// encoder.
+fn build(input: &Path, cache: &Path) {
+    run_ok([
+        "build",
+        &s(input),
+        "--encoder",
+        &s(&common::fixture("encoder-dinov2reg")),
+        "--out",
+        &s(cache),
+        "--dtype",
+        "f32",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--rows-per-group",
+        "4",
+        "--json",
+    ]);
 }
 
 /// `train-decoder` arguments of the tests' runs (tiny decoder, the
@@ -220,4 +227,35 @@ fn train_decoder_learns_resumes_exactly_and_decodes() {
         .unwrap();
     assert_eq!(d["images"].as_u64().unwrap(), rows);
     assert_eq!(d["width"].as_u64().unwrap(), 32);
+}
+
+/// A cache built from a tar of per-class tars trains on targets read from
+/// that tar (through `rae_cache::sources`, nothing extracted): the same
+/// losses and the same preview (originals included) as the cache of the
+/// extracted folder, with the folder gone.
+#[test]
+fn train_decoder_reads_targets_from_the_tar_the_cache_was_built_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, dec) = setup(tmp.path());
+    let (folder, images) = crate::build_sources::dataset(tmp.path());
+    let tar = tmp.path().join("train.tar");
+    std::fs::write(&tar, crate::build_sources::nested_tar(&images)).unwrap();
+    let (folder_cache, tar_cache) = (tmp.path().join("fc"), tmp.path().join("tc"));
+    build(&folder, &folder_cache);
+    build(&tar, &tar_cache);
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let steps = 3;
+    train(&folder_cache, &dec, &a, steps, NO_GAN);
+    std::fs::remove_dir_all(&folder).unwrap();
+    train(&tar_cache, &dec, &b, steps, NO_GAN);
+    let (la, lb) = (log(&a), log(&b));
+    assert_eq!(la.len() as u64, steps);
+    for (x, y) in la.iter().zip(&lb) {
+        for k in ["l1", "lpips", "total", "psnr"] {
+            assert_eq!(x[k], y[k], "step {}: {k}", x["step"]);
+        }
+    }
+    let png =
+        |run: &Path| std::fs::read(run.join(format!("previews/step-{steps:08}.png"))).unwrap();
+    assert!(png(&a) == png(&b), "the previews differ");
 }
