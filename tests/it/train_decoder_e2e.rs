@@ -205,16 +205,21 @@ fn train_decoder_learns_resumes_exactly_and_decodes() {
     assert!(!o.status.success());
 
     // the run decodes through `decode` (EMA weights, the run's decoder.json)
-    let pngs = tmp.path().join("png");
+    assert_decodes(&cache, &full, &tmp.path().join("png"));
+}
+
+/// `decode` reads the run's checkpoint (EMA weights, its decoder.json) and
+/// writes one 32 px image per cache row.
+pub(crate) fn assert_decodes(cache: &Path, run: &Path, pngs: &Path) {
     let d = json(&run_ok([
         "decode",
-        &s(&cache),
+        &s(cache),
         "--decoder",
-        &s(&full),
+        &s(run),
         "--decoder-config",
-        &s(&full.join("decoder.json")),
+        &s(&run.join("decoder.json")),
         "--out",
-        &s(&pngs),
+        &s(pngs),
         "--device",
         "cpu",
         "--json",

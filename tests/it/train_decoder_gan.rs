@@ -6,10 +6,11 @@
 //! gradient (its AdamW second moment is non-zero), the adaptive weight is on
 //! exactly from the second epoch, and a run stopped inside the GAN phase and
 //! resumed equals an uninterrupted one bit for bit (decoder, EMA, both
-//! optimizers, heads and spectral-norm buffers, every logged loss).
+//! optimizers, heads and spectral-norm buffers, every logged loss); the
+//! checkpoint decodes through `decode`.
 
 use crate::common::{self, fixture, read_json};
-use crate::train_decoder_e2e::{log, setup, tensors, train, train_args};
+use crate::train_decoder_e2e::{assert_decodes, log, setup, tensors, train, train_args};
 
 use std::path::Path;
 
@@ -136,6 +137,9 @@ fn train_decoder_with_discriminator_trains_both_and_resumes_exactly() {
             assert_eq!(x[key], y[key], "step {i}: {key} differs after resume");
         }
     }
+
+    // the discriminator's tensors do not get in the way of `decode`
+    assert_decodes(&cache, &full, &tmp.path().join("png"));
 }
 
 fn read_manifest_images(cache: &Path) -> u64 {
