@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
+use rae_cache::dist::{Collective, DistEnv, SingleProcess};
 use rae_cache::train::checkpoint::{self, latest};
 
 /// The run-directory flags of `train` and `train-decoder`.
@@ -119,4 +121,26 @@ pub fn step_bar(total: u64, at: u64, show: bool) -> ProgressBar {
     );
     bar.set_position(at);
     bar
+}
+
+/// This process's device and collective: one process of a data-parallel
+/// job (RANK / WORLD_SIZE / LOCAL_RANK from torchrun, `rae-cache launch` or
+/// a cluster wrapper), or a single process.
+pub fn join_job(device_spec: &str) -> anyhow::Result<(Device, Box<dyn Collective>)> {
+    let dist = DistEnv::from_env()?;
+    let device = rae_cache::device::for_job(device_spec, dist.as_ref().map(|d| d.local_rank))?;
+    let comm: Box<dyn Collective> = match &dist {
+        Some(d) => {
+            tracing::info!(
+                "rank {} of {} (local rank {}) on {}: waiting for the other ranks",
+                d.rank,
+                d.world_size,
+                d.local_rank,
+                rae_cache::device::device_name(&device)
+            );
+            rae_cache::dist::connect(d, &device)?
+        }
+        None => Box::new(SingleProcess),
+    };
+    Ok((device, comm))
 }

@@ -4,8 +4,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use candle_core::Device;
-use rae_cache::dist::{Collective, DistEnv, SingleProcess};
 use rae_cache::precision::Precision;
 use rae_cache::train::checkpoint::latest;
 use rae_cache::train::trainer::{StepStats, Trainer};
@@ -136,7 +134,7 @@ impl Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let (cfg, resume_from) = resolve(&args)?;
-    let (device, comm) = join_job(&cfg.device)?;
+    let (device, comm) = super::run_dir::join_job(&cfg.device)?;
     let rank = comm.rank();
     let mut trainer = Trainer::with_collective(cfg, &device, resume_from.as_deref(), comm)?;
     let last = train_with_bar(&mut trainer, !args.run.json && rank == 0)?;
@@ -155,28 +153,6 @@ fn resolve(args: &Args) -> anyhow::Result<(TrainConfig, Option<PathBuf>)> {
         |c| args.apply(c),
         |c| c.out.clone(),
     )
-}
-
-/// This process's device and collective: one process of a data-parallel
-/// job (RANK / WORLD_SIZE / LOCAL_RANK from torchrun, `rae-cache launch` or
-/// a cluster wrapper), or a single process.
-fn join_job(device_spec: &str) -> anyhow::Result<(Device, Box<dyn Collective>)> {
-    let dist = DistEnv::from_env()?;
-    let device = rae_cache::device::for_job(device_spec, dist.as_ref().map(|d| d.local_rank))?;
-    let comm: Box<dyn Collective> = match &dist {
-        Some(d) => {
-            tracing::info!(
-                "rank {} of {} (local rank {}) on {}: waiting for the other ranks",
-                d.rank,
-                d.world_size,
-                d.local_rank,
-                rae_cache::device::device_name(&device)
-            );
-            rae_cache::dist::connect(d, &device)?
-        }
-        None => Box::new(SingleProcess),
-    };
-    Ok((device, comm))
 }
 
 /// Runs the trainer to its last step under a progress bar (hidden unless

@@ -190,10 +190,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         |c| args.apply(c),
         |c| c.out.clone(),
     )?;
-    let device = rae_cache::device::parse_device(&cfg.device)?;
-    let mut trainer = DecoderTrainer::new(cfg, &device, resume_from.as_deref())?;
+    let (device, comm) = super::run_dir::join_job(&cfg.device)?;
+    let rank = comm.rank();
+    let mut trainer = DecoderTrainer::with_collective(cfg, &device, resume_from.as_deref(), comm)?;
     let total = trainer.total_steps();
-    let bar = super::run_dir::step_bar(total, trainer.step(), !args.run.json);
+    let bar = super::run_dir::step_bar(total, trainer.step(), !args.run.json && rank == 0);
     let last = trainer.run(|s| {
         bar.set_position(s.step);
         let d = s
@@ -206,6 +207,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ));
     })?;
     bar.finish();
+    if rank != 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
     let out = trainer.config().out.clone();
     let ck = latest(&out)?;
     if args.run.json {

@@ -30,6 +30,7 @@ use crate::disc::backbone::resolve_dino_weights;
 use crate::disc::{
     DiffAug, DiffAugParams, DinoBackbone, DiscState, DiscTrainer, Discriminator, Heads, HeadsConfig,
 };
+use crate::train::Gradients;
 use crate::train::checkpoint::{self, Checkpoint};
 
 /// Prefix of the discriminator's tensors in a checkpoint's `aux` map.
@@ -71,6 +72,11 @@ pub struct Gan {
     disc_start: u64,
     gan_start: u64,
     seed: u64,
+    /// This process's rank and the number of ranks: each rank takes its
+    /// slice of the draws for the global batch, so the draws do not depend
+    /// on the layout.
+    rank: usize,
+    world: usize,
 }
 
 impl Gan {
@@ -129,7 +135,22 @@ impl Gan {
             disc_start: cfg.disc_start_epoch * steps_per_epoch,
             gan_start: cfg.gan_start_epoch * steps_per_epoch,
             seed: cfg.seed,
+            rank: 0,
+            world: 1,
         }))
+    }
+
+    /// Take this rank's slice (`rank` of `world`) of each step's draws.
+    pub fn set_rank(&mut self, rank: usize, world: usize) {
+        (self.rank, self.world) = (rank, world.max(1));
+    }
+
+    /// DiffAug draws for this rank's `b` samples: the global batch's
+    /// draws, this rank's slice.
+    fn draw(&self, b: usize, rng: &mut ChaCha8Rng) -> DiffAugParams {
+        let mut p = DiffAugParams::draw(&self.trainer.aug, b * self.world, rng);
+        p.rand = p.rand[self.rank * b..(self.rank + 1) * b].to_vec();
+        p
     }
 
     /// The DiffAug stream of training step `step`.
@@ -147,11 +168,10 @@ impl Gan {
         rng: &'a mut ChaCha8Rng,
     ) -> Option<impl AdversarialLoss + 'a> {
         (step >= self.gan_start).then(move || {
-            let disc = &self.trainer.disc;
-            let aug = &self.trainer.aug;
             move |recon_pm1: &Tensor| -> candle_core::Result<Tensor> {
-                let params = DiffAugParams::draw(aug, recon_pm1.dim(0)?, &mut *rng);
-                disc.generator_loss(recon_pm1, aug, &params)
+                let params = self.draw(recon_pm1.dim(0)?, &mut *rng);
+                let disc = &self.trainer.disc;
+                disc.generator_loss(recon_pm1, &self.trainer.aug, &params)
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))
             }
         })
@@ -164,16 +184,22 @@ impl Gan {
 
     /// One D update at training step `step` on the post-update decoder's
     /// noise-free reconstruction `recon01` and the real crops `real01`
-    /// (both `[B, 3, H, W]` in [0, 1] scale), DiffAug from `rng`.
+    /// (both `[B, 3, H, W]` in [0, 1] scale), DiffAug from `rng`, the head
+    /// gradients through `reduce` (the ranks' all-reduce).
     pub fn disc_step(
         &mut self,
-        recon01: &Tensor,
-        real01: &Tensor,
+        batch: [&Tensor; 2],
         step: u64,
         rng: &mut ChaCha8Rng,
+        reduce: impl FnOnce(Gradients) -> crate::disc::Result<Gradients>,
     ) -> Result<DiscLog> {
+        let [recon01, real01] = batch;
         let disc_lr = self.trainer.lr(step);
-        let s = self.trainer.step(&recon01.detach(), real01, step, rng)?;
+        let fa = self.draw(recon01.dim(0)?, rng);
+        let ra = self.draw(real01.dim(0)?, rng);
+        let s = self
+            .trainer
+            .step_with(&recon01.detach(), real01, [&fa, &ra], step, reduce)?;
         Ok(DiscLog {
             d_loss: s.loss as f64,
             logits_real: s.logits_real as f64,

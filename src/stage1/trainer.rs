@@ -29,13 +29,16 @@ use super::preview::Preview;
 use super::targets::TargetImages;
 use super::train_config::DecoderTrainConfig;
 use super::{AdversarialLoss, GenBatch, GenLossConfig, Result, Stage1Error};
+use crate::dist::{Collective, SingleProcess};
 use crate::models::DecoderConfig;
 use crate::models::config::load_config;
 use crate::sources::InputFormat;
 use crate::train::cadence::{RunSteps, run_steps};
 use crate::train::checkpoint::{self, Checkpoint};
 use crate::train::loader::{CacheSet, Loader, LoaderConfig};
+use crate::train::trainer::{all_reduce_mean, mean_over_ranks};
 use crate::train::{LrSchedule, TrainError};
+use rand_chacha::ChaCha8Rng;
 
 /// The decoder config file written into the run directory (for `decode`).
 pub const DECODER_CONFIG_FILE: &str = "decoder.json";
@@ -87,7 +90,10 @@ pub struct DecoderTrainer {
     step: u64,
     total_steps: u64,
     last_ckpt: Option<PathBuf>,
-    log: File,
+    /// `log.jsonl` (rank 0).
+    log: Option<File>,
+    /// The data-parallel job this process is a rank of.
+    comm: Box<dyn Collective>,
     /// The discriminator (`None` with `disc_weight` 0).
     gan: Option<Gan>,
     preview: Option<Preview>,
@@ -182,6 +188,20 @@ impl DecoderTrainer {
     /// Build everything for `cfg` on `device`; with `resume`, restore the
     /// state from that checkpoint.
     pub fn new(cfg: DecoderTrainConfig, device: &Device, resume: Option<&Path>) -> Result<Self> {
+        Self::with_collective(cfg, device, resume, Box::new(SingleProcess))
+    }
+
+    /// One rank of a data-parallel job connected by `comm`: its share of
+    /// each global batch (`batch_size` per rank), the decoder's and the
+    /// discriminator's gradients averaged over the ranks, so every rank
+    /// takes the same steps; rank 0 writes the run directory. Every rank
+    /// starts from the same weights (seeded, or the same checkpoint).
+    pub fn with_collective(
+        cfg: DecoderTrainConfig,
+        device: &Device,
+        resume: Option<&Path>,
+        comm: Box<dyn Collective>,
+    ) -> Result<Self> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.out)
             .map_err(|e| Stage1Error::Invalid(format!("{}: {e}", cfg.out.display())))?;
@@ -215,9 +235,14 @@ impl DecoderTrainer {
             .map(|p| checkpoint::load(p, device).map(|ck| (p, ck)))
             .transpose()?;
         let cursor = ck.as_ref().map(|(_, ck)| ck.cursor).unwrap_or_default();
-        let loader = Loader::new(&set, &Self::loader_config(&cfg), cursor, device)?;
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let lcfg = Self::loader_config(&cfg, rank, world);
+        let loader = Loader::new(&set, &lcfg, cursor, device)?;
         let spe = loader.steps_per_epoch() as u64;
         let mut gan = Gan::new(&cfg, spe, device)?;
+        if let Some(g) = &mut gan {
+            g.set_rank(rank, world);
+        }
         let (mut step, mut last_ckpt) = (0, None);
         if let Some((path, ck)) = ck {
             if let Some(g) = &mut gan {
@@ -228,8 +253,8 @@ impl DecoderTrainer {
             last_ckpt = Some(path.to_path_buf());
             tracing::info!("resumed from {} at step {step}", path.display());
         }
-        let log = open_log(&cfg, &dec_cfg)?;
-        let preview = (cfg.preview_every > 0)
+        let log = (rank == 0).then(|| open_log(&cfg, &dec_cfg)).transpose()?;
+        let preview = (cfg.preview_every > 0 && rank == 0)
             .then(|| {
                 Preview::new(
                     &set,
@@ -255,6 +280,7 @@ impl DecoderTrainer {
             step,
             last_ckpt,
             log,
+            comm,
             gan,
             preview,
         })
@@ -262,12 +288,14 @@ impl DecoderTrainer {
 
     /// The cache loader's settings (raw latents: the decoder sees them as
     /// the encoder produced them).
-    fn loader_config(cfg: &DecoderTrainConfig) -> LoaderConfig {
+    fn loader_config(cfg: &DecoderTrainConfig, rank: usize, world_size: usize) -> LoaderConfig {
         LoaderConfig {
             batch_size: cfg.batch_size,
             seed: cfg.seed,
             shuffle_window: cfg.shuffle_window,
             workers: cfg.workers,
+            rank,
+            world_size,
             raw: true,
             ..Default::default()
         }
@@ -323,7 +351,7 @@ impl DecoderTrainer {
             (Some(g), Some(rng)) => g.generator_term(self.step, rng),
             _ => None,
         };
-        let (l, grads) = self.state.grads(
+        let (mut l, grads) = self.state.grads(
             &self.lpips,
             &gb,
             self.noise,
@@ -331,6 +359,13 @@ impl DecoderTrainer {
             adv.as_mut().map(|a| a as &mut dyn AdversarialLoss),
         )?;
         drop(adv);
+        let grads = all_reduce_mean(self.comm.as_ref(), grads)?;
+        if self.comm.world_size() > 1 {
+            // every rank sees the same means and so stops together
+            let m = [l.l1, l.lpips, l.gan, l.adaptive_weight, l.total];
+            let m = mean_over_ranks(self.comm.as_ref(), &m, &dev)?;
+            (l.l1, l.lpips, l.gan, l.adaptive_weight, l.total) = (m[0], m[1], m[2], m[3], m[4]);
+        }
         if !l.total.is_finite() {
             return Err(self.non_finite(format!("loss {}", l.total)));
         }
@@ -342,13 +377,9 @@ impl DecoderTrainer {
         if !grad_norm.is_finite() {
             return Err(self.non_finite(format!("gradient norm {grad_norm}")));
         }
-        let disc = match (&mut self.gan, &mut aug_rng) {
-            (Some(g), Some(rng)) if g.trains_at(self.step) => {
-                // the post-update decoder, without the latent noise
-                let recon = self.state.decoder().forward(&gb.z)?.detach();
-                Some(g.disc_step(&recon, &gb.images, self.step, rng)?)
-            }
-            _ => None,
+        let disc = match aug_rng {
+            Some(mut rng) => self.disc_update(&gb, &mut rng)?,
+            None => None,
         };
         if let Some(d) = &disc
             && !d.d_loss.is_finite()
@@ -367,11 +398,30 @@ impl DecoderTrainer {
             total: l.total,
             grad_norm,
             lr,
-            images_per_s: b as f64 / seconds.max(1e-9),
+            images_per_s: (b * self.comm.world_size()) as f64 / seconds.max(1e-9),
             seconds,
             psnr: None,
             disc,
         })
+    }
+
+    /// The discriminator's update of this step (when it trains), on the
+    /// post-update decoder's reconstruction without the latent noise; its
+    /// gradients and statistics averaged over the ranks.
+    fn disc_update(&mut self, gb: &GenBatch, rng: &mut ChaCha8Rng) -> Result<Option<DiscLog>> {
+        let comm = self.comm.as_ref();
+        let Some(g) = self.gan.as_mut().filter(|g| g.trains_at(self.step)) else {
+            return Ok(None);
+        };
+        let recon = self.state.decoder().forward(&gb.z)?.detach();
+        let reduce = |grads| Ok(all_reduce_mean(comm, grads)?);
+        let mut d = g.disc_step([&recon, &gb.images], self.step, rng, reduce)?;
+        if comm.world_size() > 1 {
+            let m = [d.d_loss, d.logits_real, d.logits_fake, d.d_accuracy];
+            let m = mean_over_ranks(comm, &m, recon.device())?;
+            (d.d_loss, d.logits_real, d.logits_fake, d.d_accuracy) = (m[0], m[1], m[2], m[3]);
+        }
+        Ok(Some(d))
     }
 
     fn non_finite(&self, what: String) -> Stage1Error {
@@ -379,8 +429,11 @@ impl DecoderTrainer {
     }
 
     /// Write a checkpoint (weights, EMA, AdamW, discriminator, step, cursor,
-    /// config).
-    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+    /// config): rank 0; the other ranks write nothing and return `None`.
+    pub fn save_checkpoint(&mut self) -> Result<Option<PathBuf>> {
+        if self.comm.rank() != 0 {
+            return Ok(None);
+        }
         let ema = self
             .state
             .params()
@@ -409,7 +462,7 @@ impl DecoderTrainer {
         }
         let p = checkpoint::save(&self.cfg.out, &ck, self.cfg.keep_checkpoints)?;
         self.last_ckpt = Some(p.clone());
-        Ok(p)
+        Ok(Some(p))
     }
 
     /// Train to the last step, checkpointing every `ckpt_every` steps and at
@@ -447,8 +500,11 @@ impl RunSteps for DecoderTrainer {
     }
 
     fn write_log(&mut self, s: &DecoderStepStats) -> Result<()> {
+        let Some(log) = &mut self.log else {
+            return Ok(());
+        };
         let line = serde_json::to_string(s).unwrap_or_default();
-        writeln!(self.log, "{line}").map_err(|e| {
+        writeln!(log, "{line}").map_err(|e| {
             Stage1Error::Invalid(format!("{}: {e}", self.cfg.out.join("log.jsonl").display()))
         })
     }

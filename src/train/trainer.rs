@@ -367,36 +367,7 @@ impl Trainer {
 
     /// Average `grads` over the ranks (bucketed flat all-reduces).
     fn average_gradients(&self, grads: Gradients) -> Result<Gradients> {
-        let world = self.comm.world_size();
-        if world == 1 {
-            return Ok(grads);
-        }
-        let entries: Vec<(String, Tensor)> =
-            grads.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
-        let mut out = Gradients::new();
-        let mut i = 0;
-        while i < entries.len() {
-            let mut j = i;
-            let mut n = 0;
-            while j < entries.len() && (j == i || n + entries[j].1.elem_count() <= BUCKET_ELEMS) {
-                n += entries[j].1.elem_count();
-                j += 1;
-            }
-            let flat: Vec<Tensor> = entries[i..j]
-                .iter()
-                .map(|(_, t)| t.flatten_all())
-                .collect::<candle_core::Result<_>>()?;
-            let sum = self.comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
-            let avg = sum.affine(1.0 / world as f64, 0.0)?;
-            let mut off = 0;
-            for (name, t) in &entries[i..j] {
-                let len = t.elem_count();
-                out.insert(name.clone(), avg.narrow(0, off, len)?.reshape(t.shape())?)?;
-                off += len;
-            }
-            i = j;
-        }
-        Ok(out)
+        all_reduce_mean(self.comm.as_ref(), grads)
     }
 
     /// One optimizer step over `accum` micro-batches (on every rank).
@@ -413,12 +384,7 @@ impl Trainer {
         }
         let mut loss = loss_sum / self.cfg.accum as f64;
         if self.comm.world_size() > 1 {
-            let l = Tensor::new(&[loss as f32], &Device::Cpu)?;
-            let l = self
-                .comm
-                .all_reduce_sum(&l.to_device(self.loader_device())?)?;
-            loss = l.to_device(&Device::Cpu)?.to_vec1::<f32>()?[0] as f64
-                / self.comm.world_size() as f64;
+            loss = mean_over_ranks(self.comm.as_ref(), &[loss], self.loader_device())?[0];
         }
         // Every rank sees the same mean loss and so stops together.
         if !loss.is_finite() {
@@ -518,4 +484,52 @@ impl RunSteps for Trainer {
     fn checkpoint(&mut self) -> Result<()> {
         self.save_checkpoint().map(drop)
     }
+}
+
+/// Average `grads` over the ranks of `comm` (bucketed flat all-reduces);
+/// one process: unchanged.
+pub fn all_reduce_mean(comm: &dyn Collective, grads: Gradients) -> Result<Gradients> {
+    let world = comm.world_size();
+    if world == 1 {
+        return Ok(grads);
+    }
+    let entries: Vec<(String, Tensor)> =
+        grads.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
+    let mut out = Gradients::new();
+    let mut i = 0;
+    while i < entries.len() {
+        let mut j = i;
+        let mut n = 0;
+        while j < entries.len() && (j == i || n + entries[j].1.elem_count() <= BUCKET_ELEMS) {
+            n += entries[j].1.elem_count();
+            j += 1;
+        }
+        let flat: Vec<Tensor> = entries[i..j]
+            .iter()
+            .map(|(_, t)| t.flatten_all())
+            .collect::<candle_core::Result<_>>()?;
+        let sum = comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
+        let avg = sum.affine(1.0 / world as f64, 0.0)?;
+        let mut off = 0;
+        for (name, t) in &entries[i..j] {
+            let len = t.elem_count();
+            out.insert(name.clone(), avg.narrow(0, off, len)?.reshape(t.shape())?)?;
+            off += len;
+        }
+        i = j;
+    }
+    Ok(out)
+}
+
+/// The mean over the ranks of each of `values` (sent as f32 through a
+/// tensor on `device`, the collective's).
+pub fn mean_over_ranks(comm: &dyn Collective, values: &[f64], device: &Device) -> Result<Vec<f64>> {
+    let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+    let t = Tensor::new(v.as_slice(), &Device::Cpu)?.to_device(device)?;
+    let sum = comm
+        .all_reduce_sum(&t)?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<f32>()?;
+    let world = comm.world_size() as f64;
+    Ok(sum.into_iter().map(|x| x as f64 / world).collect())
 }

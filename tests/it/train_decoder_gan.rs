@@ -22,21 +22,8 @@ fn s(p: &Path) -> String {
 fn train_decoder_with_discriminator_trains_both_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let (cache, dec) = setup(tmp.path());
-    let dino_cfg = tmp.path().join("dino.json");
-    let backbone = read_json("stage1-disc/disc.json")["backbone"].clone();
-    std::fs::write(&dino_cfg, backbone.to_string()).unwrap();
-    let dino = s(&fixture("stage1-disc/dino-tiny.safetensors"));
-    let dino_cfg = s(&dino_cfg);
-    let gan: Vec<&str> = vec![
-        "--dino-weights",
-        &dino,
-        "--dino-config",
-        &dino_cfg,
-        "--disc-start-epoch",
-        "0",
-        "--gan-start-epoch",
-        "1",
-    ];
+    let gan = gan_flags(tmp.path(), 1);
+    let gan: Vec<&str> = gan.iter().map(String::as_str).collect();
 
     // no weights where --dino-weights points: an error naming the place
     let missing = tmp.path().join("no-dino");
@@ -142,8 +129,99 @@ fn train_decoder_with_discriminator_trains_both_and_resumes_exactly() {
     assert_decodes(&cache, &full, &tmp.path().join("png"));
 }
 
+/// The GAN flags of the tests: the fixture's small DINO backbone (its
+/// weights, and a `--dino-config` written into `dir` from its `disc.json`),
+/// D updates from epoch 0, the adversarial term from epoch `gan_start`.
+fn gan_flags(dir: &Path, gan_start: u64) -> Vec<String> {
+    let cfg = dir.join("dino.json");
+    let backbone = read_json("stage1-disc/disc.json")["backbone"].clone();
+    std::fs::write(&cfg, backbone.to_string()).unwrap();
+    let dino = s(&fixture("stage1-disc/dino-tiny.safetensors"));
+    let flags = ["--dino-weights", &dino, "--dino-config", &s(&cfg)];
+    let mut out: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+    out.extend(["--disc-start-epoch".into(), "0".into()]);
+    out.extend(["--gan-start-epoch".into(), gan_start.to_string()]);
+    out
+}
+
 fn read_manifest_images(cache: &Path) -> u64 {
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(cache.join("manifest.json")).unwrap()).unwrap();
     m["totals"]["images"].as_u64().unwrap()
+}
+
+/// `launch` with two processes of batch 1 trains as one process of batch 2
+/// while the discriminator trains (the decoder's and the discriminator's
+/// gradients averaged over the ranks, the DiffAug draws sliced from the
+/// global batch's): the same logged losses and final weights within f32
+/// reduction-order noise, and only rank 0 writes the run directory. (From
+/// the GAN epoch each rank's adaptive weight is its own, as the
+/// reference's, so the two layouts may part there.)
+#[test]
+fn train_decoder_launch_two_processes_match_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cache, dec) = setup(tmp.path());
+    let mut extra = gan_flags(tmp.path(), 100);
+    extra.push("--batch-size".into());
+    let steps = 3;
+    let run = |out: &Path, batch: &str, launch: &[&str]| {
+        let mut args: Vec<String> = launch.iter().map(|a| a.to_string()).collect();
+        let mut extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        extra.push(batch);
+        let mut rest = train_args(&cache, &dec, out, steps, &extra);
+        // drop train_args' `--batch-size 2`: this run's follows in `extra`
+        let i = rest.iter().position(|a| a == "--batch-size").unwrap();
+        rest.drain(i..i + 2);
+        args.extend(rest);
+        common::run_ok(args)
+    };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    run(&one, "2", &[]);
+    let port = common::free_port().to_string();
+    let mut launch: Vec<&str> = "launch --nproc-per-node 2 --master-port"
+        .split(' ')
+        .collect();
+    launch.extend([port.as_str(), "--"]);
+    run(&two, "1", &launch);
+    let (a, b) = (log(&one), log(&two));
+    // one log line per step: only rank 0 writes
+    assert_eq!((a.len(), b.len()), (steps as usize, steps as usize));
+    for (x, y) in a.iter().zip(&b) {
+        for k in [
+            "l1",
+            "lpips",
+            "total",
+            "d_loss",
+            "logits_real",
+            "logits_fake",
+        ] {
+            let (u, v) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+            assert!(
+                (u - v).abs() <= 1e-5 * u.abs().max(1.0),
+                "step {}: {k} {u} vs {v}",
+                x["step"]
+            );
+        }
+    }
+    // the final weights: decoder and the heads' conv weights (rank 0's).
+    // Not the biases whose gradient is zero up to rounding (the attention
+    // key bias: softmax is shift-invariant; a bias in front of a per-sample
+    // norm), which AdamW scales up to full steps of either sign.
+    let last = |run: &Path| tensors(&run.join(format!("checkpoints/step-{steps:08}.safetensors")));
+    let (wa, wb) = (last(&one), last(&two));
+    assert_eq!(wa.keys().collect::<Vec<_>>(), wb.keys().collect::<Vec<_>>());
+    let f = |v: &[u32]| v.iter().map(|&x| f32::from_bits(x)).collect::<Vec<_>>();
+    for (k, v) in &wa {
+        let conv = k.starts_with("aux.disc.heads.") && k.ends_with("weight_orig");
+        if !(k.starts_with("model.") && !k.ends_with("key.bias") || conv) {
+            continue;
+        }
+        let (x, y) = (f(v), f(&wb[k]));
+        let scale = x.iter().fold(1f32, |m, u| m.max(u.abs()));
+        let err = x
+            .iter()
+            .zip(&y)
+            .fold(0f32, |m, (u, v)| m.max((u - v).abs()));
+        assert!(err <= 1e-5 * scale, "{k}: {err:e} apart");
+    }
 }
