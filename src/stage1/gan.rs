@@ -167,7 +167,7 @@ impl Gan {
         step: u64,
         rng: &'a mut ChaCha8Rng,
     ) -> Option<impl AdversarialLoss + 'a> {
-        (step >= self.gan_start).then(move || {
+        (step >= self.gan_start).then_some({
             move |recon_pm1: &Tensor| -> candle_core::Result<Tensor> {
                 let params = self.draw(recon_pm1.dim(0)?, &mut *rng);
                 let disc = &self.trainer.disc;
