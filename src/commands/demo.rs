@@ -356,6 +356,8 @@ fn train_decoder(r: &mut Runner, d: &Dirs, plan: &Plan, channels: usize) -> anyh
             "0",
             "--perceptual-weight",
             "0",
+            "--disc-weight",
+            "0",
             "--preview-every",
             &steps,
             "--seed",

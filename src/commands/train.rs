@@ -6,25 +6,20 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use candle_core::Device;
-use rae_cache::dist::{Collective, DistEnv, SingleProcess};
 use rae_cache::eval::probe::{LatentProbe, ProbeOptions};
 use rae_cache::models::DitConfig;
 use rae_cache::precision::Precision;
 use rae_cache::shards::LatentStats;
-use rae_cache::train::cadence::Cadence;
 use rae_cache::train::checkpoint::latest;
 use rae_cache::train::loader::source::CacheSet;
 use rae_cache::train::trainer::{StepStats, Trainer};
-use rae_cache::train::{ScheduleKind, TrainConfig};
+use rae_cache::train::{ScheduleKind, TrainConfig, TrainError};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Cache directories to train on (manifest.json + shards + stats).
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
-    /// Run directory: checkpoints/, log.jsonl, config.json.
-    #[arg(long)]
-    out: Option<PathBuf>,
     /// Model preset: ditdh-s, ditdh-b, ditdh-l, ditdh-xl, dit-s ... dit-xl.
     #[arg(long, conflicts_with = "model_config")]
     preset: Option<String>,
@@ -67,15 +62,6 @@ pub struct Args {
     shift: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
-    /// Checkpoint every N optimizer steps (and always at the end).
-    #[arg(long)]
-    ckpt_every: Option<u64>,
-    /// Checkpoints to keep (0 = all).
-    #[arg(long)]
-    keep_checkpoints: Option<usize>,
-    /// Continue from the run directory's latest checkpoint.
-    #[arg(long)]
-    resume: bool,
     /// cpu | cuda | cuda:N | auto (in a data-parallel job: cuda:LOCAL_RANK).
     #[arg(long)]
     device: Option<String>,
@@ -87,12 +73,8 @@ pub struct Args {
     /// the CPU), f32 or bf16; master weights and optimizer state stay f32.
     #[arg(long)]
     precision: Option<Precision>,
-    /// TOML file with the same keys as these flags (snake_case).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Print the final summary as JSON on stdout.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    run: super::run_dir::RunDirArgs,
     #[command(flatten)]
     probe: ProbeArgs,
 }
@@ -125,9 +107,8 @@ impl Args {
         if !self.data.is_empty() {
             c.data = self.data.clone();
         }
-        if let Some(v) = &self.out {
-            c.out = v.clone();
-        }
+        self.run
+            .apply(&mut c.out, &mut c.ckpt_every, &mut c.keep_checkpoints);
         if let Some(v) = &self.preset {
             c.model = v.clone();
         }
@@ -145,8 +126,6 @@ impl Args {
             ema,
             time_dist,
             seed,
-            ckpt_every,
-            keep_checkpoints,
             device
         );
         if let Some(k) = self.lr_schedule {
@@ -185,7 +164,7 @@ impl Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let (cfg, resume_from) = resolve(&args)?;
-    let (device, comm) = join_job(&cfg.device)?;
+    let (device, comm) = super::run_dir::join_job(&cfg.device)?;
     let rank = comm.rank();
     let mut trainer = Trainer::with_collective(cfg, &device, resume_from.as_deref(), comm)?;
     let probe = match (args.probe.eval_every, rank) {
@@ -194,12 +173,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let last = train_with_bar(
         &mut trainer,
-        !args.json && rank == 0,
+        !args.run.json && rank == 0,
         probe.as_ref(),
         &device,
     )?;
     if rank == 0 {
-        report(&trainer, last, args.json)?;
+        report(&trainer, last, args.run.json)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -207,41 +186,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// The run's config (a stored run's config with today's flags on top when
 /// resuming) and the checkpoint to resume from.
 fn resolve(args: &Args) -> anyhow::Result<(TrainConfig, Option<PathBuf>)> {
-    let mut cfg = match &args.config {
-        Some(p) => TrainConfig::from_toml_file(p)?,
-        None => TrainConfig::default(),
-    };
-    args.apply(&mut cfg)?;
-    let out = cfg.out.clone();
-    super::run_dir::resolve_resume(
-        cfg,
-        &out,
-        args.resume,
+    args.run.resolve(
+        |p| Ok(TrainConfig::from_toml_file(p)?),
         |j| Ok(TrainConfig::from_json(j)?),
         |c| args.apply(c),
+        |c| c.out.clone(),
     )
-}
-
-/// This process's device and collective: one process of a data-parallel
-/// job (RANK / WORLD_SIZE / LOCAL_RANK from torchrun, `rae-cache launch` or
-/// a cluster wrapper), or a single process.
-fn join_job(device_spec: &str) -> anyhow::Result<(Device, Box<dyn Collective>)> {
-    let dist = DistEnv::from_env()?;
-    let device = rae_cache::device::for_job(device_spec, dist.as_ref().map(|d| d.local_rank))?;
-    let comm: Box<dyn Collective> = match &dist {
-        Some(d) => {
-            tracing::info!(
-                "rank {} of {} (local rank {}) on {}: waiting for the other ranks",
-                d.rank,
-                d.world_size,
-                d.local_rank,
-                rae_cache::device::device_name(&device)
-            );
-            rae_cache::dist::connect(d, &device)?
-        }
-        None => Box::new(SingleProcess),
-    };
-    Ok((device, comm))
 }
 
 /// The latent probe of `--eval-every` (rank 0 only).
@@ -271,44 +221,6 @@ fn make_probe(a: &ProbeArgs, trainer: &Trainer) -> anyhow::Result<LatentProbe> {
         .with_context(|| format!("--eval-ref {}", reference.display()))
 }
 
-/// [`Trainer::run`] with the probe after each step it is due at: the same
-/// order of log line, callback and checkpoint as `run`, whose callback
-/// cannot reach the EMA weights. (With a `Trainer::run` callback that gets
-/// `&Trainer`, this becomes one line in the callback.)
-fn run_with_probe(
-    trainer: &mut Trainer,
-    probe: &LatentProbe,
-    device: &Device,
-    mut on_step: impl FnMut(&StepStats),
-) -> anyhow::Result<Option<StepStats>> {
-    let mut last = None;
-    let total = trainer.total_steps();
-    let (log, ckpt) = (trainer.config().log_every, trainer.config().ckpt_every);
-    while trainer.step() < total {
-        let stats = trainer.train_step()?;
-        if (Cadence { every: log, total }).log_due(stats.step) {
-            trainer.log(&stats)?;
-        }
-        if probe.due(stats.step) {
-            let weights = match trainer.ema() {
-                Some(e) => e.tensors().clone(),
-                None => trainer.weights().into_iter().collect(),
-            };
-            let line = probe.run(stats.step, &weights, device)?;
-            tracing::info!("probe: {}", line["probe"]["fd_pooled"]);
-        }
-        on_step(&stats);
-        if (Cadence { every: ckpt, total }).checkpoint_due(stats.step) {
-            trainer.save_checkpoint()?;
-        }
-        last = Some(stats);
-    }
-    if last.is_some() {
-        trainer.save_checkpoint()?;
-    }
-    Ok(last)
-}
-
 /// Runs the trainer to its last step under a progress bar (hidden unless
 /// `show`), with the latent probe when given; the last step's statistics.
 fn train_with_bar(
@@ -330,10 +242,20 @@ fn train_with_bar(
             s.rss_bytes.unwrap_or(0) as f64 / 1e6
         ));
     };
-    let last = match probe {
-        Some(p) => run_with_probe(trainer, p, device, update)?,
-        None => trainer.run(update)?,
-    };
+    let last = trainer.run_with(|t, s| {
+        if let Some(p) = probe.filter(|p| p.due(s.step)) {
+            let weights = match t.ema() {
+                Some(e) => e.tensors().clone(),
+                None => t.weights().into_iter().collect(),
+            };
+            let line = p
+                .run(s.step, &weights, device)
+                .map_err(|e| TrainError::State(format!("latent probe at step {}: {e}", s.step)))?;
+            tracing::info!("probe: {}", line["probe"]["fd_pooled"]);
+        }
+        update(s);
+        Ok(())
+    })?;
     bar.finish();
     Ok(last)
 }

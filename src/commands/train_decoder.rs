@@ -18,9 +18,6 @@ pub struct Args {
     /// The image folder the cache was built from (default: the manifest's).
     #[arg(long)]
     images: Option<PathBuf>,
-    /// Run directory: checkpoints/, log.jsonl, config.json, decoder.json.
-    #[arg(long)]
-    out: Option<PathBuf>,
     /// Decoder preset: ViT-B, ViT-L, ViT-XL (fitted to the cache's tokens
     /// and channels).
     #[arg(long, conflicts_with = "decoder_config")]
@@ -70,6 +67,32 @@ pub struct Args {
     /// next to the VGG weights).
     #[arg(long)]
     lpips_lin: Option<String>,
+    /// Adversarial weight (0.75); 0 trains without the discriminator.
+    #[arg(long)]
+    disc_weight: Option<f64>,
+    /// Clamp of the adaptive weight (1e4).
+    #[arg(long)]
+    max_d_weight: Option<f64>,
+    /// DINO ViT-S/8 weights of the discriminator's frozen backbone: file,
+    /// directory or HF repo id in the local cache
+    /// (timm/vit_small_patch8_224.dino; dino_deitsmall8_pretrain.pth works).
+    #[arg(long)]
+    dino_weights: Option<String>,
+    /// JSON/TOML file with the backbone's shape (depth, key_depths,
+    /// patch_size, embed_dim, num_heads, mlp_ratio, norm_eps, img_size);
+    /// default ViT-S/8 at 224.
+    #[arg(long)]
+    dino_config: Option<PathBuf>,
+    /// Epoch from which the discriminator trains (6).
+    #[arg(long)]
+    disc_start_epoch: Option<u64>,
+    /// Epoch from which the decoder's loss has the adversarial term (8).
+    #[arg(long)]
+    gan_start_epoch: Option<u64>,
+    /// What indexes the discriminator's lr schedule: global-step (the
+    /// decoder's schedule) or disc-updates (the reference's offset clock).
+    #[arg(long, value_enum)]
+    disc_lr_clock: Option<rae_cache::disc::DiscLrClock>,
     /// Train the sin-cos position table, as the reference does.
     #[arg(long)]
     train_pos_embed: bool,
@@ -79,32 +102,21 @@ pub struct Args {
     /// previews/step-N.png and `psnr` in log.jsonl (0 = never; 1000).
     #[arg(long)]
     preview_every: Option<u64>,
-    /// Checkpoint every N steps (and always at the end).
-    #[arg(long)]
-    ckpt_every: Option<u64>,
-    /// Checkpoints to keep (0 = all).
-    #[arg(long)]
-    keep_checkpoints: Option<usize>,
-    /// Continue from the run directory's latest checkpoint.
-    #[arg(long)]
-    resume: bool,
     /// cpu | cuda | cuda:N | auto.
     #[arg(long)]
     device: Option<String>,
-    /// TOML file with the same keys as these flags (snake_case).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Print the final summary as JSON on stdout.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    run: super::run_dir::RunDirArgs,
 }
 
 impl Args {
     /// Flags given on the command line override `c`.
-    fn apply(&self, c: &mut DecoderTrainConfig) {
+    fn apply(&self, c: &mut DecoderTrainConfig) -> anyhow::Result<()> {
         if !self.data.is_empty() {
             c.data = self.data.clone();
         }
+        self.run
+            .apply(&mut c.out, &mut c.ckpt_every, &mut c.keep_checkpoints);
         if let Some(v) = &self.preset {
             c.decoder = v.clone();
         }
@@ -120,11 +132,13 @@ impl Args {
         if self.train_pos_embed {
             c.train_pos_embed = true;
         }
+        if let Some(p) = &self.dino_config {
+            c.dino_config = Some(read_dino_config(p)?);
+        }
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone().into(); } )* };
         }
         set!(
-            out,
             patch_size,
             batch_size,
             epochs,
@@ -136,10 +150,14 @@ impl Args {
             clip_grad,
             noise_tau,
             perceptual_weight,
+            disc_weight,
+            max_d_weight,
+            dino_weights,
+            disc_start_epoch,
+            gan_start_epoch,
+            disc_lr_clock,
             lpips_vgg,
             seed,
-            ckpt_every,
-            keep_checkpoints,
             preview_every,
             device
         );
@@ -149,41 +167,52 @@ impl Args {
         if self.epochs.is_some() {
             c.steps = None;
         }
+        Ok(())
+    }
+}
+
+/// A DINO backbone shape from a JSON or TOML file.
+fn read_dino_config(p: &std::path::Path) -> anyhow::Result<rae_cache::disc::DinoConfig> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
+    let is_json = p.extension().is_some_and(|e| e == "json");
+    if is_json {
+        serde_json::from_str(&text).with_context(|| format!("{}: DINO config", p.display()))
+    } else {
+        toml::from_str(&text).with_context(|| format!("{}: DINO config", p.display()))
     }
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let mut cfg = match &args.config {
-        Some(p) => DecoderTrainConfig::from_toml_file(p)?,
-        None => DecoderTrainConfig::default(),
-    };
-    args.apply(&mut cfg);
-    let out = cfg.out.clone();
-    let (cfg, resume_from) = super::run_dir::resolve_resume(
-        cfg,
-        &out,
-        args.resume,
+    let (cfg, resume_from) = args.run.resolve(
+        |p| Ok(DecoderTrainConfig::from_toml_file(p)?),
         |j| Ok(DecoderTrainConfig::from_json(j)?),
-        |c| {
-            args.apply(c);
-            Ok(())
-        },
+        |c| args.apply(c),
+        |c| c.out.clone(),
     )?;
-    let device = rae_cache::device::parse_device(&cfg.device)?;
-    let mut trainer = DecoderTrainer::new(cfg, &device, resume_from.as_deref())?;
+    let (device, comm) = super::run_dir::join_job(&cfg.device)?;
+    let rank = comm.rank();
+    let mut trainer = DecoderTrainer::with_collective(cfg, &device, resume_from.as_deref(), comm)?;
     let total = trainer.total_steps();
-    let bar = super::run_dir::step_bar(total, trainer.step(), !args.json);
+    let bar = super::run_dir::step_bar(total, trainer.step(), !args.run.json && rank == 0);
     let last = trainer.run(|s| {
         bar.set_position(s.step);
+        let d = s
+            .disc
+            .map(|d| format!(" D {:.4} lambda {:.3}", d.d_loss, s.adaptive_weight))
+            .unwrap_or_default();
         bar.set_message(format!(
-            "L1 {:.4} LPIPS {:.4} total {:.4} lr {:.2e} {:.1} img/s",
+            "L1 {:.4} LPIPS {:.4} total {:.4}{d} lr {:.2e} {:.1} img/s",
             s.l1, s.lpips, s.total, s.lr, s.images_per_s
         ));
     })?;
     bar.finish();
+    if rank != 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
     let out = trainer.config().out.clone();
     let ck = latest(&out)?;
-    if args.json {
+    if args.run.json {
         let summary = serde_json::json!({
             "run_dir": out,
             "steps": trainer.step(),

@@ -179,13 +179,26 @@ impl DiscTrainer {
         global_step: u64,
         rng: &mut impl rand::Rng,
     ) -> Result<DiscStats> {
-        let b = recon01.dim(0)?;
+        let fa = DiffAugParams::draw(&self.aug, recon01.dim(0)?, rng);
+        let ra = DiffAugParams::draw(&self.aug, real01.dim(0)?, rng);
+        self.step_with(recon01, real01, [&fa, &ra], global_step, Ok)
+    }
+
+    /// [`Self::step`] with the DiffAug draws given (`[fake, real]`) and the
+    /// head gradients passed through `reduce` before AdamW (the all-reduce
+    /// of a data-parallel run).
+    pub fn step_with(
+        &mut self,
+        recon01: &Tensor,
+        real01: &Tensor,
+        augs: [&DiffAugParams; 2],
+        global_step: u64,
+        reduce: impl FnOnce(Gradients) -> Result<Gradients>,
+    ) -> Result<DiscStats> {
         let fake = quantize_fake(recon01)?;
         let real = ((real01.detach() * 2.0)? - 1.0)?;
-        let fa = DiffAugParams::draw(&self.aug, b, rng);
-        let ra = DiffAugParams::draw(&self.aug, real.dim(0)?, rng);
-        let (grads, stats) = self.gradients(&fake, &real, &fa, &ra)?;
-        self.apply(&grads, global_step)?;
+        let (grads, stats) = self.gradients(&fake, &real, augs[0], augs[1])?;
+        self.apply(&reduce(grads)?, global_step)?;
         Ok(stats)
     }
 

@@ -17,7 +17,7 @@
 //! runs two extra backward passes (`autograd.grad` for each norm); the
 //! gradients are the same.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{D, DType, Device, Tensor, Var};
@@ -31,9 +31,9 @@ use super::{Result, Stage1Error};
 use crate::models::embed::sincos_2d;
 use crate::models::state_dict::{fill_varmap, sorted_vars};
 use crate::models::{DecoderConfig, RaeDecoder};
+use crate::train::checkpoint::Checkpoint;
 use crate::train::init::SeededVarMap;
-use crate::train::optim::AdamWState;
-use crate::train::{AdamW, AdamWConfig, Ema, Gradients, ParamGroup};
+use crate::train::{AdamWConfig, Gradients, OptimizedParams};
 
 /// The reference's position-table name (frozen unless asked otherwise).
 pub const POS_EMBED: &str = "decoder_pos_embed";
@@ -231,11 +231,7 @@ impl Default for GeneratorConfig {
 pub struct GeneratorState {
     decoder: RaeDecoder,
     _varmap: VarMap,
-    all_vars: Vec<(String, Var)>,
-    trainable: Vec<(String, Var)>,
-    opt: AdamW,
-    ema: Option<Ema>,
-    clip_grad: f64,
+    params: OptimizedParams,
 }
 
 impl GeneratorState {
@@ -282,27 +278,17 @@ impl GeneratorState {
                 .ok_or_else(|| Stage1Error::Invalid("no decoder_pos_embed variable".into()))?;
             decoder.set_pos_embed(pos)?;
         }
-        let trainable: Vec<(String, Var)> = all_vars
-            .iter()
-            .filter(|(k, _)| cfg.train_pos_embed || k != POS_EMBED)
-            .cloned()
-            .collect();
-        let opt = AdamW::new(
-            vec![ParamGroup::new(trainable.clone())],
+        let params = OptimizedParams::new(
+            all_vars,
+            |k| cfg.train_pos_embed || k != POS_EMBED,
             cfg.optimizer.clone(),
+            cfg.ema,
+            cfg.clip_grad,
         )?;
-        let ema = cfg
-            .ema
-            .map(|d| Ema::new(all_vars.iter().map(|(k, v)| (k, v)), d))
-            .transpose()?;
         Ok(Self {
             decoder,
             _varmap: varmap,
-            all_vars,
-            trainable,
-            opt,
-            ema,
-            clip_grad: cfg.clip_grad,
+            params,
         })
     }
 
@@ -311,60 +297,15 @@ impl GeneratorState {
         &self.decoder
     }
 
-    /// Trainable (name, variable) pairs, sorted by name.
-    pub fn trainable(&self) -> &[(String, Var)] {
-        &self.trainable
-    }
-
-    /// The optimizer.
-    pub fn optimizer(&self) -> &AdamW {
-        &self.opt
-    }
-
-    /// The EMA, when kept.
-    pub fn ema(&self) -> Option<&Ema> {
-        self.ema.as_ref()
-    }
-
-    /// Every weight (the frozen position table included) by reference name.
-    pub fn state_dict(&self) -> BTreeMap<String, Tensor> {
-        self.all_vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect()
+    /// Variables, optimizer and EMA (checkpoints read them here).
+    pub fn params(&self) -> &OptimizedParams {
+        &self.params
     }
 
     /// Weights, EMA and optimizer state from a checkpoint read from `path`
     /// (every weight must be there with its shape).
-    pub fn restore(
-        &mut self,
-        model: &BTreeMap<String, Tensor>,
-        ema: BTreeMap<String, Tensor>,
-        optim: AdamWState,
-        path: &Path,
-    ) -> Result<()> {
-        for (name, var) in &self.all_vars {
-            let t = model.get(name).ok_or_else(|| Stage1Error::BadWeights {
-                path: path.to_path_buf(),
-                reason: format!("no weights for {name}"),
-            })?;
-            if t.dims() != var.dims() {
-                return Err(Stage1Error::BadWeights {
-                    path: path.to_path_buf(),
-                    reason: format!(
-                        "{name} is {:?}, the decoder wants {:?}",
-                        t.dims(),
-                        var.dims()
-                    ),
-                });
-            }
-            var.set(&t.to_dtype(DType::F32)?)?;
-        }
-        self.opt.load_state(optim)?;
-        if let Some(e) = &self.ema {
-            self.ema = Some(Ema::from_tensors(ema, e.decay())?);
-        }
-        Ok(())
+    pub fn restore(&mut self, ck: Checkpoint, path: &Path) -> Result<()> {
+        Ok(self.params.restore(&ck.model, ck.ema, ck.optim, path)?)
     }
 
     /// Losses and gradients of one batch (see [`generator_grads`]).
@@ -383,22 +324,15 @@ impl GeneratorState {
             noise,
             cfg,
             adversarial,
-            &self.trainable,
+            self.params.trainable(),
         )
     }
 
     /// Clip (if configured), AdamW with `lr`, then the EMA. Returns the
     /// gradient norm before clipping.
     pub fn update(&mut self, mut grads: Gradients, lr: f64) -> Result<f64> {
-        let norm = if self.clip_grad > 0.0 {
-            grads.clip_global_norm(self.clip_grad)?
-        } else {
-            grads.global_norm()?
-        };
-        self.opt.step(&grads, lr)?;
-        if let Some(ema) = &mut self.ema {
-            ema.update(self.trainable.iter().map(|(k, v)| (k, v)))?;
-        }
+        let norm = self.params.clip(&mut grads)?;
+        self.params.update(grads, lr)?;
         Ok(norm)
     }
 }

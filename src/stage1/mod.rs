@@ -4,8 +4,11 @@
 //! and an optional adversarial term plugged in through
 //! [`generator::AdversarialLoss`] with the VQGAN adaptive weight; the
 //! decoder sees the raw latent with the reference's per-sample noise
-//! ([`noise`]).
+//! ([`noise`]). [`gan`] wires in the DINO discriminator of [`crate::disc`]:
+//! its updates from `disc_start_epoch`, the adversarial term from
+//! `gan_start_epoch`.
 
+pub mod gan;
 pub mod generator;
 pub mod lpips;
 pub mod noise;
@@ -34,6 +37,9 @@ pub enum Stage1Error {
     /// A model or state dict that cannot be loaded.
     #[error(transparent)]
     Model(#[from] crate::models::ModelError),
+    /// The discriminator (weights, state, configuration).
+    #[error(transparent)]
+    Disc(#[from] crate::disc::DiscError),
     /// Optimizer / EMA machinery.
     #[error(transparent)]
     Train(#[from] crate::train::TrainError),

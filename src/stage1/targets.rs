@@ -4,38 +4,139 @@
 //! the row is the flipped one. The center crop covers the same region at any
 //! size, so a 512 px decoder on a 256 px build still sees the encoded
 //! region.
+//!
+//! The images come from where the cache was built: an image folder, or a
+//! tar / WebDataset / Parquet source read in place through
+//! [`crate::sources`] (its listing maps each key to its member or row,
+//! whose bytes are read on demand).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use image::RgbImage;
 use rayon::prelude::*;
 
 use super::{Result, Stage1Error};
-use crate::images::{DecodeOptions, load_crop};
+use crate::images::{DecodeOptions, adm_center_crop, decode_rgb8_bytes, load_crop};
+use crate::sources::{self, InputFormat, ItemReader, Resolved, SourceOptions};
+
+/// Where the images are read.
+#[derive(Clone)]
+enum Backend {
+    /// Files under a folder, the keys relative paths.
+    Folder,
+    /// A source's listing: key -> (index, place in the source), and its reader.
+    Source {
+        index: Arc<HashMap<String, (usize, PathBuf)>>,
+        reader: Arc<dyn ItemReader>,
+    },
+}
 
 /// Loads target images `[B, 3, S, S]` in [0, 1] for cache rows.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TargetImages {
     root: PathBuf,
     size: u32,
     opts: DecodeOptions,
+    backend: Backend,
+}
+
+impl std::fmt::Debug for TargetImages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.backend {
+            Backend::Folder => "folder",
+            Backend::Source { .. } => "source",
+        };
+        f.debug_struct("TargetImages")
+            .field("root", &self.root)
+            .field("size", &self.size)
+            .field("kind", &kind)
+            .finish()
+    }
 }
 
 impl TargetImages {
-    /// Images under `root` (the cache's keys are paths relative to it),
-    /// cropped to `size`.
-    pub fn new(root: &Path, size: usize) -> Result<Self> {
-        if !root.is_dir() {
-            return Err(Stage1Error::Invalid(format!(
-                "image folder {} does not exist (the images the cache was built from; pass --images)",
+    /// Images under `root` (the cache's keys are paths relative to it), or
+    /// in the tar / Parquet source `root` (`format`: as the build read it;
+    /// `Auto` detects it), cropped to `size`.
+    pub fn new(root: &Path, format: InputFormat, size: usize) -> Result<Self> {
+        let missing = || {
+            Stage1Error::Invalid(format!(
+                "image folder or source {} does not exist (the images the cache was built from; pass --images)",
                 root.display()
-            )));
+            ))
+        };
+        let is_pattern = root.to_string_lossy().contains(['*', '?']);
+        if !root.exists() && !is_pattern {
+            return Err(missing());
         }
+        let bad =
+            |e: sources::SourceError| Stage1Error::Invalid(format!("{}: {e}", root.display()));
+        let inputs = [root.to_path_buf()];
+        let backend = match sources::resolve(&inputs, format).map_err(bad)? {
+            Resolved::Folder(_) if root.is_dir() => Backend::Folder,
+            Resolved::Folder(_) => return Err(missing()),
+            Resolved::Files(fmt) => {
+                let opts = SourceOptions {
+                    format: fmt,
+                    ..Default::default()
+                };
+                let listing = sources::list(&inputs, fmt, &opts).map_err(bad)?;
+                let reader = listing.reader.ok_or_else(|| {
+                    Stage1Error::Invalid(format!("{}: the source has no reader", root.display()))
+                })?;
+                let index = listing
+                    .discovery
+                    .entries
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, e)| (e.key, (i, e.path)))
+                    .collect();
+                Backend::Source {
+                    index: Arc::new(index),
+                    reader,
+                }
+            }
+        };
         Ok(Self {
             root: root.to_path_buf(),
             size: size as u32,
             opts: DecodeOptions::default(),
+            backend,
         })
+    }
+
+    /// The ADM center crop of the image `key`.
+    fn crop(&self, key: &str) -> Result<RgbImage> {
+        let (index, reader) = match &self.backend {
+            Backend::Folder => {
+                let path = self.root.join(key);
+                return load_crop(&path, self.size, &self.opts).map_err(|e| Stage1Error::Image {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
+            Backend::Source { index, reader } => (index, reader),
+        };
+        let (i, place) = index.get(key).ok_or_else(|| Stage1Error::Image {
+            path: self.root.clone(),
+            reason: format!("no image {key} in this source (the cache was built from another one? pass --images)"),
+        })?;
+        let failed = |reason: String| Stage1Error::Image {
+            path: place.clone(),
+            reason,
+        };
+        let (_, bytes) = reader
+            .stream(*i..*i + 1)
+            .next()
+            .ok_or_else(|| failed("the source ended before it".into()))?
+            .map_err(|e| failed(e.to_string()))?;
+        let bytes = bytes.map_err(failed)?;
+        let img =
+            decode_rgb8_bytes(&bytes, place, &self.opts).map_err(|e| failed(e.to_string()))?;
+        Ok(adm_center_crop(&img, self.size))
     }
 
     /// The folder the keys are relative to.
@@ -62,11 +163,7 @@ impl TargetImages {
 
     /// `[3, S, S]` planar values of one crop.
     fn one(&self, key: &str, flip: bool, s: usize) -> Result<Vec<f32>> {
-        let path = self.root.join(key);
-        let mut img = load_crop(&path, self.size, &self.opts).map_err(|e| Stage1Error::Image {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let mut img = self.crop(key)?;
         if flip {
             image::imageops::flip_horizontal_in_place(&mut img);
         }

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{GenLossConfig, Result, Stage1Error};
+use crate::disc::{DinoConfig, DiscLrClock};
+use crate::train::optim::AdamWSettings;
 use crate::train::{AdamWConfig, LrSchedule, ScheduleKind};
 
 /// Every knob of a decoder training run.
@@ -40,12 +42,9 @@ pub struct DecoderTrainConfig {
     pub warmup_epochs: u64,
     /// Epoch at which the cosine reaches `final_lr`.
     pub decay_end_epoch: u64,
-    /// AdamW betas.
-    pub betas: [f64; 2],
-    /// AdamW epsilon.
-    pub eps: f64,
-    /// AdamW decoupled weight decay.
-    pub weight_decay: f64,
+    /// AdamW betas, eps, weight decay (keys `betas`, `eps`, `weight_decay`).
+    #[serde(flatten)]
+    pub adamw: AdamWSettings,
     /// Global gradient-norm clip (0: off, the reference's `clip_grad: 0.0`).
     pub clip_grad: f64,
     /// EMA decay, every step.
@@ -54,10 +53,23 @@ pub struct DecoderTrainConfig {
     pub noise_tau: f64,
     /// LPIPS weight.
     pub perceptual_weight: f64,
-    /// Adversarial weight (used once a discriminator is plugged in).
+    /// Adversarial weight (0.75); 0 trains without the discriminator.
     pub disc_weight: f64,
     /// Clamp of the adaptive weight.
     pub max_d_weight: f64,
+    /// DINO ViT-S/8 weights of the discriminator's frozen backbone: file,
+    /// directory or HF repo id (needed when `disc_weight > 0`).
+    pub dino_weights: String,
+    /// Shape of that backbone (default: the reference's ViT-S/8 at 224).
+    pub dino_config: Option<DinoConfig>,
+    /// Epoch from which the discriminator trains (reference
+    /// `disc_upd_start`, 6).
+    pub disc_start_epoch: u64,
+    /// Epoch from which the decoder's loss has the adversarial term
+    /// (reference `disc_start`, 8).
+    pub gan_start_epoch: u64,
+    /// What indexes the discriminator's learning-rate schedule.
+    pub disc_lr_clock: DiscLrClock,
     /// LPIPS VGG16 weights: file, directory or HF repo id.
     pub lpips_vgg: String,
     /// LPIPS v0.1 linear weights (`vgg.pth`): file or directory.
@@ -102,15 +114,18 @@ impl Default for DecoderTrainConfig {
             final_lr: 2e-5,
             warmup_epochs: 1,
             decay_end_epoch: 16,
-            betas: [opt.beta1, opt.beta2],
-            eps: opt.eps,
-            weight_decay: opt.weight_decay,
+            adamw: AdamWSettings::default(),
             clip_grad: 0.0,
             ema: 0.9978,
             noise_tau: super::noise::DEFAULT_TAU,
             perceptual_weight: loss.perceptual_weight,
             disc_weight: loss.disc_weight,
             max_d_weight: loss.max_d_weight,
+            dino_weights: crate::disc::backbone::DEFAULT_DINO_WEIGHTS.into(),
+            dino_config: None,
+            disc_start_epoch: 6,
+            gan_start_epoch: 8,
+            disc_lr_clock: DiscLrClock::default(),
             lpips_vgg: super::lpips::LpipsSource::default().vgg,
             lpips_lin: None,
             train_pos_embed: false,
@@ -170,18 +185,15 @@ impl DecoderTrainConfig {
         if self.noise_tau.is_nan() || self.noise_tau < 0.0 {
             return bad("noise tau must be >= 0");
         }
+        if self.disc_weight.is_nan() || self.disc_weight < 0.0 {
+            return bad("disc weight must be >= 0 (0: no discriminator)");
+        }
         Ok(())
     }
 
     /// AdamW hyper-parameters.
     pub fn optimizer(&self) -> AdamWConfig {
-        AdamWConfig {
-            lr: self.lr,
-            beta1: self.betas[0],
-            beta2: self.betas[1],
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-        }
+        self.adamw.with_lr(self.lr)
     }
 
     /// Loss weights.
@@ -209,5 +221,33 @@ impl DecoderTrainConfig {
     /// Total optimizer steps.
     pub fn total_steps(&self, steps_per_epoch: u64) -> u64 {
         self.steps.unwrap_or(self.epochs * steps_per_epoch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GAN keys, the backbone shape as a table and the flattened AdamW
+    /// keys read from TOML; unknown keys refused; JSON round trip exact.
+    #[test]
+    fn toml_gan_keys_and_json_roundtrip() {
+        let text = "data = [\"/c\"]\nout = \"/r\"\ndisc_start_epoch = 0\ngan_start_epoch = 1\n\
+                    disc_lr_clock = \"disc-updates\"\ndino_weights = \"/w/dino.pth\"\nbetas = [0.5, 0.9]\n\
+                    [dino_config]\ndepth = 12\nkey_depths = [2, 5]\npatch_size = 8\nembed_dim = 32\n\
+                    num_heads = 2\nmlp_ratio = 4.0\nnorm_eps = 1e-6\nimg_size = 224\n";
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run.toml");
+        std::fs::write(&p, text).unwrap();
+        let c = DecoderTrainConfig::from_toml_file(&p).unwrap();
+        assert_eq!((c.disc_start_epoch, c.gan_start_epoch), (0, 1));
+        assert_eq!(c.disc_lr_clock, DiscLrClock::DiscUpdates);
+        assert_eq!(c.dino_config.as_ref().unwrap().embed_dim, 32);
+        assert_eq!(c.optimizer().beta1, 0.5);
+        assert_eq!(c.disc_weight, 0.75);
+        c.validate().unwrap();
+        assert_eq!(DecoderTrainConfig::from_json(&c.to_json()).unwrap(), c);
+        std::fs::write(&p, "disc_start = 3\n").unwrap();
+        assert!(DecoderTrainConfig::from_toml_file(&p).is_err());
     }
 }

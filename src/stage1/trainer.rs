@@ -1,15 +1,17 @@
 //! The stage-1 training loop over a latent cache: batches of latent rows
 //! (raw, as the cache stores them) with the matching crops of their source
 //! images as targets ([`super::targets`]), the reference's noise
-//! augmentation, L1 + LPIPS (+ the adversarial term once a discriminator is
-//! plugged in), AdamW on the reference schedule, EMA, atomic checkpoints in
-//! the `train` run-directory layout, `log.jsonl`, exact resume.
+//! augmentation, L1 + LPIPS (+ the DINO discriminator's adversarial term
+//! and the discriminator's own updates, [`super::gan`]), AdamW on the
+//! reference schedule, EMA, atomic checkpoints in the `train` run-directory
+//! layout, `log.jsonl`, exact resume.
 //!
 //! All randomness derives from the seed: the data order from (seed, epoch)
 //! (the cache loader), each sample's noise from (seed, sample id), the
-//! initialisation from the seed. A checkpoint holds the weights, the EMA,
-//! the AdamW moments, the step and the loader cursor, which is all a resumed
-//! run needs to compute exactly what the uninterrupted run would have.
+//! initialisation from the seed, DiffAug from (seed, step). A checkpoint
+//! holds the weights, the EMA, the AdamW moments, the discriminator's state,
+//! the step and the loader cursor, which is all a resumed run needs to
+//! compute exactly what the uninterrupted run would have.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -19,6 +21,7 @@ use std::time::Instant;
 use candle_core::Device;
 use serde::Serialize;
 
+use super::gan::{DiscLog, Gan};
 use super::generator::{GeneratorConfig, GeneratorState};
 use super::lpips::{Lpips, LpipsSource};
 use super::noise::{NoiseAug, NoiseDraws};
@@ -26,12 +29,16 @@ use super::preview::Preview;
 use super::targets::TargetImages;
 use super::train_config::DecoderTrainConfig;
 use super::{AdversarialLoss, GenBatch, GenLossConfig, Result, Stage1Error};
+use crate::dist::{Collective, SingleProcess};
 use crate::models::DecoderConfig;
 use crate::models::config::load_config;
-use crate::train::cadence::Cadence;
-use crate::train::checkpoint::{self, Checkpoint, LoaderCursor};
+use crate::sources::InputFormat;
+use crate::train::cadence::{RunSteps, run_steps};
+use crate::train::checkpoint::{self, Checkpoint};
 use crate::train::loader::{CacheSet, Loader, LoaderConfig};
+use crate::train::trainer::{all_reduce_mean, mean_over_ranks};
 use crate::train::{LrSchedule, TrainError};
+use rand_chacha::ChaCha8Rng;
 
 /// The decoder config file written into the run directory (for `decode`).
 pub const DECODER_CONFIG_FILE: &str = "decoder.json";
@@ -64,6 +71,9 @@ pub struct DecoderStepStats {
     /// Mean PSNR of the preview batch (EMA decoder), on preview steps.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub psnr: Option<f64>,
+    /// The discriminator's update of this step (from `disc_start_epoch`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub disc: Option<DiscLog>,
 }
 
 /// Decoder, LPIPS, data and schedule of one run.
@@ -80,10 +90,12 @@ pub struct DecoderTrainer {
     step: u64,
     total_steps: u64,
     last_ckpt: Option<PathBuf>,
-    log: File,
-    /// The adversarial term and the step from which it is added.
-    adversarial: Option<(Box<dyn AdversarialLoss + Send>, u64)>,
-    steps_per_epoch: u64,
+    /// `log.jsonl` (rank 0).
+    log: Option<File>,
+    /// The data-parallel job this process is a rank of.
+    comm: Box<dyn Collective>,
+    /// The discriminator (`None` with `disc_weight` 0).
+    gan: Option<Gan>,
     preview: Option<Preview>,
 }
 
@@ -123,18 +135,29 @@ pub fn decoder_config(cfg: &DecoderTrainConfig, set: &CacheSet) -> Result<Decode
     Ok(dc)
 }
 
-/// `--images`, else the folder every cache was built from.
-fn image_root(cfg: &DecoderTrainConfig, set: &CacheSet) -> Result<PathBuf> {
+/// `--images` (its format detected), else the folder or source every cache
+/// was built from, in the format the build read it.
+fn image_source(cfg: &DecoderTrainConfig, set: &CacheSet) -> Result<(PathBuf, InputFormat)> {
     if let Some(p) = &cfg.images {
-        return Ok(p.clone());
+        return Ok((p.clone(), InputFormat::Auto));
     }
+    let format = set
+        .manifests()
+        .iter()
+        .find_map(|m| m.build_args["settings"]["source"]["format"].as_str())
+        .map(|f| match f {
+            "webdataset" => InputFormat::Webdataset,
+            "parquet" => InputFormat::Parquet,
+            _ => InputFormat::Tar,
+        })
+        .unwrap_or(InputFormat::Auto);
     let roots: std::collections::BTreeSet<&str> = set
         .manifests()
         .iter()
         .map(|m| m.dataset_root.as_str())
         .collect();
     match roots.into_iter().collect::<Vec<_>>().as_slice() {
-        [one] => Ok(PathBuf::from(one)),
+        [one] => Ok((PathBuf::from(one), format)),
         many => Err(Stage1Error::Invalid(format!(
             "the caches were built from different folders ({}): pass --images",
             many.join(", ")
@@ -165,12 +188,27 @@ impl DecoderTrainer {
     /// Build everything for `cfg` on `device`; with `resume`, restore the
     /// state from that checkpoint.
     pub fn new(cfg: DecoderTrainConfig, device: &Device, resume: Option<&Path>) -> Result<Self> {
+        Self::with_collective(cfg, device, resume, Box::new(SingleProcess))
+    }
+
+    /// One rank of a data-parallel job connected by `comm`: its share of
+    /// each global batch (`batch_size` per rank), the decoder's and the
+    /// discriminator's gradients averaged over the ranks, so every rank
+    /// takes the same steps; rank 0 writes the run directory. Every rank
+    /// starts from the same weights (seeded, or the same checkpoint).
+    pub fn with_collective(
+        cfg: DecoderTrainConfig,
+        device: &Device,
+        resume: Option<&Path>,
+        comm: Box<dyn Collective>,
+    ) -> Result<Self> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.out)
             .map_err(|e| Stage1Error::Invalid(format!("{}: {e}", cfg.out.display())))?;
         let set = CacheSet::open(&cfg.data)?;
         let dec_cfg = decoder_config(&cfg, &set)?;
-        let targets = TargetImages::new(&image_root(&cfg, &set)?, dec_cfg.image_size())?;
+        let (root, format) = image_source(&cfg, &set)?;
+        let targets = TargetImages::new(&root, format, dec_cfg.image_size())?;
         // A zero perceptual weight needs no VGG weights at all.
         let lpips = if cfg.perceptual_weight > 0.0 {
             Some(Lpips::from_source(
@@ -191,28 +229,37 @@ impl DecoderTrainer {
             train_pos_embed: cfg.train_pos_embed,
         };
         let mut state = GeneratorState::new(&dec_cfg, &gcfg, None, device)?;
-        let params: usize = state.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+        let params: usize = state
+            .params()
+            .trainable()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
         tracing::info!("decoder: {:.2}M trainable parameters", params as f64 / 1e6);
-        let (mut step, mut cursor, mut last_ckpt) = (0, LoaderCursor::default(), None);
-        if let Some(path) = resume {
-            let ck = checkpoint::load(path, device)?;
-            state.restore(&ck.model, ck.ema, ck.optim, path)?;
-            (step, cursor) = (ck.step, ck.cursor);
+        let ck = resume
+            .map(|p| checkpoint::load(p, device).map(|ck| (p, ck)))
+            .transpose()?;
+        let cursor = ck.as_ref().map(|(_, ck)| ck.cursor).unwrap_or_default();
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let lcfg = Self::loader_config(&cfg, rank, world);
+        let loader = Loader::new(&set, &lcfg, cursor, device)?;
+        let spe = loader.steps_per_epoch() as u64;
+        let mut gan = Gan::new(&cfg, spe, device)?;
+        if let Some(g) = &mut gan {
+            g.set_rank(rank, world);
+        }
+        let (mut step, mut last_ckpt) = (0, None);
+        if let Some((path, ck)) = ck {
+            if let Some(g) = &mut gan {
+                g.restore(&ck, path)?;
+            }
+            step = ck.step;
+            state.restore(ck, path)?;
             last_ckpt = Some(path.to_path_buf());
             tracing::info!("resumed from {} at step {step}", path.display());
         }
-        let lcfg = LoaderConfig {
-            batch_size: cfg.batch_size,
-            seed: cfg.seed,
-            shuffle_window: cfg.shuffle_window,
-            workers: cfg.workers,
-            raw: true,
-            ..Default::default()
-        };
-        let loader = Loader::new(&set, &lcfg, cursor, device)?;
-        let spe = loader.steps_per_epoch() as u64;
-        let log = open_log(&cfg, &dec_cfg)?;
-        let preview = (cfg.preview_every > 0)
+        let log = (rank == 0).then(|| open_log(&cfg, &dec_cfg)).transpose()?;
+        let preview = (cfg.preview_every > 0 && rank == 0)
             .then(|| {
                 Preview::new(
                     &set,
@@ -238,18 +285,30 @@ impl DecoderTrainer {
             step,
             last_ckpt,
             log,
-            adversarial: None,
-            steps_per_epoch: spe,
+            comm,
+            gan,
             preview,
         })
     }
 
-    /// Plug in the adversarial term (e.g. the DINO discriminator's
-    /// `-mean(D(DiffAug(x)))`), added with the adaptive weight from epoch
-    /// `start_epoch` on (reference `disc_start: 8`). Training the
-    /// discriminator itself is the caller's part of the step.
-    pub fn set_adversarial(&mut self, adv: Box<dyn AdversarialLoss + Send>, start_epoch: u64) {
-        self.adversarial = Some((adv, start_epoch * self.steps_per_epoch));
+    /// The cache loader's settings (raw latents: the decoder sees them as
+    /// the encoder produced them).
+    fn loader_config(cfg: &DecoderTrainConfig, rank: usize, world_size: usize) -> LoaderConfig {
+        LoaderConfig {
+            batch_size: cfg.batch_size,
+            seed: cfg.seed,
+            shuffle_window: cfg.shuffle_window,
+            workers: cfg.workers,
+            rank,
+            world_size,
+            raw: true,
+            ..Default::default()
+        }
+    }
+
+    /// The discriminator, when the run has one.
+    pub fn gan(&self) -> Option<&Gan> {
+        self.gan.as_ref()
     }
 
     /// Optimizer steps done.
@@ -292,20 +351,45 @@ impl DecoderTrainer {
             z,
             noise: Some(noise),
         };
-        // The adversarial seam stays empty until a discriminator is wired in.
-        let (l, grads) =
-            self.state
-                .grads(self.lpips.as_ref(), &gb, self.noise, &self.losses, None)?;
+        let mut aug_rng = self.gan.as_ref().map(|g| g.rng(self.step));
+        let mut adv = match (&self.gan, &mut aug_rng) {
+            (Some(g), Some(rng)) => g.generator_term(self.step, rng),
+            _ => None,
+        };
+        let (mut l, grads) = self.state.grads(
+            self.lpips.as_ref(),
+            &gb,
+            self.noise,
+            &self.losses,
+            adv.as_mut().map(|a| a as &mut dyn AdversarialLoss),
+        )?;
+        drop(adv);
+        let grads = all_reduce_mean(self.comm.as_ref(), grads)?;
+        if self.comm.world_size() > 1 {
+            // every rank sees the same means and so stops together
+            let m = [l.l1, l.lpips, l.gan, l.adaptive_weight, l.total];
+            let m = mean_over_ranks(self.comm.as_ref(), &m, &dev)?;
+            (l.l1, l.lpips, l.gan, l.adaptive_weight, l.total) = (m[0], m[1], m[2], m[3], m[4]);
+        }
         if !l.total.is_finite() {
             return Err(self.non_finite(format!("loss {}", l.total)));
         }
-        if self.step == 0 && grads.len() < self.state.trainable().len() {
+        if self.step == 0 && grads.len() < self.state.params().trainable().len() {
             tracing::warn!("some decoder tensors receive no gradient");
         }
         let lr = self.schedule.lr_at(self.step);
         let grad_norm = self.state.update(grads, lr)?;
         if !grad_norm.is_finite() {
             return Err(self.non_finite(format!("gradient norm {grad_norm}")));
+        }
+        let disc = match aug_rng {
+            Some(mut rng) => self.disc_update(&gb, &mut rng)?,
+            None => None,
+        };
+        if let Some(d) = &disc
+            && !d.d_loss.is_finite()
+        {
+            return Err(self.non_finite(format!("discriminator loss {}", d.d_loss)));
         }
         self.step += 1;
         let seconds = start.elapsed().as_secs_f64();
@@ -319,28 +403,45 @@ impl DecoderTrainer {
             total: l.total,
             grad_norm,
             lr,
-            images_per_s: b as f64 / seconds.max(1e-9),
+            images_per_s: (b * self.comm.world_size()) as f64 / seconds.max(1e-9),
             seconds,
             psnr: None,
+            disc,
         })
+    }
+
+    /// The discriminator's update of this step (when it trains), on the
+    /// post-update decoder's reconstruction without the latent noise; its
+    /// gradients and statistics averaged over the ranks.
+    fn disc_update(&mut self, gb: &GenBatch, rng: &mut ChaCha8Rng) -> Result<Option<DiscLog>> {
+        let comm = self.comm.as_ref();
+        let Some(g) = self.gan.as_mut().filter(|g| g.trains_at(self.step)) else {
+            return Ok(None);
+        };
+        let recon = self.state.decoder().forward(&gb.z)?.detach();
+        let reduce = |grads| Ok(all_reduce_mean(comm, grads)?);
+        let mut d = g.disc_step([&recon, &gb.images], self.step, rng, reduce)?;
+        if comm.world_size() > 1 {
+            let m = [d.d_loss, d.logits_real, d.logits_fake, d.d_accuracy];
+            let m = mean_over_ranks(comm, &m, recon.device())?;
+            (d.d_loss, d.logits_real, d.logits_fake, d.d_accuracy) = (m[0], m[1], m[2], m[3]);
+        }
+        Ok(Some(d))
     }
 
     fn non_finite(&self, what: String) -> Stage1Error {
-        Stage1Error::Train(TrainError::NonFinite {
-            step: self.step,
-            what,
-            last_good: self
-                .last_ckpt
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "none (no checkpoint written yet)".into()),
-        })
+        TrainError::non_finite(self.step, what, self.last_ckpt.as_deref()).into()
     }
 
-    /// Write a checkpoint (weights, EMA, AdamW, step, cursor, config).
-    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+    /// Write a checkpoint (weights, EMA, AdamW, discriminator, step, cursor,
+    /// config): rank 0; the other ranks write nothing and return `None`.
+    pub fn save_checkpoint(&mut self) -> Result<Option<PathBuf>> {
+        if self.comm.rank() != 0 {
+            return Ok(None);
+        }
         let ema = self
             .state
+            .params()
             .ema()
             .map(|e| e.tensors().clone())
             .unwrap_or_default();
@@ -350,70 +451,75 @@ impl DecoderTrainer {
             "decoder_config".to_string(),
             serde_json::to_string(&self.dec_cfg).unwrap_or_default(),
         );
-        let ck = Checkpoint {
+        let mut ck = Checkpoint {
             step: self.step,
-            model: self.state.state_dict(),
+            model: self.state.params().state_dict(),
             ema,
-            optim: self.state.optimizer().state().clone(),
+            optim: self.state.params().optimizer().state().clone(),
             cursor: self.loader.cursor(),
             rng: None, // every draw derives from the seed
             config: self.cfg.to_json(),
             extra,
+            aux: Default::default(),
         };
+        if let Some(g) = &self.gan {
+            g.save(&mut ck)?;
+        }
         let p = checkpoint::save(&self.cfg.out, &ck, self.cfg.keep_checkpoints)?;
         self.last_ckpt = Some(p.clone());
-        Ok(p)
-    }
-
-    fn log_line(&mut self, s: &DecoderStepStats) -> Result<()> {
-        let line = serde_json::to_string(s).unwrap_or_default();
-        writeln!(self.log, "{line}").map_err(|e| {
-            Stage1Error::Invalid(format!("{}: {e}", self.cfg.out.join("log.jsonl").display()))
-        })
+        Ok(Some(p))
     }
 
     /// Train to the last step, checkpointing every `ckpt_every` steps and at
     /// the end; `on_step` sees each step (progress display).
     pub fn run(
         &mut self,
-        mut on_step: impl FnMut(&DecoderStepStats),
+        on_step: impl FnMut(&DecoderStepStats),
     ) -> Result<Option<DecoderStepStats>> {
-        let mut last = None;
-        while self.step < self.total_steps {
-            let mut s = self.train_step()?;
-            let every = self.cfg.preview_every;
-            if let Some(p) = &self.preview
-                && (s.step % every == 0 || s.step == self.total_steps)
-            {
-                let weights = match self.state.ema() {
-                    Some(e) => e.tensors().clone(),
-                    None => self.state.state_dict(),
-                };
-                s.psnr = Some(p.run(&self.dec_cfg, &weights, s.step)?);
-            }
-            let total = self.total_steps;
-            if (Cadence {
-                every: self.cfg.log_every,
-                total,
-            })
-            .log_due(s.step)
-            {
-                self.log_line(&s)?;
-            }
-            on_step(&s);
-            if (Cadence {
-                every: self.cfg.ckpt_every,
-                total,
-            })
-            .checkpoint_due(s.step)
-            {
-                self.save_checkpoint()?;
-            }
-            last = Some(s);
+        run_steps(self, on_step)
+    }
+}
+
+impl RunSteps for DecoderTrainer {
+    type Stats = DecoderStepStats;
+    type Error = Stage1Error;
+
+    fn steps(&self) -> (u64, u64) {
+        (self.step, self.total_steps)
+    }
+
+    /// A step, then (on preview steps) the EMA decoder's preview and PSNR.
+    fn one_step(&mut self) -> Result<(u64, DecoderStepStats)> {
+        let mut s = self.train_step()?;
+        let every = self.cfg.preview_every;
+        if let Some(p) = &self.preview
+            && (s.step % every == 0 || s.step == self.total_steps)
+        {
+            let weights = match self.state.params().ema() {
+                Some(e) => e.tensors().clone(),
+                None => self.state.params().state_dict(),
+            };
+            s.psnr = Some(p.run(&self.dec_cfg, &weights, s.step)?);
         }
-        if last.is_some() {
-            self.save_checkpoint()?;
-        }
-        Ok(last)
+        Ok((s.step, s))
+    }
+
+    fn write_log(&mut self, s: &DecoderStepStats) -> Result<()> {
+        let Some(log) = &mut self.log else {
+            return Ok(());
+        };
+        let line = serde_json::to_string(s).unwrap_or_default();
+        writeln!(log, "{line}").map_err(|e| {
+            Stage1Error::Invalid(format!("{}: {e}", self.cfg.out.join("log.jsonl").display()))
+        })
+    }
+
+    fn periods(&self) -> (u64, u64) {
+        (self.cfg.log_every, self.cfg.ckpt_every)
+    }
+
+    fn checkpoint(&mut self) -> Result<()> {
+        self.save_checkpoint()?;
+        Ok(())
     }
 }

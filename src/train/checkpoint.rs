@@ -1,6 +1,7 @@
 //! Run-dir checkpoints: one safetensors file per save holding the model
 //! weights (`model.*`), the EMA weights (`ema.*`), the AdamW moments
-//! (`optim.m.*`, `optim.v.*`), and in the metadata the step, the loader
+//! (`optim.m.*`, `optim.v.*`), any further named tensors of the run
+//! (`aux.*`: e.g. the stage-1 discriminator), and in the metadata the step, the loader
 //! cursor, an optional RNG state, per-parameter optimizer step counts and
 //! the run config (JSON). Written to a temp name, fsynced, renamed; a
 //! `latest` file names the newest; only the last K are kept. Tensors
@@ -101,6 +102,57 @@ pub struct Checkpoint {
     pub config: String,
     /// Free-form extra metadata (e.g. last loss).
     pub extra: BTreeMap<String, String>,
+    /// Further named tensors the run keeps besides the model (e.g. the
+    /// stage-1 discriminator's heads, spectral-norm buffers and optimizer
+    /// moments), stored as `aux.<name>`. Empty for runs without any, and
+    /// when reading checkpoints written before it existed.
+    pub aux: BTreeMap<String, Tensor>,
+}
+
+/// Append an optimizer's moments to `tensors` as `{prefix}.m.<param>` and
+/// `{prefix}.v.<param>`; returns the per-parameter step counts (metadata).
+pub fn push_optim<'a>(
+    state: &'a AdamWState,
+    prefix: &str,
+    tensors: &mut Vec<(String, &'a Tensor)>,
+) -> BTreeMap<String, u64> {
+    let mut param_steps = BTreeMap::new();
+    for (k, s) in &state.params {
+        tensors.push((format!("{prefix}.m.{k}"), &s.m));
+        tensors.push((format!("{prefix}.v.{k}"), &s.v));
+        param_steps.insert(k.clone(), s.step);
+    }
+    param_steps
+}
+
+/// Rebuild an optimizer state from its step counts and the moments `ms`,
+/// `vs` by parameter name (as [`push_optim`] wrote them under `prefix`);
+/// every counted parameter needs both moments and no moment may be left.
+pub fn assemble_optim(
+    step: u64,
+    param_steps: BTreeMap<String, u64>,
+    mut ms: BTreeMap<String, Tensor>,
+    mut vs: BTreeMap<String, Tensor>,
+    prefix: &str,
+    path: &Path,
+) -> Result<AdamWState> {
+    let mut params = BTreeMap::new();
+    for (name, s) in param_steps {
+        let m = ms
+            .remove(&name)
+            .ok_or_else(|| fmt_err(path, format!("missing {prefix}.m.{name}")))?;
+        let v = vs
+            .remove(&name)
+            .ok_or_else(|| fmt_err(path, format!("missing {prefix}.v.{name}")))?;
+        params.insert(name, ParamState { m, v, step: s });
+    }
+    if let Some(k) = ms.keys().chain(vs.keys()).next() {
+        return Err(fmt_err(
+            path,
+            format!("optimizer moment {prefix}.*.{k} without a step count"),
+        ));
+    }
+    Ok(AdamWState { step, params })
 }
 
 /// `RUN_DIR/checkpoints`.
@@ -138,11 +190,9 @@ pub fn save(run_dir: &Path, ck: &Checkpoint, keep: usize) -> Result<PathBuf> {
     for (k, t) in &ck.ema {
         tensors.push((format!("ema.{k}"), t));
     }
-    let mut param_steps = BTreeMap::new();
-    for (k, s) in &ck.optim.params {
-        tensors.push((format!("optim.m.{k}"), &s.m));
-        tensors.push((format!("optim.v.{k}"), &s.v));
-        param_steps.insert(k.clone(), s.step);
+    let param_steps = push_optim(&ck.optim, "optim", &mut tensors);
+    for (k, t) in &ck.aux {
+        tensors.push((format!("aux.{k}"), t));
     }
 
     let mut meta: HashMap<String, String> = HashMap::new();
@@ -434,7 +484,7 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
 
     let all = candle_core::safetensors::load_buffer(&buf, device)?;
     let (mut model, mut ema) = (BTreeMap::new(), BTreeMap::new());
-    let (mut ms, mut vs) = (BTreeMap::new(), BTreeMap::new());
+    let (mut ms, mut vs, mut aux) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
     for (k, t) in all {
         if let Some(n) = k.strip_prefix("model.") {
             model.insert(n.to_string(), t);
@@ -444,38 +494,23 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
             ms.insert(n.to_string(), t);
         } else if let Some(n) = k.strip_prefix("optim.v.") {
             vs.insert(n.to_string(), t);
+        } else if let Some(n) = k.strip_prefix("aux.") {
+            aux.insert(n.to_string(), t);
         } else {
             return Err(fmt_err(path, format!("unexpected tensor {k:?}")));
         }
     }
-    let mut params = BTreeMap::new();
-    for (name, step) in param_steps {
-        let m = ms
-            .remove(&name)
-            .ok_or_else(|| fmt_err(path, format!("missing optim.m.{name}")))?;
-        let v = vs
-            .remove(&name)
-            .ok_or_else(|| fmt_err(path, format!("missing optim.v.{name}")))?;
-        params.insert(name, ParamState { m, v, step });
-    }
-    if let Some(k) = ms.keys().chain(vs.keys()).next() {
-        return Err(fmt_err(
-            path,
-            format!("optimizer moment {k:?} without a step count"),
-        ));
-    }
+    let optim = assemble_optim(optim_step, param_steps, ms, vs, "optim", path)?;
     Ok(Checkpoint {
         step,
         model,
         ema,
-        optim: AdamWState {
-            step: optim_step,
-            params,
-        },
+        optim,
         cursor,
         rng,
         config,
         extra,
+        aux,
     })
 }
 
@@ -529,6 +564,7 @@ mod tests {
             rng: Some(RngState::capture(rng)),
             config: r#"{"lr":0.0002}"#.into(),
             extra: [("loss".to_string(), "0.5".to_string())].into(),
+            aux: [("disc.heads.0.w".to_string(), tensor(&[2.5, -1e-20]))].into(),
         }
     }
 
@@ -548,6 +584,11 @@ mod tests {
         assert_eq!(back.extra, ck.extra);
         assert_eq!(bits(&back.model["w"]), bits(&ck.model["w"]));
         assert_eq!(bits(&back.ema["w"]), bits(&ck.ema["w"]));
+        assert_eq!(back.aux.len(), 1);
+        assert_eq!(
+            bits(&back.aux["disc.heads.0.w"]),
+            bits(&ck.aux["disc.heads.0.w"])
+        );
         assert_eq!(
             bits(&back.optim.params["w"].v),
             bits(&ck.optim.params["w"].v)

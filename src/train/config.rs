@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::lr::{LrSchedule, ScheduleKind};
-use super::optim::AdamWConfig;
+use super::optim::{AdamWConfig, AdamWSettings};
 use super::{Result, TrainError};
 
 /// Settings of a training run; defaults follow the reference
@@ -42,12 +42,9 @@ pub struct TrainConfig {
     pub warmup_from_zero: bool,
     /// Step at which the decay reaches final_lr (default: the last step).
     pub decay_end_steps: Option<u64>,
-    /// AdamW (beta1, beta2) (default and reference [0.9, 0.95]).
-    pub betas: [f64; 2],
-    /// AdamW epsilon (default 1e-8, PyTorch's).
-    pub eps: f64,
-    /// AdamW decoupled weight decay (default and reference 0).
-    pub weight_decay: f64,
+    /// AdamW betas, eps, weight decay (keys `betas`, `eps`, `weight_decay`).
+    #[serde(flatten)]
+    pub adamw: AdamWSettings,
     /// Global gradient-norm clip (0 = off).
     pub clip_grad: f64,
     /// Total optimizer steps (takes precedence over epochs).
@@ -108,9 +105,7 @@ impl Default for TrainConfig {
             warmup_steps: 0,
             warmup_from_zero: false,
             decay_end_steps: None,
-            betas: [0.9, 0.95],
-            eps: 1e-8,
-            weight_decay: 0.0,
+            adamw: AdamWSettings::default(),
             clip_grad: 1.0,
             steps: None,
             epochs: None,
@@ -165,8 +160,9 @@ impl TrainConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad(format!("lr {} must be positive", self.lr));
         }
-        if !(0.0..1.0).contains(&self.betas[0]) || !(0.0..1.0).contains(&self.betas[1]) {
-            return bad(format!("betas {:?} must lie in [0, 1)", self.betas));
+        let betas = self.adamw.betas;
+        if !(0.0..1.0).contains(&betas[0]) || !(0.0..1.0).contains(&betas[1]) {
+            return bad(format!("betas {betas:?} must lie in [0, 1)"));
         }
         if !(0.0..=1.0).contains(&self.ema) {
             return bad(format!("ema {} must lie in [0, 1]", self.ema));
@@ -248,13 +244,7 @@ impl TrainConfig {
 
     /// The AdamW hyper-parameters of this config.
     pub fn optimizer(&self) -> AdamWConfig {
-        AdamWConfig {
-            lr: self.lr,
-            beta1: self.betas[0],
-            beta2: self.betas[1],
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-        }
+        self.adamw.with_lr(self.lr)
     }
 
     /// The lr schedule of this config, decaying until `decay_end_steps` or else
@@ -281,13 +271,16 @@ mod tests {
         let p = dir.path().join("run.toml");
         std::fs::write(
             &p,
-            "data = [\"/c\"]\nbatch_size = 8\nlr = 1e-3\nsteps = 10\nlr_schedule = \"cosine\"\nfinal_lr = 1e-5\n",
+            "data = [\"/c\"]\nbatch_size = 8\nlr = 1e-3\nsteps = 10\nlr_schedule = \"cosine\"\nfinal_lr = 1e-5\nbetas = [0.8, 0.9]\nweight_decay = 0\n",
         )
         .unwrap();
         let c = TrainConfig::from_toml_file(&p).unwrap();
         assert_eq!(c.batch_size, 8);
         assert_eq!(c.lr_schedule, ScheduleKind::Cosine);
         assert_eq!(c.ema, 0.9995);
+        // the flattened AdamW keys: given ones read, the others defaulted
+        assert_eq!((c.adamw.betas, c.adamw.eps), ([0.8, 0.9], 1e-8));
+        assert_eq!(c.optimizer().beta1, 0.8);
         c.validate().unwrap();
         assert_eq!(TrainConfig::from_json(&c.to_json()).unwrap(), c);
         std::fs::write(&p, "batch_sise = 8\n").unwrap();

@@ -11,6 +11,7 @@ pub mod init;
 pub mod loader;
 pub mod lr;
 pub mod optim;
+pub mod params;
 pub mod state;
 pub mod trainer;
 
@@ -18,6 +19,7 @@ pub use config::TrainConfig;
 pub use ema::Ema;
 pub use lr::{LrSchedule, ScheduleKind};
 pub use optim::{AdamW, AdamWConfig, GradAccumulator, Gradients, ParamGroup};
+pub use params::OptimizedParams;
 pub use state::{FlowBatch, StepMetrics, TrainState, TrainStateConfig};
 
 use std::path::PathBuf;
@@ -59,6 +61,19 @@ pub enum TrainError {
 
 /// Result with a [`TrainError`].
 pub type Result<T> = std::result::Result<T, TrainError>;
+
+impl TrainError {
+    /// A non-finite `what` at `step`, naming the last checkpoint written.
+    pub fn non_finite(step: u64, what: String, last_ckpt: Option<&std::path::Path>) -> Self {
+        Self::NonFinite {
+            step,
+            what,
+            last_good: last_ckpt
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "none (no checkpoint written yet)".into()),
+        }
+    }
+}
 
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
     let path = path.into();

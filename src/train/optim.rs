@@ -31,6 +31,44 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+/// The AdamW settings a run config names: the same keys (`betas`, `eps`,
+/// `weight_decay`) in `train`'s and `train-decoder`'s configs, flattened
+/// into both (the learning rate is scheduled, so it stays with the schedule).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AdamWSettings {
+    /// AdamW (beta1, beta2) (default and reference [0.9, 0.95]).
+    pub betas: [f64; 2],
+    /// AdamW epsilon (default 1e-8, PyTorch's).
+    pub eps: f64,
+    /// AdamW decoupled weight decay (default and reference 0).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWSettings {
+    fn default() -> Self {
+        let d = AdamWConfig::default();
+        Self {
+            betas: [d.beta1, d.beta2],
+            eps: d.eps,
+            weight_decay: d.weight_decay,
+        }
+    }
+}
+
+impl AdamWSettings {
+    /// The optimizer's hyper-parameters with base learning rate `lr`.
+    pub fn with_lr(&self, lr: f64) -> AdamWConfig {
+        AdamWConfig {
+            lr,
+            beta1: self.betas[0],
+            beta2: self.betas[1],
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
 impl Default for AdamWConfig {
     fn default() -> Self {
         Self {

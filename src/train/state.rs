@@ -12,7 +12,8 @@ use candle_nn::VarMap;
 
 use super::checkpoint::Checkpoint;
 use super::init::{CastVars, SeededVarMap};
-use super::{AdamW, AdamWConfig, Ema, Gradients, ParamGroup, Result, TrainError};
+use super::params::OptimizedParams;
+use super::{AdamW, AdamWConfig, Ema, Gradients, Result};
 use crate::diffusion::schedule::{interpolate, velocity_target};
 use crate::models::state_dict::sorted_vars;
 use crate::models::{DitConfig, DitModel, VelocityModel, is_frozen};
@@ -64,12 +65,8 @@ pub struct TrainState {
     compute: DType,
     device: Device,
     _varmap: VarMap,
-    /// Every tensor of the model (trainable and frozen), by name, sorted.
-    all_vars: Vec<(String, Var)>,
-    trainable: Vec<(String, Var)>,
-    opt: AdamW,
-    ema: Option<Ema>,
-    clip_grad: f64,
+    /// Every tensor of the model, AdamW over the non-frozen ones, the EMA.
+    params: OptimizedParams,
 }
 
 impl TrainState {
@@ -78,31 +75,20 @@ impl TrainState {
         let varmap = VarMap::new();
         let vb = SeededVarMap::var_builder(&varmap, cfg.seed, DType::F32, device);
         let model = DitModel::new(model_cfg, vb)?;
-        let all_vars = sorted_vars(&varmap);
-        let trainable: Vec<(String, Var)> = all_vars
-            .iter()
-            .filter(|(k, _)| !is_frozen(k))
-            .cloned()
-            .collect();
-        let opt = AdamW::new(
-            vec![ParamGroup::new(trainable.clone())],
+        let params = OptimizedParams::new(
+            sorted_vars(&varmap),
+            |k| !is_frozen(k),
             cfg.optimizer.clone(),
+            cfg.ema,
+            cfg.clip_grad,
         )?;
-        let ema = cfg
-            .ema
-            .map(|d| Ema::new(all_vars.iter().map(|(k, v)| (k, v)), d))
-            .transpose()?;
         let mut state = Self {
             model,
             model_cfg: model_cfg.clone(),
             compute: cfg.compute,
             device: device.clone(),
             _varmap: varmap,
-            all_vars,
-            trainable,
-            opt,
-            ema,
-            clip_grad: cfg.clip_grad,
+            params,
         };
         state.recast()?;
         Ok(state)
@@ -111,30 +97,13 @@ impl TrainState {
     /// Weights, optimizer state and (when this state keeps one) the EMA
     /// from a checkpoint read from `path`.
     pub fn restore(&mut self, ck: Checkpoint, path: &std::path::Path) -> Result<()> {
-        for (name, var) in &self.all_vars {
-            let t = ck.model.get(name).ok_or_else(|| {
-                TrainError::State(format!("{}: no weights for {name}", path.display()))
-            })?;
-            if t.dims() != var.dims() {
-                return Err(TrainError::State(format!(
-                    "{}: {name} is {:?}, the model wants {:?}",
-                    path.display(),
-                    t.dims(),
-                    var.dims()
-                )));
-            }
-            var.set(&t.to_dtype(var.dtype())?)?;
-        }
-        self.opt.load_state(ck.optim)?;
-        if let Some(ema) = &self.ema {
-            self.ema = Some(Ema::from_tensors(ck.ema, ema.decay())?);
-        }
+        self.params.restore(&ck.model, ck.ema, ck.optim, path)?;
         self.recast()
     }
 
     /// Replace every weight by `f(weight)` (e.g. a broadcast from rank 0).
     pub fn set_weights(&mut self, mut f: impl FnMut(&Tensor) -> Result<Tensor>) -> Result<()> {
-        for (_, var) in &self.all_vars {
+        for (_, var) in self.params.vars() {
             var.set(&f(var.as_tensor())?)?;
         }
         self.recast()
@@ -143,7 +112,7 @@ impl TrainState {
     /// Autocast: rebuild the model from fresh casts of the master weights.
     fn recast(&mut self) -> Result<()> {
         if self.compute != DType::F32 {
-            let vb = CastVars::var_builder(&self.all_vars, self.compute, &self.device);
+            let vb = CastVars::var_builder(self.params.vars(), self.compute, &self.device);
             self.model = DitModel::new(&self.model_cfg, vb)?;
         }
         Ok(())
@@ -158,29 +127,21 @@ impl TrainState {
         let v = self.model.forward(&x_t, &b.t, &b.y)?;
         let loss = (v - target)?.sqr()?.mean_all()?;
         let store = loss.backward()?;
-        let grads = Gradients::from_store(&store, &self.trainable)?;
+        let grads = Gradients::from_store(&store, self.params.trainable())?;
         let loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         Ok((loss, grads))
     }
 
     /// Clip `grads` to the configured global norm; returns the norm before.
     pub fn clip(&self, grads: &mut Gradients) -> Result<f64> {
-        if self.clip_grad > 0.0 {
-            grads.clip_global_norm(self.clip_grad)
-        } else {
-            grads.global_norm()
-        }
+        self.params.clip(grads)
     }
 
-    /// AdamW with learning rate `lr`, then the EMA.
+    /// AdamW with learning rate `lr`, then the EMA (the gradients are
+    /// dropped before the fresh casts: lower peak memory).
     pub fn update(&mut self, grads: Gradients, lr: f64) -> Result<()> {
-        self.opt.step(&grads, lr)?;
-        drop(grads); // before the fresh casts: lower peak memory
-        self.recast()?;
-        if let Some(ema) = &mut self.ema {
-            ema.update(self.trainable.iter().map(|(k, v)| (k, v)))?;
-        }
-        Ok(())
+        self.params.update(grads, lr)?;
+        self.recast()
     }
 
     /// One optimizer step on a single micro-batch (what the trainer does
@@ -209,49 +170,37 @@ impl TrainState {
 
     /// Every variable (trainable and frozen), sorted by name.
     pub fn vars(&self) -> &[(String, Var)] {
-        &self.all_vars
+        self.params.vars()
     }
 
     /// The trained variables (everything but the frozen buffers), sorted by name.
     pub fn trainable(&self) -> &[(String, Var)] {
-        &self.trainable
+        self.params.trainable()
     }
 
     /// Number of trainable scalars.
     pub fn trainable_params(&self) -> usize {
-        self.trainable.iter().map(|(_, v)| v.elem_count()).sum()
+        self.params
+            .trainable()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum()
     }
 
     /// The optimizer (its state goes into checkpoints).
     pub fn optimizer(&self) -> &AdamW {
-        &self.opt
+        self.params.optimizer()
     }
 
     /// The EMA, when this state keeps one.
     pub fn ema(&self) -> Option<&Ema> {
-        self.ema.as_ref()
+        self.params.ema()
     }
 
     /// Tensors this state keeps from one step to the next that carry an
     /// autograd graph (none may: each would keep every earlier step alive).
     pub fn tensors_with_graph(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Some(ema) = &self.ema {
-            for (k, t) in ema.tensors() {
-                if t.track_op() {
-                    out.push(format!("ema.{k}"));
-                }
-            }
-        }
-        for (k, s) in &self.opt.state().params {
-            if s.m.track_op() {
-                out.push(format!("optim.m.{k}"));
-            }
-            if s.v.track_op() {
-                out.push(format!("optim.v.{k}"));
-            }
-        }
-        out
+        self.params.tensors_with_graph()
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use super::cadence::Cadence;
+use super::cadence::{RunSteps, run_steps, run_steps_with};
 use super::checkpoint::{self, Checkpoint, LoaderCursor};
 use super::config::TrainConfig;
 use super::loader::{CacheSet, Loader, sample_seed};
@@ -367,36 +367,7 @@ impl Trainer {
 
     /// Average `grads` over the ranks (bucketed flat all-reduces).
     fn average_gradients(&self, grads: Gradients) -> Result<Gradients> {
-        let world = self.comm.world_size();
-        if world == 1 {
-            return Ok(grads);
-        }
-        let entries: Vec<(String, Tensor)> =
-            grads.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
-        let mut out = Gradients::new();
-        let mut i = 0;
-        while i < entries.len() {
-            let mut j = i;
-            let mut n = 0;
-            while j < entries.len() && (j == i || n + entries[j].1.elem_count() <= BUCKET_ELEMS) {
-                n += entries[j].1.elem_count();
-                j += 1;
-            }
-            let flat: Vec<Tensor> = entries[i..j]
-                .iter()
-                .map(|(_, t)| t.flatten_all())
-                .collect::<candle_core::Result<_>>()?;
-            let sum = self.comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
-            let avg = sum.affine(1.0 / world as f64, 0.0)?;
-            let mut off = 0;
-            for (name, t) in &entries[i..j] {
-                let len = t.elem_count();
-                out.insert(name.clone(), avg.narrow(0, off, len)?.reshape(t.shape())?)?;
-                off += len;
-            }
-            i = j;
-        }
-        Ok(out)
+        all_reduce_mean(self.comm.as_ref(), grads)
     }
 
     /// One optimizer step over `accum` micro-batches (on every rank).
@@ -413,12 +384,7 @@ impl Trainer {
         }
         let mut loss = loss_sum / self.cfg.accum as f64;
         if self.comm.world_size() > 1 {
-            let l = Tensor::new(&[loss as f32], &Device::Cpu)?;
-            let l = self
-                .comm
-                .all_reduce_sum(&l.to_device(self.loader_device())?)?;
-            loss = l.to_device(&Device::Cpu)?.to_vec1::<f32>()?[0] as f64
-                / self.comm.world_size() as f64;
+            loss = mean_over_ranks(self.comm.as_ref(), &[loss], self.loader_device())?[0];
         }
         // Every rank sees the same mean loss and so stops together.
         if !loss.is_finite() {
@@ -452,15 +418,7 @@ impl Trainer {
     }
 
     fn non_finite(&self, what: String) -> TrainError {
-        TrainError::NonFinite {
-            step: self.step,
-            what,
-            last_good: self
-                .last_ckpt
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "none (no checkpoint written yet)".into()),
-        }
+        TrainError::non_finite(self.step, what, self.last_ckpt.as_deref())
     }
 
     /// Write a checkpoint of the current state into the run directory
@@ -478,6 +436,7 @@ impl Trainer {
             rng: None, // all randomness derives from (seed, step): nothing to save
             config: self.cfg.to_json(),
             extra: Default::default(),
+            aux: Default::default(),
         };
         let p = checkpoint::save(&self.cfg.out, &ck, self.cfg.keep_checkpoints)?;
         self.last_ckpt = Some(p.clone());
@@ -497,33 +456,89 @@ impl Trainer {
 
     /// Train until `total_steps`, checkpointing every `ckpt_every` steps and
     /// at the end; `on_step` sees every step's stats (progress display).
-    pub fn run(&mut self, mut on_step: impl FnMut(&StepStats)) -> Result<Option<StepStats>> {
-        let mut last = None;
-        while self.step < self.total_steps {
-            let stats = self.train_step()?;
-            let total = self.total_steps;
-            if (Cadence {
-                every: self.cfg.log_every,
-                total,
-            })
-            .log_due(stats.step)
-            {
-                self.log(&stats)?;
-            }
-            on_step(&stats);
-            if (Cadence {
-                every: self.cfg.ckpt_every,
-                total,
-            })
-            .checkpoint_due(stats.step)
-            {
-                self.save_checkpoint()?;
-            }
-            last = Some(stats);
-        }
-        if last.is_some() {
-            self.save_checkpoint()?;
-        }
-        Ok(last)
+    pub fn run(&mut self, on_step: impl FnMut(&StepStats)) -> Result<Option<StepStats>> {
+        run_steps(self, on_step)
     }
+
+    /// [`Trainer::run`] with a hook that also sees the trainer (after each
+    /// step's log line, before its checkpoint); its error stops the run.
+    pub fn run_with(
+        &mut self,
+        after_step: impl FnMut(&Trainer, &StepStats) -> Result<()>,
+    ) -> Result<Option<StepStats>> {
+        run_steps_with(self, after_step)
+    }
+}
+
+impl RunSteps for Trainer {
+    type Stats = StepStats;
+    type Error = TrainError;
+
+    fn periods(&self) -> (u64, u64) {
+        (self.cfg.log_every, self.cfg.ckpt_every)
+    }
+
+    fn steps(&self) -> (u64, u64) {
+        (self.step, self.total_steps)
+    }
+
+    fn one_step(&mut self) -> Result<(u64, StepStats)> {
+        self.train_step().map(|s| (s.step, s))
+    }
+
+    fn write_log(&mut self, stats: &StepStats) -> Result<()> {
+        self.log(stats)
+    }
+
+    fn checkpoint(&mut self) -> Result<()> {
+        self.save_checkpoint().map(drop)
+    }
+}
+
+/// Average `grads` over the ranks of `comm` (bucketed flat all-reduces);
+/// one process: unchanged.
+pub fn all_reduce_mean(comm: &dyn Collective, grads: Gradients) -> Result<Gradients> {
+    let world = comm.world_size();
+    if world == 1 {
+        return Ok(grads);
+    }
+    let entries: Vec<(String, Tensor)> =
+        grads.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
+    let mut out = Gradients::new();
+    let mut i = 0;
+    while i < entries.len() {
+        let mut j = i;
+        let mut n = 0;
+        while j < entries.len() && (j == i || n + entries[j].1.elem_count() <= BUCKET_ELEMS) {
+            n += entries[j].1.elem_count();
+            j += 1;
+        }
+        let flat: Vec<Tensor> = entries[i..j]
+            .iter()
+            .map(|(_, t)| t.flatten_all())
+            .collect::<candle_core::Result<_>>()?;
+        let sum = comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
+        let avg = sum.affine(1.0 / world as f64, 0.0)?;
+        let mut off = 0;
+        for (name, t) in &entries[i..j] {
+            let len = t.elem_count();
+            out.insert(name.clone(), avg.narrow(0, off, len)?.reshape(t.shape())?)?;
+            off += len;
+        }
+        i = j;
+    }
+    Ok(out)
+}
+
+/// The mean over the ranks of each of `values` (sent as f32 through a
+/// tensor on `device`, the collective's).
+pub fn mean_over_ranks(comm: &dyn Collective, values: &[f64], device: &Device) -> Result<Vec<f64>> {
+    let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+    let t = Tensor::new(v.as_slice(), &Device::Cpu)?.to_device(device)?;
+    let sum = comm
+        .all_reduce_sum(&t)?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<f32>()?;
+    let world = comm.world_size() as f64;
+    Ok(sum.into_iter().map(|x| x as f64 / world).collect())
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::common::{self, bin, run_ok};
 
 /// One image of the folder dataset: key (`class/file`), class, bytes.
-struct Image {
+pub(crate) struct Image {
     key: String,
     class: String,
     bytes: Vec<u8>,
@@ -20,7 +20,7 @@ struct Image {
 /// The fixture images, each copied twice under new names (12 images, so
 /// there are several shards), as a class-folder dataset under `dir`.
 /// Returns the folder and its images in sorted key order.
-fn dataset(dir: &Path) -> (PathBuf, Vec<Image>) {
+pub(crate) fn dataset(dir: &Path) -> (PathBuf, Vec<Image>) {
     let root = dir.join("images");
     let mut images = Vec::new();
     for src in common::fixture_images() {
@@ -68,7 +68,7 @@ fn tar_bytes<'a>(members: impl IntoIterator<Item = (String, &'a [u8])>) -> Vec<u
 
 /// `train.tar`: one `CLASS.tar` per class (as ILSVRC2012_img_train.tar),
 /// members named by file.
-fn nested_tar(images: &[Image]) -> Vec<u8> {
+pub(crate) fn nested_tar(images: &[Image]) -> Vec<u8> {
     let mut inner = Vec::new();
     for class in classes(images) {
         let members = images

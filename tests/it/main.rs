@@ -38,5 +38,6 @@ mod shards;
 mod stage1_disc;
 mod stage1_gen;
 mod train_decoder_e2e;
+mod train_decoder_gan;
 mod train_e2e;
 mod weights;

@@ -236,7 +236,12 @@ fn check_grads(
     grads: &rae_cache::train::Gradients,
     reference: &HashMap<String, Tensor>,
 ) {
-    let ours: BTreeSet<&str> = st.trainable().iter().map(|(k, _)| k.as_str()).collect();
+    let ours: BTreeSet<&str> = st
+        .params()
+        .trainable()
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect();
     let with_grad: BTreeSet<&str> = grads.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(ours, with_grad, "a trainable tensor got no gradient");
     let theirs: BTreeSet<&str> = reference.keys().map(String::as_str).collect();
@@ -268,7 +273,7 @@ fn generator_step_matches_reference() {
     let io = io("gen-io.safetensors");
     let mut st = state(true);
     assert_eq!(
-        st.trainable().len(),
+        st.params().trainable().len(),
         io_len("gen-grads.safetensors"),
         "reference trains every decoder tensor"
     );
@@ -308,9 +313,9 @@ fn generator_step_matches_reference() {
     let g_ref = io_named("gen-grads.safetensors");
     let decay = num(&s, "ema_decay");
     let eps = num(&s["optimizer"], "eps");
-    let ema = st.ema().unwrap().tensors();
+    let ema = st.params().ema().unwrap().tensors();
     let (mut worst_w, mut worst_e) = (0f64, 0f64);
-    for (name, w) in st.state_dict() {
+    for (name, w) in st.params().state_dict() {
         let tol = update_tolerance(&theta1[&name], &g_ref[&name], lr, eps);
         worst_w = worst_w.max(check_within(&w, &theta1[&name], &tol, &name));
         let tol_e: Vec<f64> = tol
@@ -378,7 +383,7 @@ fn check_within(got: &Tensor, want: &Tensor, tol: &[f64], what: &str) -> f64 {
 fn generator_default_freezes_pos_embed() {
     let io = io("gen-io.safetensors");
     let mut st = state(false);
-    assert!(st.trainable().iter().all(|(k, _)| k != POS_EMBED));
+    assert!(st.params().trainable().iter().all(|(k, _)| k != POS_EMBED));
     let noise = NoiseAug {
         tau: num(&spec(), "noise_tau"),
     };
@@ -389,10 +394,13 @@ fn generator_default_freezes_pos_embed() {
     st.update(grads, schedule().lr_at(0)).unwrap();
     let theta0 = io_named("gen-theta0.safetensors");
     let theta1 = io_named("gen-theta1.safetensors");
-    let sd = st.state_dict();
+    let sd = st.params().state_dict();
     assert_eq!(max_abs_diff(&sd[POS_EMBED], &theta0[POS_EMBED]), 0.0);
     assert_eq!(
-        max_abs_diff(&st.ema().unwrap().tensors()[POS_EMBED], &theta0[POS_EMBED]),
+        max_abs_diff(
+            &st.params().ema().unwrap().tensors()[POS_EMBED],
+            &theta0[POS_EMBED]
+        ),
         0.0
     );
     let g_ref = io_named("gen-grads.safetensors");

@@ -19,26 +19,11 @@ fn stage1(name: &str) -> PathBuf {
     crate::common::fixture("stage1-gen").join(name)
 }
 
-/// The cache (both flips) and a decoder config fitted to it.
-fn setup(dir: &Path) -> (PathBuf, PathBuf) {
+/// The cache (both flips) of the fixture images and a decoder config
+/// fitted to it.
+pub(crate) fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     let cache = dir.join("cache");
-    run_ok([
-        "build",
-        &s(&common::fixture("images")),
-        "--encoder",
-        &s(&common::fixture("encoder-dinov2reg")),
-        "--out",
-        &s(&cache),
-        "--dtype",
-        "f32",
-        "--device",
-        "cpu",
-        "--batch-size",
-        "2",
-        "--rows-per-group",
-        "4",
-        "--json",
-    ]);
+    build(&common::fixture("images"), &cache);
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(cache.join("manifest.json")).unwrap()).unwrap();
     let tokens = manifest["encoder"]["tokens"].as_u64().unwrap();
@@ -53,8 +38,37 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     (cache, dec_path)
 }
 
-fn train(cache: &Path, dec: &Path, out: &Path, steps: u64, extra: &[&str]) -> serde_json::Value {
-    let steps = steps.to_string();
+/// Build a cache of `input` (a folder or a source) with the bundled tiny
+/// encoder.
+fn build(input: &Path, cache: &Path) {
+    run_ok([
+        "build",
+        &s(input),
+        "--encoder",
+        &s(&common::fixture("encoder-dinov2reg")),
+        "--out",
+        &s(cache),
+        "--dtype",
+        "f32",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--rows-per-group",
+        "4",
+        "--json",
+    ]);
+}
+
+/// `train-decoder` arguments of the tests' runs (tiny decoder, the
+/// stage-1 fixture's LPIPS, seed 5, CPU), then `extra`.
+pub(crate) fn train_args(
+    cache: &Path,
+    dec: &Path,
+    out: &Path,
+    steps: u64,
+    extra: &[&str],
+) -> Vec<String> {
     let mut args = vec![
         "train-decoder".to_string(),
         "--data".into(),
@@ -66,7 +80,7 @@ fn train(cache: &Path, dec: &Path, out: &Path, steps: u64, extra: &[&str]) -> se
         "--batch-size".into(),
         "2".into(),
         "--steps".into(),
-        steps,
+        steps.to_string(),
         "--lr".into(),
         "2e-3".into(),
         "--lpips-vgg".into(),
@@ -82,10 +96,21 @@ fn train(cache: &Path, dec: &Path, out: &Path, steps: u64, extra: &[&str]) -> se
         "--json".into(),
     ];
     args.extend(extra.iter().map(|a| a.to_string()));
-    json(&run_ok(&args))
+    args
 }
 
-fn tensors(path: &Path) -> BTreeMap<String, Vec<u32>> {
+/// Run [`train_args`]; its JSON summary.
+pub(crate) fn train(
+    cache: &Path,
+    dec: &Path,
+    out: &Path,
+    steps: u64,
+    extra: &[&str],
+) -> serde_json::Value {
+    json(&run_ok(train_args(cache, dec, out, steps, extra)))
+}
+
+pub(crate) fn tensors(path: &Path) -> BTreeMap<String, Vec<u32>> {
     candle_core::safetensors::load(path, &Device::Cpu)
         .unwrap()
         .into_iter()
@@ -107,13 +132,16 @@ fn tensors(path: &Path) -> BTreeMap<String, Vec<u32>> {
         .collect()
 }
 
-fn log(run: &Path) -> Vec<serde_json::Value> {
+pub(crate) fn log(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("log.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// L1 + LPIPS only (the discriminator is `train_decoder_gan`'s).
+const NO_GAN: &[&str] = &["--disc-weight", "0"];
 
 #[test]
 fn train_decoder_learns_resumes_exactly_and_decodes() {
@@ -123,7 +151,7 @@ fn train_decoder_learns_resumes_exactly_and_decodes() {
 
     // uninterrupted
     let full = tmp.path().join("full");
-    let summary = train(&cache, &dec, &full, n, &[]);
+    let summary = train(&cache, &dec, &full, n, NO_GAN);
     assert_eq!(summary["steps"], n);
     let lines = log(&full);
     assert_eq!(lines.len() as u64, n);
@@ -150,7 +178,7 @@ fn train_decoder_learns_resumes_exactly_and_decodes() {
 
     // stopped at 10, resumed to n: the same bits (weights, EMA, moments)
     let part = tmp.path().join("part");
-    train(&cache, &dec, &part, 10, &[]);
+    train(&cache, &dec, &part, 10, NO_GAN);
     let resumed = train(&cache, &dec, &part, n, &["--resume"]);
     assert_eq!(resumed["steps"], n);
     let a = tensors(Path::new(summary["checkpoint"].as_str().unwrap()));
@@ -177,16 +205,21 @@ fn train_decoder_learns_resumes_exactly_and_decodes() {
     assert!(!o.status.success());
 
     // the run decodes through `decode` (EMA weights, the run's decoder.json)
-    let pngs = tmp.path().join("png");
+    assert_decodes(&cache, &full, &tmp.path().join("png"));
+}
+
+/// `decode` reads the run's checkpoint (EMA weights, its decoder.json) and
+/// writes one 32 px image per cache row.
+pub(crate) fn assert_decodes(cache: &Path, run: &Path, pngs: &Path) {
     let d = json(&run_ok([
         "decode",
-        &s(&cache),
+        &s(cache),
         "--decoder",
-        &s(&full),
+        &s(run),
         "--decoder-config",
-        &s(&full.join("decoder.json")),
+        &s(&run.join("decoder.json")),
         "--out",
-        &s(&pngs),
+        &s(pngs),
         "--device",
         "cpu",
         "--json",
@@ -199,4 +232,35 @@ fn train_decoder_learns_resumes_exactly_and_decodes() {
         .unwrap();
     assert_eq!(d["images"].as_u64().unwrap(), rows);
     assert_eq!(d["width"].as_u64().unwrap(), 32);
+}
+
+/// A cache built from a tar of per-class tars trains on targets read from
+/// that tar (through `rae_cache::sources`, nothing extracted): the same
+/// losses and the same preview (originals included) as the cache of the
+/// extracted folder, with the folder gone.
+#[test]
+fn train_decoder_reads_targets_from_the_tar_the_cache_was_built_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, dec) = setup(tmp.path());
+    let (folder, images) = crate::build_sources::dataset(tmp.path());
+    let tar = tmp.path().join("train.tar");
+    std::fs::write(&tar, crate::build_sources::nested_tar(&images)).unwrap();
+    let (folder_cache, tar_cache) = (tmp.path().join("fc"), tmp.path().join("tc"));
+    build(&folder, &folder_cache);
+    build(&tar, &tar_cache);
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let steps = 3;
+    train(&folder_cache, &dec, &a, steps, NO_GAN);
+    std::fs::remove_dir_all(&folder).unwrap();
+    train(&tar_cache, &dec, &b, steps, NO_GAN);
+    let (la, lb) = (log(&a), log(&b));
+    assert_eq!(la.len() as u64, steps);
+    for (x, y) in la.iter().zip(&lb) {
+        for k in ["l1", "lpips", "total", "psnr"] {
+            assert_eq!(x[k], y[k], "step {}: {k}", x["step"]);
+        }
+    }
+    let png =
+        |run: &Path| std::fs::read(run.join(format!("previews/step-{steps:08}.png"))).unwrap();
+    assert!(png(&a) == png(&b), "the previews differ");
 }
