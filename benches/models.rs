@@ -13,7 +13,7 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rae_cache::models::{DecoderConfig, DitDh, DitDhConfig};
+use rae_cache::models::{DecoderConfig, DitDh, DitDhConfig, DitModel, VelocityModel};
 use support::random_decoder;
 
 fn decoder(c: &mut Criterion) {
@@ -39,7 +39,9 @@ fn ditdh(c: &mut Criterion) {
     let dev = Device::Cpu;
     let cfg = DitDhConfig::preset("DiT-DH-S").expect("preset");
     let vm = VarMap::new();
-    let mut m = DitDh::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).expect("build");
+    let mut m = DitModel::DitDh(
+        DitDh::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).expect("build"),
+    );
     let b = 8;
     let s = cfg.input_size;
     let x = Tensor::randn(0f32, 1.0, (b, cfg.in_channels, s, s), &dev).expect("x");

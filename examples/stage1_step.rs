@@ -91,7 +91,7 @@ fn main() {
         let t0 = Instant::now();
         let (l, g) = st
             .grads(
-                &lpips,
+                Some(&lpips),
                 &batch,
                 NoiseAug::default(),
                 &GenLossConfig::default(),

@@ -136,7 +136,7 @@ pub fn index_html(p: &Page) -> String {
     let _ = write!(s, "<title>{}</title>", escape(&p.title));
     s.push_str(
         "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}\
-         img{image-rendering:pixelated;border:1px solid #ccc;max-width:100%}\
+         img{image-rendering:pixelated;border:1px solid #ccc;max-width:100%}img.px{width:min(100%,640px)}\
          table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}\
          pre{background:#f4f4f4;padding:8px;overflow-x:auto;font-size:12px}</style></head>\n<body>\n",
     );
@@ -147,9 +147,15 @@ pub fn index_html(p: &Page) -> String {
     for (heading, caption, src) in &p.figures {
         let _ = writeln!(
             s,
-            "<h2>{}</h2><p>{}</p><img src=\"{}\" alt=\"{}\">",
+            "<h2>{}</h2><p>{}</p><img{} src=\"{}\" alt=\"{}\">",
             escape(heading),
             escape(caption),
+            // raster images are small: show them enlarged, pixels kept sharp
+            if src.ends_with(".png") {
+                " class=\"px\""
+            } else {
+                ""
+            },
             escape(src),
             escape(heading)
         );

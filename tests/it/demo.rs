@@ -10,10 +10,10 @@ use std::process::Command;
 
 use crate::common;
 
-/// Class accuracy of generated latents (4 classes: chance 0.25). Measured
-/// 2026-12-03 with the tiny plan: see the note of the demo issue.
-const MIN_CLASS_ACCURACY: f64 = 0.6;
-/// Reconstruction PSNR of the tiny decoder after its 300 steps (18.98 dB
+/// Class accuracy of generated latents (4 classes: chance 0.25); 0.969
+/// measured on 2026-12-03 with the tiny plan (the run is seeded).
+const MIN_CLASS_ACCURACY: f64 = 0.75;
+/// Reconstruction PSNR of the tiny decoder after its 300 steps (18.48 dB
 /// measured; a decoder that learned nothing sits near 10 dB).
 const MIN_PSNR: f64 = 15.0;
 

@@ -27,7 +27,6 @@ mod eval_recon;
 mod features;
 mod gradients;
 mod images_decode;
-mod learning;
 mod loader;
 mod optim;
 mod parity_crop;

@@ -454,7 +454,7 @@ fn generator_gan_seam_matches_reference() {
     let mut constant = |x: &Tensor| x.zeros_like()?.sum_all();
     assert!(
         st.grads(
-            &lpips(),
+            Some(&lpips()),
             &batch(&io),
             noise,
             &loss_config(),
