@@ -76,7 +76,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     )
     .with_context(|| format!("loading {}", weights.display()))?;
     decoder.set_fused(true);
-    let shards = resolve_shards(&a.input)?;
+    let shards = resolve_shards(&rae_cache::store::local_cache_dir(&a.input)?)?;
     let opts = DecodeOptions {
         out_dir: a.out.clone(),
         format: a.format,

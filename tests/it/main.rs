@@ -32,6 +32,7 @@ mod parity_encoders;
 mod parity_models;
 mod parity_sampler;
 mod shards;
+mod store_s3;
 mod stage1_disc;
 mod stage1_gen;
 mod train_decoder_e2e;
