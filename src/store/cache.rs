@@ -162,13 +162,9 @@ impl ReadCache {
         let t = Instant::now();
         let dir = self.local_dir(remote);
         std::fs::create_dir_all(&dir).map_err(StoreError::io(&dir))?;
-        let Some(manifest_bytes) = remote.get(MANIFEST_FILE)? else {
-            return Err(StoreError::Invalid {
-                url: remote.url_of(MANIFEST_FILE),
-                reason: "no such object: not a rae-cache cache (or its build is not finished)"
-                    .into(),
-            });
-        };
+        // A missing manifest: the store's answer says whether the bucket or
+        // the object is missing.
+        let manifest_bytes = remote.get_required(MANIFEST_FILE)?;
         let manifest_path = dir.join(MANIFEST_FILE);
         let unchanged = std::fs::read(&manifest_path).ok().as_deref() == Some(&manifest_bytes[..]);
         crate::fsutil::write_atomic(&manifest_path, &manifest_bytes)

@@ -181,6 +181,18 @@ impl Remote {
         }
     }
 
+    /// The bytes of `rel`; a missing object (or bucket) is an error that
+    /// carries the store's answer.
+    pub fn get_required(&self, rel: &str) -> Result<Bytes, StoreError> {
+        let path = self.path(rel);
+        runtime()
+            .block_on(async {
+                let r = self.store.get(&path).await?;
+                r.bytes().await
+            })
+            .map_err(self.err(rel, "get"))
+    }
+
     /// Size, etag and time of `rel`, or `None` when there is no such object.
     pub fn head(&self, rel: &str) -> Result<Option<ObjectMeta>, StoreError> {
         match runtime().block_on(self.store.head(&self.path(rel))) {
@@ -225,12 +237,15 @@ impl Remote {
             mode,
             ..Default::default()
         };
+        let create = matches!(opts.mode, PutMode::Create);
         let res = runtime().block_on(self.store.put_opts(&self.path(rel), bytes.into(), opts));
         match res {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. })
-            | Err(object_store::Error::NotFound { .. }) => Ok(false),
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            // An update of an object that is gone; for a create, a missing
+            // bucket (which is an error).
+            Err(object_store::Error::NotFound { .. }) if !create => Ok(false),
             Err(e) => Err(self.err(rel, op)(e)),
         }
     }

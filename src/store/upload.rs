@@ -73,6 +73,8 @@ fn build_locked(
     local.out = staging.clone();
     local.on_save = Some(uploader.hook());
     let built = pipeline::run_local_build(&local, progress);
+    // The hook holds the queue's sender: drop it so the thread can end.
+    drop(local);
     // Whatever happened, let the queued uploads finish: the store then
     // holds every shard its manifest lists, and `--resume` goes on from there.
     let uploaded = uploader.finish();
