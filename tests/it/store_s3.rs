@@ -307,6 +307,11 @@ fn a_build_killed_mid_upload_resumes_to_the_same_bytes() {
     // The store's state lists only shards the store holds.
     let m: serde_json::Value =
         serde_json::from_slice(&remote.get("build-state.json").unwrap().unwrap()).unwrap();
+    let objects: Vec<String> = remote.list("").unwrap().into_iter().map(|o| o.0).collect();
+    eprintln!(
+        "after the kill the store lists {} shards and holds {objects:?}",
+        m["shards"].as_array().unwrap().len()
+    );
     for s in m["shards"].as_array().unwrap() {
         if let Some(f) = s["file"].as_str() {
             assert!(remote.head(f).unwrap().is_some(), "{f} listed but missing");
@@ -320,7 +325,11 @@ fn a_build_killed_mid_upload_resumes_to_the_same_bytes() {
         .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
+    // The killed build's lock (this host, its process gone) is taken over,
+    // then the prefix is found not empty.
+    assert!(err.contains("took over"), "{err}");
     assert!(err.contains(url) && err.contains("--resume"), "{err}");
+    assert!(remote.head(".lock").unwrap().is_none(), "the refused build kept the lock");
 
     let mut resume_args = staging_arg.to_vec();
     resume_args.push("--resume");
@@ -330,6 +339,8 @@ fn a_build_killed_mid_upload_resumes_to_the_same_bytes() {
         .output()
         .unwrap();
     ok(&o, "resume");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("resuming") && err.contains("from the store"), "{err}");
     let got = tmp.path().join("downloaded");
     s3::download_all(&remote, &got);
     assert_same_files(&local, &got, "resumed s3 build vs local build");
@@ -405,6 +416,7 @@ fn a_missing_bucket_and_wrong_credentials_are_named() {
         .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("missing bucket, build: {err}");
     assert!(
         err.contains("s3://no-such-bucket/cache") && err.contains("NoSuchBucket"),
         "{err}"
@@ -416,6 +428,7 @@ fn a_missing_bucket_and_wrong_credentials_are_named() {
         .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("missing bucket, inspect: {err}");
     assert!(
         err.contains("s3://no-such-bucket/cache/manifest.json") && err.contains("NoSuchBucket"),
         "{err}"
@@ -434,6 +447,7 @@ fn a_missing_bucket_and_wrong_credentials_are_named() {
         .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("unknown key: {err}");
     assert!(
         err.contains("s3://rae-auth/cache/manifest.json")
             && (err.contains("InvalidAccessKeyId") || err.contains("403")),
