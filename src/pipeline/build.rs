@@ -530,8 +530,9 @@ fn encode_and_write(
         seconds_before: m.build_log.seconds,
         start: Instant::now(),
     };
-    let mut writer = sink::ShardSink::new(plan, &job.inputs, job.writer.clone(), m, clock, progress)
-        .with_hook(cfg.on_save.clone());
+    let mut writer =
+        sink::ShardSink::new(plan, &job.inputs, job.writer.clone(), m, clock, progress)
+            .with_hook(cfg.on_save.clone());
     stages::run(
         job.inputs.entries(),
         job.inputs.reader.as_deref(),

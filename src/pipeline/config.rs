@@ -100,13 +100,12 @@ pub struct BuildConfig {
 /// saved: every shard it lists is then complete on disk, with its
 /// statistics state. The store upload uses it to mirror the build.
 #[derive(Clone)]
-pub struct SaveHook(
-    pub std::sync::Arc<
-        dyn Fn(&std::path::Path, &build_state::BuildManifest) -> Result<(), PipelineError>
-            + Send
-            + Sync,
-    >,
-);
+pub struct SaveHook(pub std::sync::Arc<SaveFn>);
+
+/// The function a [`SaveHook`] calls.
+pub type SaveFn = dyn Fn(&std::path::Path, &build_state::BuildManifest) -> Result<(), PipelineError>
+    + Send
+    + Sync;
 
 impl std::fmt::Debug for SaveHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

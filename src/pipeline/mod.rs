@@ -54,9 +54,9 @@ pub(crate) use build::run_local_build;
 pub use build::{BuildSummary, run_build};
 pub use build_state::{BuildManifest, HFlip};
 pub use config::{
-    BuildConfig, BuildPlan, DEFAULT_BATCH_SIZE_CPU, SaveHook, DEFAULT_BATCH_SIZE_CUDA, DEFAULT_DEVICE,
+    BuildConfig, BuildPlan, DEFAULT_BATCH_SIZE_CPU, DEFAULT_BATCH_SIZE_CUDA, DEFAULT_DEVICE,
     DEFAULT_DTYPE, DEFAULT_ENCODER, DEFAULT_HFLIP, DEFAULT_IMAGES_PER_SHARD, DEFAULT_PRECISION,
-    DEFAULT_ROWS_PER_ROW_GROUP, DEFAULT_ZSTD_LEVEL,
+    DEFAULT_ROWS_PER_ROW_GROUP, DEFAULT_ZSTD_LEVEL, SaveHook,
 };
 pub use plan::{Inputs, PartSpec, ShardPlan};
 

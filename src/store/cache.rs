@@ -50,7 +50,10 @@ pub fn default_dir() -> PathBuf {
         return PathBuf::from(x).join("rae-cache").join("store");
     }
     match std::env::var_os("HOME") {
-        Some(h) => PathBuf::from(h).join(".cache").join("rae-cache").join("store"),
+        Some(h) => PathBuf::from(h)
+            .join(".cache")
+            .join("rae-cache")
+            .join("store"),
         None => std::env::temp_dir().join("rae-cache-store"),
     }
 }
@@ -196,7 +199,10 @@ impl ReadCache {
                         || crate::fsutil::sha256_file(local).ok().as_deref()
                             == Some(info.sha256.as_str()))
             };
-            match candidates(&info.file).into_iter().find(|rel| same(&dir.join(rel))) {
+            match candidates(&info.file)
+                .into_iter()
+                .find(|rel| same(&dir.join(rel)))
+            {
                 Some(rel) => {
                     touch(&dir.join(rel));
                     report.hits += 1;
@@ -261,7 +267,10 @@ impl ReadCache {
         if used + need <= max {
             return Ok(0);
         }
-        let mut others: Vec<_> = files.into_iter().filter(|f| !f.0.starts_with(keep)).collect();
+        let mut others: Vec<_> = files
+            .into_iter()
+            .filter(|f| !f.0.starts_with(keep))
+            .collect();
         others.sort_by_key(|f| f.1);
         let mut used = used;
         let mut evicted = 0;

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path as ObjPath;
 use object_store::{
-    BackoffConfig, ObjectMeta, ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutMode,
-    PutOptions, PutPayload, RetryConfig, UpdateVersion,
+    BackoffConfig, ObjectMeta, ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutMode, PutOptions,
+    PutPayload, RetryConfig, UpdateVersion,
 };
 
 use super::StoreError;
@@ -84,14 +84,16 @@ impl Remote {
         };
         let store: Arc<dyn ObjectStore> = match scheme {
             ObjectStoreScheme::AmazonS3 => built(
-                with_options(object_store::aws::AmazonS3Builder::from_env(), options, |b, k, v| {
-                    Ok(b.with_config(k.parse()?, v))
-                })
+                with_options(
+                    object_store::aws::AmazonS3Builder::from_env(),
+                    options,
+                    |b, k, v| Ok(b.with_config(k.parse()?, v)),
+                )
                 .map_err(bad)?
                 .with_url(trimmed)
-                    .with_retry(retry_config())
-                    .build()
-                    .map(|s| Arc::new(s) as _),
+                .with_retry(retry_config())
+                .build()
+                .map(|s| Arc::new(s) as _),
             )?,
             ObjectStoreScheme::GoogleCloudStorage => built(
                 with_options(
@@ -101,9 +103,9 @@ impl Remote {
                 )
                 .map_err(bad)?
                 .with_url(trimmed)
-                    .with_retry(retry_config())
-                    .build()
-                    .map(|s| Arc::new(s) as _),
+                .with_retry(retry_config())
+                .build()
+                .map(|s| Arc::new(s) as _),
             )?,
             ObjectStoreScheme::MicrosoftAzure => built(
                 with_options(
@@ -113,9 +115,9 @@ impl Remote {
                 )
                 .map_err(bad)?
                 .with_url(trimmed)
-                    .with_retry(retry_config())
-                    .build()
-                    .map(|s| Arc::new(s) as _),
+                .with_retry(retry_config())
+                .build()
+                .map(|s| Arc::new(s) as _),
             )?,
             ObjectStoreScheme::Http => {
                 // The prefix is part of the server URL here.

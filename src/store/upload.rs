@@ -187,7 +187,10 @@ fn remove_strays(
             && i >= next
             && range.contains(&i)
         {
-            tracing::info!("removing {} (past the store's manifest)", remote.url_of(name));
+            tracing::info!(
+                "removing {} (past the store's manifest)",
+                remote.url_of(name)
+            );
             remote.delete(name)?;
         }
     }

@@ -202,7 +202,11 @@ fn train(cmd: &mut Command, data: &str, out: &Path, model: &Path) -> Vec<f64> {
     std::fs::read_to_string(out.join("log.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
         .collect()
 }
 
@@ -237,18 +241,31 @@ fn training_from_s3_gives_the_local_losses_and_reads_each_shard_once() {
     let from_s3: Vec<f64> = std::fs::read_to_string(tmp.path().join("run-s3/log.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(local.len(), 4);
     assert_eq!(local, from_s3, "losses from s3 differ from local");
 
     // A second run on this node reads no shard from the store.
-    let again = train(&mut srv.command(&rc), url, &tmp.path().join("run-s3b"), &model);
+    let again = train(
+        &mut srv.command(&rc),
+        url,
+        &tmp.path().join("run-s3b"),
+        &model,
+    );
     assert_eq!(again, local);
 }
 
 /// Poll `remote` until `rel` exists or `child` ends; then kill -9 it.
-fn kill_when_uploaded(child: &mut std::process::Child, remote: &rae_cache::store::Remote, rel: &str) -> bool {
+fn kill_when_uploaded(
+    child: &mut std::process::Child,
+    remote: &rae_cache::store::Remote,
+    rel: &str,
+) -> bool {
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(300) {
         if child.try_wait().unwrap().is_some() {
@@ -299,7 +316,8 @@ fn a_build_killed_mid_upload_resumes_to_the_same_bytes() {
             .put("build-state.json", serde_json::to_vec(&m).unwrap().into())
             .unwrap();
         remote.delete("stats.safetensors").unwrap();
-        let dead = serde_json::json!({"host": hostname(), "pid": 999_999_999u32, "started_unix": 0});
+        let dead =
+            serde_json::json!({"host": hostname(), "pid": 999_999_999u32, "started_unix": 0});
         remote
             .put(".lock", serde_json::to_vec(&dead).unwrap().into())
             .unwrap();
@@ -329,7 +347,10 @@ fn a_build_killed_mid_upload_resumes_to_the_same_bytes() {
     // then the prefix is found not empty.
     assert!(err.contains("took over"), "{err}");
     assert!(err.contains(url) && err.contains("--resume"), "{err}");
-    assert!(remote.head(".lock").unwrap().is_none(), "the refused build kept the lock");
+    assert!(
+        remote.head(".lock").unwrap().is_none(),
+        "the refused build kept the lock"
+    );
 
     let mut resume_args = staging_arg.to_vec();
     resume_args.push("--resume");
@@ -340,7 +361,10 @@ fn a_build_killed_mid_upload_resumes_to_the_same_bytes() {
         .unwrap();
     ok(&o, "resume");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("resuming") && err.contains("from the store"), "{err}");
+    assert!(
+        err.contains("resuming") && err.contains("from the store"),
+        "{err}"
+    );
     let got = tmp.path().join("downloaded");
     s3::download_all(&remote, &got);
     assert_same_files(&local, &got, "resumed s3 build vs local build");
@@ -363,7 +387,11 @@ fn a_second_build_on_the_same_prefix_is_refused() {
     let remote = srv.remote(url);
     // A live build elsewhere holds the lock (created as a build creates it).
     let holder = serde_json::json!({"host": "node-17", "pid": 4242, "started_unix": 1});
-    assert!(remote.create(".lock", serde_json::to_vec(&holder).unwrap().into()).unwrap());
+    assert!(
+        remote
+            .create(".lock", serde_json::to_vec(&holder).unwrap().into())
+            .unwrap()
+    );
     // The conditional PUT refuses a second create.
     assert!(!remote.create(".lock", b"x".to_vec().into()).unwrap());
     let second = |extra: &[&str]| {
@@ -377,10 +405,15 @@ fn a_second_build_on_the_same_prefix_is_refused() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("s3://rae-lock/cache/.lock") && err.contains("node-17") && err.contains("4242"),
+        err.contains("s3://rae-lock/cache/.lock")
+            && err.contains("node-17")
+            && err.contains("4242"),
         "{err}"
     );
-    assert!(remote.list("").unwrap().len() == 1, "the refused build wrote something");
+    assert!(
+        remote.list("").unwrap().len() == 1,
+        "the refused build wrote something"
+    );
 
     // Two real builds started together: exactly one succeeds.
     remote.delete(".lock").unwrap();
@@ -401,7 +434,11 @@ fn a_second_build_on_the_same_prefix_is_refused() {
         .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
         .collect();
     assert_eq!(wins, 1, "{refused:?}");
-    assert!(refused[0].contains("locked by another build"), "{}", refused[0]);
+    assert!(
+        refused[0].contains("locked by another build"),
+        "{}",
+        refused[0]
+    );
 }
 
 #[test]
@@ -411,7 +448,11 @@ fn a_missing_bucket_and_wrong_credentials_are_named() {
     let images = common::fixture("images");
     let o = srv
         .command(&tmp.path().join("rc"))
-        .args(build_args(&images, "s3://no-such-bucket/cache", &["--limit", "2"]))
+        .args(build_args(
+            &images,
+            "s3://no-such-bucket/cache",
+            &["--limit", "2"],
+        ))
         .output()
         .unwrap();
     assert!(!o.status.success());
@@ -503,7 +544,11 @@ fn loader_throughput_local_vs_s3() {
     });
     let bytes: u64 = files(&cache).values().map(|v| v.len() as u64).sum();
     let mut report = Vec::new();
-    for what in ["local disk", "s3, cold read-through cache", "s3, warm read-through cache"] {
+    for what in [
+        "local disk",
+        "s3, cold read-through cache",
+        "s3, warm read-through cache",
+    ] {
         let t = Instant::now();
         let n = match what {
             "local disk" => read_all(&cache),

@@ -51,7 +51,9 @@ impl S3Server {
     pub fn start_with_env(env: &[(&str, &str)]) -> Option<Self> {
         let Some(bin) = moto_binary() else {
             if std::env::var_os("RAE_S3_TEST").is_some() {
-                panic!("RAE_S3_TEST is set but no moto_server was found (MOTO_SERVER, PATH, .venv-moto)");
+                panic!(
+                    "RAE_S3_TEST is set but no moto_server was found (MOTO_SERVER, PATH, .venv-moto)"
+                );
             }
             eprintln!(
                 "SKIPPED: no S3-compatible server: install one with `python3 -m venv .venv-moto && .venv-moto/bin/pip install 'moto[server]'` (or set MOTO_SERVER)"
@@ -164,7 +166,12 @@ pub fn upload_all(remote: &Remote, dir: &Path) {
             if p.is_dir() {
                 walk(base, &p, remote);
             } else {
-                let rel = p.strip_prefix(base).unwrap().to_str().unwrap().replace('\\', "/");
+                let rel = p
+                    .strip_prefix(base)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .replace('\\', "/");
                 remote.upload_file(&rel, &p).unwrap();
             }
         }
