@@ -24,6 +24,7 @@ pub mod progress;
 pub mod shards;
 pub mod sources;
 pub mod stage1;
+pub mod store;
 #[cfg(test)]
 mod test_util;
 // docs pending: src/train is being edited on the lead's branch

@@ -19,6 +19,14 @@ struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info`, `rae_cache=debug`.
     #[arg(long, global = true, env = "RAE_LOG", default_value = "info")]
     log: String,
+    /// Local read-through cache for caches in a store (`--data
+    /// s3://bucket/cache`): each shard is downloaded there once.
+    #[arg(long = "cache-dir", global = true, env = "RAE_CACHE_DIR")]
+    read_cache_dir: Option<std::path::PathBuf>,
+    /// Bound on the read-through cache (e.g. 500G, 2TiB): least-recently
+    /// used shards of other caches are evicted.
+    #[arg(long = "cache-size", global = true, env = "RAE_CACHE_SIZE", value_parser = rae_cache::store::cache::parse_size)]
+    read_cache_size: Option<u64>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -67,6 +75,13 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    rae_cache::store::cache::configure(rae_cache::store::cache::ReadCacheSettings {
+        dir: cli
+            .read_cache_dir
+            .clone()
+            .unwrap_or_else(rae_cache::store::cache::default_dir),
+        max_bytes: cli.read_cache_size,
+    });
     let res = match cli.cmd {
         Cmd::Build(a) => commands::build::run(a),
         Cmd::Inspect(a) => commands::inspect::run(a),

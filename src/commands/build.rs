@@ -36,9 +36,19 @@ pub struct Args {
     /// Parquet: the integer label column ("" for none: label -1).
     #[arg(long, default_value = sources::DEFAULT_LABEL_COLUMN)]
     pub label_column: String,
-    /// Cache directory to create (manifest.json, stats.safetensors, shards/).
+    /// Cache directory to create (manifest.json, stats.safetensors, shards/),
+    /// or a store prefix (`s3://bucket/cache`, `gs://`, `az://`, `file://`):
+    /// shards are staged locally and each uploaded once finished.
     #[arg(long)]
     pub out: PathBuf,
+    /// With a store --out: the local directory shards are written to before
+    /// their upload (default: the system's temp dir).
+    #[arg(long)]
+    pub staging_dir: Option<PathBuf>,
+    /// With a store --out: remove another build's lock object first (only
+    /// when that build is known to be dead).
+    #[arg(long)]
+    pub break_lock: bool,
     /// Encoder: a Hugging Face model directory or repo id (looked up in the
     /// local HF cache; no download unless --allow-download).
     #[arg(long, default_value = pipeline::DEFAULT_ENCODER)]
@@ -136,6 +146,8 @@ impl Args {
         c.limit = self.limit;
         c.max_pixels = self.max_pixels;
         c.resume = self.resume;
+        c.staging_dir = self.staging_dir.clone();
+        c.break_lock = self.break_lock;
         c
     }
 }

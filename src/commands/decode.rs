@@ -114,7 +114,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         rae_cache::precision::set_tf32(true);
     }
     let decoder = a.dec.load(a.compute.precision, &device)?;
-    let shards = resolve_shards(&a.input)?;
+    let shards = resolve_shards(&rae_cache::store::local_cache_dir(&a.input)?)?;
     let opts = DecodeOptions {
         out_dir: a.out.clone(),
         format: a.format,

@@ -11,7 +11,8 @@ use serde_json::json;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A cache directory (with manifest.json) or one `.parquet` shard.
+    /// A cache directory (with manifest.json) or one `.parquet` shard; or a
+    /// cache in a store (`s3://bucket/cache`, read through --cache-dir).
     pub path: PathBuf,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
@@ -247,10 +248,11 @@ fn print_shard(v: &serde_json::Value) {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let v = if args.path.is_dir() {
-        inspect_cache(&args.path)?
-    } else if args.path.is_file() {
-        inspect_file(&args.path)?
+    let path = rae_cache::store::local_cache_dir(&args.path)?;
+    let v = if path.is_dir() {
+        inspect_cache(&path)?
+    } else if path.is_file() {
+        inspect_file(&path)?
     } else {
         anyhow::bail!(
             "{}: no such cache directory or shard file",

@@ -7,7 +7,9 @@ use super::progress::Bar;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Cache directory (or a part's directory, CACHE/parts/I).
+    /// Cache directory (or a part's directory, CACHE/parts/I), or a cache in
+    /// a store (`s3://bucket/cache`: its shards are downloaded through
+    /// --cache-dir and checked there).
     pub cache_dir: PathBuf,
     /// Print a machine-readable report on stdout.
     #[arg(long)]
@@ -15,7 +17,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let report = rae_cache::pipeline::verify::verify_cache(&args.cache_dir, &mut Bar::plain(true))?;
+    let dir = rae_cache::store::local_cache_dir(&args.cache_dir)?;
+    let report = rae_cache::pipeline::verify::verify_cache(&dir, &mut Bar::plain(true))?;
     if args.json {
         let mut v = serde_json::to_value(&report)?;
         v["ok"] = serde_json::Value::Bool(report.ok());

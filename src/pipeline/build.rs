@@ -65,8 +65,21 @@ pub struct BuildSummary {
 }
 
 /// Run (or resume) a build, reporting to `progress`. Holds the directory
-/// lock throughout.
+/// lock throughout. An `out` that is a store URL (`s3://bucket/cache`) is
+/// built in a local staging directory and uploaded as it goes
+/// ([`crate::store::upload`]).
 pub fn run_build(
+    cfg: &BuildConfig,
+    progress: &mut dyn Progress,
+) -> Result<BuildSummary, PipelineError> {
+    if crate::store::is_url(&cfg.out) {
+        return crate::store::upload::build_to_store(cfg, progress);
+    }
+    run_local_build(cfg, progress)
+}
+
+/// [`run_build`] into a local directory.
+pub(crate) fn run_local_build(
     cfg: &BuildConfig,
     progress: &mut dyn Progress,
 ) -> Result<BuildSummary, PipelineError> {
@@ -90,7 +103,7 @@ pub fn run_build(
         fresh_state(cfg, &plan, &job)
     };
     let resumed_from_shard = dir.resuming.then(|| state.next_shard());
-    record_run(&mut state, &plan, &job, dir.resuming)?;
+    record_run(cfg, &mut state, &plan, &job, dir.resuming)?;
 
     let todo = job.inputs.shards.images_from_shard(state.next_shard());
     let clock = encode_and_write(cfg, &plan, &job, &mut state, todo.clone(), progress)?;
@@ -454,6 +467,7 @@ fn check_last_shard(out: &Path, last: &build_state::ShardEntry) -> Result<(), Pi
 /// Record this run (machine, threads, precision) in the build state and
 /// save it.
 fn record_run(
+    cfg: &BuildConfig,
     m: &mut BuildManifest,
     plan: &BuildPlan,
     job: &Job,
@@ -476,8 +490,7 @@ fn record_run(
     m.build_log.precision = precision;
     m.build_log.tf32 = crate::precision::tf32_enabled();
     m.refresh_totals();
-    m.save(&plan.root)?;
-    Ok(())
+    save(cfg, &plan.root, m)
 }
 
 /// Decode, encode and write the images `todo`, each shard entering the
@@ -518,7 +531,8 @@ fn encode_and_write(
         start: Instant::now(),
     };
     let mut writer =
-        sink::ShardSink::new(plan, &job.inputs, job.writer.clone(), m, clock, progress);
+        sink::ShardSink::new(plan, &job.inputs, job.writer.clone(), m, clock, progress)
+            .with_hook(cfg.on_save.clone());
     stages::run(
         job.inputs.entries(),
         job.inputs.reader.as_deref(),
@@ -553,8 +567,7 @@ fn finish(
         );
         m.truncated = Some(cut.clone());
         m.build_log.stamp(clock);
-        m.save(&plan.root)?;
-        return Ok(());
+        return save(cfg, &plan.root, m);
     }
     if m.next_shard() != shards.end {
         return Err(PipelineError::Invalid(format!(
@@ -575,8 +588,16 @@ fn finish(
     }
     m.complete = true;
     m.build_log.stamp(clock);
-    m.save(&plan.root)?;
-    Ok(())
+    save(cfg, &plan.root, m)
+}
+
+/// Save the build state under `root`, then tell the save hook.
+fn save(cfg: &BuildConfig, root: &Path, m: &BuildManifest) -> Result<(), PipelineError> {
+    m.save(root)?;
+    match &cfg.on_save {
+        Some(hook) => (hook.0)(root, m),
+        None => Ok(()),
+    }
 }
 
 /// This run's share of the build, for its summary.

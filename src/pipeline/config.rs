@@ -87,6 +87,30 @@ pub struct BuildConfig {
     pub max_pixels: u64,
     /// Continue the build already in `out`.
     pub resume: bool,
+    /// `out` is a store URL: the local directory the shards are written to
+    /// before their upload (default: a directory under the system's temp dir).
+    pub staging_dir: Option<PathBuf>,
+    /// `out` is a store URL: remove another build's lock object first.
+    pub break_lock: bool,
+    /// Called after every save of the build state (see [`SaveHook`]).
+    pub on_save: Option<SaveHook>,
+}
+
+/// Called with the build root and the build state each time the state is
+/// saved: every shard it lists is then complete on disk, with its
+/// statistics state. The store upload uses it to mirror the build.
+#[derive(Clone)]
+pub struct SaveHook(pub std::sync::Arc<SaveFn>);
+
+/// The function a [`SaveHook`] calls.
+pub type SaveFn = dyn Fn(&std::path::Path, &build_state::BuildManifest) -> Result<(), PipelineError>
+    + Send
+    + Sync;
+
+impl std::fmt::Debug for SaveHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SaveHook")
+    }
 }
 
 impl BuildConfig {
@@ -114,6 +138,9 @@ impl BuildConfig {
             limit: None,
             max_pixels: DecodeOptions::default().max_pixels,
             resume: false,
+            staging_dir: None,
+            break_lock: false,
+            on_save: None,
         }
     }
 

@@ -50,12 +50,13 @@ use crate::encoders::EncoderError;
 use crate::images::ImageError;
 use crate::shards::ShardError;
 
+pub(crate) use build::run_local_build;
 pub use build::{BuildSummary, run_build};
 pub use build_state::{BuildManifest, HFlip};
 pub use config::{
     BuildConfig, BuildPlan, DEFAULT_BATCH_SIZE_CPU, DEFAULT_BATCH_SIZE_CUDA, DEFAULT_DEVICE,
     DEFAULT_DTYPE, DEFAULT_ENCODER, DEFAULT_HFLIP, DEFAULT_IMAGES_PER_SHARD, DEFAULT_PRECISION,
-    DEFAULT_ROWS_PER_ROW_GROUP, DEFAULT_ZSTD_LEVEL,
+    DEFAULT_ROWS_PER_ROW_GROUP, DEFAULT_ZSTD_LEVEL, SaveHook,
 };
 pub use plan::{Inputs, PartSpec, ShardPlan};
 
@@ -97,6 +98,9 @@ pub enum PipelineError {
     /// Invalid settings.
     #[error("{0}")]
     Invalid(String),
+    /// Writing to or reading from an object store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// `--out` holds files and `--resume` was not given.
     #[error(
         "{path} is not empty; use --resume to continue the build that is there, or choose another --out directory"

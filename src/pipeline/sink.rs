@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 
 use super::build_state::{self, BuildManifest, RunClock, ShardEntry};
-use super::config::BuildPlan;
+use super::config::{BuildPlan, SaveHook};
 use super::plan::{self, Inputs};
 use super::stages::Encoded;
 use super::{PipelineError, state_file};
@@ -63,6 +63,8 @@ pub(super) struct ShardSink<'a> {
     finished: BTreeMap<usize, ShardEntry>,
     clock: RunClock,
     progress: &'a mut dyn Progress,
+    /// Told after each save of the build state.
+    hook: Option<SaveHook>,
 }
 
 impl<'a> ShardSink<'a> {
@@ -97,7 +99,14 @@ impl<'a> ShardSink<'a> {
             finished: BTreeMap::new(),
             clock,
             progress,
+            hook: None,
         }
+    }
+
+    /// Call `hook` after each save of the build state.
+    pub(super) fn with_hook(mut self, hook: Option<SaveHook>) -> Self {
+        self.hook = hook;
+        self
     }
 
     pub(super) fn accept(&mut self, msg: Encoded) -> Result<(), PipelineError> {
@@ -229,6 +238,9 @@ impl<'a> ShardSink<'a> {
             m.refresh_totals();
             m.build_log.stamp(self.clock);
             m.save(&self.ctx.root)?;
+            if let Some(hook) = &self.hook {
+                (hook.0)(&self.ctx.root, m)?;
+            }
         }
         Ok(())
     }

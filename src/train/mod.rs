@@ -46,6 +46,9 @@ pub enum TrainError {
     /// stopped loader, an unserialisable log line).
     #[error("{0}")]
     State(String),
+    /// A cache in an object store could not be brought into the read-through cache.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// A loss or gradient norm became NaN/inf; training stops rather than
     /// writing a poisoned checkpoint.
     #[error("non-finite {what} at step {step}; last good checkpoint: {last_good}")]

@@ -36,6 +36,7 @@ mod parity_sampler;
 mod shards;
 mod stage1_disc;
 mod stage1_gen;
+mod store_s3;
 mod train_decoder_e2e;
 mod train_decoder_gan;
 mod train_e2e;

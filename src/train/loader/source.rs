@@ -57,7 +57,10 @@ impl CacheSet {
     /// Open `dirs` (each with `manifest.json`, `stats.safetensors` and its
     /// shards); a cache that disagrees with the first (encoder, latent shape,
     /// dtype, classes) is refused, naming its directory.
+    /// A store URL (`s3://bucket/cache`) is read through the local cache
+    /// ([`crate::store::cache`]).
     pub fn open(dirs: &[PathBuf]) -> Result<Self> {
+        let dirs = &crate::store::local_cache_dirs(dirs)?[..];
         let Some(first_dir) = dirs.first() else {
             return Err(TrainError::Config("no cache directory given".into()));
         };

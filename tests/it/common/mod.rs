@@ -7,6 +7,7 @@
 //! every test writes under its own temporary directory.
 
 pub mod cli;
+pub mod s3;
 pub mod tiny_cache;
 
 pub use cli::{bin, exe, json, run_ok};

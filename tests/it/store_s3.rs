@@ -1,0 +1,571 @@
+//! Caches in object storage, against a real S3-compatible server (moto's
+//! standalone server on 127.0.0.1, see `common::s3`): a build to
+//! `s3://bucket/cache` equals the local build byte for byte; training from
+//! the store gives the local losses and downloads each shard once; a build
+//! killed mid-upload resumes to the same bytes; a second build on the
+//! prefix is refused; a missing bucket and wrong credentials are named.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::s3::{self, S3Server};
+use crate::common::{self, tiny_cache};
+
+/// Twelve images (the six fixtures, twice) so a build lasts a few shards.
+fn dataset(dir: &Path) -> PathBuf {
+    let src = common::fixture("images");
+    let root = dir.join("images");
+    for class in std::fs::read_dir(&src).unwrap() {
+        let class = class.unwrap();
+        let to = root.join(class.file_name());
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(class.path()).unwrap() {
+            let f = f.unwrap();
+            let name = f.file_name().to_string_lossy().into_owned();
+            for copy in ["a", "b"] {
+                std::fs::copy(f.path(), to.join(format!("{copy}_{name}"))).unwrap();
+            }
+        }
+    }
+    root
+}
+
+fn build_args(images: &Path, out: &str, extra: &[&str]) -> Vec<String> {
+    let encoder = common::fixture("encoder-dinov2reg");
+    let mut v: Vec<String> = ["build", images.to_str().unwrap(), "--out", out]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for s in [
+        "--encoder",
+        encoder.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--rows-per-shard",
+        "4",
+        "--rows-per-group",
+        "2",
+        "--threads",
+        "1",
+    ] {
+        v.push(s.into());
+    }
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Every file under `dir` (relative name -> bytes), leaving out
+/// `build-state.json` (its build_log holds timings and the machine).
+fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(base: &Path, d: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out.remove("build-state.json");
+    out.remove(".lock");
+    out
+}
+
+fn assert_same_files(a: &Path, b: &Path, what: &str) {
+    let (fa, fb) = (files(a), files(b));
+    assert_eq!(
+        fa.keys().collect::<Vec<_>>(),
+        fb.keys().collect::<Vec<_>>(),
+        "{what}: different files"
+    );
+    assert!(fa.keys().any(|k| k.ends_with(".parquet")));
+    for (k, v) in &fa {
+        assert!(v == &fb[k], "{what}: {k} differs");
+    }
+}
+
+/// The build state without its build_log (timings, machine, runs).
+fn state_without_log(dir: &Path) -> serde_json::Value {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("build-state.json")).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("build_log");
+    v
+}
+
+#[test]
+fn build_to_s3_equals_the_local_build_and_inspect_verify_read_it() {
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-build");
+    let tmp = tempfile::tempdir().unwrap();
+    let images = dataset(tmp.path());
+    let local = tmp.path().join("local");
+    common::run_ok(build_args(&images, local.to_str().unwrap(), &[]));
+
+    let url = "s3://rae-build/caches/imagenet";
+    let staging = tmp.path().join("staging");
+    let o = srv
+        .command(&tmp.path().join("rc"))
+        .args(build_args(
+            &images,
+            url,
+            &["--staging-dir", staging.to_str().unwrap(), "--json"],
+        ))
+        .output()
+        .unwrap();
+    ok(&o, "build to s3");
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["cache_dir"], url);
+    assert_eq!(summary["complete"], true);
+
+    let remote = srv.remote(url);
+    let names: Vec<String> = remote.list("").unwrap().into_iter().map(|n| n.0).collect();
+    assert!(!names.iter().any(|n| n == ".lock"), "lock left: {names:?}");
+    assert!(
+        std::fs::read_dir(&staging).unwrap().next().is_none(),
+        "staging directory left behind"
+    );
+    let got = tmp.path().join("downloaded");
+    s3::download_all(&remote, &got);
+    // Shards, state/, stats.safetensors and manifest.json: byte for byte.
+    assert_same_files(&local, &got, "s3 build vs local build");
+    assert_eq!(state_without_log(&local), state_without_log(&got));
+
+    // inspect and verify read the store cache through the read-through cache.
+    let rc = tmp.path().join("rc");
+    let o = srv
+        .command(&rc)
+        .args(["verify", url, "--json"])
+        .output()
+        .unwrap();
+    ok(&o, "verify s3");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    let o = srv
+        .command(&rc)
+        .args(["inspect", url, "--json"])
+        .output()
+        .unwrap();
+    ok(&o, "inspect s3");
+    let o2 = common::run_ok(["inspect", local.to_str().unwrap(), "--json"]);
+    let (a, b) = (common::json(&o), common::json(&o2));
+    assert_eq!(a["totals"], b["totals"], "{a}\n{b}");
+}
+
+/// The fixture's DiT-DH shape and a tiny cache to match, uploaded to the
+/// store; training args.
+fn tiny_train_setup(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = common::read_json("ditdh.json");
+    let side = model["input_size"].as_u64().unwrap() as usize;
+    let spec = tiny_cache::Spec {
+        images: 40,
+        classes: (model["num_classes"].as_u64().unwrap() as usize).min(4),
+        tokens: side * side,
+        channels: model["in_channels"].as_u64().unwrap() as usize,
+        shards: 3,
+        rows_per_row_group: 6,
+        both_flips: true,
+        seed: 3,
+        dtype: rae_cache::shards::LatentDType::F32,
+    };
+    let cache = dir.join("cache");
+    tiny_cache::write(&cache, &spec);
+    let model_path = dir.join("ditdh.json");
+    std::fs::write(&model_path, model.to_string()).unwrap();
+    (cache, model_path)
+}
+
+fn train(cmd: &mut Command, data: &str, out: &Path, model: &Path) -> Vec<f64> {
+    let o = cmd
+        .args(["train", "--data", data, "--out", out.to_str().unwrap()])
+        .args(["--model-config", model.to_str().unwrap()])
+        .args(["--batch-size", "8", "--seed", "5", "--steps", "4"])
+        .args(["--device", "cpu", "--json"])
+        .output()
+        .unwrap();
+    ok(&o, "train");
+    std::fs::read_to_string(out.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn training_from_s3_gives_the_local_losses_and_reads_each_shard_once() {
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-train");
+    let tmp = tempfile::tempdir().unwrap();
+    let (cache, model) = tiny_train_setup(tmp.path());
+    let url = "s3://rae-train/tiny";
+    s3::upload_all(&srv.remote(url), &cache);
+
+    let local = train(
+        &mut Command::new(common::exe()),
+        cache.to_str().unwrap(),
+        &tmp.path().join("run-local"),
+        &model,
+    );
+    let rc = tmp.path().join("rc");
+    let first = srv
+        .command(&rc)
+        .args(["train", "--data", url])
+        .args(["--out", tmp.path().join("run-s3").to_str().unwrap()])
+        .args(["--model-config", model.to_str().unwrap()])
+        .args(["--batch-size", "8", "--seed", "5", "--steps", "4"])
+        .args(["--device", "cpu", "--json"])
+        .output()
+        .unwrap();
+    ok(&first, "train from s3");
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(err.contains("3 shards downloaded"), "{err}");
+    let from_s3: Vec<f64> = std::fs::read_to_string(tmp.path().join("run-s3/log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(local.len(), 4);
+    assert_eq!(local, from_s3, "losses from s3 differ from local");
+
+    // A second run on this node reads no shard from the store.
+    let again = train(
+        &mut srv.command(&rc),
+        url,
+        &tmp.path().join("run-s3b"),
+        &model,
+    );
+    assert_eq!(again, local);
+}
+
+/// Poll `remote` until `rel` exists or `child` ends; then kill -9 it.
+fn kill_when_uploaded(
+    child: &mut std::process::Child,
+    remote: &rae_cache::store::Remote,
+    rel: &str,
+) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(300) {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        if remote.head(rel).unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill(); // SIGKILL
+    let status = child.wait().unwrap();
+    !status.success()
+}
+
+#[test]
+fn a_build_killed_mid_upload_resumes_to_the_same_bytes() {
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-kill");
+    let tmp = tempfile::tempdir().unwrap();
+    let images = dataset(tmp.path());
+    let local = tmp.path().join("local");
+    common::run_ok(build_args(&images, local.to_str().unwrap(), &[]));
+
+    let url = "s3://rae-kill/cache";
+    let remote = srv.remote(url);
+    let staging = tmp.path().join("staging");
+    let staging_arg = ["--staging-dir", staging.to_str().unwrap()];
+    let mut child = srv
+        .command(&tmp.path().join("rc"))
+        .args(build_args(&images, url, &staging_arg))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let killed = kill_when_uploaded(&mut child, &remote, "shards/part-00000.parquet");
+    if !killed {
+        // The build beat the kill: put the store back as a kill after
+        // shard 0 leaves it (a state listing shard 0 only, later shards
+        // uploaded past it, no manifest update, the dead build's lock).
+        eprintln!("build finished before the kill; emulating it");
+        let mut m: serde_json::Value =
+            serde_json::from_slice(&remote.get("build-state.json").unwrap().unwrap()).unwrap();
+        m["shards"] = serde_json::Value::Array(m["shards"].as_array().unwrap()[..1].to_vec());
+        m["complete"] = false.into();
+        m["stats"] = serde_json::Value::Null;
+        remote
+            .put("build-state.json", serde_json::to_vec(&m).unwrap().into())
+            .unwrap();
+        remote.delete("stats.safetensors").unwrap();
+        let dead =
+            serde_json::json!({"host": hostname(), "pid": 999_999_999u32, "started_unix": 0});
+        remote
+            .put(".lock", serde_json::to_vec(&dead).unwrap().into())
+            .unwrap();
+    }
+    // The store's state lists only shards the store holds.
+    let m: serde_json::Value =
+        serde_json::from_slice(&remote.get("build-state.json").unwrap().unwrap()).unwrap();
+    let objects: Vec<String> = remote.list("").unwrap().into_iter().map(|o| o.0).collect();
+    eprintln!(
+        "after the kill the store lists {} shards and holds {objects:?}",
+        m["shards"].as_array().unwrap().len()
+    );
+    for s in m["shards"].as_array().unwrap() {
+        if let Some(f) = s["file"].as_str() {
+            assert!(remote.head(f).unwrap().is_some(), "{f} listed but missing");
+        }
+    }
+    // Without --resume: refused.
+    let o = srv
+        .command(&tmp.path().join("rc"))
+        .args(build_args(&images, url, &staging_arg))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    // The killed build's lock (this host, its process gone) is taken over,
+    // then the prefix is found not empty.
+    assert!(err.contains("took over"), "{err}");
+    assert!(err.contains(url) && err.contains("--resume"), "{err}");
+    assert!(
+        remote.head(".lock").unwrap().is_none(),
+        "the refused build kept the lock"
+    );
+
+    let mut resume_args = staging_arg.to_vec();
+    resume_args.push("--resume");
+    let o = srv
+        .command(&tmp.path().join("rc"))
+        .args(build_args(&images, url, &resume_args))
+        .output()
+        .unwrap();
+    ok(&o, "resume");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("resuming") && err.contains("from the store"),
+        "{err}"
+    );
+    let got = tmp.path().join("downloaded");
+    s3::download_all(&remote, &got);
+    assert_same_files(&local, &got, "resumed s3 build vs local build");
+    assert_eq!(state_without_log(&local), state_without_log(&got));
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_second_build_on_the_same_prefix_is_refused() {
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-lock");
+    let tmp = tempfile::tempdir().unwrap();
+    let images = common::fixture("images");
+    let url = "s3://rae-lock/cache";
+    let remote = srv.remote(url);
+    // A live build elsewhere holds the lock (created as a build creates it).
+    let holder = serde_json::json!({"host": "node-17", "pid": 4242, "started_unix": 1});
+    assert!(
+        remote
+            .create(".lock", serde_json::to_vec(&holder).unwrap().into())
+            .unwrap()
+    );
+    // The conditional PUT refuses a second create.
+    assert!(!remote.create(".lock", b"x".to_vec().into()).unwrap());
+    let second = |extra: &[&str]| {
+        srv.command(&tmp.path().join("rc"))
+            .args(build_args(&images, url, extra))
+            .args(["--limit", "2"])
+            .output()
+            .unwrap()
+    };
+    let o = second(&[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("s3://rae-lock/cache/.lock")
+            && err.contains("node-17")
+            && err.contains("4242"),
+        "{err}"
+    );
+    assert!(
+        remote.list("").unwrap().len() == 1,
+        "the refused build wrote something"
+    );
+
+    // Two real builds started together: exactly one succeeds.
+    remote.delete(".lock").unwrap();
+    let spawn = |out: &str| {
+        srv.command(&tmp.path().join("rc"))
+            .args(build_args(&images, out, &[]))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(url), spawn(url));
+    let (oa, ob) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let wins = [&oa, &ob].iter().filter(|o| o.status.success()).count();
+    let refused: Vec<String> = [&oa, &ob]
+        .iter()
+        .filter(|o| !o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .collect();
+    assert_eq!(wins, 1, "{refused:?}");
+    assert!(
+        refused[0].contains("locked by another build"),
+        "{}",
+        refused[0]
+    );
+}
+
+#[test]
+fn a_missing_bucket_and_wrong_credentials_are_named() {
+    let Some(srv) = S3Server::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let images = common::fixture("images");
+    let o = srv
+        .command(&tmp.path().join("rc"))
+        .args(build_args(
+            &images,
+            "s3://no-such-bucket/cache",
+            &["--limit", "2"],
+        ))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("missing bucket, build: {err}");
+    assert!(
+        err.contains("s3://no-such-bucket/cache") && err.contains("NoSuchBucket"),
+        "{err}"
+    );
+    let o = srv
+        .command(&tmp.path().join("rc"))
+        .args(["inspect", "s3://no-such-bucket/cache"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("missing bucket, inspect: {err}");
+    assert!(
+        err.contains("s3://no-such-bucket/cache/manifest.json") && err.contains("NoSuchBucket"),
+        "{err}"
+    );
+
+    // A server that checks credentials (moto: after the first, unsigned,
+    // bucket creation): an unknown key is refused, and said so.
+    let Some(auth) = S3Server::start_with_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", "1")]) else {
+        return;
+    };
+    auth.create_bucket("rae-auth");
+    let o = auth
+        .command(&tmp.path().join("rc"))
+        .args(["inspect", "s3://rae-auth/cache"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("unknown key: {err}");
+    assert!(
+        err.contains("s3://rae-auth/cache/manifest.json")
+            && (err.contains("InvalidAccessKeyId") || err.contains("403")),
+        "{err}"
+    );
+}
+
+/// Throughput of reading every row group of a cache (the loader's I/O and
+/// decoding, `RowGroupSource::read`) from local disk, from the S3 server
+/// through a cold read-through cache (every shard downloaded first), and
+/// through the warm cache. A measurement, not a test:
+/// `cargo test --test it store_s3::loader_throughput -- --ignored --nocapture`
+/// (`RAE_S3_BENCH_IMAGES`, default 256 images of 256x768 f16, both flips).
+#[test]
+#[ignore]
+fn loader_throughput_local_vs_s3() {
+    use rae_cache::store::cache::{ReadCache, ReadCacheSettings};
+    use rae_cache::train::loader::CacheSet;
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-bench");
+    let tmp = tempfile::tempdir().unwrap();
+    let images: usize = std::env::var("RAE_S3_BENCH_IMAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let spec = tiny_cache::Spec {
+        images,
+        classes: 10,
+        tokens: 256,
+        channels: 768,
+        shards: (images / 64).max(1),
+        rows_per_row_group: 32,
+        both_flips: true,
+        seed: 1,
+        dtype: rae_cache::shards::LatentDType::F16,
+    };
+    let cache = tmp.path().join("cache");
+    tiny_cache::write(&cache, &spec);
+    let url = "s3://rae-bench/cache";
+    let remote = srv.remote(url);
+    s3::upload_all(&remote, &cache);
+    let read_all = |dir: &Path| {
+        let set = CacheSet::open(&[dir.to_path_buf()]).unwrap();
+        let src = set.source();
+        for rg in 0..set.index().num_row_groups {
+            src.read(rg).unwrap();
+        }
+        set.num_images()
+    };
+    let rc = ReadCache::new(ReadCacheSettings {
+        dir: tmp.path().join("rc"),
+        max_bytes: None,
+    });
+    let bytes: u64 = files(&cache).values().map(|v| v.len() as u64).sum();
+    let mut report = Vec::new();
+    for what in [
+        "local disk",
+        "s3, cold read-through cache",
+        "s3, warm read-through cache",
+    ] {
+        let t = Instant::now();
+        let n = match what {
+            "local disk" => read_all(&cache),
+            _ => {
+                let (dir, r) = rc.open_with_report(&remote).unwrap();
+                eprintln!("{what}: {r:?}");
+                read_all(&dir)
+            }
+        };
+        let s = t.elapsed().as_secs_f64();
+        report.push(format!(
+            "{what}: {n} images ({:.0} MB) in {s:.2} s = {:.0} images/s",
+            bytes as f64 / 1e6,
+            n as f64 / s
+        ));
+    }
+    for r in &report {
+        eprintln!("{r}");
+    }
+}
