@@ -82,43 +82,32 @@ impl Remote {
         let built = |r: object_store::Result<Arc<dyn ObjectStore>>| {
             r.map_err(|e| bad(format!("cannot configure the store: {e}")))
         };
+        // The cloud builders share no trait: one macro configures each the
+        // same way (environment, URL options, the URL, retries).
+        macro_rules! cloud {
+            ($builder:expr) => {
+                built(
+                    with_options(
+                        $builder,
+                        options,
+                        |b, k, v| Ok(b.with_config(k.parse()?, v)),
+                    )
+                    .map_err(bad)?
+                    .with_url(trimmed)
+                    .with_retry(retry_config())
+                    .build()
+                    .map(|s| Arc::new(s) as _),
+                )?
+            };
+        }
         let store: Arc<dyn ObjectStore> = match scheme {
-            ObjectStoreScheme::AmazonS3 => built(
-                with_options(
-                    object_store::aws::AmazonS3Builder::from_env(),
-                    options,
-                    |b, k, v| Ok(b.with_config(k.parse()?, v)),
-                )
-                .map_err(bad)?
-                .with_url(trimmed)
-                .with_retry(retry_config())
-                .build()
-                .map(|s| Arc::new(s) as _),
-            )?,
-            ObjectStoreScheme::GoogleCloudStorage => built(
-                with_options(
-                    object_store::gcp::GoogleCloudStorageBuilder::from_env(),
-                    options,
-                    |b, k, v| Ok(b.with_config(k.parse()?, v)),
-                )
-                .map_err(bad)?
-                .with_url(trimmed)
-                .with_retry(retry_config())
-                .build()
-                .map(|s| Arc::new(s) as _),
-            )?,
-            ObjectStoreScheme::MicrosoftAzure => built(
-                with_options(
-                    object_store::azure::MicrosoftAzureBuilder::from_env(),
-                    options,
-                    |b, k, v| Ok(b.with_config(k.parse()?, v)),
-                )
-                .map_err(bad)?
-                .with_url(trimmed)
-                .with_retry(retry_config())
-                .build()
-                .map(|s| Arc::new(s) as _),
-            )?,
+            ObjectStoreScheme::AmazonS3 => cloud!(object_store::aws::AmazonS3Builder::from_env()),
+            ObjectStoreScheme::GoogleCloudStorage => {
+                cloud!(object_store::gcp::GoogleCloudStorageBuilder::from_env())
+            }
+            ObjectStoreScheme::MicrosoftAzure => {
+                cloud!(object_store::azure::MicrosoftAzureBuilder::from_env())
+            }
             ObjectStoreScheme::Http => {
                 // The prefix is part of the server URL here.
                 let s = built(
