@@ -299,7 +299,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 /// A random encoder, then the cache; returns the latent channels.
 fn build_cache(r: &mut Runner, d: &Dirs) -> anyhow::Result<usize> {
     let enc = d.s("encoder");
-    r.run(
+    let e = r.run(
         "random encoder",
         &argv(&[
             "bench",
@@ -313,6 +313,10 @@ fn build_cache(r: &mut Runner, d: &Dirs) -> anyhow::Result<usize> {
         ]),
         false,
     )?;
+    eprintln!(
+        "  encoder: random-weight DINOv2-with-registers, {} parameters (a stand-in: real use takes facebook/dinov2-with-registers-base)",
+        e["params"]
+    );
     let (images, cache) = (d.s("images"), d.s("cache"));
     let b = r.run(
         "build the latent cache",
@@ -447,6 +451,10 @@ fn sample_and_decode(r: &mut Runner, d: &Dirs, plan: &Plan) -> anyhow::Result<()
         ]),
         true,
     )?;
+    eprintln!(
+        "  samples: {num} latents, {} per class",
+        plan.samples_per_class
+    );
     let grid = (classes * classes.min(plan.samples_per_class)).to_string();
     let (dec, cfg, out) = (
         d.s("decoder-run"),
@@ -472,6 +480,7 @@ fn sample_and_decode(r: &mut Runner, d: &Dirs, plan: &Plan) -> anyhow::Result<()
         ]),
         true,
     )?;
+    eprintln!("  decoded: {out}/grid.png, one row per class");
     Ok(())
 }
 
@@ -492,6 +501,12 @@ fn evaluate(r: &mut Runner, d: &Dirs, classes: usize) -> anyhow::Result<Value> {
         false,
     )?;
     let latent = e["latent"].clone();
+    eprintln!(
+        "  latent FD {} (pooled), precision/recall {} / {}",
+        fmt(&latent["fd_pooled"]),
+        fmt(&latent["pr"]["precision"]),
+        fmt(&latent["pr"]["recall"])
+    );
     let real = LabelledRows::read(&shards(&d.path("cache"))?)?;
     let generated = LabelledRows::read(&shards(&d.path("samples"))?)?;
     let nc = NearestCentroid::fit(&real);
