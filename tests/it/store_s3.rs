@@ -108,14 +108,21 @@ fn state_without_log(dir: &Path) -> serde_json::Value {
     v
 }
 
-#[test]
-fn build_to_s3_equals_the_local_build_and_inspect_verify_read_it() {
-    let Some(srv) = S3Server::start() else { return };
-    srv.create_bucket("rae-build");
+/// A bucket on `srv`, the test images and their local build (the bytes a
+/// build to the store must equal).
+fn bucket_and_local_build(srv: &S3Server, bucket: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    srv.create_bucket(bucket);
     let tmp = tempfile::tempdir().unwrap();
     let images = dataset(tmp.path());
     let local = tmp.path().join("local");
     common::run_ok(build_args(&images, local.to_str().unwrap(), &[]));
+    (tmp, images, local)
+}
+
+#[test]
+fn build_to_s3_equals_the_local_build_and_inspect_verify_read_it() {
+    let Some(srv) = S3Server::start() else { return };
+    let (tmp, images, local) = bucket_and_local_build(&srv, "rae-build");
 
     let url = "s3://rae-build/caches/imagenet";
     let staging = tmp.path().join("staging");
@@ -284,11 +291,7 @@ fn kill_when_uploaded(
 #[test]
 fn a_build_killed_mid_upload_resumes_to_the_same_bytes() {
     let Some(srv) = S3Server::start() else { return };
-    srv.create_bucket("rae-kill");
-    let tmp = tempfile::tempdir().unwrap();
-    let images = dataset(tmp.path());
-    let local = tmp.path().join("local");
-    common::run_ok(build_args(&images, local.to_str().unwrap(), &[]));
+    let (tmp, images, local) = bucket_and_local_build(&srv, "rae-kill");
 
     let url = "s3://rae-kill/cache";
     let remote = srv.remote(url);
