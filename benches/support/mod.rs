@@ -219,12 +219,20 @@ pub fn random_crops(batch: usize, size: usize, seed: u64, device: &Device) -> Re
     Ok(Tensor::from_vec(v, (batch, 3, size, size), &Device::Cpu)?.to_device(device)?)
 }
 
-/// An RAE decoder with freshly initialised (random) weights.
+/// An RAE decoder with freshly initialised (random) weights, loaded from
+/// plain tensors as `rae-cache decode` loads a checkpoint: weights held as
+/// variables would make every forward record its autograd graph (all
+/// activations alive until the output is dropped).
 pub fn random_decoder(cfg: &DecoderConfig, dtype: DType, device: &Device) -> Result<RaeDecoder> {
     let vm = VarMap::new();
+    RaeDecoder::new(cfg, VarBuilder::from_varmap(&vm, dtype, device))?;
+    let tensors: HashMap<String, Tensor> = sorted_vars(&vm)
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().detach()))
+        .collect();
     Ok(RaeDecoder::new(
         cfg,
-        VarBuilder::from_varmap(&vm, dtype, device),
+        VarBuilder::from_tensors(tensors, dtype, device),
     )?)
 }
 

@@ -6,6 +6,7 @@ use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
 use super::activation::Activation;
+use crate::models::ops;
 
 /// `y = x W^T + b` on the last dimension. Leading dimensions are folded into
 /// one so a batch is a single large matrix product.
@@ -196,14 +197,30 @@ impl Mlp {
 }
 
 /// Pre-LN transformer block: x + s1*attn(ln1(x)), then + s2*mlp(ln2(x)).
+/// The layer scales s1, s2 (DINOv2) are folded into the attention output
+/// projection and the MLP's last layer at load.
 #[derive(Debug, Clone)]
 pub struct Block {
     norm1: LayerNorm,
     attn: Attention,
-    scale1: Option<Tensor>,
     norm2: LayerNorm,
     mlp: Mlp,
-    scale2: Option<Tensor>,
+}
+
+/// `s * (x W^T + b)` as one layer: rows of W and b scaled by `s` (in f32).
+fn fold_scale(l: Linear, s: &Tensor) -> Result<Linear> {
+    let dt = l.weight.dtype();
+    let s = s.to_dtype(DType::F32)?;
+    let w = l
+        .weight
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&s.unsqueeze(1)?)?
+        .to_dtype(dt)?;
+    let b = match l.bias {
+        Some(b) => Some((b.to_dtype(DType::F32)? * &s)?.to_dtype(dt)?),
+        None => None,
+    };
+    Ok(Linear::new(w, b))
 }
 
 fn layer_norm(vb: VarBuilder, c: usize, eps: f64) -> Result<LayerNorm> {
@@ -220,29 +237,74 @@ impl Block {
         let scale = |name: Option<&str>| -> Result<Option<Tensor>> {
             name.map(|n| vb.pp(n).get(c, "lambda1")).transpose()
         };
+        let mut attn = Attention::load(&vb, cfg, names)?;
+        if let Some(s) = scale(names.scale1)? {
+            attn.out = fold_scale(attn.out, &s)?;
+        }
+        let mut mlp = Mlp::load(&vb, cfg, names)?;
+        if let Some(s) = scale(names.scale2)? {
+            mlp = match mlp {
+                Mlp::Plain { fc1, fc2, act } => Mlp::Plain {
+                    fc1,
+                    fc2: fold_scale(fc2, &s)?,
+                    act,
+                },
+                Mlp::SwiGlu {
+                    w_in,
+                    w_out,
+                    hidden,
+                } => Mlp::SwiGlu {
+                    w_in,
+                    w_out: fold_scale(w_out, &s)?,
+                    hidden,
+                },
+            };
+        }
         Ok(Self {
             norm1: layer_norm(vb.pp(names.norm1), c, cfg.eps)?,
-            attn: Attention::load(&vb, cfg, names)?,
-            scale1: scale(names.scale1)?,
+            attn,
             norm2: layer_norm(vb.pp(names.norm2), c, cfg.eps)?,
-            mlp: Mlp::load(&vb, cfg, names)?,
-            scale2: scale(names.scale2)?,
+            mlp,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let a = self.attn.forward(&self.norm1.forward(x)?)?;
-        let a = match &self.scale1 {
-            Some(s) => a.broadcast_mul(s)?,
-            None => a,
-        };
-        let x = (x + a)?;
+        if let Some(y) = self.forward_cpu(x)? {
+            return Ok(y);
+        }
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
         let m = self.mlp.forward(&self.norm2.forward(&x)?)?;
-        let m = match &self.scale2 {
-            Some(s) => m.broadcast_mul(s)?,
-            None => m,
-        };
         x + m
+    }
+
+    /// f32 CPU: the block as four kernels (qkv projection, attention,
+    /// projection + residual, MLP + residual); None where they do not
+    /// apply (other devices and dtypes, SwiGLU, no biases).
+    fn forward_cpu(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (Mlp::Plain { fc1, fc2, act }, Some(ob)) = (&self.mlp, &self.attn.out.bias) else {
+            return Ok(None);
+        };
+        let (Some(b1), Some(b2)) = (&fc1.bias, &fc2.bias) else {
+            return Ok(None);
+        };
+        let qkv = &self.attn.qkv;
+        if !ops::infer::applies(&[x, &qkv.weight, &fc1.weight]) {
+            return Ok(None);
+        }
+        let h = self.norm1.forward(x)?;
+        let a = ops::attention_qkv(
+            &ops::linear(&h, &qkv.weight, qkv.bias.as_ref())?,
+            self.attn.heads,
+            None,
+        )?;
+        let x = ops::infer::linear_residual(x, &a, &self.attn.out.weight, ob)?;
+        let h = self.norm2.forward(&x)?;
+        let mlp = ops::infer::MlpWeights {
+            fc1: (&fc1.weight, b1),
+            act: *act,
+            fc2: (&fc2.weight, b2),
+        };
+        ops::infer::mlp_residual(&x, &h, mlp).map(Some)
     }
 }
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::embed::{frozen_or, sincos_2d, unpatchify};
 use super::layers::{Linear, LinearInit, Norm, attention, merge_heads, split_heads};
+use super::ops;
 use crate::encoders::Activation;
 
 /// Per-channel RGB mean the encoder normalises images with (ImageNet; DINOv2, MAE).
@@ -110,6 +111,11 @@ struct VitLayer {
     out: Linear,
     fc1: Linear,
     fc2: Linear,
+    /// q, k and v as one projection (rows q | k | v, the layout
+    /// [`ops::attention_qkv`] reads), stacked once when the weights are
+    /// plain tensors; on variables (training) it is stacked per forward so
+    /// that gradients reach each part.
+    qkv: Option<Linear>,
     heads: usize,
     act: Activation,
 }
@@ -123,12 +129,23 @@ impl VitLayer {
         let Some(act) = Activation::from_hf(&cfg.hidden_act) else {
             candle_core::bail!("decoder: unsupported hidden_act {:?}", cfg.hidden_act)
         };
+        let (query, key, value) = (
+            lin(d, d, a.pp("attention.query"))?,
+            lin(d, d, a.pp("attention.key"))?,
+            lin(d, d, a.pp("attention.value"))?,
+        );
+        let qkv = if query.weight().is_variable() {
+            None
+        } else {
+            Some(Linear::stack(&[&query, &key, &value])?)
+        };
         Ok(Self {
             ln_before: Norm::layer(d, cfg.layer_norm_eps, vb.pp("layernorm_before"))?,
             ln_after: Norm::layer(d, cfg.layer_norm_eps, vb.pp("layernorm_after"))?,
-            query: lin(d, d, a.pp("attention.query"))?,
-            key: lin(d, d, a.pp("attention.key"))?,
-            value: lin(d, d, a.pp("attention.value"))?,
+            query,
+            key,
+            value,
+            qkv,
             out: lin(d, d, a.pp("output.dense"))?,
             fc1: lin(d, m, vb.pp("intermediate.dense"))?,
             fc2: lin(m, d, vb.pp("output.dense"))?,
@@ -138,6 +155,9 @@ impl VitLayer {
     }
 
     fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+        if ops::applies(&[x, self.out.weight()]) {
+            return self.forward_cpu(x, fused);
+        }
         let h = self.ln_before.forward(x, fused)?;
         let q = split_heads(&self.query.forward(&h)?, self.heads)?;
         let k = split_heads(&self.key.forward(&h)?, self.heads)?;
@@ -148,6 +168,36 @@ impl VitLayer {
         let x = (x + a)?;
         let h = self.fc1.forward(&self.ln_after.forward(&x, fused)?)?;
         x + self.fc2.forward(&self.act.apply(&h)?)?
+    }
+
+    /// f32 CPU: the fused kernels of [`ops`], which have backward passes;
+    /// without a graph to record, whole sub-layers run as single
+    /// inference kernels ([`ops::infer`]).
+    fn forward_cpu(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+        let h = self.ln_before.forward(x, fused)?;
+        let qkv = match &self.qkv {
+            Some(qkv) => qkv.forward(&h)?,
+            None => Linear::stack(&[&self.query, &self.key, &self.value])?.forward(&h)?,
+        };
+        let a = ops::attention_qkv(&qkv, self.heads, None)?;
+        let (Some(out_b), Some(b1), Some(b2)) = (self.out.bias(), self.fc1.bias(), self.fc2.bias())
+        else {
+            candle_core::bail!("decoder layer without biases");
+        };
+        let plain = [x, self.out.weight(), self.fc1.weight(), self.fc2.weight()];
+        if !ops::infer::applies(&plain) {
+            let x = (x + self.out.forward(&a)?)?;
+            let h = self.fc1.forward(&self.ln_after.forward(&x, fused)?)?;
+            return x + self.fc2.forward(&self.act.apply(&h)?)?;
+        }
+        let x = ops::infer::linear_residual(x, &a, self.out.weight(), out_b)?;
+        let h = self.ln_after.forward(&x, fused)?;
+        let mlp = ops::infer::MlpWeights {
+            fc1: (self.fc1.weight(), b1),
+            act: self.act,
+            fc2: (self.fc2.weight(), b2),
+        };
+        ops::infer::mlp_residual(&x, &h, mlp)
     }
 }
 

@@ -88,6 +88,21 @@ impl Linear {
         self.inner.bias()
     }
 
+    /// The layers side by side: one layer whose output is theirs
+    /// concatenated on the last dim (one GEMM instead of several). On
+    /// variables the concatenation is part of the graph (gradients reach
+    /// each part).
+    pub fn stack(parts: &[&Linear]) -> Result<Self> {
+        let ws: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
+        let bs: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias()).collect();
+        Ok(Self {
+            inner: candle_nn::Linear::new(
+                Tensor::cat(&ws, 0)?,
+                bs.map(|b| Tensor::cat(&b, 0)).transpose()?,
+            ),
+        })
+    }
+
     /// Output rows `start..start + len` of this layer as a layer of its own
     /// (views of the weight and bias: gradients flow back into them).
     pub fn rows(&self, start: usize, len: usize) -> Result<Self> {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var};
 
-use super::{Result, TrainError};
+use super::{Result, TrainError, inplace};
 
 /// The f32 shadow weights (reference `ema` model) by parameter name.
 #[derive(Debug, Clone)]
@@ -58,12 +58,18 @@ impl Ema {
                 .shadow
                 .get_mut(name)
                 .ok_or_else(|| TrainError::State(format!("EMA has no tensor {name}")))?;
-            *s = (s.affine(d, 0.0)? + p.affine(1.0 - d, 0.0)?)?;
+            if inplace::applies(&[s, &p]) {
+                inplace::ema(s, &p, d)?;
+            } else {
+                *s = (s.affine(d, 0.0)? + p.affine(1.0 - d, 0.0)?)?;
+            }
         }
         Ok(())
     }
 
-    /// The shadow weights by reference parameter name.
+    /// The shadow weights by reference parameter name. f32 CPU shadows are
+    /// updated in place by [`Self::update`]: `copy()` one to keep it as it
+    /// is now.
     pub fn tensors(&self) -> &BTreeMap<String, Tensor> {
         &self.shadow
     }
@@ -72,7 +78,8 @@ impl Ema {
     pub fn from_tensors(shadow: BTreeMap<String, Tensor>, decay: f64) -> Result<Self> {
         let shadow = shadow
             .into_iter()
-            .map(|(k, t)| Ok((k, t.detach().to_dtype(DType::F32)?)))
+            // Own copies: the shadows are updated in place.
+            .map(|(k, t)| Ok((k, t.detach().to_dtype(DType::F32)?.copy()?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
         Ok(Self { decay, shadow })
     }

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod ema;
 pub mod init;
+mod inplace;
 pub mod loader;
 pub mod lr;
 pub mod optim;

@@ -11,7 +11,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::{Result, TrainError};
+use super::{Result, TrainError, inplace};
 
 /// Hyper-parameters shared by every group (a group may scale `lr` and
 /// override `weight_decay`).
@@ -296,6 +296,8 @@ pub struct AdamW {
     cfg: AdamWConfig,
     groups: Vec<ParamGroup>,
     state: AdamWState,
+    /// Update f32 CPU parameters and moments in place ([`inplace`]).
+    in_place: bool,
 }
 
 impl AdamW {
@@ -315,6 +317,7 @@ impl AdamW {
             cfg,
             groups,
             state: AdamWState::default(),
+            in_place: true,
         })
     }
 
@@ -333,7 +336,8 @@ impl AdamW {
         self.groups.iter().flat_map(|g| g.params.iter())
     }
 
-    /// The state to checkpoint.
+    /// The state to checkpoint. The moments are updated in place by later
+    /// steps: `copy()` a tensor to keep it as it is now.
     pub fn state(&self) -> &AdamWState {
         &self.state
     }
@@ -363,8 +367,9 @@ impl AdamW {
         let mut params = BTreeMap::new();
         for (name, s) in state.params {
             let dev = shapes[name.as_str()].device();
-            let m = s.m.to_dtype(DType::F32)?.to_device(dev)?;
-            let v = s.v.to_dtype(DType::F32)?.to_device(dev)?;
+            // Own copies: the moments are updated in place.
+            let m = s.m.to_dtype(DType::F32)?.to_device(dev)?.copy()?;
+            let v = s.v.to_dtype(DType::F32)?.to_device(dev)?.copy()?;
             params.insert(name, ParamState { m, v, step: s.step });
         }
         self.state = AdamWState {
@@ -400,20 +405,23 @@ impl AdamW {
                     },
                 };
                 let step = st.step + 1;
-                // m.lerp_(g, 1 - b1) as torch: m + (1 - b1) (g - m)
-                let m = (&st.m + (&g - &st.m)?.affine(1.0 - b1, 0.0)?)?;
-                let v = (st.v.affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
                 let bc1 = 1.0 - b1.powi(step as i32);
                 let bc2_sqrt = (1.0 - b2.powi(step as i32)).sqrt();
-                let step_size = lr / bc1;
-                let denom = v.sqrt()?.affine(1.0 / bc2_sqrt, eps)?;
-                let dtype = var.dtype();
-                let mut p = var.as_tensor().detach().to_dtype(DType::F32)?;
-                if wd != 0.0 {
-                    p = p.affine(1.0 - lr * wd, 0.0)?;
-                }
-                let p = (p - (&m / &denom)?.affine(step_size, 0.0)?)?;
-                var.set(&p.to_dtype(dtype)?)?;
+                let k = Update {
+                    b1,
+                    b2,
+                    eps,
+                    decay: (wd != 0.0).then(|| 1.0 - lr * wd),
+                    step_size: lr / bc1,
+                    inv_bc2: 1.0 / bc2_sqrt,
+                };
+                let (m, v) =
+                    if self.in_place && inplace::applies(&[var.as_tensor(), &g, &st.m, &st.v]) {
+                        inplace::adamw(var.as_tensor(), &g, &st.m, &st.v, k.consts())?;
+                        (st.m, st.v)
+                    } else {
+                        k.apply(var, &g, &st.m, &st.v)?
+                    };
                 self.state
                     .params
                     .insert(name.clone(), ParamState { m, v, step });
@@ -424,10 +432,89 @@ impl AdamW {
     }
 }
 
+/// The scalars of one parameter's AdamW update.
+#[derive(Debug, Clone, Copy)]
+struct Update {
+    b1: f64,
+    b2: f64,
+    eps: f64,
+    /// 1 - lr * wd, when weight decay is on.
+    decay: Option<f64>,
+    /// lr / (1 - beta1^t).
+    step_size: f64,
+    /// 1 / sqrt(1 - beta2^t).
+    inv_bc2: f64,
+}
+
+impl Update {
+    /// As f32, the way `affine` applies them.
+    fn consts(&self) -> inplace::AdamWConsts {
+        inplace::AdamWConsts {
+            c1: (1.0 - self.b1) as f32,
+            b2: self.b2 as f32,
+            c2: (1.0 - self.b2) as f32,
+            inv_bc2: self.inv_bc2 as f32,
+            eps: self.eps as f32,
+            decay: self.decay.map(|d| d as f32),
+            step_size: self.step_size as f32,
+        }
+    }
+
+    /// The update on tensors (any device and dtype): sets `var`, returns the
+    /// new moments.
+    fn apply(&self, var: &Var, g: &Tensor, m: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        // m.lerp_(g, 1 - b1) as torch: m + (1 - b1) (g - m)
+        let m = (m + (g - m)?.affine(1.0 - self.b1, 0.0)?)?;
+        let v = (v.affine(self.b2, 0.0)? + g.sqr()?.affine(1.0 - self.b2, 0.0)?)?;
+        let denom = v.sqrt()?.affine(self.inv_bc2, self.eps)?;
+        let dtype = var.dtype();
+        let mut p = var.as_tensor().detach().to_dtype(DType::F32)?;
+        if let Some(d) = self.decay {
+            p = p.affine(d, 0.0)?;
+        }
+        let p = (p - (&m / &denom)?.affine(self.step_size, 0.0)?)?;
+        var.set(&p.to_dtype(dtype)?)?;
+        Ok((m, v))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The in-place f32 CPU update gives the tensor code's results bit for
+    /// bit (parameters and moments), with weight decay and without.
+    #[test]
+    fn in_place_update_is_bit_identical() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut vals =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random::<f32>() - 0.5).collect() };
+        // more than one parallel chunk, and a short last one
+        let n = 3 * (1 << 16) + 77;
+        let init = vals(n);
+        let grads: Vec<Vec<f32>> = (0..3).map(|_| vals(n)).collect();
+        let run = |in_place: bool| {
+            let p = var(&init);
+            let groups =
+                vec![ParamGroup::new(vec![("p".into(), p.clone())]).with_weight_decay(0.05)];
+            let mut opt = AdamW::new(groups, AdamWConfig::default()).unwrap();
+            opt.in_place = in_place;
+            for gv in &grads {
+                let mut g = Gradients::new();
+                g.insert("p", Tensor::new(gv.as_slice(), &Device::Cpu).unwrap())
+                    .unwrap();
+                opt.step(&g, 1e-2).unwrap();
+            }
+            let s = &opt.state().params["p"];
+            let v = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+            (v(p.as_tensor()), v(&s.m), v(&s.v))
+        };
+        let (a, b) = (run(true), run(false));
+        assert!(a.0 != init, "the parameter moved");
+        assert!(a == b, "in-place and tensor updates differ");
+    }
 
     fn var(vals: &[f32]) -> Var {
         Var::from_tensor(&Tensor::new(vals, &Device::Cpu).unwrap()).unwrap()

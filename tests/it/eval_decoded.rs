@@ -171,14 +171,16 @@ fn decoded_shards_score_like_the_png_folder_decode_writes() {
     }
     assert!(metric(&from_png, "fid") > 0.0);
 
-    // normalised shards with the statistics give the same images
+    // normalised shards with the statistics give the same images, up to
+    // the rounding of z through normalise + de-normalise: a pixel may land
+    // on the neighbouring 8-bit level (one such pixel moves FID ~3e-7).
     let (_, t, c) = latents();
     let st = stats(t, c);
     let norm = sample_dir(&dir.path().join("norm"), Some(&st));
     let r = eval_with(&norm, &reference, Some(sample_decoder(Some(st))));
     for k in ["fid", "is"] {
         let (a, b) = (metric(&r, k), metric(&from_png, k));
-        assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "{k}: {a} vs {b}");
+        assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{k}: {a} vs {b}");
     }
     // ... and without them, a clear error
     let mut toy = Toy;

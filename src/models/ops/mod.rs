@@ -478,7 +478,7 @@ fn par_for(n: usize, f: impl Fn(usize) + Sync) {
 
 /// `f(chunk index, chunk)` over consecutive `chunk_len`-float chunks of `out`
 /// (the last one may be shorter), in parallel.
-fn par_chunks(out: &mut [f32], chunk_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+pub(crate) fn par_chunks(out: &mut [f32], chunk_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let len = out.len();
     let p = SendPtr(out.as_mut_ptr());
     par_for(len.div_ceil(chunk_len.max(1)), |i| {
@@ -1621,6 +1621,8 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         None => x.apply_op2(&w, LinearNoBias),
     }
 }
+
+pub mod infer;
 
 #[cfg(test)]
 mod tests {
