@@ -61,6 +61,8 @@ pub fn applies(ts: &[&Tensor]) -> bool {
 /// over the dynamic mmap threshold are unmapped on free and page-faulted back
 /// in on the next step: ~10% of a small model's step). Done once, the first
 /// time a fused CPU kernel runs; `RAE_MALLOC_TUNE=0` leaves malloc alone.
+/// (Threads other than the main one still map blocks their arena cannot
+/// hold: glibc falls back to mmap there.)
 fn tune_allocator() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
@@ -74,8 +76,14 @@ fn tune_allocator() {
             }
             const M_TRIM_THRESHOLD: i32 = -1;
             const M_MMAP_THRESHOLD: i32 = -3;
-            // 32 MiB is glibc's largest mmap threshold on 64-bit.
+            const M_MMAP_MAX: i32 = -4;
+            // 32 MiB is glibc's largest mmap threshold on 64-bit, and larger
+            // blocks (a ViT MLP activation, a DiT-DH-S gradient) would still
+            // be mapped and unmapped per op: no mmap at all for the heap of
+            // the thread that allocates tensors (DiT-DH-S sampling, 1
+            // thread: system time 7.9 -> 2.7 s, 4% faster, peak RSS +8%).
             mallopt(M_MMAP_THRESHOLD, 32 << 20);
+            mallopt(M_MMAP_MAX, 0);
             mallopt(M_TRIM_THRESHOLD, 1 << 30);
         }
     });
