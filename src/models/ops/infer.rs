@@ -4,8 +4,7 @@
 //! residual each read and write an activation of 13-50 MB, and the MLP's
 //! hidden activation is large enough that glibc maps and unmaps it on every
 //! call (page faults). These kernels do a whole sub-layer per row block
-//! instead, with the hidden activation in a per-thread scratch that stays in
-//! cache:
+//! instead, with the MLP's hidden activation in a reused per-thread scratch:
 //!
 //! * [`mlp_residual`]: `x + fc2(act(fc1(h)))`;
 //! * [`linear_residual`]: `x + h W^T + b` (the attention output projection).
