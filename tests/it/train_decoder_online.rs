@@ -64,16 +64,37 @@ fn online_crops_and_latents_match_torchvision_and_transformers() {
         let got = Tensor::from_vec(c.as_raw().clone(), (crop, crop, 3), &dev).unwrap();
         let want = want_crops.get(i).unwrap();
         let diff = max_abs_diff(&got, &want);
-        assert_eq!(diff, 0.0, "{key}: crop differs from torchvision's by {diff}");
-        ours.push(c);
+        // The resize is Pillow-exact; a JPEG decodes within 2 levels of
+        // libjpeg's (another IDCT), so only its crop may differ.
+        let jpeg = key.as_str().unwrap().ends_with(".jpg");
+        let allowed = if jpeg { 2.0 } else { 0.0 };
+        eprintln!("{key}: crop vs torchvision max {diff}");
+        assert!(diff <= allowed, "{key}: crop differs from torchvision's by {diff}");
+        if !jpeg {
+            ours.push((i, c));
+        }
     }
-    let refs: Vec<_> = ours.iter().collect();
-    let z = enc
-        .encode(&crops_to_tensor(&refs, false, &dev).unwrap())
+    // the encoding of the online path (u8 crop / 255, then the encoder) on
+    // the reference's crops gives the reference's latents ...
+    let n = keys.len();
+    let x = want_crops
+        .permute((0, 3, 1, 2))
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .broadcast_div(&Tensor::new(255f32, &dev).unwrap())
         .unwrap();
+    let z = enc.encode(&x).unwrap();
     let err = max_abs_diff(&z, &io["latents"]);
-    eprintln!("online latents vs transformers: max abs {err:.2e}");
+    eprintln!("online latents vs transformers ({n} crops): max abs {err:.2e}");
     assert!(err <= TOL, "latents differ by {err}");
+    // ... and so do our own crops, where they are byte-exact
+    assert!(!ours.is_empty());
+    for (i, c) in &ours {
+        let z = enc.encode(&crops_to_tensor(&[c], false, &dev).unwrap()).unwrap();
+        let want = io["latents"].narrow(0, *i, 1).unwrap();
+        assert!(max_abs_diff(&z, &want) <= TOL);
+    }
 }
 
 /// The loader's latents are the encoder's output on the crops it reports
