@@ -80,6 +80,8 @@ def main():
     ap.add_argument("--json", action="store_true", help="print the raw results as JSON too")
     ap.add_argument("--rae-src", default="/tmp/rae-ref",
                     help="checkout of bytetriper/RAE (its src/) for the decoder-train-b row")
+    ap.add_argument("--decoder-train-batch", type=int, default=8,
+                    help="batch of the decoder-train-b row (8 as the issue; 1 for a quick check)")
     a = ap.parse_args()
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads),
                MKL_NUM_THREADS=str(a.threads))
@@ -90,6 +92,10 @@ def main():
         script = script[0] if script else "torch_ref_bench.py"
         if script == "torch_stage1_step.py":
             theirs = [*theirs, "--rae-src", a.rae_src, "--json"]
+            if a.decoder_train_batch != 8:
+                fix = lambda args: [str(a.decoder_train_batch) if v == "8" else v for v in args]
+                ours, theirs = fix(ours), fix(theirs)
+                label = label.replace("batch 8", f"batch {a.decoder_train_batch}")
         if key == "sample-s" and a.sample_steps != 50:
             fix = lambda args: [str(a.sample_steps) if v == "50" else v for v in args]
             ours, theirs = fix(ours), fix(theirs)

@@ -534,7 +534,10 @@ fn random_lpips(dev: &Device) -> anyhow::Result<rae_cache::stage1::Lpips> {
         let bound = (6.0 / (cin * 9) as f64).sqrt();
         let w = Tensor::rand(-bound as f32, bound as f32, (c, cin, 3, 3), dev)?;
         sd.insert(format!("features.{i}.weight"), w);
-        sd.insert(format!("features.{i}.bias"), Tensor::zeros(c, DType::F32, dev)?);
+        sd.insert(
+            format!("features.{i}.bias"),
+            Tensor::zeros(c, DType::F32, dev)?,
+        );
         cin = c;
     }
     let vgg = Vgg16Features::from_state_dict(&sd, Path::new("random"))?;
@@ -546,7 +549,11 @@ fn random_lpips(dev: &Device) -> anyhow::Result<rae_cache::stage1::Lpips> {
             Ok((format!("lin{k}.model.1.weight"), w))
         })
         .collect::<candle_core::Result<_>>()?;
-    Ok(rae_cache::stage1::Lpips::new(vgg, &lin, Path::new("random"))?)
+    Ok(rae_cache::stage1::Lpips::new(
+        vgg,
+        &lin,
+        Path::new("random"),
+    )?)
 }
 
 /// `bench decoder-train`: the stage-1 generator step of `train-decoder`

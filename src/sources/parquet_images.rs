@@ -289,8 +289,7 @@ impl ParquetReader {
     /// (outside the lock, so parallel readers decode in parallel).
     fn group(&self, file: usize, row: u64) -> Result<Arc<Group>, SourceError> {
         let starts = &self.files[file].group_starts;
-        let holds =
-            |g: &Group| g.file == file && row >= g.first_row && row < starts[g.index + 1];
+        let holds = |g: &Group| g.file == file && row >= g.first_row && row < starts[g.index + 1];
         let lock = || self.recent.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(g) = lock().iter().find(|g| holds(g)) {
             return Ok(g.clone());

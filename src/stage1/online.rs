@@ -42,7 +42,13 @@ pub fn resized_size(w: usize, h: usize, short: usize) -> (usize, usize) {
 /// The `crop` x `crop` window at (`top`, `left`) of `img` resized as
 /// [`resized_size`] (Pillow bicubic; only the window is computed, the bytes
 /// are those of cropping the full resize).
-pub fn resized_crop(img: &RgbImage, short: usize, crop: usize, top: usize, left: usize) -> RgbImage {
+pub fn resized_crop(
+    img: &RgbImage,
+    short: usize,
+    crop: usize,
+    top: usize,
+    left: usize,
+) -> RgbImage {
     let (w, h) = resized_size(img.width() as usize, img.height() as usize, short);
     let buf = resize_rgb8_window(
         img,
@@ -227,7 +233,10 @@ impl OnlineData {
         let img = self.images.decode(key)?;
         let (w, h) = resized_size(img.width() as usize, img.height() as usize, self.short);
         let (top, left) = crop_offsets(self.seed, id, w, h, self.crop);
-        Ok((resized_crop(&img, self.short, self.crop, top, left), (top, left)))
+        Ok((
+            resized_crop(&img, self.short, self.crop, top, left),
+            (top, left),
+        ))
     }
 
     /// The ADM center crops of the first `count` images and their latents

@@ -181,7 +181,9 @@ impl DecoderTrainConfig {
                 );
             }
             if self.data.is_empty() && self.images.is_none() {
-                return bad("--online-encoder needs --images (or a --data cache whose manifest names them)");
+                return bad(
+                    "--online-encoder needs --images (or a --data cache whose manifest names them)",
+                );
             }
         } else if self.data.is_empty() {
             return bad("no --data cache directory");
@@ -277,7 +279,11 @@ mod tests {
     fn online_keys_and_validation() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("run.toml");
-        std::fs::write(&p, "online_encoder = true\nimages = \"/imgs\"\nout = \"/r\"\n").unwrap();
+        std::fs::write(
+            &p,
+            "online_encoder = true\nimages = \"/imgs\"\nout = \"/r\"\n",
+        )
+        .unwrap();
         let mut c = DecoderTrainConfig::from_toml_file(&p).unwrap();
         assert!(c.online_encoder && c.data.is_empty());
         let err = c.validate().unwrap_err().to_string();

@@ -69,7 +69,10 @@ fn online_crops_and_latents_match_torchvision_and_transformers() {
         let jpeg = key.as_str().unwrap().ends_with(".jpg");
         let allowed = if jpeg { 2.0 } else { 0.0 };
         eprintln!("{key}: crop vs torchvision max {diff}");
-        assert!(diff <= allowed, "{key}: crop differs from torchvision's by {diff}");
+        assert!(
+            diff <= allowed,
+            "{key}: crop differs from torchvision's by {diff}"
+        );
         if !jpeg {
             ours.push((i, c));
         }
@@ -91,7 +94,9 @@ fn online_crops_and_latents_match_torchvision_and_transformers() {
     // ... and so do our own crops, where they are byte-exact
     assert!(!ours.is_empty());
     for (i, c) in &ours {
-        let z = enc.encode(&crops_to_tensor(&[c], false, &dev).unwrap()).unwrap();
+        let z = enc
+            .encode(&crops_to_tensor(&[c], false, &dev).unwrap())
+            .unwrap();
         let want = io["latents"].narrow(0, *i, 1).unwrap();
         assert!(max_abs_diff(&z, &want) <= TOL);
     }
@@ -126,7 +131,10 @@ fn online_batches_are_encoded_crops_and_resume_from_the_cursor() {
         assert!(top + 256 <= h && left + 256 <= w, "{key}: crop outside");
         let c = resized_crop(&img, 384, 256, top, left);
         let x = crops_to_tensor(&[&c], false, &dev).unwrap();
-        assert_eq!(max_abs_diff(&x, &first.images.narrow(0, i, 1).unwrap()), 0.0);
+        assert_eq!(
+            max_abs_diff(&x, &first.images.narrow(0, i, 1).unwrap()),
+            0.0
+        );
         let z = enc.encode(&x).unwrap();
         assert_eq!(max_abs_diff(&z, &first.z.narrow(0, i, 1).unwrap()), 0.0);
     }
@@ -140,11 +148,17 @@ fn online_batches_are_encoded_crops_and_resume_from_the_cursor() {
     let mut resumed = make(cursor);
     for b in &later {
         let r = resumed.next_batch(&dev).unwrap();
-        assert_eq!((&r.keys, &r.offsets, &r.sample_ids), (&b.keys, &b.offsets, &b.sample_ids));
+        assert_eq!(
+            (&r.keys, &r.offsets, &r.sample_ids),
+            (&b.keys, &b.offsets, &b.sample_ids)
+        );
         assert_eq!(max_abs_diff(&r.z, &b.z), 0.0);
     }
     // another epoch, another order or other crops
-    let e0: Vec<_> = std::iter::once(&first).chain(&later[..later.len() - 1]).flat_map(|b| b.offsets.clone()).collect();
+    let e0: Vec<_> = std::iter::once(&first)
+        .chain(&later[..later.len() - 1])
+        .flat_map(|b| b.offsets.clone())
+        .collect();
     assert_ne!(e0, later.last().unwrap().offsets);
 }
 
@@ -256,8 +270,7 @@ fn online_without_an_encoder_or_with_a_wrong_decoder_size_is_refused() {
     );
     // a decoder of 32 px cannot learn the encoder's 256 px crops
     let small = tmp.path().join("small.json");
-    let mut d: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&dec).unwrap()).unwrap();
+    let mut d: serde_json::Value = serde_json::from_slice(&std::fs::read(&dec).unwrap()).unwrap();
     d["patch_size"] = 2.into();
     std::fs::write(&small, d.to_string()).unwrap();
     let o = common::bin()
@@ -266,7 +279,10 @@ fn online_without_an_encoder_or_with_a_wrong_decoder_size_is_refused() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(err.contains("the decoder must output the crop size"), "{err}");
+    assert!(
+        err.contains("the decoder must output the crop size"),
+        "{err}"
+    );
 }
 
 /// Throughput of the decoder's targets read from a Parquet source (the
