@@ -33,8 +33,8 @@ pub struct Args {
     /// (facebook/dinov2-with-registers-base).
     #[arg(long)]
     encoder: Option<String>,
-    /// Decoder preset: ViT-B, ViT-L, ViT-XL (fitted to the cache's tokens
-    /// and channels).
+    /// Decoder preset: ViT-B, ViT-L, ViT-XL (fitted to the tokens and
+    /// channels of the cache, or of the --online-encoder).
     #[arg(long, conflicts_with = "decoder_config")]
     preset: Option<String>,
     /// Decoder config (JSON/TOML with the decoder keys).
