@@ -328,3 +328,30 @@ fn parquet_targets_throughput() {
         keys.len() as f64 / secs
     );
 }
+
+/// The online recipe reads a tar source in place (through
+/// `rae_cache::sources`): the same keys, crops and so the same losses as
+/// the extracted folder.
+#[test]
+fn online_training_reads_a_tar_source_as_its_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dec = decoder_json(tmp.path());
+    let (folder, images) = crate::build_sources::dataset(tmp.path());
+    let tar = tmp.path().join("train.tar");
+    std::fs::write(&tar, crate::build_sources::nested_tar(&images)).unwrap();
+    let with_images = |src: &Path, out: &Path| {
+        let mut a = online_args(&dec, out, 2, &[]);
+        let i = a.iter().position(|x| x == "--images").unwrap();
+        a[i + 1] = s(src);
+        run_ok(a);
+        log(out)
+    };
+    let a = with_images(&folder, &tmp.path().join("a"));
+    let b = with_images(&tar, &tmp.path().join("b"));
+    assert_eq!(a.len(), 2);
+    for (x, y) in a.iter().zip(&b) {
+        for k in ["l1", "lpips", "total"] {
+            assert_eq!(x[k], y[k], "step {}: {k}", x["step"]);
+        }
+    }
+}
