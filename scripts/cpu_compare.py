@@ -8,6 +8,7 @@ ratio PyTorch time / rae-cache time (> 1: rae-cache is faster).
 
   python3 scripts/cpu_compare.py --bin target/release/rae-cache --python .venv/bin/python --threads 2
   python3 scripts/cpu_compare.py --rows small-train,sample-s --iters 2     # a subset
+  python3 scripts/cpu_compare.py --rows decoder-train-b --rae-src /tmp/rae-ref   # stage-1 step vs the reference's code
 """
 
 import argparse
@@ -21,7 +22,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = os.path.join(HERE, "..", "configs", "ditdh-small.json")
 
-# row: (label, rae-cache bench args, torch_ref_bench args)
+# row: (label, rae-cache bench args, PyTorch script args[, the PyTorch script: torch_ref_bench.py
+# unless named])
 ROWS = {
     "encoder": ("DINOv2-B-reg encode, batch 16",
                 ["encoder", "--batch", "16"],
@@ -29,6 +31,10 @@ ROWS = {
     "decoder-b": ("RAE decoder ViT-B forward, batch 16",
                   ["decoder", "--preset", "vit-b", "--batch", "16"],
                   ["--what", "decoder", "--decoder", "vit-b", "--batch-decoder", "16"]),
+    # the reference's own decoder and LPIPS code (needs --rae-src)
+    "decoder-train-b": ("RAE decoder ViT-B training step (noise, L1 + LPIPS, AdamW), batch 8",
+                        ["decoder-train", "--preset", "vit-b", "--batch", "8"],
+                        ["--batch", "8"], "torch_stage1_step.py"),
     "decoder-xl": ("RAE decoder ViT-XL forward, batch 16",
                    ["decoder", "--preset", "vit-xl", "--batch", "16"],
                    ["--what", "decoder", "--decoder", "vit-xl", "--batch-decoder", "16"]),
@@ -72,19 +78,30 @@ def main():
     ap.add_argument("--sample-steps", type=int, default=50,
                     help="grid points of the sampling row (50 as the issue; fewer for a quick run)")
     ap.add_argument("--json", action="store_true", help="print the raw results as JSON too")
+    ap.add_argument("--rae-src", default="/tmp/rae-ref",
+                    help="checkout of bytetriper/RAE (its src/) for the decoder-train-b row")
+    ap.add_argument("--decoder-train-batch", type=int, default=8,
+                    help="batch of the decoder-train-b row (8 as the issue; 1 for a quick check)")
     a = ap.parse_args()
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads),
                MKL_NUM_THREADS=str(a.threads))
     common = ["--iters", str(a.iters), "--warmup", str(a.warmup)]
     results = []
     for key in [r.strip() for r in a.rows.split(",") if r.strip()]:
-        label, ours, theirs = ROWS[key]
+        label, ours, theirs, *script = ROWS[key]
+        script = script[0] if script else "torch_ref_bench.py"
+        if script == "torch_stage1_step.py":
+            theirs = [*theirs, "--rae-src", a.rae_src, "--json"]
+            if a.decoder_train_batch != 8:
+                fix = lambda args: [str(a.decoder_train_batch) if v == "8" else v for v in args]
+                ours, theirs = fix(ours), fix(theirs)
+                label = label.replace("batch 8", f"batch {a.decoder_train_batch}")
         if key == "sample-s" and a.sample_steps != 50:
             fix = lambda args: [str(a.sample_steps) if v == "50" else v for v in args]
             ours, theirs = fix(ours), fix(theirs)
             label = label.replace("50 steps", f"{a.sample_steps} grid points")
         r = run([a.bin, "bench", *ours, "--precision", "f32", "--device", "cpu", *common], env)
-        t = run([a.python, os.path.join(HERE, "torch_ref_bench.py"), *theirs, "--precision", "f32",
+        t = run([a.python, os.path.join(HERE, script), *theirs, "--precision", "f32",
                  "--device", "cpu", "--threads", str(a.threads), *common], env)
         results.append((key, label, r, t))
         print(f"{key}: rae-cache {r.get('min_seconds_per_iter', r.get('error'))} s, "

@@ -1,24 +1,46 @@
 """Reference timing of one stage-1 generator step (the reference's
-GeneralDecoder ViT-B, its LPIPS with a random full-width VGG16, L1 + LPIPS,
-backward, AdamW), for a side-by-side with `examples/stage1_step.rs`.
+GeneralDecoder ViT-B, its LPIPS with a random full-width VGG16, latent noise
+tau 0.8, L1 + LPIPS, backward, AdamW), for a side-by-side with
+`rae-cache bench decoder-train` (scripts/cpu_compare.py row
+`decoder-train-b`) or `examples/stage1_step.rs`.
 
-usage: THREADS=2 /work/venv-torch/bin/python scripts/torch_stage1_step.py [BATCH] [REPS] [--rae-src DIR]
+The reference's code is imported from a checkout of bytetriper/RAE
+(`--rae-src`, default /tmp/rae-ref), e.g.
+  mkdir -p /tmp/rae-ref && git --git-dir=<mirror of bytetriper/RAE> archive HEAD src | tar -x -C /tmp/rae-ref
+
+usage: THREADS=2 python scripts/torch_stage1_step.py [BATCH] [REPS] [--rae-src DIR]
+       python scripts/torch_stage1_step.py --batch 8 --iters 3 --warmup 1 --threads 2 --json
+With --json the last stdout line is one JSON object (min_seconds_per_iter,
+seconds_per_iter, peak_rss_bytes, ...) in the format of torch_ref_bench.py.
 """
+import argparse
+import json
 import os
+import resource
 import sys
 import time
 import types
 
 import torch
 
-args = [a for a in sys.argv[1:] if not a.startswith("--")]
-src = sys.argv[sys.argv.index("--rae-src") + 1] if "--rae-src" in sys.argv else "/tmp/rae-ref"
-if src in args:
-    args.remove(src)
-B = int(args[0]) if args else 2
-REPS = int(args[1]) if len(args) > 1 else 3
-torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-sys.path.insert(0, src + "/src")
+ap = argparse.ArgumentParser()
+ap.add_argument("pos", nargs="*", type=int, help="BATCH [REPS] (old form)")
+ap.add_argument("--batch", type=int)
+ap.add_argument("--iters", type=int)
+ap.add_argument("--warmup", type=int, default=1)
+ap.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
+ap.add_argument("--rae-src", default="/tmp/rae-ref")
+ap.add_argument("--precision", default="f32", choices=["f32"])
+ap.add_argument("--device", default="cpu", choices=["cpu"])
+ap.add_argument("--json", action="store_true")
+a = ap.parse_args()
+B = a.batch or (a.pos[0] if a.pos else 2)
+REPS = a.iters or (a.pos[1] if len(a.pos) > 1 else 3)
+torch.set_num_threads(a.threads)
+src = os.path.join(a.rae_src, "src")
+if not os.path.isdir(os.path.join(src, "stage1")):
+    sys.exit(f"{src}: no reference checkout (bytetriper/RAE src/); see this script's docstring")
+sys.path.insert(0, src)
 sys.modules.setdefault("requests", types.ModuleType("requests"))
 import disc.lpips as L  # noqa: E402
 from stage1.decoders.decoder import GeneralDecoder  # noqa: E402
@@ -38,11 +60,13 @@ mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 z = torch.randn(B, 256, 768)
 x = torch.rand(B, 3, 256, 256)
-with torch.no_grad():
-    t0 = time.time()
-    lpips(x * 2 - 1, x * 2 - 0.9)
-    print(f"LPIPS forward alone, batch {B}: {time.time() - t0:.2f} s")
-for r in range(REPS + 1):
+if not a.json:
+    with torch.no_grad():
+        t0 = time.time()
+        lpips(x * 2 - 1, x * 2 - 0.9)
+        print(f"LPIPS forward alone, batch {B}: {time.time() - t0:.2f} s")
+times = []
+for r in range(a.warmup + REPS):
     t0 = time.time()
     zt = z + 0.8 * torch.rand(B, 1, 1) * torch.randn_like(z)
     recon = dec.unpatchify(dec(zt).logits) * std + mean
@@ -51,4 +75,18 @@ for r in range(REPS + 1):
     loss.backward()
     opt.step()
     t = time.time() - t0
-    print(f"{'(warm-up) ' if r == 0 else ''}rep {r}: batch {B}: step {t:.2f} s ({B / t:.2f} img/s)")
+    warm = r < a.warmup
+    if not warm:
+        times.append(t)
+    if not a.json:
+        print(f"{'(warm-up) ' if warm else ''}rep {r}: batch {B}: step {t:.2f} s ({B / t:.2f} img/s)")
+if a.json:
+    print(json.dumps({
+        "what": "decoder-train", "impl": "pytorch", "torch": torch.__version__, "device": "cpu",
+        "precision": "f32", "batch": B, "warmup": a.warmup, "iters": len(times), "threads": a.threads,
+        "seconds_per_iter": sum(times) / len(times), "min_seconds_per_iter": min(times),
+        "images_per_s": B / (sum(times) / len(times)),
+        "params": sum(p.numel() for p in dec.parameters() if p.requires_grad),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "notes": "reference GeneralDecoder ViT-B + reference LPIPS (random VGG16), tau 0.8, L1 + LPIPS, AdamW",
+    }))

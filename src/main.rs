@@ -43,7 +43,8 @@ enum Cmd {
     Merge(commands::merge::Args),
     /// Train DiT / DiT-DH from cached latents.
     Train(commands::train::Args),
-    /// Train the RAE pixel decoder (stage 1) from a latent cache.
+    /// Train the RAE pixel decoder (stage 1) from a latent cache, or from images
+    /// with the encoder run per batch (--online-encoder).
     TrainDecoder(commands::train_decoder::Args),
     /// Start one process per GPU (torchrun-style environment), e.g.
     /// `launch --nproc-per-node 8 -- train ...`.

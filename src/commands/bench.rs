@@ -41,6 +41,10 @@ enum Mode {
     Train(TrainArgs),
     /// RAE decoder forward on random latents.
     Decoder(DecoderArgs),
+    /// One stage-1 decoder training step (latent noise, decoder forward,
+    /// L1 + LPIPS with a random full-width VGG16, backward, AdamW), as
+    /// `scripts/torch_stage1_step.py` times the reference's.
+    DecoderTrain(DecoderArgs),
     /// Euler sampling of a DiT (random weights), with CFG, as `sample` runs it.
     Sample(SampleArgs),
     /// Deterministic synthetic JPEGs in an ImageNet-style class-folder layout.
@@ -206,6 +210,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         Mode::RandomEncoder(a) => random_encoder(a)?,
         Mode::Train(a) => train(a)?,
         Mode::Decoder(a) => decoder(a)?,
+        Mode::DecoderTrain(a) => decoder_train(a)?,
         Mode::Sample(a) => sample_bench(a)?,
         Mode::SynthImages(a) => synth(a)?,
         Mode::Params(a) => params(a)?,
@@ -513,6 +518,98 @@ fn slope(p: &[(f64, f64)]) -> f64 {
     let cov: f64 = p.iter().map(|q| (q.0 - mx) * (q.1 - my)).sum();
     let var: f64 = p.iter().map(|q| (q.0 - mx).powi(2)).sum();
     if var == 0.0 { 0.0 } else { cov / var }
+}
+
+/// Random weights of LPIPS at full width: VGG16 (He-normal-scaled
+/// uniform) and positive linear heads.
+fn random_lpips(dev: &Device) -> anyhow::Result<rae_cache::stage1::Lpips> {
+    use rae_cache::stage1::vgg::{CONV_INDICES, Vgg16Features};
+    use std::collections::HashMap;
+    let widths = [
+        64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512,
+    ];
+    let mut sd = HashMap::new();
+    let mut cin = 3;
+    for (&i, &c) in CONV_INDICES.iter().zip(&widths) {
+        let bound = (6.0 / (cin * 9) as f64).sqrt();
+        let w = Tensor::rand(-bound as f32, bound as f32, (c, cin, 3, 3), dev)?;
+        sd.insert(format!("features.{i}.weight"), w);
+        sd.insert(
+            format!("features.{i}.bias"),
+            Tensor::zeros(c, DType::F32, dev)?,
+        );
+        cin = c;
+    }
+    let vgg = Vgg16Features::from_state_dict(&sd, Path::new("random"))?;
+    let lin: HashMap<String, Tensor> = [64, 128, 256, 512, 512]
+        .iter()
+        .enumerate()
+        .map(|(k, &c)| {
+            let w = Tensor::rand(0f32, 0.02, (1, c, 1, 1), dev)?;
+            Ok((format!("lin{k}.model.1.weight"), w))
+        })
+        .collect::<candle_core::Result<_>>()?;
+    Ok(rae_cache::stage1::Lpips::new(
+        vgg,
+        &lin,
+        Path::new("random"),
+    )?)
+}
+
+/// `bench decoder-train`: the stage-1 generator step of `train-decoder`
+/// without the discriminator (f32 master weights, no EMA, as the reference
+/// script it is compared with).
+fn decoder_train(a: DecoderArgs) -> anyhow::Result<Value> {
+    use rae_cache::stage1::generator::GeneratorConfig;
+    use rae_cache::stage1::{GenBatch, GenLossConfig, GeneratorState, NoiseAug, NoiseDraws};
+    let c = &a.common;
+    let device = parse_device(&c.device)?;
+    let (cfg, model): (DecoderConfig, String) = match &a.decoder_config {
+        Some(p) => (load_config(p)?, p.display().to_string()),
+        None => (
+            DecoderConfig::preset(&a.preset, a.patch_size).with_context(|| {
+                format!("--preset {:?}: expected ViT-B, ViT-L or ViT-XL", a.preset)
+            })?,
+            a.preset.clone(),
+        ),
+    };
+    let lpips = random_lpips(&device)?;
+    let gcfg = GeneratorConfig {
+        ema: None,
+        ..Default::default()
+    };
+    let mut st = GeneratorState::new(&cfg, &gcfg, None, &device)?;
+    let params = crate::bench_support::decoder_param_count(&cfg)?;
+    let (t, ch, s) = (cfg.num_patches, cfg.latent_dim, cfg.image_size());
+    let ids: Vec<u64> = (0..c.batch as u64).collect();
+    let batch = GenBatch {
+        images: Tensor::rand(0f32, 1.0, (c.batch, 3, s, s), &device)?,
+        z: Tensor::randn(0f32, 1.0, (c.batch, t, ch), &device)?,
+        noise: Some(NoiseDraws::for_samples(0, &ids, &[t, ch], &device)?),
+    };
+    let losses = GenLossConfig::default();
+    let timing = time_iters(&device, c.warmup, c.iters, || {
+        let other = |e: rae_cache::stage1::Stage1Error| {
+            crate::bench_support::BenchError::Other(e.to_string())
+        };
+        let (_, g) = st
+            .grads(Some(&lpips), &batch, NoiseAug::default(), &losses, None)
+            .map_err(other)?;
+        st.update(g, 1e-4).map_err(other)?;
+        Ok(())
+    })?;
+    Ok(Report {
+        what: "decoder-train",
+        model: &model,
+        device: &device,
+        dtype: DType::F32,
+        batch: c.batch,
+        params,
+        notes: format!(
+            "{t} tokens x {ch} -> {s}px; noise tau 0.8, L1 + LPIPS (random VGG16), backward, AdamW; random weights"
+        ),
+    }
+    .json(&timing))
 }
 
 fn decoder(a: DecoderArgs) -> anyhow::Result<Value> {

@@ -12,14 +12,29 @@ use rae_cache::train::checkpoint::latest;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Cache directories (manifest.json + shards).
+    /// Cache directories (manifest.json + shards); with --online-encoder
+    /// only where the images are (without --images).
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
-    /// The image folder the cache was built from (default: the manifest's).
+    /// The image folder (or tar / Parquet source) the cache was built from
+    /// (default: the manifest's); with --online-encoder, the images to
+    /// train on.
     #[arg(long)]
     images: Option<PathBuf>,
-    /// Decoder preset: ViT-B, ViT-L, ViT-XL (fitted to the cache's tokens
-    /// and channels).
+    /// The reference's data recipe instead of the cache: every image
+    /// resized (shorter side 1.5x the crop, bicubic), randomly cropped to
+    /// the encoder's crop size (256) and encoded by --encoder every step;
+    /// the crop is the target. Images from --images (or the --data cache's
+    /// source).
+    #[arg(long)]
+    online_encoder: bool,
+    /// The frozen encoder of --online-encoder: a Hugging Face model
+    /// directory or a repo id in the local cache
+    /// (facebook/dinov2-with-registers-base).
+    #[arg(long)]
+    encoder: Option<String>,
+    /// Decoder preset: ViT-B, ViT-L, ViT-XL (fitted to the tokens and
+    /// channels of the cache, or of the --online-encoder).
     #[arg(long, conflicts_with = "decoder_config")]
     preset: Option<String>,
     /// Decoder config (JSON/TOML with the decoder keys).
@@ -128,6 +143,12 @@ impl Args {
         }
         if self.lpips_lin.is_some() {
             c.lpips_lin = self.lpips_lin.clone();
+        }
+        if self.online_encoder {
+            c.online_encoder = true;
+        }
+        if self.encoder.is_some() {
+            c.encoder = self.encoder.clone();
         }
         if self.train_pos_embed {
             c.train_pos_embed = true;

@@ -249,6 +249,7 @@ pub(super) fn list(
             files: opened,
             rows: refs,
             image_column: opts.image_column.clone(),
+            recent: Default::default(),
         })),
         settings: Some(SourceSettings {
             format: "parquet".into(),
@@ -261,11 +262,18 @@ pub(super) fn list(
     })
 }
 
+/// Row groups kept decoded across `stream` calls: a reader asked for one
+/// image at a time (the decoder's training targets, in shuffled order)
+/// would otherwise decode a whole row group per image.
+const RECENT_GROUPS: usize = 4;
+
 /// Reads rows' image bytes a row group at a time.
 struct ParquetReader {
     files: Vec<File>,
     rows: Vec<RowRef>,
     image_column: String,
+    /// The last row groups decoded, most recent first.
+    recent: std::sync::Mutex<std::collections::VecDeque<Arc<Group>>>,
 }
 
 /// One row group's image bytes column, or why it cannot be read.
@@ -277,6 +285,22 @@ struct Group {
 }
 
 impl ParquetReader {
+    /// The row group holding `row` of `file`: a recent one, else decoded
+    /// (outside the lock, so parallel readers decode in parallel).
+    fn group(&self, file: usize, row: u64) -> Result<Arc<Group>, SourceError> {
+        let starts = &self.files[file].group_starts;
+        let holds = |g: &Group| g.file == file && row >= g.first_row && row < starts[g.index + 1];
+        let lock = || self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(g) = lock().iter().find(|g| holds(g)) {
+            return Ok(g.clone());
+        }
+        let g = Arc::new(self.load(file, row)?);
+        let mut recent = lock();
+        recent.push_front(g.clone());
+        recent.truncate(RECENT_GROUPS);
+        Ok(g)
+    }
+
     fn load(&self, file: usize, row: u64) -> Result<Group, SourceError> {
         let f = &self.files[file];
         let index = f.group_starts.partition_point(|&s| s <= row) - 1;
@@ -363,7 +387,7 @@ impl ItemReader for ParquetReader {
         &self,
         range: Range<usize>,
     ) -> Box<dyn Iterator<Item = Result<Item, SourceError>> + Send + '_> {
-        let mut group: Option<Group> = None;
+        let mut group: Option<Arc<Group>> = None;
         Box::new(range.map(move |idx| {
             let r = self.rows[idx];
             let f = &self.files[r.file];
@@ -371,7 +395,7 @@ impl ItemReader for ParquetReader {
                 g.file == r.file && r.row >= g.first_row && r.row < f.group_starts[g.index + 1]
             });
             if !fits {
-                group = Some(self.load(r.file, r.row)?);
+                group = Some(self.group(r.file, r.row)?);
             }
             let g = group.as_ref().expect("loaded above");
             let item = match &g.bytes {

@@ -12,6 +12,7 @@ pub mod gan;
 pub mod generator;
 pub mod lpips;
 pub mod noise;
+pub mod online;
 pub mod preview;
 pub mod targets;
 pub mod train_config;

@@ -55,6 +55,15 @@ impl Preview {
         })
     }
 
+    /// A given batch: raw latents `[B, T, C]` and their target crops.
+    pub fn from_batch(z: Tensor, images: Tensor, run_dir: &Path) -> Self {
+        Self {
+            z,
+            images,
+            dir: run_dir.join(PREVIEW_DIR),
+        }
+    }
+
     /// Reconstruct with `weights` (reference names), write
     /// `previews/step-NNNNNNNN.png`, return the mean PSNR.
     pub fn run(

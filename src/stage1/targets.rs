@@ -110,12 +110,47 @@ impl TargetImages {
 
     /// The ADM center crop of the image `key`.
     fn crop(&self, key: &str) -> Result<RgbImage> {
+        if let Backend::Folder = &self.backend {
+            let path = self.root.join(key);
+            return load_crop(&path, self.size, &self.opts).map_err(|e| Stage1Error::Image {
+                path,
+                reason: e.to_string(),
+            });
+        }
+        Ok(adm_center_crop(&self.decode(key)?, self.size))
+    }
+
+    /// Every image's key, in the listing's (sorted) order.
+    pub fn keys(&self) -> Result<Vec<String>> {
+        match &self.backend {
+            Backend::Folder => Ok(crate::images::discover(&self.root)
+                .map_err(|e| Stage1Error::Image {
+                    path: self.root.clone(),
+                    reason: e.to_string(),
+                })?
+                .entries
+                .into_iter()
+                .map(|e| e.key)
+                .collect()),
+            Backend::Source { index, .. } => {
+                let mut keys: Vec<(usize, &String)> =
+                    index.iter().map(|(k, (i, _))| (*i, k)).collect();
+                keys.sort_unstable();
+                Ok(keys.into_iter().map(|(_, k)| k.clone()).collect())
+            }
+        }
+    }
+
+    /// The whole image `key`, decoded to RGB8.
+    pub fn decode(&self, key: &str) -> Result<RgbImage> {
         let (index, reader) = match &self.backend {
             Backend::Folder => {
                 let path = self.root.join(key);
-                return load_crop(&path, self.size, &self.opts).map_err(|e| Stage1Error::Image {
-                    path,
-                    reason: e.to_string(),
+                return crate::images::decode_rgb8(&path, &self.opts).map_err(|e| {
+                    Stage1Error::Image {
+                        path,
+                        reason: e.to_string(),
+                    }
                 });
             }
             Backend::Source { index, reader } => (index, reader),
@@ -134,9 +169,7 @@ impl TargetImages {
             .ok_or_else(|| failed("the source ended before it".into()))?
             .map_err(|e| failed(e.to_string()))?;
         let bytes = bytes.map_err(failed)?;
-        let img =
-            decode_rgb8_bytes(&bytes, place, &self.opts).map_err(|e| failed(e.to_string()))?;
-        Ok(adm_center_crop(&img, self.size))
+        decode_rgb8_bytes(&bytes, place, &self.opts).map_err(|e| failed(e.to_string()))
     }
 
     /// The folder the keys are relative to.

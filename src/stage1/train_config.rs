@@ -19,8 +19,15 @@ pub struct DecoderTrainConfig {
     /// Cache directories (manifest.json + shards).
     pub data: Vec<PathBuf>,
     /// The folder the cache was built from (default: the manifest's
-    /// `dataset_root`).
+    /// `dataset_root`); with `online_encoder`, the images to train on.
     pub images: Option<PathBuf>,
+    /// Train on the reference's recipe instead of the cache: each image
+    /// resized (shorter side 1.5x the crop, bicubic), randomly cropped, and
+    /// encoded by `encoder` every step; the crop is the target.
+    pub online_encoder: bool,
+    /// The frozen encoder of `online_encoder`: a Hugging Face model
+    /// directory or a repo id in the local cache.
+    pub encoder: Option<String>,
     /// Run directory (checkpoints/, log.jsonl, config.json, decoder.json).
     pub out: PathBuf,
     /// Decoder: a preset (`ViT-B`, `ViT-L`, `ViT-XL`) or a JSON/TOML config
@@ -104,6 +111,8 @@ impl Default for DecoderTrainConfig {
         Self {
             data: Vec::new(),
             images: None,
+            online_encoder: false,
+            encoder: None,
             out: PathBuf::new(),
             decoder: "ViT-XL".into(),
             patch_size: 16,
@@ -163,7 +172,20 @@ impl DecoderTrainConfig {
     /// Refuse settings that cannot train.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Stage1Error::Invalid(m.to_string()));
-        if self.data.is_empty() {
+        if self.online_encoder {
+            if self.encoder.is_none() {
+                return bad(
+                    "--online-encoder needs --encoder: the frozen encoder to run on every crop \
+                     (a Hugging Face model directory, or a repo id in the local cache such as \
+                     facebook/dinov2-with-registers-base)",
+                );
+            }
+            if self.data.is_empty() && self.images.is_none() {
+                return bad(
+                    "--online-encoder needs --images (or a --data cache whose manifest names them)",
+                );
+            }
+        } else if self.data.is_empty() {
             return bad("no --data cache directory");
         }
         if self.out.as_os_str().is_empty() {
@@ -249,5 +271,28 @@ mod tests {
         assert_eq!(DecoderTrainConfig::from_json(&c.to_json()).unwrap(), c);
         std::fs::write(&p, "disc_start = 3\n").unwrap();
         assert!(DecoderTrainConfig::from_toml_file(&p).is_err());
+    }
+
+    /// `online_encoder` and `encoder` are TOML keys; online mode needs an
+    /// encoder and images (no cache), and says so.
+    #[test]
+    fn online_keys_and_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run.toml");
+        std::fs::write(
+            &p,
+            "online_encoder = true\nimages = \"/imgs\"\nout = \"/r\"\n",
+        )
+        .unwrap();
+        let mut c = DecoderTrainConfig::from_toml_file(&p).unwrap();
+        assert!(c.online_encoder && c.data.is_empty());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--online-encoder needs --encoder"), "{err}");
+        c.encoder = Some("/enc".into());
+        c.validate().unwrap();
+        c.images = None;
+        assert!(c.validate().unwrap_err().to_string().contains("--images"));
+        c.online_encoder = false;
+        assert!(c.validate().unwrap_err().to_string().contains("--data"));
     }
 }

@@ -1,6 +1,8 @@
 //! The stage-1 training loop over a latent cache: batches of latent rows
 //! (raw, as the cache stores them) with the matching crops of their source
-//! images as targets ([`super::targets`]), the reference's noise
+//! images as targets ([`super::targets`]) or, with `online_encoder`, the
+//! reference's random crops encoded every step ([`super::online`]); the
+//! reference's noise
 //! augmentation, L1 + LPIPS (+ the DINO discriminator's adversarial term
 //! and the discriminator's own updates, [`super::gan`]), AdamW on the
 //! reference schedule, EMA, atomic checkpoints in the `train` run-directory
@@ -25,6 +27,7 @@ use super::gan::{DiscLog, Gan};
 use super::generator::{GeneratorConfig, GeneratorState};
 use super::lpips::{Lpips, LpipsSource};
 use super::noise::{NoiseAug, NoiseDraws};
+use super::online::{OnlineConfig, OnlineData};
 use super::preview::Preview;
 use super::targets::TargetImages;
 use super::train_config::DecoderTrainConfig;
@@ -34,7 +37,7 @@ use crate::models::DecoderConfig;
 use crate::models::config::load_config;
 use crate::sources::InputFormat;
 use crate::train::cadence::{RunSteps, run_steps};
-use crate::train::checkpoint::{self, Checkpoint};
+use crate::train::checkpoint::{self, Checkpoint, LoaderCursor};
 use crate::train::loader::{CacheSet, Loader, LoaderConfig};
 use crate::train::trainer::{all_reduce_mean, mean_over_ranks};
 use crate::train::{LrSchedule, TrainError};
@@ -82,8 +85,8 @@ pub struct DecoderTrainer {
     dec_cfg: DecoderConfig,
     state: GeneratorState,
     lpips: Option<Lpips>,
-    loader: Loader,
-    targets: TargetImages,
+    data: Data,
+    device: Device,
     schedule: LrSchedule,
     noise: NoiseAug,
     losses: GenLossConfig,
@@ -99,11 +102,88 @@ pub struct DecoderTrainer {
     preview: Option<Preview>,
 }
 
+/// Where the batches come from.
+enum Data {
+    /// Latent rows of the cache and the matching crops of their images.
+    Cache {
+        loader: Loader,
+        targets: TargetImages,
+    },
+    /// The reference recipe: random crops encoded every step.
+    Online(Box<OnlineData>),
+}
+
+/// One batch, whichever the source: raw latents `[B, T, C]`, targets
+/// `[B, 3, S, S]`, the samples' ids, the epoch.
+struct StepData {
+    z: candle_core::Tensor,
+    images: candle_core::Tensor,
+    sample_ids: Vec<u64>,
+    epoch: u64,
+}
+
+impl Data {
+    fn next(&mut self, device: &Device) -> Result<StepData> {
+        match self {
+            Data::Cache { loader, targets } => {
+                let batch = loader.next_batch()?;
+                // [B, C, h, w] -> tokens [B, T, C] (row-major grid, as stored)
+                let z = batch.x.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
+                let images = targets.load(&batch.keys, &batch.flips, batch.x.device())?;
+                Ok(StepData {
+                    z,
+                    images,
+                    sample_ids: batch.sample_ids,
+                    epoch: batch.cursor.epoch,
+                })
+            }
+            Data::Online(d) => {
+                let b = d.next_batch(device)?;
+                Ok(StepData {
+                    z: b.z,
+                    images: b.images,
+                    sample_ids: b.sample_ids,
+                    epoch: b.cursor.epoch,
+                })
+            }
+        }
+    }
+
+    fn cursor(&self) -> LoaderCursor {
+        match self {
+            Data::Cache { loader, .. } => loader.cursor(),
+            Data::Online(d) => d.cursor(),
+        }
+    }
+
+    fn steps_per_epoch(&self) -> u64 {
+        match self {
+            Data::Cache { loader, .. } => loader.steps_per_epoch() as u64,
+            Data::Online(d) => d.steps_per_epoch() as u64,
+        }
+    }
+}
+
 /// The decoder for this cache: a config file, or a preset fitted to the
 /// cache's tokens and channels (image mean/std 0.5 for SigLIP2, ImageNet's
 /// otherwise, as the encoder normalised its input).
 pub fn decoder_config(cfg: &DecoderTrainConfig, set: &CacheSet) -> Result<DecoderConfig> {
-    let (tokens, channels) = (set.tokens(), set.channels());
+    let siglip = set
+        .manifests()
+        .iter()
+        .any(|m| m.encoder.kind.contains("siglip"));
+    let stats = siglip.then_some(([0.5; 3], [0.5; 3]));
+    fit_decoder(cfg, set.tokens(), set.channels(), stats)
+}
+
+/// A config file, or a preset fitted to `tokens` x `channels` (with the
+/// encoder's image mean/std when given).
+fn fit_decoder(
+    cfg: &DecoderTrainConfig,
+    tokens: usize,
+    channels: usize,
+    image_stats: Option<([f32; 3], [f32; 3])>,
+) -> Result<DecoderConfig> {
     let path = Path::new(&cfg.decoder);
     let dc: DecoderConfig = if path.is_file() {
         load_config(path)?
@@ -116,19 +196,15 @@ pub fn decoder_config(cfg: &DecoderTrainConfig, set: &CacheSet) -> Result<Decode
         })?;
         dc.latent_dim = channels;
         dc.num_patches = tokens;
-        if set
-            .manifests()
-            .iter()
-            .any(|m| m.encoder.kind.contains("siglip"))
-        {
-            dc.image_mean = [0.5; 3];
-            dc.image_std = [0.5; 3];
+        if let Some((mean, std)) = image_stats {
+            dc.image_mean = mean;
+            dc.image_std = std;
         }
         dc
     };
     if dc.latent_dim != channels || dc.num_patches != tokens {
         return Err(Stage1Error::Invalid(format!(
-            "decoder {} takes {} tokens x {}, the cache holds {tokens} x {channels}",
+            "decoder {} takes {} tokens x {}, the latents are {tokens} x {channels}",
             cfg.decoder, dc.num_patches, dc.latent_dim
         )));
     }
@@ -205,10 +281,17 @@ impl DecoderTrainer {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.out)
             .map_err(|e| Stage1Error::Invalid(format!("{}: {e}", cfg.out.display())))?;
-        let set = CacheSet::open(&cfg.data)?;
-        let dec_cfg = decoder_config(&cfg, &set)?;
-        let (root, format) = image_source(&cfg, &set)?;
-        let targets = TargetImages::new(&root, format, dec_cfg.image_size())?;
+        let ck = resume
+            .map(|p| checkpoint::load(p, device).map(|ck| (p, ck)))
+            .transpose()?;
+        let cursor = ck.as_ref().map(|(_, ck)| ck.cursor).unwrap_or_default();
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let want_preview = cfg.preview_every > 0 && rank == 0;
+        let (dec_cfg, data, preview) = if cfg.online_encoder {
+            Self::online_data(&cfg, cursor, (rank, world), want_preview, device)?
+        } else {
+            Self::cache_data(&cfg, cursor, (rank, world), want_preview, device)?
+        };
         // A zero perceptual weight needs no VGG weights at all.
         let lpips = if cfg.perceptual_weight > 0.0 {
             Some(Lpips::from_source(
@@ -236,14 +319,7 @@ impl DecoderTrainer {
             .map(|(_, v)| v.elem_count())
             .sum();
         tracing::info!("decoder: {:.2}M trainable parameters", params as f64 / 1e6);
-        let ck = resume
-            .map(|p| checkpoint::load(p, device).map(|ck| (p, ck)))
-            .transpose()?;
-        let cursor = ck.as_ref().map(|(_, ck)| ck.cursor).unwrap_or_default();
-        let (rank, world) = (comm.rank(), comm.world_size());
-        let lcfg = Self::loader_config(&cfg, rank, world);
-        let loader = Loader::new(&set, &lcfg, cursor, device)?;
-        let spe = loader.steps_per_epoch() as u64;
+        let spe = data.steps_per_epoch();
         let mut gan = Gan::new(&cfg, spe, device)?;
         if let Some(g) = &mut gan {
             g.set_rank(rank, world);
@@ -259,7 +335,42 @@ impl DecoderTrainer {
             tracing::info!("resumed from {} at step {step}", path.display());
         }
         let log = (rank == 0).then(|| open_log(&cfg, &dec_cfg)).transpose()?;
-        let preview = (cfg.preview_every > 0 && rank == 0)
+        Ok(Self {
+            schedule: cfg.schedule(spe),
+            total_steps: cfg.total_steps(spe),
+            noise: NoiseAug { tau: cfg.noise_tau },
+            losses: cfg.losses(),
+            cfg,
+            dec_cfg,
+            state,
+            lpips,
+            data,
+            device: device.clone(),
+            step,
+            last_ckpt,
+            log,
+            comm,
+            gan,
+            preview,
+        })
+    }
+
+    /// The cache's loader from `cursor`, its targets, the decoder fitted
+    /// to it and (`want_preview`) the preview batch.
+    fn cache_data(
+        cfg: &DecoderTrainConfig,
+        cursor: LoaderCursor,
+        (rank, world): (usize, usize),
+        want_preview: bool,
+        device: &Device,
+    ) -> Result<(DecoderConfig, Data, Option<Preview>)> {
+        let set = CacheSet::open(&cfg.data)?;
+        let dec_cfg = decoder_config(cfg, &set)?;
+        let (root, format) = image_source(cfg, &set)?;
+        let targets = TargetImages::new(&root, format, dec_cfg.image_size())?;
+        let lcfg = Self::loader_config(cfg, rank, world);
+        let loader = Loader::new(&set, &lcfg, cursor, device)?;
+        let preview = want_preview
             .then(|| {
                 Preview::new(
                     &set,
@@ -271,24 +382,65 @@ impl DecoderTrainer {
                 )
             })
             .transpose()?;
-        Ok(Self {
-            schedule: cfg.schedule(spe),
-            total_steps: cfg.total_steps(spe),
-            noise: NoiseAug { tau: cfg.noise_tau },
-            losses: cfg.losses(),
+        Ok((dec_cfg, Data::Cache { loader, targets }, preview))
+    }
+
+    /// `--online-encoder`: the encoder (resolved like `build`'s), the
+    /// images (`--images`, else the cache's), the decoder fitted to the
+    /// encoder's latents, which must output the encoder's crop size.
+    fn online_data(
+        cfg: &DecoderTrainConfig,
+        cursor: LoaderCursor,
+        (rank, world): (usize, usize),
+        want_preview: bool,
+        device: &Device,
+    ) -> Result<(DecoderConfig, Data, Option<Preview>)> {
+        let id = cfg.encoder.as_deref().unwrap_or_default();
+        let model = crate::weights::resolve_model(id, false)?;
+        let encoder = crate::encoders::load_resolved(&model, device, candle_core::DType::F32)
+            .map_err(|e| Stage1Error::Invalid(format!("encoder {id}: {e}")))?;
+        let spec = encoder.spec().clone();
+        let dec_cfg = fit_decoder(
             cfg,
-            dec_cfg,
-            state,
-            lpips,
-            loader,
-            targets,
-            step,
-            last_ckpt,
-            log,
-            comm,
-            gan,
-            preview,
-        })
+            spec.tokens,
+            spec.channels,
+            Some((spec.image_mean, spec.image_std)),
+        )?;
+        if dec_cfg.image_size() != spec.crop_size {
+            return Err(Stage1Error::Invalid(format!(
+                "--online-encoder: the decoder outputs {0}x{0} px, the encoder takes {1}x{1} crops; \
+                 the decoder must output the crop size (patch size {2} for {3} tokens)",
+                dec_cfg.image_size(),
+                spec.crop_size,
+                spec.crop_size / (spec.tokens as f64).sqrt().round().max(1.0) as usize,
+                spec.tokens
+            )));
+        }
+        let (root, format) = match &cfg.images {
+            Some(p) => (p.clone(), InputFormat::Auto),
+            None => image_source(cfg, &CacheSet::open(&cfg.data)?)?,
+        };
+        let images = TargetImages::new(&root, format, spec.crop_size)?;
+        let ocfg = OnlineConfig {
+            seed: cfg.seed,
+            batch_size: cfg.batch_size,
+            rank,
+            world_size: world,
+        };
+        let data = OnlineData::new(images, encoder, ocfg, cursor)?;
+        tracing::info!(
+            "online encoder {}: {} images, {} steps per epoch",
+            spec.id,
+            data.num_images(),
+            data.steps_per_epoch()
+        );
+        let preview = want_preview
+            .then(|| -> Result<Preview> {
+                let (z, images) = data.center_batch(cfg.preview_count, device)?;
+                Ok(Preview::from_batch(z, images, &cfg.out))
+            })
+            .transpose()?;
+        Ok((dec_cfg, Data::Online(Box::new(data)), preview))
     }
 
     /// The cache loader's settings (raw latents: the decoder sees them as
@@ -339,13 +491,11 @@ impl DecoderTrainer {
     /// One optimizer step.
     pub fn train_step(&mut self) -> Result<DecoderStepStats> {
         let start = Instant::now();
-        let batch = self.loader.next_batch()?;
-        let dev = batch.x.device().clone();
-        // [B, C, h, w] -> tokens [B, T, C] (row-major grid, as stored)
-        let z = batch.x.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
-        let (b, t, c) = z.dims3()?;
-        let noise = NoiseDraws::for_samples(self.cfg.seed, &batch.sample_ids, &[t, c], &dev)?;
-        let images = self.targets.load(&batch.keys, &batch.flips, &dev)?;
+        let d = self.data.next(&self.device)?;
+        let dev = d.z.device().clone();
+        let (b, t, c) = d.z.dims3()?;
+        let noise = NoiseDraws::for_samples(self.cfg.seed, &d.sample_ids, &[t, c], &dev)?;
+        let (images, z) = (d.images, d.z);
         let gb = GenBatch {
             images,
             z,
@@ -395,7 +545,7 @@ impl DecoderTrainer {
         let seconds = start.elapsed().as_secs_f64();
         Ok(DecoderStepStats {
             step: self.step,
-            epoch: batch.cursor.epoch,
+            epoch: d.epoch,
             l1: l.l1,
             lpips: l.lpips,
             gan: l.gan,
@@ -456,7 +606,7 @@ impl DecoderTrainer {
             model: self.state.params().state_dict(),
             ema,
             optim: self.state.params().optimizer().state().clone(),
-            cursor: self.loader.cursor(),
+            cursor: self.data.cursor(),
             rng: None, // every draw derives from the seed
             config: self.cfg.to_json(),
             extra,

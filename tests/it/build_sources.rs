@@ -12,9 +12,9 @@ use crate::common::{self, bin, run_ok};
 
 /// One image of the folder dataset: key (`class/file`), class, bytes.
 pub(crate) struct Image {
-    key: String,
-    class: String,
-    bytes: Vec<u8>,
+    pub(crate) key: String,
+    pub(crate) class: String,
+    pub(crate) bytes: Vec<u8>,
 }
 
 /// The fixture images, each copied twice under new names (12 images, so
@@ -109,6 +109,17 @@ fn parquet_dataset(
     rows_per_file: usize,
     bad: &BTreeMap<usize, Option<Vec<u8>>>,
 ) {
+    parquet_dataset_grouped(dir, images, rows_per_file, 3, bad)
+}
+
+/// [`parquet_dataset`] with `group_rows` rows per row group.
+pub(crate) fn parquet_dataset_grouped(
+    dir: &Path,
+    images: &[Image],
+    rows_per_file: usize,
+    group_rows: usize,
+    bad: &BTreeMap<usize, Option<Vec<u8>>>,
+) {
     use arrow::array::{ArrayRef, BinaryArray, Int64Array, StringArray, StructArray};
     use arrow::datatypes::{DataType, Field, Schema};
     use arrow::record_batch::RecordBatch;
@@ -153,7 +164,7 @@ fn parquet_dataset(
         ]);
         let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(image), labels]).unwrap();
         let props = WriterProperties::builder()
-            .set_max_row_group_row_count(Some(3))
+            .set_max_row_group_row_count(Some(group_rows))
             .set_key_value_metadata(Some(vec![KeyValue::new(
                 "huggingface".into(),
                 hf.to_string(),

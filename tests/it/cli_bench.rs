@@ -57,6 +57,24 @@ fn bench_encoder_decoder_train_tiny() {
     timed(&v, "decoder", 3);
     assert_eq!(v["precision"], "f32");
 
+    // the stage-1 step (L1 + LPIPS with a random full-width VGG16, AdamW)
+    let v = rae(&[
+        "bench",
+        "decoder-train",
+        "--decoder-config",
+        dec.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+    ]);
+    timed(&v, "decoder-train", 2);
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
+
     let dit = fixture("ditdh.json");
     let v = rae(&[
         "bench",

@@ -39,5 +39,6 @@ mod stage1_gen;
 mod store_s3;
 mod train_decoder_e2e;
 mod train_decoder_gan;
+mod train_decoder_online;
 mod train_e2e;
 mod weights;
