@@ -4,12 +4,16 @@
 //! the store gives the local losses and downloads each shard once; a build
 //! killed mid-upload resumes to the same bytes; a second build on the
 //! prefix is refused; a missing bucket and wrong credentials are named.
+//! Builds read their inputs from the store too (a nested tar, WebDataset
+//! shards, a Parquet dataset, an image folder; a truncated object resumed;
+//! parts), giving the local build's bytes; eval and sample read store URLs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::build_sources as bs;
 use crate::common::s3::{self, S3Server};
 use crate::common::{self, tiny_cache};
 
@@ -571,4 +575,257 @@ fn loader_throughput_local_vs_s3() {
     for r in &report {
         eprintln!("{r}");
     }
+}
+
+/// `rae-cache build INPUT_URL --out OUT` (the build_sources arguments)
+/// against `srv`.
+fn build_from(srv: &S3Server, rc: &Path, input: &str, out: &Path, extra: &[&str]) -> Output {
+    srv.command(rc)
+        .args(bs::args(&[Path::new(input)], out, extra))
+        .output()
+        .unwrap()
+}
+
+fn source_files(cache: &Path) -> serde_json::Value {
+    bs::read_json(&cache.join("manifest.json"))["build_args"]["settings"]["source"]["files"].clone()
+}
+
+#[test]
+fn builds_from_store_inputs_equal_the_local_builds() {
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-in");
+    let tmp = tempfile::tempdir().unwrap();
+    let (folder, images) = bs::dataset(tmp.path());
+    let clean = tmp.path().join("folder-cache");
+    bs::build_ok(&[&folder], &clean, &[]);
+    let rc = tmp.path().join("rc");
+    let bucket = srv.remote("s3://rae-in");
+
+    // A tar of per-class tars, one object, read as a stream.
+    let train = tmp.path().join("train.tar");
+    std::fs::write(&train, bs::nested_tar(&images)).unwrap();
+    bucket.upload_file("ilsvrc/train.tar", &train).unwrap();
+    let out = tmp.path().join("tar");
+    let url = "s3://rae-in/ilsvrc/train.tar";
+    ok(
+        &build_from(&srv, &rc, url, &out, &[]),
+        "build from an s3 tar",
+    );
+    bs::assert_same_cache(&clean, &out, "nested tar from s3");
+    assert_eq!(source_files(&out), serde_json::json!(["train.tar"]));
+    assert_eq!(
+        bs::read_json(&out.join("manifest.json"))["dataset_root"],
+        url
+    );
+
+    // WebDataset shards under a prefix: named as the local directory's.
+    let wds = tmp.path().join("wds");
+    std::fs::create_dir_all(&wds).unwrap();
+    bs::webdataset(&wds, &images, 5);
+    s3::upload_all(&srv.remote("s3://rae-in/sets/wds"), &wds);
+    let out = tmp.path().join("wds-cache");
+    ok(
+        &build_from(&srv, &rc, "s3://rae-in/sets/wds/", &out, &[]),
+        "build from s3 webdataset shards",
+    );
+    assert!(
+        bs::shard_bytes(&clean) == bs::shard_bytes(&out),
+        "webdataset shards differ"
+    );
+    assert_eq!(
+        source_files(&out),
+        serde_json::json!([
+            "wds/shard-000000.tar",
+            "wds/shard-000001.tar",
+            "wds/shard-000002.tar"
+        ])
+    );
+
+    // A Parquet dataset under a prefix, read with range requests.
+    let hf = tmp.path().join("hf");
+    bs::parquet_dataset(&hf, &images, 7, &BTreeMap::new());
+    s3::upload_all(&srv.remote("s3://rae-in/imagenet/data"), &hf);
+    let out = tmp.path().join("parquet-cache");
+    ok(
+        &build_from(&srv, &rc, "s3://rae-in/imagenet/data/", &out, &[]),
+        "build from s3 parquet",
+    );
+    bs::assert_same_cache(&clean, &out, "parquet from s3");
+    assert_eq!(
+        source_files(&out),
+        serde_json::json!(["data/train-00000.parquet", "data/train-00001.parquet"])
+    );
+
+    // An image folder under a prefix.
+    s3::upload_all(&srv.remote("s3://rae-in/folder/images"), &folder);
+    let out = tmp.path().join("folder-from-s3");
+    ok(
+        &build_from(&srv, &rc, "s3://rae-in/folder/images/", &out, &[]),
+        "build from an s3 image folder",
+    );
+    bs::assert_same_cache(&clean, &out, "image folder from s3");
+
+    // A missing object names its URL.
+    let o = build_from(
+        &srv,
+        &rc,
+        "s3://rae-in/ilsvrc/val.tar",
+        &tmp.path().join("x"),
+        &[],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("s3://rae-in/ilsvrc/val.tar"), "{err}");
+}
+
+#[test]
+fn a_truncated_store_archive_stops_then_resumes_once_complete() {
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-cut");
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, images) = bs::dataset(tmp.path());
+    let whole = bs::nested_tar(&images);
+    let train = tmp.path().join("train.tar");
+    std::fs::write(&train, &whole).unwrap();
+    let clean = tmp.path().join("clean");
+    bs::build_ok(&[&train], &clean, &[]);
+
+    // The object cut inside the second class tar (as an upload still
+    // running would leave a copy): the whole shards before it are built.
+    let bucket = srv.remote("s3://rae-cut");
+    std::fs::write(&train, &whole[..whole.len() * 11 / 20]).unwrap();
+    bucket.upload_file("train.tar", &train).unwrap();
+    let rc = tmp.path().join("rc");
+    let out = tmp.path().join("cut");
+    let url = "s3://rae-cut/train.tar";
+    let o = build_from(&srv, &rc, url, &out, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("truncated"), "{err}");
+    let state = bs::read_json(&out.join("build-state.json"));
+    assert!(state["shards"].as_array().unwrap().len() >= 2, "{state}");
+
+    // Complete again: --resume streams from the first shard left and
+    // gives the local bytes.
+    std::fs::write(&train, &whole).unwrap();
+    bucket.upload_file("train.tar", &train).unwrap();
+    ok(
+        &build_from(&srv, &rc, url, &out, &["--resume"]),
+        "resume from s3",
+    );
+    bs::assert_same_cache(&clean, &out, "resumed from s3 after truncation");
+
+    // Two parts from the store (part 1 first: its stream starts mid-archive)
+    // and a local merge: the same shards and statistics.
+    let parts = tmp.path().join("parts");
+    for p in ["1", "0"] {
+        let o = build_from(&srv, &rc, url, &parts, &["--num-parts", "2", "--part", p]);
+        ok(&o, "a part from s3");
+    }
+    common::run_ok(["merge", parts.to_str().unwrap()]);
+    assert!(
+        bs::shard_bytes(&clean) == bs::shard_bytes(&parts),
+        "parts: shards differ"
+    );
+    assert!(
+        std::fs::read(clean.join("stats.safetensors")).unwrap()
+            == std::fs::read(parts.join("stats.safetensors")).unwrap(),
+        "parts: stats differ"
+    );
+}
+
+/// Every sample latent under `dir/shards`, in file order.
+fn sample_latents(dir: &Path) -> Vec<f32> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("shards"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            rae_cache::shards::ShardReader::open(f)
+                .unwrap()
+                .read_all()
+                .unwrap()
+                .latents
+        })
+        .collect()
+}
+
+#[test]
+fn eval_sample_and_merge_take_store_urls() {
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-read");
+    let tmp = tempfile::tempdir().unwrap();
+    let (cache, _) = tiny_train_setup(tmp.path());
+    let url = "s3://rae-read/tiny";
+    s3::upload_all(&srv.remote(url), &cache);
+    let rc = tmp.path().join("rc");
+    let c = cache.to_str().unwrap();
+
+    // eval: a store cache (samples and reference) gives the local metrics.
+    let local = common::json(&common::run_ok(["eval", c, "--ref", c, "--json"]));
+    let o = srv
+        .command(&rc)
+        .args(["eval", url, "--ref", url, "--json"])
+        .output()
+        .unwrap();
+    ok(&o, "eval from s3");
+    let remote = common::json(&o);
+    assert!(local["metrics"].as_object().is_some_and(|m| !m.is_empty()));
+    assert_eq!(local["metrics"], remote["metrics"]);
+
+    // sample: --stats as a store object de-normalises as the local file.
+    let sample = |stats: &str, out: &Path, cmd: &mut Command| {
+        let o = cmd
+            .args(["sample", "--model"])
+            .arg(common::fixture("ditdh.safetensors"))
+            .arg("--model-config")
+            .arg(common::fixture("ditdh.json"))
+            .args(["--num", "2", "--steps", "3", "--device", "cpu", "--json"])
+            .args(["--stats", stats, "--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        ok(&o, "sample");
+        common::json(&o)
+    };
+    let a = tmp.path().join("sample-local");
+    let b = tmp.path().join("sample-s3");
+    let stats = cache.join("stats.safetensors");
+    sample(
+        stats.to_str().unwrap(),
+        &a,
+        &mut Command::new(common::exe()),
+    );
+    let s = sample(
+        &format!("{url}/stats.safetensors"),
+        &b,
+        &mut srv.command(&rc),
+    );
+    assert_eq!(s["denormalised"], true, "{s}");
+    let (la, lb) = (sample_latents(&a), sample_latents(&b));
+    assert!(!la.is_empty() && la == lb, "sample latents differ");
+    // A missing object is named.
+    let o = srv
+        .command(&rc)
+        .args(["sample", "--model"])
+        .arg(common::fixture("ditdh.safetensors"))
+        .arg("--model-config")
+        .arg(common::fixture("ditdh.json"))
+        .args(["--num", "1", "--steps", "2", "--device", "cpu"])
+        .args(["--stats", &format!("{url}/nope.safetensors")])
+        .args(["--out", tmp.path().join("x").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("nope.safetensors"),
+        "{err}"
+    );
+
+    // merge works on a directory: a URL is refused, naming it.
+    let o = srv.command(&rc).args(["merge", url]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains(url), "{err}");
 }
