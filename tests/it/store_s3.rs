@@ -829,3 +829,55 @@ fn eval_sample_and_merge_take_store_urls() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains(url), "{err}");
 }
+
+/// A cache built from a tar in the store records its URL; `train-decoder`
+/// reads its targets from there (streamed, nothing extracted): the losses
+/// of the cache of the local folder, step for step.
+#[test]
+fn train_decoder_reads_targets_from_the_store_tar_the_cache_was_built_from() {
+    use crate::train_decoder_e2e as td;
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-td");
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, dec) = td::setup(tmp.path());
+    let (folder, images) = bs::dataset(tmp.path());
+    let tar = tmp.path().join("train.tar");
+    std::fs::write(&tar, bs::nested_tar(&images)).unwrap();
+    srv.remote("s3://rae-td")
+        .upload_file("train.tar", &tar)
+        .unwrap();
+    let url = "s3://rae-td/train.tar";
+    let (folder_cache, tar_cache) = (tmp.path().join("fc"), tmp.path().join("tc"));
+    td::build(&folder, &folder_cache);
+    let rc = tmp.path().join("rc");
+    let o = srv
+        .command(&rc)
+        .args(["build", url, "--out", tar_cache.to_str().unwrap()])
+        .arg("--encoder")
+        .arg(common::fixture("encoder-dinov2reg"))
+        .args(["--dtype", "f32", "--device", "cpu", "--batch-size", "2"])
+        .args(["--rows-per-group", "4"])
+        .output()
+        .unwrap();
+    ok(&o, "build from the s3 tar");
+    assert_eq!(
+        bs::read_json(&tar_cache.join("manifest.json"))["dataset_root"],
+        url
+    );
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let steps = 3;
+    td::train(&folder_cache, &dec, &a, steps, td::NO_GAN);
+    let o = srv
+        .command(&rc)
+        .args(td::train_args(&tar_cache, &dec, &b, steps, td::NO_GAN))
+        .output()
+        .unwrap();
+    ok(&o, "train-decoder on the s3-built cache");
+    let (la, lb) = (td::log(&a), td::log(&b));
+    assert_eq!(la.len() as u64, steps);
+    for (x, y) in la.iter().zip(&lb) {
+        for k in ["l1", "lpips", "total"] {
+            assert_eq!(x[k], y[k], "step {}: {k}", x["step"]);
+        }
+    }
+}
