@@ -881,3 +881,93 @@ fn train_decoder_reads_targets_from_the_store_tar_the_cache_was_built_from() {
         }
     }
 }
+
+/// Throughput of listing and streaming every image's bytes (no decoding)
+/// from a tar of per-class tars and a Parquet dataset, local files vs the
+/// same objects on the S3 server (the build's feeder: `Inputs::list`, then
+/// `ItemReader::stream` over all images). A measurement, not a test:
+/// `cargo test --test it store_s3::source_read_throughput -- --ignored
+/// --nocapture` (`RAE_S3_BENCH_IMAGES`, default 1000 images of 100 kB).
+#[test]
+#[ignore]
+fn source_read_throughput_local_vs_s3() {
+    use rae_cache::pipeline::Inputs;
+    use rae_cache::sources::SourceOptions;
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-srcbench");
+    // The library reads the store's settings from the environment; this
+    // test runs alone (ignored, by name).
+    for (k, v) in srv.env() {
+        unsafe { std::env::set_var(k, v) };
+    }
+    let n: usize = std::env::var("RAE_S3_BENCH_IMAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let tmp = tempfile::tempdir().unwrap();
+    // Incompressible members (as JPEGs are), 10 classes.
+    let mut seed = 1u64;
+    let mut members: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let bytes = (0..100_000)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (seed >> 56) as u8
+                })
+                .collect();
+            (format!("c{}/img{i:06}.jpg", i % 10), bytes)
+        })
+        .collect();
+    members.sort();
+    let mut inner = Vec::new();
+    for c in 0..10 {
+        let prefix = format!("c{c}/");
+        let t = bs::tar_bytes(
+            members
+                .iter()
+                .filter(|m| m.0.starts_with(&prefix))
+                .map(|m| (m.0[prefix.len()..].to_string(), m.1.as_slice())),
+        );
+        inner.push((format!("c{c}.tar"), t));
+    }
+    let tar = tmp.path().join("train.tar");
+    std::fs::write(
+        &tar,
+        bs::tar_bytes(inner.iter().map(|(n, b)| (n.clone(), b.as_slice()))),
+    )
+    .unwrap();
+    let bucket = srv.remote("s3://rae-srcbench");
+    bucket.upload_file("train.tar", &tar).unwrap();
+    let mb = std::fs::metadata(&tar).unwrap().len() as f64 / 1e6;
+    let mut report = Vec::new();
+    for input in [tar.to_str().unwrap(), "s3://rae-srcbench/train.tar"] {
+        let t = Instant::now();
+        let inputs = Inputs::list(
+            &[PathBuf::from(input)],
+            &SourceOptions::default(),
+            None,
+            64,
+            None,
+        )
+        .unwrap();
+        let listed = t.elapsed().as_secs_f64();
+        let reader = inputs.reader.clone().unwrap();
+        let mut bytes = 0usize;
+        for item in reader.stream(0..inputs.entries().len()) {
+            bytes += item.unwrap().1.unwrap().len();
+        }
+        let s = t.elapsed().as_secs_f64();
+        assert_eq!(bytes, n * 100_000);
+        report.push(format!(
+            "{input}: {} images, {mb:.0} MB: listed in {listed:.2} s, listed + read in {s:.2} s = {:.0} images/s, {:.0} MB/s",
+            inputs.entries().len(),
+            inputs.entries().len() as f64 / s,
+            mb / s
+        ));
+    }
+    for r in report {
+        eprintln!("{r}");
+    }
+}
