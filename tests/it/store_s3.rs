@@ -448,6 +448,53 @@ fn a_second_build_on_the_same_prefix_is_refused() {
     );
 }
 
+/// The lock's heartbeat: a build refreshes it while it runs; another
+/// host's lock with a recent heartbeat is refused, one silent for longer
+/// than `RAE_STORE_LOCK_STALE` is taken over with a warning naming it.
+#[test]
+fn a_stale_lock_is_taken_over_and_a_live_one_is_refreshed() {
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-beat");
+    let tmp = tempfile::tempdir().unwrap();
+    let images = common::fixture("images");
+    let url = "s3://rae-beat/cache";
+    let remote = srv.remote(url);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let lock = |beat: u64| {
+        let h = serde_json::json!({"host": "node-9", "pid": 77, "started_unix": 1, "heartbeat_unix": beat});
+        remote
+            .put(".lock", serde_json::to_vec(&h).unwrap().into())
+            .unwrap();
+    };
+    let build = || {
+        srv.command(&tmp.path().join("rc"))
+            .args(build_args(&images, url, &["--limit", "2"]))
+            .env("RAE_STORE_LOCK_STALE", "600")
+            .env("RAE_STORE_LOCK_HEARTBEAT", "0.2")
+            .env("RAE_LOG", "info,rae_cache::store=debug")
+            .output()
+            .unwrap()
+    };
+    lock(now - 30);
+    let o = build();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("node-9"), "{err}");
+
+    lock(now - 3600);
+    let o = build();
+    ok(&o, "build over a stale lock");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("took over s3://rae-beat/cache/.lock") && err.contains("node-9"),
+        "{err}"
+    );
+    assert!(err.contains("refreshed s3://rae-beat/cache/.lock"), "{err}");
+    assert!(remote.head(".lock").unwrap().is_none(), "lock left behind");
+}
+
 #[test]
 fn a_missing_bucket_and_wrong_credentials_are_named() {
     let Some(srv) = S3Server::start() else { return };
