@@ -73,10 +73,12 @@ pub struct Common {
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Samples: a sample / cache directory (latent shards), an ADM-style
-    /// .npz (`arr_0` uint8) or a folder of images.
+    /// .npz (`arr_0` uint8) or a folder of images; or a store URL of a
+    /// cache (`s3://bucket/cache`) or of one file (`s3://bucket/x.npz`).
     samples: PathBuf,
     /// Reference: an eval-ref .safetensors, an ADM reference .npz, a latent
-    /// cache directory or an image folder / npz.
+    /// cache directory or an image folder / npz; or a store URL of a cache
+    /// or of one such file.
     #[arg(long = "ref")]
     reference: PathBuf,
     #[command(flatten)]
@@ -246,7 +248,14 @@ fn sample_decoder(a: &Args, path: &Path) -> anyhow::Result<Arc<SampleDecoder>> {
     }))
 }
 
-pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+pub fn run(mut a: Args) -> anyhow::Result<ExitCode> {
+    // Store URLs (a cache prefix, or one object such as an .npz) are read
+    // through the local read-through cache.
+    a.samples = rae_cache::store::local_input(&a.samples)?;
+    a.reference = rae_cache::store::local_input(&a.reference)?;
+    if let Some(p) = &a.latent_stats {
+        a.latent_stats = Some(rae_cache::store::local_file(p)?);
+    }
     let mut opts = a.common.options(&a.samples)?;
     opts.is_split = a.is_split;
     opts.limit = a.limit;

@@ -13,6 +13,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if rae_cache::store::is_url(&args.cache_dir) {
+        anyhow::bail!(
+            "{}: merge works on a local (or shared) directory: the parts of a --num-parts build cannot be written to a store, so build them into a shared directory and merge there",
+            args.cache_dir.display()
+        );
+    }
     let s = rae_cache::pipeline::merge::merge_parts(&args.cache_dir)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&s)?);

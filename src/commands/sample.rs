@@ -73,7 +73,8 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Dataset statistics (stats.safetensors of the cache the model was
-    /// trained on): samples are de-normalised to raw encoder latents.
+    /// trained on, a path or a store URL of that object): samples are
+    /// de-normalised to raw encoder latents.
     #[arg(long)]
     stats: Option<PathBuf>,
     /// Stored latent dtype: f16 | f32 | bf16.
@@ -296,7 +297,12 @@ fn sample_options(
     let stats = a
         .stats
         .as_ref()
-        .map(|p| LatentStats::load(p).with_context(|| format!("reading --stats {}", p.display())))
+        .map(|p| {
+            // A store URL of the object (`s3://bucket/cache/stats.safetensors`)
+            // is fetched into the read-through cache.
+            let local = rae_cache::store::local_file(p)?;
+            LatentStats::load(&local).with_context(|| format!("reading --stats {}", p.display()))
+        })
         .transpose()?;
     let provenance = serde_json::json!({
         "model": main.file.display().to_string(),

@@ -1,7 +1,7 @@
 //! Where a source's bytes come from. Archives and Parquet files are read
 //! through [`ByteSource`] (length + positioned reads), never through a local
-//! path, so a store that answers range requests (object storage) can stand
-//! in for a local file without touching the tar and Parquet readers.
+//! path, so an object in a store (see `sources::remote`) stands in for a
+//! local file without touching the tar and Parquet readers.
 
 use crate::error::FileError;
 use std::fs::File;
@@ -9,7 +9,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// A read-only byte object: a local file today, an object-store object later.
+/// A read-only byte object: a local file or an object-store object.
 pub trait ByteSource: Send + Sync {
     /// Its name in messages and listings (a path or URL).
     fn name(&self) -> &str;
@@ -21,7 +21,17 @@ pub trait ByteSource: Send + Sync {
     }
     /// Fill `buf` from `offset`; an `UnexpectedEof` error when the object
     /// ends first (a truncated archive).
+    /// Reads are expected to move forward (an archive read in order), so a
+    /// store object streams ahead from here.
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// The bytes `offset..offset + len` read on their own (a Parquet
+    /// column chunk): a store object asks for exactly them. Same errors as
+    /// [`ByteSource::read_exact_at`].
+    fn read_range(&self, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
+        let mut buf = vec![0u8; len];
+        self.read_exact_at(offset, &mut buf)?;
+        Ok(buf.into())
+    }
 }
 
 /// A local file, read with positioned reads (thread-safe, no shared cursor).
@@ -135,33 +145,101 @@ impl Seek for RegionReader {
 }
 
 /// A [`ByteSource`] as Parquet's `ChunkReader`, so the Parquet reader works
-/// on any source (footer and row groups are positioned reads).
+/// on any source (footer and row groups are positioned reads). Byte ranges
+/// fetched ahead ([`ParquetChunks::prefetch`]: the column chunks a read
+/// needs, one request each) are served from memory, so a store object is
+/// read with a few range requests rather than one per page.
 #[derive(Clone)]
-pub struct ParquetChunks(pub Arc<dyn ByteSource>);
+pub struct ParquetChunks {
+    src: Arc<dyn ByteSource>,
+    /// (offset, bytes), sorted by offset.
+    fetched: Arc<Vec<(u64, bytes::Bytes)>>,
+}
+
+impl ParquetChunks {
+    /// Read `src` as it is.
+    pub fn new(src: Arc<dyn ByteSource>) -> Self {
+        Self {
+            src,
+            fetched: Arc::default(),
+        }
+    }
+
+    /// These chunks with `ranges` (offset, length) read now, each at once
+    /// (adjacent ranges merged).
+    pub fn prefetch(&self, ranges: impl IntoIterator<Item = (u64, u64)>) -> io::Result<Self> {
+        let mut ranges: Vec<(u64, u64)> = ranges.into_iter().filter(|r| r.1 > 0).collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (o, l) in ranges {
+            match merged.last_mut() {
+                Some((mo, ml)) if o <= *mo + *ml => *ml = (*ml).max(o + l - *mo),
+                _ => merged.push((o, l)),
+            }
+        }
+        let fetched = merged
+            .into_iter()
+            .map(|(o, l)| Ok((o, self.src.read_range(o, l as usize)?)))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Self {
+            src: self.src.clone(),
+            fetched: Arc::new(fetched),
+        })
+    }
+
+    /// The fetched bytes from `start` to the end of their range, if fetched.
+    fn fetched_from(&self, start: u64) -> Option<bytes::Bytes> {
+        let i = self.fetched.partition_point(|(o, _)| *o <= start);
+        let (o, b) = self.fetched.get(i.checked_sub(1)?)?;
+        let at = (start - o) as usize;
+        (at < b.len()).then(|| b.slice(at..))
+    }
+}
 
 impl parquet::file::reader::Length for ParquetChunks {
     fn len(&self) -> u64 {
-        self.0.len()
+        self.src.len()
+    }
+}
+
+/// Either fetched bytes or the source itself.
+pub enum ChunkRead {
+    /// Bytes already in memory.
+    Fetched(bytes::buf::Reader<bytes::Bytes>),
+    /// A buffered read of the source.
+    Source(io::BufReader<RegionReader>),
+}
+
+impl Read for ChunkRead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            ChunkRead::Fetched(r) => r.read(buf),
+            ChunkRead::Source(r) => r.read(buf),
+        }
     }
 }
 
 impl parquet::file::reader::ChunkReader for ParquetChunks {
-    type T = io::BufReader<RegionReader>;
+    type T = ChunkRead;
 
     fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
-        let len = self.0.len().saturating_sub(start);
-        Ok(io::BufReader::with_capacity(
+        if let Some(b) = self.fetched_from(start) {
+            return Ok(ChunkRead::Fetched(bytes::Buf::reader(b)));
+        }
+        let len = self.src.len().saturating_sub(start);
+        Ok(ChunkRead::Source(io::BufReader::with_capacity(
             1 << 16,
-            RegionReader::new(self.0.clone(), start, len),
-        ))
+            RegionReader::new(self.src.clone(), start, len),
+        )))
     }
 
     fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<bytes::Bytes> {
-        let mut buf = vec![0u8; length];
-        self.0
-            .read_exact_at(start, &mut buf)
-            .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
-        Ok(buf.into())
+        if let Some(b) = self.fetched_from(start).filter(|b| b.len() >= length) {
+            return Ok(b.slice(..length));
+        }
+        self.src
+            .read_range(start, length)
+            .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
     }
 }
 

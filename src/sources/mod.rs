@@ -24,12 +24,15 @@
 //!   unreadable Parquet file) is listed up to that point and the listing
 //!   says so ([`Listing::truncated`]); everything after it is left out,
 //!   so the listing is a prefix of the complete source's.
-//! * Bytes come from [`bytes::ByteSource`] (length + positioned reads), so
-//!   object storage can replace local files later.
+//! * Bytes come from [`bytes::ByteSource`] (length + positioned reads): a
+//!   local file, or an object in a store when an input is a URL
+//!   (`s3://bucket/train.tar`, `s3://bucket/data/`, see [`remote`]), named
+//!   as the local file would be so the build is the same.
 
 pub mod bytes;
 mod labels;
 mod parquet_images;
+pub mod remote;
 mod tar_images;
 
 use crate::error::FileError;
@@ -125,6 +128,9 @@ pub enum SourceError {
     /// A file could not be read or written, or its content is wrong.
     #[error(transparent)]
     File(#[from] crate::error::FileError),
+    /// A store input could not be listed or read (its URL and the store's answer).
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// The inputs or options do not fit together.
     #[error("{0}")]
     Invalid(String),
@@ -170,8 +176,34 @@ impl std::fmt::Debug for Listing {
 /// An input file with the name it is known by in keys and settings.
 #[derive(Debug, Clone)]
 pub(crate) struct InputFile {
+    /// The local path, or the object's URL (in messages).
     pub path: PathBuf,
     pub name: String,
+    /// The object, for a store input (`None`: the local file `path`).
+    pub source: Option<Arc<dyn bytes::ByteSource>>,
+}
+
+impl std::fmt::Debug for dyn bytes::ByteSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl InputFile {
+    /// Its bytes.
+    pub fn open(&self) -> Result<Arc<dyn bytes::ByteSource>, SourceError> {
+        match &self.source {
+            Some(s) => Ok(s.clone()),
+            None => bytes::open_local(&self.path),
+        }
+    }
+}
+
+/// A build input given as a store URL (`s3://...`, `file://...`).
+fn url_of(input: &Path) -> Option<&str> {
+    crate::store::is_url(input)
+        .then(|| input.to_str())
+        .flatten()
 }
 
 /// What the inputs are, once `Auto` is decided.
@@ -193,6 +225,10 @@ pub fn resolve(inputs: &[PathBuf], format: InputFormat) -> Result<Resolved, Sour
         f => f,
     };
     if format == InputFormat::Folder {
+        if inputs.len() == 1 && url_of(first).is_some() {
+            // A folder prefix in a store is listed like the other sources.
+            return Ok(Resolved::Files(InputFormat::Folder));
+        }
         if inputs.len() > 1 {
             return Err(SourceError::Invalid(
                 "an image folder build takes one directory".into(),
@@ -204,6 +240,11 @@ pub fn resolve(inputs: &[PathBuf], format: InputFormat) -> Result<Resolved, Sour
 }
 
 fn detect(inputs: &[PathBuf]) -> Result<InputFormat, SourceError> {
+    if let [one] = inputs
+        && let Some(url) = url_of(one)
+    {
+        return remote::detect(url);
+    }
     if inputs.len() == 1 && inputs[0].is_dir() {
         let dir = &inputs[0];
         if holds_image(dir) {
@@ -286,7 +327,11 @@ fn files_under(dir: &Path, ext: &str, deep: bool) -> Result<Vec<InputFile>, Sour
                     walk(&p, &key, ext, deep, out)?;
                 }
             } else if has_ext(&name, ext) {
-                out.push(InputFile { path: p, name: key });
+                out.push(InputFile {
+                    path: p,
+                    name: key,
+                    source: None,
+                });
             }
         }
         Ok(())
@@ -321,6 +366,10 @@ fn wildcard(pattern: &[u8], name: &[u8]) -> bool {
 pub(crate) fn input_files(inputs: &[PathBuf], ext: &str) -> Result<Vec<InputFile>, SourceError> {
     let mut out: Vec<InputFile> = Vec::new();
     for input in inputs {
+        if let Some(url) = url_of(input) {
+            out.extend(remote::input_files(url, ext, ext == "parquet")?);
+            continue;
+        }
         let name = input
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -337,6 +386,7 @@ pub(crate) fn input_files(inputs: &[PathBuf], ext: &str) -> Result<Vec<InputFile
             out.extend(found.into_iter().map(|f| InputFile {
                 name: format!("{prefix}/{}", f.name),
                 path: f.path,
+                source: None,
             }));
         } else if name.contains(['*', '?']) && !input.exists() {
             let parent = input.parent().filter(|p| !p.as_os_str().is_empty());
@@ -349,6 +399,7 @@ pub(crate) fn input_files(inputs: &[PathBuf], ext: &str) -> Result<Vec<InputFile
                     wildcard(name.as_bytes(), n.as_bytes()).then(|| InputFile {
                         path: e.path(),
                         name: n,
+                        source: None,
                     })
                 })
                 .collect();
@@ -363,6 +414,7 @@ pub(crate) fn input_files(inputs: &[PathBuf], ext: &str) -> Result<Vec<InputFile
             out.push(InputFile {
                 path: input.clone(),
                 name,
+                source: None,
             });
         } else {
             return Err(SourceError::from(FileError::io(
@@ -397,6 +449,14 @@ pub fn list(
             }
             let files = input_files(inputs, "parquet")?;
             parquet_images::list(root, &files, opts)
+        }
+        InputFormat::Folder if inputs.len() == 1 && url_of(&root).is_some() => {
+            if labels.is_some() {
+                return Err(SourceError::Invalid(
+                    "--labels applies to tar archives, not to an image folder".into(),
+                ));
+            }
+            remote::list_folder(url_of(&root).unwrap_or_default())
         }
         InputFormat::Auto | InputFormat::Folder => Err(SourceError::Invalid(
             "an image folder is listed by images::discover".into(),

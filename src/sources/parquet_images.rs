@@ -5,7 +5,8 @@
 //!
 //! Listing reads only the `path` and label columns. Reading decodes one
 //! row group of the bytes column at a time, in file order, starting at the
-//! row group of the first image asked for.
+//! row group of the first image asked for. The column chunks a read needs
+//! are fetched first, one read (a range request on a store) each.
 
 use crate::error::FileError;
 use std::ops::Range;
@@ -17,7 +18,7 @@ use arrow::datatypes::DataType;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
 
-use super::bytes::{ParquetChunks, open_local};
+use super::bytes::ParquetChunks;
 use super::{InputFile, Item, ItemReader, Listing, SourceError, SourceOptions, SourceSettings};
 use crate::images::{Discovery, ImageEntry, Skipped};
 
@@ -94,7 +95,7 @@ fn list_file(
     opts: &SourceOptions,
     out: &mut (Vec<ImageEntry>, Vec<RowRef>),
 ) -> Result<File, SourceError> {
-    let chunks = ParquetChunks(open_local(&file.path)?);
+    let chunks = ParquetChunks::new(file.open()?);
     let meta = ArrowReaderMetadata::load(&chunks, Default::default())
         .map_err(|e| format_err(file, format!("not a readable Parquet file: {e}")))?;
     let schema = meta.schema().clone();
@@ -127,12 +128,17 @@ fn list_file(
     let mut row = 0u64;
     if !cols.is_empty() {
         let mask = ProjectionMask::columns(meta.parquet_schema(), cols.iter().map(|s| s.as_str()));
-        let reader =
-            ParquetRecordBatchReaderBuilder::new_with_metadata(chunks.clone(), meta.clone())
-                .with_projection(mask)
-                .with_batch_size(8192)
-                .build()
-                .map_err(|e| format_err(file, e.to_string()))?;
+        let groups = 0..meta.metadata().num_row_groups();
+        let fetched = chunks
+            .prefetch(column_chunks(&meta, &mask, groups))
+            .map_err(|e| {
+                format_err(file, format!("cannot read the path and label columns: {e}"))
+            })?;
+        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(fetched, meta.clone())
+            .with_projection(mask)
+            .with_batch_size(8192)
+            .build()
+            .map_err(|e| format_err(file, e.to_string()))?;
         for batch in reader {
             let batch = batch.map_err(|e| format_err(file, e.to_string()))?;
             let paths = has_path
@@ -163,6 +169,27 @@ fn list_file(
         meta,
         group_starts,
     })
+}
+
+/// (offset, length) of the column chunks of `mask` in row groups `groups`.
+fn column_chunks(
+    meta: &ArrowReaderMetadata,
+    mask: &ProjectionMask,
+    groups: Range<usize>,
+) -> Vec<(u64, u64)> {
+    let rgs = &meta.metadata().row_groups()[groups];
+    rgs.iter()
+        .flat_map(|rg| rg.columns().iter().enumerate())
+        .filter(|(leaf, _)| mask.leaf_included(*leaf))
+        // As `byte_range`, which panics on negative values in a damaged
+        // footer: such a chunk is left to the reader to refuse.
+        .filter_map(|(_, c)| {
+            let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+            u64::try_from(start)
+                .ok()
+                .zip(u64::try_from(c.compressed_size()).ok())
+        })
+        .collect()
 }
 
 fn push_rows(
@@ -323,14 +350,16 @@ impl ParquetReader {
             }],
         );
         let read = || -> Result<ArrayRef, parquet::errors::ParquetError> {
-            let mut reader = ParquetRecordBatchReaderBuilder::new_with_metadata(
-                f.chunks.clone(),
-                f.meta.clone(),
-            )
-            .with_projection(mask)
-            .with_row_groups(vec![index])
-            .with_batch_size(n.max(1))
-            .build()?;
+            let chunks = f
+                .chunks
+                .prefetch(column_chunks(&f.meta, &mask, index..index + 1))
+                .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
+            let mut reader =
+                ParquetRecordBatchReaderBuilder::new_with_metadata(chunks, f.meta.clone())
+                    .with_projection(mask)
+                    .with_row_groups(vec![index])
+                    .with_batch_size(n.max(1))
+                    .build()?;
             let batch = reader
                 .next()
                 .transpose()?

@@ -17,7 +17,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::bytes::{ByteSource, RegionReader, open_local};
+use super::bytes::{ByteSource, RegionReader};
 use super::{InputFile, Item, ItemReader, LabelsFile, Listing, SourceError, SourceSettings};
 use crate::images::{Discovery, ImageEntry, Skipped, is_image_extension};
 
@@ -34,7 +34,13 @@ struct Raw {
     path: String,
     offset: u64,
     size: u64,
+    /// The content of a WebDataset `.cls` member, read while listing (so
+    /// the labels cost no second pass over a streamed archive).
+    cls: Option<Vec<u8>>,
 }
+
+/// Largest `.cls` member read as a class index.
+const MAX_CLS_BYTES: u64 = 64;
 
 /// The members of one tar region, and where it ends early, if it does.
 struct Members {
@@ -71,7 +77,7 @@ fn members(src: &Arc<dyn ByteSource>, start: u64, len: u64, name: &str) -> Membe
         }
     };
     for entry in entries {
-        let entry = match entry {
+        let mut entry = match entry {
             Ok(e) => e,
             Err(e) => {
                 out.cut = Some((
@@ -115,13 +121,22 @@ fn members(src: &Arc<dyn ByteSource>, start: u64, len: u64, name: &str) -> Membe
                 path,
                 offset: start + pos,
                 size,
+                cls: None,
             });
             return out;
         }
+        let cls = (size <= MAX_CLS_BYTES && path.to_ascii_lowercase().ends_with(".cls"))
+            .then(|| {
+                let mut b = Vec::with_capacity(size as usize);
+                std::io::Read::read_to_end(&mut entry, &mut b).ok()?;
+                (b.len() as u64 == size).then_some(b)
+            })
+            .flatten();
         out.files.push(Raw {
             path,
             offset: start + pos,
             size,
+            cls,
         });
     }
     // A complete tar ends with zero blocks after its last member; an
@@ -150,8 +165,9 @@ struct Collect {
     classes: BTreeSet<String>,
     /// Class of each entry (nested layout).
     entry_class: Vec<String>,
-    /// WebDataset `.cls` members by sample key.
-    cls: HashMap<String, Member>,
+    /// WebDataset `.cls` members by sample key (with their content when
+    /// it was read while listing).
+    cls: HashMap<String, (Member, Option<Vec<u8>>)>,
     /// Non-image members by sample key (locator, reason).
     others: Vec<(String, String, String)>,
     skipped: Vec<Skipped>,
@@ -191,7 +207,7 @@ impl Collect {
                 });
                 self.members.push(m);
             } else if key_prefix.is_empty() && f.path.to_ascii_lowercase().ends_with(".cls") {
-                self.cls.insert(sample_key(&f.path).to_string(), m);
+                self.cls.insert(sample_key(&f.path).to_string(), (m, f.cls));
             } else {
                 self.others.push((
                     sample_key(&key).to_string(),
@@ -218,10 +234,8 @@ pub(super) fn list(
     webdataset: bool,
     labels: Option<LabelsFile>,
 ) -> Result<Listing, SourceError> {
-    let sources: Vec<Arc<dyn ByteSource>> = files
-        .iter()
-        .map(|f| open_local(&f.path))
-        .collect::<Result<_, _>>()?;
+    let sources: Vec<Arc<dyn ByteSource>> =
+        files.iter().map(|f| f.open()).collect::<Result<_, _>>()?;
     let mut c = Collect {
         entries: Vec::new(),
         members: Vec::new(),
@@ -313,8 +327,12 @@ fn finish(
         l.apply(&mut c.entries)?
     } else {
         for e in c.entries.iter_mut() {
-            if let Some(cls) = c.cls.get(sample_key(&e.key)) {
-                e.label = read_cls(&sources[cls.archive], cls).unwrap_or_else(|reason| {
+            if let Some((cls, content)) = c.cls.get(sample_key(&e.key)) {
+                let label = match content {
+                    Some(b) => parse_cls(b),
+                    None => read_cls(&sources[cls.archive], cls),
+                };
+                e.label = label.unwrap_or_else(|reason| {
                     tracing::warn!("{}: {reason}; label -1", e.path.display());
                     -1
                 });
@@ -364,7 +382,7 @@ fn finish(
 
 /// The integer in a WebDataset `.cls` member.
 fn read_cls(src: &Arc<dyn ByteSource>, m: &Member) -> Result<i32, String> {
-    if m.size > 64 {
+    if m.size > MAX_CLS_BYTES {
         return Err(format!(
             ".cls member of {} bytes is not a class index",
             m.size
@@ -373,7 +391,12 @@ fn read_cls(src: &Arc<dyn ByteSource>, m: &Member) -> Result<i32, String> {
     let mut buf = vec![0u8; m.size as usize];
     src.read_exact_at(m.offset, &mut buf)
         .map_err(|e| format!("reading the .cls member: {e}"))?;
-    let text = String::from_utf8_lossy(&buf);
+    parse_cls(&buf)
+}
+
+/// A `.cls` member's content as a class index.
+fn parse_cls(buf: &[u8]) -> Result<i32, String> {
+    let text = String::from_utf8_lossy(buf);
     text.trim()
         .parse()
         .map_err(|_| format!(".cls member {:?} is not an integer", text.trim()))
@@ -429,7 +452,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.tar");
         std::fs::write(&p, bytes).unwrap();
-        let src = open_local(&p).unwrap();
+        let src = super::super::bytes::open_local(&p).unwrap();
         members(&src, 0, src.len(), "a.tar")
     }
 

@@ -69,7 +69,8 @@ impl TargetImages {
             ))
         };
         let is_pattern = root.to_string_lossy().contains(['*', '?']);
-        if !root.exists() && !is_pattern {
+        // A store URL (the build read `s3://...`) is listed, not stat'ed.
+        if !root.exists() && !is_pattern && !crate::store::is_url(root) {
             return Err(missing());
         }
         let bad =

@@ -128,6 +128,11 @@ impl ReadCache {
         Ok(Self::new(ReadCacheSettings { dir, max_bytes }))
     }
 
+    /// Where it lives and how large it may grow.
+    pub fn settings(&self) -> &ReadCacheSettings {
+        &self.settings
+    }
+
     /// The local directory that mirrors `remote`.
     pub fn local_dir(&self, remote: &Remote) -> PathBuf {
         let tail = remote.url().replace("://", "/");

@@ -25,7 +25,7 @@ pub mod cache;
 mod remote;
 pub mod upload;
 
-pub use remote::Remote;
+pub use remote::{RangeStream, Remote};
 
 /// What went wrong talking to a store.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +115,75 @@ pub fn local_cache_dir(arg: &Path) -> Result<PathBuf, StoreError> {
 /// [`local_cache_dir`] for each of `args`.
 pub fn local_cache_dirs(args: &[PathBuf]) -> Result<Vec<PathBuf>, StoreError> {
     args.iter().map(|a| local_cache_dir(a)).collect()
+}
+
+/// A file argument as a local file: a local path as it is; a store URL
+/// naming one object (`s3://bucket/cache/stats.safetensors`, an `.npz`)
+/// fetched into the read-through cache directory, under
+/// `objects/<scheme>/<bucket>/<key>`, again only when the object's size or
+/// etag changed.
+pub fn local_file(arg: &Path) -> Result<PathBuf, StoreError> {
+    if !is_url(arg) {
+        return Ok(arg.to_path_buf());
+    }
+    let url = arg.to_str().unwrap_or_default().trim_end_matches('/');
+    let Some((parent, name)) = url
+        .rsplit_once('/')
+        .filter(|(p, n)| !n.is_empty() && !p.ends_with(':') && !p.ends_with(":/"))
+    else {
+        return Err(StoreError::Url {
+            url: url.to_string(),
+            reason: "names no object (a file is expected here)".into(),
+        });
+    };
+    let remote = Remote::open(parent)?;
+    let Some(meta) = remote.head(name)? else {
+        return Err(StoreError::Invalid {
+            url: url.to_string(),
+            reason: "no such object".into(),
+        });
+    };
+    let rc = cache::ReadCache::from_settings()?;
+    let objects = cache::ReadCache::new(cache::ReadCacheSettings {
+        dir: rc.settings().dir.join("objects"),
+        max_bytes: None,
+    });
+    let local = objects.local_dir(&remote).join(name);
+    let dir = local.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(StoreError::io(dir))?;
+    let version = format!("{} {}", meta.size, meta.e_tag.as_deref().unwrap_or(""));
+    let mut tag = local.clone().into_os_string();
+    tag.push(".version");
+    let tag = PathBuf::from(tag);
+    let fresh = std::fs::read_to_string(&tag).is_ok_and(|v| v == version)
+        && std::fs::metadata(&local).is_ok_and(|m| m.len() == meta.size);
+    if !fresh {
+        if remote.download(name, &local)?.is_none() {
+            return Err(StoreError::Invalid {
+                url: url.to_string(),
+                reason: "no such object (removed while fetching it)".into(),
+            });
+        }
+        crate::fsutil::write_atomic(&tag, version.as_bytes()).map_err(StoreError::io(&tag))?;
+    }
+    Ok(local)
+}
+
+/// An input that is a cache directory or a file (`eval`'s samples and
+/// reference): a store URL whose last part has an extension (`.npz`,
+/// `.safetensors`, `.parquet`) is one object ([`local_file`]), any other a
+/// cache prefix ([`local_cache_dir`]); a local path is returned as it is.
+pub fn local_input(arg: &Path) -> Result<PathBuf, StoreError> {
+    if !is_url(arg) {
+        return Ok(arg.to_path_buf());
+    }
+    let s = arg.to_str().unwrap_or_default();
+    let last = s.trim_end_matches('/').rsplit('/').next().unwrap_or("");
+    if !s.ends_with('/') && last.contains('.') {
+        local_file(arg)
+    } else {
+        local_cache_dir(arg)
+    }
 }
 
 #[cfg(test)]

@@ -1,16 +1,18 @@
 //! [`Remote`]: one prefix of an object store, with blocking calls run on a
 //! small process-wide tokio runtime.
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
+use futures::stream::BoxStream;
 use object_store::path::Path as ObjPath;
 use object_store::{
-    BackoffConfig, ObjectMeta, ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutMode, PutOptions,
-    PutPayload, RetryConfig, UpdateVersion,
+    BackoffConfig, GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt,
+    ObjectStoreScheme, PutMode, PutOptions, PutPayload, RetryConfig, UpdateVersion,
 };
 
 use super::StoreError;
@@ -184,6 +186,64 @@ impl Remote {
             .map_err(self.err(rel, "get"))
     }
 
+    /// The bytes of each of `rels`, requested concurrently; `None` for an
+    /// object that does not exist.
+    pub fn get_many(&self, rels: &[String]) -> Vec<Result<Option<Bytes>, StoreError>> {
+        let gets = rels.iter().map(|rel| {
+            let path = self.path(rel);
+            async move {
+                let r = self.store.get(&path).await?;
+                r.bytes().await
+            }
+        });
+        let got = runtime().block_on(futures::future::join_all(gets));
+        got.into_iter()
+            .zip(rels)
+            .map(|(r, rel)| match r {
+                Ok(b) => Ok(Some(b)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.err(rel, "get")(e)),
+            })
+            .collect()
+    }
+
+    /// Bytes `range` of `rel` (one ranged GET). A range past the object's
+    /// end is an error carrying the store's answer.
+    pub fn get_range(&self, rel: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        let path = self.path(rel);
+        let opts = GetOptions {
+            range: Some(GetRange::Bounded(range)),
+            ..Default::default()
+        };
+        runtime()
+            .block_on(async {
+                let r = self.store.get_opts(&path, opts).await?;
+                r.bytes().await
+            })
+            .map_err(self.err(rel, "ranged get"))
+    }
+
+    /// Bytes `range` of `rel` as a blocking [`std::io::Read`] over one
+    /// streamed GET: the body is read as it arrives (a chunk at a time in
+    /// memory), never downloaded whole first.
+    pub fn stream_range(&self, rel: &str, range: Range<u64>) -> Result<RangeStream, StoreError> {
+        let path = self.path(rel);
+        let opts = GetOptions {
+            range: Some(GetRange::Bounded(range.clone())),
+            ..Default::default()
+        };
+        let stream = runtime()
+            .block_on(async { self.store.get_opts(&path, opts).await })
+            .map_err(self.err(rel, "streamed get"))?
+            .into_stream();
+        Ok(RangeStream {
+            url: self.url_of(rel),
+            stream: Some(stream),
+            chunk: Bytes::new(),
+            pos: range.start,
+        })
+    }
+
     /// Size, etag and time of `rel`, or `None` when there is no such object.
     pub fn head(&self, rel: &str) -> Result<Option<ObjectMeta>, StoreError> {
         match runtime().block_on(self.store.head(&self.path(rel))) {
@@ -340,6 +400,56 @@ impl Remote {
         match runtime().block_on(self.store.delete(&self.path(rel))) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.err(rel, "delete")(e)),
+        }
+    }
+}
+
+/// A blocking reader over a streamed ranged GET (see [`Remote::stream_range`]).
+pub struct RangeStream {
+    url: String,
+    stream: Option<BoxStream<'static, object_store::Result<Bytes>>>,
+    /// The part of the last chunk not read yet.
+    chunk: Bytes,
+    /// Offset in the object of the next byte (for messages).
+    pos: u64,
+}
+
+impl std::io::Read for RangeStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            let Some(stream) = self.stream.as_mut() else {
+                return Ok(0);
+            };
+            match runtime().block_on(stream.try_next()) {
+                Ok(Some(c)) => self.chunk = c,
+                Ok(None) => {
+                    self.stream = None;
+                    return Ok(0);
+                }
+                Err(e) => {
+                    self.stream = None;
+                    return Err(std::io::Error::other(format!(
+                        "{}: reading the body at byte {} failed: {e}",
+                        self.url, self.pos
+                    )));
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        bytes::Buf::advance(&mut self.chunk, n);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Drop for RangeStream {
+    fn drop(&mut self) {
+        // A body dropped part-way closes its connection: do it inside the
+        // runtime, whose I/O driver owns the socket.
+        if let Some(s) = self.stream.take() {
+            let _guard = runtime().enter();
+            drop(s);
         }
     }
 }

@@ -12,7 +12,12 @@
 //!   *` on S3) before anything else: a second build on the prefix is
 //!   refused. A lock left by a killed build on this host (its process is
 //!   gone) is taken over with a conditional replace (`If-Match` its etag);
-//!   `--break-lock` removes any lock.
+//!   `--break-lock` removes any lock. While the build runs, a thread
+//!   refreshes the lock's `heartbeat_unix` every `RAE_STORE_LOCK_HEARTBEAT`
+//!   seconds (60); a lock whose heartbeat is older than
+//!   `RAE_STORE_LOCK_STALE` seconds (600) is taken over from any host, with
+//!   a warning naming its holder (a lock without a heartbeat, from an older
+//!   version, never goes stale: `--break-lock` removes it).
 //! * `--resume` continues from what the store holds: its build state and
 //!   per-shard statistics states (and the last listed shard, whose sha256
 //!   the resume checks) are pulled into a fresh staging directory, shards the
@@ -344,26 +349,55 @@ fn upload_batch(remote: &Remote, batch: &Batch) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The prefix's lock object, deleted by [`StoreLock::release`].
+/// The prefix's lock object, refreshed by a heartbeat thread and deleted
+/// by [`StoreLock::release`].
 struct StoreLock {
     remote: Remote,
+    /// Set to stop the heartbeat (with its condition variable).
+    stop: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    heartbeat: Option<JoinHandle<()>>,
 }
 
 /// What a lock object records about its holder.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct Holder {
     host: String,
     pid: u32,
     started_unix: u64,
+    /// Last refresh by the holder; `None` in locks of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    heartbeat_unix: Option<u64>,
+}
+
+/// Seconds from `var`, else `default`.
+fn secs_env(var: &str, default: f64) -> std::time::Duration {
+    let s = std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or(default);
+    std::time::Duration::from_secs_f64(s)
 }
 
 impl Holder {
     fn me() -> Self {
+        let now = build_state::unix_now();
         Self {
             host: hostname(),
             pid: std::process::id(),
-            started_unix: build_state::unix_now(),
+            started_unix: now,
+            heartbeat_unix: Some(now),
         }
+    }
+
+    fn same_holder(&self, other: &Holder) -> bool {
+        self.host == other.host && self.pid == other.pid && self.started_unix == other.started_unix
+    }
+
+    /// Seconds since the last heartbeat, when the lock has one.
+    fn silent_for(&self) -> Option<u64> {
+        self.heartbeat_unix
+            .map(|h| build_state::unix_now().saturating_sub(h))
     }
 
     fn describe(&self) -> String {
@@ -391,15 +425,14 @@ fn hostname() -> String {
 
 impl StoreLock {
     fn acquire(remote: &Remote, break_lock: bool) -> Result<Self, StoreError> {
-        let me = Bytes::from(serde_json::to_vec(&Holder::me()).unwrap_or_default());
+        let holder_me = Holder::me();
+        let me = Bytes::from(serde_json::to_vec(&holder_me).unwrap_or_default());
         if break_lock {
             tracing::warn!("--break-lock: removing {}", remote.url_of(LOCK_FILE));
             remote.delete(LOCK_FILE)?;
         }
         if remote.create(LOCK_FILE, me.clone())? {
-            return Ok(Self {
-                remote: remote.clone(),
-            });
+            return Ok(Self::held(remote, holder_me));
         }
         let url = remote.url_of(LOCK_FILE);
         let meta = remote.head(LOCK_FILE)?;
@@ -412,17 +445,20 @@ impl StoreLock {
                 holder: "unreadable lock object".into(),
             });
         };
-        if holder.is_dead_here()
+        let stale_after = secs_env("RAE_STORE_LOCK_STALE", 600.0).as_secs();
+        let why = if holder.is_dead_here() {
+            Some("is no longer running".to_string())
+        } else {
+            holder.silent_for().filter(|s| *s > stale_after).map(|s| {
+                format!("last refreshed it {s} s ago (a lock is stale after {stale_after} s, RAE_STORE_LOCK_STALE)")
+            })
+        };
+        if let Some(why) = why
             && let Some(e_tag) = meta.and_then(|m| m.e_tag)
             && remote.replace(LOCK_FILE, me, &e_tag)?
         {
-            tracing::warn!(
-                "took over {url}: its holder ({}) is no longer running",
-                holder.describe()
-            );
-            return Ok(Self {
-                remote: remote.clone(),
-            });
+            tracing::warn!("took over {url}: its holder ({}) {why}", holder.describe());
+            return Ok(Self::held(remote, holder_me));
         }
         Err(StoreError::Locked {
             url,
@@ -430,9 +466,77 @@ impl StoreLock {
         })
     }
 
-    fn release(self) {
+    /// The lock, held by `me`: start its heartbeat.
+    fn held(remote: &Remote, me: Holder) -> Self {
+        let stop: Arc<(Mutex<bool>, std::sync::Condvar)> = Arc::default();
+        let every = secs_env("RAE_STORE_LOCK_HEARTBEAT", 60.0);
+        let heartbeat = {
+            let (remote, stop) = (remote.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("rae-lock-heartbeat".into())
+                .spawn(move || heartbeat(&remote, me, &stop, every))
+                .ok()
+        };
+        Self {
+            remote: remote.clone(),
+            stop,
+            heartbeat,
+        }
+    }
+
+    fn release(mut self) {
+        {
+            let (flag, cv) = &*self.stop;
+            *flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            cv.notify_all();
+        }
+        if let Some(h) = self.heartbeat.take() {
+            let _ = h.join();
+        }
         if let Err(e) = self.remote.delete(LOCK_FILE) {
             tracing::warn!("cannot remove the lock object: {e}");
+        }
+    }
+}
+
+/// Refresh the lock's heartbeat every `every` until `stop`: a conditional
+/// replace of the object while it is still ours (a failure is logged; a
+/// lock taken over by another build is left to it).
+fn heartbeat(
+    remote: &Remote,
+    mut me: Holder,
+    stop: &(Mutex<bool>, std::sync::Condvar),
+    every: std::time::Duration,
+) {
+    let (flag, cv) = stop;
+    let mut stopped = flag.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let (guard, _) = cv
+            .wait_timeout_while(stopped, every, |s| !*s)
+            .unwrap_or_else(|p| p.into_inner());
+        stopped = guard;
+        if *stopped {
+            return;
+        }
+        me.heartbeat_unix = Some(build_state::unix_now());
+        let url = remote.url_of(LOCK_FILE);
+        let refresh = || -> Result<bool, StoreError> {
+            let Some(e_tag) = remote.head(LOCK_FILE)?.and_then(|m| m.e_tag) else {
+                return Ok(false);
+            };
+            let ours = remote
+                .get(LOCK_FILE)?
+                .and_then(|b| serde_json::from_slice::<Holder>(&b).ok())
+                .is_some_and(|h| h.same_holder(&me));
+            let body = Bytes::from(serde_json::to_vec(&me).unwrap_or_default());
+            Ok(ours && remote.replace(LOCK_FILE, body, &e_tag)?)
+        };
+        match refresh() {
+            Ok(true) => tracing::debug!("refreshed {url}"),
+            Ok(false) => tracing::warn!(
+                "{url} is no longer this build's lock (taken over or removed); not refreshing it"
+            ),
+            Err(e) => tracing::warn!("cannot refresh the lock: {e}"),
         }
     }
 }

@@ -46,7 +46,7 @@ pub(crate) fn dataset(dir: &Path) -> (PathBuf, Vec<Image>) {
     (root, images)
 }
 
-fn classes(images: &[Image]) -> Vec<String> {
+pub(crate) fn classes(images: &[Image]) -> Vec<String> {
     let mut c: Vec<String> = images.iter().map(|i| i.class.clone()).collect();
     c.dedup();
     c
@@ -54,7 +54,7 @@ fn classes(images: &[Image]) -> Vec<String> {
 
 /// A tar of `(path, bytes)` members, in the order given, with the
 /// end-of-archive blocks.
-fn tar_bytes<'a>(members: impl IntoIterator<Item = (String, &'a [u8])>) -> Vec<u8> {
+pub(crate) fn tar_bytes<'a>(members: impl IntoIterator<Item = (String, &'a [u8])>) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (path, data) in members {
         let mut h = tar::Header::new_gnu();
@@ -83,7 +83,7 @@ pub(crate) fn nested_tar(images: &[Image]) -> Vec<u8> {
 }
 
 /// WebDataset shards of `per_shard` samples: `KEY.png|jpg` + `KEY.cls`.
-fn webdataset(dir: &Path, images: &[Image], per_shard: usize) {
+pub(crate) fn webdataset(dir: &Path, images: &[Image], per_shard: usize) {
     let classes = classes(images);
     for (s, chunk) in images.chunks(per_shard).enumerate() {
         let mut members: Vec<(String, Vec<u8>)> = Vec::new();
@@ -103,7 +103,7 @@ fn webdataset(dir: &Path, images: &[Image], per_shard: usize) {
 /// `label: int64`, ClassLabel names in the `huggingface` footer metadata;
 /// `rows_per_file` rows per file, row groups of 3 rows. `bad` replaces
 /// image bytes by the row's value (`None`: a null).
-fn parquet_dataset(
+pub(crate) fn parquet_dataset(
     dir: &Path,
     images: &[Image],
     rows_per_file: usize,
@@ -179,7 +179,7 @@ pub(crate) fn parquet_dataset_grouped(
 
 /// `rae-cache build INPUTS --out OUT` with the tiny encoder, small shards
 /// (2 images each) and batches; `extra` adds to or overrides them.
-fn args(inputs: &[&Path], out: &Path, extra: &[&str]) -> Vec<String> {
+pub(crate) fn args(inputs: &[&Path], out: &Path, extra: &[&str]) -> Vec<String> {
     let encoder = common::fixture("encoder-dinov2reg");
     let mut v = vec!["build".to_string()];
     v.extend(inputs.iter().map(|p| p.to_str().unwrap().to_string()));
@@ -201,16 +201,16 @@ fn args(inputs: &[&Path], out: &Path, extra: &[&str]) -> Vec<String> {
     v
 }
 
-fn build_ok(inputs: &[&Path], out: &Path, extra: &[&str]) {
+pub(crate) fn build_ok(inputs: &[&Path], out: &Path, extra: &[&str]) {
     run_ok(args(inputs, out, extra));
 }
 
-fn read_json(p: &Path) -> serde_json::Value {
+pub(crate) fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
 /// Every shard's bytes, by file name.
-fn shard_bytes(cache: &Path) -> BTreeMap<String, Vec<u8>> {
+pub(crate) fn shard_bytes(cache: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(cache.join("shards"))
         .unwrap()
         .map(|e| e.unwrap())
@@ -223,7 +223,7 @@ fn shard_bytes(cache: &Path) -> BTreeMap<String, Vec<u8>> {
 
 /// The manifest without what records the source: `dataset_root` (the
 /// path given) and `build_args.settings.source` (format, files, options).
-fn manifest_sans_source(cache: &Path) -> serde_json::Value {
+pub(crate) fn manifest_sans_source(cache: &Path) -> serde_json::Value {
     let mut m = read_json(&cache.join("manifest.json"));
     m.as_object_mut().unwrap().remove("dataset_root");
     let settings = m["build_args"]["settings"].as_object_mut().unwrap();
@@ -232,7 +232,7 @@ fn manifest_sans_source(cache: &Path) -> serde_json::Value {
 }
 
 /// Shards and statistics byte for byte, manifest up to the source.
-fn assert_same_cache(folder: &Path, other: &Path, what: &str) {
+pub(crate) fn assert_same_cache(folder: &Path, other: &Path, what: &str) {
     let (a, b) = (shard_bytes(folder), shard_bytes(other));
     assert!(a.len() > 1, "{what}: expected several shards");
     assert_eq!(

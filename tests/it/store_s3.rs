@@ -4,12 +4,16 @@
 //! the store gives the local losses and downloads each shard once; a build
 //! killed mid-upload resumes to the same bytes; a second build on the
 //! prefix is refused; a missing bucket and wrong credentials are named.
+//! Builds read their inputs from the store too (a nested tar, WebDataset
+//! shards, a Parquet dataset, an image folder; a truncated object resumed;
+//! parts), giving the local build's bytes; eval and sample read store URLs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::build_sources as bs;
 use crate::common::s3::{self, S3Server};
 use crate::common::{self, tiny_cache};
 
@@ -444,6 +448,53 @@ fn a_second_build_on_the_same_prefix_is_refused() {
     );
 }
 
+/// The lock's heartbeat: a build refreshes it while it runs; another
+/// host's lock with a recent heartbeat is refused, one silent for longer
+/// than `RAE_STORE_LOCK_STALE` is taken over with a warning naming it.
+#[test]
+fn a_stale_lock_is_taken_over_and_a_live_one_is_refreshed() {
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-beat");
+    let tmp = tempfile::tempdir().unwrap();
+    let images = common::fixture("images");
+    let url = "s3://rae-beat/cache";
+    let remote = srv.remote(url);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let lock = |beat: u64| {
+        let h = serde_json::json!({"host": "node-9", "pid": 77, "started_unix": 1, "heartbeat_unix": beat});
+        remote
+            .put(".lock", serde_json::to_vec(&h).unwrap().into())
+            .unwrap();
+    };
+    let build = || {
+        srv.command(&tmp.path().join("rc"))
+            .args(build_args(&images, url, &["--limit", "2"]))
+            .env("RAE_STORE_LOCK_STALE", "600")
+            .env("RAE_STORE_LOCK_HEARTBEAT", "0.2")
+            .env("RAE_LOG", "info,rae_cache::store=debug")
+            .output()
+            .unwrap()
+    };
+    lock(now - 30);
+    let o = build();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("node-9"), "{err}");
+
+    lock(now - 3600);
+    let o = build();
+    ok(&o, "build over a stale lock");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("took over s3://rae-beat/cache/.lock") && err.contains("node-9"),
+        "{err}"
+    );
+    assert!(err.contains("refreshed s3://rae-beat/cache/.lock"), "{err}");
+    assert!(remote.head(".lock").unwrap().is_none(), "lock left behind");
+}
+
 #[test]
 fn a_missing_bucket_and_wrong_credentials_are_named() {
     let Some(srv) = S3Server::start() else { return };
@@ -569,6 +620,401 @@ fn loader_throughput_local_vs_s3() {
         ));
     }
     for r in &report {
+        eprintln!("{r}");
+    }
+}
+
+/// `rae-cache build INPUT_URL --out OUT` (the build_sources arguments)
+/// against `srv`.
+fn build_from(srv: &S3Server, rc: &Path, input: &str, out: &Path, extra: &[&str]) -> Output {
+    srv.command(rc)
+        .args(bs::args(&[Path::new(input)], out, extra))
+        .output()
+        .unwrap()
+}
+
+fn source_files(cache: &Path) -> serde_json::Value {
+    bs::read_json(&cache.join("manifest.json"))["build_args"]["settings"]["source"]["files"].clone()
+}
+
+#[test]
+fn builds_from_store_inputs_equal_the_local_builds() {
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-in");
+    let tmp = tempfile::tempdir().unwrap();
+    let (folder, images) = bs::dataset(tmp.path());
+    let clean = tmp.path().join("folder-cache");
+    bs::build_ok(&[&folder], &clean, &[]);
+    let rc = tmp.path().join("rc");
+    let bucket = srv.remote("s3://rae-in");
+
+    // A tar of per-class tars, one object, read as a stream.
+    let train = tmp.path().join("train.tar");
+    std::fs::write(&train, bs::nested_tar(&images)).unwrap();
+    bucket.upload_file("ilsvrc/train.tar", &train).unwrap();
+    let out = tmp.path().join("tar");
+    let url = "s3://rae-in/ilsvrc/train.tar";
+    ok(
+        &build_from(&srv, &rc, url, &out, &[]),
+        "build from an s3 tar",
+    );
+    bs::assert_same_cache(&clean, &out, "nested tar from s3");
+    assert_eq!(source_files(&out), serde_json::json!(["train.tar"]));
+    assert_eq!(
+        bs::read_json(&out.join("manifest.json"))["dataset_root"],
+        url
+    );
+
+    // WebDataset shards under a prefix: named as the local directory's.
+    let wds = tmp.path().join("wds");
+    std::fs::create_dir_all(&wds).unwrap();
+    bs::webdataset(&wds, &images, 5);
+    s3::upload_all(&srv.remote("s3://rae-in/sets/wds"), &wds);
+    let out = tmp.path().join("wds-cache");
+    ok(
+        &build_from(&srv, &rc, "s3://rae-in/sets/wds/", &out, &[]),
+        "build from s3 webdataset shards",
+    );
+    assert!(
+        bs::shard_bytes(&clean) == bs::shard_bytes(&out),
+        "webdataset shards differ"
+    );
+    assert_eq!(
+        source_files(&out),
+        serde_json::json!([
+            "wds/shard-000000.tar",
+            "wds/shard-000001.tar",
+            "wds/shard-000002.tar"
+        ])
+    );
+
+    // A Parquet dataset under a prefix, read with range requests.
+    let hf = tmp.path().join("hf");
+    bs::parquet_dataset(&hf, &images, 7, &BTreeMap::new());
+    s3::upload_all(&srv.remote("s3://rae-in/imagenet/data"), &hf);
+    let out = tmp.path().join("parquet-cache");
+    ok(
+        &build_from(&srv, &rc, "s3://rae-in/imagenet/data/", &out, &[]),
+        "build from s3 parquet",
+    );
+    bs::assert_same_cache(&clean, &out, "parquet from s3");
+    assert_eq!(
+        source_files(&out),
+        serde_json::json!(["data/train-00000.parquet", "data/train-00001.parquet"])
+    );
+
+    // An image folder under a prefix.
+    s3::upload_all(&srv.remote("s3://rae-in/folder/images"), &folder);
+    let out = tmp.path().join("folder-from-s3");
+    ok(
+        &build_from(&srv, &rc, "s3://rae-in/folder/images/", &out, &[]),
+        "build from an s3 image folder",
+    );
+    bs::assert_same_cache(&clean, &out, "image folder from s3");
+
+    // A missing object names its URL.
+    let o = build_from(
+        &srv,
+        &rc,
+        "s3://rae-in/ilsvrc/val.tar",
+        &tmp.path().join("x"),
+        &[],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("s3://rae-in/ilsvrc/val.tar"), "{err}");
+}
+
+#[test]
+fn a_truncated_store_archive_stops_then_resumes_once_complete() {
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-cut");
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, images) = bs::dataset(tmp.path());
+    let whole = bs::nested_tar(&images);
+    let train = tmp.path().join("train.tar");
+    std::fs::write(&train, &whole).unwrap();
+    let clean = tmp.path().join("clean");
+    bs::build_ok(&[&train], &clean, &[]);
+
+    // The object cut inside the second class tar (as an upload still
+    // running would leave a copy): the whole shards before it are built.
+    let bucket = srv.remote("s3://rae-cut");
+    std::fs::write(&train, &whole[..whole.len() * 11 / 20]).unwrap();
+    bucket.upload_file("train.tar", &train).unwrap();
+    let rc = tmp.path().join("rc");
+    let out = tmp.path().join("cut");
+    let url = "s3://rae-cut/train.tar";
+    let o = build_from(&srv, &rc, url, &out, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("truncated"), "{err}");
+    let state = bs::read_json(&out.join("build-state.json"));
+    assert!(state["shards"].as_array().unwrap().len() >= 2, "{state}");
+
+    // Complete again: --resume streams from the first shard left and
+    // gives the local bytes.
+    std::fs::write(&train, &whole).unwrap();
+    bucket.upload_file("train.tar", &train).unwrap();
+    ok(
+        &build_from(&srv, &rc, url, &out, &["--resume"]),
+        "resume from s3",
+    );
+    bs::assert_same_cache(&clean, &out, "resumed from s3 after truncation");
+
+    // Two parts from the store (part 1 first: its stream starts mid-archive)
+    // and a local merge: the same shards and statistics.
+    let parts = tmp.path().join("parts");
+    for p in ["1", "0"] {
+        let o = build_from(&srv, &rc, url, &parts, &["--num-parts", "2", "--part", p]);
+        ok(&o, "a part from s3");
+    }
+    common::run_ok(["merge", parts.to_str().unwrap()]);
+    assert!(
+        bs::shard_bytes(&clean) == bs::shard_bytes(&parts),
+        "parts: shards differ"
+    );
+    assert!(
+        std::fs::read(clean.join("stats.safetensors")).unwrap()
+            == std::fs::read(parts.join("stats.safetensors")).unwrap(),
+        "parts: stats differ"
+    );
+}
+
+/// Every sample latent under `dir/shards`, in file order.
+fn sample_latents(dir: &Path) -> Vec<f32> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("shards"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            rae_cache::shards::ShardReader::open(f)
+                .unwrap()
+                .read_all()
+                .unwrap()
+                .latents
+        })
+        .collect()
+}
+
+#[test]
+fn eval_sample_and_merge_take_store_urls() {
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-read");
+    let tmp = tempfile::tempdir().unwrap();
+    let (cache, _) = tiny_train_setup(tmp.path());
+    let url = "s3://rae-read/tiny";
+    s3::upload_all(&srv.remote(url), &cache);
+    let rc = tmp.path().join("rc");
+    let c = cache.to_str().unwrap();
+
+    // eval: a store cache (samples and reference) gives the local metrics.
+    let local = common::json(&common::run_ok(["eval", c, "--ref", c, "--json"]));
+    let o = srv
+        .command(&rc)
+        .args(["eval", url, "--ref", url, "--json"])
+        .output()
+        .unwrap();
+    ok(&o, "eval from s3");
+    let remote = common::json(&o);
+    assert!(local["metrics"].as_object().is_some_and(|m| !m.is_empty()));
+    assert_eq!(local["metrics"], remote["metrics"]);
+
+    // sample: --stats as a store object de-normalises as the local file.
+    let sample = |stats: &str, out: &Path, cmd: &mut Command| {
+        let o = cmd
+            .args(["sample", "--model"])
+            .arg(common::fixture("ditdh.safetensors"))
+            .arg("--model-config")
+            .arg(common::fixture("ditdh.json"))
+            .args(["--num", "2", "--steps", "3", "--device", "cpu", "--json"])
+            .args(["--stats", stats, "--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        ok(&o, "sample");
+        common::json(&o)
+    };
+    let a = tmp.path().join("sample-local");
+    let b = tmp.path().join("sample-s3");
+    let stats = cache.join("stats.safetensors");
+    sample(
+        stats.to_str().unwrap(),
+        &a,
+        &mut Command::new(common::exe()),
+    );
+    let s = sample(
+        &format!("{url}/stats.safetensors"),
+        &b,
+        &mut srv.command(&rc),
+    );
+    assert_eq!(s["denormalised"], true, "{s}");
+    let (la, lb) = (sample_latents(&a), sample_latents(&b));
+    assert!(!la.is_empty() && la == lb, "sample latents differ");
+    // A missing object is named.
+    let o = srv
+        .command(&rc)
+        .args(["sample", "--model"])
+        .arg(common::fixture("ditdh.safetensors"))
+        .arg("--model-config")
+        .arg(common::fixture("ditdh.json"))
+        .args(["--num", "1", "--steps", "2", "--device", "cpu"])
+        .args(["--stats", &format!("{url}/nope.safetensors")])
+        .args(["--out", tmp.path().join("x").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("nope.safetensors"),
+        "{err}"
+    );
+
+    // merge works on a directory: a URL is refused, naming it.
+    let o = srv.command(&rc).args(["merge", url]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains(url), "{err}");
+}
+
+/// A cache built from a tar in the store records its URL; `train-decoder`
+/// reads its targets from there (streamed, nothing extracted): the losses
+/// of the cache of the local folder, step for step.
+#[test]
+fn train_decoder_reads_targets_from_the_store_tar_the_cache_was_built_from() {
+    use crate::train_decoder_e2e as td;
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-td");
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, dec) = td::setup(tmp.path());
+    let (folder, images) = bs::dataset(tmp.path());
+    let tar = tmp.path().join("train.tar");
+    std::fs::write(&tar, bs::nested_tar(&images)).unwrap();
+    srv.remote("s3://rae-td")
+        .upload_file("train.tar", &tar)
+        .unwrap();
+    let url = "s3://rae-td/train.tar";
+    let (folder_cache, tar_cache) = (tmp.path().join("fc"), tmp.path().join("tc"));
+    td::build(&folder, &folder_cache);
+    let rc = tmp.path().join("rc");
+    let o = srv
+        .command(&rc)
+        .args(["build", url, "--out", tar_cache.to_str().unwrap()])
+        .arg("--encoder")
+        .arg(common::fixture("encoder-dinov2reg"))
+        .args(["--dtype", "f32", "--device", "cpu", "--batch-size", "2"])
+        .args(["--rows-per-group", "4"])
+        .output()
+        .unwrap();
+    ok(&o, "build from the s3 tar");
+    assert_eq!(
+        bs::read_json(&tar_cache.join("manifest.json"))["dataset_root"],
+        url
+    );
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let steps = 3;
+    td::train(&folder_cache, &dec, &a, steps, td::NO_GAN);
+    let o = srv
+        .command(&rc)
+        .args(td::train_args(&tar_cache, &dec, &b, steps, td::NO_GAN))
+        .output()
+        .unwrap();
+    ok(&o, "train-decoder on the s3-built cache");
+    let (la, lb) = (td::log(&a), td::log(&b));
+    assert_eq!(la.len() as u64, steps);
+    for (x, y) in la.iter().zip(&lb) {
+        for k in ["l1", "lpips", "total"] {
+            assert_eq!(x[k], y[k], "step {}: {k}", x["step"]);
+        }
+    }
+}
+
+/// Throughput of listing and streaming every image's bytes (no decoding)
+/// from a tar of per-class tars and a Parquet dataset, local files vs the
+/// same objects on the S3 server (the build's feeder: `Inputs::list`, then
+/// `ItemReader::stream` over all images). A measurement, not a test:
+/// `cargo test --test it store_s3::source_read_throughput -- --ignored
+/// --nocapture` (`RAE_S3_BENCH_IMAGES`, default 1000 images of 100 kB).
+#[test]
+#[ignore]
+fn source_read_throughput_local_vs_s3() {
+    use rae_cache::pipeline::Inputs;
+    use rae_cache::sources::SourceOptions;
+    let Some(srv) = S3Server::start() else { return };
+    srv.create_bucket("rae-srcbench");
+    // The library reads the store's settings from the environment; this
+    // test runs alone (ignored, by name).
+    for (k, v) in srv.env() {
+        unsafe { std::env::set_var(k, v) };
+    }
+    let n: usize = std::env::var("RAE_S3_BENCH_IMAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let tmp = tempfile::tempdir().unwrap();
+    // Incompressible members (as JPEGs are), 10 classes.
+    let mut seed = 1u64;
+    let mut members: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let bytes = (0..100_000)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (seed >> 56) as u8
+                })
+                .collect();
+            (format!("c{}/img{i:06}.jpg", i % 10), bytes)
+        })
+        .collect();
+    members.sort();
+    let mut inner = Vec::new();
+    for c in 0..10 {
+        let prefix = format!("c{c}/");
+        let t = bs::tar_bytes(
+            members
+                .iter()
+                .filter(|m| m.0.starts_with(&prefix))
+                .map(|m| (m.0[prefix.len()..].to_string(), m.1.as_slice())),
+        );
+        inner.push((format!("c{c}.tar"), t));
+    }
+    let tar = tmp.path().join("train.tar");
+    std::fs::write(
+        &tar,
+        bs::tar_bytes(inner.iter().map(|(n, b)| (n.clone(), b.as_slice()))),
+    )
+    .unwrap();
+    let bucket = srv.remote("s3://rae-srcbench");
+    bucket.upload_file("train.tar", &tar).unwrap();
+    let mb = std::fs::metadata(&tar).unwrap().len() as f64 / 1e6;
+    let mut report = Vec::new();
+    for input in [tar.to_str().unwrap(), "s3://rae-srcbench/train.tar"] {
+        let t = Instant::now();
+        let inputs = Inputs::list(
+            &[PathBuf::from(input)],
+            &SourceOptions::default(),
+            None,
+            64,
+            None,
+        )
+        .unwrap();
+        let listed = t.elapsed().as_secs_f64();
+        let reader = inputs.reader.clone().unwrap();
+        let mut bytes = 0usize;
+        for item in reader.stream(0..inputs.entries().len()) {
+            bytes += item.unwrap().1.unwrap().len();
+        }
+        let s = t.elapsed().as_secs_f64();
+        assert_eq!(bytes, n * 100_000);
+        report.push(format!(
+            "{input}: {} images, {mb:.0} MB: listed in {listed:.2} s, listed + read in {s:.2} s = {:.0} images/s, {:.0} MB/s",
+            inputs.entries().len(),
+            inputs.entries().len() as f64 / s,
+            mb / s
+        ));
+    }
+    for r in report {
         eprintln!("{r}");
     }
 }

@@ -40,7 +40,7 @@ pub(crate) fn setup(dir: &Path) -> (PathBuf, PathBuf) {
 
 /// Build a cache of `input` (a folder or a source) with the bundled tiny
 /// encoder.
-fn build(input: &Path, cache: &Path) {
+pub(crate) fn build(input: &Path, cache: &Path) {
     run_ok([
         "build",
         &s(input),
@@ -141,7 +141,7 @@ pub(crate) fn log(run: &Path) -> Vec<serde_json::Value> {
 }
 
 /// L1 + LPIPS only (the discriminator is `train_decoder_gan`'s).
-const NO_GAN: &[&str] = &["--disc-weight", "0"];
+pub(crate) const NO_GAN: &[&str] = &["--disc-weight", "0"];
 
 #[test]
 fn train_decoder_learns_resumes_exactly_and_decodes() {
