@@ -69,40 +69,89 @@ impl FrozenConv {
 
 /// `x` `[B, C, H, W]` (contiguous f32) convolved with a 3x3 kernel given as
 /// `w_mat` `[O, C * 9]`, padding 1: im2col of each image (rows `c*9 + kh*3 +
-/// kw`, built in parallel) and one GEMM.
+/// kw`) into one buffer reused across the batch, and a GEMM written straight
+/// into the output, both split over candle's CPU workers (the GEMM by blocks
+/// of output columns, so each task packs only its slice of the big im2col
+/// matrix). Per-image buffers and copies made the LPIPS network the largest
+/// cost of a decoder training step.
 fn conv3x3_im2col(
     x: &[f32],
     dims: (usize, usize, usize, usize),
     w_mat: &Tensor,
 ) -> candle_core::Result<Vec<f32>> {
-    use rayon::prelude::*;
+    use crate::models::ops::{matmul_into, par_for};
     let (b, c, h, w) = dims;
     let o = w_mat.dim(0)?;
     let hw = h * w;
-    let mut out = Vec::with_capacity(b * o * hw);
-    for img in x.chunks(c * hw).take(b) {
-        let mut cols = vec![0f32; c * 9 * hw];
-        cols.par_chunks_mut(hw).enumerate().for_each(|(r, row)| {
-            let (ch, kh, kw) = (r / 9, (r % 9) / 3, r % 3);
-            let plane = &img[ch * hw..(ch + 1) * hw];
-            for y in 0..h {
-                let sy = y as isize + kh as isize - 1;
-                if sy < 0 || sy >= h as isize {
-                    continue;
-                }
-                let src = &plane[sy as usize * w..(sy as usize + 1) * w];
-                let dst = &mut row[y * w..(y + 1) * w];
-                match kw {
-                    0 => dst[1..].copy_from_slice(&src[..w - 1]),
-                    1 => dst.copy_from_slice(src),
-                    _ => dst[..w - 1].copy_from_slice(&src[1..]),
-                }
-            }
+    let wm = w_mat.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; b * o * hw];
+    let mut cols = vec![0f32; c * 9 * hw];
+    // Column blocks of the GEMM: a multiple of 16, about 4 per thread.
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let per = hw.div_ceil(4 * threads).div_ceil(16).max(1) * 16;
+    let nblk = hw.div_ceil(per);
+    for (img, dst) in x.chunks(c * hw).take(b).zip(out.chunks_mut(o * hw)) {
+        let cp = SharedMut(cols.as_mut_ptr());
+        par_for(c * 9, |r| {
+            // SAFETY: task r writes row r of `cols` only.
+            let row = unsafe { std::slice::from_raw_parts_mut(cp.at(r * hw), hw) };
+            im2col_row(
+                &img[(r / 9) * hw..(r / 9 + 1) * hw],
+                (h, w),
+                ((r % 9) / 3, r % 3),
+                row,
+            );
         });
-        let cols = Tensor::from_vec(cols, (c * 9, hw), &Device::Cpu)?;
-        out.extend(w_mat.matmul(&cols)?.flatten_all()?.to_vec1::<f32>()?);
+        let dp = SharedMut(dst.as_mut_ptr());
+        let cols = &cols;
+        par_for(nblk, |j| {
+            let j0 = j * per;
+            let n = per.min(hw - j0);
+            // SAFETY: task j writes columns j0..j0 + n of every output row.
+            let d = unsafe { std::slice::from_raw_parts_mut(dp.at(j0), (o - 1) * hw + n) };
+            matmul_into(d, hw, &wm, (&cols[j0..], hw), (o, n, c * 9));
+        });
     }
     Ok(out)
+}
+
+/// A pointer parallel tasks share, each writing a disjoint part.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The element `i` places on (a method, so closures capture the whole
+    /// `Sync` wrapper rather than the raw pointer field).
+    fn at(self, i: usize) -> *mut f32 {
+        unsafe { self.0.add(i) }
+    }
+}
+
+/// One im2col row: `plane` `[h, w]` shifted by kernel tap (kh, kw), zero
+/// outside (every element written: the buffer is reused).
+fn im2col_row(plane: &[f32], (h, w): (usize, usize), (kh, kw): (usize, usize), row: &mut [f32]) {
+    for y in 0..h {
+        let dst = &mut row[y * w..(y + 1) * w];
+        let sy = y as isize + kh as isize - 1;
+        if sy < 0 || sy >= h as isize {
+            dst.fill(0.0);
+            continue;
+        }
+        let src = &plane[sy as usize * w..(sy as usize + 1) * w];
+        match kw {
+            0 => {
+                dst[0] = 0.0;
+                dst[1..].copy_from_slice(&src[..w - 1]);
+            }
+            1 => dst.copy_from_slice(src),
+            _ => {
+                dst[..w - 1].copy_from_slice(&src[1..]);
+                dst[w - 1] = 0.0;
+            }
+        }
+    }
 }
 
 /// [`conv3x3_im2col`] on a tensor (no autograd: the op's own backward).

@@ -499,9 +499,11 @@ impl StoreLock {
     }
 }
 
-/// Refresh the lock's heartbeat every `every` until `stop`: a conditional
-/// replace of the object while it is still ours (a failure is logged; a
-/// lock taken over by another build is left to it).
+/// Refresh the lock's heartbeat at once (which also shows at the start of
+/// a build, not a minute in, whether the store takes conditional replaces)
+/// and then every `every` until `stop`: a conditional replace of the object
+/// while it is still ours (a failure is logged; a lock taken over by
+/// another build is left to it).
 fn heartbeat(
     remote: &Remote,
     mut me: Holder,
@@ -511,13 +513,6 @@ fn heartbeat(
     let (flag, cv) = stop;
     let mut stopped = flag.lock().unwrap_or_else(|p| p.into_inner());
     loop {
-        let (guard, _) = cv
-            .wait_timeout_while(stopped, every, |s| !*s)
-            .unwrap_or_else(|p| p.into_inner());
-        stopped = guard;
-        if *stopped {
-            return;
-        }
         me.heartbeat_unix = Some(build_state::unix_now());
         let url = remote.url_of(LOCK_FILE);
         let refresh = || -> Result<bool, StoreError> {
@@ -537,6 +532,13 @@ fn heartbeat(
                 "{url} is no longer this build's lock (taken over or removed); not refreshing it"
             ),
             Err(e) => tracing::warn!("cannot refresh the lock: {e}"),
+        }
+        let (guard, _) = cv
+            .wait_timeout_while(stopped, every, |s| !*s)
+            .unwrap_or_else(|p| p.into_inner());
+        stopped = guard;
+        if *stopped {
+            return;
         }
     }
 }

@@ -151,7 +151,10 @@ pub fn mlp_residual(x: &Tensor, h: &Tensor, mlp: MlpWeights<'_>) -> Result<Tenso
         };
         let mut out = output_vec(rows * c);
         let op = SendPtr(out.as_mut_ptr());
-        let parts = (2 * pool_threads()).max(rows.div_ceil(MLP_BLOCK_ROWS));
+        // A multiple of the thread count: 5 blocks on 2 threads left one
+        // idle for a fifth of the MLP.
+        let threads = pool_threads();
+        let parts = threads * rows.div_ceil(threads * MLP_BLOCK_ROWS).max(2);
         let (per, nb) = blocks(rows, parts, 16);
         par_for(nb, |i| {
             let r0 = i * per;
