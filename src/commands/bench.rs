@@ -556,6 +556,19 @@ fn random_lpips(dev: &Device) -> anyhow::Result<rae_cache::stage1::Lpips> {
     )?)
 }
 
+/// The decoder `--decoder-config` or `--preset` names, and its label.
+fn decoder_shape(a: &DecoderArgs) -> anyhow::Result<(DecoderConfig, String)> {
+    Ok(match &a.decoder_config {
+        Some(p) => (load_config(p)?, p.display().to_string()),
+        None => (
+            DecoderConfig::preset(&a.preset, a.patch_size).with_context(|| {
+                format!("--preset {:?}: expected ViT-B, ViT-L or ViT-XL", a.preset)
+            })?,
+            a.preset.clone(),
+        ),
+    })
+}
+
 /// `bench decoder-train`: the stage-1 generator step of `train-decoder`
 /// without the discriminator (f32 master weights, no EMA, as the reference
 /// script it is compared with).
@@ -564,15 +577,7 @@ fn decoder_train(a: DecoderArgs) -> anyhow::Result<Value> {
     use rae_cache::stage1::{GenBatch, GenLossConfig, GeneratorState, NoiseAug, NoiseDraws};
     let c = &a.common;
     let device = parse_device(&c.device)?;
-    let (cfg, model): (DecoderConfig, String) = match &a.decoder_config {
-        Some(p) => (load_config(p)?, p.display().to_string()),
-        None => (
-            DecoderConfig::preset(&a.preset, a.patch_size).with_context(|| {
-                format!("--preset {:?}: expected ViT-B, ViT-L or ViT-XL", a.preset)
-            })?,
-            a.preset.clone(),
-        ),
-    };
+    let (cfg, model) = decoder_shape(&a)?;
     let lpips = random_lpips(&device)?;
     let gcfg = GeneratorConfig {
         ema: None,
@@ -616,15 +621,7 @@ fn decoder(a: DecoderArgs) -> anyhow::Result<Value> {
     let c = &a.common;
     let device = parse_device(&c.device)?;
     let dtype = c.precision.resolve(&device);
-    let (cfg, model): (DecoderConfig, String) = match &a.decoder_config {
-        Some(p) => (load_config(p)?, p.display().to_string()),
-        None => (
-            DecoderConfig::preset(&a.preset, a.patch_size).with_context(|| {
-                format!("--preset {:?}: expected ViT-B, ViT-L or ViT-XL", a.preset)
-            })?,
-            a.preset.clone(),
-        ),
-    };
+    let (cfg, model) = decoder_shape(&a)?;
     let params = crate::bench_support::decoder_param_count(&cfg)?;
     let mut dec = random_decoder(&cfg, dtype, &device)?;
     // Inference path, as `rae-cache decode`.
