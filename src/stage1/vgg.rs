@@ -72,8 +72,7 @@ impl FrozenConv {
 /// kw`) into one buffer reused across the batch, and a GEMM written straight
 /// into the output, both split over candle's CPU workers (the GEMM by blocks
 /// of output columns, so each task packs only its slice of the big im2col
-/// matrix). Per-image buffers and copies made the LPIPS network the largest
-/// cost of a decoder training step.
+/// matrix), instead of a fresh buffer and two output copies per image.
 fn conv3x3_im2col(
     x: &[f32],
     dims: (usize, usize, usize, usize),
